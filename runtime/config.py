@@ -1,0 +1,167 @@
+"""Model configuration: DeepSeek-V3/R1 hyper-parameters read from an HF ``config.json``.
+
+Both spellings of the rotary settings are accepted: the official release writes
+``rope_scaling`` (with ``type``) and a top-level ``rope_theta``; transformers 5 writes
+``rope_parameters`` (with ``rope_type`` and ``rope_theta``) and ``rope_interleave``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a DeepSeek-V3-architecture model (names as in HF ``config.json``)."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    n_group: int = 8
+    topk_group: int = 4
+    num_experts_per_tok: int = 8
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None   # YaRN: factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim
+    rope_interleave: bool = True
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    topk_method: str = "noaux_tc"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: the no-position part plus the rotary part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        """Number of layers whose MLP is a mixture of experts."""
+        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether ``layer`` (0-based) has a MoE MLP rather than a dense one."""
+        return layer >= self.first_k_dense_replace
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention score scale, including YaRN's mscale correction when scaling is on."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs and rs.get("type", "default") != "default":
+            mscale_all_dim = rs.get("mscale_all_dim", 0) or 0
+            factor = rs.get("factor", 1.0)
+            if mscale_all_dim and factor > 1:
+                m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+                scale = scale * m * m
+        return scale
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build from a parsed ``config.json``; raises ValueError naming ``source`` on bad input."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object")
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: unsupported model_type {model_type!r} "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
+        kwargs = {k: raw[k] for k in names if k in raw}
+        rope = raw.get("rope_parameters")
+        if isinstance(rope, dict):                      # transformers 5 spelling
+            kwargs["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", None):
+                scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
+                scaling["type"] = rope_type
+                kwargs["rope_scaling"] = scaling
+        else:                                           # official release spelling
+            kwargs["rope_theta"] = float(raw.get("rope_theta", 10000.0))
+            scaling = raw.get("rope_scaling")
+            if isinstance(scaling, dict):
+                scaling = dict(scaling)
+                scaling["type"] = scaling.pop("rope_type", scaling.get("type", "default"))
+                if scaling["type"] != "default":
+                    kwargs["rope_scaling"] = scaling
+        if kwargs.get("rope_scaling") and kwargs["rope_scaling"]["type"] != "yarn":
+            raise ValueError(f"{source}: rope scaling type {kwargs['rope_scaling']['type']!r} is not "
+                             "supported (only 'yarn', as DeepSeek-V3/R1 use)")
+        kwargs["extra"] = {k: v for k, v in raw.items() if k not in names}
+        cfg = cls(**kwargs)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        """Read and validate a ``config.json`` file."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json (is this a DeepSeek-V3 checkpoint?)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(raw, str(path))
+
+    def validate(self, source: str = "config") -> None:
+        """Check internal consistency; raises ValueError naming the offending field."""
+        positive = ["vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                    "n_group", "topk_group", "num_experts_per_tok"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"{source}: qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.n_moe_layers and self.n_routed_experts % self.n_group:
+            raise ValueError(f"{source}: n_routed_experts={self.n_routed_experts} is not divisible "
+                             f"by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"{source}: topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.n_moe_layers and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            raise ValueError(f"{source}: num_experts_per_tok={self.num_experts_per_tok} exceeds the "
+                             "experts available in the kept groups")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2 and self.n_moe_layers:
+            raise ValueError(f"{source}: each group needs at least 2 experts (group score is a top-2 sum)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.topk_method != "noaux_tc":
+            raise ValueError(f"{source}: topk_method {self.topk_method!r} is not supported (only 'noaux_tc')")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF ``config.json`` form (transformers-5 rope spelling), round-trippable."""
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", "rope_theta", "rope_scaling"):
+                out[f.name] = getattr(self, f.name)
+        out["model_type"] = "deepseek_v3"
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
+            rope["rope_type"] = self.rope_scaling["type"]
+        out["rope_parameters"] = rope
+        out.pop("rope_scaling", None)
+        out.pop("rope_theta", None)
+        return out
