@@ -1,0 +1,402 @@
+"""DeepSeek-V3/R1 in plain PyTorch: MLA attention, noaux_tc MoE, YaRN RoPE, greedy generation.
+
+Parameter names follow the Hugging Face layout (``model.layers.N.self_attn.q_a_proj.weight`` ...)
+except routed experts, which are stacked per layer as ``mlp.experts.gate_up_proj`` [E, 2I, H]
+and ``mlp.experts.down_proj`` [E, H, I] (the transformers-5 in-memory layout).
+
+Two attention forms: the naive one expands the latent into per-head keys and values (used
+for full-sequence forward and prefill); the absorbed one folds ``kv_b_proj`` into the query
+and the output, so decode reads only the cached latent (``kv_lora_rank``) and the shared
+rotary key (``qk_rope_head_dim``) per token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 (as the reference does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rotary embedding (YaRN-corrected when scaling is on) and
+    the factor applied to cos/sin (YaRN's mscale ratio; 1.0 otherwise)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rs = cfg.rope_scaling
+    if not rs:
+        return 1.0 / pos_freqs, 1.0
+    factor = float(rs["factor"])
+    orig_max = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, factor: float, positions: torch.Tensor):
+    """cos and sin tables [..., rope_dim/2] for integer ``positions`` of any shape."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    return freqs.cos() * factor, freqs.sin() * factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate ``x`` [..., rope_dim]; cos/sin broadcast against x[..., :rope_dim/2].
+
+    With ``interleave`` the pairs are (x0,x1),(x2,x3)...; the result is laid out as
+    [rotated evens, rotated odds] for queries and keys alike, so dot products are unchanged.
+    """
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with a naive (prefill) and an absorbed (decode) form."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.nope, self.rope, self.v_dim = nh, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, nh * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(nh * cfg.v_head_dim, h, bias=cfg.attention_bias)
+        self.scale = cfg.softmax_scale
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [B,T,nh,nope], [B,T,nh,rope] and the new cache entries: latent [B,T,C], rotary key [B,T,rope]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)
+        latent, k_pe = kv.split([self.kv_rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        interleave = self.cfg.rope_interleave
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), interleave)
+        k_pe = apply_rope(k_pe, cos, sin, interleave)
+        return q_nope, q_pe, latent, k_pe
+
+    def forward_naive(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        """Full-sequence attention over the expanded keys/values; returns (output, latent, k_pe)."""
+        B, T, _ = x.shape
+        q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
+        kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        scores = (torch.einsum("bshd,bthd->bhst", q_nope, k_nope)
+                  + torch.einsum("bshr,btr->bhst", q_pe, k_pe)) * self.scale
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        out = torch.einsum("bhst,bthd->bshd", probs, v).reshape(B, T, -1)
+        return self.o_proj(out), latent, k_pe
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into W_UK [nh, nope, C] and W_UV [nh, v, C] (float)."""
+        w = dequantized_weight(self.kv_b_proj).view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        return w[:, :self.nope], w[:, self.nope:]
+
+    def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         cache_latent: torch.Tensor, cache_pe: torch.Tensor, write_index: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """One new token per sequence (x [B,1,H]) against a latent cache [B,L,C] / [B,L,rope].
+
+        The new entries are written at ``write_index`` [B] before attending; ``mask`` [B,L]
+        is additive (0 for valid entries, -inf for empty ones).
+        """
+        B = x.shape[0]
+        q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
+        rows = torch.arange(B, device=x.device)
+        cache_latent[rows, write_index] = latent[:, 0]
+        cache_pe[rows, write_index] = k_pe[:, 0]
+        w_uk, w_uv = self.absorbed_weights()
+        q_abs = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)
+        scores = (torch.einsum("bhc,blc->bhl", q_abs, cache_latent)
+                  + torch.einsum("bhr,blr->bhl", q_pe[:, 0], cache_pe)) * self.scale
+        if mask is not None:
+            scores = scores + mask.unsqueeze(1)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        ctx = torch.einsum("bhl,blc->bhc", probs, cache_latent)
+        out = torch.einsum("bhc,hvc->bhv", ctx, w_uv).reshape(B, 1, -1)
+        return self.o_proj(out)
+
+
+def dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    """The float weight [out, in] of a linear layer, whether float or int8-quantized."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight
+    return linear.dequantize()
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward block (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """noaux_tc router as torch ops: the reference (oracle) routing.
+
+    s = sigmoid(x W^T); s' = s + bias; each group scores the sum of its top-2 s'; the top
+    ``topk_group`` groups are kept; the top-k experts by s' among them are chosen; their
+    weights are the unbiased s, normalised if ``norm_topk_prob``, times the scaling factor.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N,H] -> (top-k expert ids [N,k] int64, weights [N,k] float32)."""
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores + self.e_score_correction_bias
+        n = x.shape[0]
+        if cfg.n_group > 1:
+            group_scores = biased.view(n, cfg.n_group, -1).topk(2, dim=-1)[0].sum(-1)
+            keep = group_scores.topk(cfg.topk_group, dim=-1)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0).bool()
+            expert_mask = group_mask.unsqueeze(-1).expand(n, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            biased = biased.masked_fill(~expert_mask.reshape(n, -1), float("-inf"))
+        idx = biased.topk(cfg.num_experts_per_tok, dim=-1)[1]
+        weights = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return idx, weights * cfg.routed_scaling_factor
+
+
+class Experts(nn.Module):
+    """Routed experts stacked per layer: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, n_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows x [n,H] -> [n,H]."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+
+@dataclass
+class RoutingRecord:
+    """What one MoE layer routed, for calibration: ids/weights [N,k] and each chosen expert's output norm [N,k]."""
+    layer: int
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    output_norms: torch.Tensor
+
+
+class MoE(nn.Module):
+    """Shared experts plus routed experts chosen by the noaux_tc gate.
+
+    ``observer``, when set, is called with a :class:`RoutingRecord` on every forward pass
+    (calibration uses it; it costs an extra norm per chosen expert).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.observer = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, weights = self.gate(flat)
+        out = torch.zeros_like(flat)
+        norms = torch.zeros_like(weights) if self.observer else None
+        for e in torch.unique(idx).tolist():
+            token, slot = torch.where(idx == e)
+            y = self.experts.forward_expert(e, flat[token])
+            if norms is not None:
+                norms[token, slot] = y.float().norm(dim=-1)
+            out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        if self.observer:
+            self.observer(RoutingRecord(self.layer, idx, weights, norms))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm MLA then pre-norm dense MLP or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg, layer) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        """Full-sequence step; returns (x, latent, k_pe) so callers can fill a cache."""
+        attn, latent, k_pe = self.self_attn.forward_naive(self.input_layernorm(x), cos, sin, mask)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), latent, k_pe
+
+    def decode(self, x, cos, sin, cache_latent, cache_pe, write_index, mask):
+        """One-token step against this layer's latent cache."""
+        x = x + self.self_attn.forward_absorbed(self.input_layernorm(x), cos, sin,
+                                                cache_latent, cache_pe, write_index, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and the final norm (``model.*`` in HF names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LatentCache:
+    """Fixed-capacity latent KV cache: per layer, latent [B,L,C] and rotary key [B,L,rope]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
+        self.capacity = capacity
+        self.latent = torch.zeros(cfg.num_hidden_layers, batch, capacity, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(cfg.num_hidden_layers, batch, capacity, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+
+
+class Transformer(nn.Module):
+    """A DeepSeek-V3/R1 causal LM: ``model(input_ids) -> logits`` and greedy ``generate``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        inv_freq, self.rope_factor = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.adapter = None   # sensor-mode I/O adapter, attached by sdk when the package has one
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device if isinstance(self.lm_head, nn.Linear) else self.inv_freq.device
+
+    def rope(self, positions: torch.Tensor):
+        """cos/sin tables for ``positions``."""
+        return rope_cos_sin(self.inv_freq, self.rope_factor, positions)
+
+    def hidden_states(self, embeds: torch.Tensor, start: int = 0, cache: LatentCache | None = None) -> torch.Tensor:
+        """Run all layers over embeddings [B,T,H] at positions start..start+T-1; fills ``cache`` if given."""
+        B, T, _ = embeds.shape
+        positions = torch.arange(start, start + T, device=embeds.device)
+        cos, sin = self.rope(positions)
+        mask = None
+        if T > 1:
+            mask = torch.full((T, T), float("-inf"), device=embeds.device).triu_(1)
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x, latent, k_pe = layer(x, cos, sin, mask)
+            if cache is not None:
+                cache.latent[i, :, start:start + T] = latent
+                cache.pe[i, :, start:start + T] = k_pe
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits float32 [B,T,vocab] for token ids [B,T]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        h = self.hidden_states(self.model.embed_tokens(input_ids.to(self.device)))
+        return self.lm_head(h).float()
+
+    @torch.inference_mode()
+    def decode_step(self, token: torch.Tensor, position: int, cache: LatentCache) -> torch.Tensor:
+        """Logits [B,vocab] for one new token per sequence at ``position``, using the absorbed form."""
+        B = token.shape[0]
+        x = self.model.embed_tokens(token.view(B, 1))
+        cos, sin = self.rope(torch.full((B, 1), position, device=x.device))
+        write = torch.full((B,), position, dtype=torch.long, device=x.device)
+        mask = torch.zeros(B, cache.capacity, device=x.device)
+        mask[:, position + 1:] = float("-inf")
+        for i, layer in enumerate(self.model.layers):
+            x = layer.decode(x, cos, sin, cache.latent[i], cache.pe[i], write, mask)
+        return self.lm_head(self.model.norm(x))[:, 0].float()
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy decoding with a latent cache: LongTensor [B,T] -> [B,T+max_new_tokens]."""
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        if max_new_tokens <= 0:
+            return input_ids
+        dtype = self.model.embed_tokens.weight.dtype
+        cache = LatentCache(self.config, B, T + max_new_tokens, dtype=dtype, device=self.device)
+        h = self.hidden_states(self.model.embed_tokens(input_ids), 0, cache)
+        token = self.lm_head(h[:, -1]).float().argmax(-1)
+        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=self.device)
+        out[:, :T] = input_ids
+        out[:, T] = token
+        for step in range(1, max_new_tokens):
+            token = self.decode_step(token, T + step - 1, cache).argmax(-1)
+            out[:, T + step] = token
+        return out

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny DeepSeek-V3 checkpoints written by transformers (the reference)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+            kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+            max_position_embeddings=256, routed_scaling_factor=2.5, norm_topk_prob=True)
+
+
+def make_reference(seed: int = 0, **overrides):
+    """A random transformers ``DeepseekV3ForCausalLM`` (eval mode, float32).
+
+    Weights are drawn wider than the default init and the routing bias is random, so that
+    routing is diverse and logits are not all near-ties.
+    """
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.05, 0.05)
+    return model
+
+
+def save_reference(path: Path, seed: int = 0, **overrides):
+    """Write a tiny reference checkpoint to ``path``; returns the reference model."""
+    model = make_reference(seed, **overrides)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(path, reference model) of the default tiny config, written once per session."""
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    return path, save_reference(path)
