@@ -24,6 +24,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``r1edge plan CONFIG_OR_PATH``: memory footprint by part and whether it fits the GPU."""
+    from sdk.plan import plan, render_plan
+
+    report = plan(args.source, keep_experts=args.keep_experts, quant=args.quant,
+                  gpu_mem_gb=args.gpu_mem_gb, streams=args.streams, window=args.window,
+                  kv_dtype=args.kv_dtype, reserve_gb=args.reserve_gb)
+    _print_report(report, args.json, render_plan)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="r1edge", description=__doc__.splitlines()[0])
@@ -34,6 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="HF checkpoint directory or r1edge package")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    from sdk import plan as _plan
+    p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")
+    p.add_argument("source", metavar="CONFIG_OR_PATH",
+                   help="config.json, checkpoint directory, package, or 'deepseek-r1'")
+    p.add_argument("--keep-experts", type=int, default=None, metavar="N",
+                   help="routed experts kept per MoE layer (default: all)")
+    p.add_argument("--quant", choices=_plan.QUANTS, default=None,
+                   help="weight format (default: int8; a package's own scheme)")
+    p.add_argument("--gpu-mem-gb", type=float, default=_plan.DEFAULT_GPU_MEM_GB, metavar="G",
+                   help="GPU memory in GB of 1e9 bytes (default: %(default)s)")
+    p.add_argument("--streams", type=int, default=_plan.DEFAULT_STREAMS, metavar="S",
+                   help="concurrent streams in the KV cache (default: %(default)s)")
+    p.add_argument("--window", type=int, default=_plan.DEFAULT_WINDOW, metavar="W",
+                   help="tokens cached per stream (default: %(default)s)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="KV cache dtype (default: %(default)s)")
+    p.add_argument("--reserve-gb", type=float, default=_plan.DEFAULT_RESERVE_GB,
+                   help="runtime reserve: CUDA context, workspace, activations (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_plan)
 
     return parser
 

@@ -1,0 +1,164 @@
+"""The memory planner: exact parameter counts, bytes by part, fit and the largest kept-expert count."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from runtime.config import ModelConfig
+from sdk import cli
+from sdk.plan import count_bytes, count_params, plan
+
+# config.json of the official DeepSeek-R1 release (weights in fp8, layer 61 is the MTP module).
+R1_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "attention_bias": False, "attention_dropout": 0.0, "aux_loss_alpha": 0.001,
+    "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02,
+    "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+    "model_type": "deepseek_v3", "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+    "seq_aux": True, "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
+    "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+@pytest.fixture
+def r1_config_path(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(R1_CONFIG))
+    return path
+
+
+def test_real_r1_totals_and_largest_kept_count_for_80gb(r1_config_path, capsys):
+    """671B total / 37B active; the largest int8 kept-expert count next to a 64x256 latent cache."""
+    assert cli.main(["plan", str(r1_config_path), "--quant", "int8", "--gpu-mem-gb", "80",
+                     "--streams", "64", "--window", "256", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["params_total"] == 671_026_419_200                  # "671B"
+    assert 36.5e9 < rep["params_active"] < 38.5e9                 # "about 37B active"
+    assert rep["params_active"] == 37_552_297_472
+    outside = rep["params_total"] - rep["params"]["routed_experts"]
+    assert abs(outside - 17.1e9) < 0.05e9                         # "17.1B outside the routed experts"
+    assert rep["params"]["routed_experts"] == 58 * 256 * 3 * 7168 * 2048
+    # Each kept expert per layer: 44M params over 58 layers, int8 + fp32 per-channel scales,
+    # plus its router row (7168 fp32 weights + 1 bias).
+    per_expert = 58 * (3 * 7168 * 2048 + 4 * (2 * 2048 + 7168) + 4 * (7168 + 1))
+    assert rep["bytes_per_kept_expert"] == per_expert
+    assert abs(per_expert / 1e9 - 2.55) < 0.02
+    # Latent cache: 64 streams x 256 tokens x 61 layers x 576 values x 2 bytes.
+    assert rep["bytes"]["kv_cache"] == 64 * 256 * 61 * 576 * 2
+    assert rep["bytes"]["total"] == sum(v for k, v in rep["bytes"].items() if k != "total")
+    assert rep["fits"] is False
+    assert rep["max_keep_experts"] == 22
+
+    kwargs = dict(quant="int8", gpu_mem_gb=80, streams=64, window=256)
+    at_max = plan(r1_config_path, keep_experts=22, **kwargs)
+    above = plan(r1_config_path, keep_experts=23, **kwargs)
+    assert at_max["fits"] and not above["fits"]
+    assert at_max["bytes"]["total"] <= 80e9 < above["bytes"]["total"]
+    # 32 of 256 is "roughly 100 GB" of weights.
+    weights32 = sum(v for k, v in plan(r1_config_path, keep_experts=32, **kwargs)["bytes"].items()
+                    if k not in ("total", "kv_cache", "runtime_reserve"))
+    assert 95e9 < weights32 < 105e9
+
+
+def test_builtin_name_and_human_table(capsys):
+    """``deepseek-r1`` is the built-in real config; the table shows every part and the verdict."""
+    assert cli.main(["plan", "deepseek-r1", "--keep-experts", "16", "--streams", "64",
+                     "--window", "256"]) == 0
+    text = capsys.readouterr().out
+    for word in ("embeddings", "attention", "dense_mlp", "shared_experts", "routed_experts",
+                 "router", "kv_cache", "runtime_reserve", "total", "fits",
+                 "largest --keep-experts that fits 80 GB: 22", "16 of 256"):
+        assert word in text, word
+    assert "does NOT fit" not in text
+
+
+def _hf_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
+    torch.manual_seed(0)
+    return DeepseekV3ForCausalLM(hf_cfg).state_dict()
+
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=80, moe_intermediate_size=24,
+            num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+            topk_group=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=12)
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"q_lora_rank": None}, {"attention_bias": True}, {"tie_word_embeddings": True},
+    {"n_shared_experts": 2, "first_k_dense_replace": 0},
+])
+def test_counts_match_transformers_state_dict(variant):
+    """Parameter and byte counts agree with an independently built transformers model."""
+    cfg = ModelConfig(**{**TINY, **variant})
+    sd = _hf_state_dict(cfg)
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    assert count_params(cfg)["total"] == sum(t.numel() for t in sd.values())
+
+    def is_float_kept(name: str, t: torch.Tensor) -> bool:
+        return t.dim() == 1 or ".mlp.gate." in name or name.endswith("embed_tokens.weight")
+
+    def fp32(name: str) -> bool:
+        return not name.endswith("embed_tokens.weight")
+
+    int8 = bf16 = 0
+    for name, t in sd.items():
+        if is_float_kept(name, t):
+            size = t.numel() * (4 if fp32(name) else 2)
+            int8 += size
+            bf16 += size
+        else:   # a linear weight, [out, in] or stacked experts [E, out, in]
+            rows = t.numel() // t.shape[-1]
+            int8 += t.numel() + 4 * rows
+            bf16 += 2 * t.numel()
+    kw = dict(streams=0, window=0, reserve_gb=0)
+    assert count_bytes(cfg, quant="int8", **kw)["total"] == int8
+    assert count_bytes(cfg, quant="bf16", **kw)["total"] == bf16
+
+
+def test_pruned_counts_and_active(tmp_path):
+    """Pruning to N experts removes exactly (E - N) experts and router rows per MoE layer."""
+    cfg = ModelConfig(**TINY)
+    full, pruned = count_params(cfg), count_params(cfg, 4)
+    per_expert = 3 * 32 * 24 + 32 + 1
+    assert full["total"] - pruned["total"] == 2 * 4 * per_expert
+    # One token touches top-2 experts either way; only the dropped router rows leave "active".
+    assert full["active"] - pruned["active"] == 2 * 4 * (32 + 1)
+    # A pruned checkpoint's config planned as is equals the original planned with --keep-experts.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "n_routed_experts": 4}))
+    assert plan(path)["params_total"] == plan(cfg, keep_experts=4)["params_total"]
+
+
+def test_no_fit_and_invalid_requests(tmp_path, capsys):
+    """Too small a GPU gives no kept count; bad requests are refused naming the option."""
+    rep = plan("deepseek-r1", gpu_mem_gb=20)
+    assert rep["max_keep_experts"] is None and rep["fits"] is False
+    with pytest.raises(ValueError, match="keep-experts"):
+        plan("deepseek-r1", keep_experts=4)        # fewer than num_experts_per_tok=8
+    with pytest.raises(ValueError, match="keep-experts"):
+        plan("deepseek-r1", keep_experts=300)
+    assert cli.main(["plan", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    # fp8 is the release layout: 1 byte a weight and one fp32 per 128x128 block.
+    fp8 = plan("deepseek-r1", quant="fp8", streams=0, window=0, reserve_gb=0)["bytes"]
+    assert fp8["routed_experts"] == 58 * 256 * (3 * 7168 * 2048 + 4 * 3 * 16 * 56)
