@@ -86,6 +86,10 @@ class CheckpointReader:
         """Shape of tensor ``name`` without reading it."""
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """Stored dtype of tensor ``name`` as safetensors spells it (``F32``, ``BF16``, ``F8_E4M3``...)."""
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
+
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Read tensor ``name`` (FP8 weights dequantized with their block scales) as ``dtype``."""
         if name not in self._where:

@@ -51,3 +51,91 @@ def _keep_router_fp32(module: torch.nn.Module) -> None:
 
     if isinstance(module, Gate):
         module.float()
+
+
+def _checkpoint_quant(reader: CheckpointReader) -> str:
+    """The storage format of a checkpoint's linear weights, read from the file headers."""
+    dtypes = {}
+    for name in reader.names():
+        if name.endswith("_proj.weight"):
+            dtypes[name] = reader.dtype(name)
+    kinds = sorted(set(dtypes.values()))
+    if "F8_E4M3" in kinds:
+        return "fp8-e4m3 (128x128 block scales)"
+    return "/".join(k.lower() for k in kinds) or "unknown"
+
+
+def describe(path: str | Path) -> dict:
+    """What ``r1edge inspect`` reports: config, parameter counts, experts, quantization, size, I/O."""
+    from sdk.plan import count_params, resolve_config
+
+    path = Path(path)
+    cfg, info = resolve_config(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: inspect takes a checkpoint or package directory")
+    if info["kind"] == "package":
+        from sdk.package import read_manifest
+
+        manifest = read_manifest(path)
+        quant = manifest.get("quantization", {}).get("scheme", "none")
+        kept = manifest.get("experts", {}).get("kept", {})
+        experts = [len(kept.get(str(i), range(cfg.n_routed_experts))) for i in
+                   range(cfg.first_k_dense_replace, cfg.num_hidden_layers)]
+        io = manifest.get("io")
+    else:
+        quant = _checkpoint_quant(CheckpointReader(path))
+        experts = [cfg.n_routed_experts] * cfg.n_moe_layers
+        io = None
+    counts = count_params(cfg)
+    return {
+        "path": str(path),
+        "kind": info["kind"],
+        "model_type": "deepseek_v3",
+        "layers": cfg.num_hidden_layers,
+        "dense_layers": cfg.first_k_dense_replace,
+        "hidden_size": cfg.hidden_size,
+        "attention_heads": cfg.num_attention_heads,
+        "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "vocab_size": cfg.vocab_size,
+        "routed_experts": cfg.n_routed_experts,
+        "shared_experts": cfg.n_shared_experts,
+        "experts_per_token": cfg.num_experts_per_tok,
+        "groups": {"n_group": cfg.n_group, "topk_group": cfg.topk_group},
+        "rope": {"theta": cfg.rope_theta, "scaling": cfg.rope_scaling, "interleave": cfg.rope_interleave},
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "experts_per_layer": experts,
+        "quant": quant,
+        "size_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        "io": io,
+    }
+
+
+def render_description(d: dict) -> None:
+    """Human-readable form of :func:`describe`."""
+    def human(n: float, unit: str = "") -> str:
+        for suffix in ("", "K", "M", "G", "T"):
+            if abs(n) < 1000:
+                return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+            n /= 1000
+        return f"{n:.1f}P{unit}"
+
+    experts = d["experts_per_layer"]
+    span = (f"{min(experts)}-{max(experts)}" if experts and min(experts) != max(experts)
+            else str(experts[0]) if experts else "none")
+    print(f"{d['path']}  ({d['kind']}, {d['model_type']})")
+    print(f"  layers            {d['layers']} ({d['dense_layers']} dense, {len(experts)} MoE)")
+    print(f"  hidden / heads    {d['hidden_size']} / {d['attention_heads']}  "
+          f"(q_lora {d['q_lora_rank']}, kv_lora {d['kv_lora_rank']})")
+    print(f"  experts           {span} routed per MoE layer (of {d['routed_experts']}), "
+          f"{d['shared_experts']} shared, top-{d['experts_per_token']}, "
+          f"{d['groups']['n_group']} groups keep {d['groups']['topk_group']}")
+    print(f"  parameters        {human(d['params_total'])} total, {human(d['params_active'])} active per token")
+    print(f"  quantization      {d['quant']}")
+    print(f"  size on disk      {human(d['size_bytes'], 'B')}")
+    if d["io"]:
+        print(f"  inputs            {', '.join(d['io']['inputs'])}")
+        print(f"  outputs           {', '.join(d['io']['outputs'])}")
+    else:
+        print("  I/O               LM mode (token ids in, logits out)")

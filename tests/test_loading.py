@@ -150,3 +150,26 @@ def test_unknown_model_type_is_named(tiny_checkpoint, tmp_path):
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         sdk.load_model(tmp_path / "nowhere")
+
+
+def test_inspect_json_reports_the_contract_keys(tiny_checkpoint, capsys):
+    from sdk.cli import main
+
+    path, ref = tiny_checkpoint
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params_total"] == sum(p.numel() for p in ref.parameters())
+    assert report["experts_per_layer"] == [8, 8]
+    assert report["quant"] == "f32" and report["io"] is None
+    assert report["size_bytes"] >= (path / "model.safetensors").stat().st_size
+    assert report["params_active"] < report["params_total"]
+
+
+def test_cli_help_and_clean_errors(tmp_path):
+    import subprocess
+    import sys
+
+    exe = [sys.executable, "-m", "sdk.cli"]
+    assert "inspect" in subprocess.run(exe + ["--help"], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(exe + ["inspect", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert done.returncode == 2 and "missing" in done.stderr and "Traceback" not in done.stderr
