@@ -158,7 +158,8 @@ def test_inspect_json_reports_the_contract_keys(tiny_checkpoint, capsys):
     path, ref = tiny_checkpoint
     assert main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["params_total"] == sum(p.numel() for p in ref.parameters())
+    bias = sum(b.numel() for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert report["params_total"] == sum(p.numel() for p in ref.parameters()) + bias
     assert report["experts_per_layer"] == [8, 8]
     assert report["quant"] == "f32" and report["io"] is None
     assert report["size_bytes"] >= (path / "model.safetensors").stat().st_size
