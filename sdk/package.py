@@ -1,0 +1,288 @@
+"""r1edge packages: a directory with ``manifest.json`` and safetensors weight files.
+
+``manifest.json`` holds the format and its version, the (pruned) model config, the
+quantization scheme, the kept-expert map from original expert ids, the I/O signature (or
+null in LM mode), the calibration summary, the quality report and the sha256 and size of
+every weight file. Weight files are safetensors only (no pickle); tensor names are the
+runtime model's own ``state_dict()`` names.
+
+A package is written into a temporary sibling directory and renamed into place only when
+complete, so a crash never leaves a half-written package behind under the target name.
+Loading verifies every file before a single tensor is read: a missing, extra, truncated or
+tampered file is refused with an error naming it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from runtime.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "r1edge-package"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SCHEMES = ("w8a8-int8", "none")
+REQUIRED_KEYS = ("format", "format_version", "config", "quantization", "experts", "files")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 22
+
+
+class PackageError(ValueError):
+    """A package is malformed, incomplete or tampered with; the message names the file or key."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_package(path: str | Path) -> bool:
+    """Whether ``path`` is a directory holding a ``manifest.json`` (not whether it verifies)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _check_file_name(name: Any, where: str) -> None:
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise PackageError(f"{where}: weight file {name!r} is not a .safetensors file "
+                           "(packages hold safetensors only)")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or not parts or name != Path(name).as_posix():
+        raise PackageError(f"{where}: weight file name {name!r} must be a relative path inside the package")
+
+
+class PackageWriter:
+    """Writes a package shard by shard, hashing each file, and commits it atomically.
+
+    Use as a context manager: ``add(file_name, tensors)`` for each shard (a layer at a
+    time when streaming), then ``finish(manifest)``. If the block raises, or ``finish`` is
+    never called, the temporary directory is removed and nothing appears at ``out_dir``.
+    """
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            if not self.out_dir.is_dir() or any(self.out_dir.iterdir()):
+                raise FileExistsError(f"{self.out_dir}: already exists (choose another --out, or overwrite)")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        self.files: dict[str, dict[str, Any]] = {}
+        self.tensor_names: set[str] = set()
+        self.overwrite = overwrite
+        self.bytes_written = 0
+
+    def __enter__(self) -> "PackageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add(self, file_name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
+        """Write ``tensors`` to ``file_name`` (a new safetensors file) and record its sha256 and size."""
+        _check_file_name(file_name, str(self.out_dir))
+        if file_name in self.files:
+            raise PackageError(f"{self.out_dir}: weight file {file_name!r} written twice")
+        dup = self.tensor_names.intersection(tensors)
+        if dup:
+            raise PackageError(f"{self.out_dir}: tensor {sorted(dup)[0]!r} written to two files")
+        target = self.tmp / file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: _own_storage(v) for k, v in tensors.items()}, str(target),
+                  metadata={"format": "pt", **(metadata or {})})
+        entry = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
+        self.files[file_name] = entry
+        self.tensor_names.update(tensors)
+        self.bytes_written += entry["bytes"]
+        return entry
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write ``manifest.json`` (with the recorded ``files``) and move the package into place."""
+        manifest = dict(manifest)
+        manifest.setdefault("format", FORMAT)
+        manifest.setdefault("format_version", FORMAT_VERSION)
+        manifest["files"] = dict(sorted(self.files.items()))
+        _check_manifest(manifest, str(self.out_dir / MANIFEST))
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        if self.out_dir.exists():
+            if not self.overwrite and any(self.out_dir.iterdir()):
+                raise FileExistsError(f"{self.out_dir}: appeared while the package was being written")
+            shutil.rmtree(self.out_dir)
+        os.replace(self.tmp, self.out_dir)
+        log.info("wrote package %s (%d files, %.1f MB)", self.out_dir, len(self.files), self.bytes_written / 1e6)
+        return manifest
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that owns its storage (safetensors refuses shared storage)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def write_package(out_dir: str | Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                  file_name: str = "model.safetensors", overwrite: bool = False) -> dict[str, Any]:
+    """Write a one-file package; returns the manifest as written (with ``files``)."""
+    with PackageWriter(out_dir, overwrite=overwrite) as writer:
+        writer.add(file_name, tensors)
+        return writer.finish(manifest)
+
+
+def _check_manifest(manifest: Any, where: str) -> ModelConfig:
+    """Structural checks of a manifest; returns its config. Raises PackageError naming the key."""
+    if not isinstance(manifest, dict):
+        raise PackageError(f"{where}: expected a JSON object")
+    for key in REQUIRED_KEYS:
+        if key not in manifest:
+            raise PackageError(f"{where}: missing key {key!r}")
+    if manifest["format"] != FORMAT:
+        raise PackageError(f"{where}: 'format' is {manifest['format']!r}, expected {FORMAT!r}")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise PackageError(f"{where}: 'format_version' {version!r} is not supported "
+                           f"(this r1edge reads 1..{FORMAT_VERSION})")
+    quant = manifest["quantization"]
+    if not isinstance(quant, dict) or quant.get("scheme") not in SCHEMES:
+        raise PackageError(f"{where}: 'quantization.scheme' must be one of {SCHEMES}")
+    try:
+        cfg = ModelConfig.from_dict(manifest["config"], f"{where}: 'config'")
+    except (TypeError, ValueError) as exc:
+        raise PackageError(str(exc)) from None
+    experts = manifest["experts"]
+    if not isinstance(experts, dict) or not isinstance(experts.get("kept", {}), dict):
+        raise PackageError(f"{where}: 'experts' must be an object with a 'kept' map")
+    for layer, ids in experts.get("kept", {}).items():
+        if (not isinstance(ids, list) or len(ids) != cfg.n_routed_experts
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+                or len(set(ids)) != len(ids)):
+            raise PackageError(f"{where}: 'experts.kept.{layer}' must list {cfg.n_routed_experts} "
+                               "distinct original expert ids")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise PackageError(f"{where}: 'files' must be a non-empty object of weight files")
+    for name, entry in files.items():
+        _check_file_name(name, where)
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                or not _SHA256.match(entry["sha256"]) or not isinstance(entry.get("bytes"), int)):
+            raise PackageError(f"{where}: 'files.{name}' needs a hex 'sha256' and an integer 'bytes'")
+    return cfg
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Parse and structurally check ``manifest.json`` of a package, without hashing files."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such package directory")
+    if not mpath.is_file():
+        raise PackageError(f"{mpath}: missing (not an r1edge package)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{mpath}: not valid JSON ({exc})") from None
+    _check_manifest(manifest, str(mpath))
+    return manifest
+
+
+def verify_package(path: str | Path) -> dict[str, Any]:
+    """Check every weight file's presence, size and sha256, and that no other file is there.
+
+    Returns the manifest. Raises PackageError naming the first file that is missing,
+    truncated, resized, tampered with or not listed in the manifest.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
+    extra = sorted(present - set(files) - {MANIFEST})
+    if extra:
+        raise PackageError(f"{path / extra[0]}: not listed in manifest.json (packages are sealed; "
+                           "remove it or rebuild the package)")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise PackageError(f"{file}: weight file listed in manifest.json is missing")
+        size = file.stat().st_size
+        if size < entry["bytes"]:
+            raise PackageError(f"{file}: truncated ({size} of {entry['bytes']} bytes)")
+        if size != entry["bytes"]:
+            raise PackageError(f"{file}: is {size} bytes, manifest.json says {entry['bytes']}")
+        if sha256_file(file) != entry["sha256"]:
+            raise PackageError(f"{file}: sha256 does not match manifest.json (tampered or corrupt)")
+    return manifest
+
+
+def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch.device = "cpu"
+                 ) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield ``(file_name, tensor_name, tensor)`` for every tensor of a (verified) package."""
+    path = Path(path)
+    for name in manifest["files"]:
+        try:
+            with safe_open(str(path / name), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    yield name, key, f.get_tensor(key)
+        except SafetensorError as exc:
+            raise PackageError(f"{path / name}: unreadable safetensors file ({exc})") from None
+
+
+def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Verify a package and build the runtime model it describes (``sdk.load_model`` calls this).
+
+    Every file's sha256 is checked first; then the model is built from the manifest's config
+    and quantization and filled tensor by tensor, each name and shape checked, so a package
+    that does not match its config is refused naming the tensor and its file.
+    """
+    from runtime.model import Gate, Transformer
+
+    path = Path(path)
+    manifest = verify_package(path)
+    cfg = ModelConfig.from_dict(manifest["config"], f"{path / MANIFEST}: 'config'")
+    scheme = manifest["quantization"]["scheme"]
+    with torch.device("cpu"):
+        model = Transformer(cfg).to(dtype)
+    for module in model.modules():
+        if isinstance(module, Gate):
+            module.float()          # routing is computed in float32
+    if scheme == "w8a8-int8":
+        from runtime.quant import quantize_model
+
+        quantize_model(model, mode="w8a8")
+    expected = model.state_dict()
+    seen: dict[str, str] = {}
+    with torch.no_grad():
+        for file, name, tensor in iter_tensors(path, manifest):
+            where = path / file
+            if name in seen:
+                raise PackageError(f"{where}: tensor {name!r} also in {seen[name]}")
+            if name not in expected:
+                raise PackageError(f"{where}: unexpected tensor {name!r} for this config")
+            target = expected[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise PackageError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                   f"expected {tuple(target.shape)} from the manifest's config")
+            if tensor.is_floating_point() != target.is_floating_point():
+                raise PackageError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected {target.dtype}")
+            target.copy_(tensor)
+            seen[name] = file
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        raise PackageError(f"{path}: tensor {missing[0]!r} is missing from the package "
+                           f"({len(missing)} missing in all)")
+    return model.eval().to(device)
