@@ -324,6 +324,39 @@ class LatentCache:
         self.pe = torch.zeros(cfg.num_hidden_layers, batch, capacity, cfg.qk_rope_head_dim, dtype=dtype, device=device)
 
 
+class IOAdapter(nn.Module):
+    """Sensor-mode I/O: a named feature frame becomes one token embedding; the last hidden
+    state becomes named outputs. Features are normalised with stored mean/std; outputs are
+    scaled back to engineering units."""
+
+    def __init__(self, input_names: list[str], output_names: list[str], hidden: int):
+        super().__init__()
+        if not input_names or not output_names:
+            raise ValueError("an I/O adapter needs at least one input and one output name")
+        for kind, names in (("input", input_names), ("output", output_names)):
+            if len(set(names)) != len(names):
+                raise ValueError(f"duplicate {kind} names in {names}")
+        self.input_names, self.output_names = list(input_names), list(output_names)
+        self.register_buffer("in_mean", torch.zeros(len(input_names)))
+        self.register_buffer("in_std", torch.ones(len(input_names)))
+        self.in_proj = nn.Linear(len(input_names), hidden)
+        self.out_proj = nn.Linear(hidden, len(output_names))
+        self.register_buffer("out_mean", torch.zeros(len(output_names)))
+        self.register_buffer("out_std", torch.ones(len(output_names)))
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames [..., F] in engineering units -> embeddings [..., H]."""
+        return self.in_proj((frames - self.in_mean) / self.in_std)
+
+    def decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states [..., H] -> outputs [..., O] in engineering units."""
+        return self.out_proj(hidden) * self.out_std + self.out_mean
+
+    def signature(self) -> dict:
+        """The I/O signature as stored in a package manifest."""
+        return {"inputs": self.input_names, "outputs": self.output_names}
+
+
 class Transformer(nn.Module):
     """A DeepSeek-V3/R1 causal LM: ``model(input_ids) -> logits`` and greedy ``generate``."""
 
@@ -345,14 +378,21 @@ class Transformer(nn.Module):
         """cos/sin tables for ``positions``."""
         return rope_cos_sin(self.inv_freq, self.rope_factor, positions)
 
-    def hidden_states(self, embeds: torch.Tensor, start: int = 0, cache: LatentCache | None = None) -> torch.Tensor:
-        """Run all layers over embeddings [B,T,H] at positions start..start+T-1; fills ``cache`` if given."""
+    def hidden_states(self, embeds: torch.Tensor, start: int = 0, cache: LatentCache | None = None,
+                      window: int | None = None) -> torch.Tensor:
+        """Run all layers over embeddings [B,T,H] at positions start..start+T-1; fills ``cache`` if given.
+
+        With ``window`` each token attends to itself and the ``window - 1`` tokens before it,
+        exactly what the stream engine's ring buffer of ``window`` entries gives.
+        """
         B, T, _ = embeds.shape
         positions = torch.arange(start, start + T, device=embeds.device)
         cos, sin = self.rope(positions)
         mask = None
         if T > 1:
             mask = torch.full((T, T), float("-inf"), device=embeds.device).triu_(1)
+            if window is not None:
+                mask = mask + torch.full((T, T), float("-inf"), device=embeds.device).tril_(-window)
         x = embeds
         for i, layer in enumerate(self.model.layers):
             x, latent, k_pe = layer(x, cos, sin, mask)
@@ -360,6 +400,12 @@ class Transformer(nn.Module):
                 cache.latent[i, :, start:start + T] = latent
                 cache.pe[i, :, start:start + T] = k_pe
         return self.model.norm(x)
+
+    def forward_sensor(self, frames: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """Sensor mode over whole sequences: frames [B,T,F] -> outputs [B,T,O] (differentiable)."""
+        if self.adapter is None:
+            raise ValueError("this model has no I/O adapter (LM mode); attach one with sdk first")
+        return self.adapter.decode(self.hidden_states(self.adapter.embed(frames), window=window))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
