@@ -3,7 +3,8 @@
 ``manifest.json`` holds the format and its version, the (pruned) model config, the
 quantization scheme, the kept-expert map from original expert ids, the I/O signature (or
 null in LM mode), the calibration summary, the quality report and the sha256 and size of
-every weight file. Weight files are safetensors only (no pickle); tensor names are the
+every weight file. Weight files are safetensors only (no pickle), side by side at the top
+level (so the directory also reads as a plain safetensors checkpoint); tensor names are the
 runtime model's own ``state_dict()`` names.
 
 A package is written into a temporary sibling directory and renamed into place only when
@@ -62,9 +63,9 @@ def _check_file_name(name: Any, where: str) -> None:
     if not isinstance(name, str) or not name.endswith(".safetensors"):
         raise PackageError(f"{where}: weight file {name!r} is not a .safetensors file "
                            "(packages hold safetensors only)")
-    parts = Path(name).parts
-    if Path(name).is_absolute() or ".." in parts or not parts or name != Path(name).as_posix():
-        raise PackageError(f"{where}: weight file name {name!r} must be a relative path inside the package")
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise PackageError(f"{where}: weight file name {name!r} must be a plain file name at the "
+                           "package's top level")
 
 
 class PackageWriter:
@@ -103,7 +104,6 @@ class PackageWriter:
         if dup:
             raise PackageError(f"{self.out_dir}: tensor {sorted(dup)[0]!r} written to two files")
         target = self.tmp / file_name
-        target.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: _own_storage(v) for k, v in tensors.items()}, str(target),
                   metadata={"format": "pt", **(metadata or {})})
         entry = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
@@ -249,14 +249,21 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     and quantization and filled tensor by tensor, each name and shape checked, so a package
     that does not match its config is refused naming the tensor and its file.
     """
-    from runtime.model import Gate, Transformer
+    from runtime.model import Gate, IOAdapter, Transformer
 
     path = Path(path)
     manifest = verify_package(path)
     cfg = ModelConfig.from_dict(manifest["config"], f"{path / MANIFEST}: 'config'")
     scheme = manifest["quantization"]["scheme"]
     with torch.device("cpu"):
-        model = Transformer(cfg).to(dtype)
+        model = Transformer(cfg)
+        io = manifest.get("io")
+        if io:
+            try:
+                model.adapter = IOAdapter(io["inputs"], io["outputs"], cfg.hidden_size)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PackageError(f"{path / MANIFEST}: bad 'io' signature ({exc})") from None
+        model = model.to(dtype)
     for module in model.modules():
         if isinstance(module, Gate):
             module.float()          # routing is computed in float32

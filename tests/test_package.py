@@ -47,8 +47,8 @@ def sharded(tmp_path):
     out = tmp_path / "pkg"
     with PackageWriter(out) as w:
         w.add("model-head.safetensors", {k: v for k, v in sd.items() if not k.startswith("model.layers.")})
-        w.add("layers/model-layer-000.safetensors", {k: v for k, v in sd.items() if k.startswith("model.layers.0.")})
-        w.add("layers/model-layers-rest.safetensors",
+        w.add("model-layer-000.safetensors", {k: v for k, v in sd.items() if k.startswith("model.layers.0.")})
+        w.add("model-layers-rest.safetensors",
               {k: v for k, v in sd.items() if k.startswith("model.layers.") and not k.startswith("model.layers.0.")})
         w.finish(_manifest(model))
     return out, model
@@ -56,10 +56,10 @@ def sharded(tmp_path):
 
 def test_round_trip_is_bitwise_and_hashes_are_real(sharded):
     out, model = sharded
-    assert is_package(out) and not is_package(out / "layers")
+    assert is_package(out) and not is_package(out.parent)
     manifest = verify_package(out)
-    assert set(manifest["files"]) == {"model-head.safetensors", "layers/model-layer-000.safetensors",
-                                      "layers/model-layers-rest.safetensors"}
+    assert set(manifest["files"]) == {"model-head.safetensors", "model-layer-000.safetensors",
+                                      "model-layers-rest.safetensors"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(out / name)   # hashes of the bytes on disk
         assert entry["bytes"] == (out / name).stat().st_size
@@ -99,7 +99,7 @@ def test_every_weight_file_is_checked(sharded, damage):
 
 def test_extra_files_and_bad_manifests_are_refused(sharded):
     out, _ = sharded
-    stray = out / "layers" / "model-layer-999.safetensors"
+    stray = out / "model-layer-999.safetensors"
     stray.write_bytes(b"x")
     with pytest.raises(PackageError, match="not listed in manifest.json") as err:
         verify_package(out)
@@ -113,7 +113,8 @@ def test_extra_files_and_bad_manifests_are_refused(sharded):
         ({**good, "format": "zip"}, "'format'"),
         ({k: v for k, v in good.items() if k != "files"}, "missing key 'files'"),
         ({**good, "quantization": {"scheme": "int4"}}, "quantization.scheme"),
-        ({**good, "files": {"../evil.safetensors": next(iter(good["files"].values()))}}, "relative path"),
+        ({**good, "files": {"../evil.safetensors": next(iter(good["files"].values()))}}, "plain file name"),
+        ({**good, "files": {"sub/x.safetensors": next(iter(good["files"].values()))}}, "plain file name"),
         ({**good, "files": {"model.bin": next(iter(good["files"].values()))}}, "not a .safetensors"),
         ({**good, "config": {**good["config"], "n_group": 3}}, "n_group"),
     ]
