@@ -24,6 +24,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``r1edge keys OUT_DIR [--name NAME]``: write a CURVE key pair for the ZeroMQ bridge."""
+    from plc_bridge.zmq_bridge import make_keys
+
+    public, secret = make_keys(args.out_dir, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (keep private)")
+    print("Server: [zmq] curve = { secret_key = \"<path to NAME.key_secret>\", allowed = \"<dir of client .key files>\" }")
+    print("Client: copy its NAME.key (public) into the server's 'allowed' directory.")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """``r1edge plan CONFIG_OR_PATH``: memory footprint by part and whether it fits the GPU."""
     from sdk.plan import plan, render_plan
@@ -45,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="HF checkpoint directory or r1edge package")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("keys", help="write a CURVE key pair for the ZeroMQ bridge")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.key and NAME.key_secret")
+    p.add_argument("--name", default="server", help="key file name (default: %(default)s)")
+    p.set_defaults(func=cmd_keys)
 
     from sdk import plan as _plan
     p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")

@@ -1,0 +1,700 @@
+"""ZeroMQ bridge: sensor frames in (SUB), decisions out (XPUB), control (ROUTER), optional CURVE.
+
+The bridge binds all three endpoints so a plant has one well-known address; sensor
+publishers, decision subscribers and control clients connect to it. One I/O thread owns
+every socket. The controller's thread hands decisions over through an inproc pipe and reads
+the latest sensor values from a dict under a lock; neither waits on the network.
+
+- Sensors: every frame is decoded and validated (:mod:`plc_bridge.messages`); a bad one is
+  counted by reason and dropped. The bridge keeps the newest frame per stream (its own
+  per-stream conflation: ZMQ_CONFLATE would keep one message across all streams).
+- Decisions: the XPUB socket sees each new subscription and re-sends the newest decision of
+  every stream then, so a subscriber that joins late (the PUB/SUB "slow joiner") starts
+  with the current decisions instead of nothing. Those re-sent decisions keep their
+  ``seq``; a subscriber that was already connected sees them again and can skip a ``seq`` it
+  has. :class:`SensorPublisher` does the same on the other side: it uses XPUB and sends
+  nothing until the bridge's subscription has arrived, so no first frames are lost.
+- Control: ROUTER answers ``{"v":1,"cmd":"status"|"stats"|"health"}`` from REQ or DEALER
+  clients with a msgpack map; "status" and "stats" come from providers the controller
+  registers.
+- CURVE (optional): the three sockets are CURVE servers with the key from
+  ``curve.secret_key``; with ``curve.allowed`` (a directory of client public key files,
+  as written by ``r1edge keys``) only those clients get through, the rest fail the
+  handshake and are counted. Without ``allowed`` any client key is accepted (encrypted but
+  not authenticated). Plain-text clients cannot talk to a CURVE socket at all.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import msgpack
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from . import messages
+from .messages import MessageError
+from .metrics import Counters, LatencyRing
+
+log = logging.getLogger(__name__)
+
+_ZMQ_KEYS = frozenset(("sensors", "decisions", "control", "curve", "max_message_bytes", "max_values",
+                       "max_streams", "hwm"))
+_CURVE_KEYS = frozenset(("secret_key", "allowed"))
+_MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_denied",
+                       zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_protocol",
+                       zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed"}
+_KIND_DECISION, _KIND_STOP = b"d", b"s"
+_NS = struct.Struct("<q")
+
+Provider = Callable[[], dict]
+
+
+class CurveServer(NamedTuple):
+    """The bridge's CURVE identity and who may connect (``allowed`` None: any client key)."""
+
+    public: bytes
+    secret: bytes
+    allowed: Path | None
+
+
+class CurveClient(NamedTuple):
+    """A client's CURVE keys and the server public key it expects."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+
+def make_keys(out_dir: str | os.PathLike, name: str = "server") -> tuple[Path, Path]:
+    """Write a CURVE key pair ``NAME.key`` (public) and ``NAME.key_secret`` into ``out_dir``.
+
+    Refuses to overwrite an existing pair. The secret file is made readable by its owner only.
+    Returns (public file, secret file).
+    """
+    out = Path(out_dir)
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"key name {name!r} must be a plain file name")
+    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; not overwriting a key")
+    out.mkdir(parents=True, exist_ok=True)
+    pub_file, sec_file = zmq.auth.create_certificates(out, name)
+    os.chmod(sec_file, 0o600)
+    return Path(pub_file), Path(sec_file)
+
+
+def load_client_curve(server_public_file: str | os.PathLike, client_secret_file: str | os.PathLike) -> CurveClient:
+    """Keys for a client: the server's public key file and the client's ``.key_secret`` file."""
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    public, secret = zmq.auth.load_certificate(client_secret_file)
+    if secret is None:
+        raise ValueError(f"{client_secret_file}: no secret key in this file")
+    return CurveClient(server_public, public, secret)
+
+
+def _client_socket(ctx: zmq.Context, kind: int, curve: CurveClient | None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    if curve is not None:
+        sock.curve_serverkey = curve.server_public
+        sock.curve_publickey = curve.public
+        sock.curve_secretkey = curve.secret
+    return sock
+
+
+class ZmqBridge:
+    """ZeroMQ I/O for sensor frames, decisions and control, in a background thread.
+
+    Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
+    ``endpoints`` holds the bound addresses after ``start()`` (a ``:*`` port becomes the real
+    one). ``on_input(stream, frame)`` is called in the I/O thread for each accepted frame.
+    """
+
+    def __init__(self, *, sensors: str | None = None, decisions: str | None = None, control: str | None = None,
+                 curve: CurveServer | None = None, inputs: Sequence[str] | None = None,
+                 max_message_bytes: int = messages.MAX_MESSAGE_BYTES, max_values: int = messages.MAX_VALUES,
+                 max_streams: int = 64, hwm: int = 1000,
+                 on_input: Callable[[str, dict], None] | None = None):
+        self.requested = {"sensors": sensors, "decisions": decisions, "control": control}
+        self.endpoints: dict[str, str] = {}
+        self.curve = curve
+        self.inputs = frozenset(inputs) if inputs is not None else None
+        self.max_bytes = max_message_bytes
+        self.max_values = max_values
+        self.max_streams = max_streams
+        self.hwm = hwm
+        self.on_input = on_input
+        self.bad = Counters()
+        self.errors = Counters()
+        self.io = LatencyRing()
+        self.publish_lat = LatencyRing()
+        self._lock = threading.Lock()
+        self._pub_lock = threading.Lock()
+        self._frames: dict[str, dict] = {}
+        self._values: dict[str, dict[str, tuple[float, int]]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._n = {"frames": 0, "published": 0, "requests": 0}
+        self._peers = {k: set() for k in self.requested}
+        self._reconnects = 0
+        self._status_provider: Provider | None = None
+        self._stats_provider: Provider | None = None
+        self._ctx: zmq.Context | None = None
+        self._auth = None
+        self._sender: zmq.Socket | None = None
+        self._pipe = f"inproc://r1edge-zmq-{id(self)}"
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._running = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, zmq_cfg: dict, base_dir: str | os.PathLike, inputs: Sequence[str] | None = None, *,
+                    on_input: Callable[[str, dict], None] | None = None) -> "ZmqBridge":
+        """Build from the deployment TOML's ``[zmq]`` table; ``base_dir`` resolves relative key
+        paths (the directory of the TOML file). ``inputs``, if given, are the signal names
+        kept from sensor frames (others are counted as ``unknown_signal`` and dropped).
+
+        Optional keys besides the design's: ``max_message_bytes`` (65536), ``max_values``
+        (256), ``max_streams`` (64), ``hwm`` (1000 messages per socket).
+        Raises ``ValueError`` naming the offending key, ``FileNotFoundError`` for key paths.
+        """
+        if not isinstance(zmq_cfg, dict):
+            raise ValueError("zmq: must be a table")
+        unknown = sorted(set(zmq_cfg) - _ZMQ_KEYS)
+        if unknown:
+            raise ValueError(f"zmq: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ZMQ_KEYS))}")
+        eps = {}
+        for key in ("sensors", "decisions", "control"):
+            value = zmq_cfg.get(key)
+            if value is not None and (not isinstance(value, str) or "://" not in value):
+                raise ValueError(f"zmq.{key}: {value!r} is not a ZeroMQ endpoint such as 'tcp://127.0.0.1:5556'")
+            eps[key] = value
+        if not any(eps.values()):
+            raise ValueError("zmq: none of sensors, decisions, control is set")
+        limits = {}
+        for key, default, lo, hi in (("max_message_bytes", messages.MAX_MESSAGE_BYTES, 64, 1 << 24),
+                                     ("max_values", messages.MAX_VALUES, 1, 65536),
+                                     ("max_streams", 64, 1, 65536), ("hwm", 1000, 1, 1 << 20)):
+            value = zmq_cfg.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"zmq.{key}: {value!r} is not an integer in {lo}..{hi}")
+            limits[key] = value
+        curve = None
+        if "curve" in zmq_cfg:
+            curve = _curve_from_config(zmq_cfg["curve"], Path(base_dir))
+        return cls(**eps, curve=curve, inputs=inputs, on_input=on_input, **limits)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "ZmqBridge":
+        """Bind the sockets and start the I/O thread. Raises ``RuntimeError`` if a bind fails."""
+        if self._thread is not None:
+            return self
+        self._ready.clear()
+        self._error = None
+        self._ctx = zmq.Context()
+        if self.curve is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".auth"))
+            self._auth.start()
+            location = str(self.curve.allowed) if self.curve.allowed is not None else zmq.auth.CURVE_ALLOW_ANY
+            self._auth.configure_curve(domain="*", location=location)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="zmq-bridge", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout=10.0)
+        if self._error is not None or not self._ready.is_set():
+            error = self._error or TimeoutError("I/O thread did not start within 10 s")
+            self.stop()
+            raise RuntimeError(f"zmq bridge: {error}") from error
+        sender = self._ctx.socket(zmq.PAIR)
+        sender.linger = 0
+        sender.sndhwm = self.hwm
+        sender.connect(self._pipe)
+        self._sender = sender
+        return self
+
+    def stop(self) -> None:
+        """Stop the I/O thread, close every socket and the context. Idempotent."""
+        if self._thread is None and self._ctx is None:
+            return
+        self._running = False
+        with self._pub_lock:
+            if self._sender is not None:
+                try:
+                    self._sender.send(_KIND_STOP, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        stuck = False
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+            stuck = self._thread.is_alive()
+            if stuck:
+                log.error("zmq bridge thread did not stop within 10 s; leaving its context open")
+            self._thread = None
+        with self._pub_lock:
+            if self._sender is not None:
+                self._sender.close(linger=0)
+                self._sender = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            if not stuck:
+                self._ctx.term()
+            self._ctx = None
+
+    def __enter__(self) -> "ZmqBridge":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ controller side
+    def latest_frames(self) -> dict[str, dict]:
+        """``{stream: frame}``: the newest accepted frame of each stream, with its receive time
+        ``rx_ns`` (``time.monotonic_ns()``) added. Frames are shared, treat them as read-only."""
+        with self._lock:
+            return dict(self._frames)
+
+    def snapshot(self, stream: str = "main") -> dict[str, tuple[float, int]]:
+        """``{input name: (value, rx_ns)}``: the newest value of each signal of ``stream``
+        (a frame may carry a subset of the signals)."""
+        with self._lock:
+            values = self._values.get(stream)
+            return dict(values) if values else {}
+
+    def publish(self, outputs: dict[str, float], status: str, seq: int, latency_us: float,
+                stream: str = "main", t_ns: int | None = None) -> None:
+        """Send a decision without blocking. ``t_ns`` defaults to ``time.time_ns()``.
+
+        Raises ``ValueError`` for arguments outside the schema (a programming error). If the
+        hand-over queue is full (the I/O thread is stalled) the decision is dropped and
+        counted as ``publish_dropped``.
+        """
+        t0 = time.perf_counter_ns()
+        data = messages.encode_decision(stream, seq, time.time_ns() if t_ns is None else t_ns,
+                                        outputs, status, latency_us, max_values=self.max_values)
+        with self._pub_lock:
+            if self._sender is None:
+                self.errors.inc("publish_not_running")
+                return
+            try:
+                self._sender.send_multipart((_KIND_DECISION, stream.encode(), data, _NS.pack(t0)),
+                                            zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                self.errors.inc("publish_dropped")
+
+    def set_status_provider(self, fn: Provider | None) -> None:
+        """Register the callable answering control "status" (called in the I/O thread)."""
+        self._status_provider = fn
+
+    def set_stats_provider(self, fn: Provider | None) -> None:
+        """Register the callable answering control "stats" (called in the I/O thread)."""
+        self._stats_provider = fn
+
+    def health(self) -> dict:
+        """Peers per endpoint, counts, bad messages and errors by reason, and timing in
+        microseconds: ``io_us`` (a sensor frame from receive to stored) and ``publish_us``
+        (``publish()`` call to handed to the socket). ``reconnects`` counts peers that
+        connected after an earlier peer of the same endpoint dropped."""
+        peers = {k: len(v) for k, v in self._peers.items()}
+        with self._lock:
+            streams = len(self._frames)
+        return {
+            "running": self._thread is not None and self._thread.is_alive(),
+            "endpoints": dict(self.endpoints),
+            "curve": self.curve is not None,
+            "connected": any(peers.values()),
+            "peers": peers,
+            "heartbeat_ok": True,
+            "streams": streams,
+            "frames": self._n["frames"],
+            "published": self._n["published"],
+            "requests": self._n["requests"],
+            "reconnects": self._reconnects,
+            "bad": self.bad.snapshot(),
+            "errors": self.errors.snapshot(),
+            "io_us": self.io.percentiles(),
+            "publish_us": self.publish_lat.percentiles(),
+        }
+
+    # ------------------------------------------------------------------ I/O thread
+    def _run(self) -> None:
+        socks: list[zmq.Socket] = []
+        try:
+            ctx = self._ctx
+            pipe = ctx.socket(zmq.PAIR)
+            pipe.linger = 0
+            pipe.rcvhwm = self.hwm
+            pipe.bind(self._pipe)
+            socks.append(pipe)
+            roles = {}
+            for role, kind in (("sensors", zmq.SUB), ("decisions", zmq.XPUB), ("control", zmq.ROUTER)):
+                endpoint = self.requested[role]
+                if endpoint is None:
+                    continue
+                sock = ctx.socket(kind)
+                sock.linger = 0
+                sock.sndhwm = self.hwm
+                sock.rcvhwm = self.hwm
+                # libzmq drops a peer whose message exceeds this; smaller oversize messages are
+                # received and counted as "oversize" by the decoder.
+                sock.maxmsgsize = 16 * self.max_bytes
+                if kind == zmq.SUB:
+                    sock.setsockopt(zmq.SUBSCRIBE, b"")
+                if kind == zmq.XPUB:
+                    sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only the first
+                if self.curve is not None:
+                    sock.curve_secretkey = self.curve.secret
+                    sock.curve_publickey = self.curve.public
+                    sock.curve_server = True
+                    sock.zap_domain = b"r1edge"
+                monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+                socks.extend((sock, monitor))
+                try:
+                    sock.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise RuntimeError(f"zmq.{role}: cannot bind {endpoint}: {exc}") from None
+                self.endpoints[role] = sock.last_endpoint.decode()
+                roles[role] = (sock, monitor)
+            log.info("zmq bridge bound %s%s", self.endpoints, " (CURVE)" if self.curve else "")
+        except BaseException as exc:
+            self._error = exc
+            for sock in socks:
+                sock.close(linger=0)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop(pipe, roles)
+        except Exception:
+            log.exception("zmq bridge I/O thread failed")
+            self.errors.inc("io_thread_failed")
+        finally:
+            for role, (sock, _monitor) in roles.items():
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            for sock in socks:
+                sock.close(linger=0)
+
+    def _loop(self, pipe: zmq.Socket, roles: dict) -> None:
+        poller = zmq.Poller()
+        poller.register(pipe, zmq.POLLIN)
+        sub = roles.get("sensors", (None, None))[0]
+        xpub = roles.get("decisions", (None, None))[0]
+        router = roles.get("control", (None, None))[0]
+        monitors = {}
+        for role, (sock, monitor) in roles.items():
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            monitors[monitor] = role
+        last_decision: dict[bytes, bytes] = {}
+        disconnected = {role: 0 for role in roles}
+        while self._running:
+            events = dict(poller.poll(1000))
+            if sub is not None and sub in events:
+                for _ in range(1000):
+                    try:
+                        frames = sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_sensor(frames)
+            if pipe in events:
+                for _ in range(1000):
+                    try:
+                        parts = pipe.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if parts[0] == _KIND_STOP:
+                        return
+                    _, stream, data, t0 = parts
+                    if xpub is not None:
+                        last_decision[stream] = data
+                        try:
+                            xpub.send(data, zmq.NOBLOCK)
+                            self._n["published"] += 1
+                        except zmq.Again:
+                            self.errors.inc("publish_dropped")
+                    self.publish_lat.add(time.perf_counter_ns() - _NS.unpack(t0)[0])
+            if xpub is not None and xpub in events:
+                for _ in range(1000):
+                    try:
+                        sub_msg = xpub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if sub_msg[:1] == b"\x01":  # a new subscription: catch the joiner up
+                        for data in last_decision.values():
+                            try:
+                                xpub.send(data, zmq.NOBLOCK)
+                            except zmq.Again:
+                                self.errors.inc("publish_dropped")
+            if router is not None and router in events:
+                for _ in range(100):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_control(router, frames)
+            for monitor, role in monitors.items():
+                if monitor in events:
+                    self._on_monitor(monitor, role, disconnected)
+
+    def _on_sensor(self, frames: list[bytes]) -> None:
+        t0 = time.perf_counter_ns()
+        if len(frames) != 1:
+            self.bad.inc("multipart")
+            return
+        try:
+            frame = messages.decode_sensor(frames[0], max_bytes=self.max_bytes, max_values=self.max_values)
+        except MessageError as exc:
+            self.bad.inc(exc.reason)
+            log.debug("sensor frame dropped: %s", exc)
+            return
+        stream = frame["stream"]
+        values = frame["values"]
+        if self.inputs is not None:
+            unknown = [name for name in values if name not in self.inputs]
+            if unknown:
+                self.bad.inc("unknown_signal")
+                for name in unknown:
+                    del values[name]
+                if not values:
+                    return
+        rx = time.monotonic_ns()
+        frame["rx_ns"] = rx
+        with self._lock:
+            per_stream = self._values.get(stream)
+            if per_stream is None:
+                if len(self._frames) >= self.max_streams:
+                    self.bad.inc("too_many_streams")
+                    return
+                per_stream = self._values[stream] = {}
+            self._frames[stream] = frame
+            for name, value in values.items():
+                per_stream[name] = (value, rx)
+        last = self._last_seq.get(stream)
+        if last is not None and frame["seq"] != last + 1:
+            self.errors.inc("seq_gaps")
+        self._last_seq[stream] = frame["seq"]
+        self._n["frames"] += 1
+        self.io.add(time.perf_counter_ns() - t0)
+        if self.on_input is not None:
+            try:
+                self.on_input(stream, frame)
+            except Exception:
+                self.errors.inc("callback_error")
+                log.exception("zmq on_input callback failed")
+
+    def _on_control(self, router: zmq.Socket, frames: list[bytes]) -> None:
+        # ROUTER prepends the peer identity; REQ clients add an empty delimiter frame.
+        if len(frames) == 2:
+            envelope, payload = frames[:1], frames[1]
+        elif len(frames) == 3 and frames[1] == b"":
+            envelope, payload = frames[:2], frames[2]
+        else:
+            self.bad.inc("control_envelope")
+            return
+        self._n["requests"] += 1
+        try:
+            cmd = messages.decode_control(payload, max_bytes=min(self.max_bytes, 4096))
+        except MessageError as exc:
+            self.bad.inc(f"control_{exc.reason}")
+            reply = {"v": 1, "ok": False, "error": str(exc)}
+        else:
+            reply = self._answer(cmd)
+        try:
+            router.send_multipart(envelope + [messages.encode_reply(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.errors.inc("control_reply_dropped")
+
+    def _answer(self, cmd: str) -> dict:
+        if cmd == "health":
+            return {"v": 1, "ok": True, "cmd": cmd, "result": self.health()}
+        provider = self._status_provider if cmd == "status" else self._stats_provider
+        if provider is None:
+            return {"v": 1, "ok": False, "cmd": cmd, "error": f"no {cmd} provider registered"}
+        try:
+            result = provider()
+        except Exception as exc:
+            self.errors.inc("provider_error")
+            log.exception("control %s provider failed", cmd)
+            return {"v": 1, "ok": False, "cmd": cmd, "error": f"{type(exc).__name__}: {exc}"}
+        return {"v": 1, "ok": True, "cmd": cmd, "result": result}
+
+    def _on_monitor(self, monitor: zmq.Socket, role: str, disconnected: dict) -> None:
+        for _ in range(100):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_ACCEPTED:
+                if disconnected[role]:
+                    self._reconnects += 1
+                self._peers[role].add(event["value"])
+            elif kind == zmq.EVENT_DISCONNECTED:
+                disconnected[role] += 1
+                self._peers[role].discard(event["value"])
+            elif kind in _HANDSHAKE_FAILURES:
+                self.bad.inc(_HANDSHAKE_FAILURES[kind])
+                log.warning("zmq.%s: %s from a peer", role, _HANDSHAKE_FAILURES[kind])
+
+
+def _curve_from_config(raw, base_dir: Path) -> CurveServer:
+    if not isinstance(raw, dict):
+        raise ValueError("zmq.curve: must be a table { secret_key = ..., allowed = ... }")
+    unknown = sorted(set(raw) - _CURVE_KEYS)
+    if unknown:
+        raise ValueError(f"zmq.curve: unknown key(s) {', '.join(unknown)}; allowed: secret_key, allowed")
+    if not isinstance(raw.get("secret_key"), str):
+        raise ValueError("zmq.curve.secret_key: missing; the server's .key_secret file (r1edge keys)")
+    secret_path = base_dir / raw["secret_key"]
+    if not secret_path.is_file():
+        raise FileNotFoundError(f"zmq.curve.secret_key: {secret_path} does not exist")
+    try:
+        public, secret = zmq.auth.load_certificate(secret_path)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"zmq.curve.secret_key: {secret_path}: {exc}") from None
+    if secret is None:
+        raise ValueError(f"zmq.curve.secret_key: {secret_path} holds no secret key (use the .key_secret file)")
+    allowed = None
+    if "allowed" in raw:
+        if not isinstance(raw["allowed"], str):
+            raise ValueError("zmq.curve.allowed: must be a directory of client public key files")
+        allowed = base_dir / raw["allowed"]
+        if not allowed.is_dir():
+            raise FileNotFoundError(f"zmq.curve.allowed: {allowed} is not a directory")
+        if not any(allowed.glob("*.key")):
+            log.warning("zmq.curve.allowed: %s holds no *.key file; no client will be accepted", allowed)
+    return CurveServer(public, secret, allowed)
+
+
+class SensorPublisher:
+    """Sends sensor frames to a bridge's ``sensors`` endpoint.
+
+    It connects an XPUB socket and :meth:`wait_ready` blocks until the bridge's subscription
+    has arrived, after which nothing sent is lost to the slow-joiner window.
+    """
+
+    def __init__(self, endpoint: str, *, curve: CurveClient | None = None, context: zmq.Context | None = None,
+                 hwm: int = 1000):
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
+        self._sock = _client_socket(self._ctx, zmq.XPUB, curve)
+        self._sock.sndhwm = hwm
+        self._sock.connect(endpoint)
+        self._ready = False
+
+    def wait_ready(self, timeout_s: float = 5.0) -> bool:
+        """Wait for the bridge's subscription; True once it has arrived."""
+        if self._ready:
+            return True
+        if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            self._sock.recv()
+            self._ready = True
+        return self._ready
+
+    def send(self, stream: str, seq: int, values: dict[str, float], t_ns: int | None = None) -> None:
+        """Send one frame (``t_ns`` defaults to ``time.time_ns()``); never blocks."""
+        self.send_bytes(messages.encode_sensor(stream, seq, time.time_ns() if t_ns is None else t_ns, values))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Send an already packed message as one frame (tools and tests); never blocks."""
+        try:
+            self._sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # XPUB drops above the high-water mark rather than block
+
+    def close(self) -> None:
+        """Close the socket (and the context if this object created it)."""
+        self._sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> "SensorPublisher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DecisionSubscriber:
+    """Receives decisions from a bridge's ``decisions`` endpoint, validated."""
+
+    def __init__(self, endpoint: str, *, curve: CurveClient | None = None, context: zmq.Context | None = None):
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
+        self._sock = _client_socket(self._ctx, zmq.SUB, curve)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(endpoint)
+        self.bad = Counters()
+
+    def recv(self, timeout_ms: int = 1000) -> dict | None:
+        """The next valid decision, or None after ``timeout_ms`` (invalid ones are counted)."""
+        deadline = time.monotonic() + timeout_ms / 1e3
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left < 0 or not self._sock.poll(max(left, 0), zmq.POLLIN):
+                return None
+            try:
+                return messages.decode_decision(self._sock.recv())
+            except MessageError as exc:
+                self.bad.inc(exc.reason)
+
+    def close(self) -> None:
+        """Close the socket (and the context if this object created it)."""
+        self._sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> "DecisionSubscriber":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ControlClient:
+    """Asks a bridge's ``control`` endpoint for status, stats or health (DEALER socket)."""
+
+    def __init__(self, endpoint: str, *, curve: CurveClient | None = None, context: zmq.Context | None = None):
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
+        self._sock = _client_socket(self._ctx, zmq.DEALER, curve)
+        self._sock.connect(endpoint)
+
+    def request(self, cmd: str, timeout_ms: int = 2000) -> dict:
+        """Send ``{"v":1,"cmd":cmd}`` and return the reply map; ``TimeoutError`` if none comes."""
+        while self._sock.poll(0, zmq.POLLIN):  # a late reply to an earlier, timed-out request
+            self._sock.recv()
+        self._sock.send(messages.encode_control(cmd))
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            raise TimeoutError(f"no reply to {cmd!r} within {timeout_ms} ms")
+        return msgpack.unpackb(self._sock.recv(), raw=False, strict_map_key=False)
+
+    def close(self) -> None:
+        """Close the socket (and the context if this object created it)."""
+        self._sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

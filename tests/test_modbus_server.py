@@ -1,0 +1,279 @@
+"""Modbus server mode against independent peers: mbpoll (libmodbus) and raw sockets."""
+import random
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+from pymodbus.client import ModbusTcpClient
+
+from plc_bridge.modbus import ModbusBridge
+
+pytestmark = pytest.mark.skipif(shutil.which("mbpoll") is None, reason="mbpoll (Debian package) not installed")
+
+INPUTS = ["level", "temp", "press"]
+OUTPUTS = {"valve": 0.25, "flow": 0.0, "speed": 0.0, "pump": 0.0, "alarm": 0.0, "ir": -1.0}
+MAP = [
+    {"signal": "level", "table": "holding", "address": 0, "type": "float32", "word_order": "big"},
+    {"signal": "temp", "table": "holding", "address": 2, "type": "float32", "word_order": "little"},
+    {"signal": "press", "table": "holding", "address": 4, "type": "int16", "scale": 0.01},
+    {"signal": "valve", "table": "holding", "address": 10, "type": "float32", "word_order": "big"},
+    {"signal": "flow", "table": "holding", "address": 12, "type": "float32", "word_order": "little"},
+    {"signal": "speed", "table": "holding", "address": 14, "type": "int16", "scale": 0.1, "offset": 0.0},
+    {"signal": "pump", "table": "coil", "address": 0},
+    {"signal": "alarm", "table": "discrete", "address": 3},
+    {"signal": "ir", "table": "input", "address": 0, "type": "float32", "word_order": "big"},
+]
+
+
+def make_bridge(**extra):
+    cfg = {"mode": "server", "host": "127.0.0.1", "port": 0, "device_id": 1, "map": MAP, **extra}
+    return ModbusBridge.from_config(cfg, INPUTS, OUTPUTS)
+
+
+@pytest.fixture
+def bridge():
+    b = make_bridge().start()
+    yield b
+    b.stop()
+
+
+def mbpoll(port, *args, values=()):
+    """Run mbpoll once: 0-based addresses, unit 1, one poll, 1 s timeout."""
+    cmd = ["mbpoll", "-m", "tcp", "-p", str(port), "-a", "1", "-0", "-1", "-o", "1", *args, "127.0.0.1", *values]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+
+
+def mbpoll_read(port, *args) -> list[float]:
+    """mbpoll read; returns the values (the signed reading for 16-bit registers)."""
+    r = mbpoll(port, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = []
+    for m in re.finditer(r"^\[(\d+)\]:\s+(\S+)(?: \((-?\d+)\))?$", r.stdout, re.M):
+        values.append(float(m.group(3) if m.group(3) is not None else m.group(2)))
+    return values
+
+
+def mbpoll_write(port, *args, values):
+    r = mbpoll(port, *args, values=[str(v) for v in values])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Written" in r.stdout
+
+
+def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def test_mbpoll_writes_inputs_float32_both_word_orders_and_scaled_int16(bridge):
+    p = bridge.port
+    before = time.monotonic_ns()
+    mbpoll_write(p, "-t", "4:float", "-B", "-r", "0", values=[1.5])           # ABCD
+    mbpoll_write(p, "-t", "4:float", "-r", "2", values=["--", -3.25])         # CDAB
+    mbpoll_write(p, "-t", "4", "-r", "4", values=[1234])                      # int16, scale 0.01
+    snap = bridge.snapshot()
+    assert snap["level"][0] == 1.5
+    assert snap["temp"][0] == -3.25
+    assert snap["press"][0] == pytest.approx(12.34)
+    assert all(before <= rx <= time.monotonic_ns() for _, rx in snap.values())
+    # mbpoll writes 16-bit registers unsigned; 64302 is int16 -1234.
+    mbpoll_write(p, "-t", "4", "-r", "4", values=[64302])
+    assert bridge.snapshot()["press"][0] == pytest.approx(-12.34)
+    # The PLC reads back what it wrote, in its own word order; the other order is a different number.
+    assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "0") == [1.5]
+    assert mbpoll_read(p, "-t", "4:float", "-r", "2") == [-3.25]
+    assert mbpoll_read(p, "-t", "4:float", "-r", "0") != [1.5]
+
+
+def test_mbpoll_reads_outputs_in_every_table(bridge):
+    p = bridge.port
+    assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.25]       # fail-safe before any publish
+    bridge.publish({"valve": 0.75, "flow": -2.5, "speed": -12.3, "pump": 1.0, "alarm": 1.0, "ir": 3.5,
+                    "not_mapped": 9.0}, "ok", 1, 100.0)
+    assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.75]
+    assert mbpoll_read(p, "-t", "4:float", "-r", "12") == [-2.5]
+    assert mbpoll_read(p, "-t", "4", "-r", "14") == [-123]                    # -12.3 / 0.1
+    assert mbpoll_read(p, "-t", "0", "-r", "0") == [1]
+    assert mbpoll_read(p, "-t", "1", "-r", "3") == [1]
+    assert mbpoll_read(p, "-t", "3:float", "-B", "-r", "0") == [3.5]
+
+
+def test_exception_codes_for_unknown_addresses_and_output_writes(bridge):
+    p = bridge.port
+    bridge.publish({"valve": 0.5}, "ok", 1, 0.0)
+    r = mbpoll(p, "-t", "4", "-r", "100")                                     # not in the map
+    assert r.returncode != 0 and "Illegal data address" in r.stderr
+    r = mbpoll(p, "-t", "4", "-r", "4", "-c", "3")                            # 4 mapped, 5 and 6 not
+    assert r.returncode != 0 and "Illegal data address" in r.stderr
+    r = mbpoll(p, "-t", "4:float", "-B", "-r", "10", values=["2.0"])         # output: read-only
+    assert r.returncode != 0 and "Illegal data address" in r.stderr
+    r = mbpoll(p, "-t", "0", "-r", "0", values=["0"])                         # output coil
+    assert r.returncode != 0 and "Illegal data address" in r.stderr
+    assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.5]         # unchanged
+    assert bridge.health()["bad"]["illegal_address"] == 4
+
+
+def _request(sock, tid, pdu, unit=1):
+    sock.sendall(struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu)
+
+
+def _response(sock):
+    head = _recv_exact(sock, 7)
+    tid, pid, length, unit = struct.unpack(">HHHB", head)
+    return tid, unit, _recv_exact(sock, length - 1)
+
+
+def _recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def test_protocol_exceptions_on_raw_socket(bridge):
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=2) as s:
+        cases = [
+            (struct.pack(">BHH", 3, 0, 0), b"\x83\x03"),        # quantity 0
+            (struct.pack(">BHH", 3, 0, 126), b"\x83\x03"),      # quantity > 125
+            (struct.pack(">BHH", 1, 0, 2001), b"\x81\x03"),     # coils > 2000
+            (struct.pack(">BHH", 5, 0, 0x1234), b"\x85\x03"),   # coil value not FF00/0000
+            (struct.pack(">BHH", 4, 0, 2), None),               # input registers 0..1: ok
+            (struct.pack(">BHH", 4, 65535, 2), b"\x84\x02"),    # past the address space
+            (bytes([0x2B, 0x0E, 0x01, 0x00]), b"\xab\x01"),     # device identification: not served
+            (bytes([0x41]), b"\xc1\x01"),                       # unknown function code
+        ]
+        for tid, (pdu, expected) in enumerate(cases, start=1):
+            _request(s, tid, pdu)
+            rtid, unit, reply = _response(s)
+            assert (rtid, unit) == (tid, 1)
+            if expected is None:
+                assert reply[:2] == b"\x04\x04"
+            else:
+                assert reply == expected, (pdu, reply)
+        _request(s, 99, struct.pack(">BHH", 3, 0, 2), unit=7)   # another unit id
+        assert _response(s) == (99, 7, b"\x83\x0b")
+        # Three requests in one segment are answered in order.
+        s.sendall(b"".join(struct.pack(">HHHB", 200 + i, 0, 6, 1) + struct.pack(">BHH", 3, 10, 2) for i in range(3)))
+        assert [_response(s)[0] for _ in range(3)] == [200, 201, 202]
+    bad = bridge.health()["bad"]
+    assert bad["illegal_value"] == 4 and bad["illegal_address"] == 1
+    assert bad["illegal_function"] == 2 and bad["unknown_unit"] == 1
+
+
+def test_allow_list_refuses_other_clients():
+    b = make_bridge(allow=["10.9.8.7", "192.168.0.0/16"]).start()
+    try:
+        r = mbpoll(b.port, "-t", "4:float", "-B", "-r", "10")
+        assert r.returncode != 0
+        assert b.health()["bad"]["rejected_client"] >= 1
+    finally:
+        b.stop()
+    b = make_bridge(allow=["127.0.0.0/8"]).start()
+    try:
+        assert mbpoll_read(b.port, "-t", "4:float", "-B", "-r", "10") == [0.25]
+        assert "rejected_client" not in b.health()["bad"]
+    finally:
+        b.stop()
+
+
+def test_heartbeat_stop_forces_failsafe_until_publish_with_heartbeat_back():
+    b = make_bridge(heartbeat={"address": 100, "timeout_ms": 300}).start()
+    try:
+        p = b.port
+        h = b.health()
+        assert not h["heartbeat_ok"] and h["failsafe"]
+        b.publish({"valve": 0.9}, "ok", 1, 0.0)                         # ignored: no heartbeat yet
+        assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.25]
+        mbpoll_write(p, "-t", "4", "-r", "100", values=[1])
+        assert b.health()["heartbeat_ok"]
+        b.publish({"valve": 0.9}, "ok", 2, 0.0)
+        assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.9]
+        assert not b.health()["failsafe"]
+        mbpoll_write(p, "-t", "4", "-r", "100", values=[1])             # same value: not a heartbeat
+        # The heartbeat stops: without any publish the bridge itself writes the fail-safe value.
+        assert wait_for(lambda: b.health()["failsafe"], timeout=5.0)
+        assert not b.health()["heartbeat_ok"]
+        assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.25]
+        b.publish({"valve": 0.8}, "ok", 3, 0.0)                         # still stale: ignored
+        assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.25]
+        mbpoll_write(p, "-t", "4", "-r", "100", values=[2])             # heartbeat back
+        assert b.health()["heartbeat_ok"]
+        assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.25]  # until the next publish
+        b.publish({"valve": 0.8}, "ok", 4, 0.0)
+        assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [pytest.approx(0.8)]
+        assert b.health()["errors"]["failsafe_entries"] >= 1
+    finally:
+        b.stop()
+
+
+def _bad_total(b):
+    return sum(b.health()["bad"].values())
+
+
+def test_fuzzed_frames_are_counted_and_good_traffic_keeps_flowing(bridge):
+    rng = random.Random(20240611)
+    port = bridge.port
+    good = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+    assert good.connect()
+
+    def good_round_trip(i):
+        value = float(i)
+        rr = good.write_registers(0, ModbusTcpClient.convert_to_registers(value, good.DATATYPE.FLOAT32), device_id=1)
+        assert not rr.isError()
+        assert bridge.snapshot()["level"][0] == value
+        rr = good.read_holding_registers(10, count=2, device_id=1)
+        assert not rr.isError() and rr.registers == [0x3E80, 0]          # valve fail-safe 0.25
+
+    # 1. Well-framed requests with random function codes and bodies on one connection: each
+    #    gets an answer, and every exception answer is counted.
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        exceptions = 0
+        before = _bad_total(bridge)
+        for i in range(400):
+            pdu = bytes([rng.randrange(256)]) + rng.randbytes(rng.randrange(0, 12))
+            _request(s, i, pdu)
+            tid, unit, reply = _response(s)
+            assert tid == i and unit == 1
+            exceptions += reply[0] >= 0x80
+            if i % 50 == 0:
+                good_round_trip(i)
+        assert exceptions > 300
+        assert _bad_total(bridge) - before == exceptions
+
+    # 2. Broken MBAP headers: counted, that connection closed, nothing else disturbed.
+    before = bridge.health()["bad"].get("bad_frame", 0)
+    for i in range(150):
+        junk = rng.randbytes(rng.randrange(8, 300))
+        junk = junk[:2] + struct.pack(">H", rng.randrange(1, 65536)) + junk[4:]   # protocol id != 0
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(junk)
+            assert s.recv(16) == b""                                       # server closed it
+        if i % 50 == 0:
+            good_round_trip(1000 + i)
+    assert bridge.health()["bad"]["bad_frame"] - before == 150
+
+    # 3. Truncated frames: the peer goes away mid-frame; counted when the connection ends.
+    #    (One at a time: a burst of connections would partly be refused by max_clients.)
+    before = bridge.health()["bad"].get("truncated", 0)
+    for i in range(150):
+        frame = struct.pack(">HHHB", i, 0, 11, 1) + struct.pack(">BHHB", 16, 0, 2, 4) + rng.randbytes(4)
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(frame[:rng.randrange(1, len(frame))])
+        assert wait_for(lambda: bridge.health()["bad"].get("truncated", 0) - before == i + 1)
+        if i % 50 == 0:
+            good_round_trip(2000 + i)
+
+    good_round_trip(3000)
+    good.close()
+    assert bridge.health()["running"]
+    assert "handler_error" not in bridge.health()["bad"]
