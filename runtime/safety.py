@@ -1,0 +1,183 @@
+"""Safety limits that hold whatever the model does: input validation and output limits.
+
+The model advises; these checks keep the plant safe. They run in the control loop, on
+preallocated arrays of fixed shape ``[capacity, n_signals]`` (one row per stream slot), and
+they never call the model.
+
+Per stream and cycle a status is decided:
+
+- ``OK``: the model's outputs, clamped to ``[min, max]`` and rate-limited to ``max_rate``
+  units per second relative to the last output actually sent;
+- ``FAILSAFE``: the configured fail-safe values, clamped but *not* rate-limited: a fail-safe
+  must reach the plant in the cycle it was decided, not ramp towards it;
+- ``HOLD``: the last output actually sent, repeated.
+
+Before the first cycle of a stream, "the last output sent" is its fail-safe value, so a
+stream ramps up from the safe state at ``max_rate``; it also ramps back from a fail-safe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+OK, FAILSAFE, HOLD = 0, 1, 2
+STATUS_NAMES = ("ok", "failsafe", "hold")
+
+# Why a stream did not get the model's output this cycle.
+REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT = range(6)
+REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output")
+
+# Why an input value is invalid (codes in ``InputGuard.codes``; 0 = valid).
+INVALID_NAMES = ("", "nan", "inf", "range", "stale", "missing")
+_NAN, _INF, _RANGE, _STALE, _MISSING = 1, 2, 3, 4, 5
+
+#: Timestamp of an input that has never been received.
+MISSING_STAMP = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True)
+class InputLimit:
+    """Validity limits of one input signal: range, maximum age and what to do when invalid."""
+
+    name: str
+    min: float
+    max: float
+    stale_ns: int
+    hold: bool = False   # on_invalid = "hold" (else "failsafe")
+
+
+@dataclass(frozen=True)
+class OutputLimit:
+    """Limits of one output signal: range, maximum rate (units/s, inf = none), fail-safe value."""
+
+    name: str
+    min: float
+    max: float
+    max_rate: float
+    failsafe: float
+
+
+class InputGuard:
+    """Checks every active stream's inputs for NaN, inf, range, staleness and absence.
+
+    ``check`` marks streams with an invalid input ``FAILSAFE`` (or ``HOLD`` when every invalid
+    input of the stream has ``on_invalid = "hold"``) and leaves the per-input reason codes in
+    ``codes`` for the record. ``counts[k]`` counts invalid input values by reason
+    ``INVALID_NAMES[k]`` over the guard's lifetime.
+    """
+
+    def __init__(self, limits: Sequence[InputLimit], capacity: int):
+        n = len(limits)
+        self.names = [lim.name for lim in limits]
+        self.lo = np.array([lim.min for lim in limits], dtype=np.float64)
+        self.hi = np.array([lim.max for lim in limits], dtype=np.float64)
+        self.stale_ns = np.array([lim.stale_ns for lim in limits], dtype=np.int64)
+        self.failsafe_on_invalid = np.array([not lim.hold for lim in limits], dtype=bool)
+        self.codes = np.zeros((capacity, n), dtype=np.int8)
+        self.counts = np.zeros(len(INVALID_NAMES), dtype=np.int64)
+        self._mask = np.zeros((capacity, n), dtype=bool)
+        self._tmp = np.zeros((capacity, n), dtype=bool)
+        self._age = np.zeros((capacity, n), dtype=np.int64)
+        self._row = np.zeros(capacity, dtype=bool)
+        self._row2 = np.zeros(capacity, dtype=bool)
+
+    def check(self, values: np.ndarray, stamps: np.ndarray, active: np.ndarray, now_ns: int,
+              status: np.ndarray, reason: np.ndarray) -> bool:
+        """Validate ``values``/``stamps`` ``[capacity, F]`` of the ``active`` streams at ``now_ns``.
+
+        Sets ``status``/``reason`` of streams with an invalid input; returns whether any input
+        was invalid. Inactive rows are left alone and their codes zeroed.
+        """
+        codes, mask, tmp = self.codes, self._mask, self._tmp
+        codes.fill(0)
+        act = active[:, None]
+        # Precedence (a value gets one code): missing > nan > inf > range > stale.
+        np.subtract(now_ns, stamps, out=self._age)            # wraps for MISSING_STAMP; masked below
+        np.greater(self._age, self.stale_ns, out=mask)
+        self._mark(mask, act, _STALE)
+        np.less(values, self.lo, out=mask)
+        np.greater(values, self.hi, out=tmp)
+        np.logical_or(mask, tmp, out=mask)
+        self._mark(mask, act, _RANGE)
+        np.isinf(values, out=mask)
+        self._mark(mask, act, _INF)
+        np.isnan(values, out=mask)
+        self._mark(mask, act, _NAN)
+        np.equal(stamps, MISSING_STAMP, out=mask)
+        self._mark(mask, act, _MISSING)
+        np.not_equal(codes, 0, out=mask)
+        if not mask.any():
+            return False
+        for k in range(1, len(INVALID_NAMES)):
+            self.counts[k] += int(np.count_nonzero(codes == k))
+        # A stream fails safe if any invalid input asks for it, else it holds.
+        np.logical_and(mask, self.failsafe_on_invalid, out=tmp)
+        fs, bad = self._row, self._row2
+        np.any(tmp, axis=1, out=fs)
+        np.any(mask, axis=1, out=bad)
+        np.copyto(status, HOLD, where=bad)
+        np.copyto(status, FAILSAFE, where=fs)
+        np.copyto(reason, REASON_INPUT, where=bad)
+        return True
+
+    def _mark(self, mask: np.ndarray, act: np.ndarray, code: int) -> None:
+        np.logical_and(mask, act, out=mask)
+        np.copyto(self.codes, code, where=mask)
+
+    def invalid_inputs(self, slot: int) -> dict[str, str]:
+        """``{input name: reason}`` of the invalid inputs of ``slot`` in the last check."""
+        row = self.codes[slot]
+        return {self.names[i]: INVALID_NAMES[c] for i, c in enumerate(row.tolist()) if c}
+
+    def counts_by_reason(self) -> dict[str, int]:
+        """Lifetime counts of invalid input values, by reason."""
+        return {INVALID_NAMES[k]: int(self.counts[k]) for k in range(1, len(INVALID_NAMES))}
+
+
+class OutputLimiter:
+    """Clamps and rate-limits outputs, and puts out fail-safe or held values, per stream slot.
+
+    ``last`` ``[capacity, O]`` is the last output actually sent per slot (the fail-safe values
+    before a slot's first cycle). The rate limit per cycle is ``max_rate * period_s``.
+    """
+
+    def __init__(self, limits: Sequence[OutputLimit], capacity: int, period_s: float):
+        self.names = [lim.name for lim in limits]
+        self.lo = np.array([lim.min for lim in limits], dtype=np.float64)
+        self.hi = np.array([lim.max for lim in limits], dtype=np.float64)
+        rate = np.array([lim.max_rate for lim in limits], dtype=np.float64)
+        self.step = rate * float(period_s)                     # inf where there is no rate limit
+        self.failsafe = np.clip(np.array([lim.failsafe for lim in limits], dtype=np.float64),
+                                self.lo, self.hi)
+        self.last = np.empty((capacity, len(limits)), dtype=np.float64)
+        self.last[:] = self.failsafe
+        self._lo_r = np.empty_like(self.last)
+        self._hi_r = np.empty_like(self.last)
+        self._cand = np.empty_like(self.last)
+        self._sel = np.zeros((capacity, 1), dtype=bool)
+
+    def reset(self, slot: int) -> None:
+        """Forget a slot's history: its last output becomes the fail-safe value."""
+        self.last[slot] = self.failsafe
+
+    def apply(self, raw: np.ndarray, status: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
+        """Write the outputs of the active slots into ``out`` and remember them as sent.
+
+        ``raw`` holds the model's outputs (read only where ``status == OK``).
+        """
+        cand, lo_r, hi_r, sel = self._cand, self._lo_r, self._hi_r, self._sel
+        np.clip(raw, self.lo, self.hi, out=cand)
+        np.subtract(self.last, self.step, out=lo_r)
+        np.add(self.last, self.step, out=hi_r)
+        np.maximum(cand, lo_r, out=cand)
+        np.minimum(cand, hi_r, out=cand)
+        np.logical_and(active, status == OK, out=sel[:, 0])
+        np.copyto(out, cand, where=sel)
+        np.logical_and(active, status == HOLD, out=sel[:, 0])
+        np.copyto(out, self.last, where=sel)
+        np.logical_and(active, status == FAILSAFE, out=sel[:, 0])
+        np.copyto(out, self.failsafe, where=sel)
+        np.copyto(self.last, out, where=active[:, None])
+
