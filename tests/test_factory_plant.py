@@ -154,7 +154,7 @@ def test_expert_respects_rate_limits():
 
 @pytest.fixture
 def plc():
-    server = P.PlantServer(seed=3, port=0, hold_after_s=0.3).start()
+    server = P.PlantServer(seed=3, port=0, hold_after_s=0.5).start()
     yield server
     server.stop()
 
@@ -177,13 +177,13 @@ def test_plant_server_answers_modbus(plc):
 
     # a controller writes commands: the plant applies them and stops flagging "held"
     _mbpoll(port, "4:float", P.COMMAND_REGISTERS["valve"], 0, "0.9", "0.1")
-    time.sleep(0.1)
+    time.sleep(0.05)
     assert _mbpoll(port, "4", P.HELD_ADDRESS, 1) == [0.0]
     log = plc.log()
     assert log["valve_cmd"][-1] == pytest.approx(0.9, abs=1e-6)
     assert log["heater_cmd"][-1] == pytest.approx(0.1, abs=1e-6)
     # not refreshed for longer than hold_after_s: still the same command, now flagged held
-    time.sleep(0.5)
+    time.sleep(0.7)
     assert _mbpoll(port, "4", P.HELD_ADDRESS, 1) == [1.0]
     log = plc.log()
     assert log["held"][-1] == 1.0 and log["valve_cmd"][-1] == pytest.approx(0.9, abs=1e-6)
@@ -194,6 +194,10 @@ def test_plant_server_answers_modbus(plc):
     assert plc.bad_commands == 1
     assert _mbpoll(port, "4:float", 0, 2) == pytest.approx([0.9, 0.2], abs=1e-6)
     assert plc.log()["heater_cmd"][-1] == pytest.approx(0.2, abs=1e-6)
+
+    # the port is taken while it runs: a second PLC on it fails loudly
+    with pytest.raises(RuntimeError, match=str(port)):
+        P.PlantServer(seed=3, port=port).start()
 
     plc.stop()
     assert not plc.running
