@@ -113,6 +113,7 @@ class ModbusBridge:
         self._failsafe_active = regmap.heartbeat is not None
         self._out_values = dict(self.failsafe)
         self._reconnects = 0
+        self._backoff_s = 0.0
         self._clients = 0
         self._connected = False
         self._thread: threading.Thread | None = None
@@ -267,8 +268,9 @@ class ModbusBridge:
             self._wakeup()
 
     def health(self) -> dict:
-        """Connection, heartbeat and fail-safe state, bad traffic by reason, errors, reconnects,
-        and the bridge's own I/O time (server: per request; client: per poll) in microseconds."""
+        """Connection, heartbeat and fail-safe state, bad traffic by reason, errors, reconnects
+        (client: the current backoff delay too, 0 while connected), and the bridge's own I/O
+        time in microseconds (server: per request; client: per poll of every block)."""
         now = time.monotonic_ns()
         with self.lock:
             hb_ok = self._heartbeat_ok(now)
@@ -285,6 +287,7 @@ class ModbusBridge:
             "heartbeat_age_ms": hb_age,
             "failsafe": failsafe,
             "reconnects": self._reconnects,
+            "reconnect_delay_ms": self._backoff_s * 1e3 if self.mode == "client" else None,
             "bad": self.bad.snapshot(),
             "errors": self.errors.snapshot(),
             "io_us": self.io.percentiles(),
@@ -424,6 +427,7 @@ class ModbusBridge:
             if not ok:
                 client.close()
                 self.errors.inc("connect_failures")
+                self._backoff_s = delay
                 await asyncio.sleep(delay)
                 delay = min(delay * 2.0, self.reconnect_max_s)
                 continue
@@ -431,6 +435,7 @@ class ModbusBridge:
                 self._reconnects += 1
             ever_connected = True
             delay = self.reconnect_min_s
+            self._backoff_s = 0.0
             self._connected = True
             log.info("modbus client connected to %s:%d", self.host, self.port)
             try:

@@ -54,6 +54,7 @@ _HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_denied",
                        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_protocol",
                        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed"}
 _KIND_DECISION, _KIND_STOP = b"d", b"s"
+_ZAP_DOMAIN = "r1edge"
 _NS = struct.Struct("<q")
 
 Provider = Callable[[], dict]
@@ -210,7 +211,7 @@ class ZmqBridge:
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".auth"))
             self._auth.start()
             location = str(self.curve.allowed) if self.curve.allowed is not None else zmq.auth.CURVE_ALLOW_ANY
-            self._auth.configure_curve(domain="*", location=location)
+            self._auth.configure_curve(domain=_ZAP_DOMAIN, location=location)
         self._running = True
         self._thread = threading.Thread(target=self._run, name="zmq-bridge", daemon=True)
         self._thread.start()
@@ -361,7 +362,7 @@ class ZmqBridge:
                     sock.curve_secretkey = self.curve.secret
                     sock.curve_publickey = self.curve.public
                     sock.curve_server = True
-                    sock.zap_domain = b"r1edge"
+                    sock.zap_domain = _ZAP_DOMAIN.encode()
                 monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
                 socks.extend((sock, monitor))
                 try:
