@@ -1,4 +1,5 @@
 """r1edge public API: load models and packages, compress checkpoints, run controllers."""
+from sdk.controller import Controller
 from sdk.loading import load_model
 
-__all__ = ["load_model"]
+__all__ = ["Controller", "load_model"]

@@ -1,0 +1,362 @@
+"""Deployment config: the TOML file a Controller is built from, parsed and validated.
+
+Every field is checked; an error names the file and the field, e.g.
+``deploy.toml: outputs[1] 'valve': min (2.0) must be below max (1.0)``. Unknown keys are
+rejected by name. Paths are resolved relative to the TOML file. Defaults:
+
+- ``[model]`` ``device = "cpu"``, ``window = 32``, ``streams = 1`` (stream slots, the most
+  streams batched through the engine at once);
+- ``[loop]`` ``period_ms = 10``, ``deadline_ms`` = the period, ``realtime = false``,
+  ``infer_budget_ms`` = 80% of the deadline (inference that has not answered by then gets
+  the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU;
+- ``[[inputs]]`` ``stale_ms`` = max(200, 3 periods), ``on_invalid = "failsafe"``;
+- ``[[outputs]]`` no rate limit unless ``max_rate`` is given;
+- ``[recorder]`` (optional) ``path`` (a directory), ``max_bytes = 64 MiB`` per segment,
+  ``keep = 16`` segments, ``enabled = true``.
+
+``[modbus]`` and ``[zmq]`` are validated here by the bridges' own parsers (their optional
+keys are documented in ``plc_bridge``) and handed to the bridges as plain dicts; a register
+map may also publish ``_heartbeat``, the counter the controller bumps every cycle.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.safety import InputLimit, OutputLimit
+
+try:
+    import tomllib
+except ModuleNotFoundError:                               # Python 3.10
+    import tomli as tomllib
+
+_REQUIRED = object()
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+#: The output counter bumped every cycle, published to the bridges next to the outputs.
+HEARTBEAT = "_heartbeat"
+
+
+class ConfigError(ValueError):
+    """A deployment config is invalid; the message names the file and the field."""
+
+
+class _Table:
+    """Typed, checked access to one TOML table; ``done()`` rejects keys nobody asked for."""
+
+    def __init__(self, data: Any, where: str, file: str):
+        self.file, self.where = file, where
+        if not isinstance(data, dict):
+            self.fail(f"must be a table, got {type(data).__name__}")
+        self.data, self.seen = data, set()
+        self.label = ""                                  # e.g. "'valve'" once the name is known
+
+    def fail(self, msg: str, key: str | None = None):
+        if self.label:
+            loc = f"{self.where} {self.label}:" + (f" {key}" if key else "")
+        elif key:
+            loc = self.where + ("." if self.where else "") + key
+        else:
+            loc = self.where + ":" if self.where else ""
+        raise ConfigError(f"{self.file}: {loc} {msg}" if loc else f"{self.file}: {msg}")
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                self.fail("is required", key)
+            return default
+        return self.data[key]
+
+    def num(self, key: str, default: Any = _REQUIRED, *, positive=False, finite=True) -> float | None:
+        v = self.get(key, default)
+        if v is None or (v is default and default is not _REQUIRED):
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(f"must be a number, got {v!r}", key)
+        v = float(v)
+        if finite and not math.isfinite(v):
+            self.fail(f"must be finite, got {v}", key)
+        if positive and not v > 0:
+            self.fail(f"must be positive, got {v}", key)
+        return v
+
+    def int(self, key: str, default: Any = _REQUIRED, *, lo: int | None = None, hi: int | None = None):
+        v = self.get(key, default)
+        if v is None or (v is default and default is not _REQUIRED):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(f"must be an integer, got {v!r}", key)
+        if lo is not None and v < lo:
+            self.fail(f"must be at least {lo}, got {v}", key)
+        if hi is not None and v > hi:
+            self.fail(f"must be at most {hi}, got {v}", key)
+        return v
+
+    def str(self, key: str, default: Any = _REQUIRED, choices: tuple | None = None) -> str | None:
+        v = self.get(key, default)
+        if v is None or (v is default and default is not _REQUIRED):
+            return v
+        if not isinstance(v, str) or not v:
+            self.fail(f"must be a non-empty string, got {v!r}", key)
+        if choices and v not in choices:
+            self.fail(f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}", key)
+        return v
+
+    def bool(self, key: str, default: Any = _REQUIRED) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            self.fail(f"must be true or false, got {v!r}", key)
+        return v
+
+    def sub(self, key: str, required=False) -> "_Table | None":
+        v = self.get(key, _REQUIRED if required else None)
+        if v is None:
+            return None
+        return _Table(v, f"{self.where}.{key}" if self.where else key, self.file)
+
+    def array(self, key: str) -> list["_Table"]:
+        v = self.get(key, [])
+        if not isinstance(v, list):
+            self.fail(f"must be an array of tables ([[{key}]]), got {type(v).__name__}", key)
+        prefix = f"{self.where}.{key}" if self.where else key
+        return [_Table(item, f"{prefix}[{i}]", self.file) for i, item in enumerate(v)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            self.fail(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}")
+
+
+@dataclass
+class ModelSection:
+    """``[model]``: the package, its device, the history window and the stream slots."""
+
+    path: Path
+    device: str = "cpu"
+    window: int = 32
+    streams: int = 1
+
+
+@dataclass
+class LoopSection:
+    """``[loop]``: period, deadline, inference budget and real-time options."""
+
+    period_ms: float = 10.0
+    deadline_ms: float = 10.0
+    infer_budget_ms: float = 8.0
+    realtime: bool = False
+    spin_us: float = 200.0
+    priority: int = 80
+    cpu: int | None = None
+
+    @property
+    def period_ns(self) -> int:
+        """The period in nanoseconds."""
+        return int(round(self.period_ms * 1e6))
+
+
+@dataclass
+class InputSpec:
+    """One ``[[inputs]]`` entry."""
+
+    name: str
+    min: float
+    max: float
+    stale_ms: float
+    on_invalid: str = "failsafe"
+
+    def limit(self) -> InputLimit:
+        """The runtime's form of this spec."""
+        return InputLimit(self.name, self.min, self.max, int(round(self.stale_ms * 1e6)),
+                          hold=self.on_invalid == "hold")
+
+
+@dataclass
+class OutputSpec:
+    """One ``[[outputs]]`` entry (``max_rate`` None: no rate limit)."""
+
+    name: str
+    min: float
+    max: float
+    failsafe: float
+    max_rate: float | None = None
+
+    def limit(self) -> OutputLimit:
+        """The runtime's form of this spec."""
+        return OutputLimit(self.name, self.min, self.max,
+                           math.inf if self.max_rate is None else self.max_rate, self.failsafe)
+
+
+@dataclass
+class RecorderSection:
+    """``[recorder]``: where flight recordings go and how they rotate."""
+
+    path: Path
+    max_bytes: int = 64 << 20
+    keep: int = 16
+    enabled: bool = True
+
+
+@dataclass
+class DeployConfig:
+    """A validated deployment config (see the module docstring for fields and defaults)."""
+
+    source: Path
+    model: ModelSection
+    loop: LoopSection
+    inputs: list[InputSpec]
+    outputs: list[OutputSpec]
+    recorder: RecorderSection | None = None
+    modbus: dict | None = None
+    zmq: dict | None = None
+    base_dir: Path = Path(".")
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DeployConfig":
+        """Read and validate a TOML file; raises ``ConfigError`` naming file and field."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such deployment config") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        return cls.from_dict(raw, base_dir=path.resolve().parent, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, base_dir: str | Path, source: str | Path = "deploy.toml") -> "DeployConfig":
+        """Validate an already parsed config; relative paths resolve against ``base_dir``."""
+        file, base = str(source), Path(base_dir)
+        top = _Table(raw, "", file)
+
+        t = top.sub("model", required=True)
+        model = ModelSection(path=_resolve(base, t.str("path")), device=t.str("device", "cpu"),
+                             window=t.int("window", 32, lo=1), streams=t.int("streams", 1, lo=1, hi=4096))
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
+            t.fail(f"must be 'cpu', 'cuda' or 'cuda:N', got {model.device!r}", "device")
+        t.done()
+
+        t = top.sub("loop") or _Table({}, "loop", file)
+        period = t.num("period_ms", 10.0, positive=True)
+        deadline = t.num("deadline_ms", period, positive=True)
+        if deadline > period:
+            t.fail(f"must not exceed period_ms ({period}), got {deadline}", "deadline_ms")
+        budget = t.num("infer_budget_ms", 0.8 * deadline, positive=True)
+        if budget > deadline:
+            t.fail(f"must not exceed deadline_ms ({deadline}), got {budget}", "infer_budget_ms")
+        loop = LoopSection(period_ms=period, deadline_ms=deadline, infer_budget_ms=budget,
+                           realtime=t.bool("realtime", False),
+                           spin_us=t.num("spin_us", 200.0), priority=t.int("priority", 80, lo=1, hi=99),
+                           cpu=t.int("cpu", None, lo=0))
+        if loop.spin_us < 0:
+            t.fail(f"must not be negative, got {loop.spin_us}", "spin_us")
+        t.done()
+
+        names: dict[str, str] = {}
+        inputs = []
+        for t in top.array("inputs"):
+            name = _name(t, names)
+            lo, hi = t.num("min"), t.num("max")
+            if not lo < hi:
+                t.fail(f"min ({lo}) must be below max ({hi})")
+            stale = t.num("stale_ms", max(200.0, 3 * period), positive=True)
+            inputs.append(InputSpec(name, lo, hi, stale, t.str("on_invalid", "failsafe", ("failsafe", "hold"))))
+            t.done()
+        if not inputs:
+            top.fail("at least one [[inputs]] entry is required")
+        outputs = []
+        for t in top.array("outputs"):
+            name = _name(t, names)
+            lo, hi = t.num("min"), t.num("max")
+            if not lo < hi:
+                t.fail(f"min ({lo}) must be below max ({hi})")
+            fs = t.num("failsafe")
+            if not lo <= fs <= hi:
+                t.fail(f"failsafe ({fs}) must lie within [min, max] = [{lo}, {hi}]")
+            outputs.append(OutputSpec(name, lo, hi, fs, t.num("max_rate", None, positive=True)))
+            t.done()
+        if not outputs:
+            top.fail("at least one [[outputs]] entry is required")
+
+        recorder = None
+        t = top.sub("recorder")
+        if t is not None:
+            recorder = RecorderSection(path=_resolve(base, t.str("path")),
+                                       max_bytes=t.int("max_bytes", 64 << 20, lo=4096),
+                                       keep=t.int("keep", 16, lo=1), enabled=t.bool("enabled", True))
+            t.done()
+
+        modbus, zmq = _bridge_tables(top, base, inputs, outputs)
+        top.done()
+        return cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
+                   recorder=recorder, modbus=modbus, zmq=zmq, base_dir=base, raw=raw)
+
+    def to_dict(self) -> dict:
+        """A msgpack/JSON-able form (paths as strings), as written into recording headers."""
+        def conv(v):
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: conv(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [conv(x) for x in v]
+            return v
+        d = asdict(self)
+        d.pop("raw")
+        return conv(d)
+
+
+def _resolve(base: Path, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _name(t: _Table, seen: dict[str, str]) -> str:
+    name = t.str("name")
+    if not _NAME_RE.match(name):
+        t.fail(f"{name!r} must start with a letter and use letters, digits, '_', '.', '-'", "name")
+    if name in seen:
+        t.fail(f"{name!r} is already used by {seen[name]}", "name")
+    seen[name] = t.where
+    t.label = repr(name)
+    return name
+
+
+def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec],
+                   outputs: list[OutputSpec]) -> tuple[dict | None, dict | None]:
+    """``[modbus]`` and ``[zmq]``, validated by the bridges' own parsers (one source of truth
+    for their keys), with the file named in any error. Nothing is bound or started here."""
+    modbus, zmq = top.get("modbus", None), top.get("zmq", None)
+    in_names = [i.name for i in inputs]
+    if modbus is not None:
+        _Table(modbus, "modbus", top.file)                # must be a table
+        from plc_bridge.modbus import ModbusBridge
+        try:
+            ModbusBridge.from_config(modbus, in_names, bridge_outputs(outputs))
+        except ValueError as exc:
+            raise ConfigError(f"{top.file}: {exc}") from None
+    if zmq is not None:
+        t = _Table(zmq, "zmq", top.file)
+        zmq = dict(zmq)
+        curve = zmq.get("curve")
+        if isinstance(curve, dict):                       # resolve key paths against the TOML file
+            zmq["curve"] = {k: str(_resolve(base, v)) if k in ("secret_key", "allowed") and isinstance(v, str)
+                            else v for k, v in curve.items()}
+        from plc_bridge.zmq_bridge import ZmqBridge
+        try:
+            ZmqBridge.from_config(zmq, base, in_names)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{t.file}: {exc}") from None
+    return modbus, zmq
+
+
+def bridge_outputs(outputs: list[OutputSpec]) -> dict[str, float]:
+    """``{output name: fail-safe value}`` as the bridges take it, with the heartbeat counter
+    ``_heartbeat`` (fail-safe 0) that a register map may publish like any output."""
+    return {**{o.name: o.failsafe for o in outputs}, HEARTBEAT: 0.0}

@@ -1,0 +1,597 @@
+"""``sdk.Controller``: the one place that wires engine, loop, safety, recorder and bridges.
+
+A controller is built from a deployment TOML (``sdk.config``). It serves named streams from
+a fixed set of engine slots (``[model] streams``); a stream gets a slot the first time it is
+seen and keeps it. Each cycle batches every stream with valid inputs into one engine step
+(the engine's outputs are batch-invariant, so batching never changes a stream's decision),
+under the watchdog, then clamps and rate-limits the outputs (``runtime.safety``).
+
+- ``step(inputs, stream="main")``: one synchronous cycle, for use inside someone else's loop.
+- ``run(duration_s=None)``: the periodic loop (``runtime.loop``), inputs from the configured
+  bridges or a ``source`` callable, outputs to the bridges and/or a ``sink`` callable.
+- ``stats()``: counters and latency histograms; ``close()`` or a ``with`` block to finish.
+
+With ``[recorder]`` every cycle is appended to a flight recording (``runtime.recorder``);
+``replay()`` re-runs one and checks every output bit for bit.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from runtime.loop import ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions, monotonic_ns
+from runtime.recorder import RecordingReader, FlightRecorder
+from runtime.safety import (FAILSAFE, HOLD, MISSING_STAMP, OK, REASON_ERROR, REASON_NAMES, REASON_NONE,
+                            REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
+from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs
+
+logger = logging.getLogger(__name__)
+
+#: ``source(seq, t_ns) -> {stream: {input: value}}`` (or ``{input: value}`` for stream "main").
+Source = Callable[[int, int], Mapping[str, Any]]
+#: ``sink(stream, outputs, status, seq, latency_us)``, called per stream after each cycle.
+Sink = Callable[[str, dict, str, int, float], None]
+
+
+def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32):
+    """The stream engine over a sensor-mode package (refuses an LM-only package)."""
+    from runtime.engine import Engine
+    from sdk.loading import load_model
+
+    model = load_model(path, device=device)
+    if getattr(model, "adapter", None) is None:
+        raise ValueError(f"{path}: the model has no I/O adapter; a controller needs a sensor-mode package")
+    return Engine(model, capacity=capacity, window=window)
+
+
+def package_identity(path: str | Path) -> dict:
+    """``{"path", "manifest_sha256"}`` of a package (``None`` for a checkpoint without manifest)."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return {"path": str(path), "manifest_sha256": digest}
+
+
+class Controller:
+    """Runs a policy over named streams with input validation, output limits, a watchdog,
+    a flight recorder and the configured bridges. See the module docstring.
+
+    ``engine`` (optional) is anything with the engine's sensor interface; by default the
+    engine is built from ``[model]``. ``bridges=False`` leaves ``[modbus]``/``[zmq]`` unused.
+    """
+
+    def __init__(self, config: DeployConfig, *, engine=None, bridges: bool = True):
+        self.config = cfg = config
+        capacity = cfg.model.streams
+        if engine is None:
+            engine = build_engine(cfg.model.path, device=cfg.model.device, capacity=capacity,
+                                  window=cfg.model.window)
+        self.engine = engine
+        if getattr(engine, "capacity", capacity) < capacity:
+            raise ConfigError(f"{cfg.source}: model.streams ({capacity}) exceeds the engine's "
+                              f"capacity ({engine.capacity})")
+        self.input_names, self.output_names = list(engine.input_names), list(engine.output_names)
+        _match(cfg.source, "inputs", [i.name for i in cfg.inputs], self.input_names)
+        _match(cfg.source, "outputs", [o.name for o in cfg.outputs], self.output_names)
+        ins = {i.name: i for i in cfg.inputs}
+        outs = {o.name: o for o in cfg.outputs}
+        self.period_s = cfg.loop.period_ms / 1e3
+        self._budget_ns = int(cfg.loop.infer_budget_ms * 1e6)
+        self._deadline_ns = int(cfg.loop.deadline_ms * 1e6)
+        guard = InputGuard([ins[n].limit() for n in self.input_names], capacity)
+        self.output_limits = [outs[n].limit() for n in self.output_names]
+        limiter = OutputLimiter(self.output_limits, capacity, self.period_s)
+        self.worker = InferenceWorker()
+        self.cycle = ControlCycle(engine, guard, limiter, capacity=capacity, worker=self.worker)
+        self.loop = PeriodicLoop(cfg.loop.period_ns, self._deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
+        self._in_index = {n: j for j, n in enumerate(self.input_names)}
+        self.slots: dict[str, int] = {}
+        self._slot_names: list[str | None] = [None] * capacity
+        self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "latency")}
+        self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
+                         "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "unknown_inputs": 0,
+                         "dropped_streams": 0, "read_errors": 0, "write_errors": 0, "sink_errors": 0,
+                         "record_errors": 0}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+        self._running = False
+        self._closed = False
+        self._source: Source | None = None
+        self._sink: Sink | None = None
+        self.modbus = self.zmq = None
+        if bridges:
+            self._make_bridges()
+        self.recorder: FlightRecorder | None = None
+        if cfg.recorder is not None and cfg.recorder.enabled:
+            self.recorder = FlightRecorder(cfg.recorder.path, self._header(), max_bytes=cfg.recorder.max_bytes,
+                                           keep=cfg.recorder.keep)
+
+    @classmethod
+    def from_config(cls, path: str | Path, *, engine=None, bridges: bool = True) -> "Controller":
+        """Build a controller from a deployment TOML file."""
+        return cls(DeployConfig.load(path), engine=engine, bridges=bridges)
+
+    # ------------------------------------------------------------------ synchronous use
+    def step(self, inputs: Mapping[str, float], stream: str = "main") -> dict[str, float]:
+        """One cycle for one stream: ``{input: value}`` in, ``{output: value}`` out.
+
+        A value may be ``(value, t_monotonic_ns)`` to say when it was measured (staleness is
+        judged from that; a plain value counts as measured now). Missing inputs are invalid
+        (``missing``); unknown names are counted and ignored.
+        The outputs are what the plant should get: the model's, limited, or the fail-safe
+        or held values (see ``status()``).
+        """
+        return self.step_many({stream: inputs})[stream]
+
+    def step_many(self, frames: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+        """One cycle for several streams batched together: ``{stream: {input: value}}`` in,
+        ``{stream: {output: value}}`` out. Raises ``ValueError`` if a new stream finds no free slot."""
+        with self._lock:
+            if self._running:
+                raise RuntimeError("the controller is running its periodic loop; step() is not available")
+            t0 = monotonic_ns()
+            active = self.cycle.active
+            active.fill(False)
+            for stream, values in frames.items():
+                slot = self._slot(stream)
+                if slot is None:
+                    raise ValueError(f"stream {stream!r}: all {len(self._slot_names)} stream slots are in use "
+                                     "(raise [model] streams)")
+                self._fill(slot, values, t0)
+            t1 = monotonic_ns()
+            infer_ns = self.cycle.run(t1, t0 + self._budget_ns)
+            t2 = monotonic_ns()
+            self._account(t1 - t0, infer_ns, 0, t2 - t0)
+            self._record(self.counters["cycles"] - 1, t0, (t1 - t0, infer_ns, 0, 0))
+            out = self.cycle.out
+            names = self.output_names
+            return {s: dict(zip(names, out[self.slots[s]].tolist())) for s in frames}
+
+    def status(self, stream: str = "main") -> dict:
+        """The last cycle's ``status`` (ok/failsafe/hold), ``reason`` and invalid inputs of a stream."""
+        slot = self.slots.get(stream)
+        if slot is None:
+            raise KeyError(f"unknown stream {stream!r}")
+        reason = int(self.cycle.reason[slot])
+        return {"status": STATUS_NAMES[int(self.cycle.status[slot])], "reason": REASON_NAMES[reason],
+                "invalid": self.cycle.guard.invalid_inputs(slot) if reason == REASON_INPUT else {},
+                "heartbeat": self.cycle.heartbeat}
+
+    @property
+    def heartbeat(self) -> int:
+        """The output heartbeat: bumped every cycle, modulo 65536 (one Modbus register)."""
+        return self.cycle.heartbeat
+
+    # ------------------------------------------------------------------ the periodic loop
+    def run(self, duration_s: float | None = None, *, source: Source | None = None,
+            sink: Sink | None = None) -> dict:
+        """Run the periodic loop until ``stop()`` (or for ``duration_s``); returns ``stats()``.
+
+        Inputs come from ``source`` if given, else from the configured bridges; outputs go to
+        the bridges and to ``sink``. Bridges are started here and stopped on return.
+        """
+        if source is None and self.modbus is None and self.zmq is None:
+            raise ValueError(f"{self.config.source}: no input source: configure [modbus] or [zmq], "
+                             "or pass source=")
+        with self._lock:
+            if self._running:
+                raise RuntimeError("the controller is already running")
+            self._running = True
+        self._source, self._sink = source, sink
+        started = []
+        try:
+            for bridge in (self.modbus, self.zmq):
+                if bridge is not None:
+                    bridge.start()
+                    started.append(bridge)
+            rt = None
+            if self.config.loop.realtime:
+                rt = RealtimeOptions(priority=self.config.loop.priority, cpu=self.config.loop.cpu)
+            self.loop.run(self._loop_cycle, duration_s=duration_s, realtime=rt, helpers=[self.worker])
+        finally:
+            for bridge in reversed(started):
+                bridge.stop()
+            self._source = self._sink = None
+            self._running = False
+        return self.stats()
+
+    def stop(self) -> None:
+        """Make ``run()`` return after the current cycle (safe from threads and signal handlers)."""
+        self.loop.stop()
+
+    def _loop_cycle(self, seq: int, tick_ns: int) -> int:
+        t0 = monotonic_ns()
+        try:
+            self._read(t0)
+        except Exception as exc:                          # inputs keep ageing: staleness fails safe
+            self._error("read_errors", exc)
+        t1 = monotonic_ns()
+        infer_ns = self.cycle.run(t1, tick_ns + self._budget_ns)
+        t2 = monotonic_ns()
+        self._write(seq, tick_ns, (t2 - tick_ns) / 1e3)
+        t3 = monotonic_ns()
+        self._account(t1 - t0, infer_ns, t3 - t2, t3 - tick_ns)
+        self._record(seq, tick_ns, (t1 - t0, infer_ns, t3 - t2, t0 - tick_ns))
+        return t3
+
+    def _read(self, now: int) -> None:
+        self.cycle.active.fill(False)
+        if self._source is not None:
+            frames = self._source(self.loop.cycles, now)
+            if frames and not isinstance(next(iter(frames.values())), Mapping):
+                frames = {"main": frames}
+            for stream, values in (frames or {}).items():
+                slot = self._slot(stream)
+                if slot is not None:
+                    self._fill(slot, values, now)
+            return
+        if self.modbus is not None:
+            slot = self._slot("main")
+            self._fill_stamped(slot, self.modbus.snapshot())
+        if self.zmq is not None:
+            for stream in self.zmq.latest_frames():
+                slot = self._slot(stream)
+                if slot is not None:
+                    self._fill_stamped(slot, self.zmq.snapshot(stream))
+
+    def _write(self, seq: int, tick_ns: int, latency_us: float) -> None:
+        cycle, names, hb = self.cycle, self.output_names, float(self.cycle.heartbeat)
+        for slot in np.flatnonzero(cycle.active).tolist():
+            stream = self._slot_names[slot]
+            outputs = dict(zip(names, cycle.out[slot].tolist()))
+            status = STATUS_NAMES[int(cycle.status[slot])]
+            if self._sink is not None:
+                try:
+                    self._sink(stream, outputs, status, seq, latency_us)
+                except Exception as exc:
+                    self._error("sink_errors", exc)
+            if self.modbus is None and self.zmq is None:
+                continue
+            outputs = {**outputs, HEARTBEAT: hb}
+            for bridge in (self.modbus, self.zmq):
+                if bridge is not None:
+                    try:
+                        bridge.publish(outputs, status, seq, latency_us, stream=stream)
+                    except Exception as exc:
+                        self._error("write_errors", exc)
+
+    # ------------------------------------------------------------------ streams and inputs
+    def _slot(self, stream: str) -> int | None:
+        slot = self.slots.get(stream)
+        if slot is not None:
+            return slot
+        try:
+            slot = self._slot_names.index(None)
+        except ValueError:
+            self.counters["dropped_streams"] += 1
+            if f"stream:{stream}" not in self._warned and len(self._warned) < 1000:
+                self._warned.add(f"stream:{stream}")
+                logger.warning("stream %r dropped: all %d slots in use", stream, len(self._slot_names))
+            return None
+        self.slots[stream] = slot
+        self._slot_names[slot] = stream
+        self.cycle.reset_slot(slot)
+        logger.info("stream %r -> slot %d", stream, slot)
+        return slot
+
+    def _fill(self, slot: int, values: Mapping[str, Any], now: int) -> None:
+        """One stream's inputs: a value, or ``(value, t_monotonic_ns)`` to say when it was
+        measured (else it counts as measured ``now``); absent or None ones are missing."""
+        row, stamps = self.cycle.values[slot], self.cycle.stamps[slot]
+        row.fill(np.nan)
+        stamps.fill(MISSING_STAMP)
+        index = self._in_index
+        for name, value in values.items():
+            j = index.get(name)
+            if j is None:
+                self._unknown(name)
+                continue
+            stamp = now
+            if isinstance(value, tuple) and len(value) == 2:
+                value, stamp = value
+            if value is None:
+                continue
+            try:
+                row[j] = value
+                stamps[j] = stamp
+            except (TypeError, ValueError, OverflowError):
+                row[j] = np.nan                           # not a number: invalid ("nan")
+                stamps[j] = now
+        self.cycle.active[slot] = True
+
+    def _fill_stamped(self, slot: int, snapshot: Mapping[str, tuple[float, int]]) -> None:
+        """Inputs from a bridge, each with its receive time."""
+        row, stamps = self.cycle.values[slot], self.cycle.stamps[slot]
+        row.fill(np.nan)
+        stamps.fill(MISSING_STAMP)
+        for name, (value, rx_ns) in snapshot.items():
+            j = self._in_index.get(name)
+            if j is None:
+                self._unknown(name)
+                continue
+            row[j] = value
+            stamps[j] = rx_ns
+        self.cycle.active[slot] = True
+
+    def _unknown(self, name: str) -> None:
+        self.counters["unknown_inputs"] += 1
+        if name not in self._warned and len(self._warned) < 1000:
+            self._warned.add(name)
+            logger.warning("unknown input %r ignored (configured: %s)", name, ", ".join(self.input_names))
+
+    def _error(self, counter: str, exc: Exception) -> None:
+        self.counters[counter] += 1
+        n = self.counters[counter]
+        if n == 1 or n % 1000 == 0:
+            logger.error("%s (%d so far): %s", counter, n, exc, exc_info=exc)
+
+    # ------------------------------------------------------------------ accounting and recording
+    def _account(self, read_ns: int, infer_ns: int, write_ns: int, latency_ns: int) -> None:
+        c, cycle = self.counters, self.cycle
+        c["cycles"] += 1
+        if latency_ns > self._deadline_ns:
+            c["deadline_misses"] += 1
+        h = self.hist
+        h["read"].add_ns(read_ns)
+        h["infer"].add_ns(infer_ns)
+        h["write"].add_ns(write_ns)
+        h["latency"].add_ns(latency_ns)
+        active = cycle.active
+        n_fs = int(np.count_nonzero(active & (cycle.status == FAILSAFE)))
+        n_hold = int(np.count_nonzero(active & (cycle.status == HOLD)))
+        if n_fs:
+            c["failsafe_cycles"] += 1
+            c["failsafe_stream_cycles"] += n_fs
+        if n_hold:
+            c["held_cycles"] += 1
+            c["held_stream_cycles"] += n_hold
+
+    def _header(self) -> dict:
+        cfg = self.config
+        return {"package": package_identity(cfg.model.path), "config": cfg.to_dict(),
+                "inputs": self.input_names, "outputs": self.output_names,
+                "capacity": len(self._slot_names), "window": int(getattr(self.engine, "window", cfg.model.window)),
+                "period_ns": cfg.loop.period_ns,
+                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe] for o in self.output_limits]}
+
+    def _record(self, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -> None:
+        """One cycle record: per active stream the inputs as given, model outputs (when the
+        model answered), final outputs, status; timings [read, infer, write, lateness] ns."""
+        if self.recorder is None:
+            return
+        c = self.cycle
+        streams = []
+        for slot in np.flatnonzero(c.active).tolist():
+            reason = int(c.reason[slot])
+            ran = bool(c.ran[slot])
+            entry = {"s": self._slot_names[slot], "slot": slot, "x": c.values[slot].tolist(),
+                     "st": STATUS_NAMES[int(c.status[slot])], "why": REASON_NAMES[reason], "ran": ran,
+                     "y": c.raw[slot].tolist() if ran and reason in (REASON_NONE, REASON_OUTPUT) else None,
+                     "out": c.out[slot].tolist()}
+            if reason == REASON_INPUT:
+                entry["bad"] = c.guard.invalid_inputs(slot)
+            elif reason == REASON_ERROR:
+                entry["error"] = c.last_error
+            streams.append(entry)
+        try:
+            self.recorder.append({"type": "cycle", "seq": seq, "t_ns": t_ns, "hb": c.heartbeat,
+                                  "streams": streams, "timing": list(timing)})
+        except (OSError, ValueError) as exc:
+            self._error("record_errors", exc)
+
+    # ------------------------------------------------------------------ stats and lifecycle
+    def stats(self) -> dict:
+        """Counters, latency histograms (us) and what real-time settings were applied.
+
+        ``latency_us``: tick (or call) to outputs ready; ``phases_us``: read/infer/write;
+        ``lateness_us``: wake-up minus tick in the periodic loop.
+        """
+        loop = self.loop.stats()
+        c = self.cycle
+        out = dict(self.counters)
+        out.update({
+            "latency_us": self.hist["latency"].summary(),
+            "phases_us": {k: self.hist[k].summary() for k in ("read", "infer", "write")},
+            "lateness_us": loop["lateness_us"],
+            "skipped_ticks": loop["skipped_ticks"],
+            "loop_cycle_errors": loop["cycle_errors"],
+            "gc_collections": loop["gc_collections"],
+            "rt_applied": loop["rt_applied"],
+            "invalid_inputs": c.guard.counts_by_reason(),
+            "watchdog": {**c.counters, "last_error": c.last_error},
+            "heartbeat": c.heartbeat,
+            "streams": {"capacity": len(self._slot_names), "names": list(self.slots)},
+            "recorder": None if self.recorder is None else {
+                "path": str(self.recorder.path), "records": self.recorder.records,
+                "bytes": self.recorder.bytes_written},
+            "bridges": {name: b.health() for name, b in (("modbus", self.modbus), ("zmq", self.zmq))
+                        if b is not None},
+        })
+        return out
+
+    def close(self) -> None:
+        """Stop the loop and bridges, close the recording and the inference thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.stop()
+        for bridge in (self.modbus, self.zmq):
+            if bridge is not None:
+                bridge.stop()
+        if self.recorder is not None:
+            self.recorder.close()
+        self.worker.close()
+
+    def __enter__(self) -> "Controller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _make_bridges(self) -> None:
+        cfg = self.config
+        if cfg.modbus is not None:
+            from plc_bridge.modbus import ModbusBridge
+            self.modbus = ModbusBridge.from_config(cfg.modbus, self.input_names, bridge_outputs(cfg.outputs))
+        if cfg.zmq is not None:
+            from plc_bridge.zmq_bridge import ZmqBridge
+            self.zmq = ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names)
+            self.zmq.set_stats_provider(self.stats)
+            self.zmq.set_status_provider(self._status_all)
+
+    def _status_all(self) -> dict:
+        return {"running": self._running, "cycles": self.counters["cycles"], "heartbeat": self.cycle.heartbeat,
+                "streams": {s: self.status(s) for s in list(self.slots)}}
+
+
+def _match(source, what: str, configured: list[str], model: list[str]) -> None:
+    missing = [n for n in model if n not in configured]
+    extra = [n for n in configured if n not in model]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"the model's {', '.join(map(repr, missing))} not configured")
+        if extra:
+            parts.append(f"{', '.join(map(repr, extra))} not in the model (model {what}: {', '.join(model)})")
+        raise ConfigError(f"{source}: {what}: " + "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------- recordings
+
+def recorded_inputs(path: str | Path) -> Iterator[dict[str, dict[str, float]]]:
+    """The inputs of a flight recording, cycle by cycle: ``{stream: {input: value}}``.
+
+    Inputs that were missing when recorded are left out, so they are missing again.
+    """
+    reader = RecordingReader(path)
+    names: list[str] = []
+    for rec in reader:
+        if rec.get("type") == "header":
+            names = rec["inputs"]
+            continue
+        if rec.get("type") != "cycle":
+            continue
+        frames = {}
+        for e in rec["streams"]:
+            missing = {k for k, why in (e.get("bad") or {}).items() if why == "missing"}
+            frames[e["s"]] = {n: v for n, v in zip(names, e["x"]) if n not in missing}
+        yield frames
+
+
+def recording_source(path: str | Path, *, loop: bool = False) -> Source:
+    """A ``run(source=...)`` callable feeding a recording's inputs, one recorded cycle per tick
+    (restarting at the end with ``loop``; else the inputs stop and go stale)."""
+    it = iter(recorded_inputs(path))
+
+    def source(seq: int, t_ns: int):
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            if not loop:
+                return {}
+            it = iter(recorded_inputs(path))
+            return next(it, {})
+    return source
+
+
+def replay(recording: str | Path, *, package: str | Path | None = None, engine=None) -> dict:
+    """Re-run a flight recording and compare every output bit for bit.
+
+    The engine is rebuilt from the package named in the header (or ``package``; or the given
+    ``engine``). Each recorded cycle's inputs go in, in the recorded stream order and slots;
+    the model's outputs are compared with the recorded ones wherever the model answered, and
+    the final outputs are recomputed through the recorded output limits and statuses and
+    compared too. Reading stops at the first incomplete record (a killed process).
+    Returns a report with ``identical``, counts and ``first_mismatch``.
+    """
+    reader = RecordingReader(recording)
+    records = iter(reader)
+    header = next(records, None)
+    if header is None or header.get("type") != "header":
+        raise ValueError(f"{recording}: not a flight recording (no header record)")
+    if header.get("segment", 0) != 0:
+        raise ValueError(f"{reader.segments[0]}: recording starts at segment {header['segment']}; "
+                         "replay needs segment 0 to rebuild the model state")
+    recorded_pkg = header.get("package") or {}
+    pkg = package if package is not None else recorded_pkg.get("path")
+    pkg_path = Path(pkg) if pkg else None
+    package_match = None
+    if engine is None:
+        if pkg_path is None:
+            raise ValueError(f"{recording}: the header names no package; pass package=")
+        engine = build_engine(pkg_path, device=header["config"]["model"]["device"],
+                              capacity=header["capacity"], window=header["window"])
+    if pkg_path is not None and (pkg_path / "manifest.json").is_file():
+        package_match = package_identity(pkg_path)["manifest_sha256"] == recorded_pkg.get("manifest_sha256")
+    if list(engine.input_names) != header["inputs"] or list(engine.output_names) != header["outputs"]:
+        raise ValueError(f"{recording}: recorded signals {header['inputs']} -> {header['outputs']} do not "
+                         f"match the model's {engine.input_names} -> {engine.output_names}")
+    capacity = header["capacity"]
+    limiter = OutputLimiter([OutputLimit(*lim) for lim in header["output_limits"]], capacity,
+                            header["period_ns"] / 1e9)
+    raw = np.full((capacity, len(header["outputs"])), np.nan)
+    out = np.empty_like(raw)
+    status = np.zeros(capacity, np.int8)
+    active = np.zeros(capacity, bool)
+    seen: set[int] = set()
+    codes = {name: i for i, name in enumerate(STATUS_NAMES)}
+    report = {"recording": str(recording), "segments": [str(p) for p in reader.segments],
+              "package": None if pkg_path is None else str(pkg_path), "package_match": package_match,
+              "cycles": 0, "stream_steps": 0, "model_outputs_compared": 0, "final_outputs_compared": 0,
+              "mismatches": 0, "first_mismatch": None}
+
+    def mismatch(rec, e, what, recorded, replayed):
+        report["mismatches"] += 1
+        if report["first_mismatch"] is None:
+            report["first_mismatch"] = {"seq": rec["seq"], "stream": e["s"], "what": what,
+                                        "recorded": recorded, "replayed": replayed}
+
+    for rec in records:
+        if rec.get("type") != "cycle":
+            continue
+        report["cycles"] += 1
+        entries = rec["streams"]
+        for e in entries:
+            if e["slot"] not in seen:
+                seen.add(e["slot"])
+                engine.reset_slot(e["slot"])
+                limiter.reset(e["slot"])
+        ran = [e for e in entries if e["ran"]]
+        y = None
+        if ran:
+            report["stream_steps"] += len(ran)
+            slots = np.array([e["slot"] for e in ran], dtype=np.int64)
+            feats = np.array([e["x"] for e in ran], dtype=np.float64).astype(np.float32)
+            try:
+                y = np.array(engine.step_sensor(slots, feats), dtype=np.float64)
+            except Exception as exc:                          # compared below like any output
+                y = exc
+        active.fill(False)
+        for i, e in enumerate(ran):
+            if e["y"] is None:
+                continue
+            report["model_outputs_compared"] += 1
+            if isinstance(y, Exception):
+                mismatch(rec, e, "model raised", e["y"], f"{type(y).__name__}: {y}")
+                continue
+            raw[e["slot"]] = y[i]
+            if np.array(e["y"], dtype=np.float64).tobytes() != y[i].tobytes():
+                mismatch(rec, e, "model outputs", e["y"], y[i].tolist())
+        for e in entries:
+            active[e["slot"]] = True
+            status[e["slot"]] = codes[e["st"]]
+        limiter.apply(raw, status, active, out)
+        for e in entries:
+            report["final_outputs_compared"] += 1
+            if np.array(e["out"], dtype=np.float64).tobytes() != out[e["slot"]].tobytes():
+                mismatch(rec, e, "final outputs", e["out"], out[e["slot"]].tolist())
+    stop = reader.stop
+    report["stop"] = None if stop is None else {"file": stop.file, "offset": stop.offset, "reason": stop.reason}
+    report["identical"] = report["mismatches"] == 0
+    return report

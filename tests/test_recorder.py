@@ -1,0 +1,157 @@
+"""Flight recorder: framing, bit-exact floats, rotation, and reading after a crash."""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from runtime.recorder import (FlightRecorder, RecordingReader, encode_record, iter_segment,
+                              recording_segments)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def records_of(path):
+    reader = RecordingReader(path)
+    return list(reader), reader
+
+
+def test_framing_is_length_msgpack_crc(tmp_path):
+    rec = {"type": "cycle", "seq": 7, "x": [1.5, -0.0]}
+    data = encode_record(rec)
+    (n,) = struct.unpack_from("<I", data)
+    payload = data[4:4 + n]
+    assert len(data) == n + 8
+    assert struct.unpack_from("<I", data, 4 + n)[0] == zlib.crc32(payload)
+    assert msgpack.unpackb(payload) == rec
+
+
+def test_floats_round_trip_bitwise(tmp_path):
+    rng = np.random.default_rng(0)
+    specials = [0.0, -0.0, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308,
+                float("inf"), -float("inf"), 0.1, 1 / 3, float(np.float32(0.1))]
+    values = specials + rng.normal(0, 1e3, 500).tolist()
+    nan = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_0000_1234))[0]   # a NaN with a payload
+    with FlightRecorder(tmp_path, {"who": "test"}) as fr:
+        fr.append({"type": "cycle", "v": values, "nan": nan})
+    records, reader = records_of(tmp_path)
+    assert reader.stop.clean and records[0]["who"] == "test" and records[0]["segment"] == 0
+    got = records[1]["v"]
+    assert np.array(got).tobytes() == np.array(values).tobytes()
+    assert struct.pack("<d", records[1]["nan"]) == struct.pack("<d", nan)
+
+
+def test_rotation_by_size_keeps_every_record_in_order(tmp_path):
+    with FlightRecorder(tmp_path, {"h": 1}, max_bytes=4096, keep=100) as fr:
+        for i in range(500):
+            fr.append({"type": "cycle", "seq": i, "x": [float(i)] * 8})
+        assert fr.segment > 5
+    segs = recording_segments(tmp_path)
+    assert len(segs) == fr.segment + 1
+    assert all(s.stat().st_size <= 4096 for s in segs)
+    records, reader = records_of(tmp_path)
+    assert reader.stop.clean
+    assert [r["segment"] for r in records if r["type"] == "header"] == list(range(len(segs)))
+    assert [r["seq"] for r in records if r["type"] == "cycle"] == list(range(500))
+    # Starting from a later segment reads from there on.
+    later, _ = records_of(segs[3])
+    assert later[0]["type"] == "header" and later[0]["segment"] == 3
+
+
+def test_keep_prunes_the_oldest_segments(tmp_path):
+    with FlightRecorder(tmp_path, {}, max_bytes=4096, keep=3) as fr:
+        for i in range(400):
+            fr.append({"type": "cycle", "seq": i, "x": [0.5] * 16})
+    files = sorted(tmp_path.glob("*.r1rec"))
+    assert len(files) == 3 and fr.path in files
+    assert [int(f.name[-10:-6]) for f in files] == [fr.segment - 2, fr.segment - 1, fr.segment]
+
+
+def test_reader_stops_at_every_possible_cut_of_the_last_record(tmp_path):
+    with FlightRecorder(tmp_path, {}, run_name="cut") as fr:
+        for i in range(3):
+            fr.append({"type": "cycle", "seq": i, "x": [1.0, 2.0]})
+        path = fr.path
+    data = path.read_bytes()
+    last_start = len(data) - len(encode_record({"type": "cycle", "seq": 2, "x": [1.0, 2.0]}))
+    cut = tmp_path / "cut" / "cut-0000.r1rec"
+    cut.parent.mkdir()
+    for end in range(last_start, len(data)):
+        cut.write_bytes(data[:end])
+        records, reader = records_of(cut)
+        assert [r["seq"] for r in records[1:]] == [0, 1]
+        expected = "end" if end == last_start else "truncated"
+        assert reader.stop.reason == expected and reader.stop.offset == last_start
+
+
+def test_reader_stops_at_a_corrupt_record(tmp_path):
+    with FlightRecorder(tmp_path, {}, run_name="bad") as fr:
+        for i in range(5):
+            fr.append({"type": "cycle", "seq": i})
+        path = fr.path
+    data = bytearray(path.read_bytes())
+    sizes = []
+    records, stop = iter_segment(path)
+    pos = 0
+    for _ in records:
+        sizes.append(pos)
+        pos += struct.unpack_from("<I", data, pos)[0] + 8
+    data[sizes[3] + 6] ^= 0x01                            # flip a bit in record 3's payload
+    path.write_bytes(bytes(data))
+    records, reader = records_of(path)
+    assert [r["seq"] for r in records[1:]] == [0, 1]
+    assert reader.stop.reason == "crc mismatch" and reader.stop.offset == sizes[3]
+    struct.pack_into("<I", data, sizes[3], 0xFFFFFFFF)   # an absurd length
+    path.write_bytes(bytes(data))
+    assert records_of(path)[1].stop.reason == "bad length"
+
+
+def test_missing_recording_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .r1rec recording"):
+        RecordingReader(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such recording"):
+        RecordingReader(tmp_path / "nope.r1rec")
+
+
+WRITER = r"""
+import sys, numpy as np
+from runtime.recorder import FlightRecorder
+fr = FlightRecorder(sys.argv[1], {"writer": "killed"}, run_name="kill", max_bytes=1 << 30)
+rng = np.random.default_rng(0)
+big = rng.normal(size=200_000).tolist()      # 1.8 MB records: a kill can land inside a write
+i = 0
+while True:
+    fr.append({"type": "cycle", "seq": i, "x": big if i % 2 else [float(i)]})
+    if i == 3:
+        print("ready", flush=True)
+    i += 1
+"""
+
+
+def test_sigkill_leaves_every_complete_record_readable(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    records, reader = records_of(tmp_path)
+    seqs = [r["seq"] for r in records[1:]]
+    assert len(seqs) >= 4 and seqs == list(range(len(seqs)))
+    size = (tmp_path / "kill-0000.r1rec").stat().st_size
+    assert reader.stop.reason in ("end", "truncated")
+    assert (reader.stop.reason == "end") == (reader.stop.offset == size)
