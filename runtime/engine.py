@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from runtime.model import MoE, Transformer, dequantized_weight
+from runtime.model import MoE, Transformer
+from runtime.quant import RoutedExperts, quantize_weight
 from runtime.routing import Router
 
 log = logging.getLogger(__name__)
@@ -42,18 +43,16 @@ class Int8Weight(NamedTuple):
 
 def _int8(w: torch.Tensor) -> Int8Weight:
     """Per-output-channel symmetric int8 of a float weight [N, K] (the same rule as runtime.quant)."""
-    w = w.detach().float().cpu()
-    scale = w.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(np.ascontiguousarray(q.numpy()), scale.numpy().astype(F32))
+    qt, scale = quantize_weight(w.detach().float().cpu())
+    return Int8Weight(np.ascontiguousarray(qt.T.numpy()), scale.numpy().astype(F32))
 
 
 def _linear_int8(linear: torch.nn.Module) -> Int8Weight:
     """int8 weights of a float or already-quantized linear layer, row-major [N, K]."""
-    if hasattr(linear, "qweight_t"):
-        return Int8Weight(np.ascontiguousarray(linear.qweight_t.detach().cpu().T.numpy()),
-                          linear.scale.detach().cpu().float().numpy().reshape(-1))
+    if hasattr(linear, "qweight_t"):      # runtime.quant.Int8Linear: codes padded to multiples of 8
+        n, k = linear.out_features, linear.in_features
+        return Int8Weight(np.ascontiguousarray(linear.qweight_t[:k, :n].detach().cpu().T.numpy()),
+                          np.ascontiguousarray(linear.scale[:n].detach().cpu().float().numpy()))
     return _int8(linear.weight)
 
 
@@ -529,11 +528,17 @@ def _concat_int8(a: Int8Weight, b: Int8Weight) -> Int8Weight:
 
 
 def _expert_int8(moe: MoE, name: str) -> Int8Weight:
+    """Routed experts as int8 rows: ``gate_up_proj`` [E, 2I, H] or ``down_proj`` [E, H, I]."""
     experts = moe.experts
-    if hasattr(experts, name + "_q"):          # already int8 (packages)
-        return Int8Weight(np.ascontiguousarray(getattr(experts, name + "_q").cpu().numpy()),
-                          getattr(experts, name + "_s").cpu().float().numpy())
-    items = [_int8(w) for w in getattr(experts, name).detach()]
+    if isinstance(experts, RoutedExperts) and experts.mode == "w8a8":
+        q, s = (experts.w13_t, experts.s13) if name == "gate_up_proj" else (experts.w2_t, experts.s2)
+        return Int8Weight(np.ascontiguousarray(q.detach().cpu().transpose(1, 2).numpy()),
+                          np.ascontiguousarray(s.detach().cpu().float().numpy()))
+    if isinstance(experts, RoutedExperts):
+        w = experts.gate_up if name == "gate_up_proj" else experts.down
+    else:
+        w = getattr(experts, name)
+    items = [_int8(e) for e in w.detach()]
     return Int8Weight(np.stack([i.q for i in items]), np.stack([i.s for i in items]))
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.quant import RoutedExperts
+from runtime.routing import Router
 
 
 class RMSNorm(nn.Module):
@@ -174,7 +176,7 @@ def dequantized_weight(linear: nn.Module) -> torch.Tensor:
     """The float weight [out, in] of a linear layer, whether float or int8-quantized."""
     if isinstance(linear, nn.Linear):
         return linear.weight
-    return linear.dequantize()
+    return linear.dequantized_weight()
 
 
 class MLP(nn.Module):
@@ -250,8 +252,13 @@ class RoutingRecord:
 class MoE(nn.Module):
     """Shared experts plus routed experts chosen by the noaux_tc gate.
 
-    ``observer``, when set, is called with a :class:`RoutingRecord` on every forward pass
-    (calibration uses it; it costs an extra norm per chosen expert).
+    Float experts run the reference path: torch-op routing (:class:`Gate`) and a loop over
+    the experts that received tokens. Quantized experts (:class:`runtime.quant.RoutedExperts`)
+    run the engine path: batch-invariant Numba routing with a dispatch plan
+    (:class:`runtime.routing.Router`) and each active expert once over its tokens.
+
+    ``observer``, when set, is called with a :class:`RoutingRecord` on every float forward
+    pass (calibration uses it; it costs an extra norm per chosen expert).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -262,10 +269,34 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.observer = None
+        self._router: Router | None = None
+        self._router_key = None
+
+    def router(self, tokens: int) -> Router:
+        """The Numba router over the current gate weights, with buffers for >= ``tokens``."""
+        w, b = self.gate.weight, self.gate.e_score_correction_bias
+        key = (w.data_ptr(), w._version, b._version)
+        if self._router is None or self._router.max_tokens < tokens or key != self._router_key:
+            cfg = self.cfg
+            self._router = Router(w, b, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                                  cfg.norm_topk_prob, cfg.routed_scaling_factor, max(tokens, 64))
+            self._router_key = key
+        return self._router
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if isinstance(self.experts, RoutedExperts):
+            h = flat.float().contiguous()
+            plan = self.router(h.shape[0])(h.cpu().numpy())
+            out = self.experts(h, plan).to(flat.dtype).clone()
+        else:
+            out = self._reference_experts(flat)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+    def _reference_experts(self, flat: torch.Tensor) -> torch.Tensor:
         idx, weights = self.gate(flat)
         out = torch.zeros_like(flat)
         norms = torch.zeros_like(weights) if self.observer else None
@@ -277,9 +308,7 @@ class MoE(nn.Module):
             out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
         if self.observer:
             self.observer(RoutingRecord(self.layer, idx, weights, norms))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(shape)
+        return out
 
 
 class Block(nn.Module):

@@ -13,11 +13,12 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediat
             max_position_embeddings=256, routed_scaling_factor=2.5, norm_topk_prob=True)
 
 
-def make_reference(seed: int = 0, **overrides):
+def make_reference(seed: int = 0, router_std: float = 0.08, weight_std: float = 0.08, **overrides):
     """A random transformers ``DeepseekV3ForCausalLM`` (eval mode, float32).
 
     Weights are drawn wider than the default init and the routing bias is random, so that
-    routing is diverse and logits are not all near-ties.
+    routing is diverse and logits are not all near-ties. ``weight_std`` and ``router_std``
+    set the spread of the weights (transformers' own init uses 0.02).
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -26,8 +27,10 @@ def make_reference(seed: int = 0, **overrides):
     model = DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, router_std)
+            elif p.dim() >= 2:
+                p.normal_(0.0, weight_std)
             elif "norm" in name:
                 p.uniform_(0.8, 1.2)
         for name, b in model.named_buffers():
@@ -36,9 +39,9 @@ def make_reference(seed: int = 0, **overrides):
     return model
 
 
-def save_reference(path: Path, seed: int = 0, **overrides):
+def save_reference(path: Path, seed: int = 0, router_std: float = 0.08, weight_std: float = 0.08, **overrides):
     """Write a tiny reference checkpoint to ``path``; returns the reference model."""
-    model = make_reference(seed, **overrides)
+    model = make_reference(seed, router_std, weight_std, **overrides)
     model.save_pretrained(path)
     return model
 
