@@ -107,7 +107,8 @@ def test_decisions_schema_and_late_joiner_gets_current_decisions(ctx):
             b.publish({"valve": 0.6}, "bogus", 9, 1.0)
         with pytest.raises(ValueError, match="not a number"):
             b.publish({"valve": "x"}, "ok", 9, 1.0)
-        assert b.health()["published"] == 3 and b.health()["publish_us"]["n"] == 3
+        # (the subscriber may see the message before the I/O thread has counted it)
+        assert wait_for(lambda: b.health()["published"] == 3 and b.health()["publish_us"]["n"] == 3)
     finally:
         b.stop()
 
@@ -128,7 +129,9 @@ def test_control_endpoint_req_and_dealer(ctx):
         assert reply["ok"] is False and "malformed" in reply["error"]
         with ControlClient(b.endpoints["control"]) as cc:
             h = cc.request("health")
-            assert h["ok"] and h["result"]["peers"]["control"] >= 1
+            assert h["ok"] and h["result"]["running"] and h["result"]["requests"] == 3
+            # connection events come from libzmq's monitor, asynchronously
+            assert wait_for(lambda: b.health()["peers"]["control"] >= 1)
             assert cc.request("stats") == {"v": 1, "ok": False, "cmd": "stats", "error": "no stats provider registered"}
             b.set_stats_provider(lambda: 1 / 0)
             r = cc.request("stats")
