@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _print_report(report: dict, as_json: bool, render) -> None:
@@ -21,6 +22,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from sdk.loading import describe, render_description
 
     _print_report(describe(args.path), args.json, render_description)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``r1edge bench PATH``: engine step latency per batch size, beside the reference."""
+    from tqdm import tqdm
+
+    from sdk.bench import bench, render_bench
+
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    with tqdm(total=len(batches), desc="bench", unit="batch", disable=args.json_file == "-") as bar:
+        report = bench(args.path, batches=batches, device=args.device, steps=args.steps,
+                       reference=not args.no_reference, progress=lambda _: bar.update())
+    render_bench(report)
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(report, indent=2))
     return 0
 
 
@@ -46,6 +63,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    """``r1edge compress SRC --out PKG --calib FILE``: calibrate, prune, quantize, write a package."""
+    from sdk.compress import compress, render_report
+
+    manifest = compress(args.src, args.out, calib=args.calib, keep_experts=args.keep_experts,
+                        keep_ratio=args.keep_ratio, quant=args.quant, method=args.method,
+                        groups=args.groups, held_out=args.held_out, seed=args.seed,
+                        progress=not args.json, overwrite=args.overwrite)
+    report = {k: v for k, v in manifest.items() if k not in ("files", "calibration")}
+    report["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "layers"}
+    report["package"] = args.out
+    _print_report(report, args.json, render_report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="r1edge", description=__doc__.splitlines()[0])
@@ -56,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="HF checkpoint directory or r1edge package")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="decode-step latency per batch size, beside the reference")
+    p.add_argument("path", help="HF checkpoint directory or r1edge package")
+    p.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=100, help="timed steps per batch size (default 100)")
+    p.add_argument("--no-reference", action="store_true", help="skip transformers' eager model")
+    p.add_argument("--json", dest="json_file", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("keys", help="write a CURVE key pair for the ZeroMQ bridge")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.key and NAME.key_secret")
@@ -82,6 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime reserve: CUDA context, workspace, activations (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compress", help="calibrate, prune experts, quantize and write a package")
+    p.add_argument("src", metavar="SRC", help="HF checkpoint directory (or an unquantized package)")
+    p.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
+    p.add_argument("--calib", required=True, metavar="FILE",
+                   help=".jsonl of {\"input_ids\": [...]}, .npy/.npz ids [N,T], or .npz 'frames' [N,T,F]")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep-experts", type=int, metavar="N", help="routed experts kept per MoE layer")
+    keep.add_argument("--keep-ratio", type=float, metavar="R", help="fraction of routed experts kept")
+    p.add_argument("--quant", choices=("int8", "none"), default="int8", help="weights (default: int8)")
+    p.add_argument("--method", choices=("reap", "frequency", "random"), default="reap",
+                   help="expert score used for pruning (default: reap)")
+    p.add_argument("--groups", choices=("auto", "balanced", "global"), default="auto",
+                   help="group-limited routing after pruning (default: auto)")
+    p.add_argument("--held-out", type=float, default=0.25,
+                   help="fraction of calibration rows kept for the quality report (default: 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
+    p.set_defaults(func=cmd_compress)
 
     return parser
 
