@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from runtime.safety import (FAILSAFE, OK, REASON_BUSY, REASON_ERROR, REASON_NONE, REASON_OUTPUT,
+from runtime.safety import (FAILSAFE, HOLD, OK, REASON_BUSY, REASON_ERROR, REASON_NONE, REASON_OUTPUT,
                             REASON_TIMEOUT, InputGuard, OutputLimiter)
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,10 @@ class ControlCycle:
         self.out = np.empty((capacity, n_out), dtype=np.float64)
         self.out[:] = limiter.failsafe
         self._ok = np.zeros(capacity, dtype=bool)
+        self._eq = np.zeros(capacity, dtype=bool)
+        self._arange = np.arange(capacity, dtype=np.int64)
         self._slots = np.zeros(capacity, dtype=np.int64)
+        self._x64 = np.zeros((capacity, n_in), dtype=np.float64)
         self._feats = np.zeros((capacity, n_in), dtype=np.float32)
         self._y = np.zeros((capacity, n_out), dtype=np.float32)
         self._finite = np.zeros((capacity, n_out), dtype=bool)
@@ -307,6 +310,8 @@ class ControlCycle:
         self._resets: list[int] = []
         self._pending_resets: list[int] = []
         self.heartbeat = 0
+        self.n_failsafe = 0                              # active streams in each state, last cycle
+        self.n_hold = 0
         self.counters = {"timeouts": 0, "errors": 0, "busy_cycles": 0, "bad_outputs": 0}
         self.last_error: str | None = None
         self._error_run = False
@@ -326,8 +331,9 @@ class ControlCycle:
         reason.fill(REASON_NONE)
         self.ran.fill(False)
         self.guard.check(self.values, self.stamps, active, now_ns, status, reason)
-        ok = self._ok
-        np.logical_and(active, status == OK, out=ok)
+        ok, eq = self._ok, self._eq
+        np.equal(status, OK, out=eq)
+        np.logical_and(active, eq, out=ok)
         n = int(np.count_nonzero(ok))
         infer_ns = 0
         if n:
@@ -337,20 +343,28 @@ class ControlCycle:
             else:
                 infer_ns = self._infer(ok, n, infer_deadline_ns)
         self.limiter.apply(self.raw, status, active, self.out)
+        np.equal(status, FAILSAFE, out=eq)
+        np.logical_and(active, eq, out=eq)
+        self.n_failsafe = int(np.count_nonzero(eq))
+        np.equal(status, HOLD, out=eq)
+        np.logical_and(active, eq, out=eq)
+        self.n_hold = int(np.count_nonzero(eq))
         self.heartbeat = (self.heartbeat + 1) & 0xFFFF
         return infer_ns
 
     def _infer(self, ok: np.ndarray, n: int, deadline_ns: int) -> int:
-        idx = np.flatnonzero(ok)
-        self._slots[:n] = idx
-        self._feats[:n] = self.values[idx]
+        idx = self._slots[:n]
+        np.compress(ok, self._arange, out=idx)
+        x64 = self._x64[:n]
+        np.take(self.values, idx, axis=0, out=x64)
+        np.copyto(self._feats[:n], x64, casting="same_kind")
         self._n = n
         self._resets, self._pending_resets = self._pending_resets, []
         t0 = monotonic_ns()
         self.worker.submit(self._job)
         finished = self.worker.wait(deadline_ns)
         t1 = monotonic_ns()
-        self.ran[idx] = True
+        np.copyto(self.ran, ok)
         if not finished:
             self._fail(ok, REASON_TIMEOUT)
             self.counters["timeouts"] += 1

@@ -157,6 +157,7 @@ class OutputLimiter:
         self._hi_r = np.empty_like(self.last)
         self._cand = np.empty_like(self.last)
         self._sel = np.zeros((capacity, 1), dtype=bool)
+        self._eq = np.zeros(capacity, dtype=bool)
 
     def reset(self, slot: int) -> None:
         """Forget a slot's history: its last output becomes the fail-safe value."""
@@ -167,17 +168,16 @@ class OutputLimiter:
 
         ``raw`` holds the model's outputs (read only where ``status == OK``).
         """
-        cand, lo_r, hi_r, sel = self._cand, self._lo_r, self._hi_r, self._sel
+        cand, lo_r, hi_r, sel, eq = self._cand, self._lo_r, self._hi_r, self._sel, self._eq
         np.clip(raw, self.lo, self.hi, out=cand)
         np.subtract(self.last, self.step, out=lo_r)
         np.add(self.last, self.step, out=hi_r)
         np.maximum(cand, lo_r, out=cand)
         np.minimum(cand, hi_r, out=cand)
-        np.logical_and(active, status == OK, out=sel[:, 0])
-        np.copyto(out, cand, where=sel)
-        np.logical_and(active, status == HOLD, out=sel[:, 0])
-        np.copyto(out, self.last, where=sel)
-        np.logical_and(active, status == FAILSAFE, out=sel[:, 0])
-        np.copyto(out, self.failsafe, where=sel)
-        np.copyto(self.last, out, where=active[:, None])
+        for code, value in ((OK, cand), (HOLD, self.last), (FAILSAFE, self.failsafe)):
+            np.equal(status, code, out=eq)
+            np.logical_and(active, eq, out=sel[:, 0])
+            np.copyto(out, value, where=sel)
+        sel[:, 0] = active
+        np.copyto(self.last, out, where=sel)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.loop import ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions, monotonic_ns
 from runtime.recorder import RecordingReader, FlightRecorder
-from runtime.safety import (FAILSAFE, HOLD, MISSING_STAMP, OK, REASON_ERROR, REASON_NAMES, REASON_NONE,
+from runtime.safety import (MISSING_STAMP, REASON_ERROR, REASON_NAMES, REASON_NONE,
                             REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
 from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs
 
@@ -92,6 +92,7 @@ class Controller:
         self._in_index = {n: j for j, n in enumerate(self.input_names)}
         self.slots: dict[str, int] = {}
         self._slot_names: list[str | None] = [None] * capacity
+        self._active: list[int] = []                      # slots active this cycle, in input order
         self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "latency")}
         self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "unknown_inputs": 0,
@@ -135,8 +136,7 @@ class Controller:
             if self._running:
                 raise RuntimeError("the controller is running its periodic loop; step() is not available")
             t0 = monotonic_ns()
-            active = self.cycle.active
-            active.fill(False)
+            self._clear_active()
             for stream, values in frames.items():
                 slot = self._slot(stream)
                 if slot is None:
@@ -220,7 +220,7 @@ class Controller:
         return t3
 
     def _read(self, now: int) -> None:
-        self.cycle.active.fill(False)
+        self._clear_active()
         if self._source is not None:
             frames = self._source(self.loop.cycles, now)
             if frames and not isinstance(next(iter(frames.values())), Mapping):
@@ -241,7 +241,7 @@ class Controller:
 
     def _write(self, seq: int, tick_ns: int, latency_us: float) -> None:
         cycle, names, hb = self.cycle, self.output_names, float(self.cycle.heartbeat)
-        for slot in np.flatnonzero(cycle.active).tolist():
+        for slot in self._active:
             stream = self._slot_names[slot]
             outputs = dict(zip(names, cycle.out[slot].tolist()))
             status = STATUS_NAMES[int(cycle.status[slot])]
@@ -302,7 +302,7 @@ class Controller:
             except (TypeError, ValueError, OverflowError):
                 row[j] = np.nan                           # not a number: invalid ("nan")
                 stamps[j] = now
-        self.cycle.active[slot] = True
+        self._activate(slot)
 
     def _fill_stamped(self, slot: int, snapshot: Mapping[str, tuple[float, int]]) -> None:
         """Inputs from a bridge, each with its receive time."""
@@ -316,7 +316,16 @@ class Controller:
                 continue
             row[j] = value
             stamps[j] = rx_ns
-        self.cycle.active[slot] = True
+        self._activate(slot)
+
+    def _clear_active(self) -> None:
+        self.cycle.active.fill(False)
+        self._active.clear()
+
+    def _activate(self, slot: int) -> None:
+        if not self.cycle.active[slot]:
+            self.cycle.active[slot] = True
+            self._active.append(slot)
 
     def _unknown(self, name: str) -> None:
         self.counters["unknown_inputs"] += 1
@@ -341,9 +350,7 @@ class Controller:
         h["infer"].add_ns(infer_ns)
         h["write"].add_ns(write_ns)
         h["latency"].add_ns(latency_ns)
-        active = cycle.active
-        n_fs = int(np.count_nonzero(active & (cycle.status == FAILSAFE)))
-        n_hold = int(np.count_nonzero(active & (cycle.status == HOLD)))
+        n_fs, n_hold = cycle.n_failsafe, cycle.n_hold
         if n_fs:
             c["failsafe_cycles"] += 1
             c["failsafe_stream_cycles"] += n_fs
@@ -366,7 +373,7 @@ class Controller:
             return
         c = self.cycle
         streams = []
-        for slot in np.flatnonzero(c.active).tolist():
+        for slot in self._active:
             reason = int(c.reason[slot])
             ran = bool(c.ran[slot])
             entry = {"s": self._slot_names[slot], "slot": slot, "x": c.values[slot].tolist(),
@@ -562,7 +569,8 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
                 seen.add(e["slot"])
                 engine.reset_slot(e["slot"])
                 limiter.reset(e["slot"])
-        ran = [e for e in entries if e["ran"]]
+        # A step that raised is taken not to have advanced the engine (its checks come first).
+        ran = [e for e in entries if e["ran"] and e["why"] != "error"]
         y = None
         if ran:
             report["stream_steps"] += len(ran)

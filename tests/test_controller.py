@@ -1,0 +1,279 @@
+"""The Controller with the real stream engine: batch invariance through the controller, no
+allocation in the steady state, bit-exact replay of flight recordings (also after SIGKILL)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sdk
+from runtime.engine import Engine
+from runtime.model import IOAdapter
+from runtime.recorder import RecordingReader, encode_record, recording_segments
+from sdk.config import ConfigError
+from sdk.controller import Controller, recorded_inputs, replay
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS, OUTPUTS = ["level", "temp", "flow"], ["valve", "heater"]
+
+DEPLOY = """
+[model]
+path = "pkg"
+window = 8
+streams = {streams}
+[loop]
+period_ms = {period_ms}
+infer_budget_ms = {budget_ms}
+[[inputs]]
+name = "level"
+min = -10.0
+max = 10.0
+[[inputs]]
+name = "temp"
+min = 0.0
+max = 100.0
+on_invalid = "hold"
+[[inputs]]
+name = "flow"
+min = -5.0
+max = 5.0
+[[outputs]]
+name = "valve"
+min = -1.0
+max = 1.0
+max_rate = 20.0
+failsafe = 0.0
+[[outputs]]
+name = "heater"
+min = -2.0
+max = 2.0
+failsafe = 0.5
+"""
+
+
+def attach_adapter(model, seed: int = 3):
+    """Give a tiny LM checkpoint a seeded sensor adapter (in place); returns the model."""
+    torch.manual_seed(seed)
+    model.adapter = IOAdapter(INPUTS, OUTPUTS, model.config.hidden_size)
+    with torch.no_grad():
+        model.adapter.in_mean.copy_(torch.tensor([1.0, 50.0, 0.3]))
+        model.adapter.in_std.copy_(torch.tensor([0.5, 10.0, 0.1]))
+        model.adapter.out_std.copy_(torch.tensor([0.5, 0.8]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return attach_adapter(sdk.load_model(tiny_checkpoint[0]))
+
+
+def write_deploy(tmp_path, streams=4, period_ms=1000.0, budget_ms=900.0, recorder: Path | None = None):
+    text = DEPLOY.format(streams=streams, period_ms=period_ms, budget_ms=budget_ms)
+    if recorder is not None:
+        text += f'[recorder]\npath = "{recorder}"\nmax_bytes = 8192\nkeep = 1000\n'
+    path = tmp_path / "deploy.toml"
+    path.write_text(text)
+    return path
+
+
+def frames_for(rng, names, bad_fraction=0.0):
+    frames = {}
+    for s in names:
+        x = {"level": float(rng.normal(1.0, 0.5)), "temp": float(rng.normal(50, 10)),
+             "flow": float(rng.normal(0.3, 0.1))}
+        if rng.random() < bad_fraction:
+            x[rng.choice(INPUTS)] = float("nan")
+        frames[s] = x
+    return frames
+
+
+@pytest.fixture
+def controllers():
+    made = []
+
+    def make(path, engine, **kw):
+        ctrl = Controller.from_config(path, engine=engine, **kw)
+        made.append(ctrl)
+        return ctrl
+    yield make
+    for ctrl in made:
+        ctrl.close()
+
+
+def test_a_stream_is_identical_alone_and_among_63_others(tmp_path, model, controllers):
+    path = write_deploy(tmp_path, streams=64)
+    alone = controllers(path, Engine(model, capacity=64, window=8))
+    crowd = controllers(path, Engine(model, capacity=64, window=8))
+    rng = np.random.default_rng(0)
+    names = [f"s{i}" for i in range(64)]
+    target = "s17"
+    for t in range(14):
+        frames = frames_for(rng, names, bad_fraction=0.2)
+        frames[target] = frames_for(rng, [target])[target]
+        if t % 3 == 1:                                     # some cycles with fewer streams
+            frames = {s: v for s, v in frames.items() if s == target or rng.random() < 0.5}
+        got_crowd = crowd.step_many(frames)
+        got_alone = alone.step(frames[target], stream=target)
+        assert crowd.status(target)["status"] == alone.status(target)["status"] == "ok"
+        a, c = alone.slots[target], crowd.slots[target]
+        assert a == 0 and c == 17                           # different slots, too
+        assert alone.cycle.raw[a].tobytes() == crowd.cycle.raw[c].tobytes(), t
+        assert np.array(list(got_alone.values())).tobytes() == np.array(list(got_crowd[target].values())).tobytes()
+        n_ok = sum(crowd.status(s)["status"] == "ok" for s in frames)
+        assert n_ok > (1 if t % 3 == 1 else 40)             # it really ran in a crowd
+    assert crowd.stats()["watchdog"]["timeouts"] == 0
+
+
+def test_steady_state_cycle_allocates_no_tensors(tmp_path, model, controllers):
+    """Over 200 cycles of the periodic loop with 8 streams: no torch function runs in either
+    thread (so no tensor is made), no numpy buffer is left allocated, and every Numba
+    runtime allocation of the engine is freed."""
+    from numba.core.runtime import _nrt_python, rtsys
+    from torch.overrides import TorchFunctionMode
+
+    class CountTorch(TorchFunctionMode):
+        calls: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    ctrl = controllers(write_deploy(tmp_path, streams=8, period_ms=5.0, budget_ms=4.5),
+                       Engine(model, capacity=8, window=8))
+    rng = np.random.default_rng(1)
+    inputs = [frames_for(rng, [f"s{i}" for i in range(8)]) for _ in range(16)]
+    _nrt_python.memsys_enable_stats()
+    mode_main, mode_worker = CountTorch(), CountTorch()
+    marks = {}
+
+    def source(seq, t_ns):
+        if seq == 100:
+            tracemalloc.start()
+            marks["snap"] = tracemalloc.take_snapshot()
+            marks["nrt"] = rtsys.get_allocation_stats()
+            mode_main.__enter__()
+            ctrl.worker.run_sync(mode_worker.__enter__)
+        elif seq == 300:
+            ctrl.worker.run_sync(lambda: mode_worker.__exit__(None, None, None))
+            mode_main.__exit__(None, None, None)
+            marks["nrt_end"] = rtsys.get_allocation_stats()
+            marks["snap_end"] = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            ctrl.stop()
+        return inputs[seq % 16]
+
+    stats = ctrl.run(source=source)
+    assert stats["cycles"] == 301
+    assert CountTorch.calls == []
+    numpy_domain = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
+    grown = [s for s in marks["snap_end"].filter_traces([numpy_domain]).compare_to(
+        marks["snap"].filter_traces([numpy_domain]), "lineno") if s.size_diff > 0]
+    assert grown == [], grown[:5]
+    a, b = marks["nrt"], marks["nrt_end"]
+    assert b.alloc - a.alloc == b.free - a.free
+
+
+def run_recorded_session(ctrl, rng, cycles=40):
+    """Streams joining, invalid and held inputs, a stream going away and coming back."""
+    for t in range(cycles):
+        names = ["a", "b"] + (["c"] if t >= 10 else []) + (["d"] if t % 7 else [])
+        frames = frames_for(rng, names, bad_fraction=0.15)
+        if t == 5:
+            frames["a"]["temp"] = 1e9                       # out of range: hold
+        ctrl.step_many(frames)
+
+
+def test_recording_replays_bit_exactly_and_a_different_model_does_not(tmp_path, model, controllers,
+                                                                      tiny_checkpoint):
+    rec = tmp_path / "rec"
+    ctrl = controllers(write_deploy(tmp_path, recorder=rec), Engine(model, capacity=4, window=8))
+    run_recorded_session(ctrl, np.random.default_rng(2))
+    stats = ctrl.stats()
+    ctrl.close()
+    assert stats["failsafe_cycles"] > 3 and stats["held_cycles"] >= 1
+    assert len(recording_segments(rec)) > 1                 # rotation happened, replay spans it
+    report = replay(rec, engine=Engine(model, capacity=4, window=8))
+    assert report["identical"] and report["mismatches"] == 0 and report["stop"]["reason"] == "end"
+    assert report["cycles"] == 40
+    assert report["model_outputs_compared"] == report["stream_steps"] > 60
+    assert report["final_outputs_compared"] == sum(len(f) for f in recorded_inputs(rec))
+    other = attach_adapter(sdk.load_model(tiny_checkpoint[0]), seed=4)
+    bad = replay(rec, engine=Engine(other, capacity=4, window=8))
+    assert not bad["identical"] and bad["first_mismatch"]["what"] == "model outputs"
+    assert bad["first_mismatch"]["seq"] == 0
+
+
+KILLED = r"""
+import sys, numpy as np
+sys.path.insert(0, "tests")
+import sdk
+from runtime.engine import Engine
+from sdk.controller import Controller
+from test_controller import attach_adapter, frames_for
+model = attach_adapter(sdk.load_model(sys.argv[1]))
+ctrl = Controller.from_config(sys.argv[2], engine=Engine(model, capacity=4, window=8))
+rng = np.random.default_rng(5)
+print("ready", flush=True)
+ctrl.run(source=lambda seq, t: frames_for(rng, ["a", "b", "c"], bad_fraction=0.1))
+"""
+
+
+def test_a_recording_cut_by_sigkill_replays_up_to_its_last_complete_record(tmp_path, model, tiny_checkpoint):
+    rec = tmp_path / "rec"
+    deploy = write_deploy(tmp_path, period_ms=2.0, budget_ms=1.8, recorder=rec)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tiny_checkpoint[0]), str(deploy)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            segs = list(rec.glob("*.r1rec"))
+            if len(segs) >= 3:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    report = replay(rec, engine=Engine(model, capacity=4, window=8))
+    assert report["identical"] and report["cycles"] > 20
+    assert report["stop"]["reason"] in ("end", "truncated")
+    # Cut the last record in the middle: replay stops one record earlier, still identical.
+    cut = tmp_path / "cut"
+    shutil.copytree(rec, cut)
+    last = recording_segments(cut)[-1]
+    reader = RecordingReader(last)
+    records = list(reader)
+    size = sum(len(encode_record(r)) for r in records)
+    data = last.read_bytes()[:size]
+    last.write_bytes(data[:size - len(encode_record(records[-1])) // 2])
+    cut_report = replay(cut, engine=Engine(model, capacity=4, window=8))
+    assert cut_report["identical"] and cut_report["stop"]["reason"] == "truncated"
+    assert cut_report["cycles"] == report["cycles"] - (records[-1]["type"] == "cycle")
+
+
+def test_signals_must_match_the_model(tmp_path, model):
+    path = write_deploy(tmp_path)
+    path.write_text(path.read_text().replace('name = "flow"', 'name = "flux"'))
+    with pytest.raises(ConfigError, match=r"inputs: the model's 'flow' not configured; 'flux' not in the model"):
+        Controller.from_config(path, engine=Engine(model, capacity=4, window=8))
+
+
+def test_stream_slots_are_bounded(tmp_path, model, controllers):
+    ctrl = controllers(write_deploy(tmp_path, streams=2), Engine(model, capacity=2, window=8))
+    frame = {"level": 1.0, "temp": 50.0, "flow": 0.3}
+    ctrl.step_many({"x": frame, "y": frame})
+    with pytest.raises(ValueError, match="stream 'z': all 2 stream slots are in use"):
+        ctrl.step(frame, stream="z")
+    assert set(ctrl.stats()["streams"]["names"]) == {"x", "y"}
