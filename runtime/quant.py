@@ -163,8 +163,7 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "w8":
-            w = self.qweight_t[: self.in_features, : self.out_features].to(x.dtype)
-            y = (x2 @ w) * self.scale[: self.out_features].to(x.dtype)
+            y = x2 @ self.dequantized_weight().to(x.dtype).T
             return y.reshape(*lead, self.out_features)
         qx, sx = quantize_activation(x2)
         pad = self.qweight_t.shape[0] - self.in_features
@@ -185,22 +184,27 @@ class Int8Linear(nn.Module):
 
 
 @njit(cache=True, nogil=True)
+def _quantize_row(x, q):
+    """Quantize one float32 row ``x`` into int8 ``q``; returns its scale (the rule above)."""
+    amax = np.float32(0.0)
+    for j in range(x.shape[0]):
+        a = abs(x[j])
+        if a > amax:
+            amax = a
+    sc = amax / np.float32(QMAX)
+    if sc == 0:
+        sc = np.float32(1.0)
+    for j in range(x.shape[0]):
+        v = np.rint(x[j] / sc)
+        q[j] = np.int8(min(max(v, -QMAX), QMAX))
+    return sc
+
+
+@njit(cache=True, nogil=True)
 def quantize_rows(x, q, s):
     """Numba twin of ``quantize_activation``: ``x`` float32 [T, K] -> ``q`` int8, ``s`` float32 [T]."""
-    T, K = x.shape
-    for t in range(T):
-        amax = np.float32(0.0)
-        for j in range(K):
-            a = abs(x[t, j])
-            if a > amax:
-                amax = a
-        sc = amax / np.float32(QMAX)
-        if sc == 0:
-            sc = np.float32(1.0)
-        s[t] = sc
-        for j in range(K):
-            v = np.rint(x[t, j] / sc)
-            q[t, j] = np.int8(min(max(v, -QMAX), QMAX))
+    for t in range(x.shape[0]):
+        s[t] = _quantize_row(x[t], q[t])
 
 
 @njit(cache=True, nogil=True)
@@ -262,22 +266,11 @@ def _moe_stage2(sx, token_ids, offsets, active, n_active, s13, acc13, hbuf, hq, 
         o0, o1 = offsets[e], offsets[e + 1]
         for p in range(o0, o1):
             sxt = sx[token_ids[p]]
-            amax = np.float32(0.0)
             for i in range(I):
                 g = np.float32(acc13[p, i]) * sxt * s13[e, i]
                 u = np.float32(acc13[p, I + i]) * sxt * s13[e, I + i]
-                h = g / (np.float32(math.exp(-np.float64(g))) + one) * u
-                hbuf[i] = h
-                a = abs(h)
-                if a > amax:
-                    amax = a
-            sc = amax / np.float32(QMAX)
-            if sc == 0:
-                sc = one
-            sh[p] = sc
-            for i in range(I):
-                v = np.rint(hbuf[i] / sc)
-                hq[p, i] = np.int8(min(max(v, -QMAX), QMAX))
+                hbuf[i] = g / (np.float32(math.exp(-np.float64(g))) + one) * u
+            sh[p] = _quantize_row(hbuf, hq[p])
         if o1 - o0 < min_mm_rows:
             _gemm_rows(hq, token_ids, False, o0, o1, w2_t[e], acc2)
 
@@ -330,6 +323,14 @@ class _Workspace:
             "out": torch.zeros(T, hidden, dtype=torch.float32),
         }
         self.n = {k: v.numpy() for k, v in self.t.items()}
+        self._out: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def out_views(self, T: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The first T rows of the output buffer, as a tensor and a numpy view (cached)."""
+        v = self._out.get(T)
+        if v is None:
+            v = self._out[T] = (self.t["out"][:T], self.n["out"][:T])
+        return v
 
 
 def _plan_numpy(plan):
@@ -409,6 +410,8 @@ class RoutedExperts(nn.Module):
             self.register_buffer("gate_up", torch.zeros(E, 2 * I, H, dtype=dtype))
             self.register_buffer("down", torch.zeros(E, H, I, dtype=dtype))
         self._ws: _Workspace | None = None
+        self._np_key = None
+        self._np_views = None
 
     @classmethod
     def from_float(
@@ -464,21 +467,37 @@ class RoutedExperts(nn.Module):
             return self._forward_numba(x, plan, out)
         return self._forward_torch(x, plan, out)
 
+    def _weights_numpy(self):
+        """numpy views of the int8 buffers, rebuilt when a buffer tensor was replaced."""
+        bufs = self._buffers
+        key = (bufs["w13_t"], bufs["s13"], bufs["w2_t"], bufs["s2"])
+        if self._np_key is None or any(a is not b for a, b in zip(key, self._np_key)):
+            self._np_views = tuple(t.numpy() for t in key)
+            self._np_key = key
+        return self._np_views
+
     def _forward_numba(self, x, plan, out):
         T, k = plan.topk_idx.shape
         ws = self._ws
         if ws is None or T > ws.max_tokens or k != ws.top_k:
             ws = _Workspace(T, k, self.hidden_size, self.intermediate_size)
         b, bn = ws.t, ws.n
-        idx, w, pos, counts, offsets, token_ids, _, active, n_active = _plan_numpy(plan)
-        xn = x.detach().to(torch.float32).contiguous().numpy()
+        if isinstance(plan.topk_idx, np.ndarray):
+            idx, w, pos, counts, offsets, token_ids, _, active, n_active = plan
+        else:
+            idx, w, pos, counts, offsets, token_ids, _, active, n_active = _plan_numpy(plan)
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+            x = x.detach().to(torch.float32).contiguous()
+        xn = x.numpy()
         if out is None:
-            out = b["out"][:T]
+            out, on = ws.out_views(T)
         elif out.shape != (T, self.hidden_size) or out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 [{T}, {self.hidden_size}] tensor")
-        on = out.numpy()
-        w13n, s13n, w2n, s2n = self.w13_t.numpy(), self.s13.numpy(), self.w2_t.numpy(), self.s2.numpy()
-        big = [e for e in active.tolist() if counts[e] >= self.min_mm_rows]
+        else:
+            on = out.detach().numpy()
+        w13n, s13n, w2n, s2n = self._weights_numpy()
+        # An expert holds at most T rows: no _int_mm group is possible below the threshold.
+        big = np.flatnonzero(counts >= self.min_mm_rows).tolist() if T >= self.min_mm_rows else ()
         if not big:
             _moe_numba(xn, idx, w, pos, token_ids, offsets, active, n_active, w13n, s13n, w2n, s2n,
                        bn["qx"], bn["sx"], bn["xg"], bn["acc13"], bn["hbuf"], bn["hq"], bn["sh"],
