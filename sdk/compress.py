@@ -9,6 +9,7 @@ Calibration files (validated before any work starts; errors name the line or key
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -172,3 +173,510 @@ def load_calibration(path: str | Path, *, vocab_size: int | None = None, max_len
             if isinstance(exc, CalibrationError):
                 raise
             raise CalibrationError(f"{path}: cannot read ({exc}); pickled arrays are refused") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning decisions
+# --------------------------------------------------------------------------------------------
+
+METHODS = ("reap", "frequency", "random")
+QUANT_CHOICES = ("int8", "none")
+GROUP_RULES = ("auto", "balanced", "global")
+
+
+class ExpertStats:
+    """Per-expert routing statistics of one MoE layer, filled by the MoE observer hook.
+
+    ``counts[e]``: tokens routed to expert ``e``. ``saliency[e]`` (REAP): the mean, over the
+    tokens routed to ``e``, of its gate weight times the L2 norm of its output.
+    """
+
+    def __init__(self, n_experts: int):
+        self.counts = torch.zeros(n_experts, dtype=torch.float64)
+        self.saliency_sum = torch.zeros(n_experts, dtype=torch.float64)
+
+    def __call__(self, record) -> None:
+        ids = record.expert_ids.reshape(-1)
+        self.counts += torch.bincount(ids, minlength=self.counts.numel()).double()
+        contrib = (record.weights.double() * record.output_norms.double()).reshape(-1)
+        self.saliency_sum.index_add_(0, ids, contrib)
+
+    @property
+    def saliency(self) -> torch.Tensor:
+        """REAP saliency per expert (0 for experts never chosen)."""
+        return self.saliency_sum / self.counts.clamp(min=1)
+
+
+def group_plan(cfg, n_keep: int, rule: str = "auto") -> dict[str, Any]:
+    """How group-limited routing survives pruning to ``n_keep`` experts per layer.
+
+    ``balanced`` keeps ``n_keep / n_group`` experts in every group (chosen by score within
+    the group), so the groups stay equal and the pruned router keeps ``n_group`` and
+    ``topk_group``: it routes exactly as the original would among the kept experts. It needs
+    ``n_keep`` divisible by ``n_group``, at least 2 kept per group (the group score is a
+    top-2 sum) and ``topk_group * n_keep / n_group >= num_experts_per_tok``.
+    ``global`` keeps the ``n_keep`` best experts of the layer wherever they are and collapses
+    routing to one group (``n_group = topk_group = 1``): plain top-k over the kept experts.
+    ``auto`` is ``balanced`` when it is possible, else ``global``.
+    """
+    if rule not in GROUP_RULES:
+        raise ValueError(f"groups must be one of {GROUP_RULES}, got {rule!r}")
+    g = cfg.n_group
+    per = n_keep // g
+    ok = g > 1 and n_keep % g == 0 and per >= 2 and cfg.topk_group * per >= cfg.num_experts_per_tok
+    if rule == "balanced" and not ok:
+        raise ValueError(f"cannot keep {n_keep} experts in {g} equal groups (needs a multiple of "
+                         f"n_group={g}, >= 2 per group and topk_group x per-group >= "
+                         f"num_experts_per_tok={cfg.num_experts_per_tok}); use groups='global'")
+    if rule == "balanced" or (rule == "auto" and ok):
+        return {"rule": "balanced", "n_group": g, "topk_group": cfg.topk_group, "per_group": per}
+    return {"rule": "global", "n_group": 1, "topk_group": 1, "per_group": None}
+
+
+def select_experts(scores: torch.Tensor, n_keep: int, plan: dict[str, Any], n_group: int) -> list[int]:
+    """Original ids of the experts to keep, in their new order.
+
+    Highest score first, ties broken by the lower id. ``balanced`` takes the best
+    ``per_group`` of each original group and lays them out group by group (so new group
+    ``g`` holds experts of old group ``g``); ``global`` takes the best ``n_keep`` overall.
+    Within a group (or overall) kept experts stay in their original order.
+    """
+    n = scores.numel()
+    order = sorted(range(n), key=lambda e: (-float(scores[e]), e))
+    if plan["rule"] == "balanced":
+        size = n // n_group
+        kept = []
+        for g in range(n_group):
+            members = [e for e in order if e // size == g][:plan["per_group"]]
+            kept += sorted(members)
+        return kept
+    return sorted(order[:n_keep])
+
+
+def resolve_keep(cfg, keep_experts: int | None, keep_ratio: float | None) -> int:
+    """The per-layer kept-expert count from ``keep_experts`` or ``keep_ratio`` (default: all)."""
+    if keep_experts is not None and keep_ratio is not None:
+        raise ValueError("give either --keep-experts or --keep-ratio, not both")
+    n = cfg.n_routed_experts
+    if keep_ratio is not None:
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"--keep-ratio must be in (0, 1], got {keep_ratio}")
+        keep_experts = max(cfg.num_experts_per_tok, round(keep_ratio * n))
+    if keep_experts is None:
+        return n
+    if isinstance(keep_experts, bool) or not isinstance(keep_experts, int) or not (
+            cfg.num_experts_per_tok <= keep_experts <= n):
+        raise ValueError(f"--keep-experts must be an integer between num_experts_per_tok="
+                         f"{cfg.num_experts_per_tok} and n_routed_experts={n}, got {keep_experts!r}")
+    return keep_experts
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming compressor
+# --------------------------------------------------------------------------------------------
+
+class _Source:
+    """The float model being compressed, read lazily tensor by tensor (memory-mapped).
+
+    Either an HF checkpoint directory (routed experts stored one by one, any float or FP8
+    dtype) or an unquantized r1edge package (experts stacked; may carry an I/O adapter and
+    an earlier pruning, whose kept-expert map is composed with this one).
+    """
+
+    def __init__(self, path: Path):
+        """Read the config (and a package's manifest) only; :meth:`open` reads the weights' headers."""
+        from runtime.config import ModelConfig
+        from sdk.package import is_package, read_manifest
+
+        self.path = path
+        self.manifest = None
+        self.io = None
+        if is_package(path):
+            self.manifest = read_manifest(path)
+            scheme = self.manifest["quantization"]["scheme"]
+            if scheme != "none":
+                raise ValueError(f"{path}: package is already quantized ({scheme}); compress from the "
+                                 "float checkpoint or a float package")
+            self.cfg = ModelConfig.from_dict(self.manifest["config"], f"{path / 'manifest.json'}: 'config'")
+            self.io = self.manifest.get("io")
+        elif path.is_dir():
+            self.cfg = ModelConfig.from_json(path / "config.json")
+        else:
+            raise FileNotFoundError(f"{path}: not a checkpoint or package directory")
+
+    def open(self) -> None:
+        """Verify a package's hashes, open the weight files and check every tensor's name and shape."""
+        from runtime.weights import CheckpointReader
+        from sdk.package import verify_package
+
+        if self.manifest is not None:
+            verify_package(self.path)
+        self.reader = CheckpointReader(self.path)
+        self.stacked = any(n.endswith(".mlp.experts.gate_up_proj") for n in self.reader.names())
+        files = {self.reader.file_of(n) for n in self.reader.names()}
+        self.size_bytes = sum(f.stat().st_size for f in files)
+        self.check()
+
+    def original_ids(self, layer: int) -> list[int]:
+        """Original ids (as in the very first checkpoint) of this source's experts at ``layer``."""
+        if self.manifest and self.manifest["experts"].get("kept", {}).get(str(layer)) is not None:
+            return list(self.manifest["experts"]["kept"][str(layer)])
+        return list(range(self.cfg.n_routed_experts))
+
+    @property
+    def original_n_routed(self) -> int:
+        """Routed experts per layer of the very first checkpoint."""
+        if self.manifest:
+            return int(self.manifest["experts"].get("original_n_routed_experts", self.cfg.n_routed_experts))
+        return self.cfg.n_routed_experts
+
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the source must hold, with its shape, in its own layout."""
+        from runtime.model import IOAdapter, Transformer
+
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = Transformer(cfg)
+            if self.io:
+                model.adapter = IOAdapter(self.io["inputs"], self.io["outputs"], cfg.hidden_size)
+        out = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        if cfg.tie_word_embeddings and "lm_head.weight" not in self.reader:
+            out.pop("lm_head.weight")
+        if not self.stacked:
+            for name in [n for n in out if ".mlp.experts." in n]:
+                prefix = name.split("mlp.experts.")[0] + "mlp.experts."
+                if name.endswith("gate_up_proj"):
+                    for e in range(cfg.n_routed_experts):
+                        out[f"{prefix}{e}.gate_proj.weight"] = (cfg.moe_intermediate_size, cfg.hidden_size)
+                        out[f"{prefix}{e}.up_proj.weight"] = (cfg.moe_intermediate_size, cfg.hidden_size)
+                else:
+                    for e in range(cfg.n_routed_experts):
+                        out[f"{prefix}{e}.down_proj.weight"] = (cfg.hidden_size, cfg.moe_intermediate_size)
+                del out[name]
+        return out
+
+    def check(self) -> None:
+        """Every tensor present with its config shape, from the file headers only (no data read)."""
+        for name, shape in self.expected().items():
+            if name not in self.reader:
+                raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+            if tuple(self.reader.shape(name)) != shape:
+                raise ValueError(f"{self.reader.file_of(name)}: tensor {name!r} has shape "
+                                 f"{tuple(self.reader.shape(name))}, expected {shape} from the config")
+
+    def get(self, name: str, dtype=torch.float32) -> torch.Tensor:
+        """One tensor, dequantized if FP8, as ``dtype``."""
+        if name == "lm_head.weight" and name not in self.reader:
+            name = "model.embed_tokens.weight"          # tied embeddings
+        return self.reader.get(name, dtype)
+
+    def block(self, layer: int, dtype=torch.float32):
+        """Decoder layer ``layer`` as a ``runtime.model.Block`` holding the source weights."""
+        from runtime.model import Block, Gate
+        from runtime.weights import load_layer
+
+        with torch.device("meta"):
+            block = Block(self.cfg, layer)
+        block = block.to_empty(device="cpu").to(dtype)
+        for module in block.modules():
+            if isinstance(module, Gate):
+                module.float()
+        if self.stacked or not self.cfg.is_moe_layer(layer):
+            with torch.no_grad():
+                for local, target in block.state_dict().items():
+                    target.copy_(self.get(f"model.layers.{layer}.{local}", target.dtype))
+        else:
+            load_layer(block, self.reader, layer, self.cfg)
+        return block
+
+
+def _batches(rows: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
+    """Rows stacked into batches of equal length, each at most ``max_tokens`` tokens (one row at least)."""
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for r in rows:
+        by_len.setdefault(int(r.shape[0]), []).append(r)
+    out = []
+    for length, group in sorted(by_len.items()):
+        step = max(1, max_tokens // length)
+        out += [torch.stack(group[i:i + step]) for i in range(0, len(group), step)]
+    return out
+
+
+def _rope_and_mask(cfg, T: int):
+    from runtime.model import rope_cos_sin, rope_inv_freq
+
+    inv_freq, factor = rope_inv_freq(cfg)
+    cos, sin = rope_cos_sin(inv_freq, factor, torch.arange(T))
+    mask = torch.full((T, T), float("-inf")).triu_(1) if T > 1 else None
+    return cos, sin, mask
+
+
+@torch.no_grad()
+def _run_block(block, states: list[torch.Tensor], cfg) -> list[torch.Tensor]:
+    out = []
+    for x in states:
+        cos, sin, mask = _rope_and_mask(cfg, x.shape[1])
+        out.append(block(x, cos, sin, mask)[0])
+    return out
+
+
+def _quantize(module: torch.nn.Module) -> torch.nn.Module:
+    """W8A8 in place through ``runtime.quant`` (the same code ``load_model(quant="int8")`` runs)."""
+    from runtime.quant import quantize_model
+
+    quantize_model(module, mode="w8a8")
+    return module
+
+
+def _prune_block(block, pcfg, layer: int, kept: list[int]):
+    """A Block of the pruned config holding ``block``'s weights with only the ``kept`` experts."""
+    from runtime.model import Block
+
+    idx = torch.tensor(kept, dtype=torch.long)
+    state = {}
+    for name, t in block.state_dict().items():
+        if name in ("mlp.gate.weight", "mlp.gate.e_score_correction_bias") or name.startswith("mlp.experts."):
+            t = t.index_select(0, idx)
+        state[name] = t
+    with torch.device("meta"):
+        pruned = Block(pcfg, layer)
+    pruned.load_state_dict(state, strict=True, assign=True)
+    return pruned
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("r1edge")
+    except Exception:       # not installed (running from a source tree)
+        return "0.1.0"
+
+
+@torch.no_grad()
+def _quality_lm(ref: list, cmp: list, ids: list, norm, head_ref, head_cmp) -> dict[str, Any]:
+    agree = cos = nll_ref = nll_cmp = 0.0
+    n = n_next = 0
+    for r, c, x in zip(ref, cmp, ids):
+        lr, lc = head_ref(norm(r)).float(), head_cmp(norm(c)).float()
+        agree += float((lr.argmax(-1) == lc.argmax(-1)).sum())
+        cos += float(torch.nn.functional.cosine_similarity(lr, lc, dim=-1).sum())
+        n += x.numel()
+        if x.shape[1] > 1:
+            target = x[:, 1:].reshape(-1)
+            V = lr.shape[-1]
+            nll_ref += float(torch.nn.functional.cross_entropy(lr[:, :-1].reshape(-1, V), target, reduction="sum"))
+            nll_cmp += float(torch.nn.functional.cross_entropy(lc[:, :-1].reshape(-1, V), target, reduction="sum"))
+            n_next += target.numel()
+    return {"mode": "lm", "tokens": n,
+            "greedy_agreement": agree / n, "logits_cosine": cos / n,
+            "nll_original": nll_ref / n_next if n_next else None,
+            "nll_compressed": nll_cmp / n_next if n_next else None}
+
+
+@torch.no_grad()
+def _quality_sensor(ref: list, cmp: list, norm, adapter, tolerance: float = 0.01) -> dict[str, Any]:
+    r = torch.cat([adapter.decode(norm(x)).reshape(-1, len(adapter.output_names)) for x in ref]).double()
+    c = torch.cat([adapter.decode(norm(x)).reshape(-1, len(adapter.output_names)) for x in cmp]).double()
+    err = c - r
+    span = (r.amax(0) - r.amin(0)).clamp(min=1e-12)
+    var = r.var(0, unbiased=False).clamp(min=1e-24)
+    return {"mode": "sensor", "frames": int(r.shape[0]),
+            "output_mse": float(err.pow(2).mean()),
+            "output_nmse": float((err.pow(2).mean(0) / var).mean()),
+            "decision_agreement": float((err.abs() <= tolerance * span).double().mean()),
+            "decision_tolerance": f"{tolerance:g} x each output's range on the held-out data",
+            "per_output_mse": {name: float(v) for name, v in zip(adapter.output_names, err.pow(2).mean(0))}}
+
+
+def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_experts: int | None = None,
+             keep_ratio: float | None = None, quant: str = "int8", method: str = "reap",
+             groups: str = "auto", held_out: float = 0.25, seed: int = 0, max_batch_tokens: int = 4096,
+             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Calibrate, prune routed experts, quantize and write a verified package; returns its manifest.
+
+    Streams layer by layer from the memory-mapped source: only one source layer (in float32),
+    its pruned copy and the calibration activations are in memory at a time. The calibration
+    rows run through the original model, recording per MoE layer and expert the selection
+    count and the REAP saliency; ``keep_experts`` (or ``keep_ratio`` of them) are kept per
+    layer by ``method`` (``reap``, ``frequency`` or ``random`` with ``seed``); ``groups``
+    picks how group-limited routing is kept valid (see :func:`group_plan`). The last
+    ``held_out`` fraction of the rows is not used for calibration but to compare the
+    compressed model against the original (the quality report).
+    """
+    from runtime.model import IOAdapter, RMSNorm
+    from sdk.package import FORMAT, FORMAT_VERSION, PackageWriter
+
+    src, out = Path(src), Path(out)
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"--quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    if not 0 < held_out < 1:
+        raise ValueError(f"held_out must be in (0, 1), got {held_out}")
+    source = _Source(src)
+    cfg = source.cfg
+    n_keep = resolve_keep(cfg, keep_experts, keep_ratio)
+    gplan = group_plan(cfg, n_keep, groups)
+    n_features = len(source.io["inputs"]) if source.io else None
+    cal = load_calibration(calib, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings,
+                           n_features=n_features)
+    if cal.mode == "sensor" and not source.io:
+        raise CalibrationError(f"{calib}: has sensor 'frames' but {src} has no I/O adapter (LM mode); "
+                               "give token ids ('input_ids')")
+    if cal.mode == "lm" and source.io:
+        raise CalibrationError(f"{calib}: has token ids but {src} is a sensor model; give 'frames' [N, T, F]")
+    pcfg = dataclasses.replace(cfg, n_routed_experts=n_keep, n_group=gplan["n_group"],
+                               topk_group=gplan["topk_group"])
+    pcfg.validate("pruned config")
+    if "num_nextn_predict_layers" in pcfg.extra:       # multi-token-prediction layers are not packaged
+        pcfg.extra = {**pcfg.extra, "num_nextn_predict_layers": 0}
+    source.open()
+    fit, held = cal.split(held_out)
+    log.info("compressing %s -> %s: keep %d of %d experts per layer by %s (%s groups), quant %s, "
+             "%d calibration rows (%d tokens), %d held out", src, out, n_keep, cfg.n_routed_experts,
+             method, gplan["rule"], quant, len(fit.rows), fit.tokens, len(held.rows))
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.num_hidden_layers + 2, desc="compress", unit="layer", disable=not progress)
+    kept_map: dict[str, list[int]] = {}
+    layer_stats: dict[str, dict[str, list[float]]] = {}
+    with PackageWriter(out, overwrite=overwrite) as writer:
+        bar.set_postfix_str("embed")
+        adapter = None
+        head_tensors: dict[str, torch.Tensor] = {}
+        embed = source.get("model.embed_tokens.weight")
+        if cal.mode == "lm":
+            fit_in = _batches(fit.rows, max_batch_tokens)
+            held_in = _batches(held.rows, max_batch_tokens)
+            cal_h = [torch.nn.functional.embedding(x, embed) for x in fit_in]
+            ref_h = [torch.nn.functional.embedding(x, embed) for x in held_in]
+        else:
+            adapter = IOAdapter(source.io["inputs"], source.io["outputs"], cfg.hidden_size)
+            adapter.load_state_dict({k.removeprefix("adapter."): source.get(k) for k in source.expected()
+                                     if k.startswith("adapter.")})
+            held_in = None
+            with torch.no_grad():
+                cal_h = [adapter.embed(x) for x in _batches(fit.rows, max_batch_tokens)]
+                ref_h = [adapter.embed(x) for x in _batches(held.rows, max_batch_tokens)]
+            head_tensors.update({f"adapter.{k}": v for k, v in adapter.state_dict().items()})
+        writer.add("model-embed.safetensors", {"model.embed_tokens.weight": embed})
+        del embed
+        cmp_h = [x.clone() for x in ref_h]
+        bar.update(1)
+
+        for i in range(cfg.num_hidden_layers):
+            bar.set_postfix_str(f"layer {i}: calibrate")
+            block = source.block(i)
+            stats = None
+            if cfg.is_moe_layer(i):
+                stats = ExpertStats(cfg.n_routed_experts)
+                block.mlp.observer = stats
+            cal_h = _run_block(block, cal_h, cfg)
+            if stats is not None:
+                block.mlp.observer = None
+            ref_h = _run_block(block, ref_h, cfg)
+            if stats is not None:
+                if method == "reap":
+                    scores = stats.saliency
+                elif method == "frequency":
+                    scores = stats.counts
+                else:
+                    gen = torch.Generator().manual_seed(seed * 100003 + i)
+                    scores = torch.rand(cfg.n_routed_experts, generator=gen, dtype=torch.float64)
+                kept = select_experts(scores, n_keep, gplan, cfg.n_group)
+                orig = source.original_ids(i)
+                kept_map[str(i)] = [orig[e] for e in kept]
+                layer_stats[str(i)] = {"experts": orig,
+                                       "counts": [int(v) for v in stats.counts],
+                                       "saliency": [round(float(v), 6) for v in stats.saliency]}
+                if kept == list(range(cfg.n_routed_experts)) and (pcfg.n_group, pcfg.topk_group) == (
+                        cfg.n_group, cfg.topk_group):
+                    pblock = block      # nothing pruned: no copy
+                else:
+                    pblock = _prune_block(block, pcfg, i, kept)
+                del block
+            else:
+                pblock = block
+            bar.set_postfix_str(f"layer {i}: write")
+            if quant == "int8":
+                _quantize(pblock)
+            cmp_h = _run_block(pblock, cmp_h, pcfg)
+            writer.add(f"model-layer-{i:03d}.safetensors",
+                       {f"model.layers.{i}.{k}": v for k, v in pblock.state_dict().items()})
+            del pblock
+            bar.update(1)
+
+        bar.set_postfix_str("head and quality")
+        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm.weight.data.copy_(source.get("model.norm.weight"))
+        head_tensors["model.norm.weight"] = norm.weight.data
+        head_ref = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        head_ref.weight = torch.nn.Parameter(source.get("lm_head.weight"), requires_grad=False)
+        head_cmp = torch.nn.Module()
+        head_cmp.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        head_cmp.lm_head.weight = torch.nn.Parameter(head_ref.weight.data.clone(), requires_grad=False)
+        if quant == "int8":
+            _quantize(head_cmp)
+        head_tensors.update({k: v for k, v in head_cmp.state_dict().items()})
+        if cal.mode == "lm":
+            quality = _quality_lm(ref_h, cmp_h, held_in, norm, head_ref, head_cmp.lm_head)
+        else:
+            quality = _quality_sensor(ref_h, cmp_h, norm, adapter)
+        quality["held_out_rows"] = len(held.rows)
+        quality["on_calibration_data"] = held is cal
+        writer.add("model-head.safetensors", head_tensors)
+        bar.update(1)
+        bar.close()
+
+        package_bytes = sum(f["bytes"] for f in writer.files.values())
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"r1edge {_version()}",
+            "config": pcfg.to_dict(),
+            "quantization": ({"scheme": "w8a8-int8", "weights": "per-output-channel symmetric int8",
+                              "activations": "per-token dynamic int8",
+                              "float": "embeddings, norms, router (float32)"}
+                             if quant == "int8" else {"scheme": "none"}),
+            "experts": {"kept": kept_map, "original_n_routed_experts": source.original_n_routed,
+                        "method": method, "seed": seed if method == "random" else None,
+                        "groups": {"rule": gplan["rule"], "original_n_group": cfg.n_group,
+                                   "original_topk_group": cfg.topk_group,
+                                   "n_group": pcfg.n_group, "topk_group": pcfg.topk_group}},
+            "io": source.io,
+            "calibration": {"file": Path(cal.source).name, "mode": cal.mode, "rows": len(fit.rows),
+                            "tokens": fit.tokens, "held_out_rows": len(held.rows),
+                            "held_out_tokens": held.tokens, "layers": layer_stats},
+            "quality": quality,
+            "size": {"source_bytes": source.size_bytes, "package_bytes": package_bytes,
+                     "ratio": package_bytes / source.size_bytes},
+        }
+        return writer.finish(manifest)
+
+
+def render_report(manifest: dict[str, Any], out=None) -> None:
+    """Print the compression report: experts kept per layer, size before/after, quality."""
+    import sys
+    w = (out or sys.stdout).write
+    ex, size, q = manifest["experts"], manifest["size"], manifest["quality"]
+    w(f"Experts kept per MoE layer ({ex['method']}, of {ex['original_n_routed_experts']}; groups "
+      f"{ex['groups']['rule']}: n_group {ex['groups']['n_group']}, topk_group {ex['groups']['topk_group']}):\n")
+    for layer, ids in ex["kept"].items():
+        w(f"  layer {int(layer):3d}: {len(ids):4d}  {ids}\n")
+    if not ex["kept"]:
+        w("  (no MoE layers)\n")
+    w(f"Quantization: {manifest['quantization']['scheme']}\n")
+    w(f"Size: {size['source_bytes'] / 1e6:.2f} MB -> {size['package_bytes'] / 1e6:.2f} MB "
+      f"({size['ratio']:.3f}x)\n")
+    where = "calibration rows (only one row: none held out)" if q["on_calibration_data"] else \
+        f"{q['held_out_rows']} held-out rows"
+    if q["mode"] == "lm":
+        w(f"Quality vs the uncompressed model on {where}, {q['tokens']} tokens:\n"
+          f"  greedy-token agreement {q['greedy_agreement']:.4f}, logits cosine {q['logits_cosine']:.4f}")
+        if q["nll_original"] is not None:
+            w(f", next-token NLL {q['nll_original']:.4f} -> {q['nll_compressed']:.4f}")
+        w("\n")
+    else:
+        w(f"Quality vs the uncompressed model on {where}, {q['frames']} frames:\n"
+          f"  output MSE {q['output_mse']:.6g} (normalised {q['output_nmse']:.4g}), decision agreement "
+          f"{q['decision_agreement']:.4f} (within {q['decision_tolerance']})\n")

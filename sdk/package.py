@@ -245,17 +245,19 @@ def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch
 def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Verify a package and build the runtime model it describes (``sdk.load_model`` calls this).
 
-    Every file's sha256 is checked first; then the model is built from the manifest's config
-    and quantization and filled tensor by tensor, each name and shape checked, so a package
-    that does not match its config is refused naming the tensor and its file.
+    Every file's sha256 is checked first. The model is then laid out on the meta device
+    from the manifest's config and quantization (no memory, no random init) and its
+    tensors are taken from the package one by one, each name, shape and kind checked, so
+    a package that does not match its config is refused naming the tensor and its file.
+    Peak memory is the model itself.
     """
-    from runtime.model import Gate, IOAdapter, Transformer
+    from runtime.model import Gate, IOAdapter, Transformer, rope_inv_freq
 
     path = Path(path)
     manifest = verify_package(path)
     cfg = ModelConfig.from_dict(manifest["config"], f"{path / MANIFEST}: 'config'")
     scheme = manifest["quantization"]["scheme"]
-    with torch.device("cpu"):
+    with torch.device("meta"):
         model = Transformer(cfg)
         io = manifest.get("io")
         if io:
@@ -264,32 +266,37 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
             except (KeyError, TypeError, ValueError) as exc:
                 raise PackageError(f"{path / MANIFEST}: bad 'io' signature ({exc})") from None
         model = model.to(dtype)
-    for module in model.modules():
-        if isinstance(module, Gate):
-            module.float()          # routing is computed in float32
-    if scheme == "w8a8-int8":
-        from runtime.quant import quantize_model
+        for module in model.modules():
+            if isinstance(module, Gate):
+                module.float()          # routing is computed in float32
+        if scheme == "w8a8-int8":
+            from runtime.quant import quantize_model
 
-        quantize_model(model, mode="w8a8")
+            quantize_model(model, mode="w8a8")
     expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
-    with torch.no_grad():
-        for file, name, tensor in iter_tensors(path, manifest):
-            where = path / file
-            if name in seen:
-                raise PackageError(f"{where}: tensor {name!r} also in {seen[name]}")
-            if name not in expected:
-                raise PackageError(f"{where}: unexpected tensor {name!r} for this config")
-            target = expected[name]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise PackageError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                   f"expected {tuple(target.shape)} from the manifest's config")
-            if tensor.is_floating_point() != target.is_floating_point():
-                raise PackageError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected {target.dtype}")
-            target.copy_(tensor)
-            seen[name] = file
+    for file, name, tensor in iter_tensors(path, manifest):
+        where = path / file
+        if name in seen:
+            raise PackageError(f"{where}: tensor {name!r} also in {seen[name]}")
+        if name not in expected:
+            raise PackageError(f"{where}: unexpected tensor {name!r} for this config and quantization")
+        target = expected[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise PackageError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                               f"expected {tuple(target.shape)} from the manifest's config")
+        if tensor.is_floating_point() != target.is_floating_point():
+            raise PackageError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected {target.dtype}")
+        state[name] = tensor.to(target.dtype)
+        seen[name] = file
     missing = sorted(set(expected) - set(seen))
     if missing:
         raise PackageError(f"{path}: tensor {missing[0]!r} is missing from the package "
                            f"({len(missing)} missing in all)")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg)[0]      # the one non-persistent buffer
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise RuntimeError(f"{path}: {name!r} was not loaded (internal error)")
     return model.eval().to(device)
