@@ -119,7 +119,8 @@ class ZmqBridge:
 
     Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
     ``endpoints`` holds the bound addresses after ``start()`` (a ``:*`` port becomes the real
-    one). ``on_input(stream, frame)`` is called in the I/O thread for each accepted frame.
+    one). ``on_input(stream, frame)`` is called in the I/O thread for each accepted frame; a
+    :meth:`publish` made from inside it goes straight to the socket, without a thread hand-off.
     """
 
     def __init__(self, *, sensors: str | None = None, decisions: str | None = None, control: str | None = None,
@@ -154,6 +155,9 @@ class ZmqBridge:
         self._auth = None
         self._sender: zmq.Socket | None = None
         self._pipe = f"inproc://r1edge-zmq-{id(self)}"
+        self._io_ident: int | None = None
+        self._xpub: zmq.Socket | None = None
+        self._last_decision: dict[bytes, bytes] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -288,6 +292,10 @@ class ZmqBridge:
         t0 = time.perf_counter_ns()
         data = messages.encode_decision(stream, seq, time.time_ns() if t_ns is None else t_ns,
                                         outputs, status, latency_us, max_values=self.max_values)
+        if threading.get_ident() == self._io_ident:
+            # Called from on_input, in the I/O thread that owns the socket: send directly.
+            self._send_decision(stream.encode(), data, t0)
+            return
         with self._pub_lock:
             if self._sender is None:
                 self.errors.inc("publish_not_running")
@@ -334,6 +342,7 @@ class ZmqBridge:
 
     # ------------------------------------------------------------------ I/O thread
     def _run(self) -> None:
+        self._io_ident = threading.get_ident()
         socks: list[zmq.Socket] = []
         try:
             ctx = self._ctx
@@ -374,6 +383,7 @@ class ZmqBridge:
             log.info("zmq bridge bound %s%s", self.endpoints, " (CURVE)" if self.curve else "")
         except BaseException as exc:
             self._error = exc
+            self._io_ident = None
             for sock in socks:
                 sock.close(linger=0)
             self._ready.set()
@@ -385,6 +395,8 @@ class ZmqBridge:
             log.exception("zmq bridge I/O thread failed")
             self.errors.inc("io_thread_failed")
         finally:
+            self._xpub = None
+            self._io_ident = None
             for role, (sock, _monitor) in roles.items():
                 try:
                     sock.disable_monitor()
@@ -404,7 +416,8 @@ class ZmqBridge:
             poller.register(sock, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
             monitors[monitor] = role
-        last_decision: dict[bytes, bytes] = {}
+        self._xpub = xpub
+        self._last_decision.clear()
         disconnected = {role: 0 for role in roles}
         while self._running:
             events = dict(poller.poll(1000))
@@ -424,14 +437,7 @@ class ZmqBridge:
                     if parts[0] == _KIND_STOP:
                         return
                     _, stream, data, t0 = parts
-                    if xpub is not None:
-                        last_decision[stream] = data
-                        try:
-                            xpub.send(data, zmq.NOBLOCK)
-                            self._n["published"] += 1
-                        except zmq.Again:
-                            self.errors.inc("publish_dropped")
-                    self.publish_lat.add(time.perf_counter_ns() - _NS.unpack(t0)[0])
+                    self._send_decision(stream, data, _NS.unpack(t0)[0])
             if xpub is not None and xpub in events:
                 for _ in range(1000):
                     try:
@@ -439,7 +445,7 @@ class ZmqBridge:
                     except zmq.Again:
                         break
                     if sub_msg[:1] == b"\x01":  # a new subscription: catch the joiner up
-                        for data in last_decision.values():
+                        for data in self._last_decision.values():
                             try:
                                 xpub.send(data, zmq.NOBLOCK)
                             except zmq.Again:
@@ -454,6 +460,18 @@ class ZmqBridge:
             for monitor, role in monitors.items():
                 if monitor in events:
                     self._on_monitor(monitor, role, disconnected)
+
+    def _send_decision(self, stream: bytes, data: bytes, t0: int) -> None:
+        """I/O thread: send a packed decision and keep it for late joiners."""
+        xpub = self._xpub
+        if xpub is not None:
+            self._last_decision[stream] = data
+            try:
+                xpub.send(data, zmq.NOBLOCK)
+                self._n["published"] += 1
+            except zmq.Again:
+                self.errors.inc("publish_dropped")
+        self.publish_lat.add(time.perf_counter_ns() - t0)
 
     def _on_sensor(self, frames: list[bytes]) -> None:
         t0 = time.perf_counter_ns()
