@@ -239,9 +239,10 @@ class ModbusBridge:
 
         Mapped outputs are encoded into their registers (server mode) or queued for the
         I/O thread to write to the PLC (client mode). Names that are not mapped outputs are
-        ignored (they may go out over ZeroMQ only). A non-finite value for an integer or
-        bit output is replaced by that output's fail-safe value and counted. While the
-        heartbeat is stale nothing is written but the fail-safe values.
+        ignored (they may go out over ZeroMQ only). A non-finite value is replaced by that
+        output's fail-safe value and counted (``nonfinite_output``), whatever the register
+        type: a PLC should never receive NaN. While the heartbeat is stale nothing is written
+        but the fail-safe values.
         ``status``, ``seq``, ``latency_us`` and ``stream`` are accepted for symmetry with
         the ZeroMQ bridge; Modbus carries only the values.
         """
@@ -257,7 +258,7 @@ class ModbusBridge:
                 if entry is None or entry.direction != "output":
                     continue
                 value = float(value)
-                if not math.isfinite(value) and (entry.is_bit or entry.type != "float32"):
+                if not math.isfinite(value):
                     self.errors.inc("nonfinite_output")
                     value = self.failsafe[name]
                 self._out_values[name] = value
@@ -354,11 +355,13 @@ class ModbusBridge:
             server = _Server(self, (self.host, self.port))
             await server.serve_forever(background=True)
             self.port = server.transport.sockets[0].getsockname()[1]
-            tasks = [asyncio.create_task(self._watchdog())] if self.regmap.heartbeat else []
+            tasks = []
             log.info("modbus server listening on %s:%d (unit %d)", self.host, self.port, self.device_id)
         else:
             server = None
             tasks = [asyncio.create_task(self._client_loop())]
+        if self.regmap.heartbeat is not None:
+            tasks.append(asyncio.create_task(self._watchdog()))
         self._ready.set()
         try:
             await self._stop.wait()
@@ -370,7 +373,8 @@ class ModbusBridge:
                 await server.shutdown()
 
     async def _watchdog(self) -> None:
-        """Server mode: trips fail-safe when the heartbeat stops, even if nobody publishes."""
+        """Trips fail-safe when the heartbeat stops, even if nobody publishes (client mode: also
+        while the PLC is unreachable; the fail-safe values are written once it answers)."""
         idle_s = min(self.hb_timeout_ns / 4e9, 0.02)
         while True:
             now = time.monotonic_ns()
@@ -622,6 +626,7 @@ class _Handler(ServerRequestHandler):
         self._pending = 0
 
     def connection_made(self, transport) -> None:
+        """A PLC connected: apply the allow-list and ``max_clients``."""
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         host = peer[0] if peer else None
@@ -653,16 +658,19 @@ class _Handler(ServerRequestHandler):
         self.close()
 
     def callback_disconnected(self, exc: Exception | None) -> None:
+        """The peer went away (a frame left half-sent counts as ``truncated``)."""
         self._forget()
         super().callback_disconnected(exc)
 
     def send(self, data: bytes, addr: tuple | None = None) -> None:
+        """Write a response frame."""
         # The base class clears its receive buffer on every send, which would lose the
         # start of a pipelined request; we only write.
         if self.transport:
             self.transport.write(data)
 
     def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
+        """Answer every complete frame in ``data``; returns the bytes consumed."""
         n = len(data)
         used = 0
         try:
@@ -736,6 +744,7 @@ class _Server(ModbusTcpServer):
         self.store = _Store(bridge)
 
     def callback_new_connection(self) -> _Handler:
+        """A handler for each accepted connection."""
         return _Handler(self)
 
 

@@ -12,7 +12,12 @@ from pymodbus.client import ModbusTcpClient
 
 from plc_bridge.modbus import ModbusBridge
 
-pytestmark = pytest.mark.skipif(shutil.which("mbpoll") is None, reason="mbpoll (Debian package) not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mbpoll_installed():
+    if shutil.which("mbpoll") is None:
+        pytest.fail("mbpoll (Debian package, libmodbus) is not installed; scripts/bootstrap.sh installs it")
 
 INPUTS = ["level", "temp", "press"]
 OUTPUTS = {"valve": 0.25, "flow": 0.0, "speed": 0.0, "pump": 0.0, "alarm": 0.0, "ir": -1.0}
@@ -103,6 +108,11 @@ def test_mbpoll_reads_outputs_in_every_table(bridge):
     assert mbpoll_read(p, "-t", "0", "-r", "0") == [1]
     assert mbpoll_read(p, "-t", "1", "-r", "3") == [1]
     assert mbpoll_read(p, "-t", "3:float", "-B", "-r", "0") == [3.5]
+    # A non-finite decision never reaches the PLC: the output's fail-safe value goes instead.
+    bridge.publish({"valve": float("nan"), "speed": float("inf")}, "ok", 2, 100.0)
+    assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.25]
+    assert mbpoll_read(p, "-t", "4", "-r", "14") == [0]
+    assert bridge.health()["errors"]["nonfinite_output"] == 2
 
 
 def test_exception_codes_for_unknown_addresses_and_output_writes(bridge):
@@ -277,3 +287,43 @@ def test_fuzzed_frames_are_counted_and_good_traffic_keeps_flowing(bridge):
     good.close()
     assert bridge.health()["running"]
     assert "handler_error" not in bridge.health()["bad"]
+
+
+def test_port_in_use_is_reported(bridge):
+    with pytest.raises(RuntimeError, match=r"modbus server 127\.0\.0\.1:\d+"):
+        ModbusBridge.from_config({"mode": "server", "port": bridge.port, "map": MAP}, INPUTS, OUTPUTS).start()
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"mode": "server", "port": 0, "map": MAP, "hearbeat": {}}, r"modbus: unknown key\(s\) hearbeat"),
+    ({"mode": "slave", "map": MAP}, r"modbus\.mode: 'slave'"),
+    ({"mode": "server", "port": 70000, "map": MAP}, r"modbus\.port: 70000"),
+    ({"mode": "server", "map": MAP, "allow": ["10.0.0.300"]}, r"modbus\.allow\[0\]: '10\.0\.0\.300'"),
+    ({"mode": "client", "map": MAP, "allow": ["10.0.0.1"]}, r"modbus\.allow: only applies to server mode"),
+    ({"mode": "server", "port": 0}, r"modbus\.map: missing"),
+    ({"mode": "server", "port": 0, "map": MAP, "reconnect_min_ms": 0}, r"modbus\.reconnect_min_ms"),
+])
+def test_config_errors_name_the_key(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        ModbusBridge.from_config(cfg, INPUTS, OUTPUTS)
+
+
+def test_failsafe_value_must_be_finite():
+    with pytest.raises(ValueError, match=r"outputs\['valve'\]: failsafe = nan"):
+        ModbusBridge.from_config({"mode": "server", "port": 0, "map": MAP}, INPUTS, {**OUTPUTS, "valve": float("nan")})
+
+
+def test_on_input_callback_and_a_faulty_one():
+    seen = []
+    cfg = {"mode": "server", "host": "127.0.0.1", "port": 0, "map": MAP}
+    with ModbusBridge.from_config(cfg, INPUTS, OUTPUTS, on_input=seen.append) as b:
+        mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[2.5])
+        assert len(seen) == 1 and list(seen[0]) == ["level"] and seen[0]["level"][0] == 2.5
+
+    def broken(updates):
+        raise RuntimeError("bug in the callback")
+
+    with ModbusBridge.from_config(cfg, INPUTS, OUTPUTS, on_input=broken) as b:
+        mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[2.5])
+        mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[3.5])
+        assert b.snapshot()["level"][0] == 3.5 and b.health()["errors"]["callback_error"] == 2
