@@ -453,20 +453,26 @@ def _version() -> str:
 
 
 @torch.no_grad()
-def _quality_lm(ref: list, cmp: list, ids: list, norm, head_ref, head_cmp) -> dict[str, Any]:
+def _quality_lm(ref: list, cmp: list, ids: list, norm_ref, head_ref, norm_cmp, head_cmp,
+                chunk: int = 512) -> dict[str, Any]:
+    """Greedy-token agreement, logits cosine and next-token NLL of both models, ``chunk`` tokens at a time."""
     agree = cos = nll_ref = nll_cmp = 0.0
     n = n_next = 0
     for r, c, x in zip(ref, cmp, ids):
-        lr, lc = head_ref(norm(r)).float(), head_cmp(norm(c)).float()
-        agree += float((lr.argmax(-1) == lc.argmax(-1)).sum())
-        cos += float(torch.nn.functional.cosine_similarity(lr, lc, dim=-1).sum())
-        n += x.numel()
-        if x.shape[1] > 1:
-            target = x[:, 1:].reshape(-1)
-            V = lr.shape[-1]
-            nll_ref += float(torch.nn.functional.cross_entropy(lr[:, :-1].reshape(-1, V), target, reduction="sum"))
-            nll_cmp += float(torch.nn.functional.cross_entropy(lc[:, :-1].reshape(-1, V), target, reduction="sum"))
-            n_next += target.numel()
+        B, T = x.shape
+        target = torch.full((B, T), -100, dtype=torch.long)     # -100: ignored (no next token)
+        target[:, :-1] = x[:, 1:]
+        r, c, target = r.reshape(B * T, -1), c.reshape(B * T, -1), target.reshape(-1)
+        for i in range(0, B * T, chunk):
+            lr = head_ref(norm_ref(r[i:i + chunk])).float()
+            lc = head_cmp(norm_cmp(c[i:i + chunk])).float()
+            t = target[i:i + chunk]
+            agree += float((lr.argmax(-1) == lc.argmax(-1)).sum())
+            cos += float(torch.nn.functional.cosine_similarity(lr, lc, dim=-1).sum())
+            nll_ref += float(torch.nn.functional.cross_entropy(lr, t, reduction="sum", ignore_index=-100))
+            nll_cmp += float(torch.nn.functional.cross_entropy(lc, t, reduction="sum", ignore_index=-100))
+            n_next += int((t != -100).sum())
+        n += B * T
     return {"mode": "lm", "tokens": n,
             "greedy_agreement": agree / n, "logits_cosine": cos / n,
             "nll_original": nll_ref / n_next if n_next else None,
@@ -474,9 +480,11 @@ def _quality_lm(ref: list, cmp: list, ids: list, norm, head_ref, head_cmp) -> di
 
 
 @torch.no_grad()
-def _quality_sensor(ref: list, cmp: list, norm, adapter, tolerance: float = 0.01) -> dict[str, Any]:
-    r = torch.cat([adapter.decode(norm(x)).reshape(-1, len(adapter.output_names)) for x in ref]).double()
-    c = torch.cat([adapter.decode(norm(x)).reshape(-1, len(adapter.output_names)) for x in cmp]).double()
+def _quality_sensor(ref: list, cmp: list, norm_ref, norm_cmp, adapter, tolerance: float = 0.01) -> dict[str, Any]:
+    """Output MSE (raw and normalised by each output's variance) and decision agreement."""
+    n_out = len(adapter.output_names)
+    r = torch.cat([adapter.decode(norm_ref(x)).reshape(-1, n_out) for x in ref]).double()
+    c = torch.cat([adapter.decode(norm_cmp(x)).reshape(-1, n_out) for x in cmp]).double()
     err = c - r
     span = (r.amax(0) - r.amin(0)).clamp(min=1e-12)
     var = r.var(0, unbiased=False).clamp(min=1e-24)
@@ -486,6 +494,44 @@ def _quality_sensor(ref: list, cmp: list, norm, adapter, tolerance: float = 0.01
             "decision_agreement": float((err.abs() <= tolerance * span).double().mean()),
             "decision_tolerance": f"{tolerance:g} x each output's range on the held-out data",
             "per_output_mse": {name: float(v) for name, v in zip(adapter.output_names, err.pow(2).mean(0))}}
+
+
+def _expert_scores(stats: ExpertStats, method: str, seed: int, layer: int) -> torch.Tensor:
+    if method == "reap":
+        return stats.saliency
+    if method == "frequency":
+        return stats.counts
+    gen = torch.Generator().manual_seed(seed * 100003 + layer)
+    return torch.rand(stats.counts.numel(), generator=gen, dtype=torch.float64)
+
+
+def _float_weights(module: torch.nn.Module):
+    """The float weights a package stores in its float dtype: linear, norm and float expert weights.
+
+    The router (``Gate``) stays float32 and int8 codes and their scales are left alone.
+    """
+    from runtime.model import Experts, RMSNorm
+
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, RMSNorm, Experts)):
+            yield from m.parameters(recurse=False)
+
+
+def _round_to(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Round the stored float weights through ``dtype`` in place, so the quality report sees
+    exactly the weights the package will hold."""
+    if dtype != torch.float32:
+        with torch.no_grad():
+            for p in _float_weights(module):
+                p.copy_(p.to(dtype))
+    return module
+
+
+def _to_store(module: torch.nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``module``'s state dict under ``prefix``, its stored float weights cast to ``dtype``."""
+    cast = {id(p) for p in _float_weights(module)}
+    return {prefix + name: (t.detach().to(dtype) if id(t) in cast else t.detach())
+            for name, t in module.state_dict(keep_vars=True).items()}
 
 
 def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_experts: int | None = None,
@@ -501,7 +547,8 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
     layer by ``method`` (``reap``, ``frequency`` or ``random`` with ``seed``); ``groups``
     picks how group-limited routing is kept valid (see :func:`group_plan`). The last
     ``held_out`` fraction of the rows is not used for calibration but to compare the
-    compressed model against the original (the quality report).
+    compressed model against the original (the quality report). Float weights are stored
+    in float32 when the source is float32, else in bfloat16.
     """
     from runtime.model import IOAdapter, RMSNorm
     from sdk.package import FORMAT, FORMAT_VERSION, PackageWriter
@@ -531,6 +578,7 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
     if "num_nextn_predict_layers" in pcfg.extra:       # multi-token-prediction layers are not packaged
         pcfg.extra = {**pcfg.extra, "num_nextn_predict_layers": 0}
     source.open()
+    store = torch.float32 if source.reader.dtype("model.embed_tokens.weight") == "F32" else torch.bfloat16
     fit, held = cal.split(held_out)
     log.info("compressing %s -> %s: keep %d of %d experts per layer by %s (%s groups), quant %s, "
              "%d calibration rows (%d tokens), %d held out", src, out, n_keep, cfg.n_routed_experts,
@@ -540,91 +588,88 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
     bar = tqdm(total=cfg.num_hidden_layers + 2, desc="compress", unit="layer", disable=not progress)
     kept_map: dict[str, list[int]] = {}
     layer_stats: dict[str, dict[str, list[float]]] = {}
+    head: dict[str, torch.Tensor] = {}
     with PackageWriter(out, overwrite=overwrite) as writer:
+        # Inputs: token embeddings (LM) or the adapter's projection of frames (sensor).
         bar.set_postfix_str("embed")
-        adapter = None
-        head_tensors: dict[str, torch.Tensor] = {}
-        embed = source.get("model.embed_tokens.weight")
+        embed = torch.nn.Embedding.from_pretrained(source.get("model.embed_tokens.weight"))
+        adapter = held_in = None
         if cal.mode == "lm":
-            fit_in = _batches(fit.rows, max_batch_tokens)
-            held_in = _batches(held.rows, max_batch_tokens)
-            cal_h = [torch.nn.functional.embedding(x, embed) for x in fit_in]
-            ref_h = [torch.nn.functional.embedding(x, embed) for x in held_in]
+            fit_in, held_in = _batches(fit.rows, max_batch_tokens), _batches(held.rows, max_batch_tokens)
+            with torch.no_grad():
+                cal_h, ref_h = [embed(x) for x in fit_in], [embed(x) for x in held_in]
+                cmp_h = [_round_to(embed, store)(x) for x in held_in]
         else:
             adapter = IOAdapter(source.io["inputs"], source.io["outputs"], cfg.hidden_size)
             adapter.load_state_dict({k.removeprefix("adapter."): source.get(k) for k in source.expected()
                                      if k.startswith("adapter.")})
-            held_in = None
             with torch.no_grad():
                 cal_h = [adapter.embed(x) for x in _batches(fit.rows, max_batch_tokens)]
                 ref_h = [adapter.embed(x) for x in _batches(held.rows, max_batch_tokens)]
-            head_tensors.update({f"adapter.{k}": v for k, v in adapter.state_dict().items()})
-        writer.add("model-embed.safetensors", {"model.embed_tokens.weight": embed})
+            cmp_h = [x.clone() for x in ref_h]
+            head.update({f"adapter.{k}": v for k, v in adapter.state_dict().items()})
+        writer.add("model-embed.safetensors", {"model.embed_tokens.weight": embed.weight.to(store)})
         del embed
-        cmp_h = [x.clone() for x in ref_h]
         bar.update(1)
 
+        # Layer by layer: calibrate on the original, prune, quantize, run the held-out rows
+        # through both, write, free.
         for i in range(cfg.num_hidden_layers):
             bar.set_postfix_str(f"layer {i}: calibrate")
             block = source.block(i)
-            stats = None
-            if cfg.is_moe_layer(i):
-                stats = ExpertStats(cfg.n_routed_experts)
+            stats = ExpertStats(cfg.n_routed_experts) if cfg.is_moe_layer(i) else None
+            if stats is not None:
                 block.mlp.observer = stats
             cal_h = _run_block(block, cal_h, cfg)
             if stats is not None:
                 block.mlp.observer = None
             ref_h = _run_block(block, ref_h, cfg)
+            pblock = block
             if stats is not None:
-                if method == "reap":
-                    scores = stats.saliency
-                elif method == "frequency":
-                    scores = stats.counts
-                else:
-                    gen = torch.Generator().manual_seed(seed * 100003 + i)
-                    scores = torch.rand(cfg.n_routed_experts, generator=gen, dtype=torch.float64)
-                kept = select_experts(scores, n_keep, gplan, cfg.n_group)
+                kept = select_experts(_expert_scores(stats, method, seed, i), n_keep, gplan, cfg.n_group)
                 orig = source.original_ids(i)
                 kept_map[str(i)] = [orig[e] for e in kept]
-                layer_stats[str(i)] = {"experts": orig,
-                                       "counts": [int(v) for v in stats.counts],
+                layer_stats[str(i)] = {"experts": orig, "counts": [int(v) for v in stats.counts],
                                        "saliency": [round(float(v), 6) for v in stats.saliency]}
-                if kept == list(range(cfg.n_routed_experts)) and (pcfg.n_group, pcfg.topk_group) == (
-                        cfg.n_group, cfg.topk_group):
-                    pblock = block      # nothing pruned: no copy
-                else:
+                unchanged = kept == list(range(cfg.n_routed_experts)) and (pcfg.n_group, pcfg.topk_group) == (
+                    cfg.n_group, cfg.topk_group)
+                if not unchanged:
                     pblock = _prune_block(block, pcfg, i, kept)
-                del block
-            else:
-                pblock = block
+            del block
             bar.set_postfix_str(f"layer {i}: write")
             if quant == "int8":
                 _quantize(pblock)
-            cmp_h = _run_block(pblock, cmp_h, pcfg)
-            writer.add(f"model-layer-{i:03d}.safetensors",
-                       {f"model.layers.{i}.{k}": v for k, v in pblock.state_dict().items()})
+            cmp_h = _run_block(_round_to(pblock, store), cmp_h, pcfg)
+            writer.add(f"model-layer-{i:03d}.safetensors", _to_store(pblock, f"model.layers.{i}.", store))
             del pblock
             bar.update(1)
 
+        # Final norm and output head, then the quality report.
         bar.set_postfix_str("head and quality")
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        norm.weight.data.copy_(source.get("model.norm.weight"))
-        head_tensors["model.norm.weight"] = norm.weight.data
+        with torch.no_grad():
+            norm.weight.copy_(source.get("model.norm.weight"))
+        lm_weight = source.get("lm_head.weight")
         head_ref = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
-        head_ref.weight = torch.nn.Parameter(source.get("lm_head.weight"), requires_grad=False)
-        head_cmp = torch.nn.Module()
-        head_cmp.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
-        head_cmp.lm_head.weight = torch.nn.Parameter(head_ref.weight.data.clone(), requires_grad=False)
+        head_ref.weight = torch.nn.Parameter(lm_weight, requires_grad=False)
+        compressed = torch.nn.Module()
+        compressed.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        compressed.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        compressed.lm_head.weight = torch.nn.Parameter(lm_weight.clone(), requires_grad=False)
+        with torch.no_grad():
+            compressed.norm.weight.copy_(norm.weight)
         if quant == "int8":
-            _quantize(head_cmp)
-        head_tensors.update({k: v for k, v in head_cmp.state_dict().items()})
+            _quantize(compressed)
+        _round_to(compressed, store)
         if cal.mode == "lm":
-            quality = _quality_lm(ref_h, cmp_h, held_in, norm, head_ref, head_cmp.lm_head)
+            quality = _quality_lm(ref_h, cmp_h, held_in, norm, head_ref, compressed.norm, compressed.lm_head)
         else:
-            quality = _quality_sensor(ref_h, cmp_h, norm, adapter)
+            quality = _quality_sensor(ref_h, cmp_h, norm, compressed.norm, adapter)
         quality["held_out_rows"] = len(held.rows)
         quality["on_calibration_data"] = held is cal
-        writer.add("model-head.safetensors", head_tensors)
+        head.update(_to_store(compressed.norm, "model.norm.", store))
+        head.update(_to_store(compressed.lm_head, "lm_head.", store))
+        writer.add("model-head.safetensors", head)
         bar.update(1)
         bar.close()
 
@@ -636,8 +681,10 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
             "config": pcfg.to_dict(),
             "quantization": ({"scheme": "w8a8-int8", "weights": "per-output-channel symmetric int8",
                               "activations": "per-token dynamic int8",
-                              "float": "embeddings, norms, router (float32)"}
-                             if quant == "int8" else {"scheme": "none"}),
+                              "float": f"embeddings and norms {str(store).removeprefix('torch.')}, "
+                                       "router float32"}
+                             if quant == "int8" else
+                             {"scheme": "none", "float": f"{str(store).removeprefix('torch.')}, router float32"}),
             "experts": {"kept": kept_map, "original_n_routed_experts": source.original_n_routed,
                         "method": method, "seed": seed if method == "random" else None,
                         "groups": {"rule": gplan["rule"], "original_n_group": cfg.n_group,

@@ -558,3 +558,34 @@ def test_sensor_package_compresses_with_output_quality(tmp_path, one_thread):
                     quant="none", progress=False)
     assert set(man3["experts"]["kept"]["1"]) <= set(man2["experts"]["kept"]["1"])
     assert man3["experts"]["original_n_routed_experts"] == 8
+
+
+@pytest.mark.parametrize("quant", ["int8", "none"])
+def test_quality_report_is_what_the_package_does(tmp_path, tiny_checkpoint, quant, one_thread):
+    """Re-measure the report independently: the loaded package against the loaded source,
+    on the held-out rows. A bf16 source gives a package with bf16 float weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bf16"
+    src.mkdir()
+    save_file({k: v.to(torch.bfloat16) if v.dim() >= 2 and ".mlp.gate." not in k else v
+               for k, v in load_file(tiny_checkpoint[0] / "model.safetensors").items()}, src / "model.safetensors")
+    (src / "config.json").write_text((tiny_checkpoint[0] / "config.json").read_text())
+    rows = torch.randint(0, 97, (8, 10), generator=torch.Generator().manual_seed(5))
+    np.save(tmp_path / "calib.npy", rows.numpy())
+    man = compress(src, tmp_path / "pkg", calib=tmp_path / "calib.npy", keep_experts=6, quant=quant,
+                   held_out=0.25, progress=False)
+    with safe_open(str(tmp_path / "pkg" / "model-embed.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+    held = rows[-2:]
+    with torch.no_grad():
+        a = sdk.load_model(tmp_path / "pkg")(held)
+        b = sdk.load_model(src)(held)
+    q = man["quality"]
+    assert q["tokens"] == held.numel() and q["held_out_rows"] == 2
+    assert q["greedy_agreement"] == pytest.approx(float((a.argmax(-1) == b.argmax(-1)).double().mean()), abs=1e-9)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).double().mean()
+    assert q["logits_cosine"] == pytest.approx(float(cos), abs=1e-5)
+    nll = torch.nn.functional.cross_entropy(a[:, :-1].reshape(-1, 97), held[:, 1:].reshape(-1))
+    assert q["nll_compressed"] == pytest.approx(float(nll), abs=1e-4)
