@@ -35,6 +35,9 @@ from numba import njit
 from torch import nn
 
 QMAX = 127
+# Below this many multiply-adds (or for a single row) a Numba kernel beats the fixed cost
+# of quantize + torch._int_mm + dequantize calls on the CPU; both give the same bits.
+NUMBA_LINEAR_MACS = 1 << 16
 
 
 def _scale_from_absmax(amax: torch.Tensor) -> torch.Tensor:
@@ -161,10 +164,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., in] -> [..., out]; float32 in w8a8 mode, ``x.dtype`` in w8 mode."""
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.mode == "w8":
             y = x2 @ self.dequantized_weight().to(x.dtype).T
             return y.reshape(*lead, self.out_features)
+        if x2.device.type == "cpu":
+            y = self._forward_cpu(x2)
+            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
         qx, sx = quantize_activation(x2)
         pad = self.qweight_t.shape[0] - self.in_features
         if pad:
@@ -173,6 +179,24 @@ class Int8Linear(nn.Module):
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         return y.reshape(*lead, self.out_features)
+
+    def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        """The w8a8 forward on the CPU: Numba for small products, else Numba quantize/dequantize
+        around ``torch._int_mm``. Identical bits to the torch-op path."""
+        if x2.dtype != torch.float32 or not x2.is_contiguous() or x2.requires_grad:
+            x2 = x2.detach().to(torch.float32).contiguous()
+        M, K = x2.shape
+        y = torch.empty(M, self.out_features, dtype=torch.float32)
+        if M * K * self.out_features <= NUMBA_LINEAR_MACS or M == 1:
+            _linear_rows(x2.numpy(), self.qweight_t.numpy(), self.scale.numpy(), y.numpy())
+            return y
+        K8 = self.qweight_t.shape[0]
+        q = torch.empty(M, K8, dtype=torch.int8) if K8 == K else torch.zeros(M, K8, dtype=torch.int8)
+        s = torch.empty(M, dtype=torch.float32)
+        quantize_rows(x2.numpy(), q.numpy()[:, :K], s.numpy())
+        acc = torch._int_mm(q, self.qweight_t)
+        _dequantize(acc.numpy(), s.numpy(), self.scale.numpy(), y.numpy())
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
@@ -208,13 +232,38 @@ def quantize_rows(x, q, s):
 
 
 @njit(cache=True, nogil=True)
-def _gemm_rows(a, rows, gather, r0, r1, w_t, acc):
-    """``acc[r] = a[rows[r] if gather else r] @ w_t`` for r in [r0, r1), exact int32.
+def _dequantize(acc, sx, sw, out):
+    """``out[m, n] = float32(acc[m, n]) * sx[m] * sw[n]`` for the columns of ``out``."""
+    for m in range(out.shape[0]):
+        a = acc[m]
+        sxm = sx[m]
+        o = out[m]
+        for n in range(out.shape[1]):
+            o[n] = np.float32(a[n]) * sxm * sw[n]
 
-    k-outer so each weight row is read once for all rows of the group; the inner loop
-    runs over output channels and vectorises (integer sums are exact in any order).
+
+@njit(cache=True, nogil=True)
+def _linear_rows(x, w_t, sw, out):
+    """The whole w8a8 linear for a few rows: quantize, integer GEMM, dequantize into ``out``."""
+    M, K = x.shape
+    q = np.empty((M, K), np.int8)
+    s = np.empty(M, np.float32)
+    quantize_rows(x, q, s)
+    acc = np.empty((M, w_t.shape[1]), np.int32)
+    _gemm_rows(q, np.empty(0, np.int32), False, 0, M, w_t, acc)
+    _dequantize(acc, s, sw, out)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_rows(a, rows, gather, r0, r1, w_t, acc):
+    """``acc[r] = a[rows[r] if gather else r] @ w_t[:K]`` for r in [r0, r1), exact int32.
+
+    K is ``a``'s width (``w_t`` may carry zero padding rows beyond it). k-outer so each
+    weight row is read once for all rows of the group; the inner loop runs over output
+    channels and vectorises (integer sums are exact in any order).
     """
-    K, N = w_t.shape
+    K = a.shape[1]
+    N = w_t.shape[1]
     for r in range(r0, r1):
         for n in range(N):
             acc[r, n] = 0

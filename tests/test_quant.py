@@ -85,6 +85,8 @@ def test_int8_linear_batch_invariant_accurate_and_loadable(tmp_path):
     perm = torch.randperm(64, generator=g)
     assert torch.equal(layer(x[perm]), full[perm])
     assert torch.equal(layer(x.view(4, 16, 200)), full.view(4, 16, 96))
+    qx, sx = quantize_activation(x)
+    assert torch.equal(full, int8_matmul(qx, sx, layer.qweight_t, layer.scale))  # CPU kernels = torch ops
     ref = x @ w.T
     assert ((full - ref).norm() / ref.norm()).item() < 0.02
     w8 = Int8Linear.from_float(w, mode="w8")(x)
@@ -97,6 +99,8 @@ def test_int8_linear_batch_invariant_accurate_and_loadable(tmp_path):
     loaded.load_state_dict(load_file(tmp_path / "l.safetensors"))
     xo = torch.randn(9, 13, generator=g)
     assert loaded(xo).shape == (9, 5) and torch.equal(loaded(xo), odd(xo))
+    qo, so = quantize_activation(xo)
+    assert torch.equal(odd(xo), int8_matmul(torch.nn.functional.pad(qo, (0, 3)), so, odd.qweight_t, odd.scale)[:, :5])
     with pytest.raises(ValueError, match="mode"):
         Int8Linear(4, 4, mode="w4")
 
