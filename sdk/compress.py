@@ -1,5 +1,18 @@
 """Compression: calibrate, prune routed experts, quantize, and write a verified package.
 
+``compress`` streams the source (an HF checkpoint or a float package) layer by layer from
+its memory-mapped files: the calibration rows' hidden states go through one layer at a
+time, the MoE observer records per expert how often it is chosen and its REAP saliency
+(the mean, over the tokens routed to it, of gate weight x norm of its output), the kept
+experts are chosen, the router rows and correction bias are sliced to them, the layer is
+quantized, the held-out rows run through both the original and the compressed layer, the
+layer is written and freed. Peak memory is about one layer plus the activations.
+
+Group-limited routing after pruning (``groups``): ``balanced`` keeps the same number of
+experts in every group and keeps ``n_group``/``topk_group``; ``global`` keeps the best
+experts anywhere and collapses routing to a single group; ``auto`` (the default) is
+balanced whenever the kept count allows it (see :func:`group_plan`).
+
 Calibration files (validated before any work starts; errors name the line or key):
 
 - ``.jsonl``: one ``{"input_ids": [int, ...]}`` object a line (blank lines are skipped);
