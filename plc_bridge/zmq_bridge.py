@@ -55,7 +55,10 @@ _HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_denied",
                        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed"}
 _KIND_DECISION, _KIND_STOP = b"d", b"s"
 _ZAP_DOMAIN = "r1edge"
-_NS = struct.Struct("<q")
+# Hand-off frame from publish() to the I/O thread: kind, publish time (perf_counter_ns),
+# stream name length, then the stream name and the packed decision. One frame, so one send
+# (each send lets the I/O thread take the GIL from the caller).
+_HANDOFF = struct.Struct("<cqH")
 
 Provider = Callable[[], dict]
 
@@ -301,8 +304,8 @@ class ZmqBridge:
                 self.errors.inc("publish_not_running")
                 return
             try:
-                self._sender.send_multipart((_KIND_DECISION, stream.encode(), data, _NS.pack(t0)),
-                                            zmq.NOBLOCK, copy=True)
+                name = stream.encode()
+                self._sender.send(_HANDOFF.pack(_KIND_DECISION, t0, len(name)) + name + data, zmq.NOBLOCK)
             except zmq.Again:
                 self.errors.inc("publish_dropped")
 
@@ -431,13 +434,14 @@ class ZmqBridge:
             if pipe in events:
                 for _ in range(1000):
                     try:
-                        parts = pipe.recv_multipart(zmq.NOBLOCK)
+                        msg = pipe.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if parts[0] == _KIND_STOP:
+                    if msg[:1] == _KIND_STOP:
                         return
-                    _, stream, data, t0 = parts
-                    self._send_decision(stream, data, _NS.unpack(t0)[0])
+                    _, t0, n = _HANDOFF.unpack_from(msg)
+                    start = _HANDOFF.size + n
+                    self._send_decision(msg[_HANDOFF.size:start], msg[start:], t0)
             if xpub is not None and xpub in events:
                 for _ in range(1000):
                     try:
