@@ -1,4 +1,15 @@
 """Modbus TCP and ZeroMQ I/O for r1edge: register maps, codecs, servers and clients.
 
 This package never imports ``runtime`` or torch.
+
+- :mod:`plc_bridge.registers` — register map entries, value codecs (int16/uint16/int32/uint32/
+  float32, ABCD/CDAB word order, scale and offset), validation at load, read/write planning.
+- :mod:`plc_bridge.modbus` — :class:`~plc_bridge.modbus.ModbusBridge`: server mode (the PLC
+  writes inputs and reads outputs) and client mode (we poll the PLC), on pymodbus asyncio,
+  with heartbeat, fail-safe outputs, allow-list and capped reconnect backoff.
+- :mod:`plc_bridge.messages` — the msgpack message schemas and their hostile-input decoders.
+- :mod:`plc_bridge.zmq_bridge` — :class:`~plc_bridge.zmq_bridge.ZmqBridge` (SUB for sensor
+  frames, XPUB for decisions, ROUTER for control, optional CURVE), the matching clients, and
+  :func:`~plc_bridge.zmq_bridge.make_keys` behind ``r1edge keys``.
+- :mod:`plc_bridge.metrics` — counters and latency rings behind each bridge's ``health()``.
 """
