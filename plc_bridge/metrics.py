@@ -44,10 +44,11 @@ class Counters:
         self._lock = threading.Lock()
         self._c: Counter = Counter()
 
-    def inc(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to counter ``name``."""
+    def inc(self, name: str, n: int = 1) -> int:
+        """Add ``n`` to counter ``name``; returns the new value."""
         with self._lock:
             self._c[name] += n
+            return self._c[name]
 
     def get(self, name: str) -> int:
         """Current value of ``name`` (0 if never incremented)."""
@@ -58,3 +59,9 @@ class Counters:
         """A copy of every counter."""
         with self._lock:
             return dict(self._c)
+
+
+def worth_logging(count: int) -> bool:
+    """True for the 1st, 2nd, 4th, 8th, ... occurrence: warnings about hostile traffic stay
+    visible without letting a flood of it flood the log (the counters keep the exact count)."""
+    return count & (count - 1) == 0

@@ -46,7 +46,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimData, SimDevice
 
-from .metrics import Counters, LatencyRing
+from .metrics import Counters, LatencyRing, worth_logging
 from .registers import ADDRESS_SPACE, BIT_TABLES, TABLES, MapEntry, RegisterMap, heartbeat_entry
 
 log = logging.getLogger(__name__)
@@ -632,8 +632,9 @@ class _Handler(ServerRequestHandler):
         host = peer[0] if peer else None
         bridge = self.bridge
         if not bridge._client_allowed(host):
-            bridge.bad.inc("rejected_client")
-            log.warning("modbus server: refused %s (not in modbus.allow)", host)
+            n = bridge.bad.inc("rejected_client")
+            if worth_logging(n):
+                log.warning("modbus server: refused %s (not in modbus.allow; %d refused so far)", host, n)
             self.close()
             return
         if bridge._clients >= bridge.max_clients:
@@ -689,8 +690,8 @@ class _Handler(ServerRequestHandler):
                 self.bridge.io.add(time.perf_counter_ns() - t0)
                 used = end
         except Exception:  # never let one connection's bytes reach the loop
-            self.bridge.bad.inc("handler_error")
-            log.exception("modbus server: request handling failed; closing that connection")
+            if worth_logging(self.bridge.bad.inc("handler_error")):
+                log.exception("modbus server: request handling failed; closing that connection")
             self._pending = 0
             self._drop()
             return n

@@ -40,7 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import messages
 from .messages import MessageError
-from .metrics import Counters, LatencyRing
+from .metrics import Counters, LatencyRing, worth_logging
 
 log = logging.getLogger(__name__)
 
@@ -574,8 +574,10 @@ class ZmqBridge:
                 disconnected[role] += 1
                 self._peers[role].discard(event["value"])
             elif kind in _HANDSHAKE_FAILURES:
-                self.bad.inc(_HANDSHAKE_FAILURES[kind])
-                log.warning("zmq.%s: %s from a peer", role, _HANDSHAKE_FAILURES[kind])
+                reason = _HANDSHAKE_FAILURES[kind]
+                n = self.bad.inc(reason)
+                if worth_logging(n):
+                    log.warning("zmq.%s: %s from a peer (%d so far)", role, reason, n)
 
 
 def _curve_from_config(raw, base_dir: Path) -> CurveServer:
