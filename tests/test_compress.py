@@ -1,12 +1,24 @@
 """Compression: calibration files, pruning by REAP/frequency/random, int8 packages, streaming memory."""
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from sdk.compress import CalibrationError, load_calibration
+import sdk
+from runtime.config import ModelConfig
+from runtime.model import Transformer
+from sdk.compress import CalibrationError, compress, load_calibration
+from sdk.package import PackageError, read_manifest
 
 
 def _write_jsonl(path, lines):
@@ -85,22 +97,6 @@ def test_valid_files_in_every_format(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Helpers: checkpoints in the HF layout (routed experts one by one), as real releases ship
 # --------------------------------------------------------------------------------------------
-
-import os
-import resource
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
-
-import sdk
-from runtime.config import ModelConfig
-from runtime.model import Transformer
-from sdk.compress import compress
-from sdk.package import PackageError, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -442,7 +438,7 @@ def test_balanced_groups_refused_when_impossible(tmp_path, tiny_checkpoint, tiny
     assert not (tmp_path / "pkg").exists()
 
 
-def test_tampered_or_missing_weight_file_is_refused_naming_it(tmp_path, tiny_checkpoint, tiny_calib):
+def test_tampered_or_missing_weight_file_is_refused_naming_it(tmp_path, tiny_checkpoint, tiny_calib, one_thread):
     pkg = tmp_path / "pkg"
     compress(tiny_checkpoint[0], pkg, calib=tiny_calib, keep_experts=4, progress=False)
     files = list(read_manifest(pkg)["files"])
@@ -483,7 +479,8 @@ def test_malformed_calibration_is_refused_before_any_work(tmp_path, tiny_checkpo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "sensor.npz"]
 
 
-def test_cli_compress_prints_the_report_and_plans_the_package(tmp_path, tiny_checkpoint, tiny_calib, capsys):
+def test_cli_compress_prints_the_report_and_plans_the_package(tmp_path, tiny_checkpoint, tiny_calib, capsys,
+                                                             one_thread):
     from sdk import cli
 
     pkg = tmp_path / "pkg"
@@ -589,3 +586,33 @@ def test_quality_report_is_what_the_package_does(tmp_path, tiny_checkpoint, quan
     assert q["logits_cosine"] == pytest.approx(float(cos), abs=1e-5)
     nll = torch.nn.functional.cross_entropy(a[:, :-1].reshape(-1, 97), held[:, 1:].reshape(-1))
     assert q["nll_compressed"] == pytest.approx(float(nll), abs=1e-4)
+
+
+def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoint, tiny_calib, monkeypatch,
+                                                         one_thread):
+    """A missing source tensor is named before any work; a failure half-way leaves nothing at --out."""
+    from safetensors.torch import load_file
+
+    compress_module = importlib.import_module("sdk.compress")    # the attribute sdk.compress is the function
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = load_file(tiny_checkpoint[0] / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, src / "model.safetensors")
+    (src / "config.json").write_text((tiny_checkpoint[0] / "config.json").read_text())
+    with pytest.raises(ValueError, match="'model.layers.2.mlp.experts.5.up_proj.weight' is missing"):
+        compress(src, tmp_path / "pkg", calib=tiny_calib)
+
+    calls = []
+
+    def failing_quantize(module):
+        calls.append(module)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return module
+
+    monkeypatch.setattr(compress_module, "_quantize", failing_quantize)
+    with pytest.raises(RuntimeError, match="disk full"):
+        compress(tiny_checkpoint[0], tmp_path / "pkg", calib=tiny_calib, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
