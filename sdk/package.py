@@ -78,9 +78,12 @@ class PackageWriter:
 
     def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            if not self.out_dir.is_dir() or any(self.out_dir.iterdir()):
+        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
+            if not overwrite:
                 raise FileExistsError(f"{self.out_dir}: already exists (choose another --out, or overwrite)")
+            if not is_package(self.out_dir):
+                raise FileExistsError(f"{self.out_dir}: exists and is not an r1edge package; "
+                                      "refusing to replace it")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
         self.files: dict[str, dict[str, Any]] = {}

@@ -157,4 +157,10 @@ def test_failed_write_leaves_nothing_and_existing_output_is_kept(tmp_path):
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="taken"):
         write_package(tmp_path / "taken", _manifest(model), model.state_dict())
+    with pytest.raises(FileExistsError, match="not an r1edge package"):
+        write_package(tmp_path / "taken", _manifest(model), model.state_dict(), overwrite=True)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    # A package may be replaced by a new one.
+    write_package(tmp_path / "pkg", _manifest(model), model.state_dict())
+    write_package(tmp_path / "pkg", _manifest(model), _model(seed=1).state_dict(), overwrite=True)
+    assert torch.equal(sdk.load_model(tmp_path / "pkg").lm_head.weight, _model(seed=1).lm_head.weight)
