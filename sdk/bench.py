@@ -99,12 +99,17 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
     from runtime.engine import Engine
     from sdk.loading import load_model
 
-    if device != "cpu":
-        raise ValueError(f"--device {device}: the stream engine runs on the CPU in this release; "
-                         "the CUDA engine is not built yet")
     batches = sorted(set(int(b) for b in batches))
     if not batches or batches[0] < 1:
         raise ValueError(f"batch sizes must be positive, got {batches}")
+    if device != "cpu":
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        from runtime.device import bench_device
+
+        report = bench_device(load_model(path), batches=batches, device=device, steps=steps, warmup=warmup,
+                              window=window, progress=progress)
+        return {"path": str(path), "engine": "device-w8a8 (CUDA graph per step)", **report}
     if warmup + steps > window:
         window = warmup + steps
     model = load_model(path)
@@ -132,6 +137,12 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
 
 def render_bench(report: dict) -> None:
     """Print a bench report as a table."""
+    if "peak" in report:      # --device cuda
+        from runtime.device import render_bench_device
+
+        print(f"{report['path']}: {report['engine']}")
+        render_bench_device(report)
+        return
     print(f"{report['path']}: {report['engine']} on {report['device']}, weights {report['weights']}, "
           f"{report['steps']} steps per batch size")
     print(f"{'batch':>6} {'engine p50':>11} {'p99':>9} {'tok/s':>10}   {'reference p50':>13} {'p99':>9} {'speedup':>8}")
