@@ -291,7 +291,9 @@ def render_plan(report: dict[str, Any], out=None) -> None:
     w(f"  GPU memory {a['gpu_mem_gb']:g} GB: {verdict} "
       f"(headroom {report['headroom_bytes'] / 1e9:.2f} GB)\n")
     mk = report["max_keep_experts"]
-    if mk is None:
+    if not report["n_moe_layers"]:
+        w("  no MoE layers: nothing to prune\n")
+    elif mk is None:
         w(f"  no kept-expert count >= num_experts_per_tok={report['num_experts_per_tok']} fits "
           f"{a['gpu_mem_gb']:g} GB\n")
     else:
