@@ -1,7 +1,7 @@
 """Flight recorder: every control cycle appended to a file, readable after a crash.
 
 A recording is a run of numbered segment files ``<run>-0000.r1rec``, ``<run>-0001.r1rec``, ...
-in one directory. Each file is a sequence of records (little-endian)::
+in one directory; ``<run>`` is ``rec-<UTC time>-<pid>``, so runs sort by start time. Each file is a sequence of records (little-endian)::
 
     uint32 N | N bytes of msgpack | uint32 CRC-32 of those N bytes
 
@@ -60,7 +60,7 @@ class FlightRecorder:
             raise ValueError(f"recorder keep must be at least 1, got {keep}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.run_name = run_name or f"rec-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        self.run_name = run_name or self._new_run_name()
         self.max_bytes, self.keep = int(max_bytes), int(keep)
         self._header = dict(header)
         self.segment = -1
@@ -70,6 +70,15 @@ class FlightRecorder:
         self._size = 0
         self._in_segment = 0
         self._open_segment(0)
+
+    def _new_run_name(self) -> str:
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
+        name, n = f"rec-{stamp}-{os.getpid()}", 1
+        while any(self.directory.glob(f"{glob_escape(name)}-*{SUFFIX}")):
+            n += 1
+            name = f"rec-{stamp}-{os.getpid()}-{n}"
+        return name
 
     @property
     def path(self) -> Path:

@@ -25,6 +25,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """``r1edge run DEPLOY.toml``: the controller's periodic loop with its bridges."""
+    import signal
+
+    from sdk.controller import Controller, recording_source, render_stats
+
+    with Controller.from_config(args.config) as ctrl:
+        source = recording_source(args.inputs, loop=args.repeat) if args.inputs else None
+        handlers = {sig: signal.signal(sig, lambda *_: ctrl.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            stats = ctrl.run(args.duration, source=source)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    _print_report(stats, args.json, render_stats)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``r1edge replay RECORDING``: re-run a flight recording; exit 1 unless bitwise identical."""
+    from sdk.controller import render_replay, replay
+
+    report = replay(args.recording, package=args.package)
+    _print_report(report, args.json, render_replay)
+    return 0 if report["identical"] else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``r1edge bench PATH``: engine step latency per batch size, beside the reference."""
     from tqdm import tqdm
@@ -78,6 +105,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """``r1edge fit SRC --data FILE.npz --out PKG``: attach a sensor adapter and fit it (or the whole model)."""
+    from sdk.fit import fit, load_data, render_fit
+
+    data = load_data(args.data)
+    names = {}
+    for key, flag in (("inputs", "--inputs"), ("outputs", "--outputs")):
+        given = getattr(args, key)
+        names[key] = [n.strip() for n in given.split(",") if n.strip()] if given else data[key]
+        if names[key] is None:
+            raise ValueError(f"{args.data}: the file does not name its {key} "
+                             f"({'feature_names' if key == 'inputs' else 'output_names'}); pass {flag} a,b,...")
+    report = fit(args.src, data["frames"], data["targets"], inputs=names["inputs"], outputs=names["outputs"],
+                 out=args.out, train=args.train, window=args.window, steps=args.steps, lr=args.lr,
+                 seed=args.seed, batch=args.batch, seq_len=args.seq_len, held_out=args.held_out,
+                 progress=not args.json, overwrite=args.overwrite)
+    _print_report(report, args.json, render_fit)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="r1edge", description=__doc__.splitlines()[0])
@@ -88,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="HF checkpoint directory or r1edge package")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="run the controller loop of a deployment config with its bridges")
+    p.add_argument("config", metavar="DEPLOY.toml", help="deployment config")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="seconds to run (default: until SIGINT/SIGTERM)")
+    p.add_argument("--inputs", metavar="RECORDING",
+                   help="feed the inputs of a flight recording instead of the bridges' (outputs still go out)")
+    p.add_argument("--repeat", action="store_true", help="with --inputs: start over at the end")
+    p.add_argument("--json", action="store_true", help="print the final stats as JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="re-run a flight recording and check every output bit for bit")
+    p.add_argument("recording", metavar="RECORDING",
+                   help="recording directory (its latest run) or the run's first .r1rec segment")
+    p.add_argument("--package", metavar="PKG", help="package to replay with (default: the one recorded)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("bench", help="decode-step latency per batch size, beside the reference")
     p.add_argument("path", help="HF checkpoint directory or r1edge package")
@@ -143,6 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("fit", help="attach a sensor I/O adapter and fit it on recorded frames")
+    p.add_argument("src", metavar="SRC", help="HF checkpoint directory or unquantized package")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help=".npz with 'frames' [N,T,F] and 'targets' [N,T,O] (optional 'feature_names', 'output_names')")
+    p.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
+    p.add_argument("--inputs", default=None, metavar="A,B,..", help="input names (default: from the file)")
+    p.add_argument("--outputs", default=None, metavar="X,Y,..", help="output names (default: from the file)")
+    p.add_argument("--train", choices=("adapter", "all"), default="adapter",
+                   help="fit the adapter only, or the whole model (default: %(default)s)")
+    p.add_argument("--window", type=int, default=32, help="attention window in frames (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="crops per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help="frames per crop (default: 3 x window)")
+    p.add_argument("--held-out", type=float, default=0.2,
+                   help="fraction of rows held out for the report (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
+    p.set_defaults(func=cmd_fit)
 
     return parser
 

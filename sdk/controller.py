@@ -468,6 +468,52 @@ def _match(source, what: str, configured: list[str], model: list[str]) -> None:
         raise ConfigError(f"{source}: {what}: " + "; ".join(parts))
 
 
+def render_stats(stats: dict) -> None:
+    """Print a controller's stats for people."""
+    lat = stats["latency_us"]
+    print(f"cycles {stats['cycles']}  deadline misses {stats['deadline_misses']}  "
+          f"skipped ticks {stats['skipped_ticks']}  fail-safe cycles {stats['failsafe_cycles']}  "
+          f"held cycles {stats['held_cycles']}")
+    print("latency us      " + _row(lat))
+    print("lateness us     " + _row(stats["lateness_us"]))
+    for phase, h in stats["phases_us"].items():
+        print(f"{phase + ' us':<16}" + _row(h))
+    bad = {k: v for k, v in stats["invalid_inputs"].items() if v}
+    print(f"invalid inputs  {bad or 'none'}")
+    wd = stats["watchdog"]
+    print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
+          f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))
+    rt = ", ".join(f"{k} {'yes' if v.get('applied') else 'no'}" for k, v in stats["rt_applied"].items()
+                   if "applied" in v)
+    print(f"real-time       {rt or 'not requested'}")
+    if stats["recorder"]:
+        r = stats["recorder"]
+        print(f"recording       {r['path']} ({r['records']} records, {r['bytes']} bytes)")
+
+
+def _row(h: dict) -> str:
+    return f"p50 {h['p50']:9.1f}  p99 {h['p99']:9.1f}  p99.9 {h['p999']:9.1f}  max {h['max']:9.1f}"
+
+
+def render_replay(report: dict) -> None:
+    """Print a replay report for people."""
+    print(f"recording  {report['recording']} ({len(report['segments'])} segment(s))")
+    print(f"package    {report['package']}" + ("" if report["package_match"] is None else
+                                               "  (matches the recording)" if report["package_match"]
+                                               else "  (DIFFERS from the recorded package)"))
+    print(f"cycles {report['cycles']}  model steps {report['stream_steps']}  model outputs compared "
+          f"{report['model_outputs_compared']}  final outputs compared {report['final_outputs_compared']}")
+    stop = report["stop"]
+    if stop and stop["reason"] != "end":
+        print(f"stopped at {stop['file']}:{stop['offset']} ({stop['reason']}): the last record is incomplete")
+    if report["identical"]:
+        print("IDENTICAL: every output is bitwise identical")
+    else:
+        m = report["first_mismatch"]
+        print(f"DIFFERENT: {report['mismatches']} mismatches; first at seq {m['seq']} stream {m['stream']!r} "
+              f"({m['what']}): recorded {m['recorded']} replayed {m['replayed']}")
+
+
 # ---------------------------------------------------------------------------- recordings
 
 def recorded_inputs(path: str | Path) -> Iterator[dict[str, dict[str, float]]]:

@@ -142,7 +142,7 @@ def test_sigkill_leaves_every_complete_record_readable(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
+        time.sleep(0.1)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
