@@ -7,7 +7,8 @@ H=7168) and a tiny config.
 
 Experts (``--experts``): one int8 MoE expert layer over a dispatch plan, comparing the
 torch backend (one ``torch._int_mm`` per active expert and GEMM, torch elementwise ops),
-the Numba grouped kernel alone, and Numba with ``_int_mm`` for experts holding >= 2 rows.
+the Numba grouped kernel alone, and Numba with ``_int_mm`` for experts holding >= 2 rows;
+then the shared expert fused into that layer against a separate int8 MLP.
 
 Prints p50 microseconds (and p99) per call. Usage:
 
@@ -22,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from runtime.quant import RoutedExperts
+from runtime.quant import Int8Linear, RoutedExperts, silu_mul
 from runtime.routing import Router, route_torch, router_logits
 
 
@@ -109,6 +110,29 @@ def bench_experts(iters: int) -> None:
             print(f"{H:5d} {I:4d} {E:3d} {K:2d} {T:3d} {cells}   (active experts: {plan.n_active})")
 
 
+def bench_shared(iters: int) -> None:
+    print("\nshared expert (Is = I): fused into RoutedExperts vs routed + a separate int8 MLP"
+          " (Int8Linear gate, up, down; silu_mul)")  # fmt: skip
+    print(f"{'H':>5s} {'I':>4s} {'E':>3s} {'k':>2s} {'T':>3s} {'fused p50':>10s} {'separate p50':>13s}")
+    rng = np.random.default_rng(2)
+    for H, I, E, K in EXPERT_CONFIGS:
+        gate, up, down = torch.randn(E, I, H) / H**0.5, torch.randn(E, I, H) / H**0.5, torch.randn(E, H, I) / I**0.5
+        sg, su, sd = torch.randn(I, H) / H**0.5, torch.randn(I, H) / H**0.5, torch.randn(H, I) / I**0.5
+        router = Router(torch.randn(E, H) / H**0.5, torch.zeros(E), 4, 2, K, True, 2.5, 64)
+        fused = RoutedExperts.from_float(gate, up, down, shared=(sg, su, sd))
+        routed = RoutedExperts.from_float(gate, up, down)
+        fused.reserve(64, K)
+        routed.reserve(64, K)
+        lg, lu, ld = Int8Linear.from_float(sg), Int8Linear.from_float(su), Int8Linear.from_float(sd)
+        n_iter = iters if H <= 256 else max(20, iters // 10)
+        for T in (1, 64):
+            x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32))
+            plan = router(x.numpy())
+            f, _ = timeit(lambda: fused(x, plan), n_iter)
+            sep, _ = timeit(lambda: routed(x, plan) + ld(silu_mul(lg(x), lu(x))), n_iter)
+            print(f"{H:5d} {I:4d} {E:3d} {K:2d} {T:3d} {f:10.1f} {sep:13.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", action="store_true", help="also time the int8 expert layer")
@@ -121,6 +145,7 @@ def main() -> None:
     bench_routing(args.iters)
     if args.experts:
         bench_experts(max(50, args.iters // 10))
+        bench_shared(max(50, args.iters // 10))
 
 
 if __name__ == "__main__":

@@ -289,9 +289,9 @@ def _gemm_rows(a, rows, gather, r0, r1, w_t, acc):
 
 
 @njit(cache=True, nogil=True)
-def _moe_stage1(x, qx, sx, token_ids, offsets, active, n_active, w13_t, min_mm_rows, xg, acc13):
-    """Quantize x per token; gate/up GEMM for small groups; gather rows of large groups into xg."""
-    quantize_rows(x, qx, sx)
+def _moe_gemm1(qx, token_ids, offsets, active, n_active, w13_t, min_mm_rows, xg, acc13):
+    """Gate/up GEMM for groups under ``min_mm_rows`` rows; rows of larger groups are gathered
+    into ``xg`` for ``torch._int_mm``."""
     H = qx.shape[1]
     for ai in range(n_active):
         e = active[ai]
@@ -306,9 +306,10 @@ def _moe_stage1(x, qx, sx, token_ids, offsets, active, n_active, w13_t, min_mm_r
 
 
 @njit(cache=True, nogil=True)
-def _moe_stage2(sx, token_ids, offsets, active, n_active, s13, acc13, hbuf, hq, sh, w2_t, min_mm_rows, acc2):
+def _moe_act(sx, token_ids, offsets, active, n_active, s13, acc13, hbuf, hq, sh, w2_t, min_mm_rows, acc2):
     """Dequantize gate/up, h = silu(g) * u, quantize h per row; down GEMM for small groups."""
     I = s13.shape[1] // 2
+    hbuf = hbuf[:I]  # the buffer may be longer (sized for the shared expert too)
     one = np.float32(1.0)
     for ai in range(n_active):
         e = active[ai]
@@ -345,31 +346,65 @@ def _moe_combine(topk_idx, topk_weight, topk_pos, acc2, sh, s2, out):
 
 
 @njit(cache=True, nogil=True)
+def _add_shared(acc2, sh, s2, out):
+    """out[t] += float32(acc2[t]) * sh[t] * s2: the shared expert, added after the routed sum."""
+    for t in range(out.shape[0]):
+        o = out[t]
+        a = acc2[t]
+        sht = sh[t]
+        for n in range(out.shape[1]):
+            o[n] += np.float32(a[n]) * sht * s2[n]
+
+
+@njit(cache=True, nogil=True)
 def _moe_numba(x, topk_idx, topk_weight, topk_pos, token_ids, offsets, active, n_active,
-               w13_t, s13, w2_t, s2, qx, sx, xg, acc13, hbuf, hq, sh, acc2, out):  # fmt: skip
-    """The whole int8 expert layer in one call, every group through the Numba GEMM."""
+               w13_t, s13, w2_t, s2, qx, sx, xg, acc13, hbuf, hq, sh, acc2, out,
+               has_shared, s_ids, s_off, s_act, sw13_t, ss13, sw2_t, ss2, sacc13, shq, ssh, sacc2):  # fmt: skip
+    """The whole int8 expert layer in one call, every group through the Numba GEMM.
+
+    The shared expert (``has_shared``; weights stacked as one expert) runs over all T
+    tokens from the same quantized ``qx`` and is added after the routed sum.
+    """
     big = np.int64(1) << 62
-    _moe_stage1(x, qx, sx, token_ids, offsets, active, n_active, w13_t, big, xg, acc13)
-    _moe_stage2(sx, token_ids, offsets, active, n_active, s13, acc13, hbuf, hq, sh, w2_t, big, acc2)
+    quantize_rows(x, qx, sx)
+    _moe_gemm1(qx, token_ids, offsets, active, n_active, w13_t, big, xg, acc13)
+    _moe_act(sx, token_ids, offsets, active, n_active, s13, acc13, hbuf, hq, sh, w2_t, big, acc2)
     _moe_combine(topk_idx, topk_weight, topk_pos, acc2, sh, s2, out)
+    if has_shared:
+        s_off[1] = x.shape[0]
+        _moe_gemm1(qx, s_ids, s_off, s_act, 1, sw13_t, big, xg, sacc13)
+        _moe_act(sx, s_ids, s_off, s_act, 1, ss13, sacc13, hbuf, shq, ssh, sw2_t, big, sacc2)
+        _add_shared(sacc2, ssh, ss2[0], out)
 
 
 class _Workspace:
-    """Buffers of one int8 expert forward on the CPU: torch tensors and numpy views of them."""
+    """Buffers of one int8 expert forward on the CPU: torch tensors and numpy views of them.
 
-    def __init__(self, max_tokens: int, top_k: int, hidden: int, inter: int):
-        T, R = max_tokens, max_tokens * top_k
+    ``s*`` entries serve the shared expert (one-element placeholders when there is none,
+    so that the Numba kernel sees the same types either way).
+    """
+
+    def __init__(self, max_tokens: int, top_k: int, hidden: int, inter: int, shared_inter: int):
+        T, R, Ts = max_tokens, max_tokens * top_k, max_tokens if shared_inter else 1
         self.max_tokens, self.top_k = T, top_k
+        i32, i8, f32 = torch.int32, torch.int8, torch.float32
         self.t = {
-            "qx": torch.zeros(T, hidden, dtype=torch.int8),
-            "sx": torch.zeros(T, dtype=torch.float32),
-            "xg": torch.zeros(R, hidden, dtype=torch.int8),
-            "acc13": torch.zeros(R, 2 * inter, dtype=torch.int32),
-            "hbuf": torch.zeros(inter, dtype=torch.float32),
-            "hq": torch.zeros(R, inter, dtype=torch.int8),
-            "sh": torch.zeros(R, dtype=torch.float32),
-            "acc2": torch.zeros(R, hidden, dtype=torch.int32),
-            "out": torch.zeros(T, hidden, dtype=torch.float32),
+            "qx": torch.zeros(T, hidden, dtype=i8),
+            "sx": torch.zeros(T, dtype=f32),
+            "xg": torch.zeros(R, hidden, dtype=i8),
+            "acc13": torch.zeros(R, 2 * inter, dtype=i32),
+            "hbuf": torch.zeros(max(inter, shared_inter), dtype=f32),
+            "hq": torch.zeros(R, inter, dtype=i8),
+            "sh": torch.zeros(R, dtype=f32),
+            "acc2": torch.zeros(R, hidden, dtype=i32),
+            "out": torch.zeros(T, hidden, dtype=f32),
+            "s_ids": torch.arange(Ts, dtype=i32),
+            "s_off": torch.zeros(2, dtype=i32),
+            "s_act": torch.zeros(1, dtype=i32),
+            "sacc13": torch.zeros(Ts, max(2 * shared_inter, 1), dtype=i32),
+            "shq": torch.zeros(Ts, max(shared_inter, 1), dtype=i8),
+            "ssh": torch.zeros(Ts, dtype=f32),
+            "sacc2": torch.zeros(Ts, hidden if shared_inter else 1, dtype=i32),
         }
         self.n = {k: v.numpy() for k, v in self.t.items()}
         self._out: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
@@ -399,25 +434,30 @@ def _plan_torch(plan, device):
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts of one MoE layer, executed over a ``DispatchPlan``.
+    """The routed experts of one MoE layer (optionally with its shared expert), run over a
+    ``DispatchPlan``.
 
     Expert i computes ``down_i(silu(gate_i(x)) * up_i(x))``; a token's output is the sum of
     its k expert outputs times their routing weights, added in the token's top-k order
     (ascending expert id), so it never depends on the other tokens. Only experts with
-    tokens run, each once over all of its tokens.
+    tokens run, each once over all of its tokens. With a shared expert (intermediate size
+    ``shared_intermediate_size``, n_shared_experts * I in DeepSeek) its output is added
+    after the routed sum, reusing the same quantized tokens: on the CPU this saves the
+    separate quantize/GEMM/dequantize calls of a stand-alone int8 MLP.
 
     Modes (``from_float``):
     - ``"w8a8"``: buffers ``w13_t`` int8 [E, H, 2I] (gate and up fused, transposed),
-      ``s13`` float32 [E, 2I], ``w2_t`` int8 [E, I, H], ``s2`` float32 [E, H]. Each token
-      is quantized once per layer, each (token, expert) intermediate row once. Bitwise
-      batch invariant.
-    - ``"float"``: buffers ``gate_up`` [E, 2I, H] and ``down`` [E, H, I] in their dtype;
-      float GEMMs per expert, not batch invariant.
+      ``s13`` float32 [E, 2I], ``w2_t`` int8 [E, I, H], ``s2`` float32 [E, H] (and
+      ``shared_w13_t`` [H, 2Is], ``shared_s13``, ``shared_w2_t`` [Is, H], ``shared_s2``).
+      Each token is quantized once per layer, each (token, expert) intermediate row once.
+      Bitwise batch invariant.
+    - ``"float"``: buffers ``gate_up`` [E, 2I, H] and ``down`` [E, H, I] (and
+      ``shared_gate_up``, ``shared_down``) in their dtype; float GEMMs, not batch invariant.
 
     Backends (fixed at construction, never switched per call, since the two SiLU
     implementations may differ in the last bit):
-    - ``"numba"`` (CPU, w8a8): Numba kernels; experts holding at least ``min_mm_rows``
-      tokens run their GEMMs through ``torch._int_mm`` instead, with identical results.
+    - ``"numba"`` (CPU, w8a8): Numba kernels; groups holding at least ``min_mm_rows``
+      rows run their GEMMs through ``torch._int_mm`` instead, with identical results.
     - ``"torch"``: one ``_int_mm`` (or float GEMM) per active expert and torch
       elementwise ops; runs on any device.
     ``"auto"`` picks numba for w8a8 on the CPU, torch otherwise.
@@ -436,6 +476,7 @@ class RoutedExperts(nn.Module):
         backend: str = "auto",
         min_mm_rows: int | None = None,
         dtype: torch.dtype = torch.float32,
+        shared_intermediate_size: int = 0,
     ):
         super().__init__()
         if mode not in ("w8a8", "float"):
@@ -444,8 +485,9 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"RoutedExperts backend must be 'auto', 'numba' or 'torch', got {backend!r}")
         if backend == "numba" and mode != "w8a8":
             raise ValueError("the numba backend runs the w8a8 mode only")
-        E, H, I = num_experts, hidden_size, intermediate_size
+        E, H, I, Is = num_experts, hidden_size, intermediate_size, shared_intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
+        self.shared_intermediate_size = Is
         self.mode, self.backend = mode, backend
         if min_mm_rows is None:
             min_mm_rows = default_min_mm_rows(H, I)
@@ -455,9 +497,17 @@ class RoutedExperts(nn.Module):
             self.register_buffer("s13", torch.ones(E, 2 * I, dtype=torch.float32))
             self.register_buffer("w2_t", torch.zeros(E, I, H, dtype=torch.int8))
             self.register_buffer("s2", torch.ones(E, H, dtype=torch.float32))
+            if Is:
+                self.register_buffer("shared_w13_t", torch.zeros(H, 2 * Is, dtype=torch.int8))
+                self.register_buffer("shared_s13", torch.ones(2 * Is, dtype=torch.float32))
+                self.register_buffer("shared_w2_t", torch.zeros(Is, H, dtype=torch.int8))
+                self.register_buffer("shared_s2", torch.ones(H, dtype=torch.float32))
         else:
             self.register_buffer("gate_up", torch.zeros(E, 2 * I, H, dtype=dtype))
             self.register_buffer("down", torch.zeros(E, H, I, dtype=dtype))
+            if Is:
+                self.register_buffer("shared_gate_up", torch.zeros(2 * Is, H, dtype=dtype))
+                self.register_buffer("shared_down", torch.zeros(H, Is, dtype=dtype))
         self._ws: _Workspace | None = None
         self._np_key = None
         self._np_views = None
@@ -471,20 +521,34 @@ class RoutedExperts(nn.Module):
         mode: str = "w8a8",
         backend: str = "auto",
         min_mm_rows: int | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> "RoutedExperts":
-        """Build from stacked float weights ``gate``, ``up`` [E, I, H] and ``down`` [E, H, I]."""
+        """Build from stacked float weights ``gate``, ``up`` [E, I, H] and ``down`` [E, H, I];
+        ``shared`` is the shared expert's (gate [Is, H], up [Is, H], down [H, Is])."""
         E, I, H = gate.shape
         if up.shape != (E, I, H) or down.shape != (E, H, I):
             raise ValueError(
                 f"expert weights must be gate/up [E, I, H] and down [E, H, I]; got gate "
                 f"{tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}"
             )
+        Is = 0
+        if shared is not None:
+            sg, su, sd = shared
+            Is = sg.shape[0]
+            if sg.shape != (Is, H) or su.shape != (Is, H) or sd.shape != (H, Is):
+                raise ValueError(
+                    f"shared expert weights must be gate/up [Is, {H}] and down [{H}, Is]; got "
+                    f"{tuple(sg.shape)}, {tuple(su.shape)}, {tuple(sd.shape)}"
+                )
         dtype = gate.dtype if mode == "float" else torch.float32
-        m = cls(E, H, I, mode, backend, min_mm_rows, dtype)
+        m = cls(E, H, I, mode, backend, min_mm_rows, dtype, Is)
         with torch.no_grad():
             if mode == "float":
                 m.gate_up.copy_(torch.cat([gate, up], dim=1))
                 m.down.copy_(down)
+                if Is:
+                    m.shared_gate_up.copy_(torch.cat([sg, su]))
+                    m.shared_down.copy_(sd)
             else:
                 for e in range(E):
                     q13, s13 = quantize_weight(torch.cat([gate[e], up[e]], dim=0))
@@ -493,6 +557,13 @@ class RoutedExperts(nn.Module):
                     m.s13[e].copy_(s13)
                     m.w2_t[e].copy_(q2)
                     m.s2[e].copy_(s2)
+                if Is:
+                    q13, s13 = quantize_weight(torch.cat([sg, su]))
+                    q2, s2 = quantize_weight(sd)
+                    m.shared_w13_t.copy_(q13)
+                    m.shared_s13.copy_(s13)
+                    m.shared_w2_t.copy_(q2)
+                    m.shared_s2.copy_(s2)
         return m.to(gate.device)
 
     def _use_numba(self, x: torch.Tensor) -> bool:
@@ -502,12 +573,16 @@ class RoutedExperts(nn.Module):
             return True
         return self.backend == "auto" and self.mode == "w8a8" and x.device.type == "cpu"
 
+    def _workspace(self, max_tokens: int, top_k: int) -> _Workspace:
+        return _Workspace(max_tokens, top_k, self.hidden_size, self.intermediate_size,
+                          self.shared_intermediate_size)  # fmt: skip
+
     def reserve(self, max_tokens: int, top_k: int) -> None:
         """Preallocate the CPU int8 buffers for up to ``max_tokens`` tokens of ``top_k`` experts."""
-        self._ws = _Workspace(max_tokens, top_k, self.hidden_size, self.intermediate_size)
+        self._ws = self._workspace(max_tokens, top_k)
 
     def forward(self, x: torch.Tensor, plan, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` [T, H] and its ``DispatchPlan`` -> routed-expert output [T, H]."""
+        """``x`` [T, H] and its ``DispatchPlan`` -> expert output [T, H] (shared expert included)."""
         if x.ndim != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"expert input must be [T, {self.hidden_size}], got {tuple(x.shape)}")
         if plan.topk_idx.shape[0] != x.shape[0]:
@@ -517,19 +592,26 @@ class RoutedExperts(nn.Module):
         return self._forward_torch(x, plan, out)
 
     def _weights_numpy(self):
-        """numpy views of the int8 buffers, rebuilt when a buffer tensor was replaced."""
+        """numpy views of the int8 buffers (the shared expert's stacked as one expert, or
+        one-element placeholders), rebuilt when a buffer tensor was replaced."""
         bufs = self._buffers
-        key = (bufs["w13_t"], bufs["s13"], bufs["w2_t"], bufs["s2"])
+        names = ("w13_t", "s13", "w2_t", "s2", "shared_w13_t", "shared_s13", "shared_w2_t", "shared_s2")
+        key = tuple(bufs.get(n) for n in names)
         if self._np_key is None or any(a is not b for a, b in zip(key, self._np_key)):
-            self._np_views = tuple(t.numpy() for t in key)
-            self._np_key = key
+            views = [t.numpy() for t in key[:4]]
+            if self.shared_intermediate_size:
+                views += [t.numpy()[None] for t in key[4:]]
+            else:
+                views += [np.zeros((1, 1, 1), np.int8), np.ones((1, 1), np.float32),
+                          np.zeros((1, 1, 1), np.int8), np.ones((1, 1), np.float32)]  # fmt: skip
+            self._np_views, self._np_key = tuple(views), key
         return self._np_views
 
     def _forward_numba(self, x, plan, out):
         T, k = plan.topk_idx.shape
         ws = self._ws
         if ws is None or T > ws.max_tokens or k != ws.top_k:
-            ws = _Workspace(T, k, self.hidden_size, self.intermediate_size)
+            ws = self._workspace(T, k)
         b, bn = ws.t, ws.n
         if isinstance(plan.topk_idx, np.ndarray):
             idx, w, pos, counts, offsets, token_ids, _, active, n_active = plan
@@ -544,32 +626,42 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"out must be a contiguous float32 [{T}, {self.hidden_size}] tensor")
         else:
             on = out.detach().numpy()
-        w13n, s13n, w2n, s2n = self._weights_numpy()
+        w13n, s13n, w2n, s2n, sw13n, ss13n, sw2n, ss2n = self._weights_numpy()
+        has_shared = self.shared_intermediate_size > 0
+        mr = self.min_mm_rows
         # An expert holds at most T rows: no _int_mm group is possible below the threshold.
-        big = np.flatnonzero(counts >= self.min_mm_rows).tolist() if T >= self.min_mm_rows else ()
-        if not big:
+        big = np.flatnonzero(counts >= mr).tolist() if T >= mr else ()
+        if not big and not (has_shared and T >= mr):
             _moe_numba(xn, idx, w, pos, token_ids, offsets, active, n_active, w13n, s13n, w2n, s2n,
                        bn["qx"], bn["sx"], bn["xg"], bn["acc13"], bn["hbuf"], bn["hq"], bn["sh"],
-                       bn["acc2"], on)  # fmt: skip
+                       bn["acc2"], on, has_shared, bn["s_ids"], bn["s_off"], bn["s_act"],
+                       sw13n, ss13n, sw2n, ss2n, bn["sacc13"], bn["shq"], bn["ssh"], bn["sacc2"])  # fmt: skip
             return out
-        mr = self.min_mm_rows
-        _moe_stage1(xn, bn["qx"], bn["sx"], token_ids, offsets, active, n_active, w13n, mr, bn["xg"], bn["acc13"])
+        quantize_rows(xn, bn["qx"], bn["sx"])
+        _moe_gemm1(bn["qx"], token_ids, offsets, active, n_active, w13n, mr, bn["xg"], bn["acc13"])
         for e in big:
             o0, o1 = int(offsets[e]), int(offsets[e + 1])
             torch._int_mm(b["xg"][o0:o1], self.w13_t[e], out=b["acc13"][o0:o1])
-        _moe_stage2(bn["sx"], token_ids, offsets, active, n_active, s13n, bn["acc13"], bn["hbuf"],
-                    bn["hq"], bn["sh"], w2n, mr, bn["acc2"])  # fmt: skip
+        _moe_act(bn["sx"], token_ids, offsets, active, n_active, s13n, bn["acc13"], bn["hbuf"],
+                 bn["hq"], bn["sh"], w2n, mr, bn["acc2"])  # fmt: skip
         for e in big:
             o0, o1 = int(offsets[e]), int(offsets[e + 1])
             torch._int_mm(b["hq"][o0:o1], self.w2_t[e], out=b["acc2"][o0:o1])
         _moe_combine(idx, w, pos, bn["acc2"], bn["sh"], s2n, on)
+        if has_shared:  # T >= mr here: both shared GEMMs through _int_mm, rows in token order
+            bn["s_off"][1] = T
+            torch._int_mm(b["qx"][:T], self.shared_w13_t, out=b["sacc13"][:T])
+            _moe_act(bn["sx"], bn["s_ids"], bn["s_off"], bn["s_act"], 1, ss13n, bn["sacc13"],
+                     bn["hbuf"], bn["shq"], bn["ssh"], sw2n, mr, bn["sacc2"])  # fmt: skip
+            torch._int_mm(b["shq"][:T], self.shared_w2_t, out=b["sacc2"][:T])
+            _add_shared(bn["sacc2"], bn["ssh"], ss2n[0], on)
         return out
 
     def _forward_torch(self, x, plan, out):
         dev = x.device
         idx, w, pos, counts, offsets, token_ids, _, active, _ = _plan_torch(plan, dev)
         T, k = idx.shape
-        I = self.intermediate_size
+        I, Is = self.intermediate_size, self.shared_intermediate_size
         token_ids = token_ids.long()
         offs = offsets.tolist()
         act = active.tolist()
@@ -589,12 +681,19 @@ class RoutedExperts(nn.Module):
             for e in act:
                 _int_mm(hq[offs[e] : offs[e + 1]], self.w2_t[e], out=acc2[offs[e] : offs[e + 1]])
             y = acc2.float() * sh * self.s2.index_select(0, row_e)
+            if Is:
+                gu = _int_mm(qx, self.shared_w13_t).float() * sx * self.shared_s13
+                hq_s, sh_s = quantize_activation(silu_mul(gu[:, :Is], gu[:, Is:]))
+                y_shared = _int_mm(hq_s, self.shared_w2_t).float() * sh_s * self.shared_s2
         else:
             xg = x.index_select(0, token_ids)
             y = torch.empty(T * k, self.hidden_size, dtype=self.down.dtype, device=dev)
             for e in act:
                 gu = F.linear(xg[offs[e] : offs[e + 1]], self.gate_up[e])
                 y[offs[e] : offs[e + 1]] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.down[e])
+            if Is:
+                gu = F.linear(x, self.shared_gate_up)
+                y_shared = F.linear(F.silu(gu[:, :Is]) * gu[:, Is:], self.shared_down)
         yw = y.index_select(0, pos.reshape(-1).long()).view(T, k, -1) * w.to(y.dtype).unsqueeze(-1)
         if out is None:
             out = torch.zeros(T, self.hidden_size, dtype=y.dtype, device=dev)
@@ -602,6 +701,8 @@ class RoutedExperts(nn.Module):
             out.zero_()
         for j in range(k):
             out += yw[:, j]
+        if Is:
+            out += y_shared
         return out
 
 

@@ -116,64 +116,85 @@ def test_silu_mul_is_position_independent():
 
 # --- routed experts ---------------------------------------------------------------------
 
-CONFIGS = [  # H, I, E, n_group, topk_group, k
-    (64, 32, 8, 2, 1, 2),
-    (64, 32, 16, 4, 2, 4),
-    (96, 48, 32, 4, 4, 8),
+CONFIGS = [  # H, I, E, n_group, topk_group, k, shared intermediate (0: none)
+    (64, 32, 8, 2, 1, 2, 0),
+    (64, 32, 16, 4, 2, 4, 32),
+    (96, 48, 32, 4, 4, 8, 96),
 ]
 
 
-def make_layer(H, I, E, G, KG, K, seed=0, max_tokens=64):
+def make_layer(H, I, E, G, KG, K, Is, seed=0, max_tokens=64):
+    """(routed weights, shared weights or None, router, x [64, H]) for a random layer."""
     g = torch.Generator().manual_seed(seed)
     gate = torch.randn(E, I, H, generator=g) / H**0.5
     up = torch.randn(E, I, H, generator=g) / H**0.5
     down = torch.randn(E, H, I, generator=g) / I**0.5
+    shared = None
+    if Is:
+        shared = (torch.randn(Is, H, generator=g) / H**0.5, torch.randn(Is, H, generator=g) / H**0.5,
+                  torch.randn(H, Is, generator=g) / Is**0.5)  # fmt: skip
     router = Router(torch.randn(E, H, generator=g) / H**0.5, torch.randn(E, generator=g) * 0.05,
                     G, KG, K, True, 2.5, max_tokens)  # fmt: skip
     x = torch.randn(64, H, generator=g)
-    return gate, up, down, router, x
+    return (gate, up, down), shared, router, x
 
 
-def float64_loop(x, plan, gate, up, down):
-    """One token and one expert at a time, in float64."""
+def build(weights, shared, **kw):
+    return RoutedExperts.from_float(*weights, shared=shared, **kw)
+
+
+def float64_loop(x, plan, weights, shared):
+    """One token and one expert at a time, in float64; the shared expert added last."""
+    gate, up, down = weights
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    silu = torch.nn.functional.silu
     for t in range(x.shape[0]):
         xt = x[t].double()
         for j in range(plan.topk_idx.shape[1]):
             e = int(plan.topk_idx[t, j])
-            h = torch.nn.functional.silu(gate[e].double() @ xt) * (up[e].double() @ xt)
+            h = silu(gate[e].double() @ xt) * (up[e].double() @ xt)
             out[t] += float(plan.topk_weight[t, j]) * (down[e].double() @ h)
+        if shared is not None:
+            sg, su, sd = (w.double() for w in shared)
+            out[t] += sd @ (silu(sg @ xt) * (su @ xt))
     return out
 
 
+def numpy_int8_mlp(qx_t, sx_t, w13, s13, w2, s2):
+    """One token through one int8 expert: the documented rule in numpy (int64 GEMMs)."""
+    I = s13.shape[0] // 2
+    acc = (qx_t.astype(np.int64) @ w13.astype(np.int64)).astype(F32)
+    gu = (acc * sx_t) * s13
+    g, u = gu[:I], gu[I:]
+    h = g / (np.exp(-g.astype(np.float64)).astype(F32) + F32(1)) * u
+    qh, sh = numpy_quantize(h[None])
+    return ((qh[0].astype(np.int64) @ w2.astype(np.int64)).astype(F32) * sh[0, 0]) * s2
+
+
 def numpy_int8_experts(x, plan, m):
-    """Independent numpy statement of the w8a8 expert rule, in the documented op order."""
-    w13, s13 = m.w13_t.numpy().astype(np.int64), m.s13.numpy()
-    w2, s2 = m.w2_t.numpy().astype(np.int64), m.s2.numpy()
-    I = s13.shape[1] // 2
+    """Independent numpy statement of the w8a8 expert layer, in the documented op order."""
     qx, sx = numpy_quantize(x.numpy())
     out = np.zeros(x.shape, F32)
     for t in range(x.shape[0]):
         for j in range(plan.topk_idx.shape[1]):
             e = plan.topk_idx[t, j]
-            acc = (qx[t].astype(np.int64) @ w13[e]).astype(F32)
-            gu = (acc * sx[t, 0]) * s13[e]
-            g, u = gu[:I], gu[I:]
-            h = g / (np.exp(-g.astype(np.float64)).astype(F32) + F32(1)) * u
-            qh, sh = numpy_quantize(h[None])
-            y = ((qh[0].astype(np.int64) @ w2[e]).astype(F32) * sh[0, 0]) * s2[e]
+            y = numpy_int8_mlp(qx[t], sx[t, 0], m.w13_t[e].numpy(), m.s13[e].numpy(), m.w2_t[e].numpy(), m.s2[e].numpy())
             out[t] += plan.topk_weight[t, j] * y
+        if m.shared_intermediate_size:
+            out[t] += numpy_int8_mlp(qx[t], sx[t, 0], m.shared_w13_t.numpy(), m.shared_s13.numpy(),
+                                     m.shared_w2_t.numpy(), m.shared_s2.numpy())  # fmt: skip
     return out
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_float_experts_match_per_token_loop_and_transformers(cfg):
-    H, I, E, G, KG, K = cfg
-    gate, up, down, router, x = make_layer(*cfg)
+    H, I, E, G, KG, K, Is = cfg
+    weights, shared, router, x = make_layer(*cfg)
+    gate, up, down = weights
     plan = router(x.numpy())
-    ref = float64_loop(x, plan, gate, up, down)
-    got = RoutedExperts.from_float(gate, up, down, mode="float")(x, plan)
-    assert (got.double() - ref).abs().max().item() < 1e-5
+    full = build(weights, shared, mode="float")(x, plan)
+    assert (full.double() - float64_loop(x, plan, weights, shared)).abs().max().item() < 1e-5
+    routed = build(weights, None, mode="float")(x, plan)
     DeepseekV3Experts = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3").DeepseekV3Experts
     from transformers import DeepseekV3Config
 
@@ -182,20 +203,20 @@ def test_float_experts_match_per_token_loop_and_transformers(cfg):
         hf.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
         hf.down_proj.copy_(down)
         hf_out = hf(x, torch.from_numpy(plan.topk_idx).long(), torch.from_numpy(plan.topk_weight))
-    assert (got - hf_out).abs().max().item() < 1e-5
+    assert (routed - hf_out).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_int8_experts_exact_rule_backends_and_accuracy(cfg):
-    gate, up, down, router, x = make_layer(*cfg)
+    weights, shared, router, x = make_layer(*cfg)
     plan = router(x.numpy())
-    numba_only = RoutedExperts.from_float(gate, up, down, backend="numba", min_mm_rows=1 << 30)
+    numba_only = build(weights, shared, backend="numba", min_mm_rows=1 << 30)
     y = numba_only(x, plan).clone()
     assert np.array_equal(y.numpy(), numpy_int8_experts(x, plan, numba_only))
-    for mr in (1, 2, 3):  # experts with >= mr rows go through torch._int_mm: same bits
-        hybrid = RoutedExperts.from_float(gate, up, down, backend="numba", min_mm_rows=mr)
+    for mr in (1, 2, 3):  # groups with >= mr rows go through torch._int_mm: same bits
+        hybrid = build(weights, shared, backend="numba", min_mm_rows=mr)
         assert torch.equal(hybrid(x, plan), y)
-    tb = RoutedExperts.from_float(gate, up, down, backend="torch")(x, plan)
+    tb = build(weights, shared, backend="torch")(x, plan)
     assert (tb - y).abs().max().item() <= 1e-4 * y.abs().max().item()  # SiLU's exp may differ by an ulp
     # Plans of tensors (as route_torch returns, int64 indices) run the same numba kernels.
     as_tensors = plan._replace(**{
@@ -203,18 +224,17 @@ def test_int8_experts_exact_rule_backends_and_accuracy(cfg):
         for f in plan._fields[:-1]
     })  # fmt: skip
     assert torch.equal(numba_only(x, as_tensors), y)
-    tplan = route_torch(torch.from_numpy(router.logits[:64]), torch.from_numpy(router.bias), *cfg[3:], True, 2.5)
+    tplan = route_torch(torch.from_numpy(router.logits[:64]), torch.from_numpy(router.bias), *cfg[3:6], True, 2.5)
     assert (numba_only(x, tplan) - y).abs().max().item() <= 1e-4 * y.abs().max().item()
-    ref = float64_loop(x, plan, gate, up, down)
+    ref = float64_loop(x, plan, weights, shared)
     rel = ((y.double() - ref).norm() / ref.norm()).item()
     assert rel < 0.03, rel
 
 
 @pytest.mark.parametrize("backend,mr", [("numba", 1 << 30), ("numba", 2), ("torch", None)])
 def test_int8_experts_batch_invariant(backend, mr):
-    cfg = CONFIGS[1]
-    gate, up, down, router, x = make_layer(*cfg, seed=5)
-    m = RoutedExperts.from_float(gate, up, down, backend=backend, min_mm_rows=mr)
+    weights, shared, router, x = make_layer(*CONFIGS[1], seed=5)
+    m = build(weights, shared, backend=backend, min_mm_rows=mr)
     full = m(x, router(x.numpy())).clone()
     g = torch.Generator().manual_seed(9)
     for T in (1, 2, 7, 33):
@@ -236,30 +256,32 @@ def allocated_bytes(fn):
 
 @pytest.mark.parametrize("mr", [1 << 30, 2])
 def test_int8_experts_steady_state_allocates_nothing(mr):
-    cfg = CONFIGS[1]
-    gate, up, down, router, x = make_layer(*cfg, seed=6)
-    m = RoutedExperts.from_float(gate, up, down, backend="numba", min_mm_rows=mr)
-    m.reserve(64, cfg[5])
+    weights, shared, router, x = make_layer(*CONFIGS[1], seed=6)
+    m = build(weights, shared, backend="numba", min_mm_rows=mr)
+    m.reserve(64, CONFIGS[1][5])
     plan = router(x[:33].numpy())
     first = m(x[:33], plan)
     ptr, val = first.data_ptr(), first.clone()
     assert allocated_bytes(lambda: m(x[:33], plan)) == 0
     again = m(x[:33], plan)
     assert again.data_ptr() == ptr and torch.equal(again, val)
-    torch_backend = RoutedExperts.from_float(gate, up, down, backend="torch")
+    torch_backend = build(weights, shared, backend="torch")
     assert allocated_bytes(lambda: torch_backend(x[:33], plan)) > 0  # the profiler does see allocations
 
 
 def test_expert_state_dict_round_trip_and_errors(tmp_path):
-    gate, up, down, router, x = make_layer(*CONFIGS[0])
-    m = RoutedExperts.from_float(gate, up, down)
+    weights, shared, router, x = make_layer(*CONFIGS[1])
+    m = build(weights, shared)
     save_file(m.state_dict(), tmp_path / "e.safetensors")
-    m2 = RoutedExperts(8, 64, 32)
+    m2 = RoutedExperts(16, 64, 32, shared_intermediate_size=32)
     m2.load_state_dict(load_file(tmp_path / "e.safetensors"))
     plan = router(x.numpy())
     assert torch.equal(m2(x, plan), m(x, plan))
+    gate, up, down = weights
     with pytest.raises(ValueError, match="gate/up"):
         RoutedExperts.from_float(gate, up[:, :5], down)
+    with pytest.raises(ValueError, match="shared expert"):
+        RoutedExperts.from_float(gate, up, down, shared=(shared[0], shared[1], shared[2].T))
     with pytest.raises(ValueError, match=r"\[T, 64\]"):
         m(x[:, :10], plan)
     with pytest.raises(ValueError, match="plan covers"):
