@@ -667,6 +667,11 @@ class RoutedExperts(nn.Module):
         act = active.tolist()
         row_e = torch.repeat_interleave(torch.arange(self.num_experts, device=dev), counts.long())
         if self.mode == "w8a8":
+            if dev.type == "cuda" and (self.hidden_size % 8 or I % 8 or Is % 8):
+                raise ValueError(
+                    f"int8 experts on CUDA need hidden ({self.hidden_size}), intermediate ({I}) and "
+                    f"shared intermediate ({Is}) sizes that are multiples of 8 (torch._int_mm)"
+                )
             qx, sx = quantize_activation(x)
             xg = qx.index_select(0, token_ids)
             acc13 = torch.empty(T * k, 2 * I, dtype=torch.int32, device=dev)
