@@ -70,8 +70,8 @@ class ModbusBridge:
 
     Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
     Inputs come out of :meth:`snapshot` (and the optional ``on_input`` callback, called in
-    the I/O thread with ``{name: (value, rx_ns)}`` of the signals just received); outputs go
-    in through :meth:`publish`.
+    the I/O thread with ``{name: (value, rx_ns)}`` of the signals just received, after the
+    PLC's request has been answered; it must be quick); outputs go in through :meth:`publish`.
 
     Fail-safe: every output register starts at its fail-safe value. With a heartbeat
     configured, when the PLC's heartbeat register has not changed for ``timeout_ms`` the

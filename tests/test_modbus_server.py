@@ -318,7 +318,9 @@ def test_on_input_callback_and_a_faulty_one():
     cfg = {"mode": "server", "host": "127.0.0.1", "port": 0, "map": MAP}
     with ModbusBridge.from_config(cfg, INPUTS, OUTPUTS, on_input=seen.append) as b:
         mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[2.5])
-        assert len(seen) == 1 and list(seen[0]) == ["level"] and seen[0]["level"][0] == 2.5
+        # The PLC is answered first; the callback follows in the I/O thread.
+        assert wait_for(lambda: len(seen) == 1)
+        assert list(seen[0]) == ["level"] and seen[0]["level"][0] == 2.5
 
     def broken(updates):
         raise RuntimeError("bug in the callback")
@@ -326,4 +328,5 @@ def test_on_input_callback_and_a_faulty_one():
     with ModbusBridge.from_config(cfg, INPUTS, OUTPUTS, on_input=broken) as b:
         mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[2.5])
         mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[3.5])
-        assert b.snapshot()["level"][0] == 3.5 and b.health()["errors"]["callback_error"] == 2
+        assert b.snapshot()["level"][0] == 3.5
+        assert wait_for(lambda: b.health()["errors"].get("callback_error") == 2)
