@@ -278,13 +278,11 @@ def grouped_int8_mm(x: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, 
     (E x N/128), so it can be captured in a CUDA graph; each active expert's weights are
     read once when it holds at most ``block_m`` rows.
     """
-    import triton
-
     K, N = x.shape[1], out.shape[1]
     if w.stride(2) != 1 or x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError("grouped_int8_mm needs unit stride on the last dim of x, w and out")
     block_n, block_k = 128, 128
-    grid = (slots.shape[0], triton.cdiv(N, block_n))
+    grid = (slots.shape[0], -(-N // block_n))
     _grouped_kernel()[grid](x, rows, offsets, slots, w, out, K, N, x.stride(0), w.stride(0), w.stride(1),
                             out.stride(0), GATHER=gather, BLOCK_M=block_m, BLOCK_N=block_n,
                             BLOCK_K=block_k, num_warps=4, num_stages=3)
@@ -301,12 +299,16 @@ class DeviceEngine:
     return views of preallocated host buffers, valid until the next step, rows in the order
     of ``slots``. Options: ``graphs`` (default: on for CUDA), ``expert_backend`` ("auto":
     Triton on CUDA when available, else "torch"), ``expert_cache_slots`` (stream routed
-    experts from host memory through a device cache of that many experts; eager steps).
+    experts from host memory through a device cache of that many experts; eager steps),
+    ``compile_backend`` (run the step through ``torch.compile(fullgraph=True)`` with that
+    backend before capture: "inductor" fuses the elementwise ops into few kernels on CUDA,
+    "aot_eager" only traces, which proves the step is a single graph).
     """
 
     def __init__(self, model: Transformer, *, capacity: int = 1, window: int = 256,
                  device: str | torch.device = "cuda", graphs: bool | None = None,
-                 expert_backend: str = "auto", expert_cache_slots: int | None = None):
+                 expert_backend: str = "auto", expert_cache_slots: int | None = None,
+                 compile_backend: str | None = None):
         if capacity < 1 or window < 1:
             raise ValueError(f"capacity and window must be positive (got {capacity}, {window})")
         device = torch.device(device)
@@ -325,8 +327,9 @@ class DeviceEngine:
             graphs = device.type == "cuda" and expert_cache_slots is None
         if graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        if graphs and expert_cache_slots is not None:
-            raise ValueError("a streaming expert cache reads routing back every layer: it runs without graphs")
+        if expert_cache_slots is not None and (graphs or compile_backend):
+            raise ValueError("a streaming expert cache reads routing back every layer: it runs without "
+                             "graphs or compilation")
         self.config, self.capacity, self.window, self.device = cfg, capacity, window, device
         self.rows = max(capacity, MIN_ROWS)
         self.expert_backend = expert_backend
@@ -336,6 +339,11 @@ class DeviceEngine:
         with torch.no_grad():
             self._load(model, expert_cache_slots)
             self._allocate()
+        if expert_backend == "triton":
+            _grouped_kernel()
+        self._step = self._body if compile_backend is None else torch.compile(
+            self._body, backend=compile_backend, fullgraph=True, dynamic=False)
+        self.compile_backend = compile_backend
         self.use_graphs = bool(graphs)
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         if self.use_graphs:
@@ -381,24 +389,31 @@ class DeviceEngine:
         if not moe_mods:
             return
         E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
-        self.E, self.I = E, I
-        parts = [_expert_weights(m, dev if cache_slots is None else torch.device("cpu")) for m in moe_mods]
-        self.e13s = torch.stack([p[1] for p in parts]).to(dev)        # [Lm, E, N8]
-        self.e2s = torch.stack([p[3] for p in parts]).to(dev)         # [Lm, E, H8]
-        w13 = torch.stack([p[0] for p in parts])                      # [Lm, E, H8, N8]
-        w2 = torch.stack([p[2] for p in parts])                       # [Lm, E, I8, H8]
-        del parts
-        self.h8, self.n13 = w13.shape[2], w13.shape[3]
-        self.expert_bytes = int(w13[0, 0].numel() + w2[0, 0].numel()
-                                + 4 * (self.e13s.shape[-1] + self.e2s.shape[-1]))
+        self.E, self.I, Lm = E, I, len(moe_mods)
+        # One layer at a time into the final tensors, so loading needs one layer of headroom.
+        # Resident: w13 as [Lm, H8, E, N8], so gate/up of all experts of a layer is one
+        # [H8, E*N8] GEMM for the torch backend and a strided [E, H8, N8] view for the grouped
+        # kernel. Streaming: [Lm, E, H8, N8] in host memory, one contiguous block per expert.
+        home = dev if cache_slots is None else torch.device("cpu")
+        for m, mod in enumerate(moe_mods):
+            w13, s13, w2, s2 = _expert_weights(mod, home)
+            if m == 0:
+                h8, n13, i8 = w13.shape[1], w13.shape[2], w2.shape[1]
+                shape13 = (Lm, h8, E, n13) if cache_slots is None else (Lm, E, h8, n13)
+                e13 = torch.empty(shape13, dtype=torch.int8, device=home)
+                e2 = torch.empty((Lm, E, i8, h8), dtype=torch.int8, device=home)
+                self.e13s = torch.empty((Lm, E, n13), device=dev)
+                self.e2s = torch.empty((Lm, E, h8), device=dev)
+            e13[m] = w13.permute(1, 0, 2) if cache_slots is None else w13
+            e2[m], self.e13s[m], self.e2s[m] = w2, s13, s2
+            del w13, w2
+        self.h8, self.n13 = h8, n13
+        self.expert_bytes = int(h8 * n13 + i8 * h8 + 4 * (n13 + h8))
         if cache_slots is not None:
-            self.store = ExpertStore(w13, w2, slots=cache_slots, device=dev)
+            self.store = ExpertStore(e13, e2, slots=cache_slots, device=dev)
             self.e13 = self.e2 = None
         else:
-            # [Lm, H8, E, N8]: gate/up of all experts of a layer is one [H8, E*N8] GEMM for the
-            # torch backend, and a strided [E, H8, N8] view for the grouped kernel.
-            self.e13 = w13.permute(0, 2, 1, 3).contiguous()
-            self.e2 = w2.contiguous()
+            self.e13, self.e2 = e13, e2
 
     def _allocate(self) -> None:
         cfg, R, W, dev = self.config, self.rows, self.window, self.device
@@ -459,15 +474,15 @@ class DeviceEngine:
         self.act.zero_()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), torch.no_grad():
             for kind in kinds:
                 for _ in range(2):
-                    self._body(kind)
+                    self._step(kind)
         torch.cuda.current_stream(self.device).wait_stream(side)
         for kind in kinds:
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self._body(kind)
+            with torch.cuda.graph(g), torch.no_grad():
+                self._step(kind)
             self._graphs[kind] = g
         torch.cuda.synchronize(self.device)
         self.reset_stats()
@@ -568,7 +583,7 @@ class DeviceEngine:
             self._graphs[kind].replay()
         else:
             with torch.no_grad():
-                self._body(kind)
+                self._step(kind)
 
     # -- the step (static shapes; captured as a graph on CUDA) ---------------------------
     def _body(self, kind: str) -> None:
@@ -777,17 +792,22 @@ def time_steps(engine: DeviceEngine, batch: int, steps: int, warmup: int, seed: 
 
 def bench_device(model: Transformer, *, batches=(1, 8, 64), device: str = "cuda", steps: int = 100,
                  warmup: int = 10, window: int = 256, expert_backend: str = "auto", peak: dict | None = None,
-                 progress=None) -> dict:
+                 compile_backend: str | None = None, progress=None) -> dict:
     """Per batch size: step latency p50/p99 through CUDA-graph replay and through the same step
-    run eagerly, their ratio, and expert-weight bandwidth as a fraction of the device's peak."""
+    run eagerly, their ratio, and expert-weight bandwidth as a fraction of the device's peak.
+
+    Expert bytes per step are counted on the device during the timed steps (experts that
+    received tokens, per layer); the bandwidth is those bytes over the p50 step time, and
+    the step time is a whole control cycle: inputs in, graph replay, outputs back on the host.
+    """
     device = torch.device(device)
     peak = peak or peak_bandwidth(device)
     ref_gbps = peak["table_gbps"] or peak["copy_gbps"]
-    window = max(window, warmup + steps)
-    report = {"device": peak["name"], "peak": peak, "steps": steps, "window": window, "batches": {}}
+    report = {"device": peak["name"], "peak": peak, "steps": steps, "window": window,
+              "compile_backend": compile_backend, "batches": {}}
     for b in batches:
         engine = DeviceEngine(model, capacity=b, window=window, device=device, graphs=True,
-                              expert_backend=expert_backend)
+                              expert_backend=expert_backend, compile_backend=compile_backend)
         report["expert_backend"] = engine.expert_backend
         graph = _percentiles(time_steps(engine, b, steps, warmup))
         st = engine.stats()

@@ -153,6 +153,16 @@ def test_step_has_static_shapes_and_never_reads_back(lm):
     assert traces[0] == traces[1] == traces[2]
 
 
+def test_step_traces_as_one_graph_under_torch_compile(lm):
+    """fullgraph=True fails on any graph break (host read, data-dependent control flow)."""
+    plain = DeviceEngine(lm, capacity=2, window=4, device="cpu")
+    traced = DeviceEngine(lm, capacity=2, window=4, device="cpu", compile_backend="aot_eager")
+    tokens = np.random.default_rng(6).integers(0, lm.config.vocab_size, (2, 3))
+    schedule = [np.array([0, 1]), np.array([1]), np.array([1, 0])]
+    assert all(np.array_equal(a, b) for a, b in zip(_streams(plain, tokens, schedule),
+                                                     _streams(traced, tokens, schedule)))
+
+
 def test_bad_input_is_refused(lm):
     dev = DeviceEngine(lm, capacity=4, window=4, device="cpu")
     with pytest.raises(ValueError, match="distinct"):
