@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
-from runtime.quant import RoutedExperts
+from runtime.quant import RoutedExperts, silu_mul
 from runtime.routing import Router
 
 
@@ -189,7 +189,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # silu_mul, not F.silu: its bits do not depend on where a row sits in the batch.
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Gate(nn.Module):
