@@ -125,6 +125,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """``r1edge fit SRC --data FILE.npz --out PKG``: attach a sensor adapter and fit it (or the whole model)."""
+    from sdk.fit import fit, load_data, render_fit
+
+    data = load_data(args.data)
+    names = {}
+    for key, flag in (("inputs", "--inputs"), ("outputs", "--outputs")):
+        given = getattr(args, key)
+        names[key] = [n.strip() for n in given.split(",") if n.strip()] if given else data[key]
+        if names[key] is None:
+            raise ValueError(f"{args.data}: the file does not name its {key} "
+                             f"({'feature_names' if key == 'inputs' else 'output_names'}); pass {flag} a,b,...")
+    report = fit(args.src, data["frames"], data["targets"], inputs=names["inputs"], outputs=names["outputs"],
+                 out=args.out, train=args.train, window=args.window, steps=args.steps, lr=args.lr,
+                 seed=args.seed, batch=args.batch, seq_len=args.seq_len, held_out=args.held_out,
+                 progress=not args.json, overwrite=args.overwrite)
+    _print_report(report, args.json, render_fit)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="r1edge", description=__doc__.splitlines()[0])
@@ -207,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("fit", help="attach a sensor I/O adapter and fit it on recorded frames")
+    p.add_argument("src", metavar="SRC", help="HF checkpoint directory or unquantized package")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help=".npz with 'frames' [N,T,F] and 'targets' [N,T,O] (optional 'feature_names', 'output_names')")
+    p.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
+    p.add_argument("--inputs", default=None, metavar="A,B,..", help="input names (default: from the file)")
+    p.add_argument("--outputs", default=None, metavar="X,Y,..", help="output names (default: from the file)")
+    p.add_argument("--train", choices=("adapter", "all"), default="adapter",
+                   help="fit the adapter only, or the whole model (default: %(default)s)")
+    p.add_argument("--window", type=int, default=32, help="attention window in frames (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="crops per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help="frames per crop (default: 3 x window)")
+    p.add_argument("--held-out", type=float, default=0.2,
+                   help="fraction of rows held out for the report (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("fit", help="attach a sensor I/O adapter and fit it on recorded frames")
     p.add_argument("src", metavar="SRC", help="HF checkpoint directory or unquantized package")
