@@ -8,7 +8,8 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   streams batched through the engine at once);
 - ``[loop]`` ``period_ms = 10``, ``deadline_ms`` = the period, ``realtime = false``,
   ``infer_budget_ms`` = 80% of the deadline (inference that has not answered by then gets
-  the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU;
+  the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU,
+  ``threads = 1`` (compute threads of an engine step: 1 keeps it in the watchdog's thread);
 - ``[[inputs]]`` ``stale_ms`` = max(200, 3 periods), ``on_invalid = "failsafe"``;
 - ``[[outputs]]`` no rate limit unless ``max_rate`` is given;
 - ``[recorder]`` (optional) ``path`` (a directory), ``max_bytes = 64 MiB`` per segment,
@@ -151,6 +152,7 @@ class LoopSection:
     spin_us: float = 200.0
     priority: int = 80
     cpu: int | None = None
+    threads: int = 1
 
     @property
     def period_ns(self) -> int:
@@ -253,7 +255,7 @@ class DeployConfig:
         loop = LoopSection(period_ms=period, deadline_ms=deadline, infer_budget_ms=budget,
                            realtime=t.bool("realtime", False),
                            spin_us=t.num("spin_us", 200.0), priority=t.int("priority", 80, lo=1, hi=99),
-                           cpu=t.int("cpu", None, lo=0))
+                           cpu=t.int("cpu", None, lo=0), threads=t.int("threads", 1, lo=1, hi=1024))
         if loop.spin_us < 0:
             t.fail(f"must not be negative, got {loop.spin_us}", "spin_us")
         t.done()

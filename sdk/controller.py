@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from runtime.loop import ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions, monotonic_ns
+from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
+                          monotonic_ns, set_compute_threads)
 from runtime.recorder import RecordingReader, FlightRecorder
 from runtime.safety import (MISSING_STAMP, REASON_ERROR, REASON_NAMES, REASON_NONE,
                             REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
@@ -87,9 +88,11 @@ class Controller:
         self.output_limits = [outs[n].limit() for n in self.output_names]
         limiter = OutputLimiter(self.output_limits, capacity, self.period_s)
         self.worker = InferenceWorker()
+        self.compute_threads = self.worker.run_sync(lambda: set_compute_threads(cfg.loop.threads))
         self.cycle = ControlCycle(engine, guard, limiter, capacity=capacity, worker=self.worker)
         self.loop = PeriodicLoop(cfg.loop.period_ns, self._deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
         self._in_index = {n: j for j, n in enumerate(self.input_names)}
+        self._in_keys = self._in_index.keys()
         self.slots: dict[str, int] = {}
         self._slot_names: list[str | None] = [None] * capacity
         self._active: list[int] = []                      # slots active this cycle, in input order
@@ -283,6 +286,17 @@ class Controller:
         """One stream's inputs: a value, or ``(value, t_monotonic_ns)`` to say when it was
         measured (else it counts as measured ``now``); absent or None ones are missing."""
         row, stamps = self.cycle.values[slot], self.cycle.stamps[slot]
+        if values.keys() == self._in_keys:                # the usual case: every input, plain values
+            given = [values[n] for n in self.input_names]
+            if None not in given:
+                try:
+                    row[:] = given
+                except (TypeError, ValueError):           # a (value, t_ns) pair or a non-number
+                    pass
+                else:
+                    stamps.fill(now)
+                    self._activate(slot)
+                    return
         row.fill(np.nan)
         stamps.fill(MISSING_STAMP)
         index = self._in_index
@@ -413,6 +427,7 @@ class Controller:
             "watchdog": {**c.counters, "last_error": c.last_error},
             "heartbeat": c.heartbeat,
             "streams": {"capacity": len(self._slot_names), "names": list(self.slots)},
+            "compute_threads": self.compute_threads,
             "recorder": None if self.recorder is None else {
                 "path": str(self.recorder.path), "records": self.recorder.records,
                 "bytes": self.recorder.bytes_written},

@@ -36,6 +36,7 @@ realtime = true
 spin_us = 150
 priority = 70
 cpu = 1
+threads = 2
 [[inputs]]
 name = "level"
 min = 0.0
@@ -71,7 +72,7 @@ def test_defaults(tmp_path):
     assert (cfg.model.device, cfg.model.window, cfg.model.streams) == ("cpu", 32, 1)
     assert cfg.loop.period_ms == 10.0 and cfg.loop.deadline_ms == 10.0          # deadline = period
     assert cfg.loop.infer_budget_ms == pytest.approx(8.0) and cfg.loop.realtime is False
-    assert cfg.loop.period_ns == 10_000_000
+    assert cfg.loop.period_ns == 10_000_000 and cfg.loop.threads == 1
     (inp,) = cfg.inputs
     assert (inp.stale_ms, inp.on_invalid) == (200.0, "failsafe")
     (out,) = cfg.outputs
@@ -84,8 +85,8 @@ def test_every_field(tmp_path):
     assert cfg.model.path == tmp_path / "pkg" / "model"
     assert (cfg.model.device, cfg.model.window, cfg.model.streams) == ("cuda:1", 16, 64)
     lp = cfg.loop
-    assert (lp.period_ms, lp.deadline_ms, lp.infer_budget_ms, lp.realtime, lp.spin_us, lp.priority, lp.cpu) == \
-        (1.0, 0.8, 0.5, True, 150.0, 70, 1)
+    assert (lp.period_ms, lp.deadline_ms, lp.infer_budget_ms, lp.realtime, lp.spin_us, lp.priority, lp.cpu,
+            lp.threads) == (1.0, 0.8, 0.5, True, 150.0, 70, 1, 2)
     assert [i.name for i in cfg.inputs] == ["level", "flow"]
     lim = cfg.inputs[0].limit()
     assert (lim.min, lim.max, lim.stale_ns, lim.hold) == (0.0, 2.0, 20_000_000, True)

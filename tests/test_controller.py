@@ -305,6 +305,9 @@ def test_stream_slots_are_bounded(tmp_path, model, controllers):
     with pytest.raises(ValueError, match="stream 'z': all 2 stream slots are in use"):
         ctrl.step(frame, stream="z")
     assert set(ctrl.stats()["streams"]["names"]) == {"x", "y"}
+    # Engine steps run single-threaded inside the inference thread (loop.threads = 1).
+    import numba
+    assert ctrl.stats()["compute_threads"] == ctrl.worker.run_sync(numba.get_num_threads) == 1
 
 
 def test_cli_run_and_replay_with_packages(tmp_path, model, tiny_checkpoint, capsys):

@@ -1,0 +1,231 @@
+"""Controller loop benchmark: timing of the periodic loop with a real package, memory under load.
+
+    python benchmarks/bench_loop.py [--package PKG] [--seconds 60] [--json FILE]
+
+Three parts, each printed as it finishes:
+
+1. ``handoff``: the watchdog's thread hand-off. One engine step for one stream called
+   directly, and the same step submitted to the inference thread and waited for; the
+   difference is what the watchdog costs per cycle.
+2. ``1khz``: one stream at 1 kHz (period = deadline = 1 ms) for ``--seconds``: wake-up
+   lateness and tick-to-outputs latency p50/p99/p99.9/max, per-phase times, deadline
+   misses, skipped ticks, fail-safe cycles, and which real-time settings were applied.
+3. ``streams``: 64 streams batched at 100 Hz for ``--seconds``, with the flight recorder
+   on: the same figures plus resident memory sampled every second after a warm-up, and
+   its growth from the first sample to the last.
+
+Inputs come from a Python source (deterministic sine waves inside each input's range); no
+bridges, so the figures are the controller's own. Real-time settings are requested
+(``--no-realtime`` to run without); what the OS granted is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime.loop import InferenceWorker, LatencyHistogram, monotonic_ns, set_compute_threads  # noqa: E402
+from sdk.controller import Controller, build_engine  # noqa: E402
+from sdk.package import read_manifest  # noqa: E402
+
+DEFAULT_PACKAGE = ROOT / "examples" / "factory_loop" / "model"
+
+
+def deploy_text(package: Path, io: dict, *, period_ms: float, streams: int, window: int,
+                realtime: bool, recorder: Path | None) -> str:
+    """A deployment config for ``package`` whose limits never bind (the loop is measured,
+    not the policy): inputs in [-1e6, 1e6], outputs in [-1e6, 1e6] without rate limit."""
+    lines = [f'[model]\npath = "{package}"\nwindow = {window}\nstreams = {streams}',
+             f"[loop]\nperiod_ms = {period_ms}\nrealtime = {'true' if realtime else 'false'}"]
+    for name in io["inputs"]:
+        lines.append(f'[[inputs]]\nname = "{name}"\nmin = -1e6\nmax = 1e6\nstale_ms = 1000')
+    for name in io["outputs"]:
+        lines.append(f'[[outputs]]\nname = "{name}"\nmin = -1e6\nmax = 1e6\nfailsafe = 0.0')
+    if recorder is not None:
+        lines.append(f'[recorder]\npath = "{recorder}"\nmax_bytes = 67108864\nkeep = 4')
+    return "\n".join(lines) + "\n"
+
+
+def make_source(names: list[str], streams: list[str], period_s: float, cycles: int = 1000):
+    """Sine waves per input and stream, precomputed for ``cycles`` cycles and repeated, so
+    that reading costs what the controller does with the values, not their generation."""
+    k = np.arange(len(names))
+    table = []
+    for seq in range(cycles):
+        t = seq * period_s
+        table.append({s: dict(zip(names, (np.sin(2 * np.pi * (0.5 + 0.1 * k) * t + j) * 0.5 + 0.5).tolist()))
+                      for j, s in enumerate(streams)})
+
+    def source(seq: int, t_ns: int):
+        return table[seq % cycles]
+    return source
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_handoff(package: Path, io: dict, n: int = 20000) -> dict:
+    """Engine step for one stream called directly vs through the inference thread."""
+    engine = build_engine(package, capacity=1, window=32)
+    set_compute_threads(1)                               # as the controller runs it (config default)
+    slots = np.zeros(1, np.int64)
+    feats = np.full((1, len(io["inputs"])), 0.5, np.float32)
+    direct, handed = LatencyHistogram(), LatencyHistogram()
+    worker = InferenceWorker()
+    worker.run_sync(lambda: set_compute_threads(1))
+
+    def job():
+        return engine.step_sensor(slots, feats)
+
+    def empty():
+        return None
+
+    noop = LatencyHistogram()
+    try:
+        for _ in range(2000):
+            job()
+        for i in range(n):
+            t0 = monotonic_ns()
+            job()
+            t1 = monotonic_ns()
+            worker.submit(job)
+            worker.wait(t1 + 10**9)
+            t2 = monotonic_ns()
+            worker.submit(empty)
+            worker.wait(t2 + 10**9)
+            t3 = monotonic_ns()
+            direct.add_ns(t1 - t0)
+            handed.add_ns(t2 - t1)
+            noop.add_ns(t3 - t2)
+    finally:
+        worker.close()
+    d, h, e = direct.summary(), handed.summary(), noop.summary()
+    return {"samples": n, "direct_step_us": d, "via_thread_us": h, "empty_job_round_trip_us": e,
+            "overhead_p50_us": h["p50"] - d["p50"], "overhead_mean_us": h["mean"] - d["mean"]}
+
+
+def bench_loop(package: Path, io: dict, *, period_ms: float, streams: int, seconds: float,
+               realtime: bool, record: bool, workdir: Path, sample_rss: bool) -> dict:
+    """Run the controller's periodic loop for ``seconds`` and return its stats (+ RSS)."""
+    rec = workdir / f"rec-{streams}x{period_ms}" if record else None
+    deploy = workdir / f"deploy-{streams}x{period_ms}.toml"
+    deploy.write_text(deploy_text(package, io, period_ms=period_ms, streams=streams, window=32,
+                                  realtime=realtime, recorder=rec))
+    names = [f"s{i}" for i in range(streams)] if streams > 1 else ["main"]
+    inner = make_source(io["inputs"], names, period_ms / 1e3)
+    samples: list[tuple[float, int]] = []
+    per_second = max(1, int(round(1000 / period_ms)))
+    warmup = 5 * per_second if seconds >= 20 else per_second
+
+    def source(seq, t_ns):
+        if sample_rss and seq >= warmup and (seq - warmup) % per_second == 0:
+            samples.append((seq * period_ms / 1e3, rss_bytes()))
+        return inner(seq, t_ns)
+
+    with Controller.from_config(deploy) as ctrl:
+        stats = ctrl.run(seconds, source=source)
+    out = {k: stats[k] for k in ("cycles", "deadline_misses", "skipped_ticks", "failsafe_cycles",
+                                 "latency_us", "lateness_us", "phases_us", "watchdog", "rt_applied",
+                                 "gc_collections", "loop_cycle_errors", "read_errors", "write_errors",
+                                 "record_errors", "recorder")}
+    out["config"] = {"period_ms": period_ms, "streams": streams, "seconds": seconds, "realtime": realtime,
+                     "record": record}
+    if samples:
+        t, r = np.array(samples, dtype=np.float64).T
+        slope = float(np.polyfit(t, r, 1)[0]) if len(t) > 2 else 0.0
+        out["rss"] = {"warmup_s": warmup * period_ms / 1e3, "first_bytes": int(r[0]), "last_bytes": int(r[-1]),
+                      "max_bytes": int(r.max()), "growth_bytes": int(r[-1] - r[0]),
+                      "slope_bytes_per_s": slope, "samples": len(r)}
+    return out
+
+
+def _row(h: dict) -> str:
+    return f"p50 {h['p50']:8.1f}  p99 {h['p99']:8.1f}  p99.9 {h['p999']:8.1f}  max {h['max']:9.1f} us"
+
+
+def print_loop(title: str, r: dict) -> None:
+    """Human-readable summary of one loop run."""
+    print(f"\n== {title}")
+    print(f"cycles {r['cycles']}  deadline misses {r['deadline_misses']}  skipped ticks {r['skipped_ticks']}  "
+          f"fail-safe cycles {r['failsafe_cycles']}  watchdog timeouts {r['watchdog']['timeouts']}")
+    print("lateness   " + _row(r["lateness_us"]))
+    print("latency    " + _row(r["latency_us"]))
+    for k, h in r["phases_us"].items():
+        print(f"{k:<10} " + _row(h))
+    print("real-time  " + ", ".join(f"{k}={'yes' if v.get('applied') else 'no'}"
+                                    for k, v in r["rt_applied"].items() if "applied" in v))
+    if "rss" in r:
+        m = r["rss"]
+        print(f"RSS        {m['first_bytes'] / 2**20:.1f} MiB after {m['warmup_s']:.0f} s warm-up -> "
+              f"{m['last_bytes'] / 2**20:.1f} MiB at the end: growth {m['growth_bytes'] / 2**10:+.0f} KiB, "
+              f"slope {m['slope_bytes_per_s'] / 2**10:+.2f} KiB/s, max {m['max_bytes'] / 2**20:.1f} MiB")
+    if r.get("recorder"):
+        print(f"recorder   {r['recorder']['records']} records, {r['recorder']['bytes'] / 2**20:.1f} MiB")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--package", type=Path, default=DEFAULT_PACKAGE,
+                    help="sensor-mode package (default: the factory loop's bundled model)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="duration of each loop run (default 60)")
+    ap.add_argument("--parts", default="handoff,1khz,streams", help="comma-separated parts to run")
+    ap.add_argument("--no-realtime", action="store_true", help="do not request SCHED_FIFO/affinity/mlockall")
+    ap.add_argument("--no-record", action="store_true", help="run without the flight recorder")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = ap.parse_args()
+    args.package = args.package.resolve()
+    if not (args.package / "manifest.json").is_file():
+        print(f"{args.package}: no package here (build the bundled one with "
+              "`python -m examples.factory_loop.train_policy`, or pass --package)", file=sys.stderr)
+        return 2
+    io = read_manifest(args.package).get("io")
+    if not io:
+        print(f"{args.package}: not a sensor-mode package (no I/O signature)", file=sys.stderr)
+        return 2
+    parts = {p.strip() for p in args.parts.split(",")}
+    results = {"package": str(args.package), "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
+    print(f"package {args.package}: {len(io['inputs'])} inputs -> {len(io['outputs'])} outputs; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="r1edge-bench-") as tmp:
+        work = Path(tmp)
+        if "handoff" in parts:
+            h = bench_handoff(args.package, io)
+            results["handoff"] = h
+            print("\n== thread hand-off (one stream, one engine step)")
+            print("direct step   " + _row(h["direct_step_us"]))
+            print("via thread    " + _row(h["via_thread_us"]))
+            print("empty job     " + _row(h["empty_job_round_trip_us"]))
+            print(f"overhead      p50 {h['overhead_p50_us']:.1f} us, mean {h['overhead_mean_us']:.1f} us")
+        common = dict(realtime=not args.no_realtime, record=not args.no_record, workdir=work)
+        if "1khz" in parts:
+            t0 = time.monotonic()
+            r = bench_loop(args.package, io, period_ms=1.0, streams=1, seconds=args.seconds,
+                           sample_rss=True, **common)
+            results["1khz"] = r
+            print_loop(f"1 stream at 1 kHz for {time.monotonic() - t0:.0f} s", r)
+        if "streams" in parts:
+            t0 = time.monotonic()
+            r = bench_loop(args.package, io, period_ms=10.0, streams=64, seconds=args.seconds,
+                           sample_rss=True, **common)
+            results["streams"] = r
+            print_loop(f"64 streams at 100 Hz for {time.monotonic() - t0:.0f} s", r)
+    results["load_avg_at_end"] = os.getloadavg()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
