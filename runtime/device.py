@@ -197,7 +197,8 @@ def route_static(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_gr
     keep = torch.topk(_order_key(group_score, gidx), topk_group, dim=-1).indices
     group_mask = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
     key = _order_key(choice, torch.arange(E, device=logits.device))
-    key = key.masked_fill(~group_mask.repeat_interleave(gsize, dim=1), torch.iinfo(torch.int64).min)
+    expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, gsize).reshape(T, E)
+    key = key.masked_fill(~expert_mask, torch.iinfo(torch.int64).min)
     ids = torch.topk(key, top_k, dim=-1).indices.sort(dim=-1).values
     w = scores.gather(1, ids)
     if norm_topk_prob:

@@ -243,6 +243,15 @@ def test_graph_replay_equals_eager_and_backends_agree_cuda(lm):
     graph = DeviceEngine(lm, capacity=8, window=8, device="cuda", graphs=True)
     eager = DeviceEngine(lm, capacity=8, window=8, device="cuda", graphs=False, expert_backend=graph.expert_backend)
     dense = DeviceEngine(lm, capacity=8, window=8, device="cuda", graphs=True, expert_backend="torch")
+    torch.cuda.set_sync_debug_mode("error")        # any host synchronisation inside the step raises
+    try:
+        with torch.no_grad():
+            eager._body("tokens")
+            dense._body("tokens")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    eager.reset_all()
+    dense.reset_all()
     a, b, c = (_streams(e, tokens, schedule) for e in (graph, eager, dense))
     assert all(np.array_equal(x, y) for x, y in zip(a, b)), "graph replay differs from the eager step"
     assert all(np.array_equal(x, y) for x, y in zip(a, c)), "expert backends differ"
