@@ -401,8 +401,9 @@ class DeviceEngine:
             if m == 0:
                 h8, n13, i8 = w13.shape[1], w13.shape[2], w2.shape[1]
                 shape13 = (Lm, h8, E, n13) if cache_slots is None else (Lm, E, h8, n13)
-                e13 = torch.empty(shape13, dtype=torch.int8, device=home)
-                e2 = torch.empty((Lm, E, i8, h8), dtype=torch.int8, device=home)
+                pin = cache_slots is not None and dev.type == "cuda"     # the store's copies are async
+                e13 = torch.empty(shape13, dtype=torch.int8, device=home, pin_memory=pin)
+                e2 = torch.empty((Lm, E, i8, h8), dtype=torch.int8, device=home, pin_memory=pin)
                 self.e13s = torch.empty((Lm, E, n13), device=dev)
                 self.e2s = torch.empty((Lm, E, h8), device=dev)
             e13[m] = w13.permute(1, 0, 2) if cache_slots is None else w13
@@ -439,7 +440,6 @@ class DeviceEngine:
         self._logits_np = self._logits_h.numpy()
         self._out_tok = np.zeros((R, cfg.vocab_size), np.float32)
         self._rows_np = np.zeros(0, np.int64)
-        self._seen = np.zeros(self.capacity, np.bool_)
         if self.adapter is not None:
             a, dev_f32 = self.adapter, (lambda t: t.detach().float().to(dev))
             self.in_w, self.in_b = dev_f32(a.in_proj.weight), dev_f32(a.in_proj.bias)
