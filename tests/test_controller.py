@@ -337,3 +337,145 @@ def test_cli_run_needs_an_input_source(tmp_path, model, capsys):
     deploy = write_deploy(tmp_path, package=write_sensor_package(tmp_path / "pkg", model))
     assert cli(["run", str(deploy), "--duration", "0.1"]) == 2
     assert "no input source" in capsys.readouterr().err
+
+
+def run_in_thread(ctrl):
+    """Start ``ctrl.run()`` in a thread; returns (thread, result dict filled when it ends)."""
+    import threading
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(ctrl.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+MODBUS_SERVER = """
+[modbus]
+mode = "server"
+host = "127.0.0.1"
+port = 0
+[[modbus.map]]
+signal = "level"
+table = "holding"
+type = "float32"
+address = 0
+[[modbus.map]]
+signal = "temp"
+table = "holding"
+type = "float32"
+address = 2
+[[modbus.map]]
+signal = "flow"
+table = "holding"
+type = "float32"
+address = 4
+[[modbus.map]]
+signal = "valve"
+table = "holding"
+type = "float32"
+address = 10
+[[modbus.map]]
+signal = "heater"
+table = "holding"
+type = "float32"
+address = 12
+[[modbus.map]]
+signal = "_heartbeat"
+table = "holding"
+address = 20
+type = "uint16"
+"""
+
+
+def test_modbus_server_bridge_in_the_loop(tmp_path, model, controllers):
+    """A PLC (pymodbus client) writes the inputs and reads outputs and the heartbeat."""
+    from pymodbus.client import ModbusTcpClient
+
+    deploy = write_deploy(tmp_path, period_ms=20.0, budget_ms=15.0)
+    deploy.write_text(deploy.read_text().replace('name = "flow"', 'name = "flow"\nstale_ms = 60000')
+                      .replace('on_invalid = "hold"', 'on_invalid = "hold"\nstale_ms = 60000')
+                      .replace('max = 10.0', 'max = 10.0\nstale_ms = 60000') + MODBUS_SERVER)
+    ctrl = controllers(deploy, Engine(model, capacity=4, window=8))
+    thread, result = run_in_thread(ctrl)
+    wait_for(lambda: ctrl.modbus.health()["running"] and ctrl.modbus.port, what="modbus server")
+    client = ModbusTcpClient("127.0.0.1", port=ctrl.modbus.port)
+    f32 = client.DATATYPE.FLOAT32
+    try:
+        assert client.connect()
+
+        def write(level, temp, flow):
+            regs = sum((client.convert_to_registers(v, f32) for v in (level, temp, flow)), [])
+            assert not client.write_registers(0, regs).isError()
+
+        def read():
+            r, hb = client.read_holding_registers(10, count=4), client.read_holding_registers(20, count=1)
+            assert not r.isError() and not hb.isError()
+            regs = r.registers
+            return (client.convert_from_registers(regs[0:2], f32), client.convert_from_registers(regs[2:4], f32),
+                    hb.registers[0])
+
+        write(1.0, 50.0, 0.3)
+        wait_for(lambda: ctrl.counters["cycles"] > 5 and ctrl.status()["status"] == "ok", what="ok cycles")
+        valve, heater, hb1 = read()
+        wait_for(lambda: read()[2] != hb1, what="heartbeat to change")
+        assert -1.0 <= valve <= 1.0 and -2.0 <= heater <= 2.0
+        assert (valve, heater) != (0.0, 0.5)                # the model's, not the fail-safe
+        write(99.0, 50.0, 0.3)                              # level out of range
+        wait_for(lambda: read()[:2] == (0.0, 0.5), what="fail-safe outputs")
+        assert ctrl.status()["invalid"] == {"level": "range"}
+    finally:
+        client.close()
+        ctrl.stop()
+        thread.join(10)
+    stats = result
+    assert stats["failsafe_cycles"] > 0 and stats["invalid_inputs"]["range"] > 0
+    assert stats["bridges"]["modbus"]["mode"] == "server" and stats["write_errors"] == 0
+
+
+def test_zmq_bridge_streams_decisions_and_control(tmp_path, model, controllers):
+    """Two sensor streams over ZeroMQ, decisions back per stream, stats over the control socket."""
+    from plc_bridge.zmq_bridge import ControlClient, DecisionSubscriber, SensorPublisher
+
+    deploy = write_deploy(tmp_path, period_ms=20.0, budget_ms=15.0)
+    deploy.write_text(deploy.read_text() + '[zmq]\nsensors = "tcp://127.0.0.1:*"\n'
+                      'decisions = "tcp://127.0.0.1:*"\ncontrol = "tcp://127.0.0.1:*"\n')
+    ctrl = controllers(deploy, Engine(model, capacity=4, window=8))
+    thread, result = run_in_thread(ctrl)
+    wait_for(lambda: len(ctrl.zmq.endpoints) == 3, what="zmq endpoints")
+    eps = ctrl.zmq.endpoints
+    pub, sub, control = SensorPublisher(eps["sensors"]), DecisionSubscriber(eps["decisions"]), ControlClient(eps["control"])
+    try:
+        assert pub.wait_ready()
+        seen: dict[str, list[dict]] = {"m1": [], "m2": []}
+        seq = 0
+        deadline = time.monotonic() + 20
+        while min(len(v) for v in seen.values()) < 5 or not any(d["status"] == "failsafe" for d in seen["m2"]):
+            assert time.monotonic() < deadline, {k: len(v) for k, v in seen.items()}
+            late = seq > 20
+            pub.send("m1", seq, {"level": 1.0, "temp": 50.0, "flow": 0.3})
+            pub.send("m2", seq, {"level": 1.2, "temp": 55.0, "flow": 9.0 if late else 0.2})
+            seq += 1
+            while (d := sub.recv(timeout_ms=5)) is not None:
+                if late or d["stream"] == "m1":
+                    seen[d["stream"]].append(d)
+        assert all(d["status"] == "ok" for d in seen["m1"][-3:])
+        fs = [d for d in seen["m2"] if d["status"] == "failsafe"][0]
+        assert fs["outputs"]["valve"] == 0.0 and fs["outputs"]["heater"] == 0.5
+        assert set(fs["outputs"]) == {"valve", "heater", "_heartbeat"}
+        reply = control.request("stats")
+        assert reply["ok"] and reply["result"]["cycles"] > 0
+        assert set(reply["result"]["streams"]["names"]) == {"m1", "m2"}
+        status = control.request("status")["result"]
+        assert status["streams"]["m2"]["invalid"] == {"flow": "range"}
+    finally:
+        for sock in (pub, sub, control):
+            sock.close()
+        ctrl.stop()
+        thread.join(10)
+    assert result["invalid_inputs"]["range"] > 0 and result["write_errors"] == 0
