@@ -800,6 +800,8 @@ def bench_device(model: Transformer, *, batches=(1, 8, 64), device: str = "cuda"
     Expert bytes per step are counted on the device during the timed steps (experts that
     received tokens, per layer); the bandwidth is those bytes over the p50 step time, and
     the step time is a whole control cycle: inputs in, graph replay, outputs back on the host.
+    On a device without graphs (the CPU) both rows time the eager step; ``peak`` must then
+    be given (``{"name", "table_gbps", "copy_gbps"}``).
     """
     device = torch.device(device)
     peak = peak or peak_bandwidth(device)
@@ -807,7 +809,7 @@ def bench_device(model: Transformer, *, batches=(1, 8, 64), device: str = "cuda"
     report = {"device": peak["name"], "peak": peak, "steps": steps, "window": window,
               "compile_backend": compile_backend, "batches": {}}
     for b in batches:
-        engine = DeviceEngine(model, capacity=b, window=window, device=device, graphs=True,
+        engine = DeviceEngine(model, capacity=b, window=window, device=device, graphs=device.type == "cuda",
                               expert_backend=expert_backend, compile_backend=compile_backend)
         report["expert_backend"] = engine.expert_backend
         graph = _percentiles(time_steps(engine, b, steps, warmup))

@@ -182,6 +182,28 @@ def test_bad_input_is_refused(lm):
             DeviceEngine(lm, capacity=1, window=4, device="cuda")
 
 
+def test_bench_device_report(lm):
+    """The report's arithmetic, on the CPU (no graphs there: both rows time the eager step)."""
+    from runtime.device import bench_device
+
+    peak = {"name": "cpu", "table_gbps": None, "copy_gbps": 10.0}
+    report = bench_device(lm, batches=[1, 4], device="cpu", steps=3, warmup=1, window=4, peak=peak)
+    cfg = lm.config
+    pad8 = lambda n: -(-n // 8) * 8  # noqa: E731
+    h8, n8, i8 = pad8(cfg.hidden_size), pad8(2 * cfg.moe_intermediate_size), pad8(cfg.moe_intermediate_size)
+    per_expert = h8 * n8 + i8 * h8 + 4 * (n8 + h8)          # int8 gate/up and down, float32 scales
+    for b in ("1", "4"):
+        e = report["batches"][b]
+        assert 1 <= e["active_experts_per_layer"] <= min(cfg.n_routed_experts, int(b) * cfg.num_experts_per_tok)
+        # The torch backend reads every expert of every MoE layer each step.
+        assert e["expert_bytes_read_per_step"] == cfg.n_routed_experts * cfg.n_moe_layers * per_expert
+        assert e["active_expert_bytes_per_step"] == pytest.approx(
+            e["active_experts_per_layer"] * cfg.n_moe_layers * per_expert)
+        gbps = e["expert_bytes_read_per_step"] / (e["graph"]["p50_us"] * 1e-6) / 1e9
+        assert e["expert_gbps"] == pytest.approx(gbps) and e["fraction_of_peak"] == pytest.approx(gbps / 10.0)
+    assert report["batches"]["1"]["active_experts_per_layer"] == cfg.num_experts_per_tok
+
+
 def test_bench_device_cuda_needs_a_gpu(tiny_checkpoint):
     from sdk.bench import bench
 
