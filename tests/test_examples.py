@@ -147,8 +147,9 @@ def test_sensor_stream_detects_injected_faults():
     assert s["diagnosed_right"] >= 11, faulted
     assert s["false_alarms"] <= 2, r["streams"]
     assert s["accuracy_mean"] >= 0.95 and s["accuracy_min"] >= 0.8, r["streams"]
-    # Every frame the gateway sent reached the controller, and decisions came back for all 16.
-    assert c["frames_received"] == r["frames_sent"] > 0 and not c["bad_frames"]
+    # The frames reached the controller (the loop stops as the last frame goes out, so the
+    # last tick's frames may still be on the way), and decisions came back for all 16.
+    assert 0 <= r["frames_sent"] - c["frames_received"] <= 2 * 16 and not c["bad_frames"]
     assert all(x["decisions"] > 100 for x in r["streams"])
 
 
@@ -183,3 +184,34 @@ def test_perception_hook_runs_as_documented():
     late_ok = r["invalid_inputs"].get("stale", 0) // 2 - kinds["slow"]
     assert fs["ok"] <= r["overruns"] + late_ok, r
     assert r["mae"] is not None and r["mae"] < 0.1
+
+
+# ------------------------------------------------------------------------------ packages
+
+def _deploy_names(example: str) -> tuple[list[str], list[str]]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:                               # Python 3.10
+        import tomli as tomllib
+    raw = tomllib.loads((ROOT / "examples" / example / "deploy.toml").read_text())
+    return [i["name"] for i in raw["inputs"]], [o["name"] for o in raw["outputs"]]
+
+
+@pytest.mark.parametrize("example, module, size_arg", [
+    ("sensor_stream", "examples.sensor_stream.train", "--machines"),
+    ("perception_hook", "examples.perception_hook.train", "--episodes"),
+])
+def test_train_scripts_write_packages_the_deployments_accept(tmp_path, example, module, size_arg):
+    from sdk.package import verify_package
+
+    # The bundled package: intact, int8, with the signals its deploy.toml configures.
+    inputs, outputs = _deploy_names(example)
+    bundled = verify_package(ROOT / "examples" / example / "model")
+    assert bundled["quantization"]["scheme"] == "w8a8-int8"
+    assert sorted(bundled["io"]["inputs"]) == sorted(inputs) and bundled["io"]["outputs"] == outputs
+    # The training script, shrunk to two steps on a few simulated runs, writes the same kind.
+    r = _run_module(module, "--out", str(tmp_path / "pkg"), size_arg, "8", "--steps", "2")
+    manifest = verify_package(tmp_path / "pkg")
+    assert r["fit"]["steps"] == 2 and r["fit"]["train"] == "all"
+    assert manifest["quantization"]["scheme"] == "w8a8-int8" and manifest["io"] == bundled["io"]
+    assert manifest["config"] == bundled["config"]

@@ -20,8 +20,10 @@ quiet and the controller rightly fails safe); the gateway keeps listening ``drai
 longer for decisions still on their way.
 
 One thread does everything: send the frames that are due, then wait for decisions until
-the next frame is due. ``python -m examples.sensor_stream.gateway --help``; the report is
-one JSON object on stdout (logs go to stderr).
+the next frame is due. ``python -m examples.sensor_stream.gateway --help``. It writes one
+JSON object per line to stdout (logs go to stderr): ``{"event": "sent", ...}`` as soon as
+the last frame is out (``run.py`` stops the controller then, before the streams go
+stale), and the report when scoring is done.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import logging
 import math
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -50,11 +53,13 @@ def stream_names(n: int) -> list[str]:
 
 def run_gateway(sensors: str, decisions: str, *, streams: int = 16, rate_hz: float = 400.0,
                 duration_s: float = 10.0, seed: int = 0, threshold: float = 0.5, grace_ms: float = 200.0,
-                ready_timeout_s: float = 60.0, drain_s: float = 0.3) -> dict:
+                ready_timeout_s: float = 60.0, drain_s: float = 0.3,
+                on_sent: Callable[[int], None] | None = None) -> dict:
     """Publish ``duration_s`` of frames for ``streams`` machines, collect the decisions, score them.
 
     Waits up to ``ready_timeout_s`` for the controller's subscription before starting the
-    clock. Returns the report (see the module docstring; :func:`score` for its fields).
+    clock. ``on_sent(frames)`` is called once the last frame is out. Returns the report (see
+    the module docstring; :func:`score` for its fields).
     """
     names = stream_names(streams)
     kind, onset_s = demo_schedule(streams, duration_s, seed)
@@ -94,6 +99,9 @@ def run_gateway(sensors: str, decisions: str, *, streams: int = 16, rate_hz: flo
                 continue
             if now >= end:
                 break
+            if frame == n_frames and on_sent is not None:
+                on_sent(sent * streams)
+                on_sent = None
             due = t0 + frame * period_ns if frame < n_frames else end
             d = sub.recv(timeout_ms=max(1, math.ceil((due - now) / 1e6)))
             # Decisions stamped after the last frame are about a stream gone quiet: not scored.
@@ -162,6 +170,10 @@ def score(names: list[str], kind: np.ndarray, onset_wall_ns: np.ndarray, decisio
     return {"streams": rows, "summary": summary}
 
 
+def _print_sent(frames: int) -> None:
+    print(json.dumps({"event": "sent", "frames": frames}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the gateway against a controller and print its report as JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     report = run_gateway(args.sensors, args.decisions, streams=args.streams, rate_hz=args.rate,
                          duration_s=args.duration, seed=args.seed, threshold=args.threshold,
-                         grace_ms=args.grace_ms)
+                         grace_ms=args.grace_ms, on_sent=_print_sent)
     json.dump(report, sys.stdout)
     sys.stdout.write("\n")
     return 0

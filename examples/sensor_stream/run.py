@@ -10,7 +10,7 @@
 - The gateway (``gateway.py``, a separate process) publishes 16 x 400 frames/s of vibration
   features with faults injected at seeded times, collects the decisions and scores them.
 
-The loop stops when the gateway is done. Printed: per machine the injected fault, the
+The loop stops when the gateway has sent its last frame. Printed: per machine the injected fault, the
 detection delay, the diagnosed kind, false alarms and accuracy; then the totals and the
 controller's cycle figures.
 """
@@ -80,15 +80,21 @@ def run(duration_s: float = 10.0, *, seed: int = 0, rate_hz: float = 400.0, pack
         result: dict = {}
 
         def collect() -> None:
-            result["stdout"] = gateway.communicate()[0]
+            for line in gateway.stdout:
+                if '"event": "sent"' in line:
+                    ctrl.stop()                  # the last frame is out: stop before the streams go stale
+                else:
+                    result["stdout"] = line
+            gateway.wait()
             ctrl.stop()
 
         collector = threading.Thread(target=collect, name="gateway-wait", daemon=True)
         collector.start()
         try:
-            # The loop ends when the gateway exits; the bound (the gateway waits up to 60 s for
-            # our subscription) is a safety net, not the plan.
+            # The loop ends when the gateway has sent its last frame; the bound (the gateway
+            # waits up to 60 s for our subscription) is a safety net, not the plan.
             stats = ctrl.run(duration_s + 90.0)
+            collector.join(timeout=60.0)         # the gateway drains, scores and reports
         finally:
             if gateway.poll() is None:
                 gateway.terminate()
@@ -98,7 +104,7 @@ def run(duration_s: float = 10.0, *, seed: int = 0, rate_hz: float = 400.0, pack
                 gateway.wait()
     if gateway.returncode != 0 or not result.get("stdout"):
         raise RuntimeError(f"the gateway failed (exit code {gateway.returncode}); see its log above")
-    report = json.loads(result["stdout"].strip().splitlines()[-1])
+    report = json.loads(result["stdout"])
     zmq = stats["bridges"]["zmq"]
     report["controller"] = {
         "period_ms": cfg.loop.period_ms, "streams": streams, "cycles": stats["cycles"],
@@ -132,9 +138,11 @@ def render(report: dict) -> None:
     lat, inf = c["latency_us"], c["infer_us"]
     print(f"sensors: {report['frames_sent']} frames sent ({report['sensor_rate_per_s']:.0f}/s), "
           f"{c['frames_received']} received by the controller, {report['frames_skipped']} skipped by a late gateway")
+    wd = c["watchdog"]
     print(f"controller: {c['streams']} streams every {c['period_ms']:g} ms, {c['cycles']} cycles, "
-          f"{c['decisions_published']} decisions published, deadline misses {c['deadline_misses']}, "
-          f"fail-safe cycles {c['failsafe_cycles']}")
+          f"{c['decisions_published']} decisions published, deadline misses {c['deadline_misses']}")
+    print(f"fail-safe cycles {c['failsafe_cycles']}: inference over budget {wd['timeouts']}, still busy "
+          f"{wd['busy_cycles']}, invalid inputs {c['invalid_inputs'] or 'none'}")
     print(f"cycle latency us: p50 {lat['p50']:.0f}  p99 {lat['p99']:.0f}  max {lat['max']:.0f}; "
           f"batched inference us: p50 {inf['p50']:.0f}  p99 {inf['p99']:.0f}")
 
