@@ -8,7 +8,7 @@ decisions per stream when the run ends:
 - detection delay: from the first frame carrying the fault to the first decision that
   alarms (a fault score of at least ``threshold`` with status ``ok``), both in wall-clock
   time, so it includes the network, the controller's wait for its next cycle, inference
-  and the publication of the decision;
+  and the publication of the decision (gateway and controller read one clock: same host);
 - false alarms: decisions that switch the alarm on while the machine is healthy (before
   the onset, or on a machine without fault); one alarm that stays on counts once;
 - accuracy: the share of decisions whose alarm state matches the truth, leaving out
