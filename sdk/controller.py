@@ -96,7 +96,7 @@ class Controller:
         self.slots: dict[str, int] = {}
         self._slot_names: list[str | None] = [None] * capacity
         self._active: list[int] = []                      # slots active this cycle, in input order
-        self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "latency")}
+        self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "record", "latency")}
         self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "unknown_inputs": 0,
                          "dropped_streams": 0, "read_errors": 0, "write_errors": 0, "sink_errors": 0,
@@ -385,6 +385,7 @@ class Controller:
         model answered), final outputs, status; timings [read, infer, write, lateness] ns."""
         if self.recorder is None:
             return
+        t0 = monotonic_ns()
         c = self.cycle
         streams = []
         for slot in self._active:
@@ -404,12 +405,14 @@ class Controller:
                                   "streams": streams, "timing": list(timing)})
         except (OSError, ValueError) as exc:
             self._error("record_errors", exc)
+        self.hist["record"].add_ns(monotonic_ns() - t0)
 
     # ------------------------------------------------------------------ stats and lifecycle
     def stats(self) -> dict:
         """Counters, latency histograms (us) and what real-time settings were applied.
 
-        ``latency_us``: tick (or call) to outputs ready; ``phases_us``: read/infer/write;
+        ``latency_us``: tick (or call) to outputs ready; ``phases_us``: read/infer/write, and
+        record (the flight record, appended after the outputs went out);
         ``lateness_us``: wake-up minus tick in the periodic loop.
         """
         loop = self.loop.stats()
@@ -417,7 +420,7 @@ class Controller:
         out = dict(self.counters)
         out.update({
             "latency_us": self.hist["latency"].summary(),
-            "phases_us": {k: self.hist[k].summary() for k in ("read", "infer", "write")},
+            "phases_us": {k: self.hist[k].summary() for k in ("read", "infer", "write", "record")},
             "lateness_us": loop["lateness_us"],
             "skipped_ticks": loop["skipped_ticks"],
             "loop_cycle_errors": loop["cycle_errors"],
