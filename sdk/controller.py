@@ -104,16 +104,22 @@ class Controller:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._running = False
+        self._idle = threading.Event()
+        self._idle.set()
         self._closed = False
         self._source: Source | None = None
         self._sink: Sink | None = None
         self.modbus = self.zmq = None
-        if bridges:
-            self._make_bridges()
         self.recorder: FlightRecorder | None = None
-        if cfg.recorder is not None and cfg.recorder.enabled:
-            self.recorder = FlightRecorder(cfg.recorder.path, self._header(), max_bytes=cfg.recorder.max_bytes,
-                                           keep=cfg.recorder.keep)
+        try:
+            if bridges:
+                self._make_bridges()
+            if cfg.recorder is not None and cfg.recorder.enabled:
+                self.recorder = FlightRecorder(cfg.recorder.path, self._header(),
+                                               max_bytes=cfg.recorder.max_bytes, keep=cfg.recorder.keep)
+        except BaseException:
+            self.worker.close()
+            raise
 
     @classmethod
     def from_config(cls, path: str | Path, *, engine=None, bridges: bool = True) -> "Controller":
@@ -184,7 +190,10 @@ class Controller:
         with self._lock:
             if self._running:
                 raise RuntimeError("the controller is already running")
+            if self._closed:
+                raise RuntimeError("the controller is closed")
             self._running = True
+            self._idle.clear()
         self._source, self._sink = source, sink
         started = []
         try:
@@ -201,6 +210,7 @@ class Controller:
                 bridge.stop()
             self._source = self._sink = None
             self._running = False
+            self._idle.set()
         return self.stats()
 
     def stop(self) -> None:
@@ -440,11 +450,14 @@ class Controller:
         return out
 
     def close(self) -> None:
-        """Stop the loop and bridges, close the recording and the inference thread."""
+        """Stop the loop (waiting up to 10 s for ``run()`` to return), the bridges, the
+        recording and the inference thread."""
         if self._closed:
             return
         self._closed = True
         self.loop.stop()
+        if not self._idle.wait(10.0):
+            logger.error("the control loop did not stop within 10 s; closing anyway")
         for bridge in (self.modbus, self.zmq):
             if bridge is not None:
                 bridge.stop()

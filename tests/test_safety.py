@@ -337,3 +337,18 @@ def test_non_finite_model_output_fails_safe(make_controller):
     out = ctrl.step_many({"a": {"level": 1.8, "flow": 0.0}, "b": {"level": 1.0, "flow": 0.0}})
     assert out["a"] == {"valve": 0.25, "pump": 0.0}
     assert ctrl.status("a")["reason"] == "bad_output" and ctrl.status("b")["status"] == "ok"
+
+
+def test_close_stops_a_running_loop(make_controller):
+    ctrl = make_controller(period_ms=10.0, budget_ms=8.0)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (ctrl.run(source=lambda seq, t: {"level": 1.0, "flow": 1.0}),
+                                              done.set()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while ctrl.counters["cycles"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    ctrl.close()
+    assert done.is_set()                                  # close() waited for run() to return
+    with pytest.raises(RuntimeError, match="closed"):
+        ctrl.run(source=lambda seq, t: {})
