@@ -125,24 +125,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    """``r1edge fit SRC --data FILE.npz --out PKG``: attach a sensor adapter and fit it (or the whole model)."""
-    from sdk.fit import fit, load_data, render_fit
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``r1edge demo``: the factory loop over Modbus with the bundled MoE policy; exit 1 unless it passes."""
+    from sdk.demo import render_demo, run_demo
 
-    data = load_data(args.data)
-    names = {}
-    for key, flag in (("inputs", "--inputs"), ("outputs", "--outputs")):
-        given = getattr(args, key)
-        names[key] = [n.strip() for n in given.split(",") if n.strip()] if given else data[key]
-        if names[key] is None:
-            raise ValueError(f"{args.data}: the file does not name its {key} "
-                             f"({'feature_names' if key == 'inputs' else 'output_names'}); pass {flag} a,b,...")
-    report = fit(args.src, data["frames"], data["targets"], inputs=names["inputs"], outputs=names["outputs"],
-                 out=args.out, train=args.train, window=args.window, steps=args.steps, lr=args.lr,
-                 seed=args.seed, batch=args.batch, seq_len=args.seq_len, held_out=args.held_out,
-                 progress=not args.json, overwrite=args.overwrite)
-    _print_report(report, args.json, render_fit)
-    return 0
+    if not args.verbose:            # keep the status line clean: warnings and errors only
+        logging.getLogger().setLevel(logging.WARNING)
+    tty = sys.stderr.isatty()
+    if not args.json:
+        print(f"r1edge demo: heated-tank PLC simulator (plant seed {args.seed}) on loopback Modbus TCP, "
+              f"MoE policy in the loop for {args.duration:g} s ...", flush=True)
+    summary = run_demo(args.duration, args.out, args.seed, status=sys.stderr, inplace=tty)
+    _print_report(summary, args.json, render_demo)
+    return 0 if summary["ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,26 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("fit", help="attach a sensor I/O adapter and fit it on recorded frames")
-    p.add_argument("src", metavar="SRC", help="HF checkpoint directory or unquantized package")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help=".npz with 'frames' [N,T,F] and 'targets' [N,T,O] (optional 'feature_names', 'output_names')")
-    p.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
-    p.add_argument("--inputs", default=None, metavar="A,B,..", help="input names (default: from the file)")
-    p.add_argument("--outputs", default=None, metavar="X,Y,..", help="output names (default: from the file)")
-    p.add_argument("--train", choices=("adapter", "all"), default="adapter",
-                   help="fit the adapter only, or the whole model (default: %(default)s)")
-    p.add_argument("--window", type=int, default=32, help="attention window in frames (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=16, help="crops per step (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=None, help="frames per crop (default: 3 x window)")
-    p.add_argument("--held-out", type=float, default=0.2,
-                   help="fraction of rows held out for the report (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
-    p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
-    p.set_defaults(func=cmd_fit)
+    p = sub.add_parser("demo", help="the factory loop over Modbus TCP with the bundled MoE policy")
+    p.add_argument("--duration", type=float, default=20.0, metavar="S",
+                   help="seconds of real time in the loop (default: %(default)s)")
+    p.add_argument("--out", default="r1edge-demo", metavar="DIR",
+                   help="plot, flight recording and plant log go here (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="plant seed: setpoints and disturbances (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_demo)
 
     return parser
 

@@ -1,0 +1,381 @@
+"""``r1edge demo``: the factory loop, closed over Modbus TCP by the bundled MoE policy.
+
+What it does, with nothing to configure and no network beyond loopback:
+
+1. builds the controller of ``examples/factory_loop/deploy.toml`` (the bundled package: a
+   pruned, int8 DeepSeek-V3-architecture policy), pointed at a free loopback port and with
+   a flight recorder under ``--out``;
+2. starts the heated-tank PLC simulator (``examples/factory_loop/plant.py``) as a separate
+   process on that port, waits until its heartbeat and every input arrive, then runs the
+   control loop in Modbus client mode for ``--duration`` seconds of real time, with a live
+   status line;
+3. stops the plant (it writes its log), and scores the run: tracking error of the MoE policy
+   beside the expert controller and no control simulated on the same seeded disturbances,
+   latency percentiles, deadline misses and fail-safe cycles;
+4. draws the plot (setpoints, measurements and actuators of the live run and the expert),
+   and replays the flight recording through a fresh engine, checking every output bit for bit.
+
+It passes when the policy's tracking error is within 1.5x of the expert's and at most half
+of no control's, no cycle went to fail-safe, and the replay is bitwise identical.
+
+The example lives in the source tree (``examples/`` next to ``sdk/``), which is where an
+editable install (``scripts/bootstrap.sh``) finds it from any working directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "factory_loop"
+TRACK_FROM_S = 2.0          # the first seconds are start-up: scored from here on
+MAX_RATIO = 1.5             # policy / expert tracking error
+MAX_VS_NO_CONTROL = 0.5     # policy / no-control tracking error
+
+
+class DemoError(RuntimeError):
+    """The demo could not run (missing example files, the plant did not start, ...)."""
+
+
+def find_example(root: Path = ROOT) -> Path:
+    """The factory-loop example directory, checked for the files the demo needs."""
+    example = root / "examples" / "factory_loop"
+    for rel in ("deploy.toml", "plant.py", "expert.py", "model/manifest.json"):
+        if not (example / rel).is_file():
+            raise DemoError(f"{example / rel}: missing. 'r1edge demo' runs the example in the source tree "
+                            f"next to the sdk package ({root}); install r1edge from a clone with "
+                            "'bash scripts/bootstrap.sh' (an editable install), or rebuild the bundled "
+                            "model with 'python -m examples.factory_loop.train_policy'")
+    return example
+
+
+def _example_modules(root: Path = ROOT):
+    """The plant and expert modules of the example (the source tree goes first on sys.path)."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from examples.factory_loop import expert, plant
+
+    if Path(plant.__file__).resolve().parent != (root / "examples" / "factory_loop").resolve():
+        raise DemoError(f"'examples.factory_loop' resolves to {plant.__file__}, not to {root}; "
+                        "another package named 'examples' shadows the source tree")
+    return plant, expert
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_config(port: int, recording: Path, example: Path | None = None):
+    """The example's deployment config, pointed at ``port`` and recording to ``recording``."""
+    import tomllib
+
+    from sdk.config import DeployConfig
+
+    example = example or find_example()
+    path = example / "deploy.toml"
+    raw = tomllib.loads(path.read_text())
+    raw["modbus"]["port"] = int(port)
+    raw["recorder"] = {"path": str(recording)}
+    return DeployConfig.from_dict(raw, base_dir=example, source=path)
+
+
+class PlantProcess:
+    """The PLC simulator as a child process (``python -m examples.factory_loop.plant``).
+
+    ``start()`` returns once it listens; ``stop()`` sends SIGTERM (it then writes its log to
+    ``log_path``) and waits; ``kill()`` sends SIGKILL. Its own log goes to ``stderr_path``.
+    """
+
+    def __init__(self, port: int, seed: int, *, log_path: Path | None = None, stderr_path: Path | None = None,
+                 root: Path = ROOT):
+        self.port, self.seed, self.log_path, self.root = port, seed, log_path, root
+        self.stderr_path = stderr_path
+        self.proc: subprocess.Popen | None = None
+        self._stderr = None
+
+    def start(self, timeout_s: float = 20.0) -> "PlantProcess":
+        """Start the process and wait for its 'listening' line."""
+        cmd = [sys.executable, "-m", "examples.factory_loop.plant", "--host", "127.0.0.1",
+               "--port", str(self.port), "--seed", str(self.seed)]
+        if self.log_path is not None:
+            cmd += ["--log", str(self.log_path)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        self._stderr = open(self.stderr_path, "ab") if self.stderr_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True)
+        line = ""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if sel.select(timeout_s):
+                line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.kill()
+            where = f" (its log: {self.stderr_path})" if self.stderr_path else ""
+            raise DemoError(f"the plant simulator did not start on 127.0.0.1:{self.port} within "
+                            f"{timeout_s:.0f} s{where}")
+        return self
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM and wait (the plant writes its log); SIGKILL if it does not exit in time."""
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("plant did not exit on SIGTERM within %.0f s; killing it", timeout_s)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap the process."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+        if self._stderr not in (None, subprocess.DEVNULL):
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> "PlantProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_for_plc(ctrl, timeout_s: float = 10.0) -> float:
+    """Start the controller's Modbus bridge and wait until the PLC's heartbeat moves and every
+    input has been read; returns the seconds waited."""
+    bridge = ctrl.modbus
+    bridge.start()
+    t0 = time.monotonic()
+    needed = set(ctrl.input_names)
+    while time.monotonic() - t0 < timeout_s:
+        if bridge.health()["heartbeat_ok"] and needed <= set(bridge.snapshot()):
+            return time.monotonic() - t0
+        time.sleep(0.01)
+    raise DemoError(f"no heartbeat and inputs from the PLC at {bridge.host}:{bridge.port} within {timeout_s:.0f} s")
+
+
+class StatusLine:
+    """A status line from the controller's live buffers: refreshed in place (``\\r``) every
+    0.2 s on a terminal, else a new line every 2 s (``inplace=False``, for logs)."""
+
+    def __init__(self, ctrl, stream: TextIO, inplace: bool = True):
+        self.ctrl, self.stream, self.inplace = ctrl, stream, inplace
+        self.period_s = 0.2 if inplace else 2.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="demo-status", daemon=True)
+        names = ctrl.input_names
+        self._idx = {k: names.index(k) for k in ("level", "temperature", "level_sp", "temp_sp")}
+        self._out = {k: ctrl.output_names.index(k) for k in ("valve", "heater")}
+
+    def start(self) -> "StatusLine":
+        """Start refreshing."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop, leaving the last line in place."""
+        self._stop.set()
+        self._thread.join(2.0)
+        self.stream.write(("\r" + self.line() + "\n") if self.inplace else self.line() + "\n")
+        self.stream.flush()
+
+    def _main(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.stream.write("\r" + self.line() if self.inplace else self.line() + "\n")
+            self.stream.flush()
+
+    def line(self) -> str:
+        """The current status (values read without locking: display only)."""
+        c = self.ctrl
+        x, y = c.cycle.values[0].copy(), c.cycle.out[0].copy()
+        i, o = self._idx, self._out
+        status = c.status("main")["status"] if "main" in c.slots else "waiting"
+        return (f"cycle {c.counters['cycles']:5d}  level {x[i['level']]:.3f} m (sp {x[i['level_sp']]:.2f})  "
+                f"temp {x[i['temperature']]:5.2f} C (sp {x[i['temp_sp']]:4.1f})  valve {y[o['valve']]:.3f}  "
+                f"heater {y[o['heater']]:.3f}  {status:8s} deadline misses {c.counters['deadline_misses']}  ")
+
+
+def plot(path: Path, live: dict, expert: dict, no_control: dict, title: str) -> Path:
+    """Setpoints, measurements and actuators of the live run beside the simulated expert."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True)
+    ax = axes[0]
+    ax.plot(live["t"], live["level_sp"], "k--", lw=1.2, label="setpoint")
+    ax.plot(no_control["t"], no_control["level"], color="0.7", lw=1.0, label="no control")
+    ax.plot(expert["t"], expert["level"], color="tab:orange", lw=1.2, label="expert PID (simulated)")
+    ax.plot(live["t"], live["level"], color="tab:blue", lw=1.4, label="MoE policy (live, Modbus)")
+    ax.set_ylabel("level (m)")
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    ax = axes[1]
+    ax.plot(live["t"], live["temp_sp"], "k--", lw=1.2, label="setpoint")
+    ax.plot(no_control["t"], no_control["temperature"], color="0.7", lw=1.0, label="no control")
+    ax.plot(expert["t"], expert["temperature"], color="tab:orange", lw=1.2, label="expert PID")
+    ax.plot(live["t"], live["temperature"], color="tab:blue", lw=1.4, label="MoE policy")
+    ax.set_ylabel("temperature (C)")
+    ax = axes[2]
+    ax.plot(expert["t"], expert["valve_cmd"], color="tab:orange", lw=1.0, label="valve, expert")
+    ax.plot(live["t"], live["valve_cmd"], color="tab:blue", lw=1.2, label="valve, MoE")
+    ax.plot(expert["t"], expert["heater_cmd"], color="tab:red", lw=1.0, ls=":", label="heater, expert")
+    ax.plot(live["t"], live["heater_cmd"], color="tab:green", lw=1.2, label="heater, MoE")
+    ax.set_ylabel("actuator (0..1)")
+    ax.set_xlabel("plant time (s)")
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    for ax in axes:
+        ax.axvspan(0, TRACK_FROM_S, color="0.93", zorder=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: int = 0, *,
+             status: TextIO | None = None, inplace: bool = True) -> dict[str, Any]:
+    """Run the demo (see the module docstring); returns the summary, with ``ok`` and ``checks``.
+
+    ``status``: a stream for the live status line (None: none), refreshed in place if ``inplace``.
+    """
+    from sdk.controller import Controller, replay
+
+    if not duration_s > TRACK_FROM_S:
+        raise ValueError(f"duration must exceed {TRACK_FROM_S} s (the start-up that is not scored), "
+                         f"got {duration_s}")
+    example = find_example()
+    P, E = _example_modules()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    recording = out / "recording"
+    if recording.is_dir():                  # keep only this run's recording
+        for f in recording.glob("*.r1rec"):
+            f.unlink()
+    plant_log = out / "plant.npz"
+    plant_log.unlink(missing_ok=True)
+    port = free_port()
+    config = demo_config(port, recording, example)
+    t_build = time.perf_counter()
+    ctrl = Controller(config)
+    build_s = time.perf_counter() - t_build
+    log.info("controller ready in %.1f s (package %s)", build_s, config.model.path)
+    plant = PlantProcess(port, seed, log_path=plant_log, stderr_path=out / "plant.log")
+    interrupted = False
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        plant.start()
+        waited = wait_for_plc(ctrl)
+        line = StatusLine(ctrl, status, inplace).start() if status is not None else None
+
+        def on_sigint(*_):
+            nonlocal interrupted
+            interrupted = True
+            ctrl.stop()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_sigint)
+        try:
+            stats = ctrl.run(duration_s)
+        finally:
+            if line is not None:
+                line.stop()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, previous)
+        plant.stop()
+    finally:
+        plant.kill()
+        ctrl.close()
+    if not plant_log.is_file():
+        raise DemoError(f"the plant wrote no log to {plant_log} (see {out / 'plant.log'})")
+    with np.load(plant_log, allow_pickle=False) as f:
+        live = {k: f[k] for k in f.files}
+
+    stop_s = min(duration_s, float(live["t"][-1]))
+    expert_log = P.simulate(seed, E.ExpertController(), stop_s)
+    none_log = P.simulate(seed, None, stop_s)
+    tracking = {name: P.tracking_error(lg, TRACK_FROM_S, stop_s) for name, lg in
+                (("moe", live), ("expert", expert_log), ("no_control", none_log))}
+    ratio = tracking["moe"]["score"] / tracking["expert"]["score"]
+    vs_none = tracking["moe"]["score"] / tracking["no_control"]["score"]
+    rep = replay(recording)
+    shown = np.asarray(live["t"]) <= stop_s
+    png = plot(out / "demo.png", {k: np.asarray(v)[shown] for k, v in live.items()}, expert_log, none_log,
+               f"r1edge demo: heated tank, plant seed {seed}, {stop_s:.0f} s; MoE policy (pruned, int8) over "
+               f"Modbus TCP vs expert PID; tracking error {ratio:.2f}x the expert's")
+    checks = {
+        "tracking_within_1.5x_expert": ratio <= MAX_RATIO,
+        "far_below_no_control": vs_none <= MAX_VS_NO_CONTROL,
+        "no_failsafe_cycles": stats["failsafe_cycles"] == 0,
+        "replay_bit_exact": bool(rep["identical"]) and rep["cycles"] == stats["cycles"],
+        "completed": not interrupted,
+    }
+    held = np.asarray(live["held"])
+    return {
+        "ok": all(checks.values()), "checks": checks,
+        "seed": seed, "duration_s": duration_s, "scored_s": [TRACK_FROM_S, stop_s], "port": port,
+        "package": str(config.model.path), "controller_build_s": round(build_s, 2),
+        "waited_for_plc_s": round(waited, 3),
+        "tracking": tracking, "ratio_vs_expert": ratio, "ratio_vs_no_control": vs_none,
+        "cycles": stats["cycles"], "latency_us": stats["latency_us"],
+        "deadline_misses": stats["deadline_misses"], "skipped_ticks": stats["skipped_ticks"],
+        "failsafe_cycles": stats["failsafe_cycles"], "held_cycles": stats["held_cycles"],
+        "plant_held_ticks": int(held.sum()),
+        "modbus": {k: stats["bridges"]["modbus"][k] for k in ("io_us", "errors", "bad", "reconnects")},
+        "replay": {k: rep[k] for k in ("identical", "cycles", "stream_steps", "model_outputs_compared",
+                                       "final_outputs_compared", "mismatches", "first_mismatch")},
+        "plot": str(png), "recording": str(recording), "plant_log": str(plant_log),
+    }
+
+
+def render_demo(s: dict[str, Any]) -> None:
+    """Print the demo summary."""
+    tr = s["tracking"]
+    lat = s["latency_us"]
+    print(f"r1edge demo: plant seed {s['seed']}, {s['cycles']} control cycles over {s['duration_s']:.0f} s "
+          f"(Modbus TCP on 127.0.0.1:{s['port']}), scored on {s['scored_s'][0]:.0f}-{s['scored_s'][1]:.1f} s")
+    print("  tracking error (RMS; score = mean of level and temperature normalised by their setpoint span)")
+    for name, label in (("moe", "MoE policy, live"), ("expert", "expert PID, simulated"),
+                        ("no_control", "no control, simulated")):
+        t = tr[name]
+        print(f"    {label:24s} level {t['level_rms']:.4f} m   temperature {t['temp_rms']:.3f} K   "
+              f"score {t['score']:.4f}")
+    print(f"  MoE / expert            {s['ratio_vs_expert']:.3f}  (must be <= {MAX_RATIO})")
+    print(f"  MoE / no control        {s['ratio_vs_no_control']:.3f}  (must be <= {MAX_VS_NO_CONTROL})")
+    print(f"  cycle latency           p50 {lat['p50']:.0f} us   p99 {lat['p99']:.0f} us   max {lat['max']:.0f} us "
+          f"(tick to outputs handed to the bridge)")
+    print(f"  deadline misses         {s['deadline_misses']}   skipped ticks {s['skipped_ticks']}")
+    print(f"  fail-safe cycles        {s['failsafe_cycles']}   held cycles {s['held_cycles']}")
+    r = s["replay"]
+    print(f"  replay                  {'bit-exact' if r['identical'] else 'MISMATCH'}: {r['cycles']} cycles, "
+          f"{r['model_outputs_compared']} model and {r['final_outputs_compared']} final outputs compared"
+          + ("" if r["identical"] else f"; first mismatch {r['first_mismatch']}"))
+    print(f"  plot                    {s['plot']}")
+    print(f"  flight recording        {s['recording']}")
+    failed = [k for k, v in s["checks"].items() if not v]
+    print("PASS" if s["ok"] else f"FAIL: {', '.join(failed)}")
