@@ -40,13 +40,19 @@ Sink = Callable[[str, dict, str, int, float], None]
 
 
 def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32):
-    """The stream engine over a sensor-mode package (refuses an LM-only package)."""
-    from runtime.engine import Engine
+    """The stream engine over a sensor-mode package (refuses an LM-only package): the Numba
+    engine on the CPU, the graph-captured device engine on CUDA."""
     from sdk.loading import load_model
 
-    model = load_model(path, device=device)
+    model = load_model(path)
     if getattr(model, "adapter", None) is None:
         raise ValueError(f"{path}: the model has no I/O adapter; a controller needs a sensor-mode package")
+    if str(device).startswith("cuda"):
+        from runtime.device import DeviceEngine
+
+        return DeviceEngine(model, capacity=capacity, window=window, device=device)
+    from runtime.engine import Engine
+
     return Engine(model, capacity=capacity, window=window)
 
 
