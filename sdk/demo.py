@@ -252,6 +252,8 @@ def plot(path: Path, live: dict, expert: dict, no_control: dict, title: str) -> 
     for ax in axes:
         ax.axvspan(0, TRACK_FROM_S, color="0.93", zorder=0)
         ax.grid(alpha=0.3)
+    axes[1].text(TRACK_FROM_S / 2, 0.1, "start-up: outputs ramp\nfrom fail-safe (not scored)",
+                 ha="center", va="center", fontsize=7, color="0.35", transform=axes[1].get_xaxis_transform())
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -353,6 +355,14 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
     }
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def render_demo(s: dict[str, Any]) -> None:
     """Print the demo summary."""
     tr = s["tracking"]
@@ -375,7 +385,7 @@ def render_demo(s: dict[str, Any]) -> None:
     print(f"  replay                  {'bit-exact' if r['identical'] else 'MISMATCH'}: {r['cycles']} cycles, "
           f"{r['model_outputs_compared']} model and {r['final_outputs_compared']} final outputs compared"
           + ("" if r["identical"] else f"; first mismatch {r['first_mismatch']}"))
-    print(f"  plot                    {s['plot']}")
-    print(f"  flight recording        {s['recording']}")
+    print(f"  plot                    {_shown(s['plot'])}")
+    print(f"  flight recording        {_shown(s['recording'])}")
     failed = [k for k, v in s["checks"].items() if not v]
     print("PASS" if s["ok"] else f"FAIL: {', '.join(failed)}")
