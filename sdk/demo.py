@@ -297,6 +297,7 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
         line = StatusLine(ctrl, status, inplace).start() if status is not None else None
 
         def on_sigint(*_):
+            """Ctrl-C: finish the current cycle, then score what ran (the demo then fails)."""
             nonlocal interrupted
             interrupted = True
             ctrl.stop()

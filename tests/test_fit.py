@@ -87,6 +87,22 @@ def test_whole_model_fit_learns_too_and_keeps_routers_balanced(tiny_checkpoint, 
                            ref.model.layers[1].mlp.gate.e_score_correction_bias)
 
 
+def test_attach_adapter_takes_normalisation_from_the_data(tiny_checkpoint):
+    frames, targets = make_data(n=5, t=20)
+    frames[..., 1] = 3.0                                   # a constant column: std 1, not 0
+    model = sdk.load_model(tiny_checkpoint[0])
+    a = attach_adapter(model, INPUTS, OUTPUTS, frames=frames, targets=targets, seed=2)
+    assert model.adapter is a and a.signature() == {"inputs": INPUTS, "outputs": OUTPUTS}
+    flat = frames.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(a.in_mean.numpy(), flat.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(a.in_std.numpy(), [flat[:, 0].std(), 1.0, flat[:, 2].std()], rtol=1e-6)
+    np.testing.assert_allclose(a.out_std.numpy(), targets.reshape(-1, 2).astype(np.float64).std(0), rtol=1e-6)
+    b = attach_adapter(model, INPUTS, OUTPUTS, frames=frames, targets=targets, seed=2)
+    assert model.adapter is b and torch.equal(a.in_proj.weight, b.in_proj.weight)   # seeded, replaced
+    with pytest.raises(DataError, match="3 columns for 2 inputs"):
+        attach_adapter(model, INPUTS[:2], OUTPUTS, frames=frames)
+
+
 def test_package_round_trips_and_engine_matches_forward_sensor(fitted, tiny_checkpoint):
     path, report = fitted
     manifest = verify_package(path)

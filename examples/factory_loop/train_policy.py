@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = []
 
     def check(step: int, m) -> bool:
+        """Closed-loop score of the policy so far; True (stop training) once within --target."""
         res = closed_loop(Engine(m, capacity=1, window=E.WINDOW), EVAL_SEEDS, args.eval_s)
         torch.set_num_threads(1)    # Numba's OpenMP start-up resets the thread count torch shares
         checks.append({"step": step, "ratio": res["ratio"]})
