@@ -376,7 +376,7 @@ class ModbusBridge:
         """Trips fail-safe when the heartbeat stops, even if nobody publishes (client mode: also
         while the PLC is unreachable; the fail-safe values are written once it answers)."""
         idle_s = min(self.hb_timeout_ns / 4e9, 0.02)
-        while True:
+        while not self._stop.is_set():
             now = time.monotonic_ns()
             with self.lock:
                 ok = self._heartbeat_ok(now)
@@ -420,7 +420,9 @@ class ModbusBridge:
     async def _client_loop(self) -> None:
         delay = self.reconnect_min_s
         ever_connected = False
-        while True:
+        # Loops test the stop flag as well as being cancelled: on Python 3.11,
+        # asyncio.wait_for can swallow a cancellation that races with its own wake-up.
+        while not self._stop.is_set():
             client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.request_timeout_s,
                                           retries=0, reconnect_delay=0, name="r1edge-plc")
             try:
@@ -460,7 +462,7 @@ class ModbusBridge:
                    "coil": client.read_coils, "discrete": client.read_discrete_inputs}
         dirty = True  # write the current outputs as soon as we (re)connect
         next_poll = time.monotonic()
-        while True:
+        while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_poll:
                 t0 = time.perf_counter_ns()

@@ -194,3 +194,14 @@ def test_client_heartbeat_stop_writes_failsafe_to_plc(plc):
         assert wait_for(lambda: b.health()["heartbeat_ok"])
         b.publish({"valve": 0.8}, "ok", 3, 0.0)
         assert wait_for(lambda: from_regs(plc.get(3, 10, 2), F32) == pytest.approx(0.8))
+
+
+def test_client_stops_promptly_right_after_publish(plc):
+    """stop() straight after publish() (the end of every controller run) must not hang."""
+    for _ in range(5):
+        b = make_bridge(plc.port).start()
+        assert wait_for(lambda: b.health()["connected"])
+        b.publish({"valve": 0.5, "pump": 0.0}, "ok", 1, 10.0)
+        start = time.monotonic()
+        b.stop()
+        assert time.monotonic() - start < 2.0
