@@ -82,10 +82,12 @@ def describe(path: str | Path) -> dict:
         experts = [len(kept.get(str(i), range(cfg.n_routed_experts))) for i in
                    range(cfg.first_k_dense_replace, cfg.num_hidden_layers)]
         io = manifest.get("io")
+        original_experts = manifest.get("experts", {}).get("original_n_routed_experts", cfg.n_routed_experts)
     else:
         quant = _checkpoint_quant(CheckpointReader(path))
         experts = [cfg.n_routed_experts] * cfg.n_moe_layers
         io = None
+        original_experts = cfg.n_routed_experts
     counts = count_params(cfg)
     return {
         "path": str(path),
@@ -98,7 +100,7 @@ def describe(path: str | Path) -> dict:
         "q_lora_rank": cfg.q_lora_rank,
         "kv_lora_rank": cfg.kv_lora_rank,
         "vocab_size": cfg.vocab_size,
-        "routed_experts": cfg.n_routed_experts,
+        "routed_experts": original_experts,
         "shared_experts": cfg.n_shared_experts,
         "experts_per_token": cfg.num_experts_per_tok,
         "groups": {"n_group": cfg.n_group, "topk_group": cfg.topk_group},
