@@ -338,7 +338,11 @@ class Engine:
         self.output_names = list(model.adapter.output_names) if model.adapter is not None else []
         self._allocate()
         self._load_weights(model)
+        # Numba's OpenMP layer shares libgomp with torch: its first parallel launch resets
+        # torch's intra-op thread count, which the caller may have chosen on purpose.
+        torch_threads = torch.get_num_threads()
         self._warmup()
+        torch.set_num_threads(torch_threads)
 
     # -- set-up --------------------------------------------------------------------------
     def _load_weights(self, model: Transformer) -> None:

@@ -162,3 +162,13 @@ def test_two_processes_give_the_same_hash(tiny_checkpoint):
     runs = [subprocess.run([sys.executable, "-c", _HASH_SCRIPT, str(path)], capture_output=True, text=True,
                            check=True).stdout.strip() for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 64
+
+
+def test_building_an_engine_keeps_torch_thread_count(lm):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Engine(lm, capacity=2, window=4).step_tokens(np.arange(2), np.array([1, 2]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
