@@ -164,11 +164,19 @@ def test_two_processes_give_the_same_hash(tiny_checkpoint):
     assert runs[0] == runs[1] and len(runs[0]) == 64
 
 
-def test_building_an_engine_keeps_torch_thread_count(lm):
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        Engine(lm, capacity=2, window=4).step_tokens(np.arange(2), np.array([1, 2]))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(threads)
+_THREADS_SCRIPT = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+import sdk
+from runtime.engine import Engine
+Engine(sdk.load_model(sys.argv[1]), capacity=2, window=4).step_tokens(np.arange(2), np.array([1, 2]))
+print(torch.get_num_threads())
+"""
+
+
+def test_building_an_engine_keeps_torch_thread_count(tiny_checkpoint):
+    """Numba's first parallel launch in a process must not change torch's thread count."""
+    path, _ = tiny_checkpoint
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "1"
