@@ -417,6 +417,43 @@ def fit(source: str | Path, frames: np.ndarray, targets: np.ndarray, *, inputs: 
     return {**report, "package": str(out)}
 
 
+def train_policy_package(config: dict[str, Any], frames: np.ndarray, targets: np.ndarray, *,
+                         inputs: Sequence[str], outputs: Sequence[str], out: str | Path,
+                         calib_frames: np.ndarray, window: int, steps: int, batch: int = 16,
+                         lr: float = 2e-3, seed: int = 0, held_out: float = 0.2,
+                         progress: bool = True) -> dict[str, Any]:
+    """A sensor-mode policy from scratch: a seeded random DeepSeek-V3 model of ``config``
+    with a fresh adapter, trained whole on ``frames``/``targets``, then compressed to a W8A8
+    int8 package at ``out`` (all experts kept) calibrated on ``calib_frames`` [N, T, F].
+
+    Runs torch single-threaded (tiny matrices: faster, and the result does not depend on the
+    core count). Returns ``{"fit", "quality", "package", "package_bytes"}``.
+    """
+    import tempfile
+
+    from runtime.config import ModelConfig
+    from sdk.compress import compress
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = init_weights(Transformer(ModelConfig(**config)), seed=seed)
+        rows, _ = split_rows(len(frames), held_out)
+        attach_adapter(model, inputs, outputs, frames=frames[rows], targets=targets[rows], seed=seed)
+        report = fit_model(model, frames, targets, train="all", window=window, steps=steps, batch=batch, lr=lr,
+                           seed=seed, held_out=held_out, progress=progress)
+        with tempfile.TemporaryDirectory() as tmp:
+            float_pkg = Path(tmp) / "float"
+            save_package(model, float_pkg, report=report)
+            calib = Path(tmp) / "calib.npz"
+            np.savez(calib, frames=calib_frames)
+            manifest = compress(float_pkg, out, calib=calib, quant="int8", progress=progress, overwrite=True)
+    finally:
+        torch.set_num_threads(threads)
+    return {"fit": report, "quality": manifest["quality"], "package": str(out),
+            "package_bytes": manifest["size"]["package_bytes"]}
+
+
 def render_fit(report: dict[str, Any]) -> None:
     """Human-readable form of a fit report."""
     print(f"fitted {report['train']} on {report['rows']['train']} rows for {report['steps']} steps "

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,43 +36,19 @@ WINDOW = 16             # frames of history (320 ms at 50 Hz)
 def build(out: Path, *, episodes: int = 512, seconds: float = 60.0, steps: int = 3000, batch: int = 16,
           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
     """Simulate, fit, compress; writes the int8 package to ``out`` and returns the reports."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny matrices: one thread is faster, and the result reproducible
-    try:
-        return _build(out, episodes=episodes, seconds=seconds, steps=steps, batch=batch, lr=lr, seed=seed,
-                      progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _build(out: Path, *, episodes: int, seconds: float, steps: int, batch: int, lr: float, seed: int,
-           progress: bool) -> dict:
-    from runtime.config import ModelConfig
-    from runtime.model import Transformer
-    from sdk.compress import compress
-    from sdk.fit import attach_adapter, fit_model, init_weights, save_package, split_rows
+    from sdk.fit import split_rows, train_policy_package
 
     from .perception import INPUTS, OUTPUTS, dataset
 
     frames, targets = dataset(episodes, seconds, seed=seed)
     logging.getLogger(__name__).info("training data: %d rows of %d frames", *frames.shape[:2])
-    model = init_weights(Transformer(ModelConfig(**CONFIG)), seed=seed)
-    rows, held = split_rows(len(frames), 0.2)
-    attach_adapter(model, INPUTS, OUTPUTS, frames=frames[rows], targets=targets[rows], seed=seed)
-    fit_report = fit_model(model, frames, targets, train="all", window=WINDOW, steps=steps, batch=batch, lr=lr,
-                       seed=seed, held_out=0.2, progress=progress)
-    with tempfile.TemporaryDirectory() as tmp:
-        float_pkg = Path(tmp) / "float"
-        save_package(model, float_pkg, report=fit_report)
-        calib = Path(tmp) / "calib.npz"
-        n = frames.shape[1] // WINDOW * WINDOW
-        crops = frames[held, :n].reshape(-1, WINDOW, frames.shape[2])
-        np.savez(calib, frames=crops[np.random.default_rng(seed).permutation(len(crops))[:512]])
-        manifest = compress(float_pkg, out, calib=calib, quant="int8", progress=progress, overwrite=True)
-    return {"fit": fit_report, "quality": manifest["quality"], "package": str(out),
-            "package_bytes": manifest["size"]["package_bytes"]}
+    _, held = split_rows(len(frames), 0.2)
+    n = frames.shape[1] // WINDOW * WINDOW
+    crops = frames[held, :n].reshape(-1, WINDOW, frames.shape[2])
+    calib = crops[np.random.default_rng(seed).permutation(len(crops))[:512]]
+    return train_policy_package(CONFIG, frames, targets, inputs=INPUTS, outputs=OUTPUTS, out=out,
+                                calib_frames=calib, window=WINDOW, steps=steps, batch=batch, lr=lr, seed=seed,
+                                progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:

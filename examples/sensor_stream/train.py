@@ -17,10 +17,8 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,42 +37,17 @@ FRAMES_PER_CYCLE = 2    # 400 Hz frames, 200 Hz controller
 def build(out: Path, *, machines: int = 1024, duration_s: float = 4.0, steps: int = 3000, batch: int = 16,
           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
     """Simulate, fit, compress; writes the int8 package to ``out`` and returns both reports."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny matrices: one thread is faster, and the result reproducible
-    try:
-        return _build(out, machines=machines, duration_s=duration_s, steps=steps, batch=batch, lr=lr,
-                      seed=seed, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _build(out: Path, *, machines: int, duration_s: float, steps: int, batch: int, lr: float, seed: int,
-           progress: bool) -> dict:
-    from runtime.config import ModelConfig
-    from runtime.model import Transformer
-    from sdk.compress import compress
-    from sdk.fit import attach_adapter, fit_model, init_weights, save_package, split_rows
+    from sdk.fit import split_rows, train_policy_package
 
     from .machines import FAULTS, FEATURES, dataset
 
     frames, labels = dataset(machines, duration_s, rate_hz=SENSOR_RATE_HZ, frames_per_cycle=FRAMES_PER_CYCLE,
                              seq_len=3 * WINDOW, seed=seed)
     logging.getLogger(__name__).info("training data: %d sequences of %d cycles", *frames.shape[:2])
-    model = init_weights(Transformer(ModelConfig(**CONFIG)), seed=seed)
-    rows, held = split_rows(len(frames), 0.2)
-    attach_adapter(model, FEATURES, FAULTS, frames=frames[rows], targets=labels[rows], seed=seed)
-    fit_report = fit_model(model, frames, labels, train="all", window=WINDOW, steps=steps, batch=batch, lr=lr,
-                       seed=seed, held_out=0.2, progress=progress)
-    with tempfile.TemporaryDirectory() as tmp:
-        float_pkg = Path(tmp) / "float"
-        save_package(model, float_pkg, report=fit_report)
-        calib = Path(tmp) / "calib.npz"
-        np.savez(calib, frames=frames[held[:256], :WINDOW])
-        manifest = compress(float_pkg, out, calib=calib, quant="int8", progress=progress, overwrite=True)
-    return {"fit": fit_report, "quality": manifest["quality"], "package": str(out),
-            "package_bytes": manifest["size"]["package_bytes"]}
+    _, held = split_rows(len(frames), 0.2)
+    return train_policy_package(CONFIG, frames, labels, inputs=FEATURES, outputs=FAULTS, out=out,
+                                calib_frames=frames[held[:256], :WINDOW], window=WINDOW, steps=steps,
+                                batch=batch, lr=lr, seed=seed, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
