@@ -454,6 +454,15 @@ def train_policy_package(config: dict[str, Any], frames: np.ndarray, targets: np
             "package_bytes": manifest["size"]["package_bytes"]}
 
 
+def render_policy_report(report: dict[str, Any]) -> None:
+    """One-paragraph summary of :func:`train_policy_package`'s report."""
+    fit_report, held = report["fit"], report["fit"].get("held_out", {})
+    print(f"fit: {fit_report['steps']} steps in {fit_report['seconds']} s, loss "
+          f"{fit_report['loss']['first']:.4f} -> {fit_report['loss']['last']:.4f}; held-out MSE "
+          f"{held.get('mse', float('nan')):.4f} (predicting the mean: {held.get('baseline_mse', float('nan')):.4f})")
+    print(f"int8 package {report['package']} ({report['package_bytes']} bytes); quality {report['quality']}")
+
+
 def render_fit(report: dict[str, Any]) -> None:
     """Human-readable form of a fit report."""
     print(f"fitted {report['train']} on {report['rows']['train']} rows for {report['steps']} steps "

@@ -60,16 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = p.parse_args(argv)
+    from sdk.fit import render_policy_report
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = build(args.out, episodes=args.episodes, steps=args.steps, seed=args.seed, progress=not args.json)
     if args.json:
         print(json.dumps(report, default=str))
     else:
-        h = report["fit"].get("held_out", {})
-        print(f"fit: {report['fit']['steps']} steps in {report['fit']['seconds']} s, loss "
-              f"{report['fit']['loss']['first']:.4f} -> {report['fit']['loss']['last']:.4f}; held-out MSE "
-              f"{h.get('mse', float('nan')):.4f} (predicting the mean: {h.get('baseline_mse', float('nan')):.4f})")
-        print(f"int8 package {report['package']} ({report['package_bytes']} bytes); quality {report['quality']}")
+        render_policy_report(report)
     return 0
 
 
