@@ -51,3 +51,15 @@ def tiny_checkpoint(tmp_path_factory):
     """(path, reference model) of the default tiny config, written once per session."""
     path = tmp_path_factory.mktemp("tiny_ckpt")
     return path, save_reference(path)
+
+
+def wait_for(cond, timeout: float = 5.0) -> bool:
+    """Poll ``cond`` every 5 ms until it is true or ``timeout`` seconds pass; its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()

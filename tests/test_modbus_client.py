@@ -9,6 +9,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from plc_bridge.modbus import ModbusBridge
+from tests.conftest import wait_for
 
 F32 = ModbusTcpClient.DATATYPE.FLOAT32
 to_regs = ModbusTcpClient.convert_to_registers
@@ -81,15 +82,6 @@ def make_bridge(port, **extra):
     cfg = {"mode": "client", "host": "127.0.0.1", "port": port, "device_id": 1, "map": MAP, "poll_ms": 10,
            "request_timeout_ms": 2000, "reconnect_min_ms": 10, "reconnect_max_ms": 40, **extra}
     return ModbusBridge.from_config(cfg, INPUTS, OUTPUTS)
-
-
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 @pytest.fixture

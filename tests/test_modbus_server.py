@@ -11,6 +11,7 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 
 from plc_bridge.modbus import ModbusBridge
+from tests.conftest import wait_for
 
 
 
@@ -66,15 +67,6 @@ def mbpoll_write(port, *args, values):
     r = mbpoll(port, *args, values=[str(v) for v in values])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Written" in r.stdout
-
-
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 def test_mbpoll_writes_inputs_float32_both_word_orders_and_scaled_int16(bridge):

@@ -14,17 +14,9 @@ from plc_bridge.messages import MessageError, decode_sensor
 from plc_bridge.zmq_bridge import (ControlClient, DecisionSubscriber, SensorPublisher, ZmqBridge,
                                    load_client_curve, make_keys)
 from sdk.cli import main as cli_main
+from tests.conftest import wait_for
 
 ANY = "tcp://127.0.0.1:*"
-
-
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 @pytest.fixture
