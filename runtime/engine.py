@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from runtime.model import MoE, Transformer
 from runtime.quant import RoutedExperts, quantize_weight
-from runtime.routing import Router
+from runtime.routing import check_routing_config, route_dispatch, router_logits
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,44 @@ def _sensor_out_rows(n, x, h, norm, eps, w, b, mean, std, out):
 
 
 @njit(cache=True)
+def _run_layers(n, rows, bufs, attn, dense, moe, route, dims):
+    """All decoder layers for the ``n`` listed rows, in one call from Python.
+
+    The arguments are tuples of the engine's preallocated arrays (see ``Engine._tuples``);
+    each stage is one of the kernels above, routing is ``runtime.routing``'s.
+    """
+    (x, h, hq, hscale, scratch_q, scratch_kv, qabs, scores, ctx, attn_out, tmp_q,
+     mid, midq, smid, smidq, yout, lat, pe, pos) = bufs
+    (ln1, ln2, has_q_lora, wqa_q, wqa_s, qa_norm, wqb_q, wqb_s, wq_q, wq_s, wkva_q, wkva_s, kva_norm,
+     wuk, wuv, wo_q, wo_s, inv_freq, rope_factor, interleave) = attn
+    d13_q, d13_s, d2_q, d2_s = dense
+    e13_q, e13_s, e2_q, e2_s, has_shared, s13_q, s13_s, s2_q, s2_s = moe
+    (gate_wt, gate_b, logits, r_scores, r_choice, r_gscore, r_gkeep, r_selv, r_seli, r_cursor, topk_idx,
+     topk_w, topk_pos, counts, offsets, token_ids, token_w, active, n_group, topk_group, top_k, norm_topk,
+     scaling) = route
+    n_layers, first_moe, window, n_heads, nope, rope_dim, v_dim, kv_rank, softmax_scale, eps = dims
+    for layer in range(n_layers):
+        _attention_rows(layer, rows, n, x, h, hq, scratch_q, scratch_kv, qabs, scores, ctx, attn_out, tmp_q,
+                        ln1, eps, has_q_lora, wqa_q, wqa_s, qa_norm, wqb_q, wqb_s, wq_q, wq_s, wkva_q, wkva_s,
+                        kva_norm, wuk, wuv, wo_q, wo_s, lat, pe, pos, window, inv_freq, rope_factor, interleave,
+                        n_heads, nope, rope_dim, v_dim, kv_rank, softmax_scale)
+        if layer < first_moe:
+            _dense_mlp_rows(layer, n, x, h, hq, mid, midq, ln2[layer], eps, d13_q, d13_s, d2_q, d2_s)
+            continue
+        m = layer - first_moe
+        _moe_prepare_rows(n, x, h, hq, hscale, ln2[layer], eps)
+        router_logits(h[:n], gate_wt[m], logits[:n])
+        n_active = route_dispatch(logits[:n], gate_b[m], n_group, topk_group, top_k, norm_topk, scaling,
+                                  r_scores, r_choice, r_gscore, r_gkeep, r_selv, r_seli, r_cursor,
+                                  topk_idx[:n], topk_w[:n], topk_pos[:n], counts, offsets,
+                                  token_ids[:n * top_k], token_w[:n * top_k], active)
+        _moe_experts(m, n_active, active, offsets, token_ids, hq, hscale, e13_q, e13_s, e2_q, e2_s, mid, midq,
+                     yout)
+        _moe_combine_rows(m, n, x, hq, hscale, h, top_k, topk_w, topk_pos, yout, has_shared,
+                          s13_q, s13_s, s2_q, s2_s, smid, smidq)
+
+
+@njit(cache=True)
 def _valid_slots(slots, capacity, seen):
     """Slots in range and distinct (``seen`` is scratch [capacity]); no allocation."""
     ok = True
@@ -338,6 +376,7 @@ class Engine:
         self.output_names = list(model.adapter.output_names) if model.adapter is not None else []
         self._allocate()
         self._load_weights(model)
+        self._args = self._tuples()
         # Numba's OpenMP layer shares libgomp with torch: its first parallel launch resets
         # torch's intra-op thread count, which the caller may have chosen on purpose.
         torch_threads = torch.get_num_threads()
@@ -377,9 +416,11 @@ class Engine:
                           2 * inter, H)
         self.d2 = _stack([_linear_int8(m.down_proj) for m in dense], H, inter)
         E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
-        self.routers = [Router(m.gate.weight, m.gate.e_score_correction_bias, cfg.n_group, cfg.topk_group,
-                               cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor,
-                               self.capacity) for m in moe]
+        if moe:
+            check_routing_config(E, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok)
+        self.gate_wt = np.ascontiguousarray(np.stack([_f32(m.gate.weight).T for m in moe])) if moe \
+            else np.zeros((0, H, E), F32)
+        self.gate_b = np.stack([_f32(m.gate.e_score_correction_bias) for m in moe]) if moe else np.zeros((0, E), F32)
         self.e13 = _expert_stack([_expert_int8(m, "gate_up_proj") for m in moe], E, 2 * I, H)
         self.e2 = _expert_stack([_expert_int8(m, "down_proj") for m in moe], E, H, I)
         self.has_shared = bool(cfg.n_shared_experts)
@@ -499,32 +540,34 @@ class Engine:
         _advance(self.pos, self.rows, n)
         return self.outputs[:n]
 
+    def _tuples(self) -> tuple:
+        """The argument tuples of ``_run_layers``, built once (they hold references, not copies)."""
+        cfg, S, k, E = self.config, self.capacity, self.config.num_experts_per_tok, self.config.n_routed_experts
+        route_scratch = (np.zeros((S, E), F32), np.zeros(E, F32), np.zeros(E, F32), np.zeros(cfg.n_group, F32),
+                         np.zeros(cfg.n_group, np.uint8), np.zeros(k, F32), np.zeros(k, np.int32),
+                         np.zeros(E, np.int32))
+        plan = (np.zeros((S, k), np.int32), np.zeros((S, k), F32), np.zeros((S, k), np.int32),
+                np.zeros(E, np.int32), np.zeros(E + 1, np.int32), np.zeros(S * k, np.int32),
+                np.zeros(S * k, F32), np.zeros(E, np.int32))
+        return (
+            (self.x, self.h, self.hq, self.hscale, self.scratch_q, self.scratch_kv, self.qabs, self.scores,
+             self.ctx, self.attn_out, self.tmp_q, self.mid, self.midq, self.smid, self.smidq, self.yout,
+             self.lat, self.pe, self.pos),
+            (self.ln1, self.ln2, self.has_q_lora, self.wqa.q, self.wqa.s, self.qa_norm, self.wqb.q, self.wqb.s,
+             self.wq.q, self.wq.s, self.wkva.q, self.wkva.s, self.kva_norm, self.wuk, self.wuv, self.wo.q,
+             self.wo.s, self.inv_freq, self.rope_factor, cfg.rope_interleave),
+            (self.d13.q, self.d13.s, self.d2.q, self.d2.s),
+            (self.e13.q, self.e13.s, self.e2.q, self.e2.s, self.has_shared, self.s13.q, self.s13.s, self.s2.q,
+             self.s2.s),
+            (self.gate_wt, self.gate_b) + route_scratch + plan
+            + (cfg.n_group, cfg.topk_group, k, cfg.norm_topk_prob, F32(cfg.routed_scaling_factor)),
+            (cfg.num_hidden_layers, cfg.first_k_dense_replace, self.window, cfg.num_attention_heads,
+             cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
+             F32(cfg.softmax_scale), F32(cfg.rms_norm_eps)),
+        )
+
     def _layers(self, n: int) -> None:
-        cfg = self.config
-        eps = F32(cfg.rms_norm_eps)
-        d = m = 0
-        for layer in range(cfg.num_hidden_layers):
-            _attention_rows(layer, self.rows, n, self.x, self.h, self.hq, self.scratch_q, self.scratch_kv,
-                            self.qabs, self.scores, self.ctx, self.attn_out, self.tmp_q, self.ln1, eps,
-                            self.has_q_lora, self.wqa.q, self.wqa.s, self.qa_norm, self.wqb.q, self.wqb.s,
-                            self.wq.q, self.wq.s, self.wkva.q, self.wkva.s, self.kva_norm, self.wuk, self.wuv,
-                            self.wo.q, self.wo.s, self.lat, self.pe, self.pos, self.window, self.inv_freq,
-                            self.rope_factor, cfg.rope_interleave, cfg.num_attention_heads,
-                            cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
-                            F32(cfg.softmax_scale))
-            if not cfg.is_moe_layer(layer):
-                _dense_mlp_rows(d, n, self.x, self.h, self.hq, self.mid, self.midq, self.ln2[layer], eps,
-                                self.d13.q, self.d13.s, self.d2.q, self.d2.s)
-                d += 1
-                continue
-            _moe_prepare_rows(n, self.x, self.h, self.hq, self.hscale, self.ln2[layer], eps)
-            plan = self.routers[m](self.h[:n])
-            _moe_experts(m, plan.n_active, plan.active, plan.offsets, plan.token_ids, self.hq, self.hscale,
-                         self.e13.q, self.e13.s, self.e2.q, self.e2.s, self.mid, self.midq, self.yout)
-            _moe_combine_rows(m, n, self.x, self.hq, self.hscale, self.h, cfg.num_experts_per_tok,
-                              plan.topk_weight, plan.topk_pos, self.yout, self.has_shared,
-                              self.s13.q, self.s13.s, self.s2.q, self.s2.s, self.smid, self.smidq)
-            m += 1
+        _run_layers(n, self.rows, *self._args)
 
 
 def _concat_int8(a: Int8Weight, b: Int8Weight) -> Int8Weight:
