@@ -94,9 +94,14 @@ def _time_reference(ref, batch: int, steps: int, warmup: int, vocab: int) -> lis
 
 
 def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: int = 100, warmup: int = 10,
-          window: int = 256, reference: bool = True, progress=None) -> dict:
-    """Step latency per batch size for the engine (and the reference when available)."""
+          window: int = 256, reference: bool = True, threads: int = 1, progress=None) -> dict:
+    """Step latency per batch size for the engine (and the reference when available).
+
+    ``threads``: compute threads of a CPU engine step (1, the controller's default, keeps a
+    step on one core; more helps large batches on an otherwise idle machine).
+    """
     from runtime.engine import Engine
+    from runtime.loop import set_compute_threads
     from sdk.loading import load_model
 
     batches = sorted(set(int(b) for b in batches))
@@ -113,12 +118,14 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
     if warmup + steps > window:
         window = warmup + steps
     model = load_model(path)
+    threads = set_compute_threads(threads)
     quantized = any(hasattr(m, "qweight_t") for m in model.modules())
     engine = Engine(model, capacity=max(batches), window=window)
     ref = reference_model(model) if reference else None
     vocab = model.config.vocab_size
     report = {"path": str(path), "device": device, "engine": "numba-w8a8", "weights": "int8" if quantized else
-              "float32 (quantized to int8 by the engine)", "threads": torch.get_num_threads(),
+              "float32 (quantized to int8 by the engine)", "threads": threads,
+              "reference_threads": torch.get_num_threads(),
               "steps": steps, "window": window, "batches": {}}
     for b in batches:
         entry = {"engine": _percentiles(_time_engine(engine, b, steps, warmup, vocab))}
@@ -144,7 +151,7 @@ def render_bench(report: dict) -> None:
         render_bench_device(report)
         return
     print(f"{report['path']}: {report['engine']} on {report['device']}, weights {report['weights']}, "
-          f"{report['steps']} steps per batch size")
+          f"{report['steps']} steps per batch size, {report.get('threads', 1)} engine thread(s)")
     print(f"{'batch':>6} {'engine p50':>11} {'p99':>9} {'tok/s':>10}   {'reference p50':>13} {'p99':>9} {'speedup':>8}")
     for b, e in report["batches"].items():
         line = f"{b:>6} {e['engine']['p50_us']:>9.0f}us {e['engine']['p99_us']:>7.0f}us {e['engine']['tokens_per_s']:>10.0f}"

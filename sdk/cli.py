@@ -61,7 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     with tqdm(total=len(batches), desc="bench", unit="batch", disable=args.json_file == "-") as bar:
         report = bench(args.path, batches=batches, device=args.device, steps=args.steps,
-                       reference=not args.no_reference, progress=lambda _: bar.update())
+                       reference=not args.no_reference, threads=args.threads, progress=lambda _: bar.update())
     render_bench(report)
     if args.json_file:
         Path(args.json_file).write_text(json.dumps(report, indent=2))
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=100, help="timed steps per batch size (default 100)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers' eager model")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per CPU engine step (default 1)")
     p.add_argument("--json", dest="json_file", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_bench)
 
