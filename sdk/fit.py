@@ -44,6 +44,16 @@ log = logging.getLogger(__name__)
 TRAIN_MODES = ("adapter", "all")
 
 
+#: A small sensor-mode policy: DeepSeek-V3 layout (MLA attention, one dense layer, then noaux_tc
+#: MoE layers of 8 routed experts, top-2 in 2 groups keep 1, and a shared expert); ~150k parameters.
+SMALL_POLICY_CONFIG = dict(vocab_size=16, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                           num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
+                           num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                           kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                           max_position_embeddings=4096, routed_scaling_factor=2.5, norm_topk_prob=True,
+                           rope_theta=10000.0)
+
+
 class DataError(ValueError):
     """Fitting data is malformed; the message names the file (if any) and the key."""
 

@@ -63,3 +63,17 @@ def wait_for(cond, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.005)
     return cond()
+
+
+def assert_refuses_bad_steps(engine) -> None:
+    """The stream-engine contract for bad steps (``engine`` has capacity 4 and no adapter)."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match="distinct"):
+        engine.step_tokens(np.array([1, 1]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="distinct and in 0..3"):
+        engine.step_tokens(np.array([4]), np.array([0]))
+    with pytest.raises(ValueError, match="tokens"):
+        engine.step_tokens(np.array([0]), np.array([10_000]))
+    with pytest.raises(ValueError, match="I/O adapter"):
+        engine.step_sensor(np.array([0]), np.zeros((1, 3), np.float32))

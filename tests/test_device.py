@@ -17,6 +17,7 @@ from runtime.device import DeviceEngine, route_static
 from runtime.engine import Engine
 from runtime.model import IOAdapter
 from runtime.routing import Router
+from tests.conftest import assert_refuses_bad_steps
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -164,15 +165,7 @@ def test_step_traces_as_one_graph_under_torch_compile(lm):
 
 
 def test_bad_input_is_refused(lm):
-    dev = DeviceEngine(lm, capacity=4, window=4, device="cpu")
-    with pytest.raises(ValueError, match="distinct"):
-        dev.step_tokens(np.array([1, 1]), np.array([0, 0]))
-    with pytest.raises(ValueError, match="distinct and in 0..3"):
-        dev.step_tokens(np.array([4]), np.array([0]))
-    with pytest.raises(ValueError, match="tokens"):
-        dev.step_tokens(np.array([0]), np.array([10_000]))
-    with pytest.raises(ValueError, match="I/O adapter"):
-        dev.step_sensor(np.array([0]), np.zeros((1, 3), np.float32))
+    assert_refuses_bad_steps(DeviceEngine(lm, capacity=4, window=4, device="cpu"))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         DeviceEngine(lm, capacity=1, window=4, device="cpu", graphs=True)
     with pytest.raises(ValueError, match="expert_backend"):

@@ -13,6 +13,7 @@ import torch
 import sdk
 from runtime.engine import Engine
 from runtime.model import IOAdapter
+from tests.conftest import assert_refuses_bad_steps
 
 RNG = np.random.default_rng(0)
 
@@ -134,15 +135,7 @@ def test_steady_state_step_allocates_nothing(lm):
 
 
 def test_bad_steps_are_refused(lm):
-    engine = Engine(lm, capacity=4, window=4)
-    with pytest.raises(ValueError, match="distinct"):
-        engine.step_tokens(np.array([1, 1]), np.array([0, 0]))
-    with pytest.raises(ValueError, match="distinct and in 0..3"):
-        engine.step_tokens(np.array([4]), np.array([0]))
-    with pytest.raises(ValueError, match="tokens"):
-        engine.step_tokens(np.array([0]), np.array([10_000]))
-    with pytest.raises(ValueError, match="I/O adapter"):
-        engine.step_sensor(np.array([0]), np.zeros((1, 3), np.float32))
+    assert_refuses_bad_steps(Engine(lm, capacity=4, window=4))
 
 
 _HASH_SCRIPT = """

@@ -23,20 +23,13 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
-#: The policy's model: DeepSeek-V3 layout (MLA, one dense layer then noaux_tc MoE layers).
-CONFIG = dict(vocab_size=16, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
-              num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
-              num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-              kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-              max_position_embeddings=4096, routed_scaling_factor=2.5, norm_topk_prob=True,
-              rope_theta=10000.0)
 WINDOW = 16             # frames of history (320 ms at 50 Hz)
 
 
 def build(out: Path, *, episodes: int = 512, seconds: float = 60.0, steps: int = 3000, batch: int = 16,
           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
     """Simulate, fit, compress; writes the int8 package to ``out`` and returns the reports."""
-    from sdk.fit import split_rows, train_policy_package
+    from sdk.fit import SMALL_POLICY_CONFIG, split_rows, train_policy_package
 
     from .perception import INPUTS, OUTPUTS, dataset
 
@@ -46,7 +39,7 @@ def build(out: Path, *, episodes: int = 512, seconds: float = 60.0, steps: int =
     n = frames.shape[1] // WINDOW * WINDOW
     crops = frames[held, :n].reshape(-1, WINDOW, frames.shape[2])
     calib = crops[np.random.default_rng(seed).permutation(len(crops))[:512]]
-    return train_policy_package(CONFIG, frames, targets, inputs=INPUTS, outputs=OUTPUTS, out=out,
+    return train_policy_package(SMALL_POLICY_CONFIG, frames, targets, inputs=INPUTS, outputs=OUTPUTS, out=out,
                                 calib_frames=calib, window=WINDOW, steps=steps, batch=batch, lr=lr, seed=seed,
                                 progress=progress)
 

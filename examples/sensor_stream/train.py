@@ -22,13 +22,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-#: The policy's model: DeepSeek-V3 layout (MLA, one dense layer then noaux_tc MoE layers).
-CONFIG = dict(vocab_size=16, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
-              num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
-              num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-              kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-              max_position_embeddings=4096, routed_scaling_factor=2.5, norm_topk_prob=True,
-              rope_theta=10000.0)
 WINDOW = 32             # controller cycles of history (160 ms at 5 ms)
 SENSOR_RATE_HZ = 400.0
 FRAMES_PER_CYCLE = 2    # 400 Hz frames, 200 Hz controller
@@ -37,7 +30,7 @@ FRAMES_PER_CYCLE = 2    # 400 Hz frames, 200 Hz controller
 def build(out: Path, *, machines: int = 1024, duration_s: float = 4.0, steps: int = 3000, batch: int = 16,
           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
     """Simulate, fit, compress; writes the int8 package to ``out`` and returns both reports."""
-    from sdk.fit import split_rows, train_policy_package
+    from sdk.fit import SMALL_POLICY_CONFIG, split_rows, train_policy_package
 
     from .machines import FAULTS, FEATURES, dataset
 
@@ -45,7 +38,7 @@ def build(out: Path, *, machines: int = 1024, duration_s: float = 4.0, steps: in
                              seq_len=3 * WINDOW, seed=seed)
     logging.getLogger(__name__).info("training data: %d sequences of %d cycles", *frames.shape[:2])
     _, held = split_rows(len(frames), 0.2)
-    return train_policy_package(CONFIG, frames, labels, inputs=FEATURES, outputs=FAULTS, out=out,
+    return train_policy_package(SMALL_POLICY_CONFIG, frames, labels, inputs=FEATURES, outputs=FAULTS, out=out,
                                 calib_frames=frames[held[:256], :WINDOW], window=WINDOW, steps=steps,
                                 batch=batch, lr=lr, seed=seed, progress=progress)
 
