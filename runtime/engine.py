@@ -56,9 +56,11 @@ def _linear_int8(linear: torch.nn.Module) -> Int8Weight:
     return _int8(linear.weight)
 
 
-def _stack(items: list[Int8Weight], shape_n: int, shape_k: int) -> Int8Weight:
+def _stack(items: list[Int8Weight], *shape: int) -> Int8Weight:
+    """Per-layer int8 weights stacked on a new leading axis; ``shape`` (one item's, [..., N, K])
+    gives the empty stack its shape when there are no such layers."""
     if not items:
-        return Int8Weight(np.zeros((0, shape_n, shape_k), np.int8), np.zeros((0, shape_n), F32))
+        return Int8Weight(np.zeros((0, *shape), np.int8), np.zeros((0, *shape[:-1]), F32))
     return Int8Weight(np.ascontiguousarray(np.stack([i.q for i in items])),
                       np.ascontiguousarray(np.stack([i.s for i in items])))
 
@@ -421,8 +423,8 @@ class Engine:
         self.gate_wt = np.ascontiguousarray(np.stack([_f32(m.gate.weight).T for m in moe])) if moe \
             else np.zeros((0, H, E), F32)
         self.gate_b = np.stack([_f32(m.gate.e_score_correction_bias) for m in moe]) if moe else np.zeros((0, E), F32)
-        self.e13 = _expert_stack([_expert_int8(m, "gate_up_proj") for m in moe], E, 2 * I, H)
-        self.e2 = _expert_stack([_expert_int8(m, "down_proj") for m in moe], E, H, I)
+        self.e13 = _stack([_expert_int8(m, "gate_up_proj") for m in moe], E, 2 * I, H)
+        self.e2 = _stack([_expert_int8(m, "down_proj") for m in moe], E, H, I)
         self.has_shared = bool(cfg.n_shared_experts)
         si = I * cfg.n_shared_experts
         if self.has_shared:
@@ -585,12 +587,4 @@ def _expert_int8(moe: MoE, name: str) -> Int8Weight:
         w = experts.gate_up if name == "gate_up_proj" else experts.down
     else:
         w = getattr(experts, name)
-    items = [_int8(e) for e in w.detach()]
-    return Int8Weight(np.stack([i.q for i in items]), np.stack([i.s for i in items]))
-
-
-def _expert_stack(items: list[Int8Weight], E: int, N: int, K: int) -> Int8Weight:
-    if not items:
-        return Int8Weight(np.zeros((0, E, N, K), np.int8), np.zeros((0, E, N), F32))
-    return Int8Weight(np.ascontiguousarray(np.stack([i.q for i in items])),
-                      np.ascontiguousarray(np.stack([i.s for i in items])))
+    return _stack([_int8(e) for e in w.detach()])
