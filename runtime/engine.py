@@ -119,9 +119,9 @@ def _rope(x, pos, inv_freq, factor, interleave):
     """
     half = x.shape[0] // 2
     for i in range(half):
-        angle = F32(pos) * inv_freq[i]
-        c = F32(np.cos(angle)) * factor
-        s = F32(np.sin(angle)) * factor
+        angle = np.float64(pos) * np.float64(inv_freq[i])     # float64: positions grow without bound
+        c = F32(np.cos(angle) * np.float64(factor))
+        s = F32(np.sin(angle) * np.float64(factor))
         ia, ib = (2 * i, 2 * i + 1) if interleave else (i, i + half)
         a, b = x[ia], x[ib]
         x[ia] = a * c - b * s

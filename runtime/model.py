@@ -74,9 +74,15 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, factor: float, positions: torch.Tensor):
-    """cos and sin tables [..., rope_dim/2] for integer ``positions`` of any shape."""
-    freqs = positions.float().unsqueeze(-1) * inv_freq
-    return freqs.cos() * factor, freqs.sin() * factor
+    """cos and sin tables [..., rope_dim/2] (float32) for integer ``positions`` of any shape.
+
+    Angles are formed in float64: a control loop's stream position grows without bound
+    (10^7 after three hours at 1 kHz), where a float32 angle would be off by up to half a
+    radian; in float64 the relative rotation between cached keys and the query stays exact
+    enough for as long as a plant runs.
+    """
+    freqs = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64)
+    return (freqs.cos() * factor).float(), (freqs.sin() * factor).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

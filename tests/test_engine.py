@@ -173,3 +173,26 @@ def test_building_an_engine_keeps_torch_thread_count(tiny_checkpoint):
     out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "1"
+
+
+def test_rotary_stays_exact_at_positions_a_long_run_reaches(lm):
+    """A billion steps in (eleven and a half days at 1 kHz) a stream must attend as at the start:
+    only relative positions matter, so the outputs may differ by rounding alone. The late
+    engine's window starts full of empty entries; with 3 layers of window 16, outputs from
+    token 45 on no longer see them, so those are compared."""
+    window, layers = 16, lm.config.num_hidden_layers
+    tokens = RNG.integers(0, lm.config.vocab_size, 60).tolist()
+    clean = layers * (window - 1)
+    fresh = _run_tokens(Engine(lm, capacity=1, window=window), tokens)[clean:]
+    late_engine = Engine(lm, capacity=1, window=window)
+    late_engine.pos[0] = 1_000_000_000
+    late = _run_tokens(late_engine, tokens)[clean:]
+    # int8 activations turn rounding-level differences into a few LSB flips: compare as the
+    # int8-vs-float tests do (a float32 angle at this position is off by up to 0.5 rad).
+    cos = (late * fresh).sum(-1) / (np.linalg.norm(late, axis=-1) * np.linalg.norm(fresh, axis=-1))
+    assert cos.min() > 0.999, cos.min()
+    ids = torch.tensor([tokens[:12]])
+    with torch.no_grad():
+        embeds = lm.model.embed_tokens(ids)
+        start, shifted = lm.hidden_states(embeds), lm.hidden_states(embeds, start=1_000_000_000)
+    assert (shifted - start).abs().max() < 1e-3 * start.abs().max()
