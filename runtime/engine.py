@@ -74,7 +74,11 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 @njit(cache=True, inline="always")
 def _quantize_row(x, q):
-    """Per-token symmetric int8 of x[K] into q[K]; returns the scale (absmax / 127)."""
+    """Per-token symmetric int8 of x[K] into q[K]; returns the scale (absmax / 127).
+
+    The rule of ``runtime.quant.quantize_activation``, inlined without its clamp (for finite
+    input |x| / scale <= 127 already; the clamp costs a step 5-10%). A test holds the two
+    bit-identical."""
     amax = F32(0.0)
     for k in range(x.shape[0]):
         a = abs(x[k])

@@ -196,3 +196,19 @@ def test_rotary_stays_exact_at_positions_a_long_run_reaches(lm):
         embeds = lm.model.embed_tokens(ids)
         start, shifted = lm.hidden_states(embeds), lm.hidden_states(embeds, start=1_000_000_000)
     assert (shifted - start).abs().max() < 1e-3 * start.abs().max()
+
+
+def test_engine_activation_quantization_is_the_runtime_quant_rule():
+    """The engine's inlined per-token int8 gives the same bits as runtime.quant's."""
+    from runtime.engine import _quantize_row
+    from runtime.quant import quantize_activation
+
+    x = np.random.default_rng(3).standard_normal((64, 200)).astype(np.float32)
+    x[:, 0] *= 50          # outliers
+    x[1] = 0.0             # an all-zero row
+    x[2, :100] = 0.5       # exact .5 multiples of the step exercise round-half-even
+    q, s = quantize_activation(torch.from_numpy(x))
+    mine_q, mine_s = np.zeros_like(x, dtype=np.int8), np.zeros(64, np.float32)
+    for i in range(64):
+        mine_s[i] = _quantize_row(x[i], mine_q[i])
+    assert np.array_equal(mine_q, q.numpy()) and np.array_equal(mine_s, s.numpy()[:, 0])
