@@ -232,6 +232,16 @@ class Gate(nn.Module):
         return idx, weights * cfg.routed_scaling_factor
 
 
+def cast_keeping_router_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module.to(dtype)``, except that every router (:class:`Gate`) stays float32: routing
+    is computed in float32, as the reference does."""
+    module = module.to(dtype)
+    for m in module.modules():
+        if isinstance(m, Gate):
+            m.float()
+    return module
+
+
 class Experts(nn.Module):
     """Routed experts stacked per layer: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
 

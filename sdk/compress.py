@@ -385,15 +385,12 @@ class _Source:
 
     def block(self, layer: int, dtype=torch.float32):
         """Decoder layer ``layer`` as a ``runtime.model.Block`` holding the source weights."""
-        from runtime.model import Block, Gate
+        from runtime.model import Block, cast_keeping_router_fp32
         from runtime.weights import load_layer
 
         with torch.device("meta"):
             block = Block(self.cfg, layer)
-        block = block.to_empty(device="cpu").to(dtype)
-        for module in block.modules():
-            if isinstance(module, Gate):
-                module.float()
+        block = cast_keeping_router_fp32(block.to_empty(device="cpu"), dtype)
         if self.stacked or not self.cfg.is_moe_layer(layer):
             with torch.no_grad():
                 for local, target in block.state_dict().items():

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import ModelConfig
-from runtime.model import Transformer
+from runtime.model import Transformer, cast_keeping_router_fp32
 from runtime.weights import CheckpointReader, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -36,21 +36,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     cfg = ModelConfig.from_json(path / "config.json")
     reader = CheckpointReader(path)
     with torch.device("cpu"):
-        model = Transformer(cfg).to(dtype)
-    model.model.layers.apply(_keep_router_fp32)
+        model = cast_keeping_router_fp32(Transformer(cfg), dtype)
     load_checkpoint(model, reader)
     if quant is not None:
         from runtime.quant import quantize_model
 
         quantize_model(model, mode="w8a8" if quant == "int8" else "w8")
     return model.eval().to(device)
-
-
-def _keep_router_fp32(module: torch.nn.Module) -> None:
-    from runtime.model import Gate
-
-    if isinstance(module, Gate):
-        module.float()
 
 
 def _checkpoint_quant(reader: CheckpointReader) -> str:

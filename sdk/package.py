@@ -254,7 +254,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     a package that does not match its config is refused naming the tensor and its file.
     Peak memory is the model itself.
     """
-    from runtime.model import Gate, IOAdapter, Transformer, rope_inv_freq
+    from runtime.model import IOAdapter, Transformer, cast_keeping_router_fp32, rope_inv_freq
 
     path = Path(path)
     manifest = verify_package(path)
@@ -268,10 +268,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
                 model.adapter = IOAdapter(io["inputs"], io["outputs"], cfg.hidden_size)
             except (KeyError, TypeError, ValueError) as exc:
                 raise PackageError(f"{path / MANIFEST}: bad 'io' signature ({exc})") from None
-        model = model.to(dtype)
-        for module in model.modules():
-            if isinstance(module, Gate):
-                module.float()          # routing is computed in float32
+        model = cast_keeping_router_fp32(model, dtype)
         if scheme == "w8a8-int8":
             from runtime.quant import quantize_model
 
