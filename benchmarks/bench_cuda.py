@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.config import ModelConfig  # noqa: E402
-from runtime.device import (DeviceEngine, bench_device, peak_bandwidth, render_bench_device,  # noqa: E402
-                            route_static, time_steps)
+from runtime.device import DeviceEngine  # noqa: E402
 from runtime.model import MoE, Transformer, rope_inv_freq  # noqa: E402
 from runtime.quant import RoutedExperts  # noqa: E402
-from runtime.routing import Router  # noqa: E402
+from runtime.routing import Router, RoutingRule, route_torch  # noqa: E402
+from sdk.bench import bench_device, peak_bandwidth, render_bench_device, time_steps  # noqa: E402
 
 
 def mid_size_config(layers: int) -> ModelConfig:
@@ -85,10 +85,10 @@ def routing_figures(model: Transformer, rows: int, device: str, iters: int = 200
     moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
     logits = torch.randn(len(moes), rows, cfg.n_routed_experts, device=device)
     biases = [m.gate.e_score_correction_bias.float() for m in moes]
-    args = (cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    rule = RoutingRule.from_config(cfg)
 
     def route_all():
-        return [route_static(logits[i], biases[i], *args) for i in range(len(moes))]
+        return [route_torch(logits[i], biases[i], rule) for i in range(len(moes))]
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -105,8 +105,7 @@ def routing_figures(model: Transformer, rows: int, device: str, iters: int = 200
         graph.replay()
         torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
-    routers = [Router(m.gate.weight, b, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                      cfg.routed_scaling_factor, rows) for m, b in zip(moes, biases)]
+    routers = [Router(m.gate.weight, b, rule, rows) for m, b in zip(moes, biases)]
     host_logits = logits.cpu().numpy()
     ids = torch.zeros(rows, cfg.num_experts_per_tok, dtype=torch.int32, device=device)
     th, trip = [], []
@@ -117,7 +116,7 @@ def routing_figures(model: Transformer, rows: int, device: str, iters: int = 200
         th.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         back = logits[0].cpu()                  # what a host router needs per layer: logits down, ids up
-        ids.copy_(torch.from_numpy(routers[0].topk_idx[:rows]).to(device, non_blocking=True))
+        ids.copy_(torch.from_numpy(routers[0].buf.topk_idx[:rows]).to(device, non_blocking=True))
         torch.cuda.synchronize()
         trip.append(time.perf_counter() - t0)
     del back

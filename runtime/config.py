@@ -15,6 +15,10 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
 
+#: The epsilon of the q and kv low-rank norms (``q_a_layernorm``, ``kv_a_layernorm``). The
+#: reference implementations build them with RMSNorm's default, not ``rms_norm_eps``.
+LORA_NORM_EPS = 1e-6
+
 
 @dataclass
 class ModelConfig:
@@ -48,12 +52,18 @@ class ModelConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
     topk_method: str = "noaux_tc"
+    model_type: str = "deepseek_v3"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def qk_head_dim(self) -> int:
         """Per-head query/key width: the no-position part plus the rotary part."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def scoring_func(self) -> str:
+        """How router logits become scores: "sigmoid" (V3/R1)."""
+        return "sigmoid"
 
     @property
     def n_moe_layers(self) -> int:
@@ -88,6 +98,8 @@ class ModelConfig:
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
         kwargs = {k: raw[k] for k in names if k in raw}
+        if raw.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ValueError(f"{source}: scoring_func {raw['scoring_func']!r} is not supported (only 'sigmoid')")
         rope = raw.get("rope_parameters")
         if isinstance(rope, dict):                      # transformers 5 spelling
             kwargs["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
@@ -135,20 +147,23 @@ class ModelConfig:
                 raise ValueError(f"{source}: {name} must be a positive integer, got {value!r}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"{source}: qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        if self.n_moe_layers and self.n_routed_experts % self.n_group:
-            raise ValueError(f"{source}: n_routed_experts={self.n_routed_experts} is not divisible "
-                             f"by n_group={self.n_group}")
-        if self.topk_group > self.n_group:
-            raise ValueError(f"{source}: topk_group={self.topk_group} exceeds n_group={self.n_group}")
-        if self.n_moe_layers and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
-            raise ValueError(f"{source}: num_experts_per_tok={self.num_experts_per_tok} exceeds the "
-                             "experts available in the kept groups")
-        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2 and self.n_moe_layers:
-            raise ValueError(f"{source}: each group needs at least 2 experts (group score is a top-2 sum)")
         if self.hidden_act != "silu":
             raise ValueError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
-        if self.topk_method != "noaux_tc":
-            raise ValueError(f"{source}: topk_method {self.topk_method!r} is not supported (only 'noaux_tc')")
+        family = {"deepseek_v3": ("noaux_tc",)}
+        if self.model_type not in family:
+            raise ValueError(f"{source}: unsupported model_type {self.model_type!r} "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        methods = family[self.model_type]
+        if self.topk_method not in methods:
+            raise ValueError(f"{source}: topk_method {self.topk_method!r} is not supported for "
+                             f"{self.model_type} (supported: {', '.join(methods)})")
+        if self.n_moe_layers:
+            from runtime.routing import RoutingRule
+
+            try:
+                RoutingRule.from_config(self)
+            except ValueError as exc:
+                raise ValueError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The HF ``config.json`` form (transformers-5 rope spelling), round-trippable."""
@@ -156,7 +171,6 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name not in ("extra", "rope_theta", "rope_scaling"):
                 out[f.name] = getattr(self, f.name)
-        out["model_type"] = "deepseek_v3"
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope.update({k: v for k, v in self.rope_scaling.items() if k != "type"})

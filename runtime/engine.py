@@ -1,9 +1,16 @@
-"""The deterministic stream engine: fixed-capacity stream slots, one token per stream per step.
+"""The deterministic stream engine on the CPU: fixed-capacity stream slots, one token per
+stream per step, the whole step in Numba.
 
 Every stream slot owns a ring buffer of ``window`` latent-cache entries per layer (the MLA
 latent plus the rotary key: 576 values per token per layer on real R1). A step appends one
 token (LM mode) or one sensor frame (sensor mode) to each listed slot and returns its logits
 or outputs.
+
+It is a backend of the model's definition (``runtime.model`` for the float math,
+``runtime.quant`` for the int8 rules, ``runtime.routing`` for routing), checked against it
+by the tests: the Numba functions below are the twins of those rules (``_rmsnorm``,
+``_rope``, ``_quantize_row``, ``_gemv_i8``, ``_swiglu``), and routing is
+``runtime.routing.route_dispatch`` itself. Weights come from ``runtime.quant.pack_int8``.
 
 Why it is batch-invariant and reproducible: linear layers run W8A8 (per-output-channel int8
 weights, per-token dynamic int8 activations) with exact int32 accumulation, so their result
@@ -12,10 +19,10 @@ router logits, the absorbed ``kv_b_proj`` products, the sensor adapter) is compu
 in a fixed loop order. A row's result therefore depends only on that stream's own history,
 never on which other streams share the step or in which order.
 
-Why it is fast on a CPU: the whole step is one Numba kernel over preallocated buffers, so a
+Why it is fast on a CPU: the whole step is one Numba call over preallocated buffers, so a
 step allocates nothing and pays no per-op dispatch. Rows run in parallel for attention and
 dense parts; routed experts run once each over all the tokens routed to them (the dispatch
-plan of ``runtime.routing``), reading each expert's weights once per step.
+plan), reading each expert's weights once per step.
 """
 from __future__ import annotations
 
@@ -24,53 +31,153 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.experimental import structref
 
-from runtime.model import MoE, Transformer
-from runtime.quant import RoutedExperts, quantize_weight
-from runtime.routing import check_routing_config, route_dispatch, router_logits
+from runtime.config import LORA_NORM_EPS
+from runtime.model import Transformer
+from runtime.quant import PackedMLP, QWeight, pack_int8
+from runtime.routing import RouteBuffers, RoutingRule, route_dispatch, router_logits
 
 log = logging.getLogger(__name__)
 
 F32 = np.float32
 
 
-class Int8Weight(NamedTuple):
-    """A linear layer's weights for the engine: int8 [..., N, K] and per-output-channel scales [..., N]."""
+class Dims(NamedTuple):
+    """The step's sizes and scalars."""
+    n_layers: int
+    first_moe: int
+    window: int
+    heads: int
+    nope: int
+    rope: int
+    v_dim: int
+    kv_rank: int
+    softmax_scale: np.float32
+    eps: np.float32
+    lora_eps: np.float32
+    has_q_lora: bool
+    interleave: bool
+    rope_factor: np.float32
+
+
+class AttnWeights(NamedTuple):
+    """MLA weights of every layer, stacked; int8 ``*_q`` [L, N, K] rows with scales ``*_s``
+    [L, N]. Without a q low rank ``q_a_*``/``q_b_*`` are empty, else ``q_*`` is."""
+    q_a_q: np.ndarray
+    q_a_s: np.ndarray
+    q_a_norm: np.ndarray
+    q_b_q: np.ndarray
+    q_b_s: np.ndarray
+    q_q: np.ndarray
+    q_s: np.ndarray
+    kv_a_q: np.ndarray
+    kv_a_s: np.ndarray
+    kv_a_norm: np.ndarray
+    w_uk: np.ndarray
+    w_uv: np.ndarray
+    o_q: np.ndarray
+    o_s: np.ndarray
+    inv_freq: np.ndarray
+
+
+class MlpWeights(NamedTuple):
+    """SwiGLU blocks stacked: ``w13`` int8 [L, 2I, H] (rows gate | up), ``w2`` int8 [L, H, I]."""
+    w13_q: np.ndarray
+    w13_s: np.ndarray
+    w2_q: np.ndarray
+    w2_s: np.ndarray
+
+
+class MoeWeights(NamedTuple):
+    """Per MoE layer: router ``gate_t`` float32 [H, E] and ``bias`` [E]; routed experts
+    ``w13_q`` int8 [E, 2I, H], ``w2_q`` [E, H, I] with scales; shared experts (when
+    ``has_shared``)."""
+    gate_t: np.ndarray
+    bias: np.ndarray
+    w13_q: np.ndarray
+    w13_s: np.ndarray
+    w2_q: np.ndarray
+    w2_s: np.ndarray
+    has_shared: bool
+    shared: MlpWeights
+
+
+class AdapterWeights(NamedTuple):
+    """The sensor I/O adapter, float32 (one-element placeholders in LM mode)."""
+    in_w: np.ndarray
+    in_b: np.ndarray
+    in_mean: np.ndarray
+    in_std: np.ndarray
+    out_w: np.ndarray
+    out_b: np.ndarray
+    out_mean: np.ndarray
+    out_std: np.ndarray
+
+
+class Weights(NamedTuple):
+    """Everything a step reads: token embeddings [V, H], the layers' two norms [L, H],
+    attention, dense MLPs, MoE, the final norm, the int8 head [V, H] and the adapter."""
+    embed: np.ndarray
+    input_norm: np.ndarray
+    post_norm: np.ndarray
+    attn: AttnWeights
+    dense: MlpWeights
+    moe: MoeWeights
+    norm: np.ndarray
+    head_q: np.ndarray
+    head_s: np.ndarray
+    adapter: AdapterWeights
+
+
+class Buffers(NamedTuple):
+    """Preallocated per-row scratch (row i serves slot ``rows[i]`` of the step), the latent
+    ring buffers ``lat`` [L, S, W, C] / ``pe`` [L, S, W, R], the slots' positions ``pos``
+    [S], the step's inputs (``tokens``, ``feats``) and outputs (``logits``, ``outputs``)."""
+    rows: np.ndarray
+    tokens: np.ndarray
+    feats: np.ndarray
+    logits: np.ndarray
+    outputs: np.ndarray
+    x: np.ndarray
+    h: np.ndarray
+    hq: np.ndarray
+    hscale: np.ndarray
     q: np.ndarray
-    s: np.ndarray
+    kv: np.ndarray
+    q_low: np.ndarray
+    qabs: np.ndarray
+    scores: np.ndarray
+    ctx: np.ndarray
+    attn_out: np.ndarray
+    mid: np.ndarray
+    midq: np.ndarray
+    shared_out: np.ndarray
+    yout: np.ndarray
+    router_logits: np.ndarray
+    lat: np.ndarray
+    pe: np.ndarray
+    pos: np.ndarray
 
 
-def _int8(w: torch.Tensor) -> Int8Weight:
-    """Per-output-channel symmetric int8 of a float weight [N, K] (the same rule as runtime.quant)."""
-    qt, scale = quantize_weight(w.detach().float().cpu())
-    return Int8Weight(np.ascontiguousarray(qt.T.numpy()), scale.numpy().astype(F32))
+@structref.register
+class _StateType(types.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(t)) for name, t in fields)
 
 
-def _linear_int8(linear: torch.nn.Module) -> Int8Weight:
-    """int8 weights of a float or already-quantized linear layer, row-major [N, K]."""
-    if hasattr(linear, "qweight_t"):      # runtime.quant.Int8Linear: codes padded to multiples of 8
-        n, k = linear.out_features, linear.in_features
-        return Int8Weight(np.ascontiguousarray(linear.qweight_t[:k, :n].detach().cpu().T.numpy()),
-                          np.ascontiguousarray(linear.scale[:n].detach().cpu().float().numpy()))
-    return _int8(linear.weight)
+class State(structref.StructRefProxy):
+    """An engine's named structures held together: ``buffers``, ``weights``, routing ``rule``
+    and ``route`` buffers, ``dims``. A Numba step receives it as one pointer; passing the
+    NamedTuples themselves costs about 10 us per call to unbox."""
 
 
-def _stack(items: list[Int8Weight], *shape: int) -> Int8Weight:
-    """Per-layer int8 weights stacked on a new leading axis; ``shape`` (one item's, [..., N, K])
-    gives the empty stack its shape when there are no such layers."""
-    if not items:
-        return Int8Weight(np.zeros((0, *shape), np.int8), np.zeros((0, *shape[:-1]), F32))
-    return Int8Weight(np.ascontiguousarray(np.stack([i.q for i in items])),
-                      np.ascontiguousarray(np.stack([i.s for i in items])))
-
-
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+structref.define_proxy(State, _StateType, ["buffers", "weights", "rule", "route", "dims"])
 
 
 # ----------------------------------------------------------------------------------------
-# Numba building blocks. All float reductions run in a fixed sequential order.
+# Numba twins of the model's rules. All float reductions run in a fixed sequential order.
 
 @njit(cache=True, inline="always")
 def _quantize_row(x, q):
@@ -133,210 +240,318 @@ def _rope(x, pos, inv_freq, factor, interleave):
 
 
 @njit(cache=True, inline="always")
-def _silu(v):
-    return v / (F32(1.0) + np.exp(-v))
+def _swiglu(q, qs, w13, s13, w2, s2, mid, midq, out):
+    """out = down(silu(gate) * up) for the int8 row ``q`` (scale ``qs``): the int8 SwiGLU rule.
+    ``w13`` [2I, H] rows gate | up, ``w2`` [H, I]; ``mid``/``midq`` are scratch rows."""
+    inter = w2.shape[1]
+    _gemv_i8(q, qs, w13, s13, mid[:2 * inter])
+    for k in range(inter):
+        g = mid[k]
+        mid[k] = g / (F32(1.0) + np.exp(-g)) * mid[inter + k]
+    ms = _quantize_row(mid[:inter], midq[:inter])
+    _gemv_i8(midq[:inter], ms, w2, s2, out)
 
 
 # ----------------------------------------------------------------------------------------
-# The step kernel.
+# The step's stages.
+
+# Each stage takes the fields it uses out of the named structures before its prange loop,
+# one plain assignment per field: parallel loops then capture plain arrays and scalars only.
+# (A NamedTuple cannot be captured, and in Numba 0.68 a tuple-unpacking assignment such as
+# ``x, s = b.x, b.s`` before a prange loop made the loop's writes to ``s`` vanish.)
 
 @njit(cache=True, parallel=True)
-def _attention_rows(layer, rows, n, x, h, hq, scratch_q, scratch_kv, qabs, scores, ctx, attn_out, tmp_q,
-                    ln1, eps, has_q_lora, wqa, sqa, qa_norm, wqb, sqb, wq, sq, wkva, skva, kva_norm,
-                    wuk, wuv, wo, so, lat, pe, pos, window, inv_freq, rope_factor, interleave,
-                    n_heads, nope, rope_dim, v_dim, kv_rank, softmax_scale):
+def _attention_rows(layer, n, b, w, norm, d):
     """Pre-norm MLA (absorbed form) for each listed row; adds the attention output to x."""
+    nh = d.heads
+    nope = d.nope
+    rope_dim = d.rope
+    v_dim = d.v_dim
+    C = d.kv_rank
+    window = d.window
+    eps = d.eps
+    lora_eps = d.lora_eps
+    scale = d.softmax_scale
+    factor = d.rope_factor
+    interleave = d.interleave
+    has_q_lora = d.has_q_lora
+    x = b.x
+    hb = b.h
+    hqb = b.hq
+    qb = b.q
+    kvb = b.kv
+    q_low = b.q_low
+    qabs_b = b.qabs
+    scores_b = b.scores
+    ctx_b = b.ctx
+    attn_out = b.attn_out
+    pos = b.pos
+    rows = b.rows
+    lat = b.lat[layer]
+    pe = b.pe[layer]
+    kv_a_q = w.kv_a_q[layer]
+    kv_a_s = w.kv_a_s[layer]
+    kv_a_norm = w.kv_a_norm[layer]
+    q_a_q = w.q_a_q
+    q_a_s = w.q_a_s
+    q_b_q = w.q_b_q
+    q_b_s = w.q_b_s
+    q_q = w.q_q
+    q_s = w.q_s
+    q_a_norm = w.q_a_norm
+    w_uk = w.w_uk[layer]
+    w_uv = w.w_uv[layer]
+    o_q = w.o_q[layer]
+    o_s = w.o_s[layer]
+    inv_freq = w.inv_freq
+    qr = q_a_q.shape[1]
     for i in prange(n):
         slot = rows[i]
-        _rmsnorm(x[i], ln1[layer], eps, h[i])
-        xs = _quantize_row(h[i], hq[i])
-        qd = n_heads * (nope + rope_dim)
-        _gemv_i8(hq[i], xs, wkva[layer], skva[layer], scratch_kv[i])
+        h, hq, q, kv = hb[i], hqb[i], qb[i], kvb[i]
+        _rmsnorm(x[i], norm, eps, h)
+        xs = _quantize_row(h, hq)
+        qd = nh * (nope + rope_dim)
+        _gemv_i8(hq, xs, kv_a_q, kv_a_s, kv)
         if has_q_lora:
-            qr = wqa.shape[1]
-            _gemv_i8(hq[i], xs, wqa[layer], sqa[layer], tmp_q[i, :qr])
-            _rmsnorm(tmp_q[i, :qr], qa_norm[layer], F32(1e-6), tmp_q[i, :qr])
-            qs = _quantize_row(tmp_q[i, :qr], hq[i, :qr])
-            _gemv_i8(hq[i, :qr], qs, wqb[layer], sqb[layer], scratch_q[i, :qd])
+            low = q_low[i, :qr]
+            _gemv_i8(hq, xs, q_a_q[layer], q_a_s[layer], low)
+            _rmsnorm(low, q_a_norm[layer], lora_eps, low)
+            qs = _quantize_row(low, hq[:qr])
+            _gemv_i8(hq[:qr], qs, q_b_q[layer], q_b_s[layer], q[:qd])
         else:
-            _gemv_i8(hq[i], xs, wq[layer], sq[layer], scratch_q[i, :qd])
+            _gemv_i8(hq, xs, q_q[layer], q_s[layer], q[:qd])
         p = pos[slot]
         idx = p % window
-        _rmsnorm(scratch_kv[i, :kv_rank], kva_norm[layer], F32(1e-6), lat[layer, slot, idx])
+        _rmsnorm(kv[:C], kv_a_norm, lora_eps, lat[slot, idx])
         for r in range(rope_dim):
-            pe[layer, slot, idx, r] = scratch_kv[i, kv_rank + r]
-        _rope(pe[layer, slot, idx], p, inv_freq, rope_factor, interleave)
+            pe[slot, idx, r] = kv[C + r]
+        _rope(pe[slot, idx], p, inv_freq, factor, interleave)
         n_valid = min(p + 1, window)
-        for hh in range(n_heads):
+        qabs, scores, ctx = qabs_b[i], scores_b[i], ctx_b[i]
+        for hh in range(nh):
             base = hh * (nope + rope_dim)
-            _rope(scratch_q[i, base + nope: base + nope + rope_dim], p, inv_freq, rope_factor, interleave)
-            for c in range(kv_rank):
+            _rope(q[base + nope: base + nope + rope_dim], p, inv_freq, factor, interleave)
+            for c in range(C):
                 acc = F32(0.0)
-                for d in range(nope):
-                    acc += scratch_q[i, base + d] * wuk[layer, hh, d, c]
-                qabs[i, hh, c] = acc
+                for dd in range(nope):
+                    acc += q[base + dd] * w_uk[hh, dd, c]
+                qabs[hh, c] = acc
             m = F32(-np.inf)
             for j in range(n_valid):
                 acc = F32(0.0)
-                for c in range(kv_rank):
-                    acc += qabs[i, hh, c] * lat[layer, slot, j, c]
+                for c in range(C):
+                    acc += qabs[hh, c] * lat[slot, j, c]
                 acc2 = F32(0.0)
                 for r in range(rope_dim):
-                    acc2 += scratch_q[i, base + nope + r] * pe[layer, slot, j, r]
-                sc = (acc + acc2) * softmax_scale
-                scores[i, hh, j] = sc
+                    acc2 += q[base + nope + r] * pe[slot, j, r]
+                sc = (acc + acc2) * scale
+                scores[hh, j] = sc
                 if sc > m:
                     m = sc
             total = F32(0.0)
             for j in range(n_valid):
-                e = np.exp(scores[i, hh, j] - m)
-                scores[i, hh, j] = e
+                e = np.exp(scores[hh, j] - m)
+                scores[hh, j] = e
                 total += e
-            for c in range(kv_rank):
-                ctx[i, hh, c] = F32(0.0)
+            for c in range(C):
+                ctx[hh, c] = F32(0.0)
             for j in range(n_valid):
-                pj = scores[i, hh, j] / total
-                for c in range(kv_rank):
-                    ctx[i, hh, c] += pj * lat[layer, slot, j, c]
+                pj = scores[hh, j] / total
+                for c in range(C):
+                    ctx[hh, c] += pj * lat[slot, j, c]
             for vv in range(v_dim):
                 acc = F32(0.0)
-                for c in range(kv_rank):
-                    acc += ctx[i, hh, c] * wuv[layer, hh, vv, c]
+                for c in range(C):
+                    acc += ctx[hh, c] * w_uv[hh, vv, c]
                 attn_out[i, hh * v_dim + vv] = acc
-        nv = n_heads * v_dim
-        os_ = _quantize_row(attn_out[i], hq[i, :nv])
-        _gemv_i8(hq[i, :nv], os_, wo[layer], so[layer], h[i])
+        nv = nh * v_dim
+        os_ = _quantize_row(attn_out[i], hq[:nv])
+        _gemv_i8(hq[:nv], os_, o_q, o_s, h)
         for k in range(x.shape[1]):
-            x[i, k] += h[i, k]
+            x[i, k] += h[k]
 
 
 @njit(cache=True, parallel=True)
-def _dense_mlp_rows(d, n, x, h, hq, mid, midq, ln2, eps, w13, s13, w2, s2):
-    """Pre-norm SwiGLU MLP for each row; adds into x."""
-    inter = w2.shape[2]
+def _dense_mlp_rows(l, n, b, w, norm, eps):
+    """Pre-norm SwiGLU MLP (dense layer ``l``) for each row; adds into x."""
+    x = b.x
+    h = b.h
+    hq = b.hq
+    mid = b.mid
+    midq = b.midq
+    w13_q = w.w13_q[l]
+    w13_s = w.w13_s[l]
+    w2_q = w.w2_q[l]
+    w2_s = w.w2_s[l]
     for i in prange(n):
-        _rmsnorm(x[i], ln2, eps, h[i])
+        _rmsnorm(x[i], norm, eps, h[i])
         xs = _quantize_row(h[i], hq[i])
-        _gemv_i8(hq[i], xs, w13[d], s13[d], mid[i, :2 * inter])
-        for k in range(inter):
-            mid[i, k] = _silu(mid[i, k]) * mid[i, inter + k]
-        ms = _quantize_row(mid[i, :inter], midq[i, :inter])
-        _gemv_i8(midq[i, :inter], ms, w2[d], s2[d], h[i])
+        _swiglu(hq[i], xs, w13_q, w13_s, w2_q, w2_s, mid[i], midq[i], h[i])
         for k in range(x.shape[1]):
             x[i, k] += h[i, k]
 
 
 @njit(cache=True, parallel=True)
-def _moe_prepare_rows(n, x, h, hq, hscale, ln2, eps):
+def _moe_prepare_rows(n, b, norm, eps):
     """Pre-norm and per-token int8 of the normed rows (the router reads h, the experts hq)."""
+    x = b.x
+    h = b.h
+    hq = b.hq
+    hscale = b.hscale
     for i in prange(n):
-        _rmsnorm(x[i], ln2, eps, h[i])
+        _rmsnorm(x[i], norm, eps, h[i])
         hscale[i] = _quantize_row(h[i], hq[i])
 
 
 @njit(cache=True, parallel=True)
-def _moe_experts(m, n_active, active, offsets, token_ids, hq, hscale, w13, s13, w2, s2, mid, midq, yout):
+def _moe_experts(m, n_active, rb, b, w):
     """Each active expert once, over all tokens routed to it; yout[a] is assignment a's output."""
-    inter = w2.shape[3]
+    active = rb.active
+    offsets = rb.offsets
+    token_ids = rb.token_ids
+    hq = b.hq
+    hscale = b.hscale
+    mid = b.mid
+    midq = b.midq
+    yout = b.yout
+    w13_q = w.w13_q[m]
+    w13_s = w.w13_s[m]
+    w2_q = w.w2_q[m]
+    w2_s = w.w2_s[m]
     for ai in prange(n_active):
         e = active[ai]
         for a in range(offsets[e], offsets[e + 1]):
             t = token_ids[a]
-            _gemv_i8(hq[t], hscale[t], w13[m, e], s13[m, e], mid[a, :2 * inter])
-            for k in range(inter):
-                mid[a, k] = _silu(mid[a, k]) * mid[a, inter + k]
-            ms = _quantize_row(mid[a, :inter], midq[a, :inter])
-            _gemv_i8(midq[a, :inter], ms, w2[m, e], s2[m, e], yout[a])
+            _swiglu(hq[t], hscale[t], w13_q[e], w13_s[e], w2_q[e], w2_s[e], mid[a], midq[a], yout[a])
 
 
 @njit(cache=True, parallel=True)
-def _moe_combine_rows(m, n, x, hq, hscale, h, top_k, topk_w, slot_of, yout,
-                      has_shared, sw13, ss13, sw2, ss2, smid, smidq):
-    """x += sum over the token's experts (in its top-k order) of weight * output, plus shared experts."""
+def _moe_combine_rows(m, n, top_k, rb, b, w):
+    """x += the token's expert outputs times their weights, in its top-k order, then its
+    shared experts (the order of ``runtime.model.MoE``)."""
+    topk_pos = rb.topk_pos
+    topk_weight = rb.topk_weight
+    x = b.x
+    hb = b.h
+    hq = b.hq
+    hscale = b.hscale
+    mid = b.mid
+    midq = b.midq
+    yout = b.yout
+    shared_out = b.shared_out
+    has_shared = w.has_shared
+    s13_q = w.shared.w13_q
+    s13_s = w.shared.w13_s
+    s2_q = w.shared.w2_q
+    s2_s = w.shared.w2_s
+    H = x.shape[1]
     for i in prange(n):
-        for k in range(x.shape[1]):
-            h[i, k] = F32(0.0)
-        if has_shared:
-            inter = sw2.shape[2]
-            _gemv_i8(hq[i], hscale[i], sw13[m], ss13[m], smid[i, :2 * inter])
-            for k in range(inter):
-                smid[i, k] = _silu(smid[i, k]) * smid[i, inter + k]
-            ms = _quantize_row(smid[i, :inter], smidq[i, :inter])
-            _gemv_i8(smidq[i, :inter], ms, sw2[m], ss2[m], h[i])
+        h = hb[i]
+        for k in range(H):
+            h[k] = F32(0.0)
         for j in range(top_k):
-            a = slot_of[i, j]
-            w = topk_w[i, j]
-            for k in range(x.shape[1]):
-                h[i, k] += w * yout[a, k]
-        for k in range(x.shape[1]):
-            x[i, k] += h[i, k]
+            a = topk_pos[i, j]
+            wt = topk_weight[i, j]
+            for k in range(H):
+                h[k] += wt * yout[a, k]
+        if has_shared:
+            so = shared_out[i]
+            _swiglu(hq[i], hscale[i], s13_q[m], s13_s[m], s2_q[m], s2_s[m], mid[i], midq[i], so)
+            for k in range(H):
+                h[k] += so[k]
+        for k in range(H):
+            x[i, k] += h[k]
+
+
+@njit(cache=True)
+def _run_layers(n, st):
+    """All decoder layers for the ``n`` listed rows."""
+    b, w, d, rule, rb = st.buffers, st.weights, st.dims, st.rule, st.route
+    for layer in range(d.n_layers):
+        _attention_rows(layer, n, b, w.attn, w.input_norm[layer], d)
+        if layer < d.first_moe:
+            _dense_mlp_rows(layer, n, b, w.dense, w.post_norm[layer], d.eps)
+            continue
+        m = layer - d.first_moe
+        _moe_prepare_rows(n, b, w.post_norm[layer], d.eps)
+        logits = b.router_logits[:n]
+        router_logits(b.h[:n], w.moe.gate_t[m], logits)
+        n_active = route_dispatch(logits, w.moe.bias[m], rule, rb)
+        _moe_experts(m, n_active, rb, b, w.moe)
+        _moe_combine_rows(m, n, rule.top_k, rb, b, w.moe)
+    _advance(b.pos, b.rows, n)
 
 
 @njit(cache=True, parallel=True)
-def _final_rows(n, x, h, hq, norm, eps, head_w, head_s, out):
+def _embed_rows(n, b, embed):
+    x = b.x
+    tokens = b.tokens
+    for i in prange(n):
+        x[i] = embed[tokens[i]]
+
+
+@njit(cache=True, parallel=True)
+def _head_rows(n, b, norm, eps, head_q, head_s):
+    x = b.x
+    h = b.h
+    hq = b.hq
+    out = b.logits
     for i in prange(n):
         _rmsnorm(x[i], norm, eps, h[i])
         xs = _quantize_row(h[i], hq[i])
-        _gemv_i8(hq[i], xs, head_w, head_s, out[i])
+        _gemv_i8(hq[i], xs, head_q, head_s, out[i])
+
+
+@njit(cache=True)
+def _step_tokens(n, st):
+    """LM mode: ``buffers.tokens[:n]`` in, ``buffers.logits[:n]`` out."""
+    b, w = st.buffers, st.weights
+    _embed_rows(n, b, w.embed)
+    _run_layers(n, st)
+    _head_rows(n, b, w.norm, st.dims.eps, w.head_q, w.head_s)
 
 
 @njit(cache=True, parallel=True)
-def _sensor_in_rows(n, feats, mean, std, w, b, x):
+def _sensor_in_rows(n, b, a):
+    feats = b.feats
+    x = b.x
+    mean = a.in_mean
+    std = a.in_std
+    w = a.in_w
+    bias = a.in_b
     for i in prange(n):
         for o in range(w.shape[0]):
             acc = F32(0.0)
             for f in range(w.shape[1]):
                 acc += ((feats[i, f] - mean[f]) / std[f]) * w[o, f]
-            x[i, o] = acc + b[o]
+            x[i, o] = acc + bias[o]
 
 
 @njit(cache=True, parallel=True)
-def _sensor_out_rows(n, x, h, norm, eps, w, b, mean, std, out):
+def _sensor_out_rows(n, b, norm, eps, a):
+    x = b.x
+    h = b.h
+    out = b.outputs
+    w = a.out_w
+    bias = a.out_b
+    mean = a.out_mean
+    std = a.out_std
     for i in prange(n):
         _rmsnorm(x[i], norm, eps, h[i])
         for o in range(w.shape[0]):
             acc = F32(0.0)
             for k in range(w.shape[1]):
                 acc += h[i, k] * w[o, k]
-            out[i, o] = (acc + b[o]) * std[o] + mean[o]
+            out[i, o] = (acc + bias[o]) * std[o] + mean[o]
 
 
 @njit(cache=True)
-def _run_layers(n, rows, bufs, attn, dense, moe, route, dims):
-    """All decoder layers for the ``n`` listed rows, in one call from Python.
-
-    The arguments are tuples of the engine's preallocated arrays (see ``Engine._tuples``);
-    each stage is one of the kernels above, routing is ``runtime.routing``'s.
-    """
-    (x, h, hq, hscale, scratch_q, scratch_kv, qabs, scores, ctx, attn_out, tmp_q,
-     mid, midq, smid, smidq, yout, lat, pe, pos) = bufs
-    (ln1, ln2, has_q_lora, wqa_q, wqa_s, qa_norm, wqb_q, wqb_s, wq_q, wq_s, wkva_q, wkva_s, kva_norm,
-     wuk, wuv, wo_q, wo_s, inv_freq, rope_factor, interleave) = attn
-    d13_q, d13_s, d2_q, d2_s = dense
-    e13_q, e13_s, e2_q, e2_s, has_shared, s13_q, s13_s, s2_q, s2_s = moe
-    (gate_wt, gate_b, logits, r_scores, r_choice, r_gscore, r_gkeep, r_selv, r_seli, r_cursor, topk_idx,
-     topk_w, topk_pos, counts, offsets, token_ids, token_w, active, n_group, topk_group, top_k, norm_topk,
-     scaling) = route
-    n_layers, first_moe, window, n_heads, nope, rope_dim, v_dim, kv_rank, softmax_scale, eps = dims
-    for layer in range(n_layers):
-        _attention_rows(layer, rows, n, x, h, hq, scratch_q, scratch_kv, qabs, scores, ctx, attn_out, tmp_q,
-                        ln1, eps, has_q_lora, wqa_q, wqa_s, qa_norm, wqb_q, wqb_s, wq_q, wq_s, wkva_q, wkva_s,
-                        kva_norm, wuk, wuv, wo_q, wo_s, lat, pe, pos, window, inv_freq, rope_factor, interleave,
-                        n_heads, nope, rope_dim, v_dim, kv_rank, softmax_scale)
-        if layer < first_moe:
-            _dense_mlp_rows(layer, n, x, h, hq, mid, midq, ln2[layer], eps, d13_q, d13_s, d2_q, d2_s)
-            continue
-        m = layer - first_moe
-        _moe_prepare_rows(n, x, h, hq, hscale, ln2[layer], eps)
-        router_logits(h[:n], gate_wt[m], logits[:n])
-        n_active = route_dispatch(logits[:n], gate_b[m], n_group, topk_group, top_k, norm_topk, scaling,
-                                  r_scores, r_choice, r_gscore, r_gkeep, r_selv, r_seli, r_cursor,
-                                  topk_idx[:n], topk_w[:n], topk_pos[:n], counts, offsets,
-                                  token_ids[:n * top_k], token_w[:n * top_k], active)
-        _moe_experts(m, n_active, active, offsets, token_ids, hq, hscale, e13_q, e13_s, e2_q, e2_s, mid, midq,
-                     yout)
-        _moe_combine_rows(m, n, x, hq, hscale, h, top_k, topk_w, topk_pos, yout, has_shared,
-                          s13_q, s13_s, s2_q, s2_s, smid, smidq)
+def _step_sensor(n, st):
+    """Sensor mode: ``buffers.feats[:n]`` in, ``buffers.outputs[:n]`` out."""
+    b, w = st.buffers, st.weights
+    _sensor_in_rows(n, b, w.adapter)
+    _run_layers(n, st)
+    _sensor_out_rows(n, b, w.norm, st.dims.eps, w.adapter)
 
 
 @njit(cache=True)
@@ -362,8 +577,34 @@ def _advance(pos, rows, n):
         pos[rows[i]] += 1
 
 
+# ----------------------------------------------------------------------------------------
+# From packed torch weights to the engine's numpy layout.
+
+def _np(t: torch.Tensor, dtype=F32) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+
+
+def _rows(ws: list[QWeight], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights as stacked output rows [L, n, k] and scales [L, n] (empty stacks keep the shape)."""
+    if not ws:
+        return np.zeros((0, n, k), np.int8), np.zeros((0, n), F32)
+    pairs = [w.rows() for w in ws]
+    return (np.ascontiguousarray(np.stack([_np(q, np.int8) for q, _ in pairs])),
+            np.ascontiguousarray(np.stack([_np(s) for _, s in pairs])))
+
+
+def _norms(ts: list, n: int) -> np.ndarray:
+    return np.stack([_np(t) for t in ts]) if ts else np.zeros((0, n), F32)
+
+
+def _mlps(mlps: list[PackedMLP], hidden: int, inter: int) -> MlpWeights:
+    w13_q, w13_s = _rows([m.w13 for m in mlps], 2 * inter, hidden)
+    w2_q, w2_s = _rows([m.w2 for m in mlps], hidden, inter)
+    return MlpWeights(w13_q, w13_s, w2_q, w2_s)
+
+
 class Engine:
-    """Fixed-capacity stream slots over a DeepSeek-V3 model, stepped one token per stream.
+    """Fixed-capacity stream slots over a DeepSeek model, stepped one token per stream.
 
     ``step_tokens`` (LM mode) and ``step_sensor`` (sensor mode, needs the model's I/O adapter)
     return views into preallocated output buffers, valid until the next step: copy what you
@@ -377,12 +618,18 @@ class Engine:
         if cfg.attention_bias:
             raise ValueError("the stream engine does not support attention_bias=True checkpoints")
         self.config, self.capacity, self.window = cfg, capacity, window
-        self.adapter = model.adapter
-        self.input_names = list(model.adapter.input_names) if model.adapter is not None else []
-        self.output_names = list(model.adapter.output_names) if model.adapter is not None else []
-        self._allocate()
-        self._load_weights(model)
-        self._args = self._tuples()
+        packed = pack_int8(model)
+        self.adapter = packed.adapter
+        self.input_names = list(self.adapter.input_names) if self.adapter is not None else []
+        self.output_names = list(self.adapter.output_names) if self.adapter is not None else []
+        # A model without MoE layers never routes; its rule only sizes empty buffers.
+        self.rule = packed.rule or RoutingRule(False, False, False, 2, 1, 1, 1, False, 1.0)
+        self.weights, self.dims = self._load(packed)
+        self.buffers = self._allocate()
+        self.route_buffers = RouteBuffers.allocate(self.rule, capacity)
+        self.state = State(self.buffers, self.weights, self.rule, self.route_buffers, self.dims)
+        self.pos, self.logits, self.outputs = self.buffers.pos, self.buffers.logits, self.buffers.outputs
+        self.seen = np.zeros(capacity, np.bool_)
         # Numba's OpenMP layer shares libgomp with torch: its first parallel launch resets
         # torch's intra-op thread count, which the caller may have chosen on purpose.
         torch_threads = torch.get_num_threads()
@@ -390,97 +637,73 @@ class Engine:
         torch.set_num_threads(torch_threads)
 
     # -- set-up --------------------------------------------------------------------------
-    def _load_weights(self, model: Transformer) -> None:
+    def _load(self, p) -> tuple[Weights, Dims]:
         cfg = self.config
         H, C, R, nh = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
-        layers = list(model.model.layers)
-        attn = [layer.self_attn for layer in layers]
-        self.has_q_lora = cfg.q_lora_rank is not None
-        qd = nh * cfg.qk_head_dim
-        if self.has_q_lora:
-            self.wqa = _stack([_linear_int8(a.q_a_proj) for a in attn], cfg.q_lora_rank, H)
-            self.qa_norm = np.stack([_f32(a.q_a_layernorm.weight) for a in attn])
-            self.wqb = _stack([_linear_int8(a.q_b_proj) for a in attn], qd, cfg.q_lora_rank)
-            self.wq = _stack([], qd, H)
+        qr, qd = cfg.q_lora_rank or 1, nh * cfg.qk_head_dim
+        attn = [layer.attn for layer in p.layers]
+        lora = cfg.q_lora_rank is not None
+        q_a_q, q_a_s = _rows([a.q_a for a in attn] if lora else [], qr, H)
+        q_b_q, q_b_s = _rows([a.q_b for a in attn] if lora else [], qd, qr)
+        q_q, q_s = _rows([] if lora else [a.q for a in attn], qd, H)
+        kv_a_q, kv_a_s = _rows([a.kv_a for a in attn], C + R, H)
+        o_q, o_s = _rows([a.o for a in attn], H, nh * cfg.v_head_dim)
+        aw = AttnWeights(q_a_q, q_a_s, _norms([a.q_a_norm for a in attn] if lora else [], qr), q_b_q, q_b_s,
+                         q_q, q_s, kv_a_q, kv_a_s, _norms([a.kv_a_norm for a in attn], C),
+                         np.stack([_np(a.w_uk) for a in attn]), np.stack([_np(a.w_uv) for a in attn]),
+                         o_q, o_s, _np(p.inv_freq))
+        dense = _mlps([layer.mlp for layer in p.layers if layer.experts is None], H, cfg.intermediate_size)
+        moe = [layer for layer in p.layers if layer.experts is not None]
+        E, I, Is = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        has_shared = bool(moe) and moe[0].mlp is not None
+        experts = [layer.experts for layer in moe]
+        mw = MoeWeights(
+            gate_t=(np.stack([_np(e.gate.T) for e in experts]) if moe else np.zeros((0, H, E), F32)),
+            bias=(np.stack([_np(e.bias) if e.bias is not None else np.zeros(E, F32) for e in experts]) if moe
+                  else np.zeros((0, E), F32)),
+            w13_q=(np.stack([_np(e.w13.transpose(1, 2), np.int8) for e in experts]) if moe
+                   else np.zeros((0, E, 2 * I, H), np.int8)),
+            w13_s=np.stack([_np(e.s13) for e in experts]) if moe else np.zeros((0, E, 2 * I), F32),
+            w2_q=(np.stack([_np(e.w2.transpose(1, 2), np.int8) for e in experts]) if moe
+                  else np.zeros((0, E, H, I), np.int8)),
+            w2_s=np.stack([_np(e.s2) for e in experts]) if moe else np.zeros((0, E, H), F32),
+            has_shared=has_shared,
+            shared=_mlps([layer.mlp for layer in moe] if has_shared else [], H, max(Is, 1)))
+        head_q, head_s = _rows([p.head], cfg.vocab_size, H)
+        a = p.adapter
+        if a is not None:
+            adapter = AdapterWeights(*(_np(t) for t in (a.in_w, a.in_b, a.in_mean, a.in_std, a.out_w, a.out_b,
+                                                         a.out_mean, a.out_std)))
         else:
-            self.wqa, self.wqb = _stack([], 1, H), _stack([], qd, 1)
-            self.qa_norm = np.zeros((0, 1), F32)
-            self.wq = _stack([_linear_int8(a.q_proj) for a in attn], qd, H)
-        self.wkva = _stack([_linear_int8(a.kv_a_proj_with_mqa) for a in attn], C + R, H)
-        self.kva_norm = np.stack([_f32(a.kv_a_layernorm.weight) for a in attn])
-        uk, uv = zip(*(a.absorbed_weights() for a in attn))
-        self.wuk = np.ascontiguousarray(np.stack([_f32(w) for w in uk]))
-        self.wuv = np.ascontiguousarray(np.stack([_f32(w) for w in uv]))
-        self.wo = _stack([_linear_int8(a.o_proj) for a in attn], H, nh * cfg.v_head_dim)
-        self.ln1 = np.stack([_f32(layer.input_layernorm.weight) for layer in layers])
-        self.ln2 = np.stack([_f32(layer.post_attention_layernorm.weight) for layer in layers])
+            adapter = AdapterWeights(np.zeros((H, 1), F32), *(np.zeros(1, F32) for _ in range(3)),
+                                     np.zeros((1, H), F32), *(np.zeros(1, F32) for _ in range(3)))
+        weights = Weights(_np(p.embed), _norms([layer.input_norm for layer in p.layers], H),
+                          _norms([layer.post_attention_norm for layer in p.layers], H), aw, dense, mw,
+                          _np(p.norm), head_q[0], head_s[0], adapter)
+        dims = Dims(cfg.num_hidden_layers, cfg.first_k_dense_replace, self.window, nh, cfg.qk_nope_head_dim,
+                    R, cfg.v_head_dim, C, F32(cfg.softmax_scale), F32(cfg.rms_norm_eps), F32(LORA_NORM_EPS),
+                    lora, bool(cfg.rope_interleave), F32(p.rope_factor))
+        return weights, dims
 
-        dense = [layer.mlp for layer in layers if not isinstance(layer.mlp, MoE)]
-        moe = [layer.mlp for layer in layers if isinstance(layer.mlp, MoE)]
-        inter = cfg.intermediate_size
-        self.d13 = _stack([_concat_int8(_linear_int8(m.gate_proj), _linear_int8(m.up_proj)) for m in dense],
-                          2 * inter, H)
-        self.d2 = _stack([_linear_int8(m.down_proj) for m in dense], H, inter)
-        E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
-        if moe:
-            check_routing_config(E, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok)
-        self.gate_wt = np.ascontiguousarray(np.stack([_f32(m.gate.weight).T for m in moe])) if moe \
-            else np.zeros((0, H, E), F32)
-        self.gate_b = np.stack([_f32(m.gate.e_score_correction_bias) for m in moe]) if moe else np.zeros((0, E), F32)
-        self.e13 = _stack([_expert_int8(m, "gate_up_proj") for m in moe], E, 2 * I, H)
-        self.e2 = _stack([_expert_int8(m, "down_proj") for m in moe], E, H, I)
-        self.has_shared = bool(cfg.n_shared_experts)
-        si = I * cfg.n_shared_experts
-        if self.has_shared:
-            self.s13 = _stack([_concat_int8(_linear_int8(m.shared_experts.gate_proj),
-                                            _linear_int8(m.shared_experts.up_proj)) for m in moe], 2 * si, H)
-            self.s2 = _stack([_linear_int8(m.shared_experts.down_proj) for m in moe], H, si)
-        else:
-            self.s13, self.s2 = _stack([], 2, H), _stack([], H, 1)
-        self.norm = _f32(model.model.norm.weight)
-        self.embed = _f32(model.model.embed_tokens.weight)
-        self.head = _linear_int8(model.lm_head)
-        self.inv_freq = _f32(model.inv_freq)
-        self.rope_factor = F32(model.rope_factor)
-        if self.adapter is not None:
-            a = self.adapter
-            self.in_w, self.in_b = _f32(a.in_proj.weight), _f32(a.in_proj.bias)
-            self.in_mean, self.in_std = _f32(a.in_mean), _f32(a.in_std)
-            self.out_w, self.out_b = _f32(a.out_proj.weight), _f32(a.out_proj.bias)
-            self.out_mean, self.out_std = _f32(a.out_mean), _f32(a.out_std)
-
-    def _allocate(self) -> None:
+    def _allocate(self) -> Buffers:
         cfg, S, W = self.config, self.capacity, self.window
         H, C, R, nh = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
-        L, k = cfg.num_hidden_layers, cfg.num_experts_per_tok
-        self.lat = np.zeros((L, S, W, C), F32)
-        self.pe = np.zeros((L, S, W, R), F32)
-        self.pos = np.zeros(S, np.int64)
+        L, k = cfg.num_hidden_layers, self.rule.top_k
         widest = max(H, cfg.q_lora_rank or 0, nh * cfg.v_head_dim, nh * cfg.qk_head_dim)
-        inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1),
-                    cfg.moe_intermediate_size)
-        self.x = np.zeros((S, H), F32)
-        self.h = np.zeros((S, H), F32)
-        self.hq = np.zeros((S, widest), np.int8)
-        self.hscale = np.zeros(S, F32)
-        self.tmp_q = np.zeros((S, max(cfg.q_lora_rank or 1, 1)), F32)
-        self.scratch_q = np.zeros((S, nh * cfg.qk_head_dim), F32)
-        self.scratch_kv = np.zeros((S, C + R), F32)
-        self.qabs = np.zeros((S, nh, C), F32)
-        self.scores = np.zeros((S, nh, W), F32)
-        self.ctx = np.zeros((S, nh, C), F32)
-        self.attn_out = np.zeros((S, nh * cfg.v_head_dim), F32)
-        self.mid = np.zeros((max(S * k, S), 2 * inter), F32)
-        self.midq = np.zeros((max(S * k, S), inter), np.int8)
-        self.smid = np.zeros((S, 2 * inter), F32)
-        self.smidq = np.zeros((S, inter), np.int8)
-        self.yout = np.zeros((S * k, H), F32)
-        self.rows = np.zeros(S, np.int64)
-        self.seen = np.zeros(S, np.bool_)
-        self.logits = np.zeros((S, cfg.vocab_size), F32)
-        if self.adapter is not None:
-            self.feats = np.zeros((S, len(self.input_names)), F32)
-            self.outputs = np.zeros((S, len(self.output_names)), F32)
+        inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1))
+        return Buffers(
+            rows=np.zeros(S, np.int64), tokens=np.zeros(S, np.int64),
+            feats=np.zeros((S, max(len(self.input_names), 1)), F32), logits=np.zeros((S, cfg.vocab_size), F32),
+            outputs=np.zeros((S, max(len(self.output_names), 1)), F32),
+            x=np.zeros((S, H), F32), h=np.zeros((S, H), F32), hq=np.zeros((S, widest), np.int8),
+            hscale=np.zeros(S, F32), q=np.zeros((S, nh * cfg.qk_head_dim), F32), kv=np.zeros((S, C + R), F32),
+            q_low=np.zeros((S, cfg.q_lora_rank or 1), F32), qabs=np.zeros((S, nh, C), F32),
+            scores=np.zeros((S, nh, W), F32), ctx=np.zeros((S, nh, C), F32),
+            attn_out=np.zeros((S, nh * cfg.v_head_dim), F32),
+            mid=np.zeros((max(S * k, S), 2 * inter), F32), midq=np.zeros((max(S * k, S), inter), np.int8),
+            shared_out=np.zeros((S, H), F32), yout=np.zeros((S * k, H), F32),
+            router_logits=np.zeros((S, self.rule.n_experts), F32),
+            lat=np.zeros((L, S, W, C), F32), pe=np.zeros((L, S, W, R), F32), pos=np.zeros(S, np.int64))
 
     def _warmup(self) -> None:
         """Compile every kernel now (or load it from the on-disk cache), then clear the state."""
@@ -492,15 +715,17 @@ class Engine:
     # -- state ---------------------------------------------------------------------------
     def reset_slot(self, slot: int) -> None:
         """Forget slot ``slot``'s history (a new stream starts at position 0)."""
-        self.pos[slot] = 0
-        self.lat[:, slot] = 0
-        self.pe[:, slot] = 0
+        b = self.buffers
+        b.pos[slot] = 0
+        b.lat[:, slot] = 0
+        b.pe[:, slot] = 0
 
     def reset_all(self) -> None:
         """Forget every slot's history."""
-        self.pos[:] = 0
-        self.lat[:] = 0
-        self.pe[:] = 0
+        b = self.buffers
+        b.pos[:] = 0
+        b.lat[:] = 0
+        b.pe[:] = 0
 
     def positions(self) -> np.ndarray:
         """Tokens seen so far by each slot."""
@@ -513,7 +738,7 @@ class Engine:
             raise ValueError(f"a step takes 1..{self.capacity} slots, got {n}")
         if not _valid_slots(slots, self.capacity, self.seen):
             raise ValueError(f"slot ids must be distinct and in 0..{self.capacity - 1}, got {list(slots)}")
-        self.rows[:n] = slots
+        self.buffers.rows[:n] = slots
         return n
 
     def step_tokens(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -522,11 +747,8 @@ class Engine:
         tokens = np.asarray(tokens)
         if tokens.shape != (n,) or tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"tokens must be {n} ids in 0..{self.config.vocab_size - 1}")
-        np.take(self.embed, tokens, axis=0, out=self.x[:n])
-        self._layers(n)
-        _final_rows(n, self.x, self.h, self.hq, self.norm, F32(self.config.rms_norm_eps),
-                    self.head.q, self.head.s, self.logits)
-        _advance(self.pos, self.rows, n)
+        self.buffers.tokens[:n] = tokens
+        _step_tokens(n, self.state)
         return self.logits[:n]
 
     def step_sensor(self, slots: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -538,57 +760,6 @@ class Engine:
         features = np.asarray(features, dtype=F32)
         if features.shape != (n, len(self.input_names)):
             raise ValueError(f"features must be [{n}, {len(self.input_names)}], got {features.shape}")
-        self.feats[:n] = features
-        _sensor_in_rows(n, self.feats, self.in_mean, self.in_std, self.in_w, self.in_b, self.x)
-        self._layers(n)
-        _sensor_out_rows(n, self.x, self.h, self.norm, F32(self.config.rms_norm_eps), self.out_w, self.out_b,
-                         self.out_mean, self.out_std, self.outputs)
-        _advance(self.pos, self.rows, n)
+        self.buffers.feats[:n] = features
+        _step_sensor(n, self.state)
         return self.outputs[:n]
-
-    def _tuples(self) -> tuple:
-        """The argument tuples of ``_run_layers``, built once (they hold references, not copies)."""
-        cfg, S, k, E = self.config, self.capacity, self.config.num_experts_per_tok, self.config.n_routed_experts
-        route_scratch = (np.zeros((S, E), F32), np.zeros(E, F32), np.zeros(E, F32), np.zeros(cfg.n_group, F32),
-                         np.zeros(cfg.n_group, np.uint8), np.zeros(k, F32), np.zeros(k, np.int32),
-                         np.zeros(E, np.int32))
-        plan = (np.zeros((S, k), np.int32), np.zeros((S, k), F32), np.zeros((S, k), np.int32),
-                np.zeros(E, np.int32), np.zeros(E + 1, np.int32), np.zeros(S * k, np.int32),
-                np.zeros(S * k, F32), np.zeros(E, np.int32))
-        return (
-            (self.x, self.h, self.hq, self.hscale, self.scratch_q, self.scratch_kv, self.qabs, self.scores,
-             self.ctx, self.attn_out, self.tmp_q, self.mid, self.midq, self.smid, self.smidq, self.yout,
-             self.lat, self.pe, self.pos),
-            (self.ln1, self.ln2, self.has_q_lora, self.wqa.q, self.wqa.s, self.qa_norm, self.wqb.q, self.wqb.s,
-             self.wq.q, self.wq.s, self.wkva.q, self.wkva.s, self.kva_norm, self.wuk, self.wuv, self.wo.q,
-             self.wo.s, self.inv_freq, self.rope_factor, cfg.rope_interleave),
-            (self.d13.q, self.d13.s, self.d2.q, self.d2.s),
-            (self.e13.q, self.e13.s, self.e2.q, self.e2.s, self.has_shared, self.s13.q, self.s13.s, self.s2.q,
-             self.s2.s),
-            (self.gate_wt, self.gate_b) + route_scratch + plan
-            + (cfg.n_group, cfg.topk_group, k, cfg.norm_topk_prob, F32(cfg.routed_scaling_factor)),
-            (cfg.num_hidden_layers, cfg.first_k_dense_replace, self.window, cfg.num_attention_heads,
-             cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
-             F32(cfg.softmax_scale), F32(cfg.rms_norm_eps)),
-        )
-
-    def _layers(self, n: int) -> None:
-        _run_layers(n, self.rows, *self._args)
-
-
-def _concat_int8(a: Int8Weight, b: Int8Weight) -> Int8Weight:
-    return Int8Weight(np.concatenate([a.q, b.q]), np.concatenate([a.s, b.s]))
-
-
-def _expert_int8(moe: MoE, name: str) -> Int8Weight:
-    """Routed experts as int8 rows: ``gate_up_proj`` [E, 2I, H] or ``down_proj`` [E, H, I]."""
-    experts = moe.experts
-    if isinstance(experts, RoutedExperts) and experts.mode == "w8a8":
-        q, s = (experts.w13_t, experts.s13) if name == "gate_up_proj" else (experts.w2_t, experts.s2)
-        return Int8Weight(np.ascontiguousarray(q.detach().cpu().transpose(1, 2).numpy()),
-                          np.ascontiguousarray(s.detach().cpu().float().numpy()))
-    if isinstance(experts, RoutedExperts):
-        w = experts.gate_up if name == "gate_up_proj" else experts.down
-    else:
-        w = getattr(experts, name)
-    return _stack([_int8(e) for e in w.detach()])

@@ -1,4 +1,6 @@
-"""DeepSeek-V3/R1 in plain PyTorch: MLA attention, noaux_tc MoE, YaRN RoPE, greedy generation.
+"""DeepSeek-V3/R1 (and the V2 family) in plain PyTorch: MLA attention, the MoE with the
+routing rule of ``runtime.routing``, YaRN RoPE, greedy generation. This is the definition of
+the model's float math; the engines are backends checked against it.
 
 Parameter names follow the Hugging Face layout (``model.layers.N.self_attn.q_a_proj.weight`` ...)
 except routed experts, which are stacked per layer as ``mlp.experts.gate_up_proj`` [E, 2I, H]
@@ -18,24 +20,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.config import ModelConfig
+from runtime.config import LORA_NORM_EPS, ModelConfig
 from runtime.quant import RoutedExperts, silu_mul
-from runtime.routing import Router
+from runtime.routing import RoutingRule, route_torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square norm over the last dim, computed in float32 (as the reference does)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 (as the reference does)."""
+    """:func:`rms_norm` with a learned weight."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -112,10 +117,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(h, nh * cfg.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(nh * cfg.v_head_dim, h, bias=cfg.attention_bias)
         self.scale = cfg.softmax_scale
@@ -200,36 +205,22 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """noaux_tc router as torch ops: the reference (oracle) routing.
-
-    s = sigmoid(x W^T); s' = s + bias; each group scores the sum of its top-2 s'; the top
-    ``topk_group`` groups are kept; the top-k experts by s' among them are chosen; their
-    weights are the unbiased s, normalised if ``norm_topk_prob``, times the scaling factor.
-    """
+    """The router of a MoE layer: float32 logits ``x @ W.T``, then the routing rule
+    (``runtime.routing``) in torch ops. ``e_score_correction_bias`` exists when the rule
+    uses one (noaux_tc)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
+        self.rule = RoutingRule.from_config(cfg)
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        if self.rule.biased:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N,H] -> (top-k expert ids [N,k] int64, weights [N,k] float32)."""
-        cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        biased = scores + self.e_score_correction_bias
-        n = x.shape[0]
-        if cfg.n_group > 1:
-            group_scores = biased.view(n, cfg.n_group, -1).topk(2, dim=-1)[0].sum(-1)
-            keep = group_scores.topk(cfg.topk_group, dim=-1)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0).bool()
-            expert_mask = group_mask.unsqueeze(-1).expand(n, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            biased = biased.masked_fill(~expert_mask.reshape(n, -1), float("-inf"))
-        idx = biased.topk(cfg.num_experts_per_tok, dim=-1)[1]
-        weights = scores.gather(1, idx)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return idx, weights * cfg.routed_scaling_factor
+        """x [N,H] -> (top-k expert ids [N,k] int64 ascending, weights [N,k] float32)."""
+        return route_torch(F.linear(x.float(), self.weight.float()), self.e_score_correction_bias, self.rule)
 
 
 def cast_keeping_router_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -267,15 +258,12 @@ class RoutingRecord:
 
 
 class MoE(nn.Module):
-    """Shared experts plus routed experts chosen by the noaux_tc gate.
+    """Shared experts plus routed experts chosen by the gate: out = routed sum + shared.
 
-    Float experts run the reference path: torch-op routing (:class:`Gate`) and a loop over
-    the experts that received tokens. Quantized experts (:class:`runtime.quant.RoutedExperts`)
-    run the engine path: batch-invariant Numba routing with a dispatch plan
-    (:class:`runtime.routing.Router`) and each active expert once over its tokens.
-
-    ``observer``, when set, is called with a :class:`RoutingRecord` on every float forward
-    pass (calibration uses it; it costs an extra norm per chosen expert).
+    Float experts run the reference path, a loop over the experts that received tokens;
+    quantized ones (:class:`runtime.quant.RoutedExperts`) the int8 rule. ``observer``, when
+    set, is called with a :class:`RoutingRecord` on every float forward pass (calibration
+    uses it; it costs an extra norm per chosen expert).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -286,35 +274,20 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.observer = None
-        self._router: Router | None = None
-        self._router_key = None
-
-    def router(self, tokens: int) -> Router:
-        """The Numba router over the current gate weights, with buffers for >= ``tokens``."""
-        w, b = self.gate.weight, self.gate.e_score_correction_bias
-        key = (w.data_ptr(), w._version, b._version)
-        if self._router is None or self._router.max_tokens < tokens or key != self._router_key:
-            cfg = self.cfg
-            self._router = Router(w, b, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
-                                  cfg.norm_topk_prob, cfg.routed_scaling_factor, max(tokens, 64))
-            self._router_key = key
-        return self._router
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        idx, weights = self.gate(flat)
         if isinstance(self.experts, RoutedExperts):
-            h = flat.float().contiguous()
-            plan = self.router(h.shape[0])(h.cpu().numpy())
-            out = self.experts(h, plan).to(flat.dtype).clone()
+            out = self.experts(flat, idx, weights).to(flat.dtype)
         else:
-            out = self._reference_experts(flat)
+            out = self._reference_experts(flat, idx, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
 
-    def _reference_experts(self, flat: torch.Tensor) -> torch.Tensor:
-        idx, weights = self.gate(flat)
+    def _reference_experts(self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(flat)
         norms = torch.zeros_like(weights) if self.observer else None
         for e in torch.unique(idx).tolist():

@@ -1,43 +1,39 @@
-"""int8 quantization, int8 GEMMs, and routed-expert execution over a dispatch plan.
+"""The int8 rules (W8A8), defined once in torch, and the int8 packing the engines consume.
 
-Scheme (W8A8): weights are symmetric int8 per output channel (scale = absmax / 127),
-activations symmetric int8 per token (row), rounded half to even as ``torch.round`` does
-and clamped to [-127, 127]; a row or channel that is all zero gets scale 1. GEMMs run
-through ``torch._int_mm`` (int8 x int8 -> exact int32) and are dequantized elementwise,
-``acc.float() * sx * sw``, so every output row depends on its own input row only: the
-result is bitwise identical whatever the batch size and whatever the other rows are.
+Scheme: weights are symmetric int8 per output channel (scale = absmax / 127), activations
+symmetric int8 per token (row), rounded half to even as ``torch.round`` does and clamped
+to [-127, 127]; a row or channel that is all zero gets scale 1. GEMMs are ``torch._int_mm``
+(int8 x int8 -> exact int32) dequantized elementwise, ``acc.float() * sx * sw``, so every
+output row depends on its own input row only: bitwise the same whatever the batch size and
+whatever the other rows are.
+
+A SwiGLU block (dense MLP, shared or routed expert) in int8: quantize the input row once;
+gate and up as one GEMM; ``h = silu(g) * u`` as :func:`silu_mul`; quantize ``h`` per row;
+the down GEMM. A MoE token sums its experts' outputs times their routing weights in its
+top-k order (ascending expert id), then adds the shared experts.
 
 W8 (weight-only) keeps activations in float: the weight is dequantized and a float GEMM
-runs. It is more accurate but, like any float GEMM, not batch invariant.
+runs. More accurate but, like any float GEMM, not batch invariant.
 
-The routed experts of a MoE layer (``RoutedExperts``) run over a ``DispatchPlan`` from
-``runtime.routing``: only experts with tokens run, each once over all of its tokens, and
-each token sums its k expert outputs in its own top-k order. On the CPU the int8 path is
-a few Numba kernels (quantize, small grouped GEMMs, SiLU, combine) with ``torch._int_mm``
-for experts that hold enough rows to pay for a call; the integer GEMMs are exact either
-way, so where an expert runs never changes a bit. The torch backend runs anywhere (CUDA
-included) with one ``_int_mm`` per active expert and torch elementwise ops.
+:func:`pack_int8` turns a runtime model (float or quantized) into named int8 structures
+(:class:`PackedModel`), the one place where engines get their weights from.
 
 Note on SiLU: torch's CPU ``F.silu`` and ``torch.sigmoid`` give different bits for the
 same value depending on whether it falls in a vector lane or in the scalar tail of the
-kernel loop, so their result depends on the tensor's shape. ``silu_mul`` below uses only
-position-independent ops and is what a batch-invariant path should use.
+kernel loop, so their result depends on the tensor's shape. :func:`silu_mul` uses only
+position-independent ops and is what a batch-invariant path uses.
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
 from torch import nn
 
 QMAX = 127
-# Below this many multiply-adds (or for a single row) a Numba kernel beats the fixed cost
-# of quantize + torch._int_mm + dequantize calls on the CPU; both give the same bits.
-NUMBA_LINEAR_MACS = 1 << 16
+CUDA_MIN_ROWS = 17     # torch._int_mm on CUDA needs M > 16 (and K, N multiples of 8)
 
 
 def _scale_from_absmax(amax: torch.Tensor) -> torch.Tensor:
@@ -67,7 +63,7 @@ def quantize_weight(w: torch.Tensor, align: int = 1) -> tuple[torch.Tensor, torc
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: ``x`` [M, K] float -> (q int8 [M, K], scale float32 [M, 1]).
+    """Symmetric per-row int8: ``x`` [..., K] float -> (q int8 [..., K], scale float32 [..., 1]).
 
     scale = absmax(row) / 127 (1 for an all-zero row); q = round(x / scale) with
     ``torch.round`` (half to even), clamped to [-127, 127]. Row-wise and exact apart
@@ -80,38 +76,62 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch._int_mm`` with CUDA's M > 16 rule handled by zero padding (rows stay exact)."""
+def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact ``a`` int8 [M, K] @ ``b`` int8 [K, N] -> int32 [M, N] through ``torch._int_mm``,
+    for any M (on CUDA, M <= 16 is zero-padded to 17 rows and cut back: rows stay exact)."""
     M = a.shape[0]
-    if a.is_cuda and M <= 16:
-        acc = torch._int_mm(F.pad(a, (0, 0, 0, 17 - M)), b)[:M]
-        if out is not None:
-            out.copy_(acc)
-            return out
-        return acc
-    if out is not None:
-        return torch._int_mm(a, b, out=out)
-    return torch._int_mm(a, b)
+    if a.is_cuda and M < CUDA_MIN_ROWS:
+        acc = torch._int_mm(F.pad(a, (0, 0, 0, CUDA_MIN_ROWS - M)), b)[:M]
+        return acc if out is None else out.copy_(acc)
+    return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
 
 
-def int8_matmul(
-    qx: torch.Tensor,
-    sx: torch.Tensor,
-    qweight_t: torch.Tensor,
-    sw: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def int8_matmul(qx: torch.Tensor, sx: torch.Tensor, qweight_t: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM then elementwise dequantization: ``(qx @ qweight_t).float() * sx * sw``.
 
     ``qx`` int8 [M, K], ``sx`` float32 [M, 1], ``qweight_t`` int8 [K, N], ``sw`` float32
-    [N] -> float32 [M, N] (into ``out`` if given). The int32 accumulation is exact and
-    the dequantization is elementwise, so row i depends on row i only.
+    [N] -> float32 [M, N]. Row i depends on row i only.
     """
-    acc = _int_mm(qx, qweight_t)
-    if out is None:
-        return acc.float().mul_(sx).mul_(sw)
-    out.copy_(acc)
-    return out.mul_(sx).mul_(sw)
+    return int8_mm(qx, qweight_t).float() * sx * sw
+
+
+class QWeight(NamedTuple):
+    """A linear layer's int8 weight in ``_int_mm`` layout: ``q`` int8 [K8, N8] (transposed,
+    K and N zero-padded to multiples of 8), per-output-channel ``s`` float32 [N8] (1 on
+    padding), and the true sizes ``k`` (in) and ``n`` (out)."""
+
+    q: torch.Tensor
+    s: torch.Tensor
+    k: int
+    n: int
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "QWeight":
+        """Quantize a float weight [out, in] (nn.Linear convention)."""
+        q, s = quantize_weight(w, align=8)
+        return cls(q, s, w.shape[1], w.shape[0])
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unpadded codes as output rows, int8 [n, k] (a view), and their scales [n]."""
+        return self.q[:self.k, :self.n].t(), self.s[:self.n]
+
+    def to(self, device) -> "QWeight":
+        """The same weight on ``device``."""
+        return QWeight(self.q.to(device), self.s.to(device), self.k, self.n)
+
+
+def qlinear(q: torch.Tensor, s: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """Dequantized ``q @ w`` for int8 activations ``q`` [M, <=K8] with row scales ``s``
+    [M, 1]: float32 [M, N8] (columns past ``w.n`` are padding)."""
+    if q.shape[-1] != w.q.shape[0]:
+        q = F.pad(q, (0, w.q.shape[0] - q.shape[-1]))
+    return int8_matmul(q, s, w.q, w.s)
+
+
+def int8_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """The W8A8 linear layer: float ``x`` [M, k] -> float32 [M, n]."""
+    q, s = quantize_activation(x)
+    return qlinear(q, s, w)[:, :w.n]
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -123,6 +143,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return gate / (torch.exp(-gate) + 1.0) * up
 
 
+def swiglu_requant(acc13: torch.Tensor, sx: torch.Tensor, s13: torch.Tensor, inter: int):
+    """Gate/up int32 accumulators [..., >=2I] (columns gate | up) with row scales ``sx`` and
+    channel scales ``s13`` -> ``h = silu(g) * u`` quantized per row: (int8 [..., I], scale [..., 1])."""
+    g = acc13[..., :inter].float() * sx * s13[..., :inter]
+    u = acc13[..., inter:2 * inter].float() * sx * s13[..., inter:2 * inter]
+    return quantize_activation(silu_mul(g, u))
+
+
+def swiglu_int8(q: torch.Tensor, s: torch.Tensor, w13: QWeight, w2: QWeight) -> torch.Tensor:
+    """A SwiGLU block on int8 rows ``q`` [M, H] (scales ``s`` [M, 1]): w13 fuses gate and up
+    (columns [gate I | up I]), w2 is down -> float32 [M, w2.n]."""
+    if q.shape[-1] != w13.q.shape[0]:
+        q = F.pad(q, (0, w13.q.shape[0] - q.shape[-1]))
+    hq, hs = swiglu_requant(int8_mm(q, w13.q), s, w13.s, w13.n // 2)
+    return qlinear(hq, hs, w2)[:, :w2.n]
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight (``y = x @ W.T``).
 
@@ -130,11 +167,8 @@ class Int8Linear(nn.Module):
     multiples of 8) and ``scale`` float32 [N8]; they load from a state dict under these
     names, so packages store them as plain safetensors.
 
-    Modes:
-    - ``"w8a8"``: per-token dynamic int8 activations and ``torch._int_mm``; exact integer
-      accumulation, batch invariant (row i of the output depends on row i only).
-    - ``"w8"``: weight-only; the weight is dequantized to the activation dtype and a float
-      GEMM runs. More accurate, not batch invariant.
+    Modes: ``"w8a8"`` runs :func:`int8_linear` (batch invariant); ``"w8"`` is weight-only:
+    the weight is dequantized to the activation dtype and a float GEMM runs.
     """
 
     def __init__(self, in_features: int, out_features: int, mode: str = "w8a8"):
@@ -156,574 +190,92 @@ class Int8Linear(nn.Module):
         layer.scale.copy_(s)
         return layer.to(weight.device)
 
+    def qweight(self) -> QWeight:
+        """The weight as a :class:`QWeight` (views of the buffers)."""
+        return QWeight(self.qweight_t, self.scale, self.in_features, self.out_features)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight [out, in] that the int8 codes stand for."""
-        w = self.qweight_t.float().t() * self.scale[:, None]
-        return w[: self.out_features, : self.in_features]
+        q, s = self.qweight().rows()
+        return q.float() * s[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., in] -> [..., out]; float32 in w8a8 mode, ``x.dtype`` in w8 mode."""
-        lead = x.shape[:-1]
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features)
         if self.mode == "w8":
             y = x2 @ self.dequantized_weight().to(x.dtype).T
-            return y.reshape(*lead, self.out_features)
-        if x2.device.type == "cpu":
-            y = self._forward_cpu(x2)
-            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
-        qx, sx = quantize_activation(x2)
-        pad = self.qweight_t.shape[0] - self.in_features
-        if pad:
-            qx = F.pad(qx, (0, pad))
-        y = int8_matmul(qx, sx, self.qweight_t, self.scale)
-        if y.shape[1] != self.out_features:
-            y = y[:, : self.out_features]
-        return y.reshape(*lead, self.out_features)
-
-    def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
-        """The w8a8 forward on the CPU: Numba for small products, else Numba quantize/dequantize
-        around ``torch._int_mm``. Identical bits to the torch-op path."""
-        if x2.dtype != torch.float32 or not x2.is_contiguous() or x2.requires_grad:
-            x2 = x2.detach().to(torch.float32).contiguous()
-        M, K = x2.shape
-        y = torch.empty(M, self.out_features, dtype=torch.float32)
-        if M * K * self.out_features <= NUMBA_LINEAR_MACS or M == 1:
-            _linear_rows(x2.numpy(), self.qweight_t.numpy(), self.scale.numpy(), y.numpy())
-            return y
-        K8 = self.qweight_t.shape[0]
-        q = torch.empty(M, K8, dtype=torch.int8) if K8 == K else torch.zeros(M, K8, dtype=torch.int8)
-        s = torch.empty(M, dtype=torch.float32)
-        quantize_rows(x2.numpy(), q.numpy()[:, :K], s.numpy())
-        acc = torch._int_mm(q, self.qweight_t)
-        _dequantize(acc.numpy(), s.numpy(), self.scale.numpy(), y.numpy())
-        return y
+        else:
+            y = int8_linear(x2, self.qweight())
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
 
-# --- Numba kernels for the CPU expert path ------------------------------------------------
-# All arithmetic mirrors the torch definitions above: float32 ops in the same order, the
-# same rounding (np.rint is half to even), the same zero-scale guard.
-
-
-@njit(cache=True, nogil=True)
-def _quantize_row(x, q):
-    """Quantize one float32 row ``x`` into int8 ``q``; returns its scale (the rule above)."""
-    amax = np.float32(0.0)
-    for j in range(x.shape[0]):
-        a = abs(x[j])
-        if a > amax:
-            amax = a
-    sc = amax / np.float32(QMAX)
-    if sc == 0:
-        sc = np.float32(1.0)
-    for j in range(x.shape[0]):
-        v = np.rint(x[j] / sc)
-        q[j] = np.int8(min(max(v, -QMAX), QMAX))
-    return sc
-
-
-@njit(cache=True, nogil=True)
-def quantize_rows(x, q, s):
-    """Numba twin of ``quantize_activation``: ``x`` float32 [T, K] -> ``q`` int8, ``s`` float32 [T]."""
-    for t in range(x.shape[0]):
-        s[t] = _quantize_row(x[t], q[t])
-
-
-@njit(cache=True, nogil=True)
-def _dequantize(acc, sx, sw, out):
-    """``out[m, n] = float32(acc[m, n]) * sx[m] * sw[n]`` for the columns of ``out``."""
-    for m in range(out.shape[0]):
-        a = acc[m]
-        sxm = sx[m]
-        o = out[m]
-        for n in range(out.shape[1]):
-            o[n] = np.float32(a[n]) * sxm * sw[n]
-
-
-@njit(cache=True, nogil=True)
-def _linear_rows(x, w_t, sw, out):
-    """The whole w8a8 linear for a few rows: quantize, integer GEMM, dequantize into ``out``."""
-    M, K = x.shape
-    q = np.empty((M, K), np.int8)
-    s = np.empty(M, np.float32)
-    quantize_rows(x, q, s)
-    acc = np.empty((M, w_t.shape[1]), np.int32)
-    _gemm_rows(q, np.empty(0, np.int32), False, 0, M, w_t, acc)
-    _dequantize(acc, s, sw, out)
-
-
-@njit(cache=True, nogil=True)
-def _gemm_rows(a, rows, gather, r0, r1, w_t, acc):
-    """``acc[r] = a[rows[r] if gather else r] @ w_t[:K]`` for r in [r0, r1), exact int32.
-
-    K is ``a``'s width (``w_t`` may carry zero padding rows beyond it). k-outer so each
-    weight row is read once for all rows of the group; the inner loop runs over output
-    channels and vectorises (integer sums are exact in any order).
-    """
-    K = a.shape[1]
-    N = w_t.shape[1]
-    for r in range(r0, r1):
-        for n in range(N):
-            acc[r, n] = 0
-    K2 = K - K % 2
-    for k in range(0, K2, 2):
-        w0 = w_t[k]
-        w1 = w_t[k + 1]
-        for r in range(r0, r1):
-            src = rows[r] if gather else r
-            x0 = np.int32(a[src, k])
-            x1 = np.int32(a[src, k + 1])
-            o = acc[r]
-            for n in range(N):
-                o[n] += x0 * np.int32(w0[n]) + x1 * np.int32(w1[n])
-    for k in range(K2, K):
-        w0 = w_t[k]
-        for r in range(r0, r1):
-            src = rows[r] if gather else r
-            x0 = np.int32(a[src, k])
-            o = acc[r]
-            for n in range(N):
-                o[n] += x0 * np.int32(w0[n])
-
-
-@njit(cache=True, nogil=True)
-def _moe_gemm1(qx, token_ids, offsets, active, n_active, w13_t, min_mm_rows, xg, acc13):
-    """Gate/up GEMM for groups under ``min_mm_rows`` rows; rows of larger groups are gathered
-    into ``xg`` for ``torch._int_mm``."""
-    H = qx.shape[1]
-    for ai in range(n_active):
-        e = active[ai]
-        o0, o1 = offsets[e], offsets[e + 1]
-        if o1 - o0 >= min_mm_rows:
-            for p in range(o0, o1):
-                t = token_ids[p]
-                for j in range(H):
-                    xg[p, j] = qx[t, j]
-        else:
-            _gemm_rows(qx, token_ids, True, o0, o1, w13_t[e], acc13)
-
-
-@njit(cache=True, nogil=True)
-def _moe_act(sx, token_ids, offsets, active, n_active, s13, acc13, hbuf, hq, sh, w2_t, min_mm_rows, acc2):
-    """Dequantize gate/up, h = silu(g) * u, quantize h per row; down GEMM for small groups."""
-    I = s13.shape[1] // 2
-    hbuf = hbuf[:I]  # the buffer may be longer (sized for the shared expert too)
-    one = np.float32(1.0)
-    for ai in range(n_active):
-        e = active[ai]
-        o0, o1 = offsets[e], offsets[e + 1]
-        for p in range(o0, o1):
-            sxt = sx[token_ids[p]]
-            for i in range(I):
-                g = np.float32(acc13[p, i]) * sxt * s13[e, i]
-                u = np.float32(acc13[p, I + i]) * sxt * s13[e, I + i]
-                hbuf[i] = g / (np.float32(math.exp(-np.float64(g))) + one) * u
-            sh[p] = _quantize_row(hbuf, hq[p])
-        if o1 - o0 < min_mm_rows:
-            _gemm_rows(hq, token_ids, False, o0, o1, w2_t[e], acc2)
-
-
-@njit(cache=True, nogil=True)
-def _moe_combine(topk_idx, topk_weight, topk_pos, acc2, sh, s2, out):
-    """out[t] = sum over j in the token's top-k order of w[t,j] * (acc2[p] * sh[p] * s2[e])."""
-    T, k = topk_idx.shape
-    H = out.shape[1]
-    for t in range(T):
-        o = out[t]
-        for n in range(H):
-            o[n] = 0.0
-        for j in range(k):
-            e = topk_idx[t, j]
-            p = topk_pos[t, j]
-            w = topk_weight[t, j]
-            shp = sh[p]
-            a = acc2[p]
-            s2e = s2[e]
-            for n in range(H):
-                o[n] += w * (np.float32(a[n]) * shp * s2e[n])
-
-
-@njit(cache=True, nogil=True)
-def _add_shared(acc2, sh, s2, out):
-    """out[t] += float32(acc2[t]) * sh[t] * s2: the shared expert, added after the routed sum."""
-    for t in range(out.shape[0]):
-        o = out[t]
-        a = acc2[t]
-        sht = sh[t]
-        for n in range(out.shape[1]):
-            o[n] += np.float32(a[n]) * sht * s2[n]
-
-
-@njit(cache=True, nogil=True)
-def _moe_numba(x, topk_idx, topk_weight, topk_pos, token_ids, offsets, active, n_active,
-               w13_t, s13, w2_t, s2, qx, sx, xg, acc13, hbuf, hq, sh, acc2, out,
-               has_shared, s_ids, s_off, s_act, sw13_t, ss13, sw2_t, ss2, sacc13, shq, ssh, sacc2):  # fmt: skip
-    """The whole int8 expert layer in one call, every group through the Numba GEMM.
-
-    The shared expert (``has_shared``; weights stacked as one expert) runs over all T
-    tokens from the same quantized ``qx`` and is added after the routed sum.
-    """
-    big = np.int64(1) << 62
-    quantize_rows(x, qx, sx)
-    _moe_gemm1(qx, token_ids, offsets, active, n_active, w13_t, big, xg, acc13)
-    _moe_act(sx, token_ids, offsets, active, n_active, s13, acc13, hbuf, hq, sh, w2_t, big, acc2)
-    _moe_combine(topk_idx, topk_weight, topk_pos, acc2, sh, s2, out)
-    if has_shared:
-        s_off[1] = x.shape[0]
-        _moe_gemm1(qx, s_ids, s_off, s_act, 1, sw13_t, big, xg, sacc13)
-        _moe_act(sx, s_ids, s_off, s_act, 1, ss13, sacc13, hbuf, shq, ssh, sw2_t, big, sacc2)
-        _add_shared(sacc2, ssh, ss2[0], out)
-
-
-class _Workspace:
-    """Buffers of one int8 expert forward on the CPU: torch tensors and numpy views of them.
-
-    ``s*`` entries serve the shared expert (one-element placeholders when there is none,
-    so that the Numba kernel sees the same types either way).
-    """
-
-    def __init__(self, max_tokens: int, top_k: int, hidden: int, inter: int, shared_inter: int):
-        T, R, Ts = max_tokens, max_tokens * top_k, max_tokens if shared_inter else 1
-        self.max_tokens, self.top_k = T, top_k
-        i32, i8, f32 = torch.int32, torch.int8, torch.float32
-        self.t = {
-            "qx": torch.zeros(T, hidden, dtype=i8),
-            "sx": torch.zeros(T, dtype=f32),
-            "xg": torch.zeros(R, hidden, dtype=i8),
-            "acc13": torch.zeros(R, 2 * inter, dtype=i32),
-            "hbuf": torch.zeros(max(inter, shared_inter), dtype=f32),
-            "hq": torch.zeros(R, inter, dtype=i8),
-            "sh": torch.zeros(R, dtype=f32),
-            "acc2": torch.zeros(R, hidden, dtype=i32),
-            "out": torch.zeros(T, hidden, dtype=f32),
-            "s_ids": torch.arange(Ts, dtype=i32),
-            "s_off": torch.zeros(2, dtype=i32),
-            "s_act": torch.zeros(1, dtype=i32),
-            "sacc13": torch.zeros(Ts, max(2 * shared_inter, 1), dtype=i32),
-            "shq": torch.zeros(Ts, max(shared_inter, 1), dtype=i8),
-            "ssh": torch.zeros(Ts, dtype=f32),
-            "sacc2": torch.zeros(Ts, hidden if shared_inter else 1, dtype=i32),
-        }
-        self.n = {k: v.numpy() for k, v in self.t.items()}
-        self._out: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-
-    def out_views(self, T: int) -> tuple[torch.Tensor, np.ndarray]:
-        """The first T rows of the output buffer, as a tensor and a numpy view (cached)."""
-        v = self._out.get(T)
-        if v is None:
-            v = self._out[T] = (self.t["out"][:T], self.n["out"][:T])
-        return v
-
-
-def _plan_numpy(plan):
-    """The plan's fields as numpy arrays (tensors from ``route_torch`` are viewed on the CPU)."""
-    return tuple(
-        f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else f for f in plan[:8]
-    ) + (int(plan.n_active),)
-
-
-def _plan_torch(plan, device):
-    """The plan's fields as tensors on ``device`` (numpy arrays are wrapped without a copy)."""
-    out = []
-    for f in plan[:8]:
-        f = torch.from_numpy(f) if isinstance(f, np.ndarray) else f
-        out.append(f.to(device, non_blocking=True))
-    return tuple(out) + (int(plan.n_active),)
-
-
 class RoutedExperts(nn.Module):
-    """The routed experts of one MoE layer (optionally with its shared expert), run over a
-    ``DispatchPlan``.
+    """The routed experts of one MoE layer in W8A8, run on routed tokens (any device).
 
-    Expert i computes ``down_i(silu(gate_i(x)) * up_i(x))``; a token's output is the sum of
-    its k expert outputs times their routing weights, added in the token's top-k order
-    (ascending expert id), so it never depends on the other tokens. Only experts with
-    tokens run, each once over all of its tokens. With a shared expert (intermediate size
-    ``shared_intermediate_size``, n_shared_experts * I in DeepSeek) its output is added
-    after the routed sum, reusing the same quantized tokens: on the CPU this saves the
-    separate quantize/GEMM/dequantize calls of a stand-alone int8 MLP.
-
-    Modes (``from_float``):
-    - ``"w8a8"``: buffers ``w13_t`` int8 [E, H, 2I] (gate and up fused, transposed),
-      ``s13`` float32 [E, 2I], ``w2_t`` int8 [E, I, H], ``s2`` float32 [E, H] (and
-      ``shared_w13_t`` [H, 2Is], ``shared_s13``, ``shared_w2_t`` [Is, H], ``shared_s2``).
-      Each token is quantized once per layer, each (token, expert) intermediate row once.
-      Bitwise batch invariant.
-    - ``"float"``: buffers ``gate_up`` [E, 2I, H] and ``down`` [E, H, I] (and
-      ``shared_gate_up``, ``shared_down``) in their dtype; float GEMMs, not batch invariant.
-
-    Backends (fixed at construction, never switched per call, since the two SiLU
-    implementations may differ in the last bit):
-    - ``"numba"`` (CPU, w8a8): Numba kernels; groups holding at least ``min_mm_rows``
-      rows run their GEMMs through ``torch._int_mm`` instead, with identical results.
-    - ``"torch"``: one ``_int_mm`` (or float GEMM) per active expert and torch
-      elementwise ops; runs on any device.
-    ``"auto"`` picks numba for w8a8 on the CPU, torch otherwise.
-
-    ``reserve(max_tokens, top_k)`` preallocates the numba backend's buffers; after it a
-    forward with T <= max_tokens allocates no tensor storage and, without ``out``, returns
-    a view of an internal buffer that the next call overwrites.
+    Buffers (their state-dict names are the package format): ``w13_t`` int8 [E, H, 2I]
+    (gate and up fused, transposed), ``s13`` float32 [E, 2I], ``w2_t`` int8 [E, I, H],
+    ``s2`` float32 [E, H]. ``forward(x, ids, weights)`` runs each expert that has tokens
+    once over them (the reference int8 path: it reads the routing back to the host) and
+    sums each token's expert outputs in its top-k order. Bitwise batch invariant.
     """
 
-    def __init__(
-        self,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size: int,
-        mode: str = "w8a8",
-        backend: str = "auto",
-        min_mm_rows: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        shared_intermediate_size: int = 0,
-    ):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        if mode not in ("w8a8", "float"):
-            raise ValueError(f"RoutedExperts mode must be 'w8a8' or 'float', got {mode!r}")
-        if backend not in ("auto", "numba", "torch"):
-            raise ValueError(f"RoutedExperts backend must be 'auto', 'numba' or 'torch', got {backend!r}")
-        if backend == "numba" and mode != "w8a8":
-            raise ValueError("the numba backend runs the w8a8 mode only")
-        E, H, I, Is = num_experts, hidden_size, intermediate_size, shared_intermediate_size
+        E, H, I = num_experts, hidden_size, intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
-        self.shared_intermediate_size = Is
-        self.mode, self.backend = mode, backend
-        if min_mm_rows is None:
-            min_mm_rows = default_min_mm_rows(H, I)
-        self.min_mm_rows = int(min_mm_rows)
-        if mode == "w8a8":
-            self.register_buffer("w13_t", torch.zeros(E, H, 2 * I, dtype=torch.int8))
-            self.register_buffer("s13", torch.ones(E, 2 * I, dtype=torch.float32))
-            self.register_buffer("w2_t", torch.zeros(E, I, H, dtype=torch.int8))
-            self.register_buffer("s2", torch.ones(E, H, dtype=torch.float32))
-            if Is:
-                self.register_buffer("shared_w13_t", torch.zeros(H, 2 * Is, dtype=torch.int8))
-                self.register_buffer("shared_s13", torch.ones(2 * Is, dtype=torch.float32))
-                self.register_buffer("shared_w2_t", torch.zeros(Is, H, dtype=torch.int8))
-                self.register_buffer("shared_s2", torch.ones(H, dtype=torch.float32))
-        else:
-            self.register_buffer("gate_up", torch.zeros(E, 2 * I, H, dtype=dtype))
-            self.register_buffer("down", torch.zeros(E, H, I, dtype=dtype))
-            if Is:
-                self.register_buffer("shared_gate_up", torch.zeros(2 * Is, H, dtype=dtype))
-                self.register_buffer("shared_down", torch.zeros(H, Is, dtype=dtype))
-        self._ws: _Workspace | None = None
-        self._np_key = None
-        self._np_views = None
+        self.register_buffer("w13_t", torch.zeros(E, H, 2 * I, dtype=torch.int8))
+        self.register_buffer("s13", torch.ones(E, 2 * I, dtype=torch.float32))
+        self.register_buffer("w2_t", torch.zeros(E, I, H, dtype=torch.int8))
+        self.register_buffer("s2", torch.ones(E, H, dtype=torch.float32))
 
     @classmethod
-    def from_float(
-        cls,
-        gate: torch.Tensor,
-        up: torch.Tensor,
-        down: torch.Tensor,
-        mode: str = "w8a8",
-        backend: str = "auto",
-        min_mm_rows: int | None = None,
-        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> "RoutedExperts":
-        """Build from stacked float weights ``gate``, ``up`` [E, I, H] and ``down`` [E, H, I];
-        ``shared`` is the shared expert's (gate [Is, H], up [Is, H], down [H, Is])."""
-        E, I, H = gate.shape
-        if up.shape != (E, I, H) or down.shape != (E, H, I):
-            raise ValueError(
-                f"expert weights must be gate/up [E, I, H] and down [E, H, I]; got gate "
-                f"{tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}"
-            )
-        Is = 0
-        if shared is not None:
-            sg, su, sd = shared
-            Is = sg.shape[0]
-            if sg.shape != (Is, H) or su.shape != (Is, H) or sd.shape != (H, Is):
-                raise ValueError(
-                    f"shared expert weights must be gate/up [Is, {H}] and down [{H}, Is]; got "
-                    f"{tuple(sg.shape)}, {tuple(su.shape)}, {tuple(sd.shape)}"
-                )
-        dtype = gate.dtype if mode == "float" else torch.float32
-        m = cls(E, H, I, mode, backend, min_mm_rows, dtype, Is)
+    def from_float(cls, gate_up: torch.Tensor, down: torch.Tensor) -> "RoutedExperts":
+        """Quantize stacked float weights ``gate_up`` [E, 2I, H] (rows gate | up) and ``down`` [E, H, I]."""
+        E, I2, H = gate_up.shape
+        if I2 % 2 or down.shape != (E, H, I2 // 2):
+            raise ValueError(f"expert weights must be gate_up [E, 2I, H] and down [E, H, I]; got "
+                             f"gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)}")
+        m = cls(E, H, I2 // 2)
         with torch.no_grad():
-            if mode == "float":
-                m.gate_up.copy_(torch.cat([gate, up], dim=1))
-                m.down.copy_(down)
-                if Is:
-                    m.shared_gate_up.copy_(torch.cat([sg, su]))
-                    m.shared_down.copy_(sd)
-            else:
-                for e in range(E):
-                    q13, s13 = quantize_weight(torch.cat([gate[e], up[e]], dim=0))
-                    q2, s2 = quantize_weight(down[e])
-                    m.w13_t[e].copy_(q13)
-                    m.s13[e].copy_(s13)
-                    m.w2_t[e].copy_(q2)
-                    m.s2[e].copy_(s2)
-                if Is:
-                    q13, s13 = quantize_weight(torch.cat([sg, su]))
-                    q2, s2 = quantize_weight(sd)
-                    m.shared_w13_t.copy_(q13)
-                    m.shared_s13.copy_(s13)
-                    m.shared_w2_t.copy_(q2)
-                    m.shared_s2.copy_(s2)
-        return m.to(gate.device)
+            for e in range(E):
+                m.w13_t[e], m.s13[e] = quantize_weight(gate_up[e])
+                m.w2_t[e], m.s2[e] = quantize_weight(down[e])
+        return m.to(gate_up.device)
 
-    def _use_numba(self, x: torch.Tensor) -> bool:
-        if self.backend == "numba":
-            if x.device.type != "cpu":
-                raise ValueError("RoutedExperts backend 'numba' runs on the CPU only")
-            return True
-        return self.backend == "auto" and self.mode == "w8a8" and x.device.type == "cpu"
-
-    def _workspace(self, max_tokens: int, top_k: int) -> _Workspace:
-        return _Workspace(max_tokens, top_k, self.hidden_size, self.intermediate_size,
-                          self.shared_intermediate_size)  # fmt: skip
-
-    def reserve(self, max_tokens: int, top_k: int) -> None:
-        """Preallocate the CPU int8 buffers for up to ``max_tokens`` tokens of ``top_k`` experts."""
-        self._ws = self._workspace(max_tokens, top_k)
-
-    def forward(self, x: torch.Tensor, plan, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` [T, H] and its ``DispatchPlan`` -> expert output [T, H] (shared expert included)."""
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``x`` [T, H], expert ``ids`` [T, k] (ascending per token) and routing ``weights``
+        [T, k] -> float32 [T, H]: the weighted sum of the token's expert outputs."""
         if x.ndim != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"expert input must be [T, {self.hidden_size}], got {tuple(x.shape)}")
-        if plan.topk_idx.shape[0] != x.shape[0]:
-            raise ValueError(f"plan covers {plan.topk_idx.shape[0]} tokens, input has {x.shape[0]}")
-        if self._use_numba(x):
-            return self._forward_numba(x, plan, out)
-        return self._forward_torch(x, plan, out)
-
-    def _weights_numpy(self):
-        """numpy views of the int8 buffers (the shared expert's stacked as one expert, or
-        one-element placeholders), rebuilt when a buffer tensor was replaced."""
-        bufs = self._buffers
-        names = ("w13_t", "s13", "w2_t", "s2", "shared_w13_t", "shared_s13", "shared_w2_t", "shared_s2")
-        key = tuple(bufs.get(n) for n in names)
-        if self._np_key is None or any(a is not b for a, b in zip(key, self._np_key)):
-            views = [t.numpy() for t in key[:4]]
-            if self.shared_intermediate_size:
-                views += [t.numpy()[None] for t in key[4:]]
-            else:
-                views += [np.zeros((1, 1, 1), np.int8), np.ones((1, 1), np.float32),
-                          np.zeros((1, 1, 1), np.int8), np.ones((1, 1), np.float32)]  # fmt: skip
-            self._np_views, self._np_key = tuple(views), key
-        return self._np_views
-
-    def _forward_numba(self, x, plan, out):
-        T, k = plan.topk_idx.shape
-        ws = self._ws
-        if ws is None or T > ws.max_tokens or k != ws.top_k:
-            ws = self._workspace(T, k)
-        b, bn = ws.t, ws.n
-        if isinstance(plan.topk_idx, np.ndarray):
-            idx, w, pos, counts, offsets, token_ids, _, active, n_active = plan
-        else:
-            idx, w, pos, counts, offsets, token_ids, _, active, n_active = _plan_numpy(plan)
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
-            x = x.detach().to(torch.float32).contiguous()
-        xn = x.numpy()
-        if out is None:
-            out, on = ws.out_views(T)
-        elif out.shape != (T, self.hidden_size) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 [{T}, {self.hidden_size}] tensor")
-        else:
-            on = out.detach().numpy()
-        w13n, s13n, w2n, s2n, sw13n, ss13n, sw2n, ss2n = self._weights_numpy()
-        has_shared = self.shared_intermediate_size > 0
-        mr = self.min_mm_rows
-        # An expert holds at most T rows: no _int_mm group is possible below the threshold.
-        big = np.flatnonzero(counts >= mr).tolist() if T >= mr else ()
-        if not big and not (has_shared and T >= mr):
-            _moe_numba(xn, idx, w, pos, token_ids, offsets, active, n_active, w13n, s13n, w2n, s2n,
-                       bn["qx"], bn["sx"], bn["xg"], bn["acc13"], bn["hbuf"], bn["hq"], bn["sh"],
-                       bn["acc2"], on, has_shared, bn["s_ids"], bn["s_off"], bn["s_act"],
-                       sw13n, ss13n, sw2n, ss2n, bn["sacc13"], bn["shq"], bn["ssh"], bn["sacc2"])  # fmt: skip
-            return out
-        quantize_rows(xn, bn["qx"], bn["sx"])
-        _moe_gemm1(bn["qx"], token_ids, offsets, active, n_active, w13n, mr, bn["xg"], bn["acc13"])
-        for e in big:
-            o0, o1 = int(offsets[e]), int(offsets[e + 1])
-            torch._int_mm(b["xg"][o0:o1], self.w13_t[e], out=b["acc13"][o0:o1])
-        _moe_act(bn["sx"], token_ids, offsets, active, n_active, s13n, bn["acc13"], bn["hbuf"],
-                 bn["hq"], bn["sh"], w2n, mr, bn["acc2"])  # fmt: skip
-        for e in big:
-            o0, o1 = int(offsets[e]), int(offsets[e + 1])
-            torch._int_mm(b["hq"][o0:o1], self.w2_t[e], out=b["acc2"][o0:o1])
-        _moe_combine(idx, w, pos, bn["acc2"], bn["sh"], s2n, on)
-        if has_shared:  # T >= mr here: both shared GEMMs through _int_mm, rows in token order
-            bn["s_off"][1] = T
-            torch._int_mm(b["qx"][:T], self.shared_w13_t, out=b["sacc13"][:T])
-            _moe_act(bn["sx"], bn["s_ids"], bn["s_off"], bn["s_act"], 1, ss13n, bn["sacc13"],
-                     bn["hbuf"], bn["shq"], bn["ssh"], sw2n, mr, bn["sacc2"])  # fmt: skip
-            torch._int_mm(b["shq"][:T], self.shared_w2_t, out=b["sacc2"][:T])
-            _add_shared(bn["sacc2"], bn["ssh"], ss2n[0], on)
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(f"routing covers {ids.shape[0]} tokens, the input has {x.shape[0]}")
+        if x.is_cuda and (self.hidden_size % 8 or self.intermediate_size % 8):
+            raise ValueError(f"int8 experts on CUDA need hidden ({self.hidden_size}) and intermediate "
+                             f"({self.intermediate_size}) sizes that are multiples of 8 (torch._int_mm)")
+        q, s = quantize_activation(x)
+        y = torch.zeros(*ids.shape, self.hidden_size, device=x.device)
+        for e in torch.unique(ids).tolist():
+            token, slot = torch.where(ids == e)
+            hq, hs = swiglu_requant(int8_mm(q[token], self.w13_t[e]), s[token], self.s13[e],
+                                    self.intermediate_size)
+            y[token, slot] = int8_matmul(hq, hs, self.w2_t[e], self.s2[e])
+        out = torch.zeros_like(y[:, 0])
+        for j in range(ids.shape[1]):
+            out = out + weights[:, j:j + 1] * y[:, j]
         return out
-
-    def _forward_torch(self, x, plan, out):
-        dev = x.device
-        idx, w, pos, counts, offsets, token_ids, _, active, _ = _plan_torch(plan, dev)
-        T, k = idx.shape
-        I, Is = self.intermediate_size, self.shared_intermediate_size
-        token_ids = token_ids.long()
-        offs = offsets.tolist()
-        act = active.tolist()
-        row_e = torch.repeat_interleave(torch.arange(self.num_experts, device=dev), counts.long())
-        if self.mode == "w8a8":
-            if dev.type == "cuda" and (self.hidden_size % 8 or I % 8 or Is % 8):
-                raise ValueError(
-                    f"int8 experts on CUDA need hidden ({self.hidden_size}), intermediate ({I}) and "
-                    f"shared intermediate ({Is}) sizes that are multiples of 8 (torch._int_mm)"
-                )
-            qx, sx = quantize_activation(x)
-            xg = qx.index_select(0, token_ids)
-            acc13 = torch.empty(T * k, 2 * I, dtype=torch.int32, device=dev)
-            for e in act:
-                _int_mm(xg[offs[e] : offs[e + 1]], self.w13_t[e], out=acc13[offs[e] : offs[e + 1]])
-            sxg = sx.index_select(0, token_ids)
-            s13 = self.s13.index_select(0, row_e)
-            g = acc13[:, :I].float() * sxg * s13[:, :I]
-            u = acc13[:, I:].float() * sxg * s13[:, I:]
-            hq, sh = quantize_activation(silu_mul(g, u))
-            acc2 = torch.empty(T * k, self.hidden_size, dtype=torch.int32, device=dev)
-            for e in act:
-                _int_mm(hq[offs[e] : offs[e + 1]], self.w2_t[e], out=acc2[offs[e] : offs[e + 1]])
-            y = acc2.float() * sh * self.s2.index_select(0, row_e)
-            if Is:
-                gu = _int_mm(qx, self.shared_w13_t).float() * sx * self.shared_s13
-                hq_s, sh_s = quantize_activation(silu_mul(gu[:, :Is], gu[:, Is:]))
-                y_shared = _int_mm(hq_s, self.shared_w2_t).float() * sh_s * self.shared_s2
-        else:
-            xg = x.index_select(0, token_ids)
-            y = torch.empty(T * k, self.hidden_size, dtype=self.down.dtype, device=dev)
-            for e in act:
-                gu = F.linear(xg[offs[e] : offs[e + 1]], self.gate_up[e])
-                y[offs[e] : offs[e + 1]] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], self.down[e])
-            if Is:
-                gu = F.linear(x, self.shared_gate_up)
-                y_shared = F.linear(F.silu(gu[:, :Is]) * gu[:, Is:], self.shared_down)
-        yw = y.index_select(0, pos.reshape(-1).long()).view(T, k, -1) * w.to(y.dtype).unsqueeze(-1)
-        if out is None:
-            out = torch.zeros(T, self.hidden_size, dtype=y.dtype, device=dev)
-        else:
-            out.zero_()
-        for j in range(k):
-            out += yw[:, j]
-        if Is:
-            out += y_shared
-        return out
-
-
-def default_min_mm_rows(hidden: int, inter: int) -> int:
-    """Rows from which an expert's GEMMs go through ``torch._int_mm`` rather than Numba."""
-    return 2 if hidden * inter >= 1 << 16 else 1 << 30
 
 
 def quantize_model(module: nn.Module, mode: str = "w8a8") -> nn.Module:
     """Quantize a runtime model (or any part of one: a block, a head) in place.
 
     Every ``nn.Linear`` becomes an :class:`Int8Linear` of ``mode`` ("w8a8" or weight-only
-    "w8"); stacked routed experts (a module with 3-D ``gate_up_proj`` [E, 2I, H] and
-    ``down_proj`` [E, H, I]) become :class:`RoutedExperts` (int8 in "w8a8"; kept in float
-    for "w8", which quantizes the linear layers only). Norms, the router, embeddings and
-    the sensor I/O adapter (any submodule named ``adapter``) stay in float.
+    "w8"); in "w8a8", stacked routed experts (a module with 3-D ``gate_up_proj`` [E, 2I, H]
+    and ``down_proj`` [E, H, I]) become :class:`RoutedExperts` ("w8" keeps them in float).
+    Norms, the router, embeddings and the sensor I/O adapter (any submodule named
+    ``adapter``) stay in float.
     """
     if mode not in ("w8a8", "w8"):
         raise ValueError(f"quantize_model mode must be 'w8a8' or 'w8', got {mode!r}")
@@ -735,11 +287,9 @@ def quantize_model(module: nn.Module, mode: str = "w8a8") -> nn.Module:
                 raise ValueError(f"{name}: int8 linear layers have no bias; this checkpoint has one")
             setattr(module, name, Int8Linear.from_float(child.weight.detach(), mode))
         elif _is_stacked_experts(child):
-            inter = child.down_proj.shape[2]
-            gate_up = child.gate_up_proj.detach()
-            setattr(module, name, RoutedExperts.from_float(
-                gate_up[:, :inter], gate_up[:, inter:], child.down_proj.detach(),
-                mode="w8a8" if mode == "w8a8" else "float"))
+            if mode == "w8a8":
+                setattr(module, name, RoutedExperts.from_float(child.gate_up_proj.detach(),
+                                                               child.down_proj.detach()))
         else:
             quantize_model(child, mode)
     return module
@@ -748,3 +298,151 @@ def quantize_model(module: nn.Module, mode: str = "w8a8") -> nn.Module:
 def _is_stacked_experts(m: nn.Module) -> bool:
     gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
     return isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Packing: a model's weights as named int8 structures for the engines
+
+
+class PackedAttention(NamedTuple):
+    """One layer's MLA weights: int8 projections, float norms and the absorbed ``kv_b_proj``
+    halves. ``q_a``/``q_a_norm``/``q_b`` are set with a q low rank, else ``q``."""
+
+    q_a: QWeight | None
+    q_a_norm: torch.Tensor | None
+    q_b: QWeight | None
+    q: QWeight | None
+    kv_a: QWeight
+    kv_a_norm: torch.Tensor
+    w_uk: torch.Tensor          # float32 [heads, qk_nope_head_dim, kv_lora_rank]
+    w_uv: torch.Tensor          # float32 [heads, v_head_dim, kv_lora_rank]
+    o: QWeight
+
+
+class PackedMLP(NamedTuple):
+    """A SwiGLU block: ``w13`` gate and up fused (columns [gate I | up I]), ``w2`` down."""
+
+    w13: QWeight
+    w2: QWeight
+
+
+class PackedExperts(NamedTuple):
+    """A MoE layer's router (float32 ``gate`` [E, H], ``bias`` [E] or None) and routed experts
+    stacked as :class:`RoutedExperts` holds them: ``w13`` int8 [E, H, 2I], ``s13`` [E, 2I],
+    ``w2`` int8 [E, I, H], ``s2`` [E, H]."""
+
+    gate: torch.Tensor
+    bias: torch.Tensor | None
+    w13: torch.Tensor
+    s13: torch.Tensor
+    w2: torch.Tensor
+    s2: torch.Tensor
+
+
+class PackedLayer(NamedTuple):
+    """A decoder layer: its two norms, attention, the dense MLP or the shared experts (None
+    when a MoE layer has none) and, in MoE layers, the routed experts."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    attn: PackedAttention
+    mlp: PackedMLP | None
+    experts: PackedExperts | None
+
+
+class PackedAdapter(NamedTuple):
+    """The sensor I/O adapter, float32: ``in_w`` [H, F], ``in_b``, ``in_mean``, ``in_std`` [F];
+    ``out_w`` [O, H], ``out_b``, ``out_mean``, ``out_std`` [O]."""
+
+    input_names: list
+    output_names: list
+    in_w: torch.Tensor
+    in_b: torch.Tensor
+    in_mean: torch.Tensor
+    in_std: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    out_mean: torch.Tensor
+    out_std: torch.Tensor
+
+
+class PackedModel(NamedTuple):
+    """Everything an engine needs, named: the config and its routing rule, float32 ``embed``
+    [V, H] and final ``norm``, the int8 ``head``, rotary ``inv_freq`` and ``rope_factor``,
+    the layers, and the sensor adapter (None in LM mode)."""
+
+    config: object
+    rule: object
+    embed: torch.Tensor
+    norm: torch.Tensor
+    head: QWeight
+    inv_freq: torch.Tensor
+    rope_factor: float
+    layers: list
+    adapter: PackedAdapter | None
+
+
+def _qweight(linear: nn.Module) -> QWeight:
+    """The int8 weight of an :class:`Int8Linear` (its own codes) or a float ``nn.Linear``
+    (quantized here, with the rule every int8 path uses)."""
+    if isinstance(linear, Int8Linear):
+        return linear.qweight()
+    if linear.bias is not None:
+        raise ValueError("int8 engines run bias-free linear layers; this checkpoint has a bias")
+    return QWeight.from_float(linear.weight.detach().float())
+
+
+def _fuse(gate: QWeight, up: QWeight) -> QWeight:
+    """Two weights over the same input as one, columns [gate | up], padded to 8."""
+    n = gate.n + up.n
+    q = torch.cat([gate.q[:, :gate.n], up.q[:, :up.n]], 1)
+    s = torch.cat([gate.s[:gate.n], up.s[:up.n]])
+    pad = -(-n // 8) * 8 - n
+    return QWeight(F.pad(q, (0, pad)).contiguous(), F.pad(s, (0, pad), value=1.0), gate.k, n)
+
+
+def _mlp(m: nn.Module) -> PackedMLP:
+    return PackedMLP(_fuse(_qweight(m.gate_proj), _qweight(m.up_proj)), _qweight(m.down_proj))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float()
+
+
+def pack_int8(model) -> PackedModel:
+    """The int8 weights of a ``runtime.model.Transformer`` (float or quantized) as named
+    structures; int8 modules give views of their codes, float ones are quantized here."""
+    from runtime.model import MoE
+    from runtime.routing import RoutingRule
+
+    cfg = model.config
+    layers = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        w_uk, w_uv = a.absorbed_weights()
+        lora = cfg.q_lora_rank is not None
+        attn = PackedAttention(
+            q_a=_qweight(a.q_a_proj) if lora else None, q_a_norm=_f32(a.q_a_layernorm.weight) if lora else None,
+            q_b=_qweight(a.q_b_proj) if lora else None, q=None if lora else _qweight(a.q_proj),
+            kv_a=_qweight(a.kv_a_proj_with_mqa), kv_a_norm=_f32(a.kv_a_layernorm.weight),
+            w_uk=_f32(w_uk).contiguous(), w_uv=_f32(w_uv).contiguous(), o=_qweight(a.o_proj))
+        mlp, experts = layer.mlp, None
+        if isinstance(mlp, MoE):
+            ex = mlp.experts
+            if not isinstance(ex, RoutedExperts):
+                ex = RoutedExperts.from_float(ex.gate_up_proj.detach().float(), ex.down_proj.detach().float())
+            bias = getattr(mlp.gate, "e_score_correction_bias", None)
+            experts = PackedExperts(_f32(mlp.gate.weight), None if bias is None else _f32(bias),
+                                    ex.w13_t, ex.s13, ex.w2_t, ex.s2)
+            mlp = mlp.shared_experts
+        layers.append(PackedLayer(_f32(layer.input_layernorm.weight), _f32(layer.post_attention_layernorm.weight),
+                                  attn, None if mlp is None else _mlp(mlp), experts))
+    adapter = None
+    if model.adapter is not None:
+        ad = model.adapter
+        adapter = PackedAdapter(list(ad.input_names), list(ad.output_names), _f32(ad.in_proj.weight),
+                                _f32(ad.in_proj.bias), _f32(ad.in_mean), _f32(ad.in_std), _f32(ad.out_proj.weight),
+                                _f32(ad.out_proj.bias), _f32(ad.out_mean), _f32(ad.out_std))
+    rule = RoutingRule.from_config(cfg) if cfg.n_moe_layers else None
+    return PackedModel(cfg, rule, _f32(model.model.embed_tokens.weight), _f32(model.model.norm.weight),
+                       _qweight(model.lm_head), _f32(model.inv_freq), float(model.rope_factor), layers, adapter)

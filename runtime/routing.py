@@ -1,26 +1,35 @@
-"""DeepSeek-V3 group-limited top-k routing fused with the MoE dispatch plan, in Numba.
+"""The routing rule of DeepSeek MoE layers, defined once, and its two implementations.
 
-The routing rule is DeepSeek's ``noaux_tc`` as in transformers' ``DeepseekV3TopkRouter``:
+The rule, for one token with router logits ``l = x @ W.T`` (float32, E experts in
+``n_group`` equal groups of consecutive ids):
 
-    logits = x @ W.T                          (float32)
-    s      = sigmoid(logits)
-    s'     = s + e_score_correction_bias
-    group score = sum of the two largest s' in each of ``n_group`` equal groups
-    keep the ``topk_group`` best groups; pick the ``top_k`` largest s' among their experts
-    weights = s at those experts, divided by (sum + 1e-20) if ``norm_topk_prob``,
-              times ``routed_scaling_factor``
+    scores   s = sigmoid(l)
+    choice   c = s + e_score_correction_bias        (noaux_tc)
+    groups   score of a group = the sum of its two largest c; keep the ``topk_group`` best
+    experts  the ``top_k`` largest c among the experts of the kept groups
+    weights  s at the chosen experts, divided by (their sum + 1e-20) if ``norm_topk_prob``,
+             times ``routed_scaling_factor``
 
-Everything here is batch invariant: the logits, the expert choice and the weights of one
-token are bitwise identical whatever the other tokens in the batch are and whatever their
-number. ``router_logits`` sums every logit in one fixed order (see its docstring) instead of
-going through a BLAS GEMM whose blocking changes with the batch size, so an expert choice
-can never flip because a stream was batched with others.
+Ties go to the lower index (group and expert). Chosen ids are returned ascending, and a
+token's expert outputs are summed in that order. :class:`RoutingRule` holds the rule's
+parameters, read from a ``ModelConfig``.
 
-The dispatch plan groups the (token, expert) assignments expert-major, so the expert
-layer can run each active expert once over all of its tokens (see ``runtime.quant``).
+Arithmetic, shared by both implementations: sigmoid is ``1 / (1 + exp(-l))`` with ``exp``
+taken in float64 and rounded to float32; the weight sum runs over the chosen experts in
+ascending id.
 
-``route_torch`` is the same routing in torch ops, kept for speed comparison and for
-devices where Numba cannot run.
+The implementations, side by side:
+
+- :func:`route_torch`: torch ops at static shapes with no host synchronisation (the
+  reference model and the device engine, graph-capturable on CUDA). ``topk`` runs on
+  integer keys that are all distinct, so its own tie order never matters.
+- :func:`route_dispatch` (Numba, with :func:`router_logits`): the CPU engine's, fused with
+  the expert-major dispatch plan so experts run once each over their tokens. Its router
+  logits are summed in one fixed order, so a token's routing never depends on the batch.
+  :class:`Router` wraps both with preallocated buffers.
+
+From the same logits both give the same experts and the same weight bits (a test holds
+them to it).
 """
 
 from __future__ import annotations
@@ -31,6 +40,102 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from numba import njit
+
+TOPK_METHODS = ("noaux_tc",)
+_KEY_BITS = 16  # room for an index in a torch routing key (E, n_group < 65536)
+
+
+class RoutingRule(NamedTuple):
+    """The parameters of the rule above (a NamedTuple, so Numba kernels take it as is).
+
+    ``softmax``: softmax scoring (else sigmoid); ``group_max``: a group scores its largest
+    choice (else the sum of its top two); ``biased``: the rule adds e_score_correction_bias.
+    """
+
+    softmax: bool
+    group_max: bool
+    biased: bool
+    n_experts: int
+    n_group: int
+    topk_group: int
+    top_k: int
+    norm_topk_prob: bool
+    scaling: float
+
+    @classmethod
+    def from_config(cls, cfg, n_experts: int | None = None) -> "RoutingRule":
+        """The rule of a ``runtime.config.ModelConfig`` (``n_experts`` overrides the count)."""
+        method = cfg.topk_method
+        if method not in TOPK_METHODS:
+            raise ValueError(f"topk_method {method!r} is not supported (one of {', '.join(TOPK_METHODS)})")
+        rule = cls(softmax=False, group_max=False, biased=True, n_experts=int(n_experts or cfg.n_routed_experts),
+                   n_group=int(cfg.n_group), topk_group=int(cfg.topk_group),
+                   top_k=int(cfg.num_experts_per_tok), norm_topk_prob=bool(cfg.norm_topk_prob),
+                   scaling=float(cfg.routed_scaling_factor))
+        rule.check()
+        return rule
+
+    def check(self) -> None:
+        """Raise ValueError, naming the field, if the parameters are inconsistent."""
+        E, G, KG, K = self.n_experts, self.n_group, self.topk_group, self.top_k
+        if G < 1 or E % G:
+            raise ValueError(f"n_group={G} must divide n_routed_experts={E}")
+        if G > 1 and not self.group_max and E // G < 2:
+            raise ValueError(f"n_routed_experts/n_group={E // G}: need at least 2 experts per group "
+                             "(a group scores the sum of its top two)")
+        if not 1 <= KG <= G:
+            raise ValueError(f"topk_group={KG} must be in [1, n_group={G}]")
+        if not 1 <= K <= KG * (E // G):
+            raise ValueError(f"num_experts_per_tok={K} must be in [1, topk_group * experts per group = "
+                             f"{KG * (E // G)}]")
+
+
+# ---------------------------------------------------------------------------------------
+# torch implementation
+
+
+def _order_key(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like float32 ``x`` and, among equal values, higher for a lower index."""
+    bits = (x + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    return (ordered << _KEY_BITS) | ((1 << _KEY_BITS) - 1 - index)
+
+
+def scores_torch(logits: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """Routing scores ``s`` of float32 logits [T, E]."""
+    return 1.0 / (1.0 + torch.exp(-logits.double()).float())
+
+
+def route_torch(logits: torch.Tensor, bias: torch.Tensor | None,
+                rule: RoutingRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule on float32 logits [T, E] -> (expert ids int64 [T, k] ascending, weights
+    float32 [T, k]); static shapes, no host synchronisation, any device."""
+    T, E = logits.shape
+    scores = scores_torch(logits, rule)
+    choice = scores + bias if rule.biased else scores
+    key = _order_key(choice, torch.arange(E, device=logits.device))
+    if rule.n_group > 1:
+        gsize = E // rule.n_group
+        grouped = choice.view(T, rule.n_group, gsize)
+        top2 = grouped.topk(2, dim=-1).values
+        group_score = top2[..., 0] + top2[..., 1]
+        gidx = torch.arange(rule.n_group, device=logits.device)
+        keep = torch.topk(_order_key(group_score, gidx), rule.topk_group, dim=-1).indices
+        group_mask = torch.zeros(T, rule.n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+        expert_mask = group_mask.unsqueeze(-1).expand(T, rule.n_group, gsize).reshape(T, E)
+        key = key.masked_fill(~expert_mask, torch.iinfo(torch.int64).min)
+    ids = torch.topk(key, rule.top_k, dim=-1).indices.sort(dim=-1).values
+    w = scores.gather(1, ids)
+    if rule.norm_topk_prob:
+        total = w[:, 0]
+        for j in range(1, rule.top_k):
+            total = total + w[:, j]
+        w = w / (total + 1e-20).unsqueeze(1)
+    return ids, w * rule.scaling
+
+
+# ---------------------------------------------------------------------------------------
+# Numba implementation
 
 
 @njit(cache=True, nogil=True)
@@ -86,100 +191,108 @@ def router_logits(x, weight_t, out):
                 o[e] += xj * wj[e]
 
 
-@njit(cache=True, nogil=True)
-def route_dispatch(
-    logits,
-    bias,
-    n_group,
-    topk_group,
-    top_k,
-    norm_topk_prob,
-    scaling,
-    scores,
-    choice,
-    group_score,
-    group_keep,
-    sel_val,
-    sel_idx,
-    cursor,
-    topk_idx,
-    topk_weight,
-    topk_pos,
-    counts,
-    offsets,
-    token_ids,
-    token_weights,
-    active,
-):
-    """Group-limited top-k routing and the expert-major dispatch plan, in one call.
+class RouteBuffers(NamedTuple):
+    """Scratch and outputs of :func:`route_dispatch` for up to T tokens of k experts among E.
 
-    Inputs: ``logits`` float32 [T, E]; ``bias`` float32 [E] (e_score_correction_bias);
-    ``n_group``, ``topk_group``, ``top_k`` ints (E divisible by n_group, at least two
-    experts per group, topk_group * E / n_group >= top_k); ``norm_topk_prob`` bool;
-    ``scaling`` float32 (routed_scaling_factor).
-
-    Scratch (contents ignored, overwritten): ``scores``, ``choice`` float32 [E];
-    ``group_score`` float32 [n_group]; ``group_keep`` uint8 [n_group]; ``sel_val``
-    float32 [top_k]; ``sel_idx`` int32 [top_k]; ``cursor`` int32 [E].
-
-    Outputs (written, nothing allocated):
-    - ``topk_idx`` int32 [T, k]: chosen experts, ascending expert id within a token;
+    Scratch (overwritten): ``scores``, ``choice`` float32 [E]; ``group_score`` float32
+    [n_group]; ``group_keep`` uint8 [n_group]; ``sel_val`` float32 [k]; ``sel_idx`` int32
+    [k]; ``cursor`` int32 [E]. Outputs (the dispatch plan):
+    - ``topk_idx`` int32 [T, k]: chosen experts, ascending within a token;
     - ``topk_weight`` float32 [T, k]: their weights, same order;
     - ``topk_pos`` int32 [T, k]: where each assignment sits in the dispatch order;
     - ``counts`` int32 [E]: tokens per expert; ``offsets`` int32 [E+1]: prefix sums;
     - ``token_ids`` int32 [T*k], ``token_weights`` float32 [T*k]: the assignments in
-      expert-major order (a counting sort, stable by token: within an expert, tokens
-      ascend), i.e. expert ``e`` serves ``token_ids[offsets[e]:offsets[e+1]]``;
+      expert-major order (a counting sort, stable by token), so expert ``e`` serves
+      ``token_ids[offsets[e]:offsets[e+1]]``;
     - ``active`` int32 [E]: the experts with at least one token, ascending.
-    Returns the number of active experts.
+    """
 
-    Arithmetic: s = 1 / (1 + exp(-logit)) in float32 with exp taken in float64 and
-    rounded (torch's vectorised CPU sigmoid may differ by 1-2 ulp, so only choices
-    separated by less than that can differ from torch); s' = s + bias in float32; the
-    weight sum runs over the chosen experts in ascending id.
+    scores: np.ndarray
+    choice: np.ndarray
+    group_score: np.ndarray
+    group_keep: np.ndarray
+    sel_val: np.ndarray
+    sel_idx: np.ndarray
+    cursor: np.ndarray
+    topk_idx: np.ndarray
+    topk_weight: np.ndarray
+    topk_pos: np.ndarray
+    counts: np.ndarray
+    offsets: np.ndarray
+    token_ids: np.ndarray
+    token_weights: np.ndarray
+    active: np.ndarray
 
-    Ties: among equal group scores the lower group index is kept; among equal s' the
-    lower expert index is chosen. NaN scores never produce an out-of-range index (a NaN
-    is treated as smaller than every number), but which experts they select is
+    @classmethod
+    def allocate(cls, rule: RoutingRule, max_tokens: int) -> "RouteBuffers":
+        """Buffers for up to ``max_tokens`` tokens of ``rule``."""
+        E, G, k, T = rule.n_experts, rule.n_group, rule.top_k, max_tokens
+        f32, i32 = np.float32, np.int32
+        return cls(np.zeros(E, f32), np.zeros(E, f32), np.zeros(G, f32), np.zeros(G, np.uint8),
+                   np.zeros(k, f32), np.zeros(k, i32), np.zeros(E, i32), np.zeros((T, k), i32),
+                   np.zeros((T, k), f32), np.zeros((T, k), i32), np.zeros(E, i32), np.zeros(E + 1, i32),
+                   np.zeros(T * k, i32), np.zeros(T * k, f32), np.zeros(E, i32))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _exp32(v):
+    """exp of a float32 taken in float64 and rounded to float32 (the rule's ``exp``)."""
+    return np.float32(math.exp(np.float64(v)))
+
+
+@njit(cache=True, nogil=True)
+def route_dispatch(logits, bias, rule, buf):
+    """The rule over ``logits`` float32 [T, E] and the expert-major dispatch plan, in one call.
+
+    ``bias`` float32 [E] (read only when ``rule.biased``); ``rule`` a :class:`RoutingRule`;
+    ``buf`` :class:`RouteBuffers` for at least T tokens, written, nothing allocated.
+    Returns the number of active experts. NaN scores never produce an out-of-range index (a
+    NaN is treated as smaller than every number), but which experts they select is
     unspecified.
     """
     T, E = logits.shape
+    n_group, top_k = rule.n_group, rule.top_k
     gsize = E // n_group
     one = np.float32(1.0)
     ninf = np.float32(-np.inf)
+    scores, choice, group_score, group_keep = buf.scores, buf.choice, buf.group_score, buf.group_keep
+    sel_val, sel_idx, counts, offsets, cursor = buf.sel_val, buf.sel_idx, buf.counts, buf.offsets, buf.cursor
+    topk_idx, topk_weight = buf.topk_idx, buf.topk_weight
     for e in range(E):
         counts[e] = 0
     for t in range(T):
         for e in range(E):
-            ex = np.float32(math.exp(-np.float64(logits[t, e])))
-            s = one / (one + ex)
-            scores[e] = s
-            choice[e] = s + bias[e]
-        # Group score: the sum of the two largest s' (duplicates count twice).
+            scores[e] = one / (one + _exp32(-logits[t, e]))
+        for e in range(E):
+            choice[e] = scores[e] + bias[e] if rule.biased else scores[e]
         for g in range(n_group):
-            m1 = ninf
-            m2 = ninf
-            for e in range(g * gsize, (g + 1) * gsize):
-                v = choice[e]
-                if v > m1:
-                    m2 = m1
-                    m1 = v
-                elif v > m2:
-                    m2 = v
-            group_score[g] = m1 + m2
             group_keep[g] = 0
-        # Keep topk_group groups: repeated arg-max, strict '>' keeps the lower index.
-        for _ in range(topk_group):
-            best = -1
-            bv = ninf
+        if n_group > 1:
             for g in range(n_group):
-                if group_keep[g] == 0:
-                    v = group_score[g]
-                    if best < 0 or v > bv:
-                        best = g
-                        bv = v
-            group_keep[best] = 1
-        # Top-k of s' over kept experts, visited in ascending index: an insertion list
+                m1 = ninf
+                m2 = ninf
+                for e in range(g * gsize, (g + 1) * gsize):
+                    v = choice[e]
+                    if v > m1:
+                        m2 = m1
+                        m1 = v
+                    elif v > m2:
+                        m2 = v
+                group_score[g] = m1 + m2
+            # Keep topk_group groups: repeated arg-max, strict '>' keeps the lower index.
+            for _ in range(rule.topk_group):
+                best = -1
+                bv = ninf
+                for g in range(n_group):
+                    if group_keep[g] == 0:
+                        v = group_score[g]
+                        if best < 0 or v > bv:
+                            best = g
+                            bv = v
+                group_keep[best] = 1
+        else:
+            group_keep[0] = 1
+        # Top-k of c over kept experts, visited in ascending index: an insertion list
         # sorted by value; strict '>' means an equal value never overtakes a lower index.
         n = 0
         for g in range(n_group):
@@ -216,10 +329,11 @@ def route_dispatch(
             topk_weight[t, i] = w
             total += w
             counts[e] += 1
-        if norm_topk_prob:
+        if rule.norm_topk_prob:
             den = total + np.float32(1e-20)
             for i in range(top_k):
                 topk_weight[t, i] = topk_weight[t, i] / den
+        scaling = np.float32(rule.scaling)
         for i in range(top_k):
             topk_weight[t, i] = topk_weight[t, i] * scaling
     # Dispatch plan: offsets, active experts, then a stable counting sort by expert.
@@ -229,32 +343,22 @@ def route_dispatch(
         offsets[e + 1] = offsets[e] + counts[e]
         cursor[e] = offsets[e]
         if counts[e] > 0:
-            active[n_active] = e
+            buf.active[n_active] = e
             n_active += 1
     for t in range(T):
         for i in range(top_k):
             e = topk_idx[t, i]
             p = cursor[e]
             cursor[e] = p + 1
-            token_ids[p] = t
-            token_weights[p] = topk_weight[t, i]
-            topk_pos[t, i] = p
+            buf.token_ids[p] = t
+            buf.token_weights[p] = topk_weight[t, i]
+            buf.topk_pos[t, i] = p
     return n_active
 
 
 class DispatchPlan(NamedTuple):
-    """Routing result and expert-major dispatch plan for T tokens (views, not copies).
-
-    - ``topk_idx`` int32 [T, k], ascending expert id within a token;
-    - ``topk_weight`` float32 [T, k], same order;
-    - ``topk_pos`` int32 [T, k]: index of each assignment in ``token_ids``;
-    - ``counts`` int32 [E]; ``offsets`` int32 [E+1];
-    - ``token_ids`` int32 [T*k], ``token_weights`` float32 [T*k]: expert-major,
-      tokens ascending within an expert;
-    - ``active`` int32 [n_active]: experts with tokens, ascending; ``n_active`` int.
-
-    From ``Router`` the fields are numpy arrays; from ``route_torch`` they are tensors.
-    """
+    """The first T tokens' routing and dispatch plan (views of :class:`RouteBuffers`, see there),
+    with ``active`` cut to the ``n_active`` experts that have tokens."""
 
     topk_idx: np.ndarray
     topk_weight: np.ndarray
@@ -267,183 +371,68 @@ class DispatchPlan(NamedTuple):
     n_active: int
 
 
-def check_routing_config(num_experts: int, n_group: int, topk_group: int, top_k: int) -> None:
-    """Raise ValueError, naming the field, if the routing parameters are inconsistent."""
-    if n_group < 1 or num_experts % n_group:
-        raise ValueError(f"n_group={n_group} must divide n_routed_experts={num_experts}")
-    if num_experts // n_group < 2:
-        raise ValueError(
-            f"n_routed_experts/n_group={num_experts // n_group}: need at least 2 experts per group"
-        )
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
-    if not 1 <= top_k <= topk_group * (num_experts // n_group):
-        raise ValueError(
-            f"num_experts_per_tok={top_k} must be in [1, topk_group * experts per group = "
-            f"{topk_group * (num_experts // n_group)}]"
-        )
-
-
-def _as_numpy_f32(a) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().to(device="cpu", dtype=torch.float32).numpy()
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
 class Router:
-    """DeepSeek-V3 router on the CPU: batch-invariant logits, routing and dispatch plan.
+    """The Numba routing of one MoE layer with preallocated buffers: batch-invariant logits,
+    the rule and the dispatch plan for up to ``max_tokens`` tokens.
 
-    Built from the gate ``weight`` [E, H] and ``bias`` [E] (e_score_correction_bias),
-    numpy or torch, and the routing hyper-parameters. All buffers are allocated here for
-    ``max_tokens``; a call writes into them and returns a ``DispatchPlan`` of views, so
-    the steady state allocates nothing but the view objects. The views are overwritten
-    by the next call.
+    Built from the gate ``weight`` [E, H] and ``bias`` [E] (numpy or torch; None or zeros
+    when the rule has no bias). A call writes into the buffers and returns a
+    :class:`DispatchPlan` of views, overwritten by the next call; nothing else is allocated.
     """
 
-    def __init__(
-        self,
-        weight,
-        bias,
-        n_group: int,
-        topk_group: int,
-        top_k: int,
-        norm_topk_prob: bool,
-        routed_scaling_factor: float,
-        max_tokens: int,
-    ):
+    def __init__(self, weight, bias, rule: RoutingRule, max_tokens: int):
         w = _as_numpy_f32(weight)
-        b = _as_numpy_f32(bias)
         if w.ndim != 2:
             raise ValueError(f"router weight must be [E, H], got shape {w.shape}")
         E, H = w.shape
+        b = np.zeros(E, np.float32) if bias is None else _as_numpy_f32(bias)
         if b.shape != (E,):
             raise ValueError(f"e_score_correction_bias must be [{E}], got shape {b.shape}")
-        check_routing_config(E, n_group, topk_group, top_k)
+        if rule.n_experts != E:
+            raise ValueError(f"the rule routes {rule.n_experts} experts, the gate weight has {E}")
+        rule.check()
         if max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-        self.num_experts, self.hidden_size = E, H
-        self.n_group, self.topk_group, self.top_k = int(n_group), int(topk_group), int(top_k)
-        self.norm_topk_prob = bool(norm_topk_prob)
-        self.scaling = np.float32(routed_scaling_factor)
-        self.max_tokens = int(max_tokens)
+        self.rule, self.hidden_size, self.max_tokens = rule, H, int(max_tokens)
         self.weight_t = np.ascontiguousarray(w.T)
         self.bias = b
-        k, T = self.top_k, self.max_tokens
-        self.logits = np.zeros((T, E), np.float32)
-        self._scores = np.zeros(E, np.float32)
-        self._choice = np.zeros(E, np.float32)
-        self._group_score = np.zeros(n_group, np.float32)
-        self._group_keep = np.zeros(n_group, np.uint8)
-        self._sel_val = np.zeros(k, np.float32)
-        self._sel_idx = np.zeros(k, np.int32)
-        self._cursor = np.zeros(E, np.int32)
-        self.topk_idx = np.zeros((T, k), np.int32)
-        self.topk_weight = np.zeros((T, k), np.float32)
-        self.topk_pos = np.zeros((T, k), np.int32)
-        self.counts = np.zeros(E, np.int32)
-        self.offsets = np.zeros(E + 1, np.int32)
-        self.token_ids = np.zeros(T * k, np.int32)
-        self.token_weights = np.zeros(T * k, np.float32)
-        self.active = np.zeros(E, np.int32)
+        self.logits = np.zeros((self.max_tokens, E), np.float32)
+        self.buf = RouteBuffers.allocate(rule, self.max_tokens)
 
     def __call__(self, x) -> DispatchPlan:
         """Route ``x`` float32 [T, H] (numpy, or a CPU tensor viewed without a copy)."""
         if isinstance(x, torch.Tensor):
             x = x.detach().numpy()
         if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(
-                f"router input must be float32 [T, {self.hidden_size}], got {x.dtype} {x.shape}"
-            )
-        T = x.shape[0]
-        if not 1 <= T <= self.max_tokens:
-            raise ValueError(f"router input has T={T} tokens; this Router holds 1..{self.max_tokens}")
-        if not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x)
+            raise ValueError(f"router input must be float32 [T, {self.hidden_size}], got {x.dtype} {x.shape}")
+        T = self._check_rows(x.shape[0], "input has")
         logits = self.logits[:T]
-        router_logits(x, self.weight_t, logits)
+        router_logits(np.ascontiguousarray(x), self.weight_t, logits)
         return self._plan(logits)
 
     def route_logits(self, logits) -> DispatchPlan:
-        """Route precomputed logits float32 [T, E] (for example computed on a GPU)."""
+        """Route precomputed logits float32 [T, E]."""
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().to("cpu").numpy()
-        if logits.dtype != np.float32 or logits.ndim != 2 or logits.shape[1] != self.num_experts:
-            raise ValueError(
-                f"router logits must be float32 [T, {self.num_experts}], got {logits.dtype} {logits.shape}"
-            )
-        T = logits.shape[0]
-        if not 1 <= T <= self.max_tokens:
-            raise ValueError(f"router logits have T={T} rows; this Router holds 1..{self.max_tokens}")
+        E = self.rule.n_experts
+        if logits.dtype != np.float32 or logits.ndim != 2 or logits.shape[1] != E:
+            raise ValueError(f"router logits must be float32 [T, {E}], got {logits.dtype} {logits.shape}")
+        self._check_rows(logits.shape[0], "logits have")
         return self._plan(np.ascontiguousarray(logits))
 
+    def _check_rows(self, T: int, what: str) -> int:
+        if not 1 <= T <= self.max_tokens:
+            raise ValueError(f"router {what} T={T} rows; this Router holds 1..{self.max_tokens}")
+        return T
+
     def _plan(self, logits: np.ndarray) -> DispatchPlan:
-        T, k = logits.shape[0], self.top_k
-        n_active = route_dispatch(
-            logits, self.bias, self.n_group, self.topk_group, k, self.norm_topk_prob,
-            self.scaling, self._scores, self._choice, self._group_score, self._group_keep,
-            self._sel_val, self._sel_idx, self._cursor,
-            self.topk_idx, self.topk_weight, self.topk_pos, self.counts, self.offsets,
-            self.token_ids, self.token_weights, self.active,
-        )  # fmt: skip
-        return DispatchPlan(
-            self.topk_idx[:T],
-            self.topk_weight[:T],
-            self.topk_pos[:T],
-            self.counts,
-            self.offsets,
-            self.token_ids[: T * k],
-            self.token_weights[: T * k],
-            self.active[:n_active],
-            n_active,
-        )
+        T, k, b = logits.shape[0], self.rule.top_k, self.buf
+        n_active = route_dispatch(logits, self.bias, self.rule, b)
+        return DispatchPlan(b.topk_idx[:T], b.topk_weight[:T], b.topk_pos[:T], b.counts, b.offsets,
+                            b.token_ids[:T * k], b.token_weights[:T * k], b.active[:n_active], n_active)
 
 
-def route_torch(
-    logits: torch.Tensor,
-    bias: torch.Tensor,
-    n_group: int,
-    topk_group: int,
-    top_k: int,
-    norm_topk_prob: bool,
-    routed_scaling_factor: float,
-    with_plan: bool = True,
-) -> DispatchPlan:
-    """The same routing in torch ops, following ``DeepseekV3TopkRouter`` step by step.
-
-    ``logits`` float32 [T, E] on any device. Returns a ``DispatchPlan`` of tensors with
-    ``topk_idx`` sorted ascending within a token, as ``Router`` does. Ties follow
-    ``torch.topk``, whose order among equal values is not documented; ``Router`` is the
-    implementation with a documented tie rule. With ``with_plan=False`` only
-    ``topk_idx`` and ``topk_weight`` are filled (the rest are None).
-    """
-    T, E = logits.shape
-    scores = logits.sigmoid()
-    choice = scores + bias
-    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores)
-    group_mask.scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-    topk_idx = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
-    topk_idx = topk_idx.sort(dim=-1)[0]
-    topk_weight = scores.gather(1, topk_idx)
-    if norm_topk_prob:
-        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-    topk_weight = topk_weight * routed_scaling_factor
-    if not with_plan:
-        return DispatchPlan(topk_idx, topk_weight, None, None, None, None, None, None, 0)
-    flat = topk_idx.reshape(-1)
-    counts = torch.bincount(flat, minlength=E)
-    offsets = torch.zeros(E + 1, dtype=torch.long, device=logits.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    order = torch.sort(flat, stable=True)[1]
-    token_ids = order // top_k
-    token_weights = topk_weight.reshape(-1)[order]
-    topk_pos = torch.empty_like(flat)
-    topk_pos[order] = torch.arange(flat.numel(), device=logits.device)
-    active = torch.nonzero(counts).flatten()
-    return DispatchPlan(
-        topk_idx, topk_weight, topk_pos.view(T, top_k), counts, offsets, token_ids,
-        token_weights, active, int(active.numel()),
-    )  # fmt: skip
+def _as_numpy_f32(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return np.ascontiguousarray(a, dtype=np.float32)

@@ -24,16 +24,18 @@ def _percentiles(samples_s: list[float]) -> dict[str, float]:
 
 
 def reference_model(model):
-    """transformers' DeepseekV3ForCausalLM holding ``model``'s weights in float32, or None
-    when transformers is not installed (it is a test/bench-only dependency)."""
+    """transformers' ``DeepseekV3ForCausalLM`` (or ``DeepseekV2ForCausalLM``) holding ``model``'s
+    weights in float32, or None when transformers is not installed (a test/bench-only dependency)."""
     try:
-        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+        import transformers
     except ImportError:
         return None
     from runtime.model import MoE, dequantized_weight
 
     cfg = model.config
-    ref = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg.to_dict())).eval()
+    family = "DeepseekV2" if cfg.model_type == "deepseek_v2" else "DeepseekV3"
+    config_cls, model_cls = getattr(transformers, family + "Config"), getattr(transformers, family + "ForCausalLM")
+    ref = model_cls(config_cls(**cfg.to_dict())).eval()
     state = {}
     for name, module in model.named_modules():
         if hasattr(module, "qweight_t") or isinstance(module, torch.nn.Linear):
@@ -55,22 +57,26 @@ def reference_model(model):
 
 
 def _float_experts(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked float ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] of float or int8 experts."""
     if hasattr(experts, "gate_up_proj"):
         return experts.gate_up_proj.detach().float(), experts.down_proj.detach().float()
-    if experts.mode == "float":
-        return experts.gate_up.float(), experts.down.float()
     gate_up = (experts.w13_t.float() * experts.s13[:, None, :]).transpose(1, 2).contiguous()
     down = (experts.w2_t.float() * experts.s2[:, None, :]).transpose(1, 2).contiguous()
     return gate_up, down
 
 
-def _time_engine(engine, batch: int, steps: int, warmup: int, vocab: int) -> list[float]:
-    rng = np.random.default_rng(batch)
+def time_steps(engine, batch: int, steps: int, warmup: int, seed: int = 0) -> list[float]:
+    """Wall time of ``steps`` one-token steps of ``batch`` streams on either stream engine (host
+    inputs in, outputs back on the host), after ``warmup`` untimed ones; resets the engine's
+    state first, and its expert counters (device engine) once warm."""
+    rng = np.random.default_rng(seed)
     slots = np.arange(batch, dtype=np.int64)
-    tokens = rng.integers(0, vocab, (warmup + steps, batch))
+    tokens = rng.integers(0, engine.config.vocab_size, (warmup + steps, batch))
     engine.reset_all()
     samples = []
     for t in range(warmup + steps):
+        if t == warmup and hasattr(engine, "reset_stats"):
+            engine.reset_stats()
         start = time.perf_counter()
         engine.step_tokens(slots, tokens[t])
         if t >= warmup:
@@ -110,8 +116,6 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
     if device != "cpu":
         if not device.startswith("cuda") or not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        from runtime.device import bench_device
-
         report = bench_device(load_model(path), batches=batches, device=device, steps=steps, warmup=warmup,
                               window=window, progress=progress)
         return {"path": str(path), "engine": "device-w8a8 (CUDA graph per step)", **report}
@@ -128,7 +132,7 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
               "reference_threads": torch.get_num_threads(),
               "steps": steps, "window": window, "batches": {}}
     for b in batches:
-        entry = {"engine": _percentiles(_time_engine(engine, b, steps, warmup, vocab))}
+        entry = {"engine": _percentiles(time_steps(engine, b, steps, warmup, seed=b))}
         entry["engine"]["tokens_per_s"] = b / (entry["engine"]["mean_us"] * 1e-6)
         if ref is not None:
             entry["reference"] = _percentiles(_time_reference(ref, b, steps, warmup, vocab))
@@ -145,8 +149,6 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
 def render_bench(report: dict) -> None:
     """Print a bench report as a table."""
     if "peak" in report:      # --device cuda
-        from runtime.device import render_bench_device
-
         print(f"{report['path']}: {report['engine']}")
         render_bench_device(report)
         return
@@ -161,3 +163,97 @@ def render_bench(report: dict) -> None:
         print(line)
     if isinstance(report.get("reference"), str):
         print(report["reference"])
+
+
+# ---------------------------------------------------------------------------------------
+# The device engine (``--device cuda`` and benchmarks/bench_cuda.py)
+
+# Peak DRAM bandwidth in GB/s by device name fragment (vendor data sheets), first match wins.
+PEAK_BANDWIDTH_GBPS = (
+    ("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2039.0), ("H100", 3352.0),
+    ("A100-PCIE-40GB", 1555.0), ("A100 80GB PCIe", 1935.0), ("A100-SXM4-40GB", 1555.0), ("A100", 2039.0),
+    ("L40S", 864.0), ("A10G", 600.0), ("L4", 300.0),
+)
+
+
+def peak_bandwidth(device: str | torch.device = "cuda", copy_bytes: int = 1 << 30) -> dict:
+    """The device's peak DRAM bandwidth: the data-sheet figure for its name (None if not in
+    ``PEAK_BANDWIDTH_GBPS``) and a measured device-to-device copy (read + write bytes / time)."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_properties(device).name
+    table = next((gbps for frag, gbps in PEAK_BANDWIDTH_GBPS if frag in name), None)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    measured = 2 * copy_bytes * reps / (time.perf_counter() - start) / 1e9
+    del src, dst
+    return {"name": name, "table_gbps": table, "copy_gbps": measured}
+
+
+def bench_device(model, *, batches=(1, 8, 64), device: str = "cuda", steps: int = 100,
+                 warmup: int = 10, window: int = 256, expert_backend: str = "auto", peak: dict | None = None,
+                 compile_backend: str | None = None, progress=None) -> dict:
+    """Per batch size: step latency p50/p99 through CUDA-graph replay and through the same step
+    run eagerly, their ratio, and expert-weight bandwidth as a fraction of the device's peak.
+
+    Expert bytes per step are counted on the device during the timed steps (experts that
+    received tokens, per layer); the bandwidth is those bytes over the p50 step time, and
+    the step time is a whole control cycle: inputs in, graph replay, outputs back on the host.
+    On a device without graphs (the CPU) both rows time the eager step; ``peak`` must then
+    be given (``{"name", "table_gbps", "copy_gbps"}``).
+    """
+    from runtime.device import DeviceEngine
+
+    device = torch.device(device)
+    peak = peak or peak_bandwidth(device)
+    ref_gbps = peak["table_gbps"] or peak["copy_gbps"]
+    report = {"device": peak["name"], "peak": peak, "steps": steps, "window": window,
+              "compile_backend": compile_backend, "batches": {}}
+    for b in batches:
+        engine = DeviceEngine(model, capacity=b, window=window, device=device, graphs=device.type == "cuda",
+                              expert_backend=expert_backend, compile_backend=compile_backend)
+        report["expert_backend"] = engine.expert_backend
+        graph = _percentiles(time_steps(engine, b, steps, warmup))
+        st = engine.stats()
+        engine.use_graphs = False
+        eager = _percentiles(time_steps(engine, b, steps, warmup))
+        entry = {"graph": graph, "eager": eager, "eager_over_graph_p50": eager["p50_us"] / graph["p50_us"],
+                 "p99_over_p50": graph["p99_us"] / graph["p50_us"],
+                 "tokens_per_s": b / (graph["mean_us"] * 1e-6)}
+        if "expert_bytes_read_per_step" in st:
+            read = st["expert_bytes_read_per_step"]
+            gbps = read / (graph["p50_us"] * 1e-6) / 1e9
+            entry.update(active_experts_per_layer=float(np.mean(st["active_experts_per_layer"])),
+                         expert_bytes_read_per_step=read,
+                         active_expert_bytes_per_step=st["active_expert_bytes_per_step"],
+                         expert_gbps=gbps, fraction_of_peak=gbps / ref_gbps,
+                         fraction_of_copy_peak=gbps / peak["copy_gbps"])
+        report["batches"][str(b)] = entry
+        del engine
+        torch.cuda.empty_cache()
+        if progress is not None:
+            progress(b)
+    return report
+
+
+def render_bench_device(report: dict) -> None:
+    """Print a ``bench_device`` report as a table."""
+    pk = report["peak"]
+    table = f"{pk['table_gbps']:.0f}" if pk["table_gbps"] else "n/a"
+    print(f"{report['device']}: experts via {report.get('expert_backend')}, peak {table} GB/s (data sheet), "
+          f"{pk['copy_gbps']:.0f} GB/s (measured copy); {report['steps']} steps per batch size")
+    print(f"{'batch':>5} {'graph p50':>10} {'p99':>9} {'p99/p50':>7} {'eager p50':>10} {'eager/graph':>11} "
+          f"{'experts/layer':>13} {'MB/step':>8} {'GB/s':>7} {'of peak':>7}")
+    for b, e in report["batches"].items():
+        line = (f"{b:>5} {e['graph']['p50_us']:>8.0f}us {e['graph']['p99_us']:>7.0f}us {e['p99_over_p50']:>7.2f} "
+                f"{e['eager']['p50_us']:>8.0f}us {e['eager_over_graph_p50']:>10.1f}x")
+        if "expert_gbps" in e:
+            line += (f" {e['active_experts_per_layer']:>13.1f} {e['expert_bytes_read_per_step'] / 1e6:>8.1f} "
+                     f"{e['expert_gbps']:>7.0f} {100 * e['fraction_of_peak']:>6.1f}%")
+        print(line)

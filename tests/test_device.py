@@ -1,6 +1,6 @@
-"""The device engine: torch-op routing against the Numba router, agreement with the CPU
-engine, batch invariance, graph-capturable static shapes, the Triton grouped kernel (under
-Triton's interpreter when Triton is installed), and CUDA graph replay on a GPU."""
+"""The device engine: agreement with the CPU engine, batch invariance, graph-capturable
+static shapes, the Triton grouped kernel (under Triton's interpreter when Triton is
+installed), and CUDA graph replay on a GPU."""
 from __future__ import annotations
 
 import os
@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import sdk
-from runtime.device import DeviceEngine, route_static
+from runtime.device import DeviceEngine
 from runtime.engine import Engine
 from runtime.model import IOAdapter
-from runtime.routing import Router
 from tests.conftest import assert_refuses_bad_steps
 
 CUDA = torch.cuda.is_available()
@@ -34,23 +33,6 @@ def _streams(engine, tokens, schedule):
     for t, slots in enumerate(schedule):
         out.append(engine.step_tokens(slots, tokens[slots, t]).copy())
     return out
-
-
-@pytest.mark.parametrize("E,n_group,topk_group,k", [(32, 4, 2, 4), (16, 1, 1, 3), (64, 8, 3, 6)])
-def test_route_static_matches_the_numba_router_bitwise(E, n_group, topk_group, k):
-    rng = np.random.default_rng(E)
-    T = 200
-    # Logits on a coarse grid (many exact ties between experts and between groups) plus a
-    # few rows of all-equal logits.
-    logits = (rng.integers(-4, 5, (T, E)) / 4).astype(np.float32)
-    logits[:5] = 0.5
-    bias = (rng.integers(-2, 3, E) / 16).astype(np.float32)
-    bias[:3] = 0.0
-    router = Router(np.zeros((E, 8), np.float32), bias, n_group, topk_group, k, True, 2.5, T)
-    plan = router.route_logits(logits)
-    ids, w = route_static(torch.from_numpy(logits), torch.from_numpy(bias), n_group, topk_group, k, True, 2.5)
-    assert np.array_equal(ids.numpy(), plan.topk_idx.astype(np.int64))
-    assert np.array_equal(w.numpy(), plan.topk_weight)
 
 
 def test_tracks_the_cpu_engine_through_the_ring_buffer(lm):
@@ -177,7 +159,7 @@ def test_bad_input_is_refused(lm):
 
 def test_bench_device_report(lm):
     """The report's arithmetic, on the CPU (no graphs there: both rows time the eager step)."""
-    from runtime.device import bench_device
+    from sdk.bench import bench_device
 
     peak = {"name": "cpu", "table_gbps": None, "copy_gbps": 10.0}
     report = bench_device(lm, batches=[1, 4], device="cpu", steps=3, warmup=1, window=4, peak=peak)
@@ -209,7 +191,8 @@ def test_bench_device_cuda_needs_a_gpu(tiny_checkpoint):
 _TRITON_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
     import sdk
-    from runtime.device import DeviceEngine, grouped_int8_mm
+    from runtime.device import DeviceEngine
+    from runtime.grouped_int8 import grouped_int8_mm
     g = torch.Generator().manual_seed(0)
     E, K, N, M = 5, 40, 136, 12                   # K, N not multiples of the tiles
     x = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)

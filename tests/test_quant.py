@@ -1,21 +1,19 @@
-"""int8 quantization, exact int8 GEMMs, Int8Linear and routed experts over a dispatch plan."""
+"""The int8 rules: quantization, exact int8 GEMMs, Int8Linear, routed experts, packing."""
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch.profiler import ProfilerActivity, profile
 
 from runtime.quant import (
     Int8Linear,
     RoutedExperts,
     int8_matmul,
     quantize_activation,
-    quantize_rows,
     quantize_weight,
     silu_mul,
 )
-from runtime.routing import Router, route_torch
+from runtime.routing import RoutingRule, route_torch
 
 F32 = np.float32
 
@@ -39,8 +37,6 @@ def test_int8_matmul_is_exact_integer_gemm_then_elementwise_dequant(M, K, N):
     ref = (acc.astype(F32) * sx.numpy()) * sw.numpy()
     got = int8_matmul(qx, sx, qw, sw)
     assert got.dtype == torch.float32 and np.array_equal(got.numpy(), ref)
-    out = torch.empty(M, N)
-    assert int8_matmul(qx, sx, qw, sw, out=out) is out and np.array_equal(out.numpy(), ref)
 
 
 def test_quantize_activation_rule():
@@ -55,9 +51,6 @@ def test_quantize_activation_rule():
     qn, sn = numpy_quantize(xr)
     qt, st = quantize_activation(torch.from_numpy(xr))
     assert np.array_equal(qt.numpy(), qn) and np.array_equal(st.numpy(), sn)
-    qb, sb = np.empty_like(qn), np.empty(50, F32)
-    quantize_rows(xr, qb, sb)  # the Numba twin used by the expert kernels
-    assert np.array_equal(qb, qn) and np.array_equal(sb, sn[:, 0])
 
 
 def test_quantize_weight_per_channel_and_padding():
@@ -86,7 +79,7 @@ def test_int8_linear_batch_invariant_accurate_and_loadable(tmp_path):
     assert torch.equal(layer(x[perm]), full[perm])
     assert torch.equal(layer(x.view(4, 16, 200)), full.view(4, 16, 96))
     qx, sx = quantize_activation(x)
-    assert torch.equal(full, int8_matmul(qx, sx, layer.qweight_t, layer.scale))  # CPU kernels = torch ops
+    assert torch.equal(full, int8_matmul(qx, sx, layer.qweight_t, layer.scale))   # 200 and 96: no padding
     ref = x @ w.T
     assert ((full - ref).norm() / ref.norm()).item() < 0.02
     w8 = Int8Linear.from_float(w, mode="w8")(x)
@@ -116,175 +109,119 @@ def test_silu_mul_is_position_independent():
 
 # --- routed experts ---------------------------------------------------------------------
 
-CONFIGS = [  # H, I, E, n_group, topk_group, k, shared intermediate (0: none)
-    (64, 32, 8, 2, 1, 2, 0),
-    (64, 32, 16, 4, 2, 4, 32),
-    (96, 48, 32, 4, 4, 8, 96),
+CONFIGS = [  # H, I, E, n_group, topk_group, k
+    (64, 32, 8, 2, 1, 2),
+    (64, 32, 16, 4, 2, 4),
+    (96, 48, 32, 4, 4, 8),
 ]
 
 
-def make_layer(H, I, E, G, KG, K, Is, seed=0, max_tokens=64):
-    """(routed weights, shared weights or None, router, x [64, H]) for a random layer."""
+def make_layer(H, I, E, G, KG, K, seed=0):
+    """(float gate_up [E, 2I, H], down [E, H, I], expert ids and weights of 64 routed tokens, x [64, H])."""
     g = torch.Generator().manual_seed(seed)
-    gate = torch.randn(E, I, H, generator=g) / H**0.5
-    up = torch.randn(E, I, H, generator=g) / H**0.5
+    gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
     down = torch.randn(E, H, I, generator=g) / I**0.5
-    shared = None
-    if Is:
-        shared = (torch.randn(Is, H, generator=g) / H**0.5, torch.randn(Is, H, generator=g) / H**0.5,
-                  torch.randn(H, Is, generator=g) / Is**0.5)  # fmt: skip
-    router = Router(torch.randn(E, H, generator=g) / H**0.5, torch.randn(E, generator=g) * 0.05,
-                    G, KG, K, True, 2.5, max_tokens)  # fmt: skip
     x = torch.randn(64, H, generator=g)
-    return (gate, up, down), shared, router, x
+    logits = x @ (torch.randn(E, H, generator=g) / H**0.5).T
+    rule = RoutingRule(False, False, True, E, G, KG, K, True, 2.5)
+    ids, w = route_torch(logits, torch.randn(E, generator=g) * 0.05, rule)
+    return gate_up, down, ids, w, x
 
 
-def build(weights, shared, **kw):
-    return RoutedExperts.from_float(*weights, shared=shared, **kw)
-
-
-def float64_loop(x, plan, weights, shared):
-    """One token and one expert at a time, in float64; the shared expert added last."""
-    gate, up, down = weights
+def float64_loop(x, ids, w, gate_up, down):
+    """One token and one expert at a time, in float64."""
+    I = down.shape[2]
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
     silu = torch.nn.functional.silu
     for t in range(x.shape[0]):
         xt = x[t].double()
-        for j in range(plan.topk_idx.shape[1]):
-            e = int(plan.topk_idx[t, j])
-            h = silu(gate[e].double() @ xt) * (up[e].double() @ xt)
-            out[t] += float(plan.topk_weight[t, j]) * (down[e].double() @ h)
-        if shared is not None:
-            sg, su, sd = (w.double() for w in shared)
-            out[t] += sd @ (silu(sg @ xt) * (su @ xt))
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gu = gate_up[e].double() @ xt
+            out[t] += float(w[t, j]) * (down[e].double() @ (silu(gu[:I]) * gu[I:]))
     return out
 
 
-def numpy_int8_mlp(qx_t, sx_t, w13, s13, w2, s2):
-    """One token through one int8 expert: the documented rule in numpy (int64 GEMMs)."""
-    I = s13.shape[0] // 2
-    acc = (qx_t.astype(np.int64) @ w13.astype(np.int64)).astype(F32)
-    gu = (acc * sx_t) * s13
-    g, u = gu[:I], gu[I:]
-    h = g / (np.exp(-g.astype(np.float64)).astype(F32) + F32(1)) * u
-    qh, sh = numpy_quantize(h[None])
-    return ((qh[0].astype(np.int64) @ w2.astype(np.int64)).astype(F32) * sh[0, 0]) * s2
-
-
-def numpy_int8_experts(x, plan, m):
-    """Independent numpy statement of the w8a8 expert layer, in the documented op order."""
+def numpy_int8_experts(x, ids, w, m):
+    """Independent numpy statement of the w8a8 expert rule, in the documented op order
+    (int64 GEMMs; SiLU's exp in float32 as torch's)."""
     qx, sx = numpy_quantize(x.numpy())
     out = np.zeros(x.shape, F32)
     for t in range(x.shape[0]):
-        for j in range(plan.topk_idx.shape[1]):
-            e = plan.topk_idx[t, j]
-            y = numpy_int8_mlp(qx[t], sx[t, 0], m.w13_t[e].numpy(), m.s13[e].numpy(), m.w2_t[e].numpy(), m.s2[e].numpy())
-            out[t] += plan.topk_weight[t, j] * y
-        if m.shared_intermediate_size:
-            out[t] += numpy_int8_mlp(qx[t], sx[t, 0], m.shared_w13_t.numpy(), m.shared_s13.numpy(),
-                                     m.shared_w2_t.numpy(), m.shared_s2.numpy())  # fmt: skip
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            I = m.intermediate_size
+            acc = (qx[t].astype(np.int64) @ m.w13_t[e].numpy().astype(np.int64)).astype(F32)
+            gu = (acc * sx[t, 0]) * m.s13[e].numpy()
+            g, u = gu[:I], gu[I:]
+            h = g / (np.exp(-g) + F32(1)) * u
+            qh, sh = numpy_quantize(h[None])
+            y = (qh[0].astype(np.int64) @ m.w2_t[e].numpy().astype(np.int64)).astype(F32) * sh[0, 0] * m.s2[e].numpy()
+            out[t] = out[t] + w[t, j].numpy() * y
     return out
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_float_experts_match_per_token_loop_and_transformers(cfg):
-    H, I, E, G, KG, K, Is = cfg
-    weights, shared, router, x = make_layer(*cfg)
-    gate, up, down = weights
-    plan = router(x.numpy())
-    full = build(weights, shared, mode="float")(x, plan)
-    assert (full.double() - float64_loop(x, plan, weights, shared)).abs().max().item() < 1e-5
-    routed = build(weights, None, mode="float")(x, plan)
+def test_int8_experts_follow_the_rule_and_stay_accurate(cfg):
+    gate_up, down, ids, w, x = make_layer(*cfg)
+    m = RoutedExperts.from_float(gate_up, down)
+    y = m(x, ids, w)
+    ref = numpy_int8_experts(x, ids, w, m)
+    # The GEMMs are exact and the op order is the rule's; only exp may differ by an ulp.
+    assert np.abs(y.numpy() - ref).max() <= 1e-5 * np.abs(ref).max()
+    f64 = float64_loop(x, ids, w, gate_up, down)
+    assert ((y.double() - f64).norm() / f64.norm()).item() < 0.03
     DeepseekV3Experts = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3").DeepseekV3Experts
     from transformers import DeepseekV3Config
 
+    E, H, I = m.num_experts, m.hidden_size, m.intermediate_size
     hf = DeepseekV3Experts(DeepseekV3Config(n_routed_experts=E, hidden_size=H, moe_intermediate_size=I))
     with torch.no_grad():
-        hf.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
+        hf.gate_up_proj.copy_(gate_up)
         hf.down_proj.copy_(down)
-        hf_out = hf(x, torch.from_numpy(plan.topk_idx).long(), torch.from_numpy(plan.topk_weight))
-    assert (routed - hf_out).abs().max().item() < 1e-5
+        assert (hf(x, ids, w).double() - f64).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
-def test_int8_experts_exact_rule_backends_and_accuracy(cfg):
-    weights, shared, router, x = make_layer(*cfg)
-    plan = router(x.numpy())
-    numba_only = build(weights, shared, backend="numba", min_mm_rows=1 << 30)
-    y = numba_only(x, plan).clone()
-    assert np.array_equal(y.numpy(), numpy_int8_experts(x, plan, numba_only))
-    for mr in (1, 2, 3):  # groups with >= mr rows go through torch._int_mm: same bits
-        hybrid = build(weights, shared, backend="numba", min_mm_rows=mr)
-        assert torch.equal(hybrid(x, plan), y)
-    tb = build(weights, shared, backend="torch")(x, plan)
-    assert (tb - y).abs().max().item() <= 1e-4 * y.abs().max().item()  # SiLU's exp may differ by an ulp
-    # Plans of tensors (as route_torch returns, int64 indices) run the same numba kernels.
-    as_tensors = plan._replace(**{
-        f: torch.from_numpy(getattr(plan, f)).to(torch.int64 if getattr(plan, f).dtype == np.int32 else torch.float32)
-        for f in plan._fields[:-1]
-    })  # fmt: skip
-    assert torch.equal(numba_only(x, as_tensors), y)
-    tplan = route_torch(torch.from_numpy(router.logits[:64]), torch.from_numpy(router.bias), *cfg[3:6], True, 2.5)
-    assert (numba_only(x, tplan) - y).abs().max().item() <= 1e-4 * y.abs().max().item()
-    ref = float64_loop(x, plan, weights, shared)
-    rel = ((y.double() - ref).norm() / ref.norm()).item()
-    assert rel < 0.03, rel
-
-
-@pytest.mark.parametrize("backend,mr", [("numba", 1 << 30), ("numba", 2), ("torch", None)])
-def test_int8_experts_batch_invariant(backend, mr):
-    weights, shared, router, x = make_layer(*CONFIGS[1], seed=5)
-    m = build(weights, shared, backend=backend, min_mm_rows=mr)
-    full = m(x, router(x.numpy())).clone()
+def test_int8_experts_batch_invariant():
+    gate_up, down, ids, w, x = make_layer(*CONFIGS[1], seed=5)
+    m = RoutedExperts.from_float(gate_up, down)
+    full = m(x, ids, w)
     g = torch.Generator().manual_seed(9)
     for T in (1, 2, 7, 33):
         rows = torch.randperm(64, generator=g)[:T]
-        others = torch.randn(64 - T, x.shape[1], generator=g)
-        batch = torch.cat([x[rows], others])[torch.randperm(64, generator=g)]
-        where = [int((batch == x[r]).all(1).nonzero()[0]) for r in rows]
-        out = m(batch, router(batch.numpy()))
-        assert torch.equal(out[where], full[rows])
-        alone = m(x[rows], router(x[rows].numpy()))
-        assert torch.equal(alone, full[rows])
-
-
-def allocated_bytes(fn):
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return sum(max(e.cpu_memory_usage, 0) for e in prof.events())
-
-
-@pytest.mark.parametrize("mr", [1 << 30, 2])
-def test_int8_experts_steady_state_allocates_nothing(mr):
-    weights, shared, router, x = make_layer(*CONFIGS[1], seed=6)
-    m = build(weights, shared, backend="numba", min_mm_rows=mr)
-    m.reserve(64, CONFIGS[1][5])
-    plan = router(x[:33].numpy())
-    first = m(x[:33], plan)
-    ptr, val = first.data_ptr(), first.clone()
-    assert allocated_bytes(lambda: m(x[:33], plan)) == 0
-    again = m(x[:33], plan)
-    assert again.data_ptr() == ptr and torch.equal(again, val)
-    torch_backend = build(weights, shared, backend="torch")
-    assert allocated_bytes(lambda: torch_backend(x[:33], plan)) > 0  # the profiler does see allocations
+        assert torch.equal(m(x[rows], ids[rows], w[rows]), full[rows])
+        perm = torch.randperm(64, generator=g)
+        assert torch.equal(m(x[perm], ids[perm], w[perm]), full[perm])
 
 
 def test_expert_state_dict_round_trip_and_errors(tmp_path):
-    weights, shared, router, x = make_layer(*CONFIGS[1])
-    m = build(weights, shared)
+    gate_up, down, ids, w, x = make_layer(*CONFIGS[1])
+    m = RoutedExperts.from_float(gate_up, down)
     save_file(m.state_dict(), tmp_path / "e.safetensors")
-    m2 = RoutedExperts(16, 64, 32, shared_intermediate_size=32)
+    m2 = RoutedExperts(16, 64, 32)
     m2.load_state_dict(load_file(tmp_path / "e.safetensors"))
-    plan = router(x.numpy())
-    assert torch.equal(m2(x, plan), m(x, plan))
-    gate, up, down = weights
-    with pytest.raises(ValueError, match="gate/up"):
-        RoutedExperts.from_float(gate, up[:, :5], down)
-    with pytest.raises(ValueError, match="shared expert"):
-        RoutedExperts.from_float(gate, up, down, shared=(shared[0], shared[1], shared[2].T))
+    assert torch.equal(m2(x, ids, w), m(x, ids, w))
+    with pytest.raises(ValueError, match="gate_up"):
+        RoutedExperts.from_float(gate_up[:, :5], down)
     with pytest.raises(ValueError, match=r"\[T, 64\]"):
-        m(x[:, :10], plan)
-    with pytest.raises(ValueError, match="plan covers"):
-        m(x[:3], plan)
-    with pytest.raises(ValueError, match="numba backend"):
-        RoutedExperts(8, 64, 32, mode="float", backend="numba")
+        m(x[:, :10], ids, w)
+    with pytest.raises(ValueError, match="routing covers"):
+        m(x[:3], ids, w)
+
+
+def test_pack_int8_reads_float_and_int8_models_alike(tiny_checkpoint):
+    """pack_int8 quantizes a float model with the rule quantize_model uses, so a float model
+    and its int8 twin pack to the same codes."""
+    import sdk
+    from runtime.quant import pack_int8
+
+    path, _ = tiny_checkpoint
+    a, b = pack_int8(sdk.load_model(path)), pack_int8(sdk.load_model(path, quant="int8"))
+    assert a.rule == b.rule and len(a.layers) == len(b.layers) == 3
+    for la, lb in zip(a.layers, b.layers):
+        for wa, wb in ((la.attn.kv_a, lb.attn.kv_a), (la.attn.o, lb.attn.o), (la.mlp.w13, lb.mlp.w13)):
+            assert torch.equal(wa.q, wb.q) and torch.equal(wa.s, wb.s) and (wa.k, wa.n) == (wb.k, wb.n)
+        if la.experts is not None:
+            assert torch.equal(la.experts.w13, lb.experts.w13) and torch.equal(la.experts.s2, lb.experts.s2)
+            assert torch.equal(la.experts.gate, lb.experts.gate) and torch.equal(la.experts.bias, lb.experts.bias)
+    assert torch.equal(a.head.q, b.head.q) and torch.equal(a.embed, b.embed)
