@@ -1,8 +1,14 @@
-"""Model configuration: DeepSeek-V3/R1 hyper-parameters read from an HF ``config.json``.
+"""Model configuration: DeepSeek-V3/R1 and DeepSeek-V2-family hyper-parameters read from an
+HF ``config.json``.
 
-Both spellings of the rotary settings are accepted: the official release writes
+Both spellings of the rotary settings are accepted: the official releases write
 ``rope_scaling`` (with ``type``) and a top-level ``rope_theta``; transformers 5 writes
 ``rope_parameters`` (with ``rope_type`` and ``rope_theta``) and ``rope_interleave``.
+
+The two families share MLA and the MoE layout and differ in routing (``runtime.routing``):
+V3/R1 score with a sigmoid and ``noaux_tc``; V2, V2-Lite, V2.5 and Coder-V2 with a softmax
+and ``greedy`` or ``group_limited_greedy``, without a correction bias. Keys a config leaves
+out take its family's defaults (those of transformers' config classes).
 """
 from __future__ import annotations
 
@@ -13,16 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 #: The epsilon of the q and kv low-rank norms (``q_a_layernorm``, ``kv_a_layernorm``). The
 #: reference implementations build them with RMSNorm's default, not ``rms_norm_eps``.
 LORA_NORM_EPS = 1e-6
 
+#: What a ``deepseek_v2`` config means when it leaves a key out (transformers' DeepseekV2Config).
+_V2_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008,
+                "moe_intermediate_size": 1407, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0,
+                "first_k_dense_replace": 0, "norm_topk_prob": False, "max_position_embeddings": 2048,
+                "topk_method": "greedy", "n_group": 1, "topk_group": 1}
+
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of a DeepSeek-V3-architecture model (names as in HF ``config.json``)."""
+    """Hyper-parameters of a DeepSeek-V3 or V2-architecture model (names as in HF ``config.json``)."""
 
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -62,8 +75,8 @@ class ModelConfig:
 
     @property
     def scoring_func(self) -> str:
-        """How router logits become scores: "sigmoid" (V3/R1)."""
-        return "sigmoid"
+        """How router logits become scores: "sigmoid" (V3/R1) or "softmax" (the V2 family)."""
+        return "softmax" if self.model_type == "deepseek_v2" else "sigmoid"
 
     @property
     def n_moe_layers(self) -> int:
@@ -98,8 +111,22 @@ class ModelConfig:
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
         kwargs = {k: raw[k] for k in names if k in raw}
-        if raw.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ValueError(f"{source}: scoring_func {raw['scoring_func']!r} is not supported (only 'sigmoid')")
+        scoring = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax"}[model_type]
+        if raw.get("scoring_func", scoring) != scoring:
+            raise ValueError(f"{source}: scoring_func {raw['scoring_func']!r} is not supported for "
+                             f"{model_type} (only {scoring!r})")
+        if model_type == "deepseek_v2":
+            # transformers writes n_group/topk_group as null for greedy routing.
+            kwargs = {**_V2_DEFAULTS, **{k: v for k, v in kwargs.items()
+                                         if v is not None or k not in ("n_group", "topk_group")}}
+            if kwargs.get("rope_interleave") is False:
+                raise ValueError(f"{source}: rope_interleave=false is not a DeepSeek-V2 setting "
+                                 "(V2 always rotates interleaved pairs)")
+            kwargs["rope_interleave"] = True
+            freq = raw.get("moe_layer_freq", 1)
+            if freq != 1:
+                raise ValueError(f"{source}: moe_layer_freq={freq!r} is not supported (only 1, as every "
+                                 "released DeepSeek-V2 model has)")
         rope = raw.get("rope_parameters")
         if isinstance(rope, dict):                      # transformers 5 spelling
             kwargs["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
@@ -149,7 +176,7 @@ class ModelConfig:
             raise ValueError(f"{source}: qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.hidden_act != "silu":
             raise ValueError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
-        family = {"deepseek_v3": ("noaux_tc",)}
+        family = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy")}
         if self.model_type not in family:
             raise ValueError(f"{source}: unsupported model_type {self.model_type!r} "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -157,6 +184,10 @@ class ModelConfig:
         if self.topk_method not in methods:
             raise ValueError(f"{source}: topk_method {self.topk_method!r} is not supported for "
                              f"{self.model_type} (supported: {', '.join(methods)})")
+        if self.model_type == "deepseek_v2" and self.norm_topk_prob:
+            raise ValueError(f"{source}: norm_topk_prob=true is not supported for deepseek_v2: DeepSeek's "
+                             "own V2 code then normalises instead of scaling, transformers scales and never "
+                             "normalises, and no released V2 model sets it")
         if self.n_moe_layers:
             from runtime.routing import RoutingRule
 

@@ -3,9 +3,12 @@
 The rule, for one token with router logits ``l = x @ W.T`` (float32, E experts in
 ``n_group`` equal groups of consecutive ids):
 
-    scores   s = sigmoid(l)
-    choice   c = s + e_score_correction_bias        (noaux_tc)
-    groups   score of a group = the sum of its two largest c; keep the ``topk_group`` best
+    scores   s = sigmoid(l)                         scoring "sigmoid" (DeepSeek-V3/R1)
+             s = softmax(l) over the E experts      scoring "softmax" (DeepSeek-V2 family)
+    choice   c = s + e_score_correction_bias        (noaux_tc; c = s without a bias)
+    groups   score of a group = the sum of its two largest c (noaux_tc)
+                              = its largest c (group_limited_greedy)
+             keep the ``topk_group`` best groups (greedy: every expert is one group)
     experts  the ``top_k`` largest c among the experts of the kept groups
     weights  s at the chosen experts, divided by (their sum + 1e-20) if ``norm_topk_prob``,
              times ``routed_scaling_factor``
@@ -15,8 +18,8 @@ token's expert outputs are summed in that order. :class:`RoutingRule` holds the 
 parameters, read from a ``ModelConfig``.
 
 Arithmetic, shared by both implementations: sigmoid is ``1 / (1 + exp(-l))`` with ``exp``
-taken in float64 and rounded to float32; the weight sum runs over the chosen experts in
-ascending id.
+taken in float64 and rounded to float32; softmax is ``exp(l - max l)`` the same way, over
+their float32 sum; the weight sum runs over the chosen experts in ascending id.
 
 The implementations, side by side:
 
@@ -28,8 +31,9 @@ The implementations, side by side:
   logits are summed in one fixed order, so a token's routing never depends on the batch.
   :class:`Router` wraps both with preallocated buffers.
 
-From the same logits both give the same experts and the same weight bits (a test holds
-them to it).
+From the same logits both give the same experts; with sigmoid scoring the same weight bits
+too (a test holds them to it); with softmax the weights may differ in the last bit, since
+the softmax denominator is summed in a different order.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import numpy as np
 import torch
 from numba import njit
 
-TOPK_METHODS = ("noaux_tc",)
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _KEY_BITS = 16  # room for an index in a torch routing key (E, n_group < 65536)
 
 
@@ -50,6 +54,7 @@ class RoutingRule(NamedTuple):
 
     ``softmax``: softmax scoring (else sigmoid); ``group_max``: a group scores its largest
     choice (else the sum of its top two); ``biased``: the rule adds e_score_correction_bias.
+    ``greedy`` configs are stored as one group kept.
     """
 
     softmax: bool
@@ -68,8 +73,10 @@ class RoutingRule(NamedTuple):
         method = cfg.topk_method
         if method not in TOPK_METHODS:
             raise ValueError(f"topk_method {method!r} is not supported (one of {', '.join(TOPK_METHODS)})")
-        rule = cls(softmax=False, group_max=False, biased=True, n_experts=int(n_experts or cfg.n_routed_experts),
-                   n_group=int(cfg.n_group), topk_group=int(cfg.topk_group),
+        greedy = method == "greedy"
+        rule = cls(softmax=cfg.scoring_func == "softmax", group_max=method == "group_limited_greedy",
+                   biased=method == "noaux_tc", n_experts=int(n_experts or cfg.n_routed_experts),
+                   n_group=1 if greedy else int(cfg.n_group), topk_group=1 if greedy else int(cfg.topk_group),
                    top_k=int(cfg.num_experts_per_tok), norm_topk_prob=bool(cfg.norm_topk_prob),
                    scaling=float(cfg.routed_scaling_factor))
         rule.check()
@@ -102,7 +109,10 @@ def _order_key(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def scores_torch(logits: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
-    """Routing scores ``s`` of float32 logits [T, E]."""
+    """Routing scores ``s`` of float32 logits [T, E] (sigmoid or softmax, as the rule says)."""
+    if rule.softmax:
+        e = torch.exp((logits - logits.amax(-1, keepdim=True)).double()).float()
+        return e / e.sum(-1, keepdim=True)
     return 1.0 / (1.0 + torch.exp(-logits.double()).float())
 
 
@@ -117,8 +127,11 @@ def route_torch(logits: torch.Tensor, bias: torch.Tensor | None,
     if rule.n_group > 1:
         gsize = E // rule.n_group
         grouped = choice.view(T, rule.n_group, gsize)
-        top2 = grouped.topk(2, dim=-1).values
-        group_score = top2[..., 0] + top2[..., 1]
+        if rule.group_max:
+            group_score = grouped.amax(-1)
+        else:
+            top2 = grouped.topk(2, dim=-1).values
+            group_score = top2[..., 0] + top2[..., 1]
         gidx = torch.arange(rule.n_group, device=logits.device)
         keep = torch.topk(_order_key(group_score, gidx), rule.topk_group, dim=-1).indices
         group_mask = torch.zeros(T, rule.n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
@@ -261,8 +274,21 @@ def route_dispatch(logits, bias, rule, buf):
     for e in range(E):
         counts[e] = 0
     for t in range(T):
-        for e in range(E):
-            scores[e] = one / (one + _exp32(-logits[t, e]))
+        if rule.softmax:
+            m = logits[t, 0]
+            for e in range(1, E):
+                if logits[t, e] > m:
+                    m = logits[t, e]
+            total = np.float32(0.0)
+            for e in range(E):
+                s = _exp32(logits[t, e] - m)
+                scores[e] = s
+                total += s
+            for e in range(E):
+                scores[e] = scores[e] / total
+        else:
+            for e in range(E):
+                scores[e] = one / (one + _exp32(-logits[t, e]))
         for e in range(E):
             choice[e] = scores[e] + bias[e] if rule.biased else scores[e]
         for g in range(n_group):
@@ -278,7 +304,7 @@ def route_dispatch(logits, bias, rule, buf):
                         m1 = v
                     elif v > m2:
                         m2 = v
-                group_score[g] = m1 + m2
+                group_score[g] = m1 if rule.group_max else m1 + m2
             # Keep topk_group groups: repeated arg-max, strict '>' keeps the lower index.
             for _ in range(rule.topk_group):
                 best = -1

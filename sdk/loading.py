@@ -84,7 +84,7 @@ def describe(path: str | Path) -> dict:
     return {
         "path": str(path),
         "kind": info["kind"],
-        "model_type": "deepseek_v3",
+        "model_type": cfg.model_type,
         "layers": cfg.num_hidden_layers,
         "dense_layers": cfg.first_k_dense_replace,
         "hidden_size": cfg.hidden_size,

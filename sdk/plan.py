@@ -110,7 +110,7 @@ def _float_params(cfg: ModelConfig, keep_experts: int) -> dict[str, int]:
         biases = n_layers * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank + cfg.qk_rope_head_dim + h)
     return {
         "embeddings": cfg.vocab_size * h,
-        "router": n_moe * keep_experts * (h + 1),
+        "router": n_moe * keep_experts * (h + (cfg.topk_method == "noaux_tc")),   # + correction bias
         "norms": n_layers * norms_per_layer + h,
         "attention_bias": biases,
     }

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny DeepSeek-V3 checkpoints written by transformers (the reference)."""
+"""Shared fixtures: tiny DeepSeek-V3 and V2 checkpoints written by transformers (the reference)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,18 +13,26 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediat
             max_position_embeddings=256, routed_scaling_factor=2.5, norm_topk_prob=True)
 
 
-def make_reference(seed: int = 0, router_std: float = 0.08, weight_std: float = 0.08, **overrides):
-    """A random transformers ``DeepseekV3ForCausalLM`` (eval mode, float32).
+# The V2 family: softmax routing, no correction bias, weights scaled and not normalised.
+TINY_V2 = {**TINY, "n_shared_experts": 2, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
+           "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}
+
+
+def make_reference(seed: int = 0, router_std: float = 0.08, weight_std: float = 0.08, family: str = "v3",
+                   **overrides):
+    """A random transformers ``DeepseekV3ForCausalLM`` (or ``DeepseekV2ForCausalLM`` with
+    ``family="v2"``), eval mode, float32.
 
     Weights are drawn wider than the default init and the routing bias is random, so that
     routing is diverse and logits are not all near-ties. ``weight_std`` and ``router_std``
     set the spread of the weights (transformers' own init uses 0.02).
     """
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    import transformers
 
-    cfg = DeepseekV3Config(**{**TINY, **overrides})
+    name, base = ("DeepseekV2", TINY_V2) if family == "v2" else ("DeepseekV3", TINY)
+    cfg = getattr(transformers, name + "Config")(**{**base, **overrides})
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(cfg).eval()
+    model = getattr(transformers, name + "ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
@@ -39,9 +47,10 @@ def make_reference(seed: int = 0, router_std: float = 0.08, weight_std: float = 
     return model
 
 
-def save_reference(path: Path, seed: int = 0, router_std: float = 0.08, weight_std: float = 0.08, **overrides):
+def save_reference(path: Path, seed: int = 0, router_std: float = 0.08, weight_std: float = 0.08,
+                   family: str = "v3", **overrides):
     """Write a tiny reference checkpoint to ``path``; returns the reference model."""
-    model = make_reference(seed, router_std, weight_std, **overrides)
+    model = make_reference(seed, router_std, weight_std, family, **overrides)
     model.save_pretrained(path)
     return model
 

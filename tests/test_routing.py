@@ -1,6 +1,6 @@
 """The routing rule: both implementations (Numba ``Router``/``route_dispatch`` and torch
-``route_torch``) against transformers' DeepseekV3TopkRouter, against each other, ties, the
-dispatch plan, batch invariance."""
+``route_torch``) against transformers' DeepseekV3TopkRouter and DeepseekV2TopkRouter, against
+each other, ties, the dispatch plan, batch invariance."""
 
 import gc
 import logging
@@ -13,7 +13,8 @@ import torch
 from runtime.routing import Router, RoutingRule, route_torch, router_logits
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3Config  # noqa: E402
+from transformers import DeepseekV2Config, DeepseekV3Config  # noqa: E402
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter  # noqa: E402
 
 
@@ -213,11 +214,63 @@ def test_route_torch_matches_the_numba_router_bitwise(E, n_group, topk_group, k)
     assert np.array_equal(w.numpy(), plan.topk_weight)
 
 
-def test_rule_from_config():
+def v2_reference(E, G, KG, K, method, scale):
+    """transformers' DeepseekV2TopkRouter with an identity gate."""
+    logging.disable(logging.WARNING)
+    try:
+        cfg = DeepseekV2Config(n_routed_experts=E, n_group=G, topk_group=KG, num_experts_per_tok=K,
+                               hidden_size=E, num_attention_heads=1, num_key_value_heads=1,
+                               topk_method=method, routed_scaling_factor=scale)
+    finally:
+        logging.disable(logging.NOTSET)
+    ref = DeepseekV2TopkRouter(cfg)
+    with torch.no_grad():
+        ref.weight.copy_(torch.eye(E))
+    return ref
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_v2_rules_match_transformers_router(method):
+    """Softmax scoring, greedy and group-limited (a group scores its best expert), no bias,
+    weights scaled and not normalised: both implementations against DeepseekV2TopkRouter."""
+    rng = np.random.default_rng(2 if method == "greedy" else 3)
+    n_tokens = 0
+    for _ in range(60):
+        E = int(rng.choice([8, 16, 64, 160]))
+        G = 1 if method == "greedy" else int(rng.choice([g for g in (2, 4, 8) if E % g == 0]))
+        KG = int(rng.integers(1, G + 1))
+        K = int(rng.integers(1, min(8, KG * E // G) + 1))
+        scale = float(rng.choice([1.0, 16.0, rng.uniform(0.5, 3.0)]))
+        T = 200
+        logits = (rng.standard_normal((T, E)) * rng.choice([0.5, 2.0, 4.0])).astype(np.float32)
+        with torch.no_grad():
+            _, ref_w, ref_idx = v2_reference(E, G, KG, K, method, scale)(torch.from_numpy(logits))
+        ref_idx, order = ref_idx.sort(dim=-1)
+        ref_w = ref_w.gather(1, order).numpy()
+        rule = RoutingRule(True, method == "group_limited_greedy", False, E, G if method != "greedy" else 1,
+                           KG if method != "greedy" else 1, K, False, scale)
+        plan = Router(np.eye(E, dtype=np.float32), None, rule, T).route_logits(logits)
+        ids, w = route_torch(torch.from_numpy(logits), None, rule)
+        np.testing.assert_array_equal(plan.topk_idx, ref_idx.numpy())
+        np.testing.assert_array_equal(ids.numpy(), ref_idx.numpy())
+        np.testing.assert_allclose(plan.topk_weight, ref_w, rtol=5e-6, atol=0)   # a few ulps: sum order, exp
+        np.testing.assert_allclose(w.numpy(), ref_w, rtol=5e-6, atol=0)
+        n_tokens += T
+    assert n_tokens == 12_000
+
+
+def test_rule_from_config_for_each_family():
     from runtime.config import ModelConfig
 
     v3 = RoutingRule.from_config(ModelConfig.from_dict({"model_type": "deepseek_v3"}))
     assert v3 == RoutingRule(False, False, True, 256, 8, 4, 8, True, 2.5)
+    lite = ModelConfig.from_dict({"model_type": "deepseek_v2", "n_routed_experts": 64, "num_experts_per_tok": 6,
+                                  "topk_method": "greedy", "n_group": 1, "topk_group": 1, "q_lora_rank": None})
+    assert RoutingRule.from_config(lite) == RoutingRule(True, False, False, 64, 1, 1, 6, False, 1.0)
+    v2 = ModelConfig.from_dict({"model_type": "deepseek_v2", "n_routed_experts": 160, "num_experts_per_tok": 6,
+                                "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3,
+                                "routed_scaling_factor": 16.0})
+    assert RoutingRule.from_config(v2) == RoutingRule(True, True, False, 160, 8, 3, 6, False, 16.0)
 
 
 @pytest.mark.parametrize("H,E", [(64, 8), (61, 16), (1024, 64), (7168, 256), (13, 256)])
@@ -276,6 +329,7 @@ def test_bad_inputs_raise_clear_errors():
         v3_rule(10, 4, 1, 1, True, 1.0).check()
     with pytest.raises(ValueError, match="at least 2 experts per group"):
         v3_rule(8, 8, 1, 1, True, 1.0).check()
+    RoutingRule(True, True, False, 8, 8, 2, 1, False, 1.0).check()   # a group's max needs one expert only
     with pytest.raises(ValueError, match="topk_group"):
         v3_rule(16, 4, 5, 1, True, 1.0).check()
     with pytest.raises(ValueError, match="num_experts_per_tok"):
