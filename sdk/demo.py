@@ -83,7 +83,10 @@ def free_port() -> int:
 
 def demo_config(port: int, recording: Path, example: Path | None = None):
     """The example's deployment config, pointed at ``port`` and recording to ``recording``."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:                               # Python 3.10
+        import tomli as tomllib
 
     from sdk.config import DeployConfig
 

@@ -17,11 +17,15 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:                               # Python 3.10
+    import tomli as tomllib
 
 from examples.factory_loop import expert as E
 from examples.factory_loop import plant as P
