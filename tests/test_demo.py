@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sdk import cli
+from sdk.config import DeployConfig
 from sdk.controller import Controller
 from sdk.demo import (EXAMPLE, MAX_RATIO, MAX_VS_NO_CONTROL, PlantProcess, demo_config, find_example,
                       free_port, run_demo, wait_for_plc)
@@ -100,6 +102,9 @@ def test_killed_plc_fails_safe_within_the_heartbeat_timeout_and_recovers(tmp_pat
     assert not runner.is_alive()
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def test_demo_finds_its_example_and_cli_reports_a_bad_duration(capsys):
     assert find_example() == EXAMPLE
     assert cli.main(["demo", "--duration", "1", "--json"]) == 2
@@ -111,3 +116,10 @@ def test_demo_says_what_is_missing(tmp_path):
 
     with pytest.raises(DemoError, match="deploy.toml: missing"):
         find_example(tmp_path)
+
+
+def test_the_example_paths_of_a_clone_are_the_shipped_files():
+    example = ROOT / "examples" / "factory_loop"
+    assert (example / "deploy.toml").resolve() == EXAMPLE / "deploy.toml"
+    assert (example / "model").resolve() == EXAMPLE / "model"
+    assert DeployConfig.load(example / "deploy.toml").model.path == EXAMPLE / "model"

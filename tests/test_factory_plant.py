@@ -10,21 +10,25 @@ deploy.toml matches the plant's register map.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from examples.factory_loop import expert as E
-from examples.factory_loop import plant as P
+try:
+    import tomllib
+except ModuleNotFoundError:                               # Python 3.10
+    import tomli as tomllib
+
+from sdk.demo import PLANT
+from sdk.demo import expert as E
+from sdk.demo import plant as P
 
 ROOT = Path(__file__).resolve().parents[1]
 MBPOLL = shutil.which("mbpoll")
@@ -208,11 +212,8 @@ def test_plant_server_answers_modbus(plc):
 
 
 def _spawn_plant(port: int, seed: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "examples.factory_loop.plant", "--port", str(port),
-         "--seed", str(seed), "--duration", "60"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen([sys.executable, str(PLANT), "--port", str(port), "--seed", str(seed),
+                             "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert "listening on" in line, line
     return proc

@@ -1,2 +1,4 @@
-"""The factory loop example: a heated-tank plant served over Modbus, its expert controller,
-and the data that teaches a sensor-mode MoE policy to imitate that expert."""
+"""The factory loop example: ``train_policy`` rebuilds the sensor-mode MoE policy that imitates
+the heated tank's expert controller. The plant, the expert, ``deploy.toml`` and the bundled
+package live in :mod:`sdk.demo` (``r1edge demo`` ships them); ``deploy.toml`` and ``model``
+here link to them."""

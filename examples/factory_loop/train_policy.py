@@ -1,10 +1,10 @@
 """Rebuild the demo's bundled policy: train, compress, and score it in closed loop.
 
 ``python -m examples.factory_loop.train_policy`` (from the repository root) writes
-``examples/factory_loop/model/``, the package ``r1edge demo`` runs. Seeded end to end; the
-figures it prints are the ones quoted in the README.
+``sdk/demo/model/`` (``examples/factory_loop/model`` links to it), the package ``r1edge demo``
+runs. Seeded end to end; the figures it prints are the ones quoted in the README.
 
-1. Imitation data: :func:`expert.generate_dataset` (the windowed-PID expert, with slow
+1. Imitation data: :func:`sdk.demo.expert.generate_dataset` (the windowed-PID expert, with slow
    random perturbations of the applied commands so the policy also sees states off the
    expert's own path), from plant seeds that neither the evaluation nor the demo uses.
 2. A small DeepSeek-V3-architecture model (MLA attention, one dense layer, then MoE layers
@@ -12,8 +12,8 @@ figures it prints are the ones quoted in the README.
    randomly initialised and trained whole with ``sdk.fit`` on 32-frame sliding windows (the
    deployment's ``window``), routers kept balanced by the bias update of DeepSeek-V3.
 3. Every ``--eval-every`` steps the policy is scored in closed loop: the plant simulated
-   with the controller of ``deploy.toml`` in the loop (input checks, output clamps, rate
-   limits) running the int8 stream engine, on held-out plant seeds, against the expert on
+   with the controller of the demo's ``deploy.toml`` in the loop (input checks, output clamps,
+   rate limits) running the int8 stream engine, on held-out plant seeds, against the expert on
    the same disturbances. Training stops once the policy is within ``--target`` of the
    expert (or after ``--steps``).
 4. ``sdk.compress``: half the routed experts pruned by REAP saliency, int8 (W8A8), calibrated
@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import expert as E
-from . import plant as P
+from sdk.demo import EXAMPLE
+from sdk.demo import expert as E
+from sdk.demo import plant as P
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).resolve().parent
-DEPLOY = HERE / "deploy.toml"
+DEPLOY = EXAMPLE / "deploy.toml"
 
 #: The policy's architecture: DeepSeek-V3 in miniature.
 CONFIG = dict(
@@ -86,7 +86,7 @@ def _line(name: str, fig: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Train, compress and score the bundled policy; returns 0 if it meets ``--target``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(HERE / "model"), help="package to write (default: the bundled one)")
+    ap.add_argument("--out", default=str(EXAMPLE / "model"), help="package to write (default: the bundled one)")
     ap.add_argument("--episodes", type=int, default=96, help="imitation episodes (default: %(default)s)")
     ap.add_argument("--episode-s", type=float, default=30.0, help="seconds per episode (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=3000, help="most training steps (default: %(default)s)")

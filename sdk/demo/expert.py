@@ -28,8 +28,8 @@ actuator limits as the controller that runs the policy. ``raw`` keeps the comman
 the rate limit: that is the training target, because the controller rate-limits the
 policy's output itself.
 
-``python -m examples.factory_loop.expert`` prints tracking figures (expert vs no control);
-``python -m examples.factory_loop.expert --dataset out.npz`` writes the imitation data.
+``python -m sdk.demo.expert`` prints tracking figures (expert vs no control);
+``python -m sdk.demo.expert --dataset out.npz`` writes the imitation data.
 """
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def generate_dataset(n_episodes: int, episode_s: float = 30.0, seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m examples.factory_loop.expert``: tracking figures, or ``--dataset`` data."""
+    """``python -m sdk.demo.expert``: tracking figures, or ``--dataset`` data."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10, help="episodes to score (seeds 0..N-1)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per episode")

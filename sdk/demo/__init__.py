@@ -2,29 +2,29 @@
 
 What it does, with nothing to configure and no network beyond loopback:
 
-1. builds the controller of ``examples/factory_loop/deploy.toml`` (the bundled package: a
-   pruned, int8 DeepSeek-V3-architecture policy), pointed at a free loopback port and with
-   a flight recorder under ``--out``;
-2. starts the heated-tank PLC simulator (``examples/factory_loop/plant.py``) as a separate
-   process on that port, waits until its heartbeat and every input arrive, then runs the
-   control loop in Modbus client mode for ``--duration`` seconds of real time, with a live
-   status line;
+1. builds the controller of ``deploy.toml`` (the bundled package ``model/``: a pruned, int8
+   DeepSeek-V3-architecture policy), pointed at a free loopback port and with a flight
+   recorder under ``--out``;
+2. starts the heated-tank PLC simulator (``plant.py``) as a separate process on that port,
+   waits until its heartbeat and every input arrive, then runs the control loop in Modbus
+   client mode for ``--duration`` seconds of real time, with a live status line;
 3. stops the plant (it writes its log), and scores the run: tracking error of the MoE policy
-   beside the expert controller and no control simulated on the same seeded disturbances,
-   latency percentiles, deadline misses and fail-safe cycles;
+   beside the expert controller (``expert.py``) and no control simulated on the same seeded
+   disturbances, latency percentiles, deadline misses and fail-safe cycles;
 4. draws the plot (setpoints, measurements and actuators of the live run and the expert),
    and replays the flight recording through a fresh engine, checking every output bit for bit.
 
 It passes when the policy's tracking error is within 1.5x of the expert's and at most half
 of no control's, no cycle went to fail-safe, and the replay is bitwise identical.
 
-The example lives in the source tree (``examples/`` next to ``sdk/``), which is where an
-editable install (``scripts/bootstrap.sh``) finds it from any working directory.
+The files named above live in this package (``deploy.toml`` and ``model/`` as package data),
+so an installed wheel runs the demo with no source tree. In a clone,
+``examples/factory_loop/deploy.toml`` and ``examples/factory_loop/model`` link here, and
+``examples/factory_loop/train_policy.py`` rebuilds ``model/``.
 """
 from __future__ import annotations
 
 import logging
-import os
 import selectors
 import signal
 import socket
@@ -39,39 +39,25 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "factory_loop"
+EXAMPLE = Path(__file__).resolve().parent     # plant.py, expert.py, deploy.toml, model/
+PLANT = EXAMPLE / "plant.py"
 TRACK_FROM_S = 2.0          # the first seconds are start-up: scored from here on
 MAX_RATIO = 1.5             # policy / expert tracking error
 MAX_VS_NO_CONTROL = 0.5     # policy / no-control tracking error
 
 
 class DemoError(RuntimeError):
-    """The demo could not run (missing example files, the plant did not start, ...)."""
+    """The demo could not run (missing files, the plant did not start, ...)."""
 
 
-def find_example(root: Path = ROOT) -> Path:
-    """The factory-loop example directory, checked for the files the demo needs."""
-    example = root / "examples" / "factory_loop"
+def find_example(example: Path = EXAMPLE) -> Path:
+    """The directory of the factory-loop files, checked for the ones the demo needs."""
     for rel in ("deploy.toml", "plant.py", "expert.py", "model/manifest.json"):
         if not (example / rel).is_file():
-            raise DemoError(f"{example / rel}: missing. 'r1edge demo' runs the example in the source tree "
-                            f"next to the sdk package ({root}); install r1edge from a clone with "
-                            "'bash scripts/bootstrap.sh' (an editable install), or rebuild the bundled "
+            raise DemoError(f"{example / rel}: missing. 'r1edge demo' runs the factory loop shipped in "
+                            "the sdk.demo package; reinstall r1edge, or in a clone rebuild the bundled "
                             "model with 'python -m examples.factory_loop.train_policy'")
     return example
-
-
-def _example_modules(root: Path = ROOT):
-    """The plant and expert modules of the example (the source tree goes first on sys.path)."""
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from examples.factory_loop import expert, plant
-
-    if Path(plant.__file__).resolve().parent != (root / "examples" / "factory_loop").resolve():
-        raise DemoError(f"'examples.factory_loop' resolves to {plant.__file__}, not to {root}; "
-                        "another package named 'examples' shadows the source tree")
-    return plant, expert
 
 
 def free_port() -> int:
@@ -83,7 +69,10 @@ def free_port() -> int:
 
 def demo_config(port: int, recording: Path, example: Path | None = None):
     """The example's deployment config, pointed at ``port`` and recording to ``recording``."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:                               # Python 3.10
+        import tomli as tomllib
 
     from sdk.config import DeployConfig
 
@@ -96,30 +85,28 @@ def demo_config(port: int, recording: Path, example: Path | None = None):
 
 
 class PlantProcess:
-    """The PLC simulator as a child process (``python -m examples.factory_loop.plant``).
+    """The PLC simulator as a child process (``python .../sdk/demo/plant.py``).
 
+    The plant runs as a script, not as ``-m sdk.demo.plant``: it needs only numpy and
+    pymodbus, and importing the ``sdk`` package would load torch into the PLC process.
     ``start()`` returns once it listens; ``stop()`` sends SIGTERM (it then writes its log to
     ``log_path``) and waits; ``kill()`` sends SIGKILL. Its own log goes to ``stderr_path``.
     """
 
-    def __init__(self, port: int, seed: int, *, log_path: Path | None = None, stderr_path: Path | None = None,
-                 root: Path = ROOT):
-        self.port, self.seed, self.log_path, self.root = port, seed, log_path, root
+    def __init__(self, port: int, seed: int, *, log_path: Path | None = None, stderr_path: Path | None = None):
+        self.port, self.seed, self.log_path = port, seed, log_path
         self.stderr_path = stderr_path
         self.proc: subprocess.Popen | None = None
         self._stderr = None
 
     def start(self, timeout_s: float = 20.0) -> "PlantProcess":
         """Start the process and wait for its 'listening' line."""
-        cmd = [sys.executable, "-m", "examples.factory_loop.plant", "--host", "127.0.0.1",
-               "--port", str(self.port), "--seed", str(self.seed)]
+        cmd = [sys.executable, str(PLANT), "--host", "127.0.0.1", "--port", str(self.port),
+               "--seed", str(self.seed)]
         if self.log_path is not None:
             cmd += ["--log", str(self.log_path)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(self.root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self._stderr = open(self.stderr_path, "ab") if self.stderr_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         line = ""
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -268,12 +255,13 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
     ``status``: a stream for the live status line (None: none), refreshed in place if ``inplace``.
     """
     from sdk.controller import Controller, replay
+    from sdk.demo import expert as E
+    from sdk.demo import plant as P
 
     if not duration_s > TRACK_FROM_S:
         raise ValueError(f"duration must exceed {TRACK_FROM_S} s (the start-up that is not scored), "
                          f"got {duration_s}")
     example = find_example()
-    P, E = _example_modules()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     recording = out / "recording"

@@ -25,7 +25,7 @@ big-endian word order "ABCD"):
   ``HELD_ADDRESS`` 101 (uint16, 1 while the PLC is holding a command that was not refreshed
   within ``hold_after_s``).
 
-Run it as a process: ``python -m examples.factory_loop.plant --port 5020 --seed 0
+Run it as a process: ``python -m sdk.demo.plant --port 5020 --seed 0
 --duration 30 --log plant.npz``.
 """
 from __future__ import annotations
@@ -538,7 +538,7 @@ class PlantServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m examples.factory_loop.plant``: serve the plant until the duration or a signal."""
+    """``python -m sdk.demo.plant``: serve the plant until the duration or a signal."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5020)
