@@ -2,10 +2,13 @@
 
 This package never imports ``runtime`` or torch.
 
+- :mod:`plc_bridge.bridge` — :class:`~plc_bridge.bridge.Bridge`, the one interface the
+  controller sees (start, stop, input streams, snapshot, serves, publish, health), and the
+  optional :class:`~plc_bridge.bridge.Reporter` for bridges that answer status requests.
 - :mod:`plc_bridge.registers` — register map entries, value codecs (int16/uint16/int32/uint32/
   float32, ABCD/CDAB word order, scale and offset), validation at load, read/write planning.
-- :mod:`plc_bridge.modbus` — :class:`~plc_bridge.modbus.ModbusBridge`: server mode (the PLC
-  writes inputs and reads outputs) and client mode (we poll the PLC), on pymodbus asyncio,
+- :mod:`plc_bridge.modbus` — :class:`~plc_bridge.modbus.ModbusBridge`: one stream; server mode (the
+  PLC writes inputs and reads outputs) and client mode (we poll the PLC), on pymodbus asyncio,
   with heartbeat, fail-safe outputs, allow-list and capped reconnect backoff.
 - :mod:`plc_bridge.messages` — the msgpack message schemas and their hostile-input decoders.
 - :mod:`plc_bridge.zmq_bridge` — :class:`~plc_bridge.zmq_bridge.ZmqBridge` (SUB for sensor

@@ -1,9 +1,10 @@
 """Modbus TCP bridge on pymodbus 3.16 asyncio: server mode (the PLC writes inputs and reads
 outputs) and client mode (we poll the PLC and write outputs back).
 
-The bridge runs its own asyncio loop in a background thread. The controller's cycle talks to
-it only through :meth:`ModbusBridge.snapshot`, :meth:`ModbusBridge.publish` and
-:meth:`ModbusBridge.health`, which take a lock for microseconds and never touch the network.
+The bridge serves one stream (``[modbus] stream``, default "main") and runs its own asyncio
+loop in a background thread. The controller's cycle talks to it only through the
+:class:`~plc_bridge.bridge.Bridge` methods, which take a lock for microseconds and never touch
+the network.
 
 Server mode serves a register image built from the map, with these rules (Modbus
 application protocol V1.1b3, section 7):
@@ -46,6 +47,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimData, SimDevice
 
+from .bridge import Inputs
+from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing, worth_logging
 from .registers import ADDRESS_SPACE, BIT_TABLES, TABLES, MapEntry, RegisterMap, heartbeat_entry
 
@@ -59,7 +62,7 @@ EXCEPTION_NAMES = {1: "illegal_function", 2: "illegal_address", 3: "illegal_valu
 _NONE, _READ, _WRITE = 0, 1, 2
 _MBAP = struct.Struct(">HHHB")
 _MODBUS_KEYS = frozenset((
-    "mode", "host", "port", "device_id", "heartbeat", "map", "allow", "max_clients", "poll_ms",
+    "mode", "stream", "host", "port", "device_id", "heartbeat", "map", "allow", "max_clients", "poll_ms",
     "request_timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "max_read"))
 
 InputCallback = Callable[[dict], None]
@@ -67,6 +70,10 @@ InputCallback = Callable[[dict], None]
 
 class ModbusBridge:
     """Modbus TCP I/O for one PLC, in server or client mode, in a background thread.
+
+    A :class:`~plc_bridge.bridge.Bridge` serving exactly one stream (``stream``, default
+    "main"): the PLC's input registers are that stream's inputs, and its output registers
+    carry that stream's decision only.
 
     Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
     Inputs come out of :meth:`snapshot` (and the optional ``on_input`` callback, called in
@@ -80,13 +87,16 @@ class ModbusBridge:
     changes again; the next publish after that writes the controller's outputs.
     """
 
+    name = "modbus"
+
     def __init__(self, regmap: RegisterMap, failsafe: dict[str, float], *, mode: str, host: str,
-                 port: int, device_id: int = 1, allow: list | None = None, max_clients: int = 8,
-                 poll_ms: float = 10.0, request_timeout_ms: float = 200.0,
+                 port: int, stream: str = "main", device_id: int = 1, allow: list | None = None,
+                 max_clients: int = 8, poll_ms: float = 10.0, request_timeout_ms: float = 200.0,
                  reconnect_min_ms: float = 100.0, reconnect_max_ms: float = 5000.0,
                  on_input: InputCallback | None = None):
         self.regmap = regmap
         self.mode = mode
+        self.stream = stream
         self.host = host
         self.port = port
         self.device_id = device_id
@@ -134,6 +144,7 @@ class ModbusBridge:
         """Build from the deployment TOML's ``[modbus]`` table (with ``map``), the input
         names and ``{output name: failsafe value}``.
 
+        ``stream`` names the one stream this bridge serves (default "main").
         Optional keys besides the design's: ``allow`` (server: list of client addresses or
         networks), ``max_clients`` (server, default 8), ``poll_ms`` (client, default 10),
         ``request_timeout_ms`` (client, 200), ``reconnect_min_ms``/``reconnect_max_ms``
@@ -149,6 +160,10 @@ class ModbusBridge:
         mode = modbus.get("mode")
         if mode not in ("server", "client"):
             raise ValueError(f"modbus.mode: {mode!r} is not 'server' or 'client'")
+        stream = modbus.get("stream", "main")
+        if not isinstance(stream, str) or not 0 < len(stream) <= MAX_NAME_LEN:
+            raise ValueError(f"modbus.stream: {stream!r} is not a stream name "
+                             f"(a string of 1..{MAX_NAME_LEN} characters)")
         host = modbus.get("host", "127.0.0.1")
         if not isinstance(host, str) or not host:
             raise ValueError(f"modbus.host: {host!r} is not a host name or address")
@@ -182,7 +197,8 @@ class ModbusBridge:
             except ValueError as exc:
                 raise ValueError(f"{entry.name()}: failsafe value cannot be encoded: {exc}") from None
         return cls(regmap, {k: float(v) for k, v in outputs.items()}, mode=mode, host=host, port=port,
-                   device_id=device_id, allow=allow, max_clients=max_clients, on_input=on_input, **times)
+                   stream=stream, device_id=device_id, allow=allow, max_clients=max_clients,
+                   on_input=on_input, **times)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "ModbusBridge":
@@ -227,15 +243,27 @@ class ModbusBridge:
         self.stop()
 
     # ------------------------------------------------------------------ controller side
-    def snapshot(self) -> dict[str, tuple[float, int]]:
-        """``{input name: (value, rx time.monotonic_ns())}`` for every input received so far.
-        Never blocks on the network."""
+    def serves(self, stream: str) -> bool:
+        """True for this bridge's one stream only."""
+        return stream == self.stream
+
+    def input_streams(self) -> list[str]:
+        """This bridge's stream, whether or not the PLC has written an input yet (so that a
+        silent PLC shows as missing inputs)."""
+        return [self.stream]
+
+    def snapshot(self, stream: str | None = None) -> Inputs:
+        """``{input name: (value, rx time.monotonic_ns())}`` for every input received so far
+        (``stream``: this bridge's, the default; ``{}`` for any other). Never blocks on the network."""
+        if stream is not None and stream != self.stream:
+            return {}
         with self.lock:
             return dict(self._inputs)
 
     def publish(self, outputs: dict[str, float], status: str = "ok", seq: int = 0,
-                latency_us: float = 0.0, stream: str = "main") -> None:
-        """Hand the controller's outputs over without blocking.
+                latency_us: float = 0.0, stream: str | None = None) -> None:
+        """Hand the controller's outputs of this bridge's stream over without blocking
+        (``stream`` None: this bridge's; another stream raises ``ValueError``).
 
         Mapped outputs are encoded into their registers (server mode) or queued for the
         I/O thread to write to the PLC (client mode). Names that are not mapped outputs are
@@ -243,9 +271,11 @@ class ModbusBridge:
         output's fail-safe value and counted (``nonfinite_output``), whatever the register
         type: a PLC should never receive NaN. While the heartbeat is stale nothing is written
         but the fail-safe values.
-        ``status``, ``seq``, ``latency_us`` and ``stream`` are accepted for symmetry with
-        the ZeroMQ bridge; Modbus carries only the values.
+        ``status``, ``seq`` and ``latency_us`` are accepted for symmetry with the ZeroMQ
+        bridge; Modbus carries only the values.
         """
+        if stream is not None and stream != self.stream:
+            raise ValueError(f"modbus bridge serves stream {self.stream!r}, not {stream!r}")
         now = time.monotonic_ns()
         with self.lock:
             if not self._heartbeat_ok(now):

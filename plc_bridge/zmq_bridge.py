@@ -39,6 +39,7 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from . import messages
+from .bridge import Inputs, Provider
 from .messages import MessageError
 from .metrics import Counters, LatencyRing, worth_logging
 
@@ -59,8 +60,6 @@ _ZAP_DOMAIN = "r1edge"
 # stream name length, then the stream name and the packed decision. One frame, so one send
 # (each send lets the I/O thread take the GIL from the caller).
 _HANDOFF = struct.Struct("<cqH")
-
-Provider = Callable[[], dict]
 
 
 class CurveServer(NamedTuple):
@@ -120,11 +119,18 @@ def _client_socket(ctx: zmq.Context, kind: int, curve: CurveClient | None) -> zm
 class ZmqBridge:
     """ZeroMQ I/O for sensor frames, decisions and control, in a background thread.
 
+    A :class:`~plc_bridge.bridge.Bridge` serving every stream: inputs of each stream its
+    sensor publishers send, and decisions of every stream the controller runs. Also a
+    :class:`~plc_bridge.bridge.Reporter`: the control socket answers "status" and "stats"
+    from the providers registered.
+
     Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
     ``endpoints`` holds the bound addresses after ``start()`` (a ``:*`` port becomes the real
     one). ``on_input(stream, frame)`` is called in the I/O thread for each accepted frame; a
     :meth:`publish` made from inside it goes straight to the socket, without a thread hand-off.
     """
+
+    name = "zmq"
 
     def __init__(self, *, sensors: str | None = None, decisions: str | None = None, control: str | None = None,
                  curve: CurveServer | None = None, inputs: Sequence[str] | None = None,
@@ -277,7 +283,16 @@ class ZmqBridge:
         with self._lock:
             return dict(self._frames)
 
-    def snapshot(self, stream: str = "main") -> dict[str, tuple[float, int]]:
+    def serves(self, stream: str) -> bool:
+        """True: decisions of every stream go out on the ``decisions`` socket."""
+        return True
+
+    def input_streams(self) -> list[str]:
+        """The streams that have sent an accepted sensor frame."""
+        with self._lock:
+            return list(self._frames)
+
+    def snapshot(self, stream: str = "main") -> Inputs:
         """``{input name: (value, rx_ns)}``: the newest value of each signal of ``stream``
         (a frame may carry a subset of the signals)."""
         with self._lock:

@@ -9,6 +9,8 @@ under the watchdog, then clamps and rate-limits the outputs (``runtime.safety``)
 - ``step(inputs, stream="main")``: one synchronous cycle, for use inside someone else's loop.
 - ``run(duration_s=None)``: the periodic loop (``runtime.loop``), inputs from the configured
   bridges or a ``source`` callable, outputs to the bridges and/or a ``sink`` callable.
+  Bridges (``plc_bridge.bridge.Bridge``) are alike to the controller: each gives the inputs
+  of the streams it has and gets the decisions of the streams it serves.
 - ``stats()``: counters and latency histograms; ``close()`` or a ``with`` block to finish.
 
 With ``[recorder]`` every cycle is appended to a flight recording (``runtime.recorder``);
@@ -24,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from plc_bridge.bridge import Bridge, Reporter
 from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
                           monotonic_ns, set_compute_threads)
 from runtime.recorder import RecordingReader, FlightRecorder
@@ -70,6 +73,8 @@ class Controller:
 
     ``engine`` (optional) is anything with the engine's sensor interface; by default the
     engine is built from ``[model]``. ``bridges=False`` leaves ``[modbus]``/``[zmq]`` unused.
+    The configured bridges are in ``bridges``, and each is also an attribute named after it
+    (``ctrl.modbus``, ``ctrl.zmq``).
     """
 
     def __init__(self, config: DeployConfig, *, engine=None, bridges: bool = True):
@@ -115,7 +120,7 @@ class Controller:
         self._closed = False
         self._source: Source | None = None
         self._sink: Sink | None = None
-        self.modbus = self.zmq = None
+        self.bridges: list[Bridge] = []
         self.recorder: FlightRecorder | None = None
         try:
             if bridges:
@@ -190,7 +195,7 @@ class Controller:
         Inputs come from ``source`` if given, else from the configured bridges; outputs go to
         the bridges and to ``sink``. Bridges are started here and stopped on return.
         """
-        if source is None and self.modbus is None and self.zmq is None:
+        if source is None and not self.bridges:
             raise ValueError(f"{self.config.source}: no input source: configure [modbus] or [zmq], "
                              "or pass source=")
         with self._lock:
@@ -203,10 +208,9 @@ class Controller:
         self._source, self._sink = source, sink
         started = []
         try:
-            for bridge in (self.modbus, self.zmq):
-                if bridge is not None:
-                    bridge.start()
-                    started.append(bridge)
+            for bridge in self.bridges:
+                bridge.start()
+                started.append(bridge)
             rt = None
             if self.config.loop.realtime:
                 rt = RealtimeOptions(priority=self.config.loop.priority, cpu=self.config.loop.cpu)
@@ -249,14 +253,11 @@ class Controller:
                 if slot is not None:
                     self._fill(slot, values, now)
             return
-        if self.modbus is not None:
-            slot = self._slot("main")
-            self._fill_stamped(slot, self.modbus.snapshot())
-        if self.zmq is not None:
-            for stream in self.zmq.latest_frames():
+        for bridge in self.bridges:
+            for stream in bridge.input_streams():
                 slot = self._slot(stream)
                 if slot is not None:
-                    self._fill_stamped(slot, self.zmq.snapshot(stream))
+                    self._fill_stamped(slot, bridge.snapshot(stream))
 
     def _write(self, seq: int, tick_ns: int, latency_us: float) -> None:
         cycle, names, hb = self.cycle, self.output_names, float(self.cycle.heartbeat)
@@ -269,13 +270,13 @@ class Controller:
                     self._sink(stream, outputs, status, seq, latency_us)
                 except Exception as exc:
                     self._error("sink_errors", exc)
-            if self.modbus is None and self.zmq is None:
+            if not self.bridges:
                 continue
             outputs = {**outputs, HEARTBEAT: hb}
-            for bridge in (self.modbus, self.zmq):
-                if bridge is not None:
+            for bridge in self.bridges:
+                if bridge.serves(stream):
                     try:
-                        bridge.publish(outputs, status, seq, latency_us, stream=stream)
+                        bridge.publish(outputs, status, seq, latency_us, stream)
                     except Exception as exc:
                         self._error("write_errors", exc)
 
@@ -335,18 +336,22 @@ class Controller:
         self._activate(slot)
 
     def _fill_stamped(self, slot: int, snapshot: Mapping[str, tuple[float, int]]) -> None:
-        """Inputs from a bridge, each with its receive time."""
+        """Inputs from a bridge, each with its receive time. The first bridge to give a stream
+        inputs in a cycle starts from an empty row; the others merge into it signal by signal,
+        the newer receive time winning, so two bridges feeding one stream never wipe each other."""
         row, stamps = self.cycle.values[slot], self.cycle.stamps[slot]
-        row.fill(np.nan)
-        stamps.fill(MISSING_STAMP)
+        if not self.cycle.active[slot]:
+            row.fill(np.nan)
+            stamps.fill(MISSING_STAMP)
+            self._activate(slot)
         for name, (value, rx_ns) in snapshot.items():
             j = self._in_index.get(name)
             if j is None:
                 self._unknown(name)
                 continue
-            row[j] = value
-            stamps[j] = rx_ns
-        self._activate(slot)
+            if rx_ns > stamps[j]:
+                row[j] = value
+                stamps[j] = rx_ns
 
     def _clear_active(self) -> None:
         self.cycle.active.fill(False)
@@ -450,8 +455,7 @@ class Controller:
             "recorder": None if self.recorder is None else {
                 "path": str(self.recorder.path), "records": self.recorder.records,
                 "bytes": self.recorder.bytes_written},
-            "bridges": {name: b.health() for name, b in (("modbus", self.modbus), ("zmq", self.zmq))
-                        if b is not None},
+            "bridges": {b.name: b.health() for b in self.bridges},
         })
         return out
 
@@ -464,9 +468,8 @@ class Controller:
         self.loop.stop()
         if not self._idle.wait(10.0):
             logger.error("the control loop did not stop within 10 s; closing anyway")
-        for bridge in (self.modbus, self.zmq):
-            if bridge is not None:
-                bridge.stop()
+        for bridge in self.bridges:
+            bridge.stop()
         if self.recorder is not None:
             self.recorder.close()
         self.worker.close()
@@ -477,16 +480,25 @@ class Controller:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __getattr__(self, name: str) -> Bridge:
+        """A configured bridge by its name (``ctrl.modbus``, ``ctrl.zmq``)."""
+        for bridge in self.__dict__.get("bridges", ()):
+            if bridge.name == name:
+                return bridge
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _make_bridges(self) -> None:
         cfg = self.config
         if cfg.modbus is not None:
             from plc_bridge.modbus import ModbusBridge
-            self.modbus = ModbusBridge.from_config(cfg.modbus, self.input_names, bridge_outputs(cfg.outputs))
+            self.bridges.append(ModbusBridge.from_config(cfg.modbus, self.input_names, bridge_outputs(cfg.outputs)))
         if cfg.zmq is not None:
             from plc_bridge.zmq_bridge import ZmqBridge
-            self.zmq = ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names)
-            self.zmq.set_stats_provider(self.stats)
-            self.zmq.set_status_provider(self._status_all)
+            self.bridges.append(ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names))
+        for bridge in self.bridges:
+            if isinstance(bridge, Reporter):
+                bridge.set_stats_provider(self.stats)
+                bridge.set_status_provider(self._status_all)
 
     def _status_all(self) -> dict:
         return {"running": self._running, "cycles": self.counters["cycles"], "heartbeat": self.cycle.heartbeat,

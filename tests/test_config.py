@@ -207,6 +207,14 @@ curve = {{ secret_key = "keys/{secret.name}" }}
     assert cfg.zmq["sensors"] == "tcp://127.0.0.1:5556"
 
 
+def test_modbus_stream_is_kept_and_checked(tmp_path):
+    cfg = DeployConfig.load(write(tmp_path, BASE + MODBUS.replace("port = 5020", 'port = 5020\nstream = "line1"')))
+    assert cfg.modbus["stream"] == "line1"
+    path = write(tmp_path, BASE + MODBUS.replace("port = 5020", 'port = 5020\nstream = ""'))
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + r": modbus\.stream: '' is not a stream name"):
+        DeployConfig.load(path)
+
+
 def test_modbus_map_errors_name_the_file(tmp_path):
     bad = MODBUS.replace('signal = "valve"', 'signal = "valv"')
     path = write(tmp_path, BASE + bad)

@@ -438,13 +438,20 @@ def test_modbus_server_bridge_in_the_loop(tmp_path, model, controllers):
     assert stats["bridges"]["modbus"]["mode"] == "server" and stats["write_errors"] == 0
 
 
+ZMQ_ANY_PORT = """
+[zmq]
+sensors = "tcp://127.0.0.1:*"
+decisions = "tcp://127.0.0.1:*"
+control = "tcp://127.0.0.1:*"
+"""
+
+
 def test_zmq_bridge_streams_decisions_and_control(tmp_path, model, controllers):
     """Two sensor streams over ZeroMQ, decisions back per stream, stats over the control socket."""
     from plc_bridge.zmq_bridge import ControlClient, DecisionSubscriber, SensorPublisher
 
     deploy = write_deploy(tmp_path, period_ms=20.0, budget_ms=15.0)
-    deploy.write_text(deploy.read_text() + '[zmq]\nsensors = "tcp://127.0.0.1:*"\n'
-                      'decisions = "tcp://127.0.0.1:*"\ncontrol = "tcp://127.0.0.1:*"\n')
+    deploy.write_text(deploy.read_text() + ZMQ_ANY_PORT)
     ctrl = controllers(deploy, Engine(model, capacity=4, window=8))
     thread, result = run_in_thread(ctrl)
     wait_for(lambda: len(ctrl.zmq.endpoints) == 3, what="zmq endpoints")
@@ -479,3 +486,149 @@ def test_zmq_bridge_streams_decisions_and_control(tmp_path, model, controllers):
         ctrl.stop()
         thread.join(10)
     assert result["invalid_inputs"]["range"] > 0 and result["write_errors"] == 0
+
+
+# Both bridges: the PLC (Modbus server, stream "main") and ZeroMQ; valve, heater and the
+# output heartbeat in consecutive registers, so that one read gets one cycle's outputs.
+BOTH_BRIDGES = MODBUS_SERVER.replace("port = 0", 'port = 0\nstream = "main"').replace(
+    "address = 20", "address = 14") + ZMQ_ANY_PORT
+
+
+def both_bridges_deploy(tmp_path, stale_ms: float, recorder: Path | None = None) -> Path:
+    """A deployment with BOTH_BRIDGES at 50 Hz; every input goes stale after ``stale_ms``."""
+    deploy = write_deploy(tmp_path, period_ms=20.0, budget_ms=15.0, recorder=recorder)
+    text = deploy.read_text().replace("[[inputs]]\n", f"[[inputs]]\nstale_ms = {stale_ms}\n")
+    deploy.write_text(text + BOTH_BRIDGES)
+    return deploy
+
+
+def plc_write(client, **values) -> None:
+    """The PLC writes inputs of BOTH_BRIDGES' map (float32 at level 0, temp 2, flow 4)."""
+    for name, value in values.items():
+        regs = client.convert_to_registers(value, client.DATATYPE.FLOAT32)
+        assert not client.write_registers(2 * INPUTS.index(name), regs).isError()
+
+
+def plc_read(client) -> tuple[float, float, int]:
+    """(valve, heater, output heartbeat) as the PLC reads them, in one request."""
+    r = client.read_holding_registers(10, count=5)
+    assert not r.isError(), r
+    f32 = client.DATATYPE.FLOAT32
+    return (client.convert_from_registers(r.registers[0:2], f32),
+            client.convert_from_registers(r.registers[2:4], f32), r.registers[4])
+
+
+def test_modbus_carries_main_only_while_zmq_streams_get_theirs(tmp_path, model, controllers):
+    """Modbus (stream "main") and ZeroMQ (stream "z1") at once, through a real Modbus client and
+    real ZeroMQ sockets: the PLC's registers carry main's decision of the cycle they show and
+    never z1's, also once z1's frames stop and it fails safe; ZeroMQ gets both streams."""
+    from pymodbus.client import ModbusTcpClient
+
+    from plc_bridge.zmq_bridge import DecisionSubscriber, SensorPublisher
+
+    ctrl = controllers(both_bridges_deploy(tmp_path, stale_ms=1000), Engine(model, capacity=4, window=8))
+    thread, result = run_in_thread(ctrl)
+    wait_for(lambda: ctrl.modbus.health()["running"] and len(ctrl.zmq.endpoints) == 3, what="bridges")
+    plc = ModbusTcpClient("127.0.0.1", port=ctrl.modbus.port)
+    pub, sub = SensorPublisher(ctrl.zmq.endpoints["sensors"]), DecisionSubscriber(ctrl.zmq.endpoints["decisions"])
+    decisions: dict[tuple[str, int], dict] = {}            # (stream, output heartbeat) -> decision
+    z1 = {"on": True, "seq": 0}
+
+    def fed(cond):
+        """``cond`` after one round of plant traffic: the PLC refreshes main's inputs, z1's
+        publisher sends a frame (while on), decisions received so far are collected."""
+        def step():
+            plc_write(plc, level=1.0, temp=50.0, flow=0.3)
+            if z1["on"]:
+                pub.send("z1", z1["seq"], {"level": -1.0, "temp": 20.0, "flow": -0.2})
+                z1["seq"] += 1
+            while (d := sub.recv(timeout_ms=5)) is not None:
+                decisions[d["stream"], int(d["outputs"]["_heartbeat"])] = d
+            return cond()
+        return step
+
+    def in_float32(decision):
+        return tuple(float(np.float32(decision["outputs"][k])) for k in ("valve", "heater"))
+
+    def registers_are_mains(z1_status: str) -> bool:
+        """Read the PLC's registers: they must be main's decision of the cycle they show. True
+        if in that cycle main was ok and z1 had ``z1_status``, and z1's decision differed."""
+        valve, heater, hb = plc_read(plc)
+        wait_for(fed(lambda: ("main", hb) in decisions and ("z1", hb) in decisions),
+                 what=f"the decisions of heartbeat {hb}")
+        main, other = decisions["main", hb], decisions["z1", hb]
+        assert (valve, heater) == in_float32(main)
+        # A cycle over its inference budget fails safe for every stream: nothing to tell apart.
+        if main["status"] != "ok" or other["status"] != z1_status:
+            return False
+        assert (valve, heater) != in_float32(other)
+        return True
+
+    def five_cycles_of_registers(z1_status: str) -> None:
+        checked, deadline = 0, time.monotonic() + 30
+        while checked < 5:
+            assert time.monotonic() < deadline, f"{checked} cycles with main ok and z1 {z1_status}"
+            checked += registers_are_mains(z1_status)
+
+    try:
+        assert plc.connect() and pub.wait_ready()
+        wait_for(fed(lambda: sum(s == "z1" and d["status"] == "ok" for (s, _), d in decisions.items()) >= 5),
+                 what="z1's decisions")
+        five_cycles_of_registers("ok")
+
+        z1["on"] = False                                  # z1's frames stop: stale, then fail-safe
+        all_stale = {"level": "stale", "temp": "stale", "flow": "stale"}
+        wait_for(fed(lambda: ctrl.status("z1")["invalid"] == all_stale), what="z1's inputs to go stale")
+        five_cycles_of_registers("failsafe")
+    finally:
+        plc.close()
+        pub.close()
+        sub.close()
+        ctrl.stop()
+        thread.join(10)
+    assert set(result["bridges"]) == {"modbus", "zmq"} and result["write_errors"] == 0
+    assert set(result["streams"]["names"]) == {"main", "z1"}
+
+
+def test_a_zmq_frame_for_main_merges_with_the_plc_inputs_by_receive_time(tmp_path, model, controllers):
+    """A ZeroMQ frame for "main" carrying only `level` leaves the PLC's `temp` and `flow` in
+    place; per signal the newer value wins, whichever bridge it came from."""
+    from pymodbus.client import ModbusTcpClient
+
+    from plc_bridge.zmq_bridge import SensorPublisher
+
+    rec = tmp_path / "rec"
+    ctrl = controllers(both_bridges_deploy(tmp_path, stale_ms=60000, recorder=rec),
+                       Engine(model, capacity=4, window=8))
+    thread, _ = run_in_thread(ctrl)
+    wait_for(lambda: ctrl.modbus.health()["running"] and len(ctrl.zmq.endpoints) == 3, what="bridges")
+    plc = ModbusTcpClient("127.0.0.1", port=ctrl.modbus.port)
+    pub = SensorPublisher(ctrl.zmq.endpoints["sensors"])
+
+    def two_more_cycles():
+        n = ctrl.counters["cycles"]
+        wait_for(lambda: ctrl.counters["cycles"] >= n + 2, what="two cycles")
+
+    try:
+        assert plc.connect() and pub.wait_ready()
+        plc_write(plc, level=1.0, temp=50.0, flow=0.3)
+        wait_for(lambda: "main" in ctrl.slots and ctrl.status()["status"] == "ok", what="main ok")
+        pub.send("main", 0, {"level": 1.2})                # newer than the PLC's level
+        wait_for(lambda: "level" in ctrl.zmq.snapshot("main"), what="the frame")
+        two_more_cycles()
+        plc_write(plc, level=1.1)                          # the PLC's level is the newer one again
+        wait_for(lambda: ctrl.modbus.snapshot()["level"][0] == float(np.float32(1.1)), what="the PLC's write")
+        two_more_cycles()
+    finally:
+        plc.close()
+        pub.close()
+        ctrl.stop()
+        thread.join(10)
+    ctrl.close()
+    main = [e for r in RecordingReader(rec) if r.get("type") == "cycle" for e in r["streams"] if e["s"] == "main"]
+    first_full = next(i for i, e in enumerate(main) if "bad" not in e)   # the PLC's three writes landed
+    assert all("bad" not in e for e in main[first_full:])
+    xs = [e["x"] for e in main[first_full:]]
+    changes = [x for i, x in enumerate(xs) if i == 0 or x != xs[i - 1]]
+    level, flow = float(np.float32(1.1)), float(np.float32(0.3))     # float32 registers
+    assert changes == [[1.0, 50.0, flow], [1.2, 50.0, flow], [level, 50.0, flow]]

@@ -10,6 +10,7 @@ import time
 import pytest
 from pymodbus.client import ModbusTcpClient
 
+from plc_bridge.bridge import Bridge, Reporter
 from plc_bridge.modbus import ModbusBridge
 from tests.conftest import wait_for
 
@@ -105,6 +106,29 @@ def test_mbpoll_reads_outputs_in_every_table(bridge):
     assert mbpoll_read(p, "-t", "4:float", "-B", "-r", "10") == [0.25]
     assert mbpoll_read(p, "-t", "4", "-r", "14") == [0]
     assert bridge.health()["errors"]["nonfinite_output"] == 2
+
+
+def test_serves_exactly_its_stream():
+    b = make_bridge(stream="line1").start()
+    try:
+        assert isinstance(b, Bridge) and not isinstance(b, Reporter) and b.name == "modbus"
+        assert b.serves("line1") and not b.serves("main") and b.input_streams() == ["line1"]
+        mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[1.5])
+        assert b.snapshot("line1")["level"][0] == b.snapshot()["level"][0] == 1.5
+        assert b.snapshot("main") == {}
+        with pytest.raises(ValueError, match="serves stream 'line1', not 'main'"):
+            b.publish({"valve": 0.75}, "ok", 1, 0.0, "main")
+        assert mbpoll_read(b.port, "-t", "4:float", "-B", "-r", "10") == [0.25]     # still the fail-safe
+        b.publish({"valve": 0.75}, "ok", 2, 0.0, "line1")
+        assert mbpoll_read(b.port, "-t", "4:float", "-B", "-r", "10") == [0.75]
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("stream", ["", 5, "x" * 65])
+def test_stream_must_be_a_stream_name(stream):
+    with pytest.raises(ValueError, match="modbus.stream: .* is not a stream name"):
+        make_bridge(stream=stream)
 
 
 def test_exception_codes_for_unknown_addresses_and_output_writes(bridge):

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from plc_bridge import messages
+from plc_bridge.bridge import Bridge, Reporter
 from plc_bridge.messages import MessageError, decode_sensor
 from plc_bridge.zmq_bridge import (ControlClient, DecisionSubscriber, SensorPublisher, ZmqBridge,
                                    load_client_curve, make_keys)
@@ -56,6 +57,9 @@ def test_sensor_frames_latest_per_stream_without_slow_joiner_loss():
         snap = b.snapshot("b")
         assert snap["level"][0] == 399.0 and snap["temp"][0] == -397.0
         assert b.snapshot("nope") == {}
+        # As a Bridge: inputs of every stream that sent a frame, decisions of any stream.
+        assert isinstance(b, Bridge) and isinstance(b, Reporter) and b.name == "zmq"
+        assert sorted(b.input_streams()) == ["a", "b"] and b.serves("a") and b.serves("nope")
         h = b.health()
         assert h["frames"] == 401 and h["bad"] == {"unknown_signal": 1} and h["errors"].get("seq_gaps", 0) == 0
     finally:
