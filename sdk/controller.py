@@ -73,8 +73,7 @@ class Controller:
 
     ``engine`` (optional) is anything with the engine's sensor interface; by default the
     engine is built from ``[model]``. ``bridges=False`` leaves ``[modbus]``/``[zmq]`` unused.
-    The configured bridges are in ``bridges``, and each is also an attribute named after it
-    (``ctrl.modbus``, ``ctrl.zmq``).
+    The configured bridges are in ``bridges``; ``bridge(name)`` finds one by its name.
     """
 
     def __init__(self, config: DeployConfig, *, engine=None, bridges: bool = True):
@@ -480,12 +479,12 @@ class Controller:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __getattr__(self, name: str) -> Bridge:
-        """A configured bridge by its name (``ctrl.modbus``, ``ctrl.zmq``)."""
-        for bridge in self.__dict__.get("bridges", ()):
+    def bridge(self, name: str) -> Bridge:
+        """The configured bridge called ``name`` ("modbus", "zmq"); KeyError if there is none."""
+        for bridge in self.bridges:
             if bridge.name == name:
                 return bridge
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise KeyError(f"no {name!r} bridge configured (configured: {[b.name for b in self.bridges]})")
 
     def _make_bridges(self) -> None:
         cfg = self.config

@@ -403,8 +403,8 @@ def test_modbus_server_bridge_in_the_loop(tmp_path, model, controllers):
                       .replace('max = 10.0', 'max = 10.0\nstale_ms = 60000') + MODBUS_SERVER)
     ctrl = controllers(deploy, Engine(model, capacity=4, window=8))
     thread, result = run_in_thread(ctrl)
-    wait_for(lambda: ctrl.modbus.health()["running"] and ctrl.modbus.port, what="modbus server")
-    client = ModbusTcpClient("127.0.0.1", port=ctrl.modbus.port)
+    wait_for(lambda: ctrl.bridge("modbus").health()["running"] and ctrl.bridge("modbus").port, what="modbus server")
+    client = ModbusTcpClient("127.0.0.1", port=ctrl.bridge("modbus").port)
     f32 = client.DATATYPE.FLOAT32
     try:
         assert client.connect()
@@ -454,8 +454,8 @@ def test_zmq_bridge_streams_decisions_and_control(tmp_path, model, controllers):
     deploy.write_text(deploy.read_text() + ZMQ_ANY_PORT)
     ctrl = controllers(deploy, Engine(model, capacity=4, window=8))
     thread, result = run_in_thread(ctrl)
-    wait_for(lambda: len(ctrl.zmq.endpoints) == 3, what="zmq endpoints")
-    eps = ctrl.zmq.endpoints
+    wait_for(lambda: len(ctrl.bridge("zmq").endpoints) == 3, what="zmq endpoints")
+    eps = ctrl.bridge("zmq").endpoints
     pub, sub, control = SensorPublisher(eps["sensors"]), DecisionSubscriber(eps["decisions"]), ControlClient(eps["control"])
     try:
         assert pub.wait_ready()
@@ -528,9 +528,9 @@ def test_modbus_carries_main_only_while_zmq_streams_get_theirs(tmp_path, model, 
 
     ctrl = controllers(both_bridges_deploy(tmp_path, stale_ms=1000), Engine(model, capacity=4, window=8))
     thread, result = run_in_thread(ctrl)
-    wait_for(lambda: ctrl.modbus.health()["running"] and len(ctrl.zmq.endpoints) == 3, what="bridges")
-    plc = ModbusTcpClient("127.0.0.1", port=ctrl.modbus.port)
-    pub, sub = SensorPublisher(ctrl.zmq.endpoints["sensors"]), DecisionSubscriber(ctrl.zmq.endpoints["decisions"])
+    wait_for(lambda: ctrl.bridge("modbus").health()["running"] and len(ctrl.bridge("zmq").endpoints) == 3, what="bridges")
+    plc = ModbusTcpClient("127.0.0.1", port=ctrl.bridge("modbus").port)
+    pub, sub = SensorPublisher(ctrl.bridge("zmq").endpoints["sensors"]), DecisionSubscriber(ctrl.bridge("zmq").endpoints["decisions"])
     decisions: dict[tuple[str, int], dict] = {}            # (stream, output heartbeat) -> decision
     z1 = {"on": True, "seq": 0}
 
@@ -601,9 +601,9 @@ def test_a_zmq_frame_for_main_merges_with_the_plc_inputs_by_receive_time(tmp_pat
     ctrl = controllers(both_bridges_deploy(tmp_path, stale_ms=60000, recorder=rec),
                        Engine(model, capacity=4, window=8))
     thread, _ = run_in_thread(ctrl)
-    wait_for(lambda: ctrl.modbus.health()["running"] and len(ctrl.zmq.endpoints) == 3, what="bridges")
-    plc = ModbusTcpClient("127.0.0.1", port=ctrl.modbus.port)
-    pub = SensorPublisher(ctrl.zmq.endpoints["sensors"])
+    wait_for(lambda: ctrl.bridge("modbus").health()["running"] and len(ctrl.bridge("zmq").endpoints) == 3, what="bridges")
+    plc = ModbusTcpClient("127.0.0.1", port=ctrl.bridge("modbus").port)
+    pub = SensorPublisher(ctrl.bridge("zmq").endpoints["sensors"])
 
     def two_more_cycles():
         n = ctrl.counters["cycles"]
@@ -614,10 +614,10 @@ def test_a_zmq_frame_for_main_merges_with_the_plc_inputs_by_receive_time(tmp_pat
         plc_write(plc, level=1.0, temp=50.0, flow=0.3)
         wait_for(lambda: "main" in ctrl.slots and ctrl.status()["status"] == "ok", what="main ok")
         pub.send("main", 0, {"level": 1.2})                # newer than the PLC's level
-        wait_for(lambda: "level" in ctrl.zmq.snapshot("main"), what="the frame")
+        wait_for(lambda: "level" in ctrl.bridge("zmq").snapshot("main"), what="the frame")
         two_more_cycles()
         plc_write(plc, level=1.1)                          # the PLC's level is the newer one again
-        wait_for(lambda: ctrl.modbus.snapshot()["level"][0] == float(np.float32(1.1)), what="the PLC's write")
+        wait_for(lambda: ctrl.bridge("modbus").snapshot()["level"][0] == float(np.float32(1.1)), what="the PLC's write")
         two_more_cycles()
     finally:
         plc.close()

@@ -68,7 +68,7 @@ def test_killed_plc_fails_safe_within_the_heartbeat_timeout_and_recovers(tmp_pat
         t_kill = time.monotonic()
         plants[0].kill()
         t_ctrl = _wait(lambda: ctrl.status()["status"] == "failsafe", 3.0)
-        t_bridge = _wait(lambda: ctrl.modbus.health()["failsafe"], 3.0)
+        t_bridge = _wait(lambda: ctrl.bridge("modbus").health()["failsafe"], 3.0)
         assert t_ctrl is not None and t_bridge is not None
         # inputs go stale first (stale_ms); the bridge trips on the heartbeat at the next publish
         assert t_ctrl - t_kill <= timeout_s + 2 * period_s, t_ctrl - t_kill
@@ -80,12 +80,12 @@ def test_killed_plc_fails_safe_within_the_heartbeat_timeout_and_recovers(tmp_pat
 
         plants.append(PlantProcess(port, seed=2, log_path=tmp_path / "plant2.npz",
                                    stderr_path=tmp_path / "plant.log").start())
-        t_back = _wait(lambda: ctrl.status()["status"] == "ok" and not ctrl.modbus.health()["failsafe"], 15.0)
-        assert t_back is not None, ctrl.modbus.health()
+        t_back = _wait(lambda: ctrl.status()["status"] == "ok" and not ctrl.bridge("modbus").health()["failsafe"], 15.0)
+        assert t_back is not None, ctrl.bridge("modbus").health()
         cycles = ctrl.counters["failsafe_cycles"]
         time.sleep(0.5)
         assert ctrl.status()["status"] == "ok" and ctrl.counters["failsafe_cycles"] == cycles
-        health = ctrl.modbus.health()
+        health = ctrl.bridge("modbus").health()
         assert health["connected"] and health["heartbeat_ok"] and health["reconnects"] >= 1
         plants[1].stop()                                      # SIGTERM: the PLC writes its log
         with np.load(tmp_path / "plant2.npz") as log:

@@ -156,7 +156,7 @@ class PlantProcess:
 def wait_for_plc(ctrl, timeout_s: float = 10.0) -> float:
     """Start the controller's Modbus bridge and wait until the PLC's heartbeat moves and every
     input has been read; returns the seconds waited."""
-    bridge = ctrl.modbus
+    bridge = ctrl.bridge("modbus")
     bridge.start()
     t0 = time.monotonic()
     needed = set(ctrl.input_names)
