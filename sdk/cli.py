@@ -68,6 +68,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``r1edge generate PATH --prompt TEXT``: stream generated text; exit 1 unless the answer finished."""
+    import time
+
+    from sdk.text import DecisionSchema, TextGenerator
+
+    schema = DecisionSchema.from_file(args.schema) if args.schema else None
+    gen = TextGenerator.load(args.path, window=args.window)
+    deadline = time.monotonic() + args.deadline_ms / 1000 if args.deadline_ms is not None else None
+    stream = None if args.json else (lambda text: print(text, end="", flush=True))
+    result = gen.generate(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                          max_think_tokens=args.max_think_tokens, schema=schema, deadline=deadline, on_text=stream)
+    if args.json:
+        _print_report(result.to_dict(), True, None)
+    else:
+        print()
+        if result.decision is not None:
+            print(f"decision: {json.dumps(result.decision)}")
+        print(f"[{result.status}: {len(result.tokens)} tokens ({result.think_tokens} thinking) after "
+              f"{result.prompt_tokens} prompt tokens, {result.tokens_per_s:.0f} tokens/s]", file=sys.stderr)
+    return 0 if result.finished else 1
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """``r1edge keys OUT_DIR [--name NAME]``: write a CURVE key pair for the ZeroMQ bridge."""
     from plc_bridge.zmq_bridge import make_keys
@@ -177,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="compute threads per CPU engine step (default 1)")
     p.add_argument("--json", dest="json_file", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("generate", help="generate text (or a JSON decision) from a prompt on the stream engine")
+    p.add_argument("path", help="checkpoint directory or r1edge package with tokenizer.json")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user message with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="generated tokens at most, reasoning included (default: %(default)s)")
+    p.add_argument("--max-think-tokens", type=int, default=None, metavar="N",
+                   help="reasoning tokens inside <think> at most, then </think> is forced")
+    p.add_argument("--schema", metavar="FILE.json",
+                   help="JSON schema of the decision (bounded numbers, enums, booleans); constrains the answer")
+    p.add_argument("--deadline-ms", type=float, default=None, metavar="MS",
+                   help="give up (no decision) if the answer has not finished this long after the start")
+    p.add_argument("--window", type=int, default=2048, metavar="W",
+                   help="tokens per row, prompt plus generated (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, tokens, decision, think_tokens, tokens_per_s, ...)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("keys", help="write a CURVE key pair for the ZeroMQ bridge")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.key and NAME.key_secret")

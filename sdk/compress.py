@@ -544,6 +544,17 @@ def _to_store(module: torch.nn.Module, prefix: str, dtype: torch.dtype) -> dict[
             for name, t in module.state_dict(keep_vars=True).items()}
 
 
+def copy_text_files(src: Path, writer) -> list[str]:
+    """Copy the source's tokenizer and generation config files (``sdk.package.TEXT_FILES``,
+    those present) into the package being written; returns their names."""
+    from sdk.package import TEXT_FILES
+
+    names = [name for name in TEXT_FILES if (src / name).is_file()]
+    for name in names:
+        writer.add_text_file(src / name)
+    return names
+
+
 def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_experts: int | None = None,
              keep_ratio: float | None = None, quant: str = "int8", method: str = "reap",
              groups: str = "auto", held_out: float = 0.25, seed: int = 0, max_batch_tokens: int = 4096,
@@ -683,6 +694,7 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
         bar.update(1)
         bar.close()
 
+        copy_text_files(src, writer)
         package_bytes = sum(f["bytes"] for f in writer.files.values())
         manifest = {
             "format": FORMAT,

@@ -23,6 +23,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     weights, per-token dynamic int8 activations); ``quant="w8"`` is weight-only int8.
     Packages carry their own quantization and ignore ``quant``. Errors name the file or
     tensor at fault.
+
+    On the CPU, ``generate`` of a W8A8 model (``quant="int8"`` or an int8 package) runs on the
+    stream engine (:class:`EngineGenerate`): greedy, bitwise what stepping ``Engine`` by hand
+    gives, and a row's tokens are the same alone or in any batch. ``model(input_ids)`` stays
+    the reference forward (torch ops), as does ``generate`` of float and ``"w8"`` models.
     """
     path = Path(path)
     if quant not in QUANT_MODES:
@@ -32,7 +37,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if (path / "manifest.json").exists():
         from sdk.package import load_package
 
-        return load_package(path, device=device, dtype=dtype)
+        return _with_engine_generate(load_package(path, device=device, dtype=dtype))
     cfg = ModelConfig.from_json(path / "config.json")
     reader = CheckpointReader(path)
     with torch.device("cpu"):
@@ -42,7 +47,61 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         from runtime.quant import quantize_model
 
         quantize_model(model, mode="w8a8" if quant == "int8" else "w8")
-    return model.eval().to(device)
+    return _with_engine_generate(model.eval().to(device))
+
+
+class EngineGenerate:
+    """``model.generate`` of a W8A8 model on the CPU: greedy decoding on the stream engine.
+
+    Same call and result as ``Transformer.generate`` (LongTensor [B,T] -> [B,T+N]), through
+    ``runtime.generate.decode``: the prompt is fed token by token, then each step feeds the
+    argmax of the last logits. The engine is built on first use and kept, grown (capacity to
+    the batch, window to the next power of two >= T+N) when a call needs more, so every
+    token attends to its whole row, as in the reference. Building it copies the int8 weights
+    into the engine's layout once. Not thread-safe: one call at a time per model.
+    """
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.engine = None
+
+    def engine_for(self, batch: int, length: int):
+        """The kept engine, rebuilt larger when it has fewer than ``batch`` slots or a window
+        shorter than ``length`` tokens."""
+        from runtime.engine import Engine
+
+        e = self.engine
+        if e is None or e.capacity < batch or e.window < length:
+            capacity = max(batch, e.capacity if e is not None else 1)
+            window = max(64, 1 << (length - 1).bit_length(), e.window if e is not None else 0)
+            self.engine = None          # free the old buffers before allocating the new ones
+            self.engine = Engine(self.model, capacity=capacity, window=window)
+        return self.engine
+
+    def __call__(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy decoding: LongTensor [B,T] -> [B,T+max_new_tokens]."""
+        from runtime.generate import decode
+
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a LongTensor [B, T] with T >= 1, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if max_new_tokens <= 0:
+            return input_ids
+        B, T = input_ids.shape
+        engine = self.engine_for(B, T + max_new_tokens)
+        rows = decode(engine, input_ids.cpu().numpy(), max_new_tokens)
+        new = torch.tensor([r.tokens for r in rows], dtype=torch.long)
+        return torch.cat([input_ids.cpu(), new], dim=1).to(input_ids.device)
+
+
+def _with_engine_generate(model: Transformer) -> Transformer:
+    """Route ``generate`` of a W8A8 model on the CPU through the stream engine."""
+    from runtime.quant import Int8Linear
+
+    w8a8 = any(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in model.modules())
+    if w8a8 and model.device.type == "cpu":
+        model.generate = EngineGenerate(model)
+    return model
 
 
 def _checkpoint_quant(reader: CheckpointReader) -> str:

@@ -3,9 +3,11 @@
 ``manifest.json`` holds the format and its version, the (pruned) model config, the
 quantization scheme, the kept-expert map from original expert ids, the I/O signature (or
 null in LM mode), the calibration summary, the quality report and the sha256 and size of
-every weight file. Weight files are safetensors only (no pickle), side by side at the top
+every other file. Weight files are safetensors only (no pickle), side by side at the top
 level (so the directory also reads as a plain safetensors checkpoint); tensor names are the
-runtime model's own ``state_dict()`` names.
+runtime model's own ``state_dict()`` names. The only other files a package may hold are the
+checkpoint's text files (``TEXT_FILES``: tokenizer, its config with the chat template, the
+generation config), copied as they are and hashed like the weights.
 
 A package is written into a temporary sibling directory and renamed into place only when
 complete, so a crash never leaves a half-written package behind under the target name.
@@ -38,6 +40,7 @@ MANIFEST = "manifest.json"
 SCHEMES = ("w8a8-int8", "none")
 REQUIRED_KEYS = ("format", "format_version", "config", "quantization", "experts", "files")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 _CHUNK = 1 << 22
 
 
@@ -59,7 +62,9 @@ def is_package(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _check_file_name(name: Any, where: str) -> None:
+def _check_file_name(name: Any, where: str, text_ok: bool = False) -> None:
+    if text_ok and name in TEXT_FILES:
+        return
     if not isinstance(name, str) or not name.endswith(".safetensors"):
         raise PackageError(f"{where}: weight file {name!r} is not a .safetensors file "
                            "(packages hold safetensors only)")
@@ -112,6 +117,22 @@ class PackageWriter:
         entry = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
         self.files[file_name] = entry
         self.tensor_names.update(tensors)
+        self.bytes_written += entry["bytes"]
+        return entry
+
+    def add_text_file(self, source: str | Path) -> dict:
+        """Copy one of ``TEXT_FILES`` (a tokenizer or generation config) into the package as it
+        is, and record its sha256 and size."""
+        source = Path(source)
+        _check_file_name(source.name, str(self.out_dir), text_ok=True)
+        if source.name.endswith(".safetensors"):
+            raise PackageError(f"{source}: weight files go in through add()")
+        if source.name in self.files:
+            raise PackageError(f"{self.out_dir}: file {source.name!r} written twice")
+        target = self.tmp / source.name
+        shutil.copyfile(source, target)
+        entry = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
+        self.files[source.name] = entry
         self.bytes_written += entry["bytes"]
         return entry
 
@@ -181,10 +202,12 @@ def _check_manifest(manifest: Any, where: str) -> ModelConfig:
     if not isinstance(files, dict) or not files:
         raise PackageError(f"{where}: 'files' must be a non-empty object of weight files")
     for name, entry in files.items():
-        _check_file_name(name, where)
+        _check_file_name(name, where, text_ok=True)
         if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
                 or not _SHA256.match(entry["sha256"]) or not isinstance(entry.get("bytes"), int)):
             raise PackageError(f"{where}: 'files.{name}' needs a hex 'sha256' and an integer 'bytes'")
+    if not any(name.endswith(".safetensors") for name in files):
+        raise PackageError(f"{where}: 'files' lists no weight file (.safetensors)")
     return cfg
 
 
@@ -219,17 +242,24 @@ def verify_package(path: str | Path) -> dict[str, Any]:
         raise PackageError(f"{path / extra[0]}: not listed in manifest.json (packages are sealed; "
                            "remove it or rebuild the package)")
     for name, entry in files.items():
-        file = path / name
-        if not file.is_file():
-            raise PackageError(f"{file}: weight file listed in manifest.json is missing")
-        size = file.stat().st_size
-        if size < entry["bytes"]:
-            raise PackageError(f"{file}: truncated ({size} of {entry['bytes']} bytes)")
-        if size != entry["bytes"]:
-            raise PackageError(f"{file}: is {size} bytes, manifest.json says {entry['bytes']}")
-        if sha256_file(file) != entry["sha256"]:
-            raise PackageError(f"{file}: sha256 does not match manifest.json (tampered or corrupt)")
+        verify_file(path, name, entry)
     return manifest
+
+
+def verify_file(path: str | Path, name: str, entry: dict[str, Any]) -> Path:
+    """Check one file of a package against its manifest entry (presence, size, sha256);
+    returns its path. Raises PackageError naming the file."""
+    file = Path(path) / name
+    if not file.is_file():
+        raise PackageError(f"{file}: listed in manifest.json but missing")
+    size = file.stat().st_size
+    if size < entry["bytes"]:
+        raise PackageError(f"{file}: truncated ({size} of {entry['bytes']} bytes)")
+    if size != entry["bytes"]:
+        raise PackageError(f"{file}: is {size} bytes, manifest.json says {entry['bytes']}")
+    if sha256_file(file) != entry["sha256"]:
+        raise PackageError(f"{file}: sha256 does not match manifest.json (tampered or corrupt)")
+    return file
 
 
 def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch.device = "cpu"
@@ -237,6 +267,8 @@ def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch
     """Yield ``(file_name, tensor_name, tensor)`` for every tensor of a (verified) package."""
     path = Path(path)
     for name in manifest["files"]:
+        if not name.endswith(".safetensors"):
+            continue
         try:
             with safe_open(str(path / name), framework="pt", device=str(device)) as f:
                 for key in f.keys():
