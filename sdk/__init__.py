@@ -2,5 +2,6 @@
 from sdk.compress import compress
 from sdk.controller import Controller
 from sdk.loading import load_model
+from sdk.text import TextGenerator, load_tokenizer
 
-__all__ = ["Controller", "compress", "load_model"]
+__all__ = ["Controller", "TextGenerator", "compress", "load_model", "load_tokenizer"]

@@ -394,24 +394,26 @@ class TextGenerator:
     ``capacity`` prompts in one engine batch (each row's tokens are the same as alone).
     ``window`` bounds prompt plus generated tokens per row (the engine's ring buffer; a
     request that would not fit is refused rather than sliding). ``stats()`` counts the
-    generations by status (timeouts are ``deadline``).
+    generations by status (timeouts are ``deadline``). ``clock`` is the time base of deadlines
+    and timings (``time.monotonic`` by default).
 
     For a caller on a background thread (an advisor beside a control loop): the generator owns
     its engine, separate from any other, and must be used from one thread at a time; pass
-    ``deadline`` as a ``time.monotonic()`` time. It is checked before every engine step, so a
+    ``deadline`` as a ``clock()`` time. It is checked before every engine step, so a
     call returns at most one step (plus one grammar mask) after it, with status ``deadline``
     and no decision. Engine steps hold the GIL for their duration; llguidance releases it
     while computing a mask.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, *, window: int = 2048, capacity: int = 1):
+    def __init__(self, model, tokenizer: Tokenizer, *, window: int = 2048, capacity: int = 1,
+                 clock: Callable[[], float] = time.monotonic):
         from runtime.engine import Engine
 
         vocab = model.config.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(f"{tokenizer.path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the "
                              f"model's vocab_size {vocab}")
-        self.model, self.tokenizer, self.vocab = model, tokenizer, vocab
+        self.model, self.tokenizer, self.vocab, self.clock = model, tokenizer, vocab, clock
         self.engine = Engine(model, capacity=capacity, window=window)
         self.counts: Counter = Counter()
         self.mask_s, self.masks = 0.0, 0
@@ -420,11 +422,12 @@ class TextGenerator:
         masked_argmax(np.zeros(32, np.float32), np.zeros(1, np.int32))     # compile (or load) it now
 
     @classmethod
-    def load(cls, path: str | Path, *, window: int = 2048, capacity: int = 1) -> "TextGenerator":
-        """Model and tokenizer from one checkpoint or package directory."""
+    def load(cls, path: str | Path, **kwargs) -> "TextGenerator":
+        """Model and tokenizer from one checkpoint or package directory (``kwargs`` as for the
+        constructor)."""
         from sdk.loading import load_model
 
-        return cls(load_model(path), load_tokenizer(path), window=window, capacity=capacity)
+        return cls(load_model(path), load_tokenizer(path), **kwargs)
 
     def _matcher(self, schema: DecisionSchema):
         import llguidance
@@ -487,7 +490,7 @@ class TextGenerator:
         ``</think>``, answer). With ``max_think_tokens`` the reply reasons first: ``<think>`` is
         forced unless the prompt already opened it (R1's template does), at most that many
         tokens follow, then ``</think>``. With ``schema`` the answer is a JSON decision
-        constrained by its grammar. ``deadline`` is a ``time.monotonic()`` time. ``on_text``
+        constrained by its grammar. ``deadline`` is a ``clock()`` time. ``on_text``
         streams the first row's text.
         """
         if schema is not None and not isinstance(schema, DecisionSchema):
@@ -508,8 +511,9 @@ class TextGenerator:
                     on_text(text[len(shown[0]):])
                     shown[0] = text
 
-        start = time.monotonic()
-        rows = decode(self.engine, ids, max_new_tokens, rules=rules, deadline=deadline, on_token=on_token)
+        start = self.clock()
+        rows = decode(self.engine, ids, max_new_tokens, rules=rules, deadline=deadline, on_token=on_token,
+                      clock=self.clock)
         return [self._result(row, rule, len(p), schema, start) for row, rule, p in zip(rows, rules, ids)]
 
     def _result(self, row, rule: _TextRule, n_prompt: int, schema: DecisionSchema | None,
@@ -545,7 +549,7 @@ class TextGenerator:
             text=tok.decode(tokens), tokens=list(tokens), decision=decision, think_tokens=rule.think_tokens,
             tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
             status=status, prompt_tokens=n_prompt, think=think, answer=answer,
-            seconds=(row.ended_at or time.monotonic()) - start,
+            seconds=(row.ended_at or self.clock()) - start,
             prefill_s=(first - start) if first is not None else 0.0,
             mask_us_per_token=rule.mask_s / rule.masks * 1e6 if rule.masks else None, errors=errors)
 
