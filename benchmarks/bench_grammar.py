@@ -5,7 +5,8 @@ enum), computed by llguidance (r1edge's choice) and, when it is installed, by xg
 byte-level BPE tokenizers trained here on generated text: the tests' 512 tokens, and one of R1's
 vocabulary size (129,280 tokens; about 100 s to train, kept in ``--cache``). Each library walks
 ``--answers`` answers: random logits, masked, argmax, until the grammar closes. Prints p50 / p99
-/ mean microseconds per mask. The synthetic vocabulary is not R1's real one (no network here);
+/ mean microseconds per mask, and how many answers break the schema (``multipleOf`` included)
+as ``DecisionSchema.check`` sees them. The synthetic vocabulary is not R1's real one (no network here);
 it has R1's size, byte-level pieces and special tokens.
 
 Part 2 (``decisions``): ``TextGenerator`` on a random (untrained) tiny model with the tests'
@@ -35,23 +36,23 @@ from tests.test_text import BOS, EOS, SCHEMA, WORDS, save_text_checkpoint  # noq
 SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 
 
-def _walk(compute, consume, done, reset, vocab: int, answers: int, seed: int = 0) -> tuple[list[float], int]:
-    """Random-logit walks through the grammar; returns the mask times (s) and the longest answer."""
+def _walk(compute, consume, done, reset, vocab: int, answers: int, seed: int = 0) -> tuple[list[float], list]:
+    """Random-logit walks through the grammar; returns the mask times (s) and each answer's tokens."""
     rng = np.random.default_rng(seed)
-    times, longest = [], 0
+    times, walks = [], []
     for _ in range(answers):
         reset()
-        n = 0
-        while not done() and n < 400:
+        tokens = []
+        while not done() and len(tokens) < 400:
             start = time.perf_counter()
             allowed = compute()
             times.append(time.perf_counter() - start)
             logits = rng.standard_normal(vocab).astype(np.float32)
             logits[~allowed] = -np.inf
-            consume(int(np.argmax(logits)))
-            n += 1
-        longest = max(longest, n)
-    return times, longest
+            tokens.append(int(np.argmax(logits)))
+            consume(tokens[-1])
+        walks.append(tokens)
+    return times, walks
 
 
 def _bits(words: np.ndarray, vocab: int) -> np.ndarray:
@@ -70,8 +71,8 @@ def masks_llguidance(tokenizer_json: str, vocab: int, schema: dict, answers: int
         m.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
         return _bits(mask, vocab)
 
-    times, longest = _walk(compute, m.consume_token, m.is_stopped, m.reset, vocab, answers)
-    return _summary(times, longest, llguidance.__version__)
+    return _summary(*_walk(compute, m.consume_token, m.is_stopped, m.reset, vocab, answers), "llguidance",
+                    tokenizer_json)
 
 
 def masks_xgrammar(tokenizer_file: Path, vocab: int, schema: dict, answers: int) -> dict | None:
@@ -90,14 +91,30 @@ def masks_xgrammar(tokenizer_file: Path, vocab: int, schema: dict, answers: int)
         m.fill_next_token_bitmask(mask)
         return _bits(mask[0].numpy(), vocab)
 
-    times, longest = _walk(compute, m.accept_token, m.is_terminated, m.reset, vocab, answers)
-    return _summary(times, longest, xgrammar.__version__)
+    return _summary(*_walk(compute, m.accept_token, m.is_terminated, m.reset, vocab, answers), "xgrammar",
+                    tokenizer_file.read_text())
 
 
-def _summary(times: list[float], longest: int, version: str) -> dict:
+def _summary(times: list[float], walks: list, library: str, tokenizer_json: str) -> dict:
+    """Mask time percentiles, and how many answers break the schema (checked by r1edge's
+    ``DecisionSchema.check``, not by the library)."""
+    from importlib.metadata import version
+
+    from tokenizers import Tokenizer
+
+    from sdk.text import DecisionSchema
+
+    tok, check = Tokenizer.from_str(tokenizer_json), DecisionSchema(SCHEMA)
+    broken = 0
+    for tokens in walks:
+        try:
+            broken += bool(check.check(json.loads(tok.decode(tokens, skip_special_tokens=True))))
+        except json.JSONDecodeError:
+            broken += 1
     us = np.asarray(times) * 1e6
-    return {"version": version, "masks": len(us), "p50_us": float(np.percentile(us, 50)),
-            "p99_us": float(np.percentile(us, 99)), "mean_us": float(us.mean()), "longest_answer": longest}
+    return {"version": version(library), "masks": len(us), "p50_us": float(np.percentile(us, 50)),
+            "p99_us": float(np.percentile(us, 99)), "mean_us": float(us.mean()),
+            "longest_answer": max(len(w) for w in walks), "answers": len(walks), "answers_breaking_schema": broken}
 
 
 def train_tokenizer(path: Path, vocab: int, rows: int) -> None:
@@ -133,21 +150,25 @@ def train_tokenizer(path: Path, vocab: int, rows: int) -> None:
 
 
 def part_masks(cache: Path, answers: int) -> dict:
+    from sdk.text import DecisionSchema
+
     out = {}
     for vocab, rows in ((512, 3000), (129280, 400000)):
         file = cache / f"bpe-{vocab}.json"
         if not file.is_file():
             print(f"training a {vocab}-token byte-level BPE ...", flush=True)
             train_tokenizer(file, vocab, rows)
-        entry = {"llguidance": masks_llguidance(file.read_text(), vocab, SCHEMA, answers)}
-        xg = masks_xgrammar(file, vocab, SCHEMA, answers)
+        schema = DecisionSchema(SCHEMA).schema         # every property required, no others
+        entry = {"llguidance": masks_llguidance(file.read_text(), vocab, schema, answers)}
+        xg = masks_xgrammar(file, vocab, schema, answers)
         if xg is not None:
             entry["xgrammar"] = xg
         out[str(vocab)] = entry
         for lib, r in entry.items():
             print(f"vocab {vocab:>6}  {lib:<10} {r['version']:<8} mask p50 {r['p50_us']:7.1f} us  "
                   f"p99 {r['p99_us']:7.1f} us  mean {r['mean_us']:7.1f} us  ({r['masks']} masks, "
-                  f"longest answer {r['longest_answer']} tokens)", flush=True)
+                  f"longest answer {r['longest_answer']} tokens); {r['answers_breaking_schema']} of "
+                  f"{r['answers']} answers break the schema", flush=True)
     return out
 
 
