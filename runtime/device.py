@@ -90,6 +90,12 @@ class _Layer(NamedTuple):
     bias: torch.Tensor | None
 
 
+def _is_bf16(t: torch.Tensor, rows: int = 4096) -> bool:
+    """Whether every value of float32 ``t`` is a bf16 value (low 16 bits zero), checked in row blocks."""
+    bits = t.view(torch.int32)
+    return t.dtype == torch.float32 and all(not (bits[i:i + rows] & 0xFFFF).any() for i in range(0, len(t), rows))
+
+
 def _concat(a: QWeight, b: QWeight) -> tuple[QWeight, int]:
     """Two weights over the same input as one GEMM, and the column where ``b`` starts."""
     at = a.q.shape[1]
@@ -159,13 +165,18 @@ class DeviceEngine:
     # -- set-up --------------------------------------------------------------------------
     def _load(self, p, cache_slots: int | None) -> None:
         dev = self.device
-        self.embed, self.norm, self.head = _on(p.embed, dev), _on(p.norm, dev), p.head.to(dev)
+        # Embeddings that are bf16 values (a bf16 package's) are kept in bf16: the lookup
+        # upcasts them exactly, so outputs are bitwise those of float32 storage.
+        embed = p.embed.to(torch.bfloat16) if _is_bf16(p.embed) else p.embed
+        self.embed, self.norm, self.head = _on(embed, dev), _on(p.norm, dev), p.head.to(dev)
         self.inv_freq, self.rope_factor = _on(p.inv_freq, dev), p.rope_factor
         self.layers: list[_Layer] = []
         moe = []
         for layer in p.layers:
-            a = _on(layer.attn, dev)
-            w_in, kv_at = _concat(a.q_a if a.q_a is not None else a.q, a.kv_a)
+            # The first q projection and kv_a live on only as their fused copy w_in.
+            w_in, kv_at = _concat(layer.attn.q_a if layer.attn.q_a is not None else layer.attn.q, layer.attn.kv_a)
+            w_in = w_in.to(dev)
+            a = _on(layer.attn._replace(q_a=None, q=None, kv_a=None), dev)
             ex = layer.experts
             self.layers.append(_Layer(
                 _on(layer.input_norm, dev), _on(layer.post_attention_norm, dev), a, w_in, kv_at,
@@ -222,11 +233,14 @@ class DeviceEngine:
         self.ar = torch.arange(R, device=dev)
         self.win = torch.arange(W, device=dev)
         self.logits = torch.zeros(R, cfg.vocab_size, device=dev)
-        self._tok_h, self._act_h = host(R, torch.int64), host(R, torch.bool)
-        self._tok_np, self._act_np = self._tok_h.numpy(), self._act_h.numpy()
+        # After a step the active slots' rows are gathered on the device and only they are
+        # copied to the host (n rows of the vocabulary, not all R).
+        self._sel = torch.zeros(R, cfg.vocab_size, device=dev)
+        self._sel_idx = torch.zeros(R, dtype=torch.int64, device=dev)
+        self._tok_h, self._act_h, self._idx_h = host(R, torch.int64), host(R, torch.bool), host(R, torch.int64)
+        self._tok_np, self._act_np, self._idx_np = self._tok_h.numpy(), self._act_h.numpy(), self._idx_h.numpy()
         self._logits_h = host((R, cfg.vocab_size), torch.float32)
         self._logits_np = self._logits_h.numpy()
-        self._out_tok = np.zeros((R, cfg.vocab_size), np.float32)
         self._rows_np = np.zeros(0, np.int64)
         if self.adapter is not None:
             a = _on(self.adapter, dev)
@@ -338,12 +352,14 @@ class DeviceEngine:
             raise ValueError(f"tokens must be {n} ids in 0..{self.config.vocab_size - 1}")
         self._tok_np[:] = 0
         self._tok_np[slots] = tokens
+        self._idx_np[:n] = slots
         self.tok.copy_(self._tok_h, non_blocking=True)
         self.act.copy_(self._act_h, non_blocking=True)
+        self._sel_idx.copy_(self._idx_h, non_blocking=True)
         self._run("tokens")
-        self._logits_h.copy_(self.logits)
-        np.take(self._logits_np, slots, axis=0, out=self._out_tok[:n])
-        return self._out_tok[:n]
+        torch.index_select(self.logits, 0, self._sel_idx[:n], out=self._sel[:n])
+        self._logits_h[:n].copy_(self._sel[:n])
+        return self._logits_np[:n]
 
     def step_sensor(self, slots, features) -> np.ndarray:
         """Append one frame per slot (features [n, F] in ``input_names`` order, engineering
@@ -376,7 +392,7 @@ class DeviceEngine:
     def _body(self, kind: str) -> None:
         eps = self.config.rms_norm_eps
         if kind == "tokens":
-            x = self.embed[self.tok]
+            x = self.embed[self.tok].float()
         else:
             x = F.linear((self.feats - self.in_mean) / self.in_std, self.in_w, self.in_b)
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_factor, self.pos)

@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 import torch
+from numba import njit, prange
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -44,16 +45,22 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.fl
     """
     rows, cols = weight.shape
     res = torch.empty(rows, cols) if out is None else out
-    res.copy_(weight)
-    scale_inv = scale_inv.float()
-    r = 0
-    while r < rows:
-        block = (first_row + r) // FP8_BLOCK
-        end = min(rows, (block + 1) * FP8_BLOCK - first_row)
-        res[r:end] *= scale_inv[block].repeat_interleave(FP8_BLOCK)[:cols]
-        r = end
+    _dequantize_rows(weight.contiguous().view(torch.uint8).numpy(), _FP8_VALUES,
+                     scale_inv.float().contiguous().numpy(), first_row, res.numpy())
     return res if dtype == torch.float32 else res.to(dtype)
 
+
+@njit(cache=True, parallel=True)
+def _dequantize_rows(codes, values, scale_inv, first_row, out):
+    """out[i, j] = values[codes[i, j]] * scale_inv[(first_row + i) // 128, j // 128]: the 256
+    codes' float32 values by table (torch's own conversion gives the same bits, 5x slower)."""
+    for i in prange(codes.shape[0]):
+        srow = scale_inv[(first_row + i) // 128]
+        for j in range(codes.shape[1]):
+            out[i, j] = values[codes[i, j]] * srow[j // 128]
+
+
+_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
