@@ -192,29 +192,27 @@ class DeviceEngine:
         self.E, self.I = E, I
         h8, n13, i8 = _pad8(H), _pad8(2 * I), _pad8(I)
         self.h8, self.n13 = h8, n13
-        # One layer at a time into the final tensors, so loading needs one layer of headroom.
-        # Resident: w13 as [Lm, H8, E, N8], so gate/up of all experts of a layer is one
-        # [H8, E*N8] GEMM for the torch backend and a strided [E, H8, N8] view for the grouped
-        # kernel. Streaming: [Lm, E, H8, N8] in host memory, one contiguous block per expert.
-        home = dev if cache_slots is None else torch.device("cpu")
-        pin = cache_slots is not None and dev.type == "cuda"     # the store's copies are async
-        shape13 = (Lm, h8, E, n13) if cache_slots is None else (Lm, E, h8, n13)
-        e13 = torch.empty(shape13, dtype=torch.int8, device=home, pin_memory=pin)
-        e2 = torch.empty((Lm, E, i8, h8), dtype=torch.int8, device=home, pin_memory=pin)
         self.e13s = torch.empty((Lm, E, n13), device=dev)
         self.e2s = torch.empty((Lm, E, h8), device=dev)
         for m, ex in enumerate(moe):
-            w13 = _pad_last2(ex.w13.to(home), h8, n13)
-            e13[m] = w13.permute(1, 0, 2) if cache_slots is None else w13
-            e2[m] = _pad_last2(ex.w2.to(home), i8, h8)
             self.e13s[m] = F.pad(ex.s13.to(dev), (0, n13 - 2 * I), value=1.0)
             self.e2s[m] = F.pad(ex.s2.to(dev), (0, h8 - H), value=1.0)
         self.expert_bytes = int(h8 * n13 + i8 * h8 + 4 * (n13 + h8))
         if cache_slots is not None:
-            self.store = ExpertStore(e13, e2, slots=cache_slots, device=dev)
+            # Streaming: the experts stay where the model holds them (a package loaded with
+            # mmap=True: its memory-mapped files) and are copied into padded slots on demand.
+            self.store = ExpertStore([ex.w13 for ex in moe], [ex.w2 for ex in moe], slots=cache_slots,
+                                     device=dev, slot_shapes=((h8, n13), (i8, h8)))
             self.e13 = self.e2 = None
-        else:
-            self.e13, self.e2 = e13, e2
+            return
+        # One layer at a time into the final tensors, so loading needs one layer of headroom.
+        # w13 as [Lm, H8, E, N8], so gate/up of all experts of a layer is one [H8, E*N8] GEMM
+        # for the torch backend and a strided [E, H8, N8] view for the grouped kernel.
+        self.e13 = torch.empty((Lm, h8, E, n13), dtype=torch.int8, device=dev)
+        self.e2 = torch.empty((Lm, E, i8, h8), dtype=torch.int8, device=dev)
+        for m, ex in enumerate(moe):
+            self.e13[m] = _pad_last2(ex.w13.to(dev), h8, n13).permute(1, 0, 2)
+            self.e2[m] = _pad_last2(ex.w2.to(dev), i8, h8)
 
     def _allocate(self) -> None:
         cfg, R, W, dev = self.config, self.rows, self.window, self.device

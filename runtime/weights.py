@@ -67,7 +67,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class _MappedFile:
+class MappedFile:
     """A safetensors file's header and a private read-only view of its data (memory-mapped)."""
 
     def __init__(self, path: Path):
@@ -89,6 +89,13 @@ class _MappedFile:
         t = torch.frombuffer(self.mm, dtype=torch.uint8, count=count * row, offset=lo) if count * row else \
             torch.empty(0, dtype=torch.uint8)
         return t.view(dtype).view((count, *shape[1:])), lo, lo + count * row
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a view of the mapping: no copy; its pages are read on first use
+        and stay in the OS page cache (they count as file-backed, reclaimable memory)."""
+        shape = tuple(self.entries[name]["shape"])
+        view = self.view(name, 0, shape[0] if shape else 1)[0]
+        return view.reshape(shape)
 
     def drop(self, lo: int, hi: int) -> None:
         """Drop the mapped pages of bytes ``lo..hi`` from this process (they stay in the page cache)."""
@@ -120,7 +127,7 @@ class CheckpointReader:
                                       "safetensors only (pickle can run code). Convert them to safetensors first.")
             raise CheckpointError(f"{self.path}: no *.safetensors weight files")
         self._handles = {}
-        self._maps: dict[str, _MappedFile] = {}
+        self._maps: dict[str, MappedFile] = {}
         self._where: dict[str, str] = {}
         self.bytes_read = 0
         for name in files:
@@ -159,10 +166,10 @@ class CheckpointReader:
         e = self._map(name).entries[name]
         return e["data_offsets"][1] - e["data_offsets"][0]
 
-    def _map(self, name: str) -> _MappedFile:
+    def _map(self, name: str) -> MappedFile:
         file = self._where[name]
         if file not in self._maps:
-            self._maps[file] = _MappedFile(self.path / file)
+            self._maps[file] = MappedFile(self.path / file)
         return self._maps[file]
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:

@@ -351,14 +351,31 @@ def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch
             raise PackageError(f"{path / name}: unreadable safetensors file ({exc})") from None
 
 
-def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def _mapped_tensors(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Like :func:`iter_tensors`, but every tensor is a view of its memory-mapped file."""
+    from runtime.weights import MappedFile
+
+    for name in manifest["files"]:
+        try:
+            mapped = MappedFile(path / name)
+            for key in sorted(mapped.entries):
+                yield name, key, mapped.tensor(key)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PackageError(f"{path / name}: unreadable safetensors file ({exc})") from None
+
+
+def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 mmap: bool = False):
     """Verify a package and build the runtime model it describes (``sdk.load_model`` calls this).
 
     Every file's sha256 is checked first. The model is then laid out on the meta device
     from the manifest's config and quantization (no memory, no random init) and its
     tensors are taken from the package one by one, each name, shape and kind checked, so
     a package that does not match its config is refused naming the tensor and its file.
-    Peak memory is the model itself.
+    Peak memory is the model itself. With ``mmap`` (CPU only) every tensor already in its
+    model dtype (the int8 weights, float32 scales and router) is a view of the package's
+    memory-mapped files instead of a copy: it costs page cache, read on first use, not
+    process memory (the streaming expert store serves experts from there).
     """
     from runtime.model import IOAdapter, Transformer, cast_keeping_router_fp32, rope_inv_freq
 
@@ -382,7 +399,9 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
-    for file, name, tensor in iter_tensors(path, manifest):
+    if mmap and torch.device(device).type != "cpu":
+        raise ValueError("mmap=True maps a package into host memory: load it on the CPU")
+    for file, name, tensor in _mapped_tensors(path, manifest) if mmap else iter_tensors(path, manifest):
         where = path / file
         if name in seen:
             raise PackageError(f"{where}: tensor {name!r} also in {seen[name]}")

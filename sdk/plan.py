@@ -268,8 +268,9 @@ def engine_bytes(cfg: ModelConfig, keep_experts: int | None = None, *, engine: s
     dev["router"] = Lm * (H * keep + keep * biased) * 4
     dev["kv_cache"] = L * R * window * (C + rope) * 4
     A = R * k
-    dev["buffers"] = R * V * 4 + ((A * n13 * 4 + A * h8 * 4 + R * k * h8 * 4) if Lm else 0)
-    host["buffers"] = 2 * R * V * 4
+    # logits and the active rows gathered from them; the grouped kernel's accumulators
+    dev["buffers"] = 2 * R * V * 4 + ((A * n13 * 4 + A * h8 * 4 + R * k * h8 * 4) if Lm else 0)
+    host["buffers"] = R * V * 4                      # pinned: the active rows' logits come back here
     dev["total"] = sum(dev.values())
     host["total"] = sum(host.values())
     return {"device": dev, "host": host}
