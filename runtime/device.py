@@ -65,11 +65,12 @@ def _pad_cols(q: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def _on(x, device):
-    """A packed structure (NamedTuples of tensors, QWeights, None) moved to ``device``."""
+    """A packed structure (NamedTuples of tensors, QWeights, None) copied to ``device``.
+
+    Always a copy, also on the same device: the engine never keeps the model's storage alive
+    (on the CPU that may be a whole memory-mapped package file, resident page by page)."""
     if isinstance(x, torch.Tensor):
-        return x.to(device).contiguous()
-    if isinstance(x, QWeight):
-        return x.to(device)
+        return x.to(device, copy=True).contiguous()
     if isinstance(x, tuple) and hasattr(x, "_fields"):
         return type(x)(*(_on(v, device) for v in x))
     return x
@@ -168,7 +169,7 @@ class DeviceEngine:
         # Embeddings that are bf16 values (a bf16 package's) are kept in bf16: the lookup
         # upcasts them exactly, so outputs are bitwise those of float32 storage.
         embed = p.embed.to(torch.bfloat16) if _is_bf16(p.embed) else p.embed
-        self.embed, self.norm, self.head = _on(embed, dev), _on(p.norm, dev), p.head.to(dev)
+        self.embed, self.norm, self.head = _on(embed, dev), _on(p.norm, dev), _on(p.head, dev)
         self.inv_freq, self.rope_factor = _on(p.inv_freq, dev), p.rope_factor
         self.layers: list[_Layer] = []
         moe = []
