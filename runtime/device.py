@@ -65,11 +65,12 @@ def _pad_cols(q: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def _on(x, device):
-    """A packed structure (NamedTuples of tensors, QWeights, None) moved to ``device``."""
+    """A packed structure (NamedTuples of tensors, QWeights, None) copied to ``device``.
+
+    Always a copy, also on the same device: the engine never keeps the model's storage alive
+    (on the CPU that may be a whole memory-mapped package file, resident page by page)."""
     if isinstance(x, torch.Tensor):
-        return x.to(device).contiguous()
-    if isinstance(x, QWeight):
-        return x.to(device)
+        return x.to(device, copy=True).contiguous()
     if isinstance(x, tuple) and hasattr(x, "_fields"):
         return type(x)(*(_on(v, device) for v in x))
     return x
@@ -88,6 +89,12 @@ class _Layer(NamedTuple):
     moe: int | None
     gate: torch.Tensor | None
     bias: torch.Tensor | None
+
+
+def _is_bf16(t: torch.Tensor, rows: int = 4096) -> bool:
+    """Whether every value of float32 ``t`` is a bf16 value (low 16 bits zero), checked in row blocks."""
+    bits = t.view(torch.int32)
+    return t.dtype == torch.float32 and all(not (bits[i:i + rows] & 0xFFFF).any() for i in range(0, len(t), rows))
 
 
 def _concat(a: QWeight, b: QWeight) -> tuple[QWeight, int]:
@@ -159,13 +166,18 @@ class DeviceEngine:
     # -- set-up --------------------------------------------------------------------------
     def _load(self, p, cache_slots: int | None) -> None:
         dev = self.device
-        self.embed, self.norm, self.head = _on(p.embed, dev), _on(p.norm, dev), p.head.to(dev)
+        # Embeddings that are bf16 values (a bf16 package's) are kept in bf16: the lookup
+        # upcasts them exactly, so outputs are bitwise those of float32 storage.
+        embed = p.embed.to(torch.bfloat16) if _is_bf16(p.embed) else p.embed
+        self.embed, self.norm, self.head = _on(embed, dev), _on(p.norm, dev), _on(p.head, dev)
         self.inv_freq, self.rope_factor = _on(p.inv_freq, dev), p.rope_factor
         self.layers: list[_Layer] = []
         moe = []
         for layer in p.layers:
-            a = _on(layer.attn, dev)
-            w_in, kv_at = _concat(a.q_a if a.q_a is not None else a.q, a.kv_a)
+            # The first q projection and kv_a live on only as their fused copy w_in.
+            w_in, kv_at = _concat(layer.attn.q_a if layer.attn.q_a is not None else layer.attn.q, layer.attn.kv_a)
+            w_in = w_in.to(dev)
+            a = _on(layer.attn._replace(q_a=None, q=None, kv_a=None), dev)
             ex = layer.experts
             self.layers.append(_Layer(
                 _on(layer.input_norm, dev), _on(layer.post_attention_norm, dev), a, w_in, kv_at,
@@ -181,29 +193,27 @@ class DeviceEngine:
         self.E, self.I = E, I
         h8, n13, i8 = _pad8(H), _pad8(2 * I), _pad8(I)
         self.h8, self.n13 = h8, n13
-        # One layer at a time into the final tensors, so loading needs one layer of headroom.
-        # Resident: w13 as [Lm, H8, E, N8], so gate/up of all experts of a layer is one
-        # [H8, E*N8] GEMM for the torch backend and a strided [E, H8, N8] view for the grouped
-        # kernel. Streaming: [Lm, E, H8, N8] in host memory, one contiguous block per expert.
-        home = dev if cache_slots is None else torch.device("cpu")
-        pin = cache_slots is not None and dev.type == "cuda"     # the store's copies are async
-        shape13 = (Lm, h8, E, n13) if cache_slots is None else (Lm, E, h8, n13)
-        e13 = torch.empty(shape13, dtype=torch.int8, device=home, pin_memory=pin)
-        e2 = torch.empty((Lm, E, i8, h8), dtype=torch.int8, device=home, pin_memory=pin)
         self.e13s = torch.empty((Lm, E, n13), device=dev)
         self.e2s = torch.empty((Lm, E, h8), device=dev)
         for m, ex in enumerate(moe):
-            w13 = _pad_last2(ex.w13.to(home), h8, n13)
-            e13[m] = w13.permute(1, 0, 2) if cache_slots is None else w13
-            e2[m] = _pad_last2(ex.w2.to(home), i8, h8)
             self.e13s[m] = F.pad(ex.s13.to(dev), (0, n13 - 2 * I), value=1.0)
             self.e2s[m] = F.pad(ex.s2.to(dev), (0, h8 - H), value=1.0)
         self.expert_bytes = int(h8 * n13 + i8 * h8 + 4 * (n13 + h8))
         if cache_slots is not None:
-            self.store = ExpertStore(e13, e2, slots=cache_slots, device=dev)
+            # Streaming: the experts stay where the model holds them (a package loaded with
+            # mmap=True: its memory-mapped files) and are copied into padded slots on demand.
+            self.store = ExpertStore([ex.w13 for ex in moe], [ex.w2 for ex in moe], slots=cache_slots,
+                                     device=dev, slot_shapes=((h8, n13), (i8, h8)))
             self.e13 = self.e2 = None
-        else:
-            self.e13, self.e2 = e13, e2
+            return
+        # One layer at a time into the final tensors, so loading needs one layer of headroom.
+        # w13 as [Lm, H8, E, N8], so gate/up of all experts of a layer is one [H8, E*N8] GEMM
+        # for the torch backend and a strided [E, H8, N8] view for the grouped kernel.
+        self.e13 = torch.empty((Lm, h8, E, n13), dtype=torch.int8, device=dev)
+        self.e2 = torch.empty((Lm, E, i8, h8), dtype=torch.int8, device=dev)
+        for m, ex in enumerate(moe):
+            self.e13[m] = _pad_last2(ex.w13.to(dev), h8, n13).permute(1, 0, 2)
+            self.e2[m] = _pad_last2(ex.w2.to(dev), i8, h8)
 
     def _allocate(self) -> None:
         cfg, R, W, dev = self.config, self.rows, self.window, self.device
@@ -222,11 +232,14 @@ class DeviceEngine:
         self.ar = torch.arange(R, device=dev)
         self.win = torch.arange(W, device=dev)
         self.logits = torch.zeros(R, cfg.vocab_size, device=dev)
-        self._tok_h, self._act_h = host(R, torch.int64), host(R, torch.bool)
-        self._tok_np, self._act_np = self._tok_h.numpy(), self._act_h.numpy()
+        # After a step the active slots' rows are gathered on the device and only they are
+        # copied to the host (n rows of the vocabulary, not all R).
+        self._sel = torch.zeros(R, cfg.vocab_size, device=dev)
+        self._sel_idx = torch.zeros(R, dtype=torch.int64, device=dev)
+        self._tok_h, self._act_h, self._idx_h = host(R, torch.int64), host(R, torch.bool), host(R, torch.int64)
+        self._tok_np, self._act_np, self._idx_np = self._tok_h.numpy(), self._act_h.numpy(), self._idx_h.numpy()
         self._logits_h = host((R, cfg.vocab_size), torch.float32)
         self._logits_np = self._logits_h.numpy()
-        self._out_tok = np.zeros((R, cfg.vocab_size), np.float32)
         self._rows_np = np.zeros(0, np.int64)
         if self.adapter is not None:
             a = _on(self.adapter, dev)
@@ -338,12 +351,14 @@ class DeviceEngine:
             raise ValueError(f"tokens must be {n} ids in 0..{self.config.vocab_size - 1}")
         self._tok_np[:] = 0
         self._tok_np[slots] = tokens
+        self._idx_np[:n] = slots
         self.tok.copy_(self._tok_h, non_blocking=True)
         self.act.copy_(self._act_h, non_blocking=True)
+        self._sel_idx.copy_(self._idx_h, non_blocking=True)
         self._run("tokens")
-        self._logits_h.copy_(self.logits)
-        np.take(self._logits_np, slots, axis=0, out=self._out_tok[:n])
-        return self._out_tok[:n]
+        torch.index_select(self.logits, 0, self._sel_idx[:n], out=self._sel[:n])
+        self._logits_h[:n].copy_(self._sel[:n])
+        return self._logits_np[:n]
 
     def step_sensor(self, slots, features) -> np.ndarray:
         """Append one frame per slot (features [n, F] in ``input_names`` order, engineering
@@ -376,7 +391,7 @@ class DeviceEngine:
     def _body(self, kind: str) -> None:
         eps = self.config.rms_norm_eps
         if kind == "tokens":
-            x = self.embed[self.tok]
+            x = self.embed[self.tok].float()
         else:
             x = F.linear((self.feats - self.in_mean) / self.in_std, self.in_w, self.in_b)
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_factor, self.pos)

@@ -584,13 +584,18 @@ def _np(t: torch.Tensor, dtype=F32) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
 
 
+def _stack(ts: list, shape: tuple, dtype) -> np.ndarray:
+    """Tensors copied one at a time into one preallocated [len(ts), *shape] array (no second copy)."""
+    out = np.empty((len(ts), *shape), dtype)
+    for i, t in enumerate(ts):
+        out[i] = t.detach().cpu().numpy()
+    return out
+
+
 def _rows(ws: list[QWeight], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """int8 weights as stacked output rows [L, n, k] and scales [L, n] (empty stacks keep the shape)."""
-    if not ws:
-        return np.zeros((0, n, k), np.int8), np.zeros((0, n), F32)
     pairs = [w.rows() for w in ws]
-    return (np.ascontiguousarray(np.stack([_np(q, np.int8) for q, _ in pairs])),
-            np.ascontiguousarray(np.stack([_np(s) for _, s in pairs])))
+    return _stack([q for q, _ in pairs], (n, k), np.int8), _stack([s for _, s in pairs], (n,), F32)
 
 
 def _norms(ts: list, n: int) -> np.ndarray:
@@ -650,23 +655,23 @@ class Engine:
         o_q, o_s = _rows([a.o for a in attn], H, nh * cfg.v_head_dim)
         aw = AttnWeights(q_a_q, q_a_s, _norms([a.q_a_norm for a in attn] if lora else [], qr), q_b_q, q_b_s,
                          q_q, q_s, kv_a_q, kv_a_s, _norms([a.kv_a_norm for a in attn], C),
-                         np.stack([_np(a.w_uk) for a in attn]), np.stack([_np(a.w_uv) for a in attn]),
+                         _stack([a.w_uk for a in attn], tuple(attn[0].w_uk.shape), F32),
+                         _stack([a.w_uv for a in attn], tuple(attn[0].w_uv.shape), F32),
                          o_q, o_s, _np(p.inv_freq))
         dense = _mlps([layer.mlp for layer in p.layers if layer.experts is None], H, cfg.intermediate_size)
         moe = [layer for layer in p.layers if layer.experts is not None]
         E, I, Is = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
         has_shared = bool(moe) and moe[0].mlp is not None
         experts = [layer.experts for layer in moe]
+        # Each layer's experts are transposed straight into the stacked arrays: loading holds the
+        # engine's copy plus nothing (the model's own tensors are the caller's to drop).
         mw = MoeWeights(
-            gate_t=(np.stack([_np(e.gate.T) for e in experts]) if moe else np.zeros((0, H, E), F32)),
-            bias=(np.stack([_np(e.bias) if e.bias is not None else np.zeros(E, F32) for e in experts]) if moe
-                  else np.zeros((0, E), F32)),
-            w13_q=(np.stack([_np(e.w13.transpose(1, 2), np.int8) for e in experts]) if moe
-                   else np.zeros((0, E, 2 * I, H), np.int8)),
-            w13_s=np.stack([_np(e.s13) for e in experts]) if moe else np.zeros((0, E, 2 * I), F32),
-            w2_q=(np.stack([_np(e.w2.transpose(1, 2), np.int8) for e in experts]) if moe
-                  else np.zeros((0, E, H, I), np.int8)),
-            w2_s=np.stack([_np(e.s2) for e in experts]) if moe else np.zeros((0, E, H), F32),
+            gate_t=_stack([e.gate.T for e in experts], (H, E), F32),
+            bias=_stack([e.bias if e.bias is not None else torch.zeros(E) for e in experts], (E,), F32),
+            w13_q=_stack([e.w13.transpose(1, 2) for e in experts], (E, 2 * I, H), np.int8),
+            w13_s=_stack([e.s13 for e in experts], (E, 2 * I), F32),
+            w2_q=_stack([e.w2.transpose(1, 2) for e in experts], (E, H, I), np.int8),
+            w2_s=_stack([e.s2 for e in experts], (E, H), F32),
             has_shared=has_shared,
             shared=_mlps([layer.mlp for layer in moe] if has_shared else [], H, max(Is, 1)))
         head_q, head_s = _rows([p.head], cfg.vocab_size, H)

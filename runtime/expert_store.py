@@ -1,7 +1,11 @@
-"""Streaming expert store: routed-expert int8 weights in host memory, a device cache of N slots.
+"""Streaming expert store: routed-expert int8 weights on the host, a device cache of N slots.
 
 For packages whose routed experts do not fit in device memory. Every MoE layer's experts
-live in (pinned, on CUDA) host memory; the device holds ``slots`` expert-sized buffers. A
+stay where the host has them, typically the package's memory-mapped files (the OS page
+cache: ``sdk.load_model(pkg, mmap=True)``), and the device holds ``slots`` expert-sized
+buffers. On CUDA an expert goes through one of two pinned staging buffers (host copy into
+pinned memory, then an asynchronous copy to the device), so the store's own memory is its
+slots plus two experts of staging, whatever the number of experts. A
 step asks for the experts its tokens were routed to (:meth:`ExpertStore.acquire`): resident
 ones are hits, the others are copied in (misses, the wait is stall time). Before that, the
 engine guesses the next MoE layer's experts by running that layer's router on the current
@@ -38,35 +42,48 @@ class _Slot:
 
 
 class ExpertStore:
-    """Host-resident expert weights with a device cache of ``slots`` experts.
+    """Host expert weights with a device cache of ``slots`` experts.
 
-    ``w13`` int8 [L, E, K1, N1] and ``w2`` int8 [L, E, K2, N2] hold every MoE layer's routed
-    experts (the engine's padded, transposed layout); they are pinned when ``device`` is
-    CUDA. The cache holds ``slots`` experts: :attr:`w13_cache` [slots, K1, N1] and
-    :attr:`w2_cache` [slots, K2, N2] on ``device``.
+    ``w13`` and ``w2`` hold every MoE layer's routed experts, one int8 tensor [E, K, N] per
+    layer (a 4-D tensor or a list, e.g. a package's ``w13_t`` [E, H, 2I] and ``w2_t`` [E, I, H]
+    memory-mapped); they are read, never copied whole. The cache holds ``slots`` experts:
+    :attr:`w13_cache` [slots, *slot_shapes[0]] and :attr:`w2_cache` [slots, *slot_shapes[1]]
+    on ``device`` (by default the experts' own shapes; larger shapes are zero-padded).
     """
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, *, slots: int, device: str | torch.device = "cpu"):
-        if w13.dtype != torch.int8 or w2.dtype != torch.int8 or w13.ndim != 4 or w2.ndim != 4:
-            raise ValueError(f"expert weights must be int8 [L, E, K, N]; got w13 {w13.dtype} {tuple(w13.shape)}, "
-                             f"w2 {w2.dtype} {tuple(w2.shape)}")
-        if w13.shape[:2] != w2.shape[:2]:
-            raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} disagree on [layers, experts]")
-        self.layers, self.experts = int(w13.shape[0]), int(w13.shape[1])
+    def __init__(self, w13, w2, *, slots: int, device: str | torch.device = "cpu",
+                 slot_shapes: tuple[tuple[int, int], tuple[int, int]] | None = None):
+        if len(w13) != len(w2) or not len(w13):
+            raise ValueError(f"w13 and w2 must hold the same (non-zero) number of MoE layers, got {len(w13)} "
+                             f"and {len(w2)}")
+        for name, ws in (("w13", w13), ("w2", w2)):
+            for m, w in enumerate(ws):
+                if w.dtype != torch.int8 or w.ndim != 3 or w.shape != ws[0].shape:
+                    raise ValueError(f"expert weights must be int8 [E, K, N] per layer, alike; {name} layer {m} "
+                                     f"is {w.dtype} {tuple(w.shape)}")
+        if w13[0].shape[0] != w2[0].shape[0]:
+            raise ValueError(f"w13 {tuple(w13[0].shape)} and w2 {tuple(w2[0].shape)} disagree on the experts")
+        self.layers, self.experts = len(w13), int(w13[0].shape[0])
         if not 1 <= slots <= self.layers * self.experts:
             raise ValueError(f"expert cache slots={slots} must be in 1..{self.layers * self.experts} "
                              f"({self.layers} MoE layers x {self.experts} experts)")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        w13, w2 = w13.detach().cpu().contiguous(), w2.detach().cpu().contiguous()
-        if self.cuda:
-            w13, w2 = w13.pin_memory(), w2.pin_memory()
         self.host_w13, self.host_w2 = w13, w2
+        shape13, shape2 = slot_shapes or (tuple(w13[0].shape[1:]), tuple(w2[0].shape[1:]))
+        if any(a < b for a, b in zip(shape13 + shape2, tuple(w13[0].shape[1:]) + tuple(w2[0].shape[1:]))):
+            raise ValueError(f"slot shapes {shape13}, {shape2} smaller than the experts")
         self.slots = int(slots)
-        self.w13_cache = torch.zeros((slots, *w13.shape[2:]), dtype=torch.int8, device=self.device)
-        self.w2_cache = torch.zeros((slots, *w2.shape[2:]), dtype=torch.int8, device=self.device)
-        self.expert_bytes = int(w13[0, 0].numel() + w2[0, 0].numel())
+        # Slots may be padded beyond the stored expert (the engine's multiples of 8); padding stays zero.
+        self.w13_cache = torch.zeros((slots, *shape13), dtype=torch.int8, device=self.device)
+        self.w2_cache = torch.zeros((slots, *shape2), dtype=torch.int8, device=self.device)
+        self.expert_bytes = int(w13[0][0].numel() + w2[0][0].numel())
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # Two pinned staging buffers (CUDA): one fills while the other's copy is in flight.
+        self.staging = [(torch.zeros(shape13, dtype=torch.int8).pin_memory(),
+                         torch.zeros(shape2, dtype=torch.int8).pin_memory(), [None]) for _ in range(2)] \
+            if self.cuda else []
+        self._turn = 0
         self._slots = [_Slot() for _ in range(slots)]
         self._where: dict[tuple[int, int], int] = {}
         self._lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(slots))  # oldest first
@@ -117,17 +134,27 @@ class ExpertStore:
             if sl.prefetched:
                 self._stats["prefetch_wasted"] += 1
         layer, e = key
+        w13, w2 = self.host_w13[layer][e], self.host_w2[layer][e]
+        k13, n13 = w13.shape
+        k2, n2 = w2.shape
         if self.cuda:
+            s13, s2, done = self.staging[self._turn]
+            self._turn = 1 - self._turn
+            if done[0] is not None:
+                done[0].synchronize()            # this staging buffer's previous copy has left it
+            s13[:k13, :n13].copy_(w13)           # reads the (memory-mapped) host weights
+            s2[:k2, :n2].copy_(w2)
             with torch.cuda.stream(self.copy_stream):
                 if sl.free is not None:
                     self.copy_stream.wait_event(sl.free)
-                self.w13_cache[slot].copy_(self.host_w13[layer, e], non_blocking=True)
-                self.w2_cache[slot].copy_(self.host_w2[layer, e], non_blocking=True)
+                self.w13_cache[slot].copy_(s13, non_blocking=True)
+                self.w2_cache[slot].copy_(s2, non_blocking=True)
                 sl.ready = torch.cuda.Event()
                 sl.ready.record(self.copy_stream)
+            done[0] = sl.ready
         else:
-            self.w13_cache[slot].copy_(self.host_w13[layer, e])
-            self.w2_cache[slot].copy_(self.host_w2[layer, e])
+            self.w13_cache[slot, :k13, :n13].copy_(w13)
+            self.w2_cache[slot, :k2, :n2].copy_(w2)
         sl.key, sl.prefetched = key, prefetch
         self._where[key] = slot
         self._lru.move_to_end(slot)

@@ -108,7 +108,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     report = plan(args.source, keep_experts=args.keep_experts, quant=args.quant,
                   gpu_mem_gb=args.gpu_mem_gb, streams=args.streams, window=args.window,
-                  kv_dtype=args.kv_dtype, reserve_gb=args.reserve_gb)
+                  kv_dtype=args.kv_dtype, reserve_gb=args.reserve_gb, engine=args.engine,
+                  expert_cache_slots=args.expert_cache_slots)
     _print_report(report, args.json, render_plan)
     return 0
 
@@ -117,10 +118,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     """``r1edge compress SRC --out PKG --calib FILE``: calibrate, prune, quantize, write a package."""
     from sdk.compress import compress, render_report
 
+    def progress_line(event: dict) -> None:
+        print(json.dumps(event), file=sys.stderr, flush=True)
+
     manifest = compress(args.src, args.out, calib=args.calib, keep_experts=args.keep_experts,
                         keep_ratio=args.keep_ratio, quant=args.quant, method=args.method,
-                        groups=args.groups, held_out=args.held_out, seed=args.seed,
-                        progress=not args.json, overwrite=args.overwrite)
+                        groups=args.groups, held_out=args.held_out, seed=args.seed, window=args.window,
+                        progress=not args.json, overwrite=args.overwrite,
+                        on_progress=progress_line if args.json else None)
     report = {k: v for k, v in manifest.items() if k not in ("files", "calibration")}
     report["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "layers"}
     report["package"] = args.out
@@ -238,10 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent streams in the KV cache (default: %(default)s)")
     p.add_argument("--window", type=int, default=_plan.DEFAULT_WINDOW, metavar="W",
                    help="tokens cached per stream (default: %(default)s)")
-    p.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="KV cache dtype (default: %(default)s)")
-    p.add_argument("--reserve-gb", type=float, default=_plan.DEFAULT_RESERVE_GB,
-                   help="runtime reserve: CUDA context, workspace, activations (default: %(default)s)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="latent cache dtype for --quant bf16/fp8 storage plans (default bf16); "
+                        "the int8 engines hold it in fp32")
+    p.add_argument("--reserve-gb", type=float, default=None,
+                   help="runtime reserve: CUDA context, workspace, activations "
+                        f"(default: {_plan.DEFAULT_RESERVE_GB} GB for the device engine, 0 for the CPU engine)")
+    p.add_argument("--engine", choices=_plan.ENGINES, default="device",
+                   help="int8 plans: what DeviceEngine holds on the GPU, or what the CPU Engine holds "
+                        "(default: %(default)s)")
+    p.add_argument("--expert-cache-slots", type=int, default=None, metavar="N",
+                   help="device engine with the streaming expert store of N slots")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -261,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=float, default=0.25,
                    help="fraction of calibration rows kept for the quality report (default: 0.25)")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="calibrate with the deployment's sliding attention window of W tokens "
+                        "(default: causal over each whole row)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
-    p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON; progress as one JSON object a line on stderr (no bar)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("fit", help="attach a sensor I/O adapter and fit it on recorded frames")

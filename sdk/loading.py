@@ -16,13 +16,14 @@ QUANT_MODES = (None, "int8", "w8")
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               quant: str | None = None) -> Transformer:
+               quant: str | None = None, mmap: bool = False) -> Transformer:
     """Load an HF DeepSeek-V3 checkpoint directory or an r1edge package.
 
     ``quant="int8"`` quantizes a float checkpoint on load (W8A8: per-output-channel int8
     weights, per-token dynamic int8 activations); ``quant="w8"`` is weight-only int8.
-    Packages carry their own quantization and ignore ``quant``. Errors name the file or
-    tensor at fault.
+    Packages carry their own quantization and ignore ``quant``; ``mmap=True`` maps a
+    package's weights instead of copying them (see ``sdk.package.load_package``). Errors name
+    the file or tensor at fault.
 
     On the CPU, ``generate`` of a W8A8 model (``quant="int8"`` or an int8 package) runs on the
     stream engine (:class:`EngineGenerate`): greedy, bitwise what stepping ``Engine`` by hand
@@ -37,7 +38,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if (path / "manifest.json").exists():
         from sdk.package import load_package
 
-        return _with_engine_generate(load_package(path, device=device, dtype=dtype))
+        return _with_engine_generate(load_package(path, device=device, dtype=dtype, mmap=mmap))
     cfg = ModelConfig.from_json(path / "config.json")
     reader = CheckpointReader(path)
     with torch.device("cpu"):

@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import mmap
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -73,15 +76,85 @@ def _check_file_name(name: Any, where: str, text_ok: bool = False) -> None:
                            "package's top level")
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16",
+                      torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+class TensorFileWriter:
+    """One safetensors file written piece by piece, never holding its tensors in memory.
+
+    The header (every tensor's name, dtype and shape, in the order given) is written first
+    and the file is sized to its final length; :meth:`assign` then writes any part of a
+    tensor (rows, one expert of a stack, a block of columns) through a shared memory map
+    and drops those pages from this process at once, so resident memory stays at the
+    piece being written. The result reads as any safetensors file; the same pieces give
+    the same bytes. :meth:`close` returns the file's sha256 and size.
+    """
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        self._spans: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        offset = 0
+        for name, (dtype, shape) in specs.items():
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            self._spans[name] = (dtype, tuple(shape), offset)
+            offset += size
+        self.names = list(specs)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        self.bytes = self._data_start + offset
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(self.bytes)
+        self._file = open(self.path, "r+b")
+        self._mm = mmap.mmap(self._file.fileno(), self.bytes)
+
+    def assign(self, name: str, index, value: torch.Tensor) -> None:
+        """``tensor[index] = value`` for the stored tensor ``name`` (any torch indexing)."""
+        dtype, shape, offset = self._spans[name]
+        count = math.prod(shape)
+        if count == 0:
+            return
+        size = count * torch.empty((), dtype=dtype).element_size()
+        start = self._data_start + offset
+        flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=size, offset=start)
+        target = flat.view(dtype).view(shape)[index]
+        target.copy_(value)
+        lo = start + target.storage_offset() * target.element_size()
+        hi = lo + (1 + sum((n - 1) * s for n, s in zip(target.shape, target.stride()))) * target.element_size()
+        del flat, target
+        page = mmap.PAGESIZE
+        lo -= lo % page
+        self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> dict[str, Any]:
+        """Finish the file; returns ``{"sha256", "bytes"}`` as a manifest records them."""
+        self._mm.close()
+        self._file.close()
+        return {"sha256": sha256_file(self.path), "bytes": self.bytes}
+
+
 class PackageWriter:
     """Writes a package shard by shard, hashing each file, and commits it atomically.
 
-    Use as a context manager: ``add(file_name, tensors)`` for each shard (a layer at a
-    time when streaming), then ``finish(manifest)``. If the block raises, or ``finish`` is
-    never called, the temporary directory is removed and nothing appears at ``out_dir``.
+    Use as a context manager: ``add(file_name, tensors)`` for each shard (or :meth:`open` a
+    :class:`TensorFileWriter` and :meth:`commit` it, to write a shard piece by piece), then
+    ``finish(manifest)``. The files go to a temporary directory that is renamed into place by
+    ``finish``; if the block raises, or ``finish`` is never called, it is removed and nothing
+    appears at ``out_dir``. With ``work_dir`` the files go there instead and it is kept when
+    the block raises: a later writer on the same ``work_dir`` can :meth:`adopt` the files
+    already committed (resuming).
     """
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, work_dir: str | Path | None = None):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
             if not overwrite:
@@ -90,7 +163,12 @@ class PackageWriter:
                 raise FileExistsError(f"{self.out_dir}: exists and is not an r1edge package; "
                                       "refusing to replace it")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        if work_dir is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        else:
+            self.tmp = Path(work_dir)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        self.keep_on_error = work_dir is not None
         self.files: dict[str, dict[str, Any]] = {}
         self.tensor_names: set[str] = set()
         self.overwrite = overwrite
@@ -100,25 +178,50 @@ class PackageWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp.exists():
+        if self.tmp.exists() and not (exc_type is not None and self.keep_on_error):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def add(self, file_name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
-        """Write ``tensors`` to ``file_name`` (a new safetensors file) and record its sha256 and size."""
+    def _check_new(self, file_name: str, names) -> None:
         _check_file_name(file_name, str(self.out_dir))
         if file_name in self.files:
             raise PackageError(f"{self.out_dir}: weight file {file_name!r} written twice")
-        dup = self.tensor_names.intersection(tensors)
+        dup = self.tensor_names.intersection(names)
         if dup:
             raise PackageError(f"{self.out_dir}: tensor {sorted(dup)[0]!r} written to two files")
+
+    def _record(self, file_name: str, entry: dict[str, Any], names) -> dict[str, Any]:
+        self.files[file_name] = entry
+        self.tensor_names.update(names)
+        self.bytes_written += entry["bytes"]
+        return entry
+
+    def add(self, file_name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
+        """Write ``tensors`` to ``file_name`` (a new safetensors file) and record its sha256 and size."""
+        self._check_new(file_name, tensors)
         target = self.tmp / file_name
         save_file({k: _own_storage(v) for k, v in tensors.items()}, str(target),
                   metadata={"format": "pt", **(metadata or {})})
-        entry = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
-        self.files[file_name] = entry
-        self.tensor_names.update(tensors)
-        self.bytes_written += entry["bytes"]
-        return entry
+        return self._record(file_name, {"sha256": sha256_file(target), "bytes": target.stat().st_size}, tensors)
+
+    def open(self, file_name: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> TensorFileWriter:
+        """Start ``file_name`` for piecewise writing (as ``file_name.partial`` until :meth:`commit`)."""
+        self._check_new(file_name, specs)
+        return TensorFileWriter(self.tmp / (file_name + ".partial"), specs)
+
+    def commit(self, file_name: str, writer: TensorFileWriter) -> dict[str, Any]:
+        """Finish a file begun with :meth:`open`, give it its name and record its sha256 and size."""
+        entry = writer.close()
+        os.replace(writer.path, self.tmp / file_name)
+        return self._record(file_name, entry, writer.names)
+
+    def adopt(self, file_name: str, entry: dict[str, Any], names=()) -> None:
+        """Take over ``file_name`` committed by an earlier writer on this ``work_dir`` (its
+        recorded sha256 and size; the size is checked here, the hash when the package loads)."""
+        self._check_new(file_name, names)
+        path = self.tmp / file_name
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise PackageError(f"{path}: missing or not {entry['bytes']} bytes; cannot resume from it")
+        self._record(file_name, dict(entry), names)
 
     def add_text_file(self, source: str | Path) -> dict:
         """Copy one of ``TEXT_FILES`` (a tokenizer or generation config) into the package as it
@@ -143,6 +246,9 @@ class PackageWriter:
         manifest.setdefault("format_version", FORMAT_VERSION)
         manifest["files"] = dict(sorted(self.files.items()))
         _check_manifest(manifest, str(self.out_dir / MANIFEST))
+        stray = sorted(p.name for p in self.tmp.iterdir() if p.name not in self.files)
+        if stray:
+            raise PackageError(f"{self.tmp / stray[0]}: not a file of this package")
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         if self.out_dir.exists():
             if not self.overwrite and any(self.out_dir.iterdir()):
@@ -277,14 +383,31 @@ def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch
             raise PackageError(f"{path / name}: unreadable safetensors file ({exc})") from None
 
 
-def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def _mapped_tensors(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Like :func:`iter_tensors`, but every tensor is a view of its memory-mapped file."""
+    from runtime.weights import MappedFile
+
+    for name in manifest["files"]:
+        try:
+            mapped = MappedFile(path / name)
+            for key in sorted(mapped.entries):
+                yield name, key, mapped.tensor(key)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PackageError(f"{path / name}: unreadable safetensors file ({exc})") from None
+
+
+def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 mmap: bool = False):
     """Verify a package and build the runtime model it describes (``sdk.load_model`` calls this).
 
     Every file's sha256 is checked first. The model is then laid out on the meta device
     from the manifest's config and quantization (no memory, no random init) and its
     tensors are taken from the package one by one, each name, shape and kind checked, so
     a package that does not match its config is refused naming the tensor and its file.
-    Peak memory is the model itself.
+    Peak memory is the model itself. With ``mmap`` (CPU only) every tensor already in its
+    model dtype (the int8 weights, float32 scales and router) is a view of the package's
+    memory-mapped files instead of a copy: it costs page cache, read on first use, not
+    process memory (the streaming expert store serves experts from there).
     """
     from runtime.model import IOAdapter, Transformer, cast_keeping_router_fp32, rope_inv_freq
 
@@ -308,7 +431,9 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
-    for file, name, tensor in iter_tensors(path, manifest):
+    if mmap and torch.device(device).type != "cpu":
+        raise ValueError("mmap=True maps a package into host memory: load it on the CPU")
+    for file, name, tensor in _mapped_tensors(path, manifest) if mmap else iter_tensors(path, manifest):
         where = path / file
         if name in seen:
             raise PackageError(f"{where}: tensor {name!r} also in {seen[name]}")

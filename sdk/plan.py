@@ -1,5 +1,12 @@
 """Memory planner: parameters and bytes of a (pruned, quantized) model, and whether it fits a GPU.
 
+Two accountings. :func:`engine_bytes` is what an engine that ships holds, part by part,
+mirroring its allocations: the device engine (``runtime.device.DeviceEngine``: what sits in
+GPU memory, and its host-side buffers) or the CPU stream engine (``runtime.engine.Engine``).
+It is what ``plan`` reports for int8 (the scheme the engines run), and what is measured
+against RSS in ``benchmarks/bench_r1_engine.py``. :func:`count_bytes` is what a checkpoint or
+package stores in a given format (int8, bf16, fp8), used for the other ``--quant`` choices.
+
 Parameters are counted exactly from the config, tensor by tensor, as the checkpoint stores
 them (multi-token-prediction layers beyond ``num_hidden_layers`` are not part of the model
 the runtime runs and are not counted). Bytes per part follow from the quantization:
@@ -40,6 +47,10 @@ DEFAULT_STREAMS = 1
 DEFAULT_WINDOW = 4096
 PARTS = ("embeddings", "lm_head", "attention", "dense_mlp", "shared_experts", "routed_experts",
          "router", "norms")
+ENGINES = ("device", "cpu")
+ENGINE_PARTS = ("embeddings", "lm_head", "attention", "attention_absorbed", "dense_mlp", "shared_experts",
+                "routed_experts", "router", "norms", "kv_cache", "buffers")
+CUDA_MIN_ROWS = 17          # the device engine runs at least 17 rows (runtime.quant.CUDA_MIN_ROWS)
 
 
 def resolve_config(source: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -174,18 +185,115 @@ def count_bytes(cfg: ModelConfig, keep_experts: int | None = None, *, quant: str
     return out
 
 
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def engine_bytes(cfg: ModelConfig, keep_experts: int | None = None, *, engine: str = "device", streams: int = 1,
+                 window: int = DEFAULT_WINDOW, embed_dtype: str = "bf16", expert_cache_slots: int | None = None
+                 ) -> dict[str, Any]:
+    """What an int8 engine holds for ``cfg`` with ``keep_experts`` routed experts per layer, by part.
+
+    ``engine="device"``: ``DeviceEngine`` (its rows are ``max(streams, 17)``; int8 weights in
+    ``_int_mm`` layout padded to multiples of 8; the first q projection and ``kv_a`` fused into
+    one copy; ``kv_b_proj`` absorbed as float32 W_UK/W_UV; embeddings in ``embed_dtype``, which
+    the engine uses when the package's embeddings are bf16, since that is lossless). Returns
+    ``{"device": parts, "host": parts}``: with ``expert_cache_slots`` the routed experts stay in
+    the package's memory-mapped files (the OS page cache, not counted) and the device holds
+    that many expert slots plus their scales, the host one expert of staging.
+    ``engine="cpu"``: ``Engine`` (``streams`` slots; int8 rows [N, K] unpadded, float32
+    embeddings, W_UK/W_UV, router and latent cache); returns ``{"host": parts}``.
+    Every part dict has a ``total``. Interpreter, libraries and transient step activations
+    are not included (the device plan adds its runtime reserve on top).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    keep = cfg.n_routed_experts if keep_experts is None else keep_experts
+    H, V, L, Lm = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.n_moe_layers
+    Ld = L - Lm
+    nh, nope, rope, vd, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                             cfg.v_head_dim, cfg.kv_lora_rank)
+    qr, qd, I, k = cfg.q_lora_rank, nh * (nope + rope), cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    Is, Id = I * cfg.n_shared_experts, cfg.intermediate_size
+    biased = cfg.topk_method == "noaux_tc"
+    dev = {name: 0 for name in ENGINE_PARTS}
+    host = {name: 0 for name in ENGINE_PARTS}
+    dev["attention_absorbed"] = L * nh * (nope + vd) * C * 4
+    dev["norms"] = 4 * (2 * L * H + H + L * ((qr or 0) + C))
+    if engine == "cpu":
+        def rows(n: int, kk: int) -> int:          # int8 output rows [n, k] and float32 scales [n]
+            return n * kk + 4 * n
+
+        S = streams
+        dev["embeddings"] = V * H * 4
+        dev["lm_head"] = rows(V, H)
+        q = rows(qr, H) + rows(qd, qr) if qr else rows(qd, H)
+        dev["attention"] = L * (q + rows(C + rope, H) + rows(H, nh * vd))
+        dev["dense_mlp"] = Ld * (rows(2 * Id, H) + rows(H, Id))
+        dev["shared_experts"] = Lm * (rows(2 * Is, H) + rows(H, Is)) if Is else 0
+        dev["routed_experts"] = Lm * keep * (rows(2 * I, H) + rows(H, I))
+        dev["router"] = Lm * (H * keep + keep) * 4
+        dev["kv_cache"] = L * S * window * (C + rope) * 4
+        widest = max(H, qr or 0, nh * vd, qd)
+        inter = max(Id, Is if Is else I)
+        T = max(S * k, S)
+        buffers = (S * 8 * 3 + S * 4 + S * V * 4 + S * 4 * 2 + 2 * S * H * 4 + S * widest + S * qd * 4
+                   + S * (C + rope) * 4 + S * (qr or 1) * 4 + 2 * S * nh * C * 4 + S * nh * window * 4
+                   + S * nh * vd * 4 + T * 2 * inter * 4 + T * inter + S * H * 4 + S * k * H * 4 + S * keep * 4)
+        G = cfg.n_group if Lm else 1
+        route = (keep * 4 * 3 + G * 5 + k * 8 + S * k * 12 + keep * 4 + (keep + 1) * 4 + S * k * 8) if Lm else 0
+        dev["buffers"] = buffers + route
+        dev["total"] = sum(dev.values())
+        return {"host": dev}
+
+    def q8(n: int, kk: int) -> int:                 # QWeight: int8 [K8, N8] and float32 scales [N8]
+        return _pad8(kk) * _pad8(n) + 4 * _pad8(n)
+
+    R = max(streams, CUDA_MIN_ROWS)
+    h8, n13, i8 = _pad8(H), _pad8(2 * I), _pad8(I)
+    dev["embeddings"] = V * H * DTYPE_BYTES[embed_dtype]
+    dev["lm_head"] = q8(V, H)
+    first = _pad8(qr) if qr else _pad8(qd)
+    w_in = _pad8(H) * (first + _pad8(C + rope)) + 4 * (first + _pad8(C + rope))
+    dev["attention"] = L * (w_in + (q8(qd, qr) if qr else 0) + q8(H, nh * vd))
+    dev["dense_mlp"] = Ld * (q8(2 * Id, H) + q8(H, Id))
+    dev["shared_experts"] = Lm * (q8(2 * Is, H) + q8(H, Is)) if Is else 0
+    per_expert = h8 * n13 + i8 * h8
+    scales = Lm * keep * 4 * (n13 + h8)
+    if expert_cache_slots is None:
+        dev["routed_experts"] = Lm * keep * per_expert + scales
+    else:
+        dev["routed_experts"] = expert_cache_slots * per_expert + scales
+        host["routed_experts"] = per_expert          # the staging buffer
+    dev["router"] = Lm * (H * keep + keep * biased) * 4
+    dev["kv_cache"] = L * R * window * (C + rope) * 4
+    A = R * k
+    # logits and the active rows gathered from them; the grouped kernel's accumulators
+    dev["buffers"] = 2 * R * V * 4 + ((A * n13 * 4 + A * h8 * 4 + R * k * h8 * 4) if Lm else 0)
+    host["buffers"] = R * V * 4                      # pinned: the active rows' logits come back here
+    dev["total"] = sum(dev.values())
+    host["total"] = sum(host.values())
+    return {"device": dev, "host": host}
+
+
 def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, quant: str | None = None,
          gpu_mem_gb: float = DEFAULT_GPU_MEM_GB, streams: int = DEFAULT_STREAMS,
-         window: int = DEFAULT_WINDOW, kv_dtype: str = "bf16", float_dtype: str = "bf16",
-         reserve_gb: float = DEFAULT_RESERVE_GB) -> dict[str, Any]:
-    """Plan the memory of ``source`` (name, config.json, checkpoint or package) on one GPU.
+         window: int = DEFAULT_WINDOW, kv_dtype: str | None = None, float_dtype: str = "bf16",
+         reserve_gb: float | None = None, engine: str = "device",
+         expert_cache_slots: int | None = None) -> dict[str, Any]:
+    """Plan the memory of ``source`` (name, config.json, checkpoint or package).
 
     ``keep_experts`` is the routed experts kept per MoE layer (default: all of them).
     ``quant`` defaults to int8 (a package's own scheme for a package: ``none`` plans as bf16).
+    For int8 the bytes are what ``engine`` holds (:func:`engine_bytes`): ``device`` plans GPU
+    memory (plus ``reserve_gb``, 4 GB by default, for the CUDA context, workspaces and the
+    step's activations; ``expert_cache_slots`` plans the streaming expert store), ``cpu``
+    the CPU engine's memory (no reserve by default). For bf16 and fp8 (formats the engines
+    do not run) the bytes are what the weights take stored that way (:func:`count_bytes`).
     Returns the report: ``params_total``, ``params_active``, ``params`` and ``bytes`` by part
-    (with ``total``), ``fits``, ``max_keep_experts`` (largest per-layer count, at least
-    ``num_experts_per_tok``, whose total fits ``gpu_mem_gb``; None if none does) and the
-    assumptions used.
+    (with ``total``), ``host_bytes`` (the device engine's host-side buffers), ``fits``,
+    ``max_keep_experts`` (largest per-layer count, at least ``num_experts_per_tok``, whose
+    total fits ``gpu_mem_gb``; None if none does) and the assumptions used.
     """
     if isinstance(source, ModelConfig):
         cfg, info = source, {"source": "config", "kind": "config"}
@@ -196,6 +304,8 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
         quant = "bf16" if scheme == "none" else "int8"
     if quant not in QUANTS:
         raise ValueError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     n_routed = cfg.n_routed_experts
     if keep_experts is not None and not (cfg.num_experts_per_tok <= keep_experts <= n_routed):
         raise ValueError(f"--keep-experts must be between num_experts_per_tok="
@@ -203,29 +313,67 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
     for name, value in (("streams", streams), ("window", window)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"--{name} must be a non-negative integer, got {value!r}")
+    if reserve_gb is None:
+        reserve_gb = DEFAULT_RESERVE_GB if engine == "device" or quant != "int8" else 0.0
     if gpu_mem_gb <= 0 or reserve_gb < 0:
         raise ValueError("--gpu-mem-gb must be positive and --reserve-gb non-negative")
+    if quant == "int8" and kv_dtype not in (None, "fp32", "float32"):
+        raise ValueError(f"--kv-dtype {kv_dtype}: the engines hold the latent cache in float32")
+    if expert_cache_slots is not None and (engine != "device" or quant != "int8" or expert_cache_slots < 1):
+        raise ValueError("--expert-cache-slots plans the device engine's streaming expert store (int8), "
+                         "with at least one slot")
     keep = n_routed if keep_experts is None else keep_experts
-    kwargs = dict(quant=quant, float_dtype=float_dtype, kv_dtype=kv_dtype, streams=streams,
-                  window=window, reserve_gb=reserve_gb)
+    reserve = int(round(reserve_gb * 1e9))
+    host_bytes = None
+
+    def bytes_for(n_keep: int) -> dict[str, int]:
+        nonlocal host_bytes
+        if quant != "int8":
+            return count_bytes(cfg, n_keep, quant=quant, float_dtype=float_dtype, kv_dtype=kv_dtype or "bf16",
+                               streams=streams, window=window, reserve_gb=reserve_gb)
+        held = engine_bytes(cfg, n_keep, engine=engine, streams=streams, window=window, embed_dtype=float_dtype,
+                            expert_cache_slots=expert_cache_slots)
+        parts = dict(held["device" if engine == "device" else "host"])
+        host = held["host"] if engine == "device" else None
+        parts.pop("total")
+        parts["runtime_reserve"] = reserve
+        parts["total"] = sum(parts.values())
+        if n_keep == keep:
+            host_bytes = host
+        return parts
+
     params = count_params(cfg, keep)
-    nbytes = count_bytes(cfg, keep, **kwargs)
+    nbytes = bytes_for(keep)
     budget = int(round(gpu_mem_gb * 1e9))
     max_keep = None
     if cfg.n_moe_layers:
         # Bytes grow linearly in the kept count: find the largest that fits from the slope.
-        base = count_bytes(cfg, 0, **kwargs)["total"]
-        per_expert = count_bytes(cfg, 1, **kwargs)["total"] - base
+        base = bytes_for(0)["total"]
+        per_expert = bytes_for(1)["total"] - base
         if budget >= base + cfg.num_experts_per_tok * per_expert:
-            max_keep = min(n_routed, (budget - base) // per_expert)
-            assert count_bytes(cfg, max_keep, **kwargs)["total"] <= budget
+            max_keep = min(n_routed, (budget - base) // per_expert) if per_expert else n_routed
+            assert bytes_for(max_keep)["total"] <= budget
         per_layer_expert_bytes = per_expert
     else:
         per_layer_expert_bytes = 0
+    if quant == "int8":
+        held = {"device": "DeviceEngine: GPU memory", "cpu": "Engine: CPU memory"}[engine]
+        linears = ("int8 in the engine's layout: 1 B/weight + fp32 scale per output channel"
+                   + (", padded to multiples of 8" if engine == "device" else ""))
+        float_parts = (f"embeddings {float_dtype if engine == 'device' else 'fp32'}; "
+                       "kv_b_proj absorbed as fp32 W_UK/W_UV; norms and router fp32")
+        kv = "fp32"
+    else:
+        held = f"stored weights ({quant})"
+        linears = {"bf16": "2 B/weight", "fp8": "1 B/weight + fp32 scale per 128x128 block"}[quant]
+        float_parts = f"embeddings {float_dtype}; norms and router fp32"
+        kv = kv_dtype or "bf16"
+    rows = max(streams, CUDA_MIN_ROWS) if quant == "int8" and engine == "device" else streams
     return {
         "source": info["source"],
         "kind": info["kind"],
         "quant": quant,
+        "engine": engine if quant == "int8" else None,
         "keep_experts": keep,
         "n_routed_experts": n_routed,
         "n_moe_layers": cfg.n_moe_layers,
@@ -235,23 +383,24 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
         "params_active": params["active"],
         "params": {k: v for k, v in params.items() if k not in ("total", "active")},
         "bytes": nbytes,
+        "host_bytes": host_bytes,
         "bytes_per_kept_expert": per_layer_expert_bytes,
         "gpu_mem_bytes": budget,
         "fits": nbytes["total"] <= budget,
         "headroom_bytes": budget - nbytes["total"],
         "max_keep_experts": max_keep,
         "assumptions": {
+            "held": held,
             "gpu_mem_gb": gpu_mem_gb,
             "streams": streams,
             "window": window,
             "kv_cache": f"{cfg.kv_lora_rank + cfg.qk_rope_head_dim} latent values/token/layer "
-                        f"x {cfg.num_hidden_layers} layers in {kv_dtype}",
+                        f"x {cfg.num_hidden_layers} layers in {kv}, {rows} rows",
             "float_dtype": float_dtype,
             "reserve_gb": reserve_gb,
-            "linears": {"int8": "1 B/weight + fp32 scale per output channel",
-                        "bf16": "2 B/weight",
-                        "fp8": "1 B/weight + fp32 scale per 128x128 block"}[quant],
-            "float_parts": f"embeddings {float_dtype}; norms and router fp32",
+            "expert_cache_slots": expert_cache_slots,
+            "linears": linears,
+            "float_parts": float_parts,
             "units": "1 GB = 1e9 bytes",
         },
     }
@@ -274,15 +423,23 @@ def render_plan(report: dict[str, Any], out=None) -> None:
     w(f"Memory plan for {report['source']} ({report['kind']}), quant {report['quant']}, "
       f"{report['keep_experts']} of {report['n_routed_experts']} routed experts kept in each of "
       f"{report['n_moe_layers']} MoE layers ({report['num_hidden_layers']} layers)\n\n")
-    w(f"  {'part':<16}{'params':>12}{'bytes':>13}\n")
-    for part in PARTS:
-        w(f"  {part:<16}{_params(report['params'][part]):>12}{_gb(report['bytes'][part]):>13}\n")
-    w(f"  {'kv_cache':<16}{'':>12}{_gb(report['bytes']['kv_cache']):>13}   "
+    w(f"  held: {a['held']}\n")
+    w(f"  {'part':<19}{'params':>12}{'bytes':>13}\n")
+    for part in report["bytes"]:
+        if part in ("kv_cache", "runtime_reserve", "total"):
+            continue
+        count = _params(report['params'][part]) if part in report["params"] else ""
+        w(f"  {part:<19}{count:>12}{_gb(report['bytes'][part]):>13}\n")
+    w(f"  {'kv_cache':<19}{'':>12}{_gb(report['bytes']['kv_cache']):>13}   "
       f"{a['streams']} streams x {a['window']} tokens x {a['kv_cache']}\n")
-    w(f"  {'runtime_reserve':<16}{'':>12}{_gb(report['bytes']['runtime_reserve']):>13}   "
+    w(f"  {'runtime_reserve':<19}{'':>12}{_gb(report['bytes']['runtime_reserve']):>13}   "
       "CUDA context, workspace, activations (--reserve-gb)\n")
-    w(f"  {'-' * 41}\n")
-    w(f"  {'total':<16}{_params(report['params_total']):>12}{_gb(report['bytes']['total']):>13}\n\n")
+    w(f"  {'-' * 44}\n")
+    w(f"  {'total':<19}{_params(report['params_total']):>12}{_gb(report['bytes']['total']):>13}\n")
+    if report.get("host_bytes"):
+        w(f"  {'host memory':<19}{'':>12}{_gb(report['host_bytes']['total']):>13}   "
+          "pinned logits buffers (and the expert store's staging buffer)\n")
+    w("\n")
     w(f"  parameters active per token: {_params(report['params_active']).strip()}\n")
     w(f"  linear weights: {a['linears']}; {a['float_parts']}; {a['units']}\n")
     w(f"  each kept expert per layer adds {_gb(report['bytes_per_kept_expert']).strip()} "

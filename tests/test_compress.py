@@ -590,7 +590,9 @@ def test_quality_report_is_what_the_package_does(tmp_path, tiny_checkpoint, quan
 
 def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoint, tiny_calib, monkeypatch,
                                                          one_thread):
-    """A missing source tensor is named before any work; a failure half-way leaves nothing at --out."""
+    """A missing source tensor is named before any work; a failure half-way leaves nothing at
+    --out but keeps the finished layers beside it, and the same command then resumes and
+    gives exactly the package of an uninterrupted run."""
     from safetensors.torch import load_file
 
     compress_module = importlib.import_module("sdk.compress")    # the attribute sdk.compress is the function
@@ -603,16 +605,26 @@ def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoin
     (src / "config.json").write_text((tiny_checkpoint[0] / "config.json").read_text())
     with pytest.raises(ValueError, match="'model.layers.2.mlp.experts.5.up_proj.weight' is missing"):
         compress(src, tmp_path / "pkg", calib=tiny_calib)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
-    calls = []
+    real = compress_module._moe_compressed
 
-    def failing_quantize(module):
-        calls.append(module)
-        if len(calls) == 2:
+    def failing_at_layer_2(p, i, *args):
+        if i == 2:
             raise RuntimeError("disk full")
-        return module
+        return real(p, i, *args)
 
-    monkeypatch.setattr(compress_module, "_quantize", failing_quantize)
+    monkeypatch.setattr(compress_module, "_moe_compressed", failing_at_layer_2)
     with pytest.raises(RuntimeError, match="disk full"):
         compress(tiny_checkpoint[0], tmp_path / "pkg", calib=tiny_calib, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pkg.partial", "src"]
+    state = json.loads((tmp_path / ".pkg.partial" / "state.json").read_text())
+    assert state["next"] == 2 and sorted(state["files"]) == ["model-embed.safetensors", "model-layer-000.safetensors",
+                                                             "model-layer-001.safetensors"]
+    monkeypatch.undo()
+    resumed = compress(tiny_checkpoint[0], tmp_path / "pkg", calib=tiny_calib, progress=False)
+    whole = compress(tiny_checkpoint[0], tmp_path / "whole", calib=tiny_calib, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "src", "whole"]
+    assert resumed == whole
+    for name in list(whole["files"]) + ["manifest.json"]:
+        assert (tmp_path / "pkg" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

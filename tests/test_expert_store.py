@@ -21,9 +21,9 @@ def _store(layers=2, experts=4, slots=3, device="cpu"):
 
 
 def _holds_right_weights(store: ExpertStore) -> bool:
-    return all(torch.equal(store.w13_cache[s].cpu(), store.host_w13[key]) and
-               torch.equal(store.w2_cache[s].cpu(), store.host_w2[key])
-               for s, key in store.contents().items())
+    return all(torch.equal(store.w13_cache[s].cpu(), store.host_w13[layer][e]) and
+               torch.equal(store.w2_cache[s].cpu(), store.host_w2[layer][e])
+               for s, (layer, e) in store.contents().items())
 
 
 def test_lru_eviction_and_contents():
@@ -140,7 +140,7 @@ def test_streaming_refuses_graphs(lm):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_store_copies_on_a_side_stream_cuda():
     store = _store(slots=3, device="cuda")
-    assert store.copy_stream is not None and store.host_w13.is_pinned()
+    assert store.copy_stream is not None and all(buf.is_pinned() for s13, s2, _ in store.staging for buf in (s13, s2))
     slots = store.acquire(0, [0, 1])
     # Queue work on the compute stream that reads slot 0, then prefetch into the free slot
     # and over an unpinned one: the copy must wait for the reader (release event).
