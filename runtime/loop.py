@@ -460,7 +460,8 @@ class PeriodicLoop:
         self._stop = threading.Event()
 
     def stop(self) -> None:
-        """Ask the loop to return after the current cycle (thread- and signal-safe)."""
+        """Ask the loop to return after the current cycle, or at once if it has not started its
+        first cycle yet (thread- and signal-safe: a stop during start-up is not lost)."""
         self._stop.set()
 
     def run(self, cycle: Callable[[int, int], int], *, duration_s: float | None = None,
@@ -474,7 +475,6 @@ class PeriodicLoop:
         with torch loaded: it must never fall inside the loop); young generations are collected
         only between cycles, when there is slack before the next tick.
         """
-        self._stop.clear()
         restores: list[Callable[[], None]] = []
         self.rt_applied = {}
         gc_was_enabled = gc.isenabled()
@@ -484,6 +484,7 @@ class PeriodicLoop:
                 self._apply_realtime(realtime, helpers, restores)
             self._run(cycle, duration_s)
         finally:
+            self._stop.clear()
             if self.rt_applied.get("gc_freeze", {}).get("applied"):
                 gc.unfreeze()
             if gc_was_enabled:
