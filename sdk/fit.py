@@ -460,6 +460,8 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
             if at_eval and keep_best:
                 _evaluate_best(model, held_x, held_y, window, done, best, history, losses)
                 model.train()
+                for c in counters:                  # routing seen while evaluating is not training load
+                    c.counts.zero_()
                 if progress:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", held_out=f"{history[-1]['held_out_mse']:.4g}",
                                     refresh=False)
