@@ -11,8 +11,10 @@ setpoint ``x_sp``. Inputs: ``x``, ``x_dot``, ``theta``, ``theta_dot``, ``x_sp``;
 
 The PLC is a Modbus TCP server (pymodbus): measurements and the setpoint are float32 input
 registers 0..9 (big-endian word order), the force is float32 holding registers 10..11 (the
-controller writes it), and holding register 20 is a heartbeat that moves every 5 ms tick. On
-exit it prints the largest pole angle, the RMS cart position error and the force it was last
+controller writes it), holding register 20 is the PLC's heartbeat (it moves every 5 ms tick)
+and holding register 22 the controller's. The pole is held upright until the controller's
+heartbeat first moves, then the plant runs for ``--seconds``. On exit it prints the largest
+pole angle and the RMS cart position error after the first 2 s, and the force it was last
 given. ``deploy.toml`` beside this file is the matching controller configuration.
 """
 from __future__ import annotations
@@ -116,27 +118,49 @@ async def serve_plc(port: int, seconds: float | None, seed: int) -> dict[str, fl
     print(f"plant PLC on 127.0.0.1:{port}", flush=True)
     s, dt = np.array([0.0, 0.0, 0.02, 0.0]), PERIOD_S / SUBSTEPS
     t0 = time.monotonic()
-    tick, worst, sq, n, force = 0, 0.0, 0.0, 0, 0.0
+    tick, steps, worst, sq, n, force, controller_hb, last_hb = 0, 0, 0.0, 0.0, 0, 0.0, None, 0.0
     try:
-        while seconds is None or tick * dt < seconds:
-            t = tick * dt
-            regs = await server.async_getValues(1, 3, 10, 2)
-            force = float(ModbusTcpClient.convert_from_registers(list(regs), f32))
+        while seconds is None or steps * dt < seconds:
+            t = steps * dt
+            regs = await server.async_getValues(1, 3, 10, 13)
+            force = float(ModbusTcpClient.convert_from_registers(list(regs[:2]), f32))
             if not math.isfinite(force):
                 force = 0.0
-            s = advance(s, float(np.clip(force, -FORCE_MAX, FORCE_MAX)), dt)
+            if controller_hb is None:
+                controller_hb = regs[12]
+            if steps or regs[12] != controller_hb:      # the controller runs: so does the plant
+                s = advance(s, float(np.clip(force, -FORCE_MAX, FORCE_MAX)), dt)
+                steps += 1
             x_sp = setpoint(t, seed)
             values = sum((ModbusTcpClient.convert_to_registers(float(v), f32) for v in (*s, x_sp)), [])
             await server.async_setValues(1, 4, 0, values)
             await server.async_setValues(1, 3, 20, [tick & 0xFFFF])
-            if t >= 2.0:                                # the first 2 s are the controller's start-up
+            if regs[12] != controller_hb:
+                controller_hb, last_hb = regs[12], time.monotonic()
+            if t >= 2.0 and time.monotonic() - last_hb < 0.1:   # scored: after start-up, while it runs
                 worst, sq, n = max(worst, abs(s[2])), sq + (s[0] - x_sp) ** 2, n + 1
             tick += 1
             await asyncio.sleep(max(0.0, t0 + tick * dt - time.monotonic()))
     finally:
         await server.shutdown()
-    return {"seconds": tick * dt, "max_abs_theta_deg": math.degrees(worst),
+    return {"seconds": steps * dt, "scored_s": n * dt, "max_abs_theta_deg": math.degrees(worst),
             "x_rms_error_m": math.sqrt(sq / n) if n else float("nan"), "last_force": force}
+
+
+def simulate(seconds: float, seed: int) -> dict[str, float]:
+    """The expert in closed loop on the PLC's plant and setpoints (same start, same scoring)."""
+    s, dt = np.array([0.0, 0.0, 0.02, 0.0]), PERIOD_S / SUBSTEPS
+    worst, sq, n, force = 0.0, 0.0, 0, 0.0
+    for k in range(int(round(seconds / dt))):
+        t = k * dt
+        x_sp = setpoint(t, seed)
+        if k % SUBSTEPS == 0:
+            force = expert(s, x_sp)
+        s = advance(s, force, dt)
+        if t >= 2.0:
+            worst, sq, n = max(worst, abs(s[2])), sq + (s[0] - x_sp) ** 2, n + 1
+    return {"seconds": seconds, "scored_s": n * dt, "max_abs_theta_deg": math.degrees(worst),
+            "x_rms_error_m": math.sqrt(sq / n), "last_force": force}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,15 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=64)
     p.add_argument("--seconds", type=float, default=12.0)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("expert", help="simulate the expert on the PLC's plant and setpoints, for comparison")
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=7, help="setpoint sequence")
     p = sub.add_parser("plc", help="run the plant behind a Modbus TCP server")
     p.add_argument("--port", type=int, default=5020)
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop this long after the controller started (default: until Ctrl-C)")
     p.add_argument("--seed", type=int, default=7, help="setpoint sequence")
     args = ap.parse_args(argv)
     if args.command == "record":
         np.savez(args.out, **record(args.runs, args.seconds, args.seed))
         print(f"{args.out}: {args.runs} rows of {args.seconds:g} s at {PERIOD_S * 1e3:g} ms, inputs {INPUTS}, "
               f"outputs {OUTPUTS}")
+        return 0
+    if args.command == "expert":
+        summary = simulate(args.seconds, args.seed)
+        print(" ".join(f"{k} {v:.4g}" for k, v in summary.items()))
         return 0
     try:
         summary = asyncio.run(serve_plc(args.port, args.seconds, args.seed))
