@@ -283,9 +283,10 @@ class Controller:
         finally:
             try:
                 self._publish_stop()
-            finally:
-                for bridge in reversed(started):
-                    bridge.stop()
+            except Exception as exc:                      # the bridges must still close
+                logger.exception("could not publish the on-stop outputs: %s", exc)
+            for bridge in reversed(started):
+                bridge.stop()
             self._source = self._sink = None
             self._running = False
             self._idle.set()
