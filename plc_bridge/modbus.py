@@ -63,7 +63,7 @@ _NONE, _READ, _WRITE = 0, 1, 2
 _MBAP = struct.Struct(">HHHB")
 _MODBUS_KEYS = frozenset((
     "mode", "stream", "host", "port", "device_id", "heartbeat", "map", "allow", "max_clients", "poll_ms",
-    "request_timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "max_read"))
+    "request_timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "max_read", "stop_linger_ms"))
 
 InputCallback = Callable[[dict], None]
 
@@ -85,6 +85,12 @@ class ModbusBridge:
     bridge writes every output's fail-safe value itself (server mode: into the served
     registers; client mode: to the PLC) and ignores :meth:`publish` until the heartbeat
     changes again; the next publish after that writes the controller's outputs.
+
+    Stop: what was published last reaches the PLC before the connection closes. Client mode
+    writes the outputs once more (when connected, within ``request_timeout_ms``); server mode
+    keeps answering, while a PLC is connected, until it has read an output register once
+    more or ``stop_linger_ms`` has passed. The controller publishes its on-stop outputs (the
+    fail-safe values unless ``on_stop = "hold"``) just before stopping the bridge.
     """
 
     name = "modbus"
@@ -93,7 +99,7 @@ class ModbusBridge:
                  port: int, stream: str = "main", device_id: int = 1, allow: list | None = None,
                  max_clients: int = 8, poll_ms: float = 10.0, request_timeout_ms: float = 200.0,
                  reconnect_min_ms: float = 100.0, reconnect_max_ms: float = 5000.0,
-                 on_input: InputCallback | None = None):
+                 stop_linger_ms: float = 200.0, on_input: InputCallback | None = None):
         self.regmap = regmap
         self.mode = mode
         self.stream = stream
@@ -107,7 +113,9 @@ class ModbusBridge:
         self.request_timeout_s = request_timeout_ms / 1e3
         self.reconnect_min_s = reconnect_min_ms / 1e3
         self.reconnect_max_s = reconnect_max_ms / 1e3
+        self.stop_linger_s = stop_linger_ms / 1e3
         self.on_input = on_input
+        self._output_reads = 0      # server mode: read requests that covered an output register
         self.failsafe = {e.signal: float(failsafe[e.signal]) for e in regmap.outputs}
         self.hb_timeout_ns = int(regmap.heartbeat.timeout_ms * 1e6) if regmap.heartbeat else 0
 
@@ -148,7 +156,8 @@ class ModbusBridge:
         Optional keys besides the design's: ``allow`` (server: list of client addresses or
         networks), ``max_clients`` (server, default 8), ``poll_ms`` (client, default 10),
         ``request_timeout_ms`` (client, 200), ``reconnect_min_ms``/``reconnect_max_ms``
-        (client backoff, 100/5000), ``max_read`` (registers per read, 125). ``port = 0``
+        (client backoff, 100/5000), ``max_read`` (registers per read, 125), ``stop_linger_ms``
+        (server: how long a stop waits for a connected PLC to read the outputs once more, 200). ``port = 0``
         binds an ephemeral port (see :attr:`port` after ``start()``).
         Raises ``ValueError`` naming the offending key or map entry.
         """
@@ -172,7 +181,8 @@ class ModbusBridge:
         max_clients = _int_key(modbus, "max_clients", 8, 1, 1024)
         max_read = _int_key(modbus, "max_read", 125, 1, 125)
         times = {k: _ms_key(modbus, k, d) for k, d in (("poll_ms", 10.0), ("request_timeout_ms", 200.0),
-                                                       ("reconnect_min_ms", 100.0), ("reconnect_max_ms", 5000.0))}
+                                                       ("reconnect_min_ms", 100.0), ("reconnect_max_ms", 5000.0),
+                                                       ("stop_linger_ms", 200.0))}
         if times["reconnect_min_ms"] > times["reconnect_max_ms"]:
             raise ValueError("modbus.reconnect_min_ms: must not exceed modbus.reconnect_max_ms")
         allow = None
@@ -222,13 +232,15 @@ class ModbusBridge:
         return self
 
     def stop(self) -> None:
-        """Stop the I/O thread, close every connection and join. Idempotent."""
+        """Deliver the last published outputs (see the class docstring), stop the I/O thread,
+        close every connection and join. Idempotent."""
         thread, loop, stop = self._thread, self._loop, self._stop
         if thread is None:
             return
         if loop is not None and stop is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(stop.set)
+                loop.call_soon_threadsafe(self._wake.set)
             except RuntimeError:  # loop already closed
                 pass
         thread.join(timeout=10.0)
@@ -396,6 +408,14 @@ class ModbusBridge:
         try:
             await self._stop.wait()
         finally:
+            if server is None:
+                # The client loop writes the outputs once more and returns (bounded wait).
+                await asyncio.wait(tasks[:1], timeout=2 * self.request_timeout_s + self.poll_s)
+            elif self._clients:
+                reads = self._output_reads
+                deadline = time.monotonic() + self.stop_linger_s
+                while self._clients and self._output_reads == reads and time.monotonic() < deadline:
+                    await asyncio.sleep(0.002)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -527,10 +547,7 @@ class ModbusBridge:
                 self._wake.clear()
                 dirty = True
             if dirty and writes:
-                with self.lock:
-                    values = dict(self._out_values)
-                for block in writes:
-                    await self._write_block(client, block, values)
+                await self._write_outputs(client, writes)
                 dirty = False
             timeout = next_poll - time.monotonic()
             if timeout > 0 and not self._wake.is_set():
@@ -538,6 +555,14 @@ class ModbusBridge:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass
+        if writes:                      # a clean stop: the last published outputs reach the PLC
+            await self._write_outputs(client, writes)
+
+    async def _write_outputs(self, client: AsyncModbusTcpClient, writes) -> None:
+        with self.lock:
+            values = dict(self._out_values)
+        for block in writes:
+            await self._write_block(client, block, values)
 
     async def _write_block(self, client: AsyncModbusTcpClient, block, values: dict[str, float]) -> None:
         raw: list[int] = []
@@ -621,6 +646,8 @@ class _Store:
         with bridge.lock:
             if bridge._image.access[table].count(_NONE, address, end):
                 return ExcCodes.ILLEGAL_ADDRESS
+            if bridge._image.access[table].count(_READ, address, end):
+                bridge._output_reads += 1
             if table in BIT_TABLES:
                 return [bool(b) for b in bridge._image.bits[table][address:end]]
             return bridge._image.words[table][address:end].tolist()

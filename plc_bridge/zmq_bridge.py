@@ -420,8 +420,10 @@ class ZmqBridge:
                     sock.disable_monitor()
                 except zmq.ZMQError:
                     pass
+            xpub = roles.get("decisions", (None, None))[0]
             for sock in socks:
-                sock.close(linger=0)
+                # Decisions already queued (the controller's on-stop outputs) get a moment to leave.
+                sock.close(linger=200 if sock is xpub else 0)
 
     def _loop(self, pipe: zmq.Socket, roles: dict) -> None:
         poller = zmq.Poller()

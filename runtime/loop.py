@@ -4,8 +4,10 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
 - ``PeriodicLoop`` wakes on absolute ticks of ``time.monotonic_ns()``: it sleeps until
   ``spin_ns`` before the tick, then spins (always sleeping part of the period, as pure
   busy-waiting under SCHED_FIFO runs into RT throttling). Missed ticks are skipped, never
-  burst. Where permitted it applies SCHED_FIFO, CPU affinity, ``mlockall`` and ``gc.freeze()``
-  and says which were applied.
+  burst. Before its first tick it collects garbage once, freezes what survives
+  (``gc.freeze()``) and disables the automatic collector, so no cycle ever waits for a full
+  collection; young generations are collected between cycles when there is slack. Where
+  permitted it applies SCHED_FIFO, CPU affinity and ``mlockall``, and says which were applied.
 - ``InferenceWorker`` runs inference in a dedicated thread, so the loop can stop waiting for it
   (the watchdog): on a timeout the cycle puts out the fail-safe values, and while the worker is
   still busy later cycles keep the fail-safe without queueing more work.
@@ -199,6 +201,7 @@ class InferenceWorker:
     """
 
     def __init__(self, name: str = "r1edge-infer"):
+        self.name = name
         self._go = threading.Lock()
         self._go.acquire()
         self._done = threading.Lock()
@@ -324,6 +327,8 @@ class ControlCycle:
         self._resets: list[int] = []
         self._pending_resets: list[int] = []
         self.heartbeat = 0
+        self.n_valid = 0                                 # active streams with every input valid, last cycle
+        self.n_ran = 0                                   # frames handed to the policy, last cycle
         self.n_failsafe = 0                              # active streams in each state, last cycle
         self.n_hold = 0
         self.counters = {"timeouts": 0, "errors": 0, "busy_cycles": 0, "bad_outputs": 0}
@@ -349,6 +354,8 @@ class ControlCycle:
         np.equal(status, OK, out=eq)
         np.logical_and(active, eq, out=ok)
         n = int(np.count_nonzero(ok))
+        self.n_valid = n
+        self.n_ran = 0
         infer_ns = 0
         if n:
             if self.worker.busy:
@@ -379,6 +386,7 @@ class ControlCycle:
         finished = self.worker.wait(deadline_ns)
         t1 = monotonic_ns()
         np.copyto(self.ran, ok)
+        self.n_ran = n
         if not finished:
             self._fail(ok, REASON_TIMEOUT)
             self.counters["timeouts"] += 1
@@ -402,6 +410,11 @@ class ControlCycle:
                 self.counters["bad_outputs"] += len(bad)
         self._error_run = False
         return t1 - t0
+
+    def frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slots [n], features float32 [n, F]) of the frames handed to the policy in the last
+        cycle (views, valid until the next cycle; empty when none ran)."""
+        return self._slots[:self.n_ran], self._feats[:self.n_ran]
 
     def _fail(self, mask: np.ndarray, why: int) -> None:
         np.copyto(self.status, FAILSAFE, where=mask)
@@ -430,14 +443,12 @@ class PeriodicLoop:
     Histograms: ``lateness`` (wake-up minus tick) and ``latency`` (outputs written minus tick).
     """
 
-    def __init__(self, period_ns: int, deadline_ns: int | None = None, *, spin_ns: int = 200_000,
-                 warmup_cycles: int = 20):
+    def __init__(self, period_ns: int, deadline_ns: int | None = None, *, spin_ns: int = 200_000):
         if period_ns <= 0:
             raise ValueError(f"period must be positive, got {period_ns} ns")
         self.period_ns = int(period_ns)
         self.deadline_ns = int(deadline_ns if deadline_ns is not None else period_ns)
         self.spin_ns = int(spin_ns)
-        self.warmup_cycles = warmup_cycles
         self.lateness = LatencyHistogram()
         self.latency = LatencyHistogram()
         self.cycles = 0
@@ -449,7 +460,8 @@ class PeriodicLoop:
         self._stop = threading.Event()
 
     def stop(self) -> None:
-        """Ask the loop to return after the current cycle (thread- and signal-safe)."""
+        """Ask the loop to return after the current cycle, or at once if it has not started its
+        first cycle yet (thread- and signal-safe: a stop during start-up is not lost)."""
         self._stop.set()
 
     def run(self, cycle: Callable[[int, int], int], *, duration_s: float | None = None,
@@ -458,11 +470,11 @@ class PeriodicLoop:
 
         With ``realtime``, SCHED_FIFO and affinity are applied to this thread and (one priority
         lower, so that the loop can always preempt a stalled inference) to each helper worker,
-        memory is locked, and everything is restored on return. ``gc.freeze()`` and a disabled
-        collector always apply after the warm-up cycles; young generations are collected only
-        between cycles, when there is slack before the next tick.
+        memory is locked, and everything is restored on return. Always, before the first tick:
+        one full collection, ``gc.freeze()`` and a disabled collector (a full pass costs ~100 ms
+        with torch loaded: it must never fall inside the loop); young generations are collected
+        only between cycles, when there is slack before the next tick.
         """
-        self._stop.clear()
         restores: list[Callable[[], None]] = []
         self.rt_applied = {}
         gc_was_enabled = gc.isenabled()
@@ -472,6 +484,7 @@ class PeriodicLoop:
                 self._apply_realtime(realtime, helpers, restores)
             self._run(cycle, duration_s)
         finally:
+            self._stop.clear()
             if self.rt_applied.get("gc_freeze", {}).get("applied"):
                 gc.unfreeze()
             if gc_was_enabled:
@@ -505,8 +518,12 @@ class PeriodicLoop:
     def _run(self, cycle: Callable[[int, int], int], duration_s: float | None) -> None:
         period, spin, deadline = self.period_ns, self.spin_ns, self.deadline_ns
         lateness, latency = self.lateness, self.latency
+        t0 = monotonic_ns()
         gc.collect()
-        self.rt_applied["gc_freeze"] = {"applied": False, "detail": "before warm-up end"}
+        gc.freeze()
+        gc.disable()
+        self.rt_applied["gc_freeze"] = {"applied": True, "detail": f"before the first cycle "
+                                        f"(full collection {(monotonic_ns() - t0) / 1e6:.0f} ms)"}
         gc_threshold = gc.get_threshold()[0] or 700
         gc_cost_ns = 500_000                            # until measured
         tick = monotonic_ns() + period
@@ -534,12 +551,6 @@ class PeriodicLoop:
                 self.deadline_misses += 1
             self.cycles += 1
             seq += 1
-            if self.cycles == self.warmup_cycles:
-                gc.collect()
-                gc.freeze()
-                gc.disable()
-                self.rt_applied["gc_freeze"] = {"applied": True,
-                                                "detail": f"after {self.warmup_cycles} cycles"}
             now = monotonic_ns()
             k = (now - tick) // period + 1               # first tick still in the future
             self.skipped_ticks += k - 1

@@ -65,7 +65,8 @@ class InputGuard:
     ``check`` marks streams with an invalid input ``FAILSAFE`` (or ``HOLD`` when every invalid
     input of the stream has ``on_invalid = "hold"``) and leaves the per-input reason codes in
     ``codes`` for the record. ``counts[k]`` counts invalid input values by reason
-    ``INVALID_NAMES[k]`` over the guard's lifetime.
+    ``INVALID_NAMES[k]`` over the guard's lifetime; ``ever_valid[j]`` says whether input ``j``
+    was ever valid in an active stream.
     """
 
     def __init__(self, limits: Sequence[InputLimit], capacity: int):
@@ -82,6 +83,8 @@ class InputGuard:
         self._age = np.zeros((capacity, n), dtype=np.int64)
         self._row = np.zeros(capacity, dtype=bool)
         self._row2 = np.zeros(capacity, dtype=bool)
+        self.ever_valid = np.zeros(n, dtype=bool)
+        self._col = np.zeros(n, dtype=bool)
 
     def check(self, values: np.ndarray, stamps: np.ndarray, active: np.ndarray, now_ns: int,
               status: np.ndarray, reason: np.ndarray) -> bool:
@@ -109,7 +112,13 @@ class InputGuard:
         self._mark(mask, act, _MISSING)
         np.not_equal(codes, 0, out=mask)
         if not mask.any():
+            if not self.ever_valid.all() and active.any():
+                self.ever_valid.fill(True)
             return False
+        np.logical_not(mask, out=tmp)
+        np.logical_and(tmp, act, out=tmp)
+        np.any(tmp, axis=0, out=self._col)
+        np.logical_or(self.ever_valid, self._col, out=self.ever_valid)
         for k in range(1, len(INVALID_NAMES)):
             self.counts[k] += int(np.count_nonzero(codes == k))
         # A stream fails safe if any invalid input asks for it, else it holds.
@@ -130,6 +139,10 @@ class InputGuard:
         """``{input name: reason}`` of the invalid inputs of ``slot`` in the last check."""
         row = self.codes[slot]
         return {self.names[i]: INVALID_NAMES[c] for i, c in enumerate(row.tolist()) if c}
+
+    def never_valid(self) -> list[str]:
+        """The inputs that have never been valid in an active stream."""
+        return [name for name, ok in zip(self.names, self.ever_valid.tolist()) if not ok]
 
     def counts_by_reason(self) -> dict[str, int]:
         """Lifetime counts of invalid input values, by reason."""

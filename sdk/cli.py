@@ -26,12 +26,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``r1edge run DEPLOY.toml``: the controller's periodic loop with its bridges."""
+    """``r1edge run DEPLOY.toml``: the controller's periodic loop with its bridges.
+
+    Exit status: 0 for a healthy run, 1 when no valid input ever arrived or more cycles failed
+    safe than ``[loop] max_failsafe_fraction`` allows (the reason is printed), 2 for a bad
+    config or command line."""
     import signal
 
+    from sdk.config import ConfigError, DeployConfig
     from sdk.controller import Controller, recording_source, render_stats
+    from runtime.recorder import RecordingReader
 
-    with Controller.from_config(args.config) as ctrl:
+    config = DeployConfig.load(args.config, check_sources=not args.inputs)
+    if args.inputs:
+        reader = RecordingReader(args.inputs)
+        next(iter(reader), None)
+        recorded = (reader.header or {}).get("inputs")
+        if recorded is None:
+            raise ValueError(f"{args.inputs}: not a flight recording (no header record)")
+        missing = [i.name for i in config.inputs if i.name not in recorded]
+        if missing:
+            raise ConfigError(f"{args.config}: inputs {', '.join(map(repr, missing))}: not in the recording "
+                              f"{args.inputs} (it has {', '.join(recorded)})")
+    with Controller(config) as ctrl:
         source = recording_source(args.inputs, loop=args.repeat) if args.inputs else None
         handlers = {sig: signal.signal(sig, lambda *_: ctrl.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -39,7 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+        stats["verdict"] = ctrl.verdict()
     _print_report(stats, args.json, render_stats)
+    if not stats["verdict"]["ok"]:
+        print(f"r1edge run: failed: {stats['verdict']['why']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -134,8 +155,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """``r1edge fit SRC --data FILE.npz --out PKG``: attach a sensor adapter and fit it (or the whole model)."""
-    from sdk.fit import fit, load_data, render_fit
+    """``r1edge fit [SRC | --init PRESET] --data FILE.npz --out PKG``: fit a sensor-mode policy
+    (exit 130 when stopped by SIGINT: the checkpoint keeps it for ``--resume``)."""
+    from sdk.fit import fit, load_data, render_fit, write_calibration
 
     data = load_data(args.data)
     names = {}
@@ -146,10 +168,41 @@ def cmd_fit(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.data}: the file does not name its {key} "
                              f"({'feature_names' if key == 'inputs' else 'output_names'}); pass {flag} a,b,...")
     report = fit(args.src, data["frames"], data["targets"], inputs=names["inputs"], outputs=names["outputs"],
-                 out=args.out, train=args.train, window=args.window, steps=args.steps, lr=args.lr,
+                 out=args.out, init=args.init, train=args.train, window=args.window, steps=args.steps, lr=args.lr,
                  seed=args.seed, batch=args.batch, seq_len=args.seq_len, held_out=args.held_out,
+                 threads=args.threads, eval_every=args.eval_every, checkpoint=args.checkpoint, resume=args.resume,
                  progress=not args.json, overwrite=args.overwrite)
+    if args.calib_out:
+        rows = write_calibration(args.calib_out, data["frames"], report["window"])
+        report["calibration"] = {"file": args.calib_out, "rows": rows, "window": report["window"]}
     _print_report(report, args.json, render_fit)
+    return 130 if report.get("stopped_at") else 0
+
+
+def _fit_epilog() -> str:
+    from sdk.fit import DATA_FORMAT, PRESETS
+
+    lines = ["presets (--init; DeepSeek-V3 layout: MLA attention, 1 dense layer, then MoE layers with 1 shared",
+             "expert; parameters with a 6-input, 2-output adapter; training step time on one thread):"]
+    for name, p in PRESETS.items():
+        c = p["config"]
+        lines.append(f"  {name:7s}{p['params'] / 1e6:5.2f}M params ({p['active'] / 1e6:.2f}M active), hidden "
+                     f"{c['hidden_size']}, {c['num_hidden_layers']} layers, {c['n_routed_experts']} experts "
+                     f"top-{c['num_experts_per_tok']}, window {p['window']}, ~{p['step_ms'] / 1e3:.1f} s/step")
+        lines.append(f"         suits {p['suits']}")
+    lines += ["", "data (--data):", DATA_FORMAT, "",
+              "Then: r1edge compress PKG --out PKG8 --calib CALIB.npz (write CALIB.npz with --calib-out), "
+              "r1edge eval PKG8 --data FILE.npz --against PKG."]
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``r1edge eval PKG --data FILE.npz``: open-loop errors per output in the plant's units."""
+    from sdk.eval import evaluate, render_eval
+
+    report = evaluate(args.package, args.data, against=args.against, window=args.window, config=args.config,
+                      engine=args.engine, held_out=args.held_out)
+    _print_report(report, args.json, render_eval)
     return 0
 
 
@@ -179,7 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("run", help="run the controller loop of a deployment config with its bridges")
+    p = sub.add_parser("run", help="run the controller loop of a deployment config with its bridges",
+                       description="Run the controller's periodic loop with the bridges of DEPLOY.toml. Before the "
+                       "first cycle it builds the engine (a first run compiles its Numba kernels, about 40 s), warms "
+                       "it up and collects garbage, logging each stage. On stop (--duration, SIGINT, SIGTERM) the "
+                       "outputs go to their fail-safe values (or hold, per output: on_stop = \"hold\") before "
+                       "the bridges close. Exit status: 0 healthy; 1 when no valid input ever arrived or the "
+                       "fail-safe fraction of cycles passed [loop] max_failsafe_fraction (default 0.5), with the "
+                       "reason on stderr; 2 for a bad config or command line.")
     p.add_argument("config", metavar="DEPLOY.toml", help="deployment config")
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="seconds to run (default: until SIGINT/SIGTERM)")
@@ -281,26 +341,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the report as JSON; progress as one JSON object a line on stderr (no bar)")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("fit", help="attach a sensor I/O adapter and fit it on recorded frames")
-    p.add_argument("src", metavar="SRC", help="HF checkpoint directory or unquantized package")
+    p = sub.add_parser("fit", help="fit a sensor-mode policy on recorded frames: from a checkpoint or from nothing",
+                       description="Fit a sensor-mode policy on recorded frames and targets and write it as an "
+                       "unquantized package for r1edge compress. Start from a checkpoint or unquantized package "
+                       "(SRC: a fresh I/O adapter, fitted alone by default) or from nothing (--init: a seeded random "
+                       "model, trained whole). The held-out error is measured as it goes and the package gets the "
+                       "best state; the training state is checkpointed, so Ctrl-C stops at the end of a step "
+                       "(exit 130) and --resume finishes it.",
+                       epilog=_fit_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", nargs="?", help="HF checkpoint directory or unquantized package")
+    p.add_argument("--init", metavar="PRESET", help="start from nothing: small, medium, large, or a config.json")
     p.add_argument("--data", required=True, metavar="FILE",
                    help=".npz with 'frames' [N,T,F] and 'targets' [N,T,O] (optional 'feature_names', 'output_names')")
     p.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
     p.add_argument("--inputs", default=None, metavar="A,B,..", help="input names (default: from the file)")
     p.add_argument("--outputs", default=None, metavar="X,Y,..", help="output names (default: from the file)")
-    p.add_argument("--train", choices=("adapter", "all"), default="adapter",
-                   help="fit the adapter only, or the whole model (default: %(default)s)")
-    p.add_argument("--window", type=int, default=32, help="attention window in frames (default: %(default)s)")
+    p.add_argument("--train", choices=("adapter", "all"), default=None,
+                   help="fit the adapter only, or the whole model (default: adapter from SRC, all with --init)")
+    p.add_argument("--window", type=int, default=None,
+                   help="attention window in frames, the deployment's [model] window (default: the preset's, else 32)")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="crops per step (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None, help="frames per crop (default: 3 x window)")
     p.add_argument("--held-out", type=float, default=0.2,
-                   help="fraction of rows held out for the report (default: %(default)s)")
+                   help="fraction of rows (the last ones) held out to measure the fit (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default: %(default)s; small models train fastest on one, and the result "
+                        "is bitwise reproducible for a given thread count)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="measure the held-out error and checkpoint every N steps (default: a tenth of the steps)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="training state directory (default: PKG.ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped fit from its checkpoint")
+    p.add_argument("--calib-out", default=None, metavar="FILE.npz",
+                   help="also write the frames cut into window-long rows, the calibration r1edge compress wants")
     p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="judge a sensor-mode package on recorded rows, per output in its own units",
+                       description="Run a sensor-mode package open loop over the rows of a fitting .npz, each "
+                       "from its first frame as a controller would (an int8 package on the stream engine, bit for "
+                       "bit what the controller computes; an unquantized one on the float model), and report per "
+                       "output the RMS and largest error in the output's units and as a fraction of its range, "
+                       "against the recorded targets (beside the error of always answering their mean) and, with "
+                       "--against, against another package (e.g. the float package before compression).")
+    p.add_argument("package", metavar="PKG", help="sensor-mode package")
+    p.add_argument("--data", required=True, metavar="FILE.npz", help="'frames' [N,T,F] and 'targets' [N,T,O], as for fit")
+    p.add_argument("--against", metavar="PKG2", help="also compare with this package's outputs on the same frames")
+    p.add_argument("--config", metavar="DEPLOY.toml",
+                   help="take the output ranges and the window from this deployment (default: the targets' span)")
+    p.add_argument("--window", type=int, default=None,
+                   help="history window (default: the deployment's, else the package's fit, else 32)")
+    p.add_argument("--engine", choices=("auto", "stream", "float"), default="auto",
+                   help="auto: int8 packages on the stream engine, float ones on the float model (default)")
+    p.add_argument("--held-out", type=float, default=0.0,
+                   help="only the last fraction of the rows, as fit holds them out (default: all rows)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the factory loop over Modbus TCP with the bundled MoE policy")
     p.add_argument("--duration", type=float, default=20.0, metavar="S",

@@ -789,19 +789,22 @@ def _version() -> str:
 
 
 @torch.no_grad()
-def _quality_sensor(ref: list, cmp: list, norm_ref, norm_cmp, adapter, tolerance: float = 0.01) -> dict[str, Any]:
-    """Output MSE (raw and normalised by each output's variance) and decision agreement."""
+def _quality_sensor(ref: list, cmp: list, norm_ref, norm_cmp, adapter) -> dict[str, Any]:
+    """The compressed model's outputs against the uncompressed one's on the held-out rows, per
+    output in the measures of ``r1edge eval`` (``sdk.eval.output_errors``; range: the span of
+    the uncompressed outputs), and the output MSE (raw and normalised by each output's variance)."""
+    from sdk.eval import output_errors
+
     n_out = len(adapter.output_names)
     r = torch.cat([adapter.decode(norm_ref(x)).reshape(-1, n_out) for x in ref]).double()
     c = torch.cat([adapter.decode(norm_cmp(x)).reshape(-1, n_out) for x in cmp]).double()
     err = c - r
-    span = (r.amax(0) - r.amin(0)).clamp(min=1e-12)
     var = r.var(0, unbiased=False).clamp(min=1e-24)
     return {"mode": "sensor", "frames": int(r.shape[0]),
+            "outputs": output_errors(c.numpy(), r.numpy(), adapter.output_names, r.amin(0).numpy(), r.amax(0).numpy()),
+            "range": "span of the uncompressed model's outputs on the held-out rows",
             "output_mse": float(err.pow(2).mean()),
             "output_nmse": float((err.pow(2).mean(0) / var).mean()),
-            "decision_agreement": float((err.abs() <= tolerance * span).double().mean()),
-            "decision_tolerance": f"{tolerance:g} x each output's range on the held-out data",
             "per_output_mse": {name: float(v) for name, v in zip(adapter.output_names, err.pow(2).mean(0))}}
 
 
@@ -1249,6 +1252,8 @@ def render_report(manifest: dict[str, Any], out=None) -> None:
             w(f", next-token NLL {q['nll_original']:.4f} -> {q['nll_compressed']:.4f}")
         w("\n")
     else:
-        w(f"Quality vs the uncompressed model on {where}, {q['frames']} frames:\n"
-          f"  output MSE {q['output_mse']:.6g} (normalised {q['output_nmse']:.4g}), decision agreement "
-          f"{q['decision_agreement']:.4f} (within {q['decision_tolerance']})\n")
+        w(f"Quality vs the uncompressed model on {where}, {q['frames']} frames (full causal attention; "
+          f"r1edge eval measures with the deployment's window), range = {q['range']}:\n")
+        for name, e in q["outputs"].items():
+            w(f"  {name:<16} rms {e['rms']:.5g} ({100 * e['rms_frac_range']:.2f}% of range)  "
+              f"max {e['max_abs']:.5g} ({100 * e['max_frac_range']:.2f}%)\n")

@@ -9,15 +9,24 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
 - ``[loop]`` ``period_ms = 10``, ``deadline_ms`` = the period, ``realtime = false``,
   ``infer_budget_ms`` = 80% of the deadline (inference that has not answered by then gets
   the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU,
-  ``threads = 1`` (compute threads of an engine step: 1 keeps it in the watchdog's thread);
+  ``threads = 1`` (compute threads of an engine step: 1 keeps it in the watchdog's thread),
+  ``max_failsafe_fraction = 0.5`` (a run whose cycles failed safe more often than this is
+  reported as failed: ``r1edge run`` exits 1);
 - ``[[inputs]]`` ``stale_ms`` = max(200, 3 periods), ``on_invalid = "failsafe"``;
-- ``[[outputs]]`` no rate limit unless ``max_rate`` is given;
+- ``[[outputs]]`` no rate limit unless ``max_rate`` is given; ``on_stop = "failsafe"`` (what
+  the bridges get when the controller stops: the fail-safe value, or ``"hold"`` the last one);
 - ``[recorder]`` (optional) ``path`` (a directory), ``max_bytes = 64 MiB`` per segment,
-  ``keep = 16`` segments, ``enabled = true``.
+  ``keep = 16`` segments, ``enabled = true``;
+- ``[shadow]`` (optional) ``path``: a candidate package run on the same inputs every cycle,
+  never applied (see ``sdk.controller``).
 
 ``[modbus]`` and ``[zmq]`` are validated here by the bridges' own parsers (their optional
 keys are documented in ``plc_bridge``) and handed to the bridges as plain dicts; a register
-map may also publish ``_heartbeat``, the counter the controller bumps every cycle.
+map may also publish ``_heartbeat``, the counter the controller bumps every cycle. When a
+bridge is configured, every declared input must have a source: a ``[[modbus.map]]`` entry of
+that signal, or ``[zmq]`` (whose frames may carry any signal); otherwise the load fails
+naming the inputs (``check_sources=False`` skips this when the inputs come from elsewhere,
+e.g. a recording or ``Controller.step``).
 """
 from __future__ import annotations
 
@@ -153,6 +162,7 @@ class LoopSection:
     priority: int = 80
     cpu: int | None = None
     threads: int = 1
+    max_failsafe_fraction: float = 0.5
 
     @property
     def period_ns(self) -> int:
@@ -185,6 +195,7 @@ class OutputSpec:
     max: float
     failsafe: float
     max_rate: float | None = None
+    on_stop: str = "failsafe"
 
     def limit(self) -> OutputLimit:
         """The runtime's form of this spec."""
@@ -203,6 +214,13 @@ class RecorderSection:
 
 
 @dataclass
+class ShadowSection:
+    """``[shadow]``: a candidate package run beside the live one, never applied."""
+
+    path: Path
+
+
+@dataclass
 class DeployConfig:
     """A validated deployment config (see the module docstring for fields and defaults)."""
 
@@ -212,13 +230,14 @@ class DeployConfig:
     inputs: list[InputSpec]
     outputs: list[OutputSpec]
     recorder: RecorderSection | None = None
+    shadow: ShadowSection | None = None
     modbus: dict | None = None
     zmq: dict | None = None
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> "DeployConfig":
+    def load(cls, path: str | Path, *, check_sources: bool = True) -> "DeployConfig":
         """Read and validate a TOML file; raises ``ConfigError`` naming file and field."""
         path = Path(path)
         try:
@@ -229,11 +248,14 @@ class DeployConfig:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        return cls.from_dict(raw, base_dir=path.resolve().parent, source=path)
+        return cls.from_dict(raw, base_dir=path.resolve().parent, source=path, check_sources=check_sources)
 
     @classmethod
-    def from_dict(cls, raw: dict, *, base_dir: str | Path, source: str | Path = "deploy.toml") -> "DeployConfig":
-        """Validate an already parsed config; relative paths resolve against ``base_dir``."""
+    def from_dict(cls, raw: dict, *, base_dir: str | Path, source: str | Path = "deploy.toml",
+                  check_sources: bool = True) -> "DeployConfig":
+        """Validate an already parsed config; relative paths resolve against ``base_dir``.
+        With ``check_sources``, every input must have a configured source when a bridge is
+        configured (see the module docstring)."""
         file, base = str(source), Path(base_dir)
         top = _Table(raw, "", file)
 
@@ -255,9 +277,12 @@ class DeployConfig:
         loop = LoopSection(period_ms=period, deadline_ms=deadline, infer_budget_ms=budget,
                            realtime=t.bool("realtime", False),
                            spin_us=t.num("spin_us", 200.0), priority=t.int("priority", 80, lo=1, hi=99),
-                           cpu=t.int("cpu", None, lo=0), threads=t.int("threads", 1, lo=1, hi=1024))
+                           cpu=t.int("cpu", None, lo=0), threads=t.int("threads", 1, lo=1, hi=1024),
+                           max_failsafe_fraction=t.num("max_failsafe_fraction", 0.5))
         if loop.spin_us < 0:
             t.fail(f"must not be negative, got {loop.spin_us}", "spin_us")
+        if not 0.0 <= loop.max_failsafe_fraction <= 1.0:
+            t.fail(f"must lie in [0, 1], got {loop.max_failsafe_fraction}", "max_failsafe_fraction")
         t.done()
 
         names: dict[str, str] = {}
@@ -281,7 +306,8 @@ class DeployConfig:
             fs = t.num("failsafe")
             if not lo <= fs <= hi:
                 t.fail(f"failsafe ({fs}) must lie within [min, max] = [{lo}, {hi}]")
-            outputs.append(OutputSpec(name, lo, hi, fs, t.num("max_rate", None, positive=True)))
+            outputs.append(OutputSpec(name, lo, hi, fs, t.num("max_rate", None, positive=True),
+                                      t.str("on_stop", "failsafe", ("failsafe", "hold"))))
             t.done()
         if not outputs:
             top.fail("at least one [[outputs]] entry is required")
@@ -294,10 +320,32 @@ class DeployConfig:
                                        keep=t.int("keep", 16, lo=1), enabled=t.bool("enabled", True))
             t.done()
 
+        shadow = None
+        t = top.sub("shadow")
+        if t is not None:
+            shadow = ShadowSection(path=_resolve(base, t.str("path")))
+            t.done()
+
         modbus, zmq = _bridge_tables(top, base, inputs, outputs)
         top.done()
-        return cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
-                   recorder=recorder, modbus=modbus, zmq=zmq, base_dir=base, raw=raw)
+        config = cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
+                     recorder=recorder, shadow=shadow, modbus=modbus, zmq=zmq, base_dir=base, raw=raw)
+        if check_sources and (modbus is not None or zmq is not None):
+            missing = config.unsourced_inputs()
+            if missing:
+                where = ", ".join(f"inputs[{i}] {n!r}" for i, n in enumerate(i.name for i in inputs) if n in missing)
+                raise ConfigError(f"{file}: {where}: no configured source provides it: add a [[modbus.map]] "
+                                  "entry with that signal, or configure [zmq] (its sensor frames may carry any input)")
+        return config
+
+    def unsourced_inputs(self) -> list[str]:
+        """The declared inputs that no configured bridge provides: not in ``[[modbus.map]]``
+        and no ``[zmq]`` (a ZeroMQ sensor frame may carry any input). Without any bridge every
+        input is unsourced here: it must come from ``Controller.step``, a ``source`` or a recording."""
+        if self.zmq is not None:
+            return []
+        mapped = {e.get("signal") for e in (self.modbus or {}).get("map", []) if isinstance(e, dict)}
+        return [i.name for i in self.inputs if i.name not in mapped]
 
     def to_dict(self) -> dict:
         """A msgpack/JSON-able form (paths as strings), as written into recording headers."""

@@ -15,12 +15,25 @@ under the watchdog, then clamps and rate-limits the outputs (``runtime.safety``)
 
 With ``[recorder]`` every cycle is appended to a flight recording (``runtime.recorder``);
 ``replay()`` re-runs one and checks every output bit for bit.
+
+One-off work happens before the first live cycle: building the engine (Numba compiles its
+kernels on a first run, later runs load them from the on-disk cache), the first engine steps
+in the inference thread (then forgotten), and, in the periodic loop, a full garbage
+collection with ``gc.freeze()``. Each stage is logged as it starts, so a long first start
+is never silent. When ``run()`` stops (duration, ``stop()``, SIGINT/SIGTERM in ``r1edge
+run``), every stream's outputs go to their fail-safe values (or stay at the last value sent
+where an output says ``on_stop = "hold"``) and reach the bridges before they close.
+``verdict()`` says whether a run was healthy (``r1edge run``'s exit status).
+
+With ``[shadow]`` a candidate package runs on the frames the live model got, in its own
+thread, after the live outputs went out (``Shadow``); it is never applied.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -30,7 +43,7 @@ from plc_bridge.bridge import Bridge, Reporter
 from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
                           monotonic_ns, set_compute_threads)
 from runtime.recorder import RecordingReader, FlightRecorder
-from runtime.safety import (MISSING_STAMP, REASON_ERROR, REASON_NAMES, REASON_NONE,
+from runtime.safety import (FAILSAFE, MISSING_STAMP, REASON_ERROR, REASON_NAMES, REASON_NONE,
                             REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
 from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs
 
@@ -59,6 +72,16 @@ def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, wi
     return Engine(model, capacity=capacity, window=window)
 
 
+def _build_logged(path: str | Path, cfg: DeployConfig, capacity: int, what: str):
+    """``build_engine`` for a controller, saying what it does first (a first run compiles)."""
+    logger.info("%sengine: loading %s and building the engine (its Numba kernels compile on a first run, "
+                "about 40 s on 2 cores; later runs load them from the on-disk cache) ...", what, path)
+    t0 = time.perf_counter()
+    engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window)
+    logger.info("%sengine ready in %.1f s", what, time.perf_counter() - t0)
+    return engine
+
+
 def package_identity(path: str | Path) -> dict:
     """``{"path", "manifest_sha256"}`` of a package (``None`` for a checkpoint without manifest)."""
     path = Path(path)
@@ -79,9 +102,9 @@ class Controller:
     def __init__(self, config: DeployConfig, *, engine=None, bridges: bool = True):
         self.config = cfg = config
         capacity = cfg.model.streams
+        t_start = time.perf_counter()
         if engine is None:
-            engine = build_engine(cfg.model.path, device=cfg.model.device, capacity=capacity,
-                                  window=cfg.model.window)
+            engine = _build_logged(cfg.model.path, cfg, capacity, "")
         self.engine = engine
         if getattr(engine, "capacity", capacity) < capacity:
             raise ConfigError(f"{cfg.source}: model.streams ({capacity}) exceeds the engine's "
@@ -97,9 +120,11 @@ class Controller:
         guard = InputGuard([ins[n].limit() for n in self.input_names], capacity)
         self.output_limits = [outs[n].limit() for n in self.output_names]
         limiter = OutputLimiter(self.output_limits, capacity, self.period_s)
+        self._hold_on_stop = np.array([outs[n].on_stop == "hold" for n in self.output_names])
         self.worker = InferenceWorker()
         self.compute_threads = self.worker.run_sync(lambda: set_compute_threads(cfg.loop.threads))
         self.cycle = ControlCycle(engine, guard, limiter, capacity=capacity, worker=self.worker)
+        self.shadow: Shadow | None = None
         self.loop = PeriodicLoop(cfg.loop.period_ns, self._deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
         self._in_index = {n: j for j, n in enumerate(self.input_names)}
         self._in_keys = self._in_index.keys()
@@ -108,9 +133,10 @@ class Controller:
         self._active: list[int] = []                      # slots active this cycle, in input order
         self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "record", "latency")}
         self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
-                         "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "unknown_inputs": 0,
-                         "dropped_streams": 0, "read_errors": 0, "write_errors": 0, "sink_errors": 0,
-                         "record_errors": 0}
+                         "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "valid_input_cycles": 0,
+                         "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
+                         "sink_errors": 0, "record_errors": 0}
+        self.failsafe_reasons = {name: 0 for name in REASON_NAMES[1:]}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._running = False
@@ -122,6 +148,17 @@ class Controller:
         self.bridges: list[Bridge] = []
         self.recorder: FlightRecorder | None = None
         try:
+            self._warm_up(engine, self.worker, "")
+            if cfg.shadow is not None:
+                shadow_engine = _build_logged(cfg.shadow.path, cfg, capacity, "shadow ")
+                theirs = (list(shadow_engine.input_names), list(shadow_engine.output_names))
+                if theirs != (self.input_names, self.output_names):
+                    raise ConfigError(f"{cfg.source}: shadow.path: {cfg.shadow.path} maps {theirs[0]} -> {theirs[1]}, "
+                                      f"the live package {self.input_names} -> {self.output_names}; a shadow "
+                                      "needs the same signals in the same order")
+                self.shadow = Shadow(shadow_engine, cfg.shadow.path, self.output_limits, capacity, cfg.loop.threads)
+                self._warm_up(shadow_engine, self.shadow.worker, "shadow ")
+            logger.info("controller ready in %.1f s", time.perf_counter() - t_start)
             if bridges:
                 self._make_bridges()
             if cfg.recorder is not None and cfg.recorder.enabled:
@@ -129,12 +166,37 @@ class Controller:
                                                max_bytes=cfg.recorder.max_bytes, keep=cfg.recorder.keep)
         except BaseException:
             self.worker.close()
+            if self.shadow is not None:
+                self.shadow.close()
             raise
 
     @classmethod
     def from_config(cls, path: str | Path, *, engine=None, bridges: bool = True) -> "Controller":
-        """Build a controller from a deployment TOML file."""
-        return cls(DeployConfig.load(path), engine=engine, bridges=bridges)
+        """Build a controller from a deployment TOML file (with ``bridges``, every input must
+        have a configured source: see ``sdk.config``)."""
+        return cls(DeployConfig.load(path, check_sources=bridges), engine=engine, bridges=bridges)
+
+    def _warm_up(self, engine, worker: InferenceWorker, what: str, steps: int = 3) -> None:
+        """The first engine steps, in the thread that will run them (its thread pool starts,
+        caches and pages warm up), at full batch and at one stream; then every slot is reset,
+        so no stream ever sees them."""
+        cap = self.cycle.capacity
+        slots = np.arange(cap, dtype=np.int64)
+        feats = np.zeros((cap, len(self.input_names)), dtype=np.float32)
+
+        def job() -> int:
+            t0 = monotonic_ns()
+            for n in (cap, 1):
+                for _ in range(steps):
+                    engine.step_sensor(slots[:n], feats[:n])
+            t1 = monotonic_ns()
+            for slot in range(cap):
+                engine.reset_slot(slot)
+            return (t1 - t0) // (2 * steps)
+        logger.info("%swarm-up: %d engine steps in the %s thread", what, 2 * steps, worker.name)
+        step_ns = worker.run_sync(job, timeout_s=600.0)
+        if self.shadow is not None and worker is self.shadow.worker:
+            self.shadow.recent_step_ns.fill(step_ns)
 
     # ------------------------------------------------------------------ synchronous use
     def step(self, inputs: Mapping[str, float], stream: str = "main") -> dict[str, float]:
@@ -166,7 +228,9 @@ class Controller:
             infer_ns = self.cycle.run(t1, t0 + self._budget_ns)
             t2 = monotonic_ns()
             self._account(t1 - t0, infer_ns, 0, t2 - t0)
-            self._record(self.counters["cycles"] - 1, t0, (t1 - t0, infer_ns, 0, 0))
+            seq = self.counters["cycles"] - 1
+            self._run_shadow(seq, None)
+            self._record(seq, t0, (t1 - t0, infer_ns, 0, 0))
             out = self.cycle.out
             names = self.output_names
             return {s: dict(zip(names, out[self.slots[s]].tolist())) for s in frames}
@@ -213,8 +277,14 @@ class Controller:
             rt = None
             if self.config.loop.realtime:
                 rt = RealtimeOptions(priority=self.config.loop.priority, cpu=self.config.loop.cpu)
+            logger.info("control loop starting: %s ms period (the first cycle follows a full garbage collection)",
+                        f"{self.config.loop.period_ms:g}")
             self.loop.run(self._loop_cycle, duration_s=duration_s, realtime=rt, helpers=[self.worker])
         finally:
+            try:
+                self._publish_stop()
+            except Exception as exc:                      # the bridges must still close
+                logger.exception("could not publish the on-stop outputs: %s", exc)
             for bridge in reversed(started):
                 bridge.stop()
             self._source = self._sink = None
@@ -238,8 +308,56 @@ class Controller:
         self._write(seq, tick_ns, (t2 - tick_ns) / 1e3)
         t3 = monotonic_ns()
         self._account(t1 - t0, infer_ns, t3 - t2, t3 - tick_ns)
+        if self.shadow is not None:
+            self._run_shadow(seq, tick_ns + self.loop.period_ns - self.loop.spin_ns - monotonic_ns())
         self._record(seq, tick_ns, (t1 - t0, infer_ns, t3 - t2, t0 - tick_ns))
         return t3
+
+    def _run_shadow(self, seq: int, slack_ns: int | None) -> None:
+        """Record the shadow's answer to the previous cycle if it is there, then hand it this
+        cycle's frames (never waiting for it)."""
+        shadow = self.shadow
+        if shadow is None:
+            return
+        record = shadow.collect(self._slot_names)
+        if record is not None:
+            self._append(record)
+        shadow.submit(seq, self.cycle, slack_ns)
+
+    def _publish_stop(self) -> None:
+        """On stop: every stream's outputs to their fail-safe values (``on_stop = "hold"``: the
+        last value sent), to the bridges that serve it and the sink, and into the recording."""
+        if self.shadow is not None:
+            record = self.shadow.finish(self._slot_names)
+            if record is not None:
+                self._append(record)
+        limiter, names, hold = self.cycle.limiter, self.output_names, self._hold_on_stop
+        streams = list(self.slots)
+        for bridge in self.bridges:
+            streams += [s for s in bridge.input_streams() if s not in streams]
+        status = "hold" if hold.all() else "failsafe"
+        seq, hb, entries = self.loop.cycles, float(self.cycle.heartbeat), []
+        for stream in streams:
+            slot = self.slots.get(stream)
+            values = np.where(hold, limiter.last[slot] if slot is not None else limiter.failsafe, limiter.failsafe)
+            outputs = dict(zip(names, values.tolist()))
+            entries.append({"s": stream, "out": values.tolist(), "st": status})
+            if self._sink is not None:
+                try:
+                    self._sink(stream, outputs, status, seq, 0.0)
+                except Exception as exc:
+                    self._error("sink_errors", exc)
+            for bridge in self.bridges:
+                if bridge.serves(stream):
+                    try:
+                        bridge.publish({**outputs, HEARTBEAT: hb}, status, seq, 0.0, stream)
+                    except Exception as exc:
+                        self._error("write_errors", exc)
+        if streams:
+            logger.info("stopped: outputs of %s set to %s", ", ".join(map(repr, streams)),
+                        "their last values (on_stop = hold)" if hold.all() else
+                        "fail-safe" + (" (held where on_stop = hold)" if hold.any() else ""))
+        self._append({"type": "stop", "seq": seq, "t_ns": monotonic_ns(), "streams": entries})
 
     def _read(self, now: int) -> None:
         self._clear_active()
@@ -295,6 +413,8 @@ class Controller:
         self.slots[stream] = slot
         self._slot_names[slot] = stream
         self.cycle.reset_slot(slot)
+        if self.shadow is not None:
+            self.shadow.reset_slot(slot)
         logger.info("stream %r -> slot %d", stream, slot)
         return slot
 
@@ -385,9 +505,14 @@ class Controller:
         h["write"].add_ns(write_ns)
         h["latency"].add_ns(latency_ns)
         n_fs, n_hold = cycle.n_failsafe, cycle.n_hold
+        if cycle.n_valid:
+            c["valid_input_cycles"] += 1
         if n_fs:
             c["failsafe_cycles"] += 1
             c["failsafe_stream_cycles"] += n_fs
+            for slot in self._active:
+                if cycle.status[slot] == FAILSAFE:
+                    self.failsafe_reasons[REASON_NAMES[int(cycle.reason[slot])]] += 1
         if n_hold:
             c["held_cycles"] += 1
             c["held_stream_cycles"] += n_hold
@@ -398,7 +523,8 @@ class Controller:
                 "inputs": self.input_names, "outputs": self.output_names,
                 "capacity": len(self._slot_names), "window": int(getattr(self.engine, "window", cfg.model.window)),
                 "period_ns": cfg.loop.period_ns,
-                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe] for o in self.output_limits]}
+                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe] for o in self.output_limits],
+                "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path)}
 
     def _record(self, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -> None:
         """One cycle record: per active stream the inputs as given, model outputs (when the
@@ -420,12 +546,17 @@ class Controller:
             elif reason == REASON_ERROR:
                 entry["error"] = c.last_error
             streams.append(entry)
+        self._append({"type": "cycle", "seq": seq, "t_ns": t_ns, "hb": c.heartbeat,
+                      "streams": streams, "timing": list(timing)})
+        self.hist["record"].add_ns(monotonic_ns() - t0)
+
+    def _append(self, record: dict) -> None:
+        if self.recorder is None:
+            return
         try:
-            self.recorder.append({"type": "cycle", "seq": seq, "t_ns": t_ns, "hb": c.heartbeat,
-                                  "streams": streams, "timing": list(timing)})
+            self.recorder.append(record)
         except (OSError, ValueError) as exc:
             self._error("record_errors", exc)
-        self.hist["record"].add_ns(monotonic_ns() - t0)
 
     # ------------------------------------------------------------------ stats and lifecycle
     def stats(self) -> dict:
@@ -439,6 +570,8 @@ class Controller:
         c = self.cycle
         out = dict(self.counters)
         out.update({
+            "failsafe_reasons": dict(self.failsafe_reasons),
+            "never_valid_inputs": c.guard.never_valid(),
             "latency_us": self.hist["latency"].summary(),
             "phases_us": {k: self.hist[k].summary() for k in ("read", "infer", "write", "record")},
             "lateness_us": loop["lateness_us"],
@@ -455,8 +588,35 @@ class Controller:
                 "path": str(self.recorder.path), "records": self.recorder.records,
                 "bytes": self.recorder.bytes_written},
             "bridges": {b.name: b.health() for b in self.bridges},
+            "shadow": None if self.shadow is None else self.shadow.stats(),
         })
         return out
+
+    def verdict(self) -> dict:
+        """Whether the run so far was healthy, as ``r1edge run``'s exit status says:
+        ``{"ok": bool, "why": str}``. Not healthy: no cycle ran, no valid input ever arrived
+        (no cycle had a stream whose inputs were all valid), or more than ``[loop]
+        max_failsafe_fraction`` of the cycles failed safe."""
+        c = self.counters
+        cycles, fs = c["cycles"], c["failsafe_cycles"]
+        limit = self.config.loop.max_failsafe_fraction
+        if not cycles:
+            return {"ok": False, "why": "no control cycle ran"}
+        links = "; ".join(f"{b.name} bridge {'connected' if b.health().get('connected') else 'not connected'}"
+                          for b in self.bridges)
+        invalid = {k: v for k, v in self.cycle.guard.counts_by_reason().items() if v}
+        if not c["valid_input_cycles"]:
+            never = self.cycle.guard.never_valid()
+            return {"ok": False, "why": f"no valid input ever arrived in {cycles} cycles (never valid: "
+                                        f"{', '.join(never)}; invalid values by reason {invalid})"
+                                        + (f"; {links}" if links else "")}
+        frac = fs / cycles
+        reasons = {k: v for k, v in self.failsafe_reasons.items() if v}
+        if frac > limit:
+            return {"ok": False, "why": f"fail-safe in {fs} of {cycles} cycles ({frac:.1%}), above [loop] "
+                                        f"max_failsafe_fraction = {limit:g} (stream-cycles by reason {reasons}; "
+                                        f"invalid values by reason {invalid})" + (f"; {links}" if links else "")}
+        return {"ok": True, "why": f"{cycles} cycles, fail-safe in {fs} ({frac:.1%}, limit {limit:g})"}
 
     def close(self) -> None:
         """Stop the loop (waiting up to 10 s for ``run()`` to return), the bridges, the
@@ -469,6 +629,11 @@ class Controller:
             logger.error("the control loop did not stop within 10 s; closing anyway")
         for bridge in self.bridges:
             bridge.stop()
+        if self.shadow is not None:
+            record = self.shadow.finish(self._slot_names)
+            if record is not None:
+                self._append(record)
+            self.shadow.close()
         if self.recorder is not None:
             self.recorder.close()
         self.worker.close()
@@ -504,6 +669,137 @@ class Controller:
                 "streams": {s: self.status(s) for s in list(self.slots)}}
 
 
+class Shadow:
+    """A candidate package run on the live frames every cycle, never applied (``[shadow]``).
+
+    After a cycle's outputs went out, the frames the live model got in that cycle (same
+    slots, same features) go to the shadow's own engine in its own thread; its answer is
+    collected at the next cycle and never waited for, so the live cycle never waits on it.
+    The shadow's outputs are compared with the live model's outputs of the same frames, both
+    clamped to each output's ``[min, max]`` (what each would command, before rate limits and
+    fail-safes): ``stats()`` gives per output the RMS and largest difference, in the output's
+    units and as a fraction of its range, and the flight recording gets a ``shadow`` record per
+    cycle with the shadow's outputs. A step starts only if the shadow is idle and its slowest
+    recent step fits in the time left before the next tick (else the frames are ``skipped``,
+    and the shadow's history of those streams restarts at their next frame, counted in
+    ``resyncs``): the CPU engine holds Python's GIL while it steps, so an overlong shadow step
+    would otherwise delay the next live cycle.
+    """
+
+    def __init__(self, engine, path: str | Path, limits: list[OutputLimit], capacity: int, threads: int):
+        self.engine, self.path = engine, Path(path)
+        self.identity = package_identity(path)
+        self.names = list(engine.output_names)
+        self.lo = np.array([lim.min for lim in limits], dtype=np.float64)
+        self.hi = np.array([lim.max for lim in limits], dtype=np.float64)
+        n_in, n_out = len(engine.input_names), len(self.names)
+        self.worker = InferenceWorker("r1edge-shadow")
+        self.worker.run_sync(lambda: set_compute_threads(threads))
+        self._slots = np.zeros(capacity, dtype=np.int64)
+        self._feats = np.zeros((capacity, n_in), dtype=np.float32)
+        self._live = np.zeros((capacity, n_out), dtype=np.float64)
+        self._compare = np.zeros(capacity, dtype=bool)
+        self._y = np.zeros((capacity, n_out), dtype=np.float64)
+        self._n = 0
+        self._seq = -1
+        self._resets: list[int] = []
+        self._pending_resets: list[int] = []
+        self._reason = np.zeros(capacity, dtype=np.int8)
+        self._step_ns = 0
+        self.recent_step_ns = np.zeros(8, dtype=np.int64)  # the last step times, for the slack check
+        self._k = 0
+        self.step_hist = LatencyHistogram()
+        self.sq = np.zeros(n_out, dtype=np.float64)
+        self.max_abs = np.zeros(n_out, dtype=np.float64)
+        self.counters = {"steps": 0, "compared": 0, "skipped": 0, "resyncs": 0, "errors": 0}
+        self.last_error: str | None = None
+
+    def reset_slot(self, slot: int) -> None:
+        """A new stream in ``slot``: forget its history before the shadow's next step."""
+        self._pending_resets.append(slot)
+
+    def submit(self, seq: int, cycle: ControlCycle, slack_ns: int | None) -> None:
+        """Hand the frames the live model got in this cycle to the shadow (``slack_ns``: time
+        left before the next tick, None when there is no tick)."""
+        slots, feats = cycle.frames()
+        n = len(slots)
+        if not n:
+            return
+        if self.worker.busy or self._n or (slack_ns is not None and int(self.recent_step_ns.max()) > slack_ns):
+            self.counters["skipped"] += 1
+            self.counters["resyncs"] += n
+            self._pending_resets.extend(slots.tolist())
+            return
+        self._slots[:n] = slots
+        self._feats[:n] = feats
+        np.take(cycle.reason, slots, out=self._reason[:n])
+        np.equal(self._reason[:n], REASON_NONE, out=self._compare[:n])
+        np.take(cycle.raw, slots, axis=0, out=self._live[:n])
+        self._n, self._seq = n, seq
+        self._resets, self._pending_resets = self._pending_resets, []
+        self.worker.submit(self._job)
+
+    def _job(self) -> None:
+        for slot in self._resets:
+            self.engine.reset_slot(slot)
+        n = self._n
+        t0 = monotonic_ns()
+        y = self.engine.step_sensor(self._slots[:n], self._feats[:n])
+        self._step_ns = monotonic_ns() - t0
+        np.copyto(self._y[:n], y)
+
+    def collect(self, slot_names: list[str | None]) -> dict | None:
+        """The shadow record of the last submitted cycle if its step has finished (else None;
+        it is collected later), accounted into the divergence."""
+        n = self._n
+        if not n or self.worker.busy:
+            return None
+        self._n = 0
+        entries = []
+        if self.worker.error is not None:
+            self.counters["errors"] += 1
+            self.last_error = f"{type(self.worker.error).__name__}: {self.worker.error}"
+            self._pending_resets.extend(self._slots[:n].tolist())
+            return {"type": "shadow", "seq": self._seq, "error": self.last_error, "streams": []}
+        self.counters["steps"] += 1
+        self.step_hist.add_ns(self._step_ns)
+        self.recent_step_ns[self._k % len(self.recent_step_ns)] = self._step_ns
+        self._k += 1
+        for i in range(n):
+            slot = int(self._slots[i])
+            y = self._y[i]
+            entry = {"s": slot_names[slot], "slot": slot, "y": y.tolist(), "d": None}
+            if self._compare[i]:
+                d = np.clip(y, self.lo, self.hi) - np.clip(self._live[i], self.lo, self.hi)
+                self.sq += d * d
+                np.maximum(self.max_abs, np.abs(d), out=self.max_abs)
+                self.counters["compared"] += 1
+                entry["d"] = d.tolist()
+            entries.append(entry)
+        return {"type": "shadow", "seq": self._seq, "streams": entries}
+
+    def finish(self, slot_names: list[str | None], timeout_s: float = 1.0) -> dict | None:
+        """Wait (up to ``timeout_s``) for a pending step and collect it."""
+        if self._n:
+            self.worker.wait(monotonic_ns() + int(timeout_s * 1e9))
+        return self.collect(slot_names)
+
+    def stats(self) -> dict:
+        """Package, counters, step time (us) and per-output divergence from the live outputs."""
+        k = self.counters["compared"]
+        span = self.hi - self.lo
+        rms = np.sqrt(self.sq / k) if k else np.zeros_like(self.sq)
+        return {"path": str(self.path), "manifest_sha256": self.identity["manifest_sha256"], **self.counters,
+                "last_error": self.last_error, "step_us": self.step_hist.summary(),
+                "divergence": {name: {"rms": float(rms[j]), "max_abs": float(self.max_abs[j]),
+                                      "rms_frac_range": float(rms[j] / span[j])}
+                               for j, name in enumerate(self.names)}}
+
+    def close(self) -> None:
+        """Stop the shadow's thread."""
+        self.worker.close()
+
+
 def _match(source, what: str, configured: list[str], model: list[str]) -> None:
     missing = [n for n in model if n not in configured]
     extra = [n for n in configured if n not in model]
@@ -527,7 +823,11 @@ def render_stats(stats: dict) -> None:
     for phase, h in stats["phases_us"].items():
         print(f"{phase + ' us':<16}" + _row(h))
     bad = {k: v for k, v in stats["invalid_inputs"].items() if v}
-    print(f"invalid inputs  {bad or 'none'}")
+    print(f"invalid inputs  {bad or 'none'}" + (f"  never valid: {', '.join(stats['never_valid_inputs'])}"
+                                                if stats["never_valid_inputs"] else ""))
+    reasons = {k: v for k, v in stats["failsafe_reasons"].items() if v}
+    if reasons:
+        print(f"fail-safe by    {reasons} (stream-cycles)")
     wd = stats["watchdog"]
     print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
           f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))
@@ -537,6 +837,15 @@ def render_stats(stats: dict) -> None:
     if stats["recorder"]:
         r = stats["recorder"]
         print(f"recording       {r['path']} ({r['records']} records, {r['bytes']} bytes)")
+    sh = stats.get("shadow")
+    if sh:
+        print(f"shadow          {sh['path']}: {sh['compared']} frames compared, {sh['skipped']} skipped, "
+              f"{sh['errors']} errors; step us p50 {sh['step_us']['p50']:.1f} max {sh['step_us']['max']:.1f}")
+        for name, d in sh["divergence"].items():
+            print(f"  {name:<14}rms {d['rms']:.6g}  max {d['max_abs']:.6g}  ({d['rms_frac_range']:.3%} of range)")
+    if "verdict" in stats:
+        v = stats["verdict"]
+        print(f"{'healthy' if v['ok'] else 'FAILED':<16}{v['why']}")
 
 
 def _row(h: dict) -> str:

@@ -22,15 +22,32 @@ The last ``held_out`` fraction of the rows is never trained on; the report gives
 predicting the training mean. Everything is seeded: the same data, arguments and thread
 count give the same package bit for bit.
 
-Data files (``.npz``, read without pickle): ``frames`` float [N, T, F], ``targets`` float
-[N, T, O], and optionally ``feature_names`` / ``output_names`` (string arrays) naming the
-columns. Errors name the file and key.
+From nothing: :func:`fit` with ``init`` (a preset, see :data:`PRESETS`, or a ``config.json``)
+starts from a seeded random DeepSeek-V3 model of that shape and trains it whole.
+
+Data files (``.npz``, read without pickle; see :data:`DATA_FORMAT`): ``frames`` float
+[N, T, F], ``targets`` float [N, T, O], and optionally ``feature_names`` / ``output_names``
+(string arrays) naming the columns. Errors name the file and key.
+
+Long fits: with ``keep_best`` the held-out error is measured every ``eval_every`` steps and
+the best state is what the package gets; with ``checkpoint`` (a directory) the whole training
+state (weights, optimizer, random generator, best state) is saved there at every evaluation.
+SIGINT (Ctrl-C) stops a fit at the end of the current step: it saves the checkpoint and
+returns with ``stopped_at`` set, the model holding its best state so far; ``resume=True``
+continues from the checkpoint and ends bitwise where an uninterrupted fit would have.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
+import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,6 +69,50 @@ SMALL_POLICY_CONFIG = dict(vocab_size=16, hidden_size=64, intermediate_size=128,
                            kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                            max_position_embeddings=4096, routed_scaling_factor=2.5, norm_topk_prob=True,
                            rope_theta=10000.0)
+
+
+_PRESET_COMMON = dict(vocab_size=16, n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=4096,
+                      routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0)
+
+#: ``r1edge fit --init`` presets: DeepSeek-V3 layout (MLA attention, one dense layer, then noaux_tc
+#: MoE layers with one shared expert), a random init to train whole. ``params`` and ``active``
+#: count every parameter (with a 6-input, 2-output adapter) and those used per frame; ``window``
+#: is the default history; ``step_ms`` is one training step (batch 16, crops of 3 windows, one
+#: thread) measured on the 2-core development VM at load average ~7 (about 2-3x an idle VM).
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {
+        "config": SMALL_POLICY_CONFIG, "window": 32, "params": 228_498, "active": 117_906, "step_ms": 164,
+        "suits": "a few to ~10 signals and one operating regime, dynamics that play out within ~30 cycles "
+                 "(a level or temperature loop, a drive, a balancing task)"},
+    "medium": {
+        "config": {**_PRESET_COMMON, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+                   "num_hidden_layers": 4, "num_attention_heads": 8, "n_routed_experts": 16,
+                   "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "kv_lora_rank": 32, "q_lora_rank": 64,
+                   "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16},
+        "window": 64, "params": 1_585_794, "active": 553_602, "step_ms": 1240,
+        "suits": "tens of signals, several operating regimes, or a memory of 64 cycles"},
+    "large": {
+        "config": {**_PRESET_COMMON, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 96,
+                   "num_hidden_layers": 5, "num_attention_heads": 8, "n_routed_experts": 16,
+                   "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "kv_lora_rank": 64, "q_lora_rank": 128,
+                   "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32},
+        "window": 128, "params": 6_440_898, "active": 2_312_130, "step_ms": 9804,
+        "suits": "many signals and regimes and histories of 128 cycles, where data are plentiful; slow to "
+                 "train on a CPU"},
+}
+
+#: The fitting data format, as ``r1edge fit --help`` and the README give it.
+DATA_FORMAT = """An .npz file (numpy.savez; no pickled objects) with
+  frames        float [N, T, F]  N recorded runs (rows) of T consecutive control cycles, F inputs
+                                 per cycle, in engineering units, sampled at the deployment's period
+  targets       float [N, T, O]  what the expert did (or the right answer) at each of those cycles
+  feature_names str [F]          input names, as the deployment's [[inputs]] call them (or --inputs)
+  output_names  str [O]          output names, as its [[outputs]] call them (or --outputs)
+Each row is run from its first frame, as a controller starts with an empty history, so rows
+should be whole runs from start-up, and at least 3 windows long (T >= 3 x window): training
+crops are 3 windows, and a frame counts only once it sees a full window of history (or when its
+crop starts at frame 0). Use at least 5 rows: the last 20% (--held-out) are never trained on
+and measure the fit."""
 
 
 class DataError(ValueError):
@@ -133,6 +194,22 @@ def load_data(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Model set-up
 # --------------------------------------------------------------------------------------------
+
+def new_model(init: str | Path, *, seed: int = 0) -> tuple[Transformer, int | None]:
+    """A seeded random model to train from nothing: ``init`` is a preset name (``small``,
+    ``medium``, ``large``; see :data:`PRESETS`) or a DeepSeek-V3 ``config.json`` file.
+    Returns (model, the preset's window or None)."""
+    from runtime.config import ModelConfig
+
+    if str(init) in PRESETS:
+        preset = PRESETS[str(init)]
+        config, window = ModelConfig(**preset["config"]), preset["window"]
+    elif Path(init).suffix == ".json" or Path(init).is_file():
+        config, window = ModelConfig.from_json(init), None
+    else:
+        raise ValueError(f"--init {init!r}: not a preset ({', '.join(PRESETS)}) or a config.json file")
+    return init_weights(Transformer(config), seed=seed), window
+
 
 def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Transformer:
     """Random initialisation for training from scratch (in place, seeded), as transformers
@@ -254,18 +331,23 @@ def evaluate(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, win
 
 
 def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, train: str = "adapter",
-          window: int | None = 32, steps: int = 500, lr: float = 2e-3, batch: int = 16,
-          seq_len: int | None = None, seed: int = 0, held_out: float = 0.2, start_fraction: float = 0.125,
-          balance_rate: float = 1e-3, grad_clip: float = 1.0, progress: bool = True,
-          callback: Callable[[int, Transformer], bool] | None = None, eval_every: int = 0) -> dict[str, Any]:
+              window: int | None = 32, steps: int = 500, lr: float = 2e-3, batch: int = 16,
+              seq_len: int | None = None, seed: int = 0, held_out: float = 0.2, start_fraction: float = 0.125,
+              balance_rate: float = 1e-3, grad_clip: float = 1.0, progress: bool = True,
+              callback: Callable[[int, Transformer], bool] | None = None, eval_every: int = 0,
+              keep_best: bool = False, checkpoint: str | Path | None = None,
+              resume: bool = False) -> dict[str, Any]:
     """Fit ``model`` (which has an adapter) in place on ``frames`` / ``targets``; returns a report.
 
     ``train``: ``"adapter"`` (only the adapter's projections learn) or ``"all"``.
     ``window``: the attention window (the engine's ``window``; None: full causal attention).
     ``seq_len``: frames per training crop (default 3 x window, at most T).
     ``start_fraction``: share of crops that start at a row's first frame. ``callback(step,
-    model)`` runs every ``eval_every`` steps and may return True to stop early. See the
-    module docstring for the loss and the held-out report.
+    model)`` runs every ``eval_every`` steps and may return True to stop early.
+    ``keep_best``: measure the held-out error every ``eval_every`` steps (default: a tenth of
+    the steps) and at the end, and leave the model in its best state. ``checkpoint``: a
+    directory for the training state, saved at each evaluation and on SIGINT; ``resume``
+    continues from it. See the module docstring for the loss, the held-out report and stops.
     """
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
@@ -284,6 +366,9 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
     ctx = window if window is not None else T
     L = min(T, seq_len or 3 * ctx)
     first_full = min(ctx - 1, L - 1)
+    if (keep_best or checkpoint is not None) and not eval_every:
+        eval_every = max(1, steps // 10)
+    keep_best = keep_best and len(held_rows) > 0
 
     for p in model.parameters():
         p.requires_grad_(train == "all")
@@ -295,20 +380,51 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
     moes = [m for m in model.modules() if isinstance(m, MoE)] if train == "all" and balance_rate > 0 else []
     counters = [_LoadCounter(m.gate.weight.shape[0]) for m in moes]
+
+    rng = np.random.default_rng([seed, 0x5EED])
+    identity = {"train": train, "window": window, "steps": steps, "lr": lr, "batch": batch, "seq_len": L,
+                "seed": seed, "held_out": held_out, "start_fraction": start_fraction, "balance_rate": balance_rate,
+                "grad_clip": grad_clip, "eval_every": eval_every, "keep_best": keep_best,
+                "config": model.config.to_dict(), "io": adapter.signature(),
+                "data_sha256": hashlib.sha256(frames.tobytes() + targets.tobytes()).hexdigest()}
+    losses: list[float] = []
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"step": None, "held_out_mse": math.inf, "state": None}
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        if not resume:
+            raise ValueError(f"{ckpt}: a checkpoint of an unfinished fit is there; resume it (--resume) or "
+                             "delete it to start over")
+        start = _load_checkpoint(ckpt, identity, model, opt, rng, best, losses, history)
+        with warnings.catch_warnings():             # replay the schedule up to the checkpoint
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):
+                sched.step()
+        log.info("resuming the fit from %s at step %d of %d", ckpt, start, steps)
+    elif resume:
+        raise ValueError(f"{ckpt}: no checkpoint to resume from")
     for m, c in zip(moes, counters):
         m.observer = c
 
-    rng = np.random.default_rng([seed, 0x5EED])
+    held_x, held_y = frames[held_rows], targets[held_rows]
     device, dtype = adapter.in_mean.device, adapter.in_mean.dtype
     x_t = torch.from_numpy(frames).to(device, dtype)
     y_t = torch.from_numpy(targets).to(device, dtype)
     positions = torch.arange(L, device=device)
-    losses: list[float] = []
     model.train()
     t0 = time.perf_counter()
     from tqdm import tqdm
-    bar = tqdm(range(steps), desc=f"fit ({train})", unit="step", disable=not progress)
+    bar = tqdm(range(start, steps), desc=f"fit ({train})", unit="step", disable=not progress,
+               initial=start, total=steps)
     stopped_at = steps
+    interrupted: dict[str, Any] = {"at": None}
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(*_):
+            log.warning("stopping the fit at the end of this step (the checkpoint keeps it)")
+            interrupted["at"] = True
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         for step in bar:
             rows = torch.from_numpy(rng.choice(train_rows, size=batch))
@@ -334,22 +450,44 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
                         m.gate.e_score_correction_bias += balance_rate * torch.sign(c.counts.mean() - c.counts)
                         c.counts.zero_()
             losses.append(float(loss.detach()))
+            done = step + 1
             if progress:
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-            if (step + 1) % max(1, steps // 10) == 0 or step == steps - 1:
-                log.info("fit step %d/%d: loss %.5g (normalised MSE)", step + 1, steps,
+            if done % max(1, steps // 10) == 0 or done == steps:
+                log.info("fit step %d/%d: loss %.5g (normalised MSE)", done, steps,
                          float(np.mean(losses[-max(1, steps // 10):])))
-            if callback is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-                if callback(step + 1, model):
-                    stopped_at = step + 1
-                    log.info("fit stopped early at step %d", stopped_at)
-                    break
+            at_eval = eval_every and done % eval_every == 0 and done < steps
+            if at_eval and keep_best:
+                _evaluate_best(model, held_x, held_y, window, done, best, history, losses)
+                model.train()
+                for c in counters:                  # routing seen while evaluating is not training load
+                    c.counts.zero_()
+                if progress:
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}", held_out=f"{history[-1]['held_out_mse']:.4g}",
+                                    refresh=False)
+            if callback is not None and at_eval and callback(done, model):
+                stopped_at = done
+                log.info("fit stopped early at step %d", stopped_at)
+                break
+            if ckpt is not None and (at_eval or interrupted["at"]):
+                _save_checkpoint(ckpt, done, identity, model, opt, rng, best, losses, history)
+            if interrupted["at"]:
+                interrupted["at"] = stopped_at = done
+                break
     finally:
         bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         for m in moes:
             m.observer = None
         for p in model.parameters():
             p.requires_grad_(False)
+        model.eval()
+    if keep_best:
+        if not interrupted["at"] and (not history or history[-1]["step"] != stopped_at):
+            _evaluate_best(model, held_x, held_y, window, stopped_at, best, history, losses)
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
         model.eval()
     seconds = time.perf_counter() - t0
     tail = losses[-max(1, len(losses) // 10):]
@@ -360,13 +498,89 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
         "loss": {"first": losses[0], "last": float(np.mean(tail))},
         "seconds": round(seconds, 2), "threads": torch.get_num_threads(),
     }
+    if keep_best:
+        report["best"] = {"step": best["step"], "held_out_mse": best["held_out_mse"]}
+        report["history"] = history
+    if interrupted["at"]:
+        report["stopped_at"] = stopped_at
+        report["checkpoint"] = None if ckpt is None else str(ckpt)
+    elif ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)             # finished: nothing left to resume
     if len(held_rows):
         mean = torch.from_numpy(targets[train_rows].reshape(-1, targets.shape[2]).astype(np.float64).mean(0))
-        report["held_out"] = evaluate(model, frames[held_rows], targets[held_rows], window=window, baseline=mean)
+        report["held_out"] = evaluate(model, held_x, held_y, window=window, baseline=mean)
         h = report["held_out"]
         log.info("held-out MSE %.5g (normalised) vs %.5g predicting the training mean, over %d rows",
                  h["mse"], h["baseline_mse"], h["rows"])
     return report
+
+
+def _evaluate_best(model: Transformer, frames: np.ndarray, targets: np.ndarray, window: int | None, step: int,
+                   best: dict, history: list, losses: list) -> None:
+    """Held-out MSE now; keep a copy of the weights if it is the best so far."""
+    mse = evaluate(model, frames, targets, window=window)["mse"]
+    history.append({"step": step, "loss": float(np.mean(losses[-10:])), "held_out_mse": mse})
+    log.info("step %d: held-out MSE %.5g (best %.5g)", step, mse, min(mse, best["held_out_mse"]))
+    if mse < best["held_out_mse"]:
+        best.update(step=step, held_out_mse=mse,
+                    state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def _save_checkpoint(path: Path, step: int, identity: dict, model: Transformer, opt, rng, best: dict,
+                     losses: list, history: list) -> None:
+    """The whole training state, without pickle: tensors in safetensors, the rest in JSON.
+    The JSON is written last and names the step the tensors were saved at."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = opt.state_dict()
+    for i, st in state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = v.detach().reshape(v.shape).contiguous()
+    if best["state"] is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best["state"].items()})
+    tmp = path / "state.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path / "state.safetensors")
+    meta = {"step": step, "identity": identity, "rng": rng.bit_generator.state,
+            "param_groups": state["param_groups"], "opt_keys": {str(i): sorted(st) for i, st in state["state"].items()},
+            "best": {"step": best["step"], "held_out_mse": best["held_out_mse"] if best["step"] else None},
+            "losses": losses, "history": history}
+    tmp = path / "state.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path / "state.json")
+    log.info("checkpoint at step %d written to %s", step, path)
+
+
+def _load_checkpoint(path: Path, identity: dict, model: Transformer, opt, rng, best: dict, losses: list,
+                     history: list) -> int:
+    """Restore what :func:`_save_checkpoint` wrote; returns its step. Refuses a checkpoint of a
+    different fit (arguments, data, model) naming what differs."""
+    from safetensors import safe_open
+
+    meta = json.loads((path / "state.json").read_text())
+    differ = [k for k in identity if meta["identity"].get(k) != identity[k]]
+    if differ:
+        raise ValueError(f"{path}: the checkpoint is of a different fit ({', '.join(differ)} differ: was "
+                         + ", ".join(f"{k}={meta['identity'].get(k)!r}" for k in differ if k not in ("config", "io"))
+                         + "); delete it to start over")
+    with safe_open(str(path / "state.safetensors"), "pt") as f:
+        if f.metadata().get("step") != str(meta["step"]):
+            raise ValueError(f"{path}: state.safetensors and state.json are of different steps; delete the "
+                             "checkpoint to start over")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt.load_state_dict({"state": {int(i): {k: tensors[f"opt.{i}.{k}"] for k in keys}
+                                   for i, keys in meta["opt_keys"].items()},
+                         "param_groups": meta["param_groups"]})
+    rng.bit_generator.state = meta["rng"]
+    if meta["best"]["step"] is not None:
+        best.update(step=meta["best"]["step"], held_out_mse=meta["best"]["held_out_mse"],
+                    state={k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
+    losses[:] = meta["losses"]
+    history[:] = meta["history"]
+    return int(meta["step"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,36 +609,76 @@ def save_package(model: Transformer, out: str | Path, *, report: dict[str, Any] 
     return write_package(out, manifest, state, overwrite=overwrite)
 
 
-def fit(source: str | Path, frames: np.ndarray, targets: np.ndarray, *, inputs: Sequence[str],
-        outputs: Sequence[str], out: str | Path, train: str = "adapter", window: int | None = 32,
-        steps: int = 500, lr: float = 2e-3, seed: int = 0, batch: int = 16, seq_len: int | None = None,
-        held_out: float = 0.2, balance_rate: float = 1e-3, progress: bool = True,
+def fit(source: str | Path | None, frames: np.ndarray, targets: np.ndarray, *, inputs: Sequence[str],
+        outputs: Sequence[str], out: str | Path, init: str | Path | None = None, train: str | None = None,
+        window: int | None = None, steps: int = 500, lr: float = 2e-3, seed: int = 0, batch: int = 16,
+        seq_len: int | None = None, held_out: float = 0.2, balance_rate: float = 1e-3, threads: int | None = None,
+        eval_every: int = 0, checkpoint: str | Path | None = None, resume: bool = False, progress: bool = True,
         overwrite: bool = False) -> dict[str, Any]:
-    """Load ``source``, attach a fresh adapter, fit it (or the whole model), write package ``out``.
+    """Fit a sensor-mode policy and write it as an unquantized package ``out``.
 
-    ``source``: an HF DeepSeek-V3 checkpoint directory or an unquantized r1edge package.
-    ``frames`` [N, T, F] and ``targets`` [N, T, O] are named column by column by ``inputs``
-    and ``outputs``. Returns the fit report (also stored in the package manifest under
-    ``fit``), with ``package`` set to ``out``.
+    Start from ``source`` (an HF DeepSeek-V3 checkpoint directory or an unquantized r1edge
+    package; a fresh adapter is attached) or, with ``init``, from nothing (a preset of
+    :data:`PRESETS` or a ``config.json``: a seeded random model). ``train`` defaults to
+    ``"adapter"`` from a source and ``"all"`` from ``init``; ``window`` to the preset's, else
+    32. ``frames`` [N, T, F] and ``targets`` [N, T, O] are named column by column by ``inputs``
+    and ``outputs``. ``threads``: torch threads while fitting (None: leave torch's setting).
+    The held-out error is measured every ``eval_every`` steps (default a tenth) and the
+    package gets the best state; ``checkpoint`` (default ``<out>.ckpt``) keeps the training
+    state for ``resume``. Returns the fit report (also stored in the package manifest under
+    ``fit``), with ``package`` set to ``out``; a fit stopped by SIGINT has ``stopped_at``.
     """
     from sdk.loading import load_model
     from sdk.package import is_package, read_manifest
 
-    source = Path(source)
-    if is_package(source):
-        scheme = read_manifest(source)["quantization"]["scheme"]
-        if scheme != "none":
-            raise ValueError(f"{source}: package is quantized ({scheme}); fit needs a float checkpoint "
-                             "or an unquantized package")
+    if (source is None) == (init is None):
+        raise ValueError("give a source checkpoint or package, or --init (a preset or a config.json), not both")
     frames, targets = check_data(frames, targets, n_inputs=len(inputs), n_outputs=len(outputs))
     train_rows, _ = split_rows(frames.shape[0], held_out)
-    model = load_model(source)
-    attach_adapter(model, inputs, outputs, frames=frames[train_rows], targets=targets[train_rows], seed=seed)
-    report = fit_model(model, frames, targets, train=train, window=window, steps=steps, lr=lr, batch=batch,
-                   seq_len=seq_len, seed=seed, held_out=held_out, balance_rate=balance_rate, progress=progress)
-    report["source"] = str(source)
-    save_package(model, out, report=report, overwrite=overwrite)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        if init is not None:
+            model, preset_window = new_model(init, seed=seed)
+            origin = {"init": str(init)}
+        else:
+            source = Path(source)
+            if is_package(source):
+                scheme = read_manifest(source)["quantization"]["scheme"]
+                if scheme != "none":
+                    raise ValueError(f"{source}: package is quantized ({scheme}); fit needs a float checkpoint, "
+                                     "an unquantized package, or --init to start from nothing")
+            model, preset_window = load_model(source), None
+            origin = {"source": str(source)}
+        window = window or preset_window or 32
+        train = train or ("all" if init is not None else "adapter")
+        attach_adapter(model, inputs, outputs, frames=frames[train_rows], targets=targets[train_rows], seed=seed)
+        checkpoint = Path(checkpoint) if checkpoint is not None else Path(str(out) + ".ckpt")
+        report = fit_model(model, frames, targets, train=train, window=window, steps=steps, lr=lr, batch=batch,
+                           seq_len=seq_len, seed=seed, held_out=held_out, balance_rate=balance_rate,
+                           progress=progress, eval_every=eval_every, keep_best=True, checkpoint=checkpoint,
+                           resume=resume)
+    finally:
+        torch.set_num_threads(old_threads)
+    report.update(origin)
+    save_package(model, out, report=report, overwrite=overwrite or bool(report.get("stopped_at")) or resume)
     return {**report, "package": str(out)}
+
+
+def write_calibration(path: str | Path, frames: np.ndarray, window: int) -> int:
+    """Cut ``frames`` [N, T, F] into rows of ``window`` frames (``.npz`` key ``frames``) for
+    ``r1edge compress --calib``: compress attends over a whole row, so window-long rows see
+    exactly the history the deployed engine does. Returns the number of rows."""
+    n, t, f = frames.shape
+    if t < window:
+        raise DataError(f"rows of {t} frames are shorter than the window ({window})")
+    k = t // window
+    rows = frames[:, :k * window].reshape(n * k, window, f)
+    np.savez(path, frames=rows.astype(np.float32))
+    return len(rows)
 
 
 def train_policy_package(config: dict[str, Any], frames: np.ndarray, targets: np.ndarray, *,
@@ -485,5 +739,14 @@ def render_fit(report: dict[str, Any]) -> None:
               f"(predicting the mean: {h['baseline_mse']:.5g})")
         for name, v in h["per_output_mse"].items():
             print(f"    {name:16s}{v:.5g}")
+    if report.get("best") and report["best"]["step"] is not None:
+        print(f"  best held-out     step {report['best']['step']}: MSE {report['best']['held_out_mse']:.5g} "
+              "(the package holds this state)")
+    if report.get("stopped_at"):
+        print(f"  STOPPED at step {report['stopped_at']}: the training state is in {report['checkpoint']}; "
+              "run the same command with --resume to finish")
+    if report.get("calibration"):
+        c = report["calibration"]
+        print(f"  calibration       {c['file']} ({c['rows']} rows of {c['window']} frames, for r1edge compress --calib)")
     if report.get("package"):
         print(f"  package           {report['package']}")

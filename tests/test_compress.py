@@ -539,7 +539,7 @@ def test_sensor_package_compresses_with_output_quality(tmp_path, one_thread):
                    progress=False)
     q = man["quality"]
     assert q["mode"] == "sensor" and q["frames"] == 3 * 16
-    assert 0 <= q["decision_agreement"] <= 1 and set(q["per_output_mse"]) == {"valve", "pump"}
+    assert set(q["per_output_mse"]) == set(q["outputs"]) == {"valve", "pump"}
     assert man["io"] == {"inputs": ["level", "flow", "temp"], "outputs": ["valve", "pump"]}
     loaded = sdk.load_model(tmp_path / "q8")
     x = torch.from_numpy(frames[-3:])
@@ -548,6 +548,13 @@ def test_sensor_package_compresses_with_output_quality(tmp_path, one_thread):
     assert out.shape == (3, 16, 2)
     # The report's MSE is the MSE of exactly these outputs against the float model's.
     assert abs(float((out - ref).double().pow(2).mean()) - q["output_mse"]) < 1e-6 * max(1.0, q["output_mse"])
+    # Per output, the measures of r1edge eval, relative to the span of the float model's outputs.
+    for j, name in enumerate(["valve", "pump"]):
+        err, r = (out - ref).double()[..., j], ref.double()[..., j]
+        e = q["outputs"][name]
+        assert e["rms"] == pytest.approx(float(err.pow(2).mean().sqrt()), rel=1e-4)
+        assert e["max_abs"] == pytest.approx(float(err.abs().max()), rel=1e-4)
+        assert e["rms_frac_range"] == pytest.approx(e["rms"] / float(r.max() - r.min()), rel=1e-4)
     # A second compression of the compressed-from package composes the kept-expert maps.
     man2 = compress(tmp_path / "float", tmp_path / "f4", calib=tmp_path / "frames.npz", keep_experts=4,
                     quant="none", progress=False)

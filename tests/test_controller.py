@@ -320,7 +320,7 @@ def test_cli_run_and_replay_with_packages(tmp_path, model, tiny_checkpoint, caps
         first = ctrl.recorder.segment_path(0)
     assert cli(["run", str(deploy), "--duration", "0.4", "--inputs", str(first), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["cycles"] > 0 and stats["recorder"]["records"] == stats["cycles"]
+    assert stats["cycles"] > 0 and stats["recorder"]["records"] == stats["cycles"] + 1   # and the stop record
     assert "p999" in stats["latency_us"] and "gc_freeze" in stats["rt_applied"]
     # The directory's latest run (the CLI's), then the first one by its segment.
     for target in (rec, first):

@@ -59,7 +59,7 @@ def fitted(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit") / "pkg"
     report = fit(tiny_checkpoint[0], frames, targets, inputs=INPUTS, outputs=OUTPUTS, out=out,
                  train="adapter", window=WINDOW, steps=100, lr=3e-2, batch=8, seed=0, held_out=0.25,
-                 progress=False)
+                 eval_every=100, progress=False)           # measured at the end only: the last state is kept
     return out, report
 
 
@@ -194,3 +194,69 @@ def test_cli_fit_writes_a_package_from_an_npz(tiny_checkpoint, tmp_path, capsys)
                    "--out", str(tmp_path / "pkg2"), "--steps", "1"])
     assert rc == 2
     assert "pass --inputs" in capsys.readouterr().err
+
+
+def test_presets_are_what_the_help_says(capsys):
+    from sdk.fit import DATA_FORMAT, PRESETS, new_model
+
+    for name, preset in PRESETS.items():
+        model, window = new_model(name)
+        attach_adapter(model, [f"in{i}" for i in range(6)], ["a", "b"])
+        c = model.config
+        total = sum(p.numel() for p in model.parameters())
+        expert = 3 * c.hidden_size * c.moe_intermediate_size
+        active = total - (c.n_routed_experts - c.num_experts_per_tok) * expert * c.n_moe_layers
+        assert (total, active, window) == (preset["params"], preset["active"], preset["window"]), name
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS) and DATA_FORMAT.splitlines()[1] in out
+    with pytest.raises(ValueError, match="not a preset"):
+        new_model("huge")
+
+
+def test_init_from_a_config_json(tmp_path):
+    from sdk.fit import new_model
+
+    small, _ = new_model("small", seed=4)
+    (tmp_path / "config.json").write_text(json.dumps(small.config.to_dict()))
+    model, window = new_model(tmp_path / "config.json", seed=4)
+    assert window is None and model.config.to_dict() == small.config.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), small.state_dict().values()))
+
+
+def test_a_stopped_fit_resumes_to_the_same_bits(tmp_path):
+    """SIGINT stops a fit at the end of a step with a checkpoint; resuming it ends bitwise
+    where the uninterrupted fit ends, best state and held-out history included."""
+    import signal
+
+    from sdk.fit import fit_model, new_model
+
+    frames, targets = make_data(n=10, t=24)
+
+    def run(ckpt, steps=12, callback=None, resume=False):
+        model, _ = new_model("small", seed=1)
+        attach_adapter(model, INPUTS, OUTPUTS, frames=frames[:8], targets=targets[:8], seed=1)
+        report = fit_model(model, frames, targets, train="all", window=WINDOW, steps=steps, batch=4, seed=1,
+                           eval_every=4, keep_best=True, checkpoint=ckpt, resume=resume, callback=callback,
+                           progress=False)
+        return model.state_dict(), report
+
+    ref, ref_report = run(tmp_path / "a")
+    assert not (tmp_path / "a").exists()                  # a finished fit leaves no checkpoint
+    assert ref_report["best"]["step"] in (4, 8, 12) and [h["step"] for h in ref_report["history"]] == [4, 8, 12]
+
+    def ctrl_c_at_4(step, model):
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)
+        return False
+    _, stopped = run(tmp_path / "b", callback=ctrl_c_at_4)
+    assert stopped["stopped_at"] == 4 and (tmp_path / "b" / "state.json").is_file()
+    with pytest.raises(ValueError, match="resume it"):
+        run(tmp_path / "b")
+    with pytest.raises(ValueError, match="different fit .*steps"):
+        run(tmp_path / "b", steps=13, resume=True)
+    state, report = run(tmp_path / "b", resume=True)
+    assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+    assert report["best"] == ref_report["best"] and report["history"] == ref_report["history"]
+    assert report["loss"] == ref_report["loss"] and not (tmp_path / "b").exists()

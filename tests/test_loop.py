@@ -125,13 +125,13 @@ def test_a_raising_cycle_never_stops_the_loop():
     assert seen == list(range(21)) and loop.cycle_errors == 7
 
 
-def test_gc_is_frozen_after_warmup_and_restored():
+def test_gc_is_frozen_before_the_first_cycle_and_restored():
     assert gc.isenabled()
-    loop = PeriodicLoop(1_000_000, warmup_cycles=5)
+    loop = PeriodicLoop(1_000_000)
     state = {}
 
     def cycle(seq, tick):
-        if seq == 10:
+        if seq == 0:
             state["enabled"] = gc.isenabled()
             state["frozen"] = gc.get_freeze_count()
             loop.stop()
@@ -147,7 +147,7 @@ def test_gc_is_frozen_after_warmup_and_restored():
 
 def test_realtime_setup_is_reported_and_undone(worker):
     policy, affinity, switch = os.sched_getscheduler(0), os.sched_getaffinity(0), sys.getswitchinterval()
-    loop = PeriodicLoop(1_000_000, warmup_cycles=3)
+    loop = PeriodicLoop(1_000_000)
     inside = {}
 
     def cycle(seq, tick):

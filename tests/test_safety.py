@@ -95,7 +95,14 @@ def make_controller(tmp_path):
         path = tmp_path / "deploy.toml"
         path.write_text(DEPLOY.format(streams=streams, period_ms=period_ms, budget_ms=budget_ms,
                                       flow_on_invalid=flow_on_invalid, max_rate=max_rate))
-        ctrl = Controller.from_config(path, engine=policy or Policy(capacity=streams))
+        policy = policy or Policy(capacity=streams)
+        raise_on, sleep_on = policy.raise_on, policy.sleep_on
+        policy.raise_on, policy.sleep_on = set(), set()
+        ctrl = Controller.from_config(path, engine=policy)
+        if type(policy) is Policy:                          # the warm-up steps, then every slot reset
+            assert policy.calls == 6 and not policy.count.any()
+        policy.calls = 0
+        policy.raise_on, policy.sleep_on = raise_on, sleep_on
         made.append(ctrl)
         return ctrl
     yield make
@@ -268,7 +275,8 @@ def test_exception_in_inference_gives_failsafe_and_the_loop_goes_on(make_control
         seen[seq] = (outputs, status)
 
     stats = ctrl.run(source=stop_after(ctrl, 12), sink=sink)
-    assert stats["cycles"] == len(seen) == 12
+    assert stats["cycles"] == len(seen) - 1 == 12
+    assert seen.pop(12) == ({"valve": 0.25, "pump": 0.0}, "failsafe")     # on stop
     seqs = sorted(seen)
     # Policy call k happens in cycle k (every cycle has valid inputs and an idle worker).
     for seq in seqs:
@@ -295,6 +303,7 @@ def test_overrun_gives_failsafe_in_that_cycle_and_never_queues(make_controller):
     ctrl = make_controller(policy=policy, period_ms=100.0, budget_ms=50.0)
     seen: dict[int, tuple[dict, str]] = {}
     stats = ctrl.run(source=stop_after(ctrl, 14), sink=lambda s, o, st, seq, lat: seen.__setitem__(seq, (o, st)))
+    assert seen.pop(14)[1] == "failsafe"                  # on stop
     statuses = [seen[k][1] for k in sorted(seen)]
     assert statuses[:4] == ["ok"] * 4
     assert statuses[4] == "failsafe"                      # the cycle whose inference overran
