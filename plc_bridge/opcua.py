@@ -188,7 +188,7 @@ def set_user(path: str | os.PathLike, name: str, password: str | None) -> None:
     users = read_users(path) if path.exists() else {}
     if password is None:
         if name not in users:
-            raise KeyError(f"{path}: no user {name!r}")
+            raise ValueError(f"{path}: no user {name!r}")
         del users[name]
     else:
         users[name] = hash_password(password)

@@ -30,9 +30,10 @@ from plc_bridge.bridge import Bridge, Reporter
 from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
                           monotonic_ns, set_compute_threads)
 from runtime.recorder import RecordingReader, FlightRecorder
-from runtime.safety import (MISSING_STAMP, REASON_ERROR, REASON_NAMES, REASON_NONE,
+from runtime.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, OK, REASON_ERROR, REASON_NAMES, REASON_NONE,
                             REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
-from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs
+from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs, opcua_signals
+from sdk.metrics import MetricsServer, SnapshotExchange, take_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ class Controller:
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "unknown_inputs": 0,
                          "dropped_streams": 0, "read_errors": 0, "write_errors": 0, "sink_errors": 0,
                          "record_errors": 0}
+        self.failsafe_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
+        self.held_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
+        self.invalid_by_signal = np.zeros((len(self.input_names), len(INVALID_NAMES)), dtype=np.int64)
+        self.snapshots = SnapshotExchange(lambda: take_snapshot(self))
+        self.metrics: MetricsServer | None = None
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._running = False
@@ -127,7 +133,11 @@ class Controller:
             if cfg.recorder is not None and cfg.recorder.enabled:
                 self.recorder = FlightRecorder(cfg.recorder.path, self._header(),
                                                max_bytes=cfg.recorder.max_bytes, keep=cfg.recorder.keep)
+            if cfg.metrics is not None:
+                self.metrics = MetricsServer(self, cfg.metrics.host, cfg.metrics.port).start()
         except BaseException:
+            if self.recorder is not None:
+                self.recorder.close()
             self.worker.close()
             raise
 
@@ -239,6 +249,7 @@ class Controller:
         t3 = monotonic_ns()
         self._account(t1 - t0, infer_ns, t3 - t2, t3 - tick_ns)
         self._record(seq, tick_ns, (t1 - t0, infer_ns, t3 - t2, t0 - tick_ns))
+        self.snapshots.serve()
         return t3
 
     def _read(self, now: int) -> None:
@@ -391,6 +402,29 @@ class Controller:
         if n_hold:
             c["held_cycles"] += 1
             c["held_stream_cycles"] += n_hold
+        if n_fs or n_hold:
+            self._count_failures()
+
+    def _count_failures(self) -> None:
+        """Fail-safe and held cycles by reason (once per reason per cycle) and invalid input
+        values by signal and reason; runs only in cycles where some stream did not get the
+        model's outputs."""
+        c = self.cycle
+        failsafe, held = set(), set()
+        for slot in self._active:
+            status = int(c.status[slot])
+            if status == OK:
+                continue
+            reason = int(c.reason[slot])
+            (failsafe if status == FAILSAFE else held).add(REASON_NAMES[reason])
+            if reason == REASON_INPUT:
+                row = c.guard.codes[slot]
+                for j in np.flatnonzero(row).tolist():
+                    self.invalid_by_signal[j, row[j]] += 1
+        for reason in failsafe:
+            self.failsafe_by_reason[reason] += 1
+        for reason in held:
+            self.held_by_reason[reason] += 1
 
     def _header(self) -> dict:
         cfg = self.config
@@ -447,6 +481,11 @@ class Controller:
             "gc_collections": loop["gc_collections"],
             "rt_applied": loop["rt_applied"],
             "invalid_inputs": c.guard.counts_by_reason(),
+            "failsafe_cycles_by_reason": dict(self.failsafe_by_reason),
+            "held_cycles_by_reason": dict(self.held_by_reason),
+            "invalid_inputs_by_signal": {
+                name: {INVALID_NAMES[k]: int(row[k]) for k in range(1, len(INVALID_NAMES))}
+                for name, row in zip(self.input_names, self.invalid_by_signal)},
             "watchdog": {**c.counters, "last_error": c.last_error},
             "heartbeat": c.heartbeat,
             "streams": {"capacity": len(self._slot_names), "names": list(self.slots)},
@@ -469,9 +508,16 @@ class Controller:
             logger.error("the control loop did not stop within 10 s; closing anyway")
         for bridge in self.bridges:
             bridge.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.recorder is not None:
             self.recorder.close()
         self.worker.close()
+
+    @property
+    def running(self) -> bool:
+        """Whether ``run()`` is in progress."""
+        return self._running
 
     def __enter__(self) -> "Controller":
         return self
@@ -480,7 +526,7 @@ class Controller:
         self.close()
 
     def bridge(self, name: str) -> Bridge:
-        """The configured bridge called ``name`` ("modbus", "zmq"); KeyError if there is none."""
+        """The configured bridge called ``name`` ("modbus", "zmq", "opcua"); KeyError if there is none."""
         for bridge in self.bridges:
             if bridge.name == name:
                 return bridge
@@ -494,6 +540,9 @@ class Controller:
         if cfg.zmq is not None:
             from plc_bridge.zmq_bridge import ZmqBridge
             self.bridges.append(ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names))
+        if cfg.opcua is not None:
+            from plc_bridge.opcua import OpcUaBridge
+            self.bridges.append(OpcUaBridge.from_config(cfg.opcua, cfg.base_dir, *opcua_signals(cfg.inputs, cfg.outputs)))
         for bridge in self.bridges:
             if isinstance(bridge, Reporter):
                 bridge.set_stats_provider(self.stats)
