@@ -15,7 +15,7 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
 - ``[recorder]`` (optional) ``path`` (a directory), ``max_bytes = 64 MiB`` per segment,
   ``keep = 16`` segments, ``enabled = true``;
 - ``[metrics]`` (optional) ``listen = "127.0.0.1:9108"`` (``HOST:PORT``, ``[V6]:PORT`` for
-  IPv6): Prometheus ``/metrics`` and ``/healthz`` (``sdk.metrics``).
+  IPv6, port 0 for a free one): Prometheus ``/metrics`` and ``/healthz`` (``sdk.metrics``).
 
 ``[[inputs]]`` and ``[[outputs]]`` may name their engineering ``unit`` (free text such as
 ``"m"`` or ``"degC"``), shown by the OPC UA bridge.
@@ -356,8 +356,8 @@ def _name(t: _Table, seen: dict[str, str]) -> str:
 
 def _listen(t: _Table, listen: str) -> MetricsSection:
     m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]+)):(\d{1,5})", listen)
-    if m is None or not 0 < int(m.group(3)) <= 65535:
-        t.fail(f"must be HOST:PORT (or [IPV6]:PORT) with a port from 1 to 65535, got {listen!r}", "listen")
+    if m is None or not 0 <= int(m.group(3)) <= 65535:
+        t.fail(f"must be HOST:PORT (or [IPV6]:PORT; port 0 takes a free one), got {listen!r}", "listen")
     return MetricsSection(host=m.group(1) or m.group(2), port=int(m.group(3)))
 
 
