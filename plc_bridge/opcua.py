@@ -79,8 +79,9 @@ log = logging.getLogger(__name__)
 _OPCUA_KEYS = frozenset(("endpoint", "namespace", "security", "certificate", "private_key", "trusted_clients",
                          "users", "streams", "stats_ms"))
 #: Security policy names accepted in ``security`` -> asyncua's policy type.
+#: The deprecated Basic128Rsa15 and Basic256 policies (SHA-1) are left out.
 SECURITY_POLICIES = {"None": ua.SecurityPolicyType.NoSecurity,
-                     **{t.name: t for t in ua.SecurityPolicyType if t is not ua.SecurityPolicyType.NoSecurity}}
+                     **{t.name: t for t in ua.SecurityPolicyType if t.name.startswith(("Basic256Sha256", "Aes"))}}
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 #: scrypt cost of new password hashes: 16 MiB and about 50 ms per check.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
@@ -326,7 +327,8 @@ class OpcUaBridge:
         Keys: ``endpoint`` (``opc.tcp://HOST:PORT/PATH``, required), ``namespace`` (URI,
         default ``"urn:r1edge"``), ``security`` (list, default
         ``["Basic256Sha256_SignAndEncrypt"]``; any of ``"None"``, ``"Basic256Sha256_Sign"``,
-        ``"Basic256Sha256_SignAndEncrypt"`` and asyncua's other policy names),
+        ``"Basic256Sha256_SignAndEncrypt"``, ``"Aes128Sha256RsaOaep_Sign[AndEncrypt]"``,
+        ``"Aes256Sha256RsaPss_Sign[AndEncrypt]"``),
         ``certificate`` (DER) and ``private_key`` (PEM) and ``trusted_clients`` (a directory),
         all three required unless ``security = ["None"]``; ``users`` (a users file; without it
         sessions are anonymous); ``streams`` (default ``["main"]``); ``stats_ms`` (refresh of

@@ -14,6 +14,7 @@
 //    "writes": {"every_ms": 20, "nodes": [{"id": ..., "value": ..., "type": ...}]}}
 //        data-change notifications of each node for "ms" milliseconds, while (optionally)
 //        writing the given inputs every "every_ms" so that they stay fresh.
+//   {"op": "sleep", "ms": 60}                         wait
 "use strict";
 const fs = require("fs");
 const path = require("path");
@@ -75,6 +76,7 @@ async function main() {
             else if (step.op === "read") results.push(await read(session, step.nodes.map(nid)));
             else if (step.op === "write") results.push(await write(session, step.nodes, nid));
             else if (step.op === "subscribe") results.push(await subscribe(session, step, nid));
+            else if (step.op === "sleep") results.push(await sleep(step.ms));
             else throw new Error(`unknown step ${step.op}`);
         }
         out({ ok: true, namespace_index: ns, results });
