@@ -3,6 +3,7 @@ bundled factory policy: every counter agrees with stats(), at every scrape and a
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -15,7 +16,7 @@ from runtime.safety import INVALID_NAMES, REASON_NAMES
 from sdk.config import ConfigError, DeployConfig
 from sdk.controller import Controller
 from tests.conftest import wait_for
-from tests.ops_helpers import GOOD, factory_deploy
+from tests.ops_helpers import GOOD, ROOT, factory_deploy
 
 
 def scrape(port: int) -> dict:
@@ -28,6 +29,14 @@ def scrape(port: int) -> dict:
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def sample_names(port: int) -> set[str]:
+    """Every sample name the exporter can produce (from its families, empty ones included)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    return {fam.name + sfx for fam in text_string_to_metric_families(text) for sfx in suffixes[fam.type]}
 
 
 def healthz(port: int) -> tuple[int, dict]:
@@ -105,6 +114,7 @@ def test_scrapes_match_stats_while_the_loop_runs_at_1khz(tmp_path):
             runner.join()
         stats = ctrl.stats()
         final = scrape(port)
+        names = sample_names(port)
         want = expected(stats, ctrl)
         assert {k: final[k] for k in want} == want
         # The scrape's buckets are the controller's own histogram, cumulated.
@@ -123,6 +133,10 @@ def test_scrapes_match_stats_while_the_loop_runs_at_1khz(tmp_path):
         reason = INVALID_NAMES[k]
         assert sum(row[reason] for row in by_signal.values()) == stats["invalid_inputs"][reason]
     assert final[("r1edge_up", ())] == 0.0
+    # The example Grafana dashboard asks only for metrics the exporter has.
+    dashboard = (ROOT / "examples" / "ops" / "grafana-dashboard.json").read_text()
+    wanted = set(re.findall(r"\br1edge_[a-z_]+", dashboard))
+    assert wanted and wanted <= names, wanted - names
 
 
 def test_healthz_says_stalled_while_a_cycle_hangs(tmp_path):

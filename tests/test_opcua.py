@@ -291,3 +291,25 @@ def test_a_bad_users_file_is_refused_at_load(tmp_path):
     (tmp_path / "pki" / "users.toml").write_text('[users.bob]\npassword = "plain"\n')
     with pytest.raises(ConfigError, match="opcua.users: .*users.bob.password: not a password hash"):
         DeployConfig.load(factory_deploy(tmp_path, extra=OPCUA.format(port=4840)))
+
+
+def test_the_example_edge_deployment_loads_once_its_pki_is_made(tmp_path, monkeypatch):
+    """examples/ops/deploy.toml with the certificates and users the README's steps make."""
+    import io
+
+    text = (ROOT / "examples" / "ops" / "deploy.toml").read_text()
+    text = text.replace('"/opt/r1edge/examples/factory_loop/model"', f'"{ROOT / "sdk" / "demo" / "model"}"')
+    (tmp_path / "deploy.toml").write_text(text)
+    assert cli(["opcua-cert", str(tmp_path / "pki"), "--hosts", "edge-box,192.168.10.5"]) == 0
+    (tmp_path / "pki" / "trusted").mkdir()
+    assert cli(["opcua-cert", str(tmp_path / "plc"), "--name", "plc", "--client"]) == 0
+    shutil.copy(tmp_path / "plc" / "plc.der", tmp_path / "pki" / "trusted")
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse\n"))
+    assert cli(["opcua-user", str(tmp_path / "users.toml"), "operator", "--password-stdin"]) == 0
+    cfg = DeployConfig.load(tmp_path / "deploy.toml")
+    assert cfg.opcua["security"] == ["Basic256Sha256_SignAndEncrypt"] and cfg.metrics.port == 9108
+    assert {i.name: i.unit for i in cfg.inputs}["temperature"] == "degC"
+    cert = x509.load_der_x509_certificate((tmp_path / "pki" / "server.der").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:r1edge:server"]
+    assert "edge-box" in san.get_values_for_type(x509.DNSName)
