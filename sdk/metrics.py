@@ -199,11 +199,16 @@ class MetricsServer:
                 what = sock.recv(1)
                 if not what:
                     return
-                snap, state = self.snapshot()
+                try:
+                    snap, state = self.snapshot()
+                except Exception as exc:                  # e.g. a stream added by step() meanwhile
+                    logger.warning("metrics: taking a snapshot failed: %s", exc)
+                    snap, state = None, "error"
                 send(sock, {"state": state, "snapshot": snap,
                             "bridges": _bridge_health(self.ctrl.bridges) if what == b"m" else None})
-        except OSError:                                   # stop() closed the socket
-            return
+        except OSError as exc:                            # stop() closed the socket, or the exporter died
+            if self._sock is not None:
+                logger.error("metrics: the exporter connection failed: %s", exc)
 
 
 def _bridge_health(bridges) -> dict:

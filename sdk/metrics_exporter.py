@@ -36,7 +36,8 @@ _LO_S, _HI_S = 1e-6, 10.0
 _PHASES = {"total": "latency", "read": "read", "infer": "infer", "write": "write", "record": "record"}
 _STATES = {"starting": "the control loop has not started cycling yet",
            "stalled": "the control loop did not answer (stalled)",
-           "stopped": "the control loop is not running"}
+           "stopped": "the control loop is not running",
+           "error": "taking a snapshot failed (see the controller's log)"}
 
 
 def send(sock: socket.socket, obj) -> None:
