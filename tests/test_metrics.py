@@ -88,12 +88,14 @@ def test_scrapes_match_stats_while_the_loop_runs_at_1khz(tmp_path):
         runner.start()
         try:
             assert wait_for(lambda: ctrl.counters["cycles"] > 300, timeout=60)
-            assert healthz(port)[0] == 200
+            assert wait_for(lambda: healthz(port)[0] == 200, timeout=10)
             scraped_cycles = []
-            for _ in range(20):                              # every 100 ms while it runs
+            while len(scraped_cycles) < 20:                  # every 100 ms while it runs
                 before = ctrl.counters["cycles"]
                 got = scrape(port)
                 after = ctrl.counters["cycles"]
+                if got[("r1edge_up", ())] == 0.0:            # no cycle boundary within 250 ms: an overloaded
+                    continue                                 # machine stalled the loop; /healthz said so too
                 n = got[("r1edge_cycles_total", ())]
                 assert before <= n <= after
                 # One scrape is one instant between two cycles: its counts agree with each other.
@@ -102,8 +104,8 @@ def test_scrapes_match_stats_while_the_loop_runs_at_1khz(tmp_path):
                 scraped_cycles.append(n)
                 time.sleep(0.1)
             assert scraped_cycles == sorted(scraped_cycles) and scraped_cycles[-1] > scraped_cycles[0]
-            status, body = healthz(port)
-            assert status == 200 and body["streams"]["main"]["status"] in ("ok", "failsafe", "hold")
+            assert wait_for(lambda: healthz(port)[0] == 200, timeout=10)
+            assert healthz(port)[1]["streams"]["main"]["status"] in ("ok", "failsafe", "hold")
             mode["inputs"] = "stale"
             assert wait_for(lambda: healthz(port)[0] == 503, timeout=10)
             assert "stale or missing" in healthz(port)[1]["problems"][0]
@@ -141,11 +143,11 @@ def test_scrapes_match_stats_while_the_loop_runs_at_1khz(tmp_path):
 
 def test_healthz_says_stalled_while_a_cycle_hangs(tmp_path):
     deploy = factory_deploy(tmp_path, period_ms=10.0, extra='[metrics]\nlisten = "127.0.0.1:0"\n')
-    hang = threading.Event()
-    release = threading.Event()
+    hang, stuck, release = threading.Event(), threading.Event(), threading.Event()
 
     def source(seq, t_ns):
         if hang.is_set() and not release.is_set():
+            stuck.set()
             release.wait(10)                                # the loop is stuck in this cycle
         return dict(GOOD)
 
@@ -156,6 +158,7 @@ def test_healthz_says_stalled_while_a_cycle_hangs(tmp_path):
         try:
             assert wait_for(lambda: healthz(port)[0] == 200, timeout=60)
             hang.set()
+            assert stuck.wait(10)
             status, body = healthz(port)
             assert status == 503 and body["problems"] == ["the control loop did not answer (stalled)"]
             assert scrape(port)[("r1edge_up", ())] == 0.0
