@@ -36,6 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdk.config import ConfigError, DeployConfig
     from sdk.controller import Controller, recording_source, render_stats
     from runtime.recorder import RecordingReader
+    from sdk.notify import ServiceMonitor
 
     config = DeployConfig.load(args.config, check_sources=not args.inputs)
     if args.inputs:
@@ -50,10 +51,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"{args.inputs} (it has {', '.join(recorded)})")
     with Controller(config) as ctrl:
         source = recording_source(args.inputs, loop=args.repeat) if args.inputs else None
-        handlers = {sig: signal.signal(sig, lambda *_: ctrl.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        service = ServiceMonitor.from_env(ctrl)           # systemd notify when NOTIFY_SOCKET is set
+
+        def shutdown(*_):
+            if service is not None:
+                service.stopping()
+            ctrl.stop()
+        handlers = {sig: signal.signal(sig, shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if service is not None:
+                service.start()
             stats = ctrl.run(args.duration, source=source)
         finally:
+            if service is not None:
+                service.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         stats["verdict"] = ctrl.verdict()
@@ -120,6 +131,42 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(f"public key: {public}\nsecret key: {secret} (keep private)")
     print("Server: [zmq] curve = { secret_key = \"<path to NAME.key_secret>\", allowed = \"<dir of client .key files>\" }")
     print("Client: copy its NAME.key (public) into the server's 'allowed' directory.")
+    return 0
+
+
+def cmd_opcua_user(args: argparse.Namespace) -> int:
+    """``r1edge opcua-user USERS.toml NAME``: add, replace or remove an OPC UA user."""
+    import getpass
+
+    from plc_bridge.opcua import set_user
+
+    if args.delete:
+        set_user(args.users, args.name, None)
+        print(f"{args.users}: removed {args.name!r}")
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ValueError("the two passwords differ")
+    set_user(args.users, args.name, password)
+    print(f"{args.users}: {args.name!r} set (scrypt, own salt)")
+    return 0
+
+
+def cmd_opcua_cert(args: argparse.Namespace) -> int:
+    """``r1edge opcua-cert OUT_DIR``: a self-signed OPC UA application certificate and key."""
+    from plc_bridge.opcua import make_certificate
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    cert, key = make_certificate(args.out_dir, args.name, uri=args.uri, hosts=hosts, client=args.client,
+                                 days=args.days)
+    print(f"certificate: {cert}\nprivate key: {key} (keep private)")
+    if args.client:
+        print("Copy the certificate into the server's [opcua] trusted_clients directory.")
+    else:
+        print("Server: [opcua] certificate = \"<path to the .der>\", private_key = \"<path to the .pem>\"")
     return 0
 
 
@@ -288,6 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.key and NAME.key_secret")
     p.add_argument("--name", default="server", help="key file name (default: %(default)s)")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("opcua-user", help="add, replace or remove a user of the OPC UA server's users file")
+    p.add_argument("users", metavar="USERS.toml", help="users file ([opcua] users); created if absent")
+    p.add_argument("name", metavar="NAME", help="user name")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.add_argument("--delete", action="store_true", help="remove the user")
+    p.set_defaults(func=cmd_opcua_user)
+
+    p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.der (certificate) and NAME.pem (key)")
+    p.add_argument("--name", default="server", help="file name and common name (default: %(default)s)")
+    p.add_argument("--uri", default=None, help="application URI (default: urn:r1edge:NAME)")
+    p.add_argument("--hosts", default="localhost,127.0.0.1",
+                   help="comma-separated DNS names and IP addresses (default: %(default)s)")
+    p.add_argument("--client", action="store_true", help="a client certificate (for trusted_clients)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=cmd_opcua_cert)
 
     from sdk import plan as _plan
     p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")

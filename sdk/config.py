@@ -19,8 +19,13 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   ``keep = 16`` segments, ``enabled = true``;
 - ``[shadow]`` (optional) ``path``: a candidate package run on the same inputs every cycle,
   never applied (see ``sdk.controller``).
+- ``[metrics]`` (optional) ``listen = "127.0.0.1:9108"`` (``HOST:PORT``, ``[V6]:PORT`` for
+  IPv6, port 0 for a free one): Prometheus ``/metrics`` and ``/healthz`` (``sdk.metrics``).
 
-``[modbus]`` and ``[zmq]`` are validated here by the bridges' own parsers (their optional
+``[[inputs]]`` and ``[[outputs]]`` may name their engineering ``unit`` (free text such as
+``"m"`` or ``"degC"``), shown by the OPC UA bridge.
+
+``[modbus]``, ``[zmq]`` and ``[opcua]`` are validated here by the bridges' own parsers (their optional
 keys are documented in ``plc_bridge``) and handed to the bridges as plain dicts; a register
 map may also publish ``_heartbeat``, the counter the controller bumps every cycle. When a
 bridge is configured, every declared input must have a source: a ``[[modbus.map]]`` entry of
@@ -179,6 +184,7 @@ class InputSpec:
     max: float
     stale_ms: float
     on_invalid: str = "failsafe"
+    unit: str | None = None
 
     def limit(self) -> InputLimit:
         """The runtime's form of this spec."""
@@ -196,6 +202,7 @@ class OutputSpec:
     failsafe: float
     max_rate: float | None = None
     on_stop: str = "failsafe"
+    unit: str | None = None
 
     def limit(self) -> OutputLimit:
         """The runtime's form of this spec."""
@@ -221,6 +228,14 @@ class ShadowSection:
 
 
 @dataclass
+class MetricsSection:
+    """``[metrics]``: where the Prometheus endpoint listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass
 class DeployConfig:
     """A validated deployment config (see the module docstring for fields and defaults)."""
 
@@ -233,6 +248,8 @@ class DeployConfig:
     shadow: ShadowSection | None = None
     modbus: dict | None = None
     zmq: dict | None = None
+    opcua: dict | None = None
+    metrics: MetricsSection | None = None
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -293,7 +310,8 @@ class DeployConfig:
             if not lo < hi:
                 t.fail(f"min ({lo}) must be below max ({hi})")
             stale = t.num("stale_ms", max(200.0, 3 * period), positive=True)
-            inputs.append(InputSpec(name, lo, hi, stale, t.str("on_invalid", "failsafe", ("failsafe", "hold"))))
+            inputs.append(InputSpec(name, lo, hi, stale, t.str("on_invalid", "failsafe", ("failsafe", "hold")),
+                                    t.str("unit", None)))
             t.done()
         if not inputs:
             top.fail("at least one [[inputs]] entry is required")
@@ -307,7 +325,7 @@ class DeployConfig:
             if not lo <= fs <= hi:
                 t.fail(f"failsafe ({fs}) must lie within [min, max] = [{lo}, {hi}]")
             outputs.append(OutputSpec(name, lo, hi, fs, t.num("max_rate", None, positive=True),
-                                      t.str("on_stop", "failsafe", ("failsafe", "hold"))))
+                                      t.str("on_stop", "failsafe", ("failsafe", "hold")), t.str("unit", None)))
             t.done()
         if not outputs:
             top.fail("at least one [[outputs]] entry is required")
@@ -326,23 +344,32 @@ class DeployConfig:
             shadow = ShadowSection(path=_resolve(base, t.str("path")))
             t.done()
 
-        modbus, zmq = _bridge_tables(top, base, inputs, outputs)
+        metrics = None
+        t = top.sub("metrics")
+        if t is not None:
+            metrics = _listen(t, t.str("listen", "127.0.0.1:9108"))
+            t.done()
+
+        modbus, zmq, opcua = _bridge_tables(top, base, inputs, outputs)
         top.done()
         config = cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
-                     recorder=recorder, shadow=shadow, modbus=modbus, zmq=zmq, base_dir=base, raw=raw)
-        if check_sources and (modbus is not None or zmq is not None):
+                     recorder=recorder, shadow=shadow, modbus=modbus, zmq=zmq, opcua=opcua, metrics=metrics,
+                     base_dir=base, raw=raw)
+        if check_sources and (modbus is not None or zmq is not None or opcua is not None):
             missing = config.unsourced_inputs()
             if missing:
                 where = ", ".join(f"inputs[{i}] {n!r}" for i, n in enumerate(i.name for i in inputs) if n in missing)
                 raise ConfigError(f"{file}: {where}: no configured source provides it: add a [[modbus.map]] "
-                                  "entry with that signal, or configure [zmq] (its sensor frames may carry any input)")
+                                  "entry with that signal, or configure [zmq] (its sensor frames may carry any "
+                                  "input) or [opcua] (its input nodes are every input)")
         return config
 
     def unsourced_inputs(self) -> list[str]:
         """The declared inputs that no configured bridge provides: not in ``[[modbus.map]]``
-        and no ``[zmq]`` (a ZeroMQ sensor frame may carry any input). Without any bridge every
-        input is unsourced here: it must come from ``Controller.step``, a ``source`` or a recording."""
-        if self.zmq is not None:
+        and neither ``[zmq]`` (a ZeroMQ sensor frame may carry any input) nor ``[opcua]``
+        (it has a writable node for every input). Without any bridge every input is unsourced
+        here: it must come from ``Controller.step``, a ``source`` or a recording."""
+        if self.zmq is not None or self.opcua is not None:
             return []
         mapped = {e.get("signal") for e in (self.modbus or {}).get("map", []) if isinstance(e, dict)}
         return [i.name for i in self.inputs if i.name not in mapped]
@@ -378,11 +405,19 @@ def _name(t: _Table, seen: dict[str, str]) -> str:
     return name
 
 
+def _listen(t: _Table, listen: str) -> MetricsSection:
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]+)):(\d{1,5})", listen)
+    if m is None or not 0 <= int(m.group(3)) <= 65535:
+        t.fail(f"must be HOST:PORT (or [IPV6]:PORT; port 0 takes a free one), got {listen!r}", "listen")
+    return MetricsSection(host=m.group(1) or m.group(2), port=int(m.group(3)))
+
+
 def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec],
-                   outputs: list[OutputSpec]) -> tuple[dict | None, dict | None]:
-    """``[modbus]`` and ``[zmq]``, validated by the bridges' own parsers (one source of truth
-    for their keys), with the file named in any error. Nothing is bound or started here."""
-    modbus, zmq = top.get("modbus", None), top.get("zmq", None)
+                   outputs: list[OutputSpec]) -> tuple[dict | None, dict | None, dict | None]:
+    """``[modbus]``, ``[zmq]`` and ``[opcua]``, validated by the bridges' own parsers (one
+    source of truth for their keys), with the file named in any error. Nothing is bound or
+    started here."""
+    modbus, zmq, opcua = top.get("modbus", None), top.get("zmq", None), top.get("opcua", None)
     in_names = [i.name for i in inputs]
     if modbus is not None:
         _Table(modbus, "modbus", top.file)                # must be a table
@@ -403,7 +438,23 @@ def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec],
             ZmqBridge.from_config(zmq, base, in_names)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{t.file}: {exc}") from None
-    return modbus, zmq
+    if opcua is not None:
+        t = _Table(opcua, "opcua", top.file)
+        from plc_bridge.opcua import OpcUaBridge
+        try:
+            OpcUaBridge.from_config(opcua, base, *opcua_signals(inputs, outputs))
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{t.file}: {exc}") from None
+    return modbus, zmq, opcua
+
+
+def opcua_signals(inputs: list[InputSpec], outputs: list[OutputSpec]) -> tuple[list, list]:
+    """The inputs and outputs as the OPC UA bridge shows them (``plc_bridge.opcua.Signal``:
+    name, range, unit)."""
+    from plc_bridge.opcua import Signal
+
+    return ([Signal(i.name, i.min, i.max, i.unit) for i in inputs],
+            [Signal(o.name, o.min, o.max, o.unit) for o in outputs])
 
 
 def bridge_outputs(outputs: list[OutputSpec]) -> dict[str, float]:

@@ -43,9 +43,10 @@ from plc_bridge.bridge import Bridge, Reporter
 from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
                           monotonic_ns, set_compute_threads)
 from runtime.recorder import RecordingReader, FlightRecorder
-from runtime.safety import (FAILSAFE, MISSING_STAMP, REASON_ERROR, REASON_NAMES, REASON_NONE,
+from runtime.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, OK, REASON_ERROR, REASON_NAMES, REASON_NONE,
                             REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
-from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs
+from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs, opcua_signals
+from sdk.metrics import MetricsServer, SnapshotExchange, take_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,11 @@ class Controller:
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "valid_input_cycles": 0,
                          "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
                          "sink_errors": 0, "record_errors": 0}
-        self.failsafe_reasons = {name: 0 for name in REASON_NAMES[1:]}
+        self.failsafe_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
+        self.held_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
+        self.invalid_by_signal = np.zeros((len(self.input_names), len(INVALID_NAMES)), dtype=np.int64)
+        self.snapshots = SnapshotExchange(lambda: take_snapshot(self))
+        self.metrics: MetricsServer | None = None
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._running = False
@@ -164,7 +169,11 @@ class Controller:
             if cfg.recorder is not None and cfg.recorder.enabled:
                 self.recorder = FlightRecorder(cfg.recorder.path, self._header(),
                                                max_bytes=cfg.recorder.max_bytes, keep=cfg.recorder.keep)
+            if cfg.metrics is not None:
+                self.metrics = MetricsServer(self, cfg.metrics.host, cfg.metrics.port).start()
         except BaseException:
+            if self.recorder is not None:
+                self.recorder.close()
             self.worker.close()
             if self.shadow is not None:
                 self.shadow.close()
@@ -311,6 +320,7 @@ class Controller:
         if self.shadow is not None:
             self._run_shadow(seq, tick_ns + self.loop.period_ns - self.loop.spin_ns - monotonic_ns())
         self._record(seq, tick_ns, (t1 - t0, infer_ns, t3 - t2, t0 - tick_ns))
+        self.snapshots.serve()
         return t3
 
     def _run_shadow(self, seq: int, slack_ns: int | None) -> None:
@@ -510,12 +520,32 @@ class Controller:
         if n_fs:
             c["failsafe_cycles"] += 1
             c["failsafe_stream_cycles"] += n_fs
-            for slot in self._active:
-                if cycle.status[slot] == FAILSAFE:
-                    self.failsafe_reasons[REASON_NAMES[int(cycle.reason[slot])]] += 1
         if n_hold:
             c["held_cycles"] += 1
             c["held_stream_cycles"] += n_hold
+        if n_fs or n_hold:
+            self._count_failures()
+
+    def _count_failures(self) -> None:
+        """Fail-safe and held cycles by reason (once per reason per cycle) and invalid input
+        values by signal and reason; runs only in cycles where some stream did not get the
+        model's outputs."""
+        c = self.cycle
+        failsafe, held = set(), set()
+        for slot in self._active:
+            status = int(c.status[slot])
+            if status == OK:
+                continue
+            reason = int(c.reason[slot])
+            (failsafe if status == FAILSAFE else held).add(REASON_NAMES[reason])
+            if reason == REASON_INPUT:
+                row = c.guard.codes[slot]
+                for j in np.flatnonzero(row).tolist():
+                    self.invalid_by_signal[j, row[j]] += 1
+        for reason in failsafe:
+            self.failsafe_by_reason[reason] += 1
+        for reason in held:
+            self.held_by_reason[reason] += 1
 
     def _header(self) -> dict:
         cfg = self.config
@@ -570,7 +600,6 @@ class Controller:
         c = self.cycle
         out = dict(self.counters)
         out.update({
-            "failsafe_reasons": dict(self.failsafe_reasons),
             "never_valid_inputs": c.guard.never_valid(),
             "latency_us": self.hist["latency"].summary(),
             "phases_us": {k: self.hist[k].summary() for k in ("read", "infer", "write", "record")},
@@ -580,6 +609,11 @@ class Controller:
             "gc_collections": loop["gc_collections"],
             "rt_applied": loop["rt_applied"],
             "invalid_inputs": c.guard.counts_by_reason(),
+            "failsafe_cycles_by_reason": dict(self.failsafe_by_reason),
+            "held_cycles_by_reason": dict(self.held_by_reason),
+            "invalid_inputs_by_signal": {
+                name: {INVALID_NAMES[k]: int(row[k]) for k in range(1, len(INVALID_NAMES))}
+                for name, row in zip(self.input_names, self.invalid_by_signal)},
             "watchdog": {**c.counters, "last_error": c.last_error},
             "heartbeat": c.heartbeat,
             "streams": {"capacity": len(self._slot_names), "names": list(self.slots)},
@@ -611,7 +645,7 @@ class Controller:
                                         f"{', '.join(never)}; invalid values by reason {invalid})"
                                         + (f"; {links}" if links else "")}
         frac = fs / cycles
-        reasons = {k: v for k, v in self.failsafe_reasons.items() if v}
+        reasons = {k: v for k, v in self.failsafe_by_reason.items() if v}
         if frac > limit:
             return {"ok": False, "why": f"fail-safe in {fs} of {cycles} cycles ({frac:.1%}), above [loop] "
                                         f"max_failsafe_fraction = {limit:g} (stream-cycles by reason {reasons}; "
@@ -634,9 +668,16 @@ class Controller:
             if record is not None:
                 self._append(record)
             self.shadow.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.recorder is not None:
             self.recorder.close()
         self.worker.close()
+
+    @property
+    def running(self) -> bool:
+        """Whether ``run()`` is in progress."""
+        return self._running
 
     def __enter__(self) -> "Controller":
         return self
@@ -645,7 +686,7 @@ class Controller:
         self.close()
 
     def bridge(self, name: str) -> Bridge:
-        """The configured bridge called ``name`` ("modbus", "zmq"); KeyError if there is none."""
+        """The configured bridge called ``name`` ("modbus", "zmq", "opcua"); KeyError if there is none."""
         for bridge in self.bridges:
             if bridge.name == name:
                 return bridge
@@ -659,6 +700,9 @@ class Controller:
         if cfg.zmq is not None:
             from plc_bridge.zmq_bridge import ZmqBridge
             self.bridges.append(ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names))
+        if cfg.opcua is not None:
+            from plc_bridge.opcua import OpcUaBridge
+            self.bridges.append(OpcUaBridge.from_config(cfg.opcua, cfg.base_dir, *opcua_signals(cfg.inputs, cfg.outputs)))
         for bridge in self.bridges:
             if isinstance(bridge, Reporter):
                 bridge.set_stats_provider(self.stats)
@@ -825,7 +869,7 @@ def render_stats(stats: dict) -> None:
     bad = {k: v for k, v in stats["invalid_inputs"].items() if v}
     print(f"invalid inputs  {bad or 'none'}" + (f"  never valid: {', '.join(stats['never_valid_inputs'])}"
                                                 if stats["never_valid_inputs"] else ""))
-    reasons = {k: v for k, v in stats["failsafe_reasons"].items() if v}
+    reasons = {k: v for k, v in stats["failsafe_cycles_by_reason"].items() if v}
     if reasons:
         print(f"fail-safe by    {reasons} (stream-cycles)")
     wd = stats["watchdog"]

@@ -184,7 +184,7 @@ def test_the_fail_safe_fraction_decides_the_verdict(tmp_path, package):
             for i in range(20):                    # 3 of every 4 frames out of range: 75% fail-safe
                 ctrl.step({"level": 1.0 if i % 4 == 0 else 99.0, "temp": 50.0, "flow": 0.3})
             verdict = ctrl.verdict()
-            assert ctrl.stats()["failsafe_reasons"]["invalid_input"] == 15
+            assert ctrl.stats()["failsafe_cycles_by_reason"]["invalid_input"] == 15
         assert verdict["ok"] is healthy, verdict
         if not healthy:
             assert "fail-safe in 15 of 20 cycles (75.0%), above [loop] max_failsafe_fraction = 0.5" in verdict["why"]
