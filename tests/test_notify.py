@@ -70,7 +70,9 @@ def test_r1edge_run_speaks_the_notify_protocol(tmp_path, notify_socket):
                              str(tmp_path / "rec"), "--repeat", "--json"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: len(notify_socket.with_key("WATCHDOG")) >= 5, timeout=120), \
+        # five pings and a STATUS line of its own (sent about once a second) before stopping
+        status_only = lambda: [f for _, f in notify_socket.messages if set(f) == {"STATUS"}]  # noqa: E731
+        assert wait_for(lambda: len(notify_socket.with_key("WATCHDOG")) >= 5 and status_only(), timeout=120), \
             (notify_socket.messages, proc.poll())
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
