@@ -1,0 +1,193 @@
+"""Exact int8 GEMMs for the CPU stream engine: W8A8 rows times blocked int8 weights in Numba.
+
+Layout. A weight [N, K] int8 (one row per output channel) is stored in blocks of 16 output
+channels: ``blocked[b, k4 * 64 + l * 4 + j] = w[16 * b + l, 4 * k4 + j]``, N padded with zero
+rows to a multiple of 16 and K with zero columns to a multiple of 4 (:func:`pack_blocked`).
+Activations are stored offset by 128 as uint8 (``q + 128``; :func:`quantize_row_u8`), four to
+an int32, so that one instruction multiplies four unsigned activation bytes with four signed
+weight bytes for each of 16 output channels and adds them to 16 int32 sums (``vpdpbusd``,
+AVX-512 VNNI). The offset comes back out exactly: ``sum (q + 128) w = sum q w + 128 sum w``,
+with ``sum w`` per row precomputed. Integer sums are exact in any order, so the result is the
+int32 dot product of the W8A8 rule whatever the blocking, the batch or the kernel; it is
+dequantized as ``float32(acc) * x_scale * w_scale``, the rule of ``runtime.quant``.
+
+Kernels. :data:`VNNI` says whether the host has AVX-512 VNNI (and Numba compiles for the
+host); without it the same loop is written in portable LLVM vector code (sign- and
+zero-extended 32-bit products), slower, with the same results. Both live in
+``_dot16``: an LLVM intrinsic that keeps the 16-lane sums of one to four activation rows in
+registers over the whole K loop, reading each 64-byte weight line once for all rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+F32 = np.float32
+LANES = 16          # output channels per block (one 512-bit vector of int32 sums)
+QUAD = 4            # activation bytes per int32
+
+
+def _host_has_vnni() -> bool:
+    if config.CPU_NAME is not None or config.CPU_FEATURES is not None:
+        return False        # Numba compiles for a chosen target, not necessarily this host
+    import llvmlite.binding as llvm
+    return bool(llvm.get_host_cpu_features().get("avx512vnni", False))
+
+
+VNNI = _host_has_vnni()
+
+
+def _make_dot(rows: int, vnni: bool):
+    """The intrinsic ``dot(w, w_off, x, x_off0, x_off1, x_off2, x_off3, k4, acc, acc_off)``: for
+    each of the first ``rows`` activation rows r (int32 words at ``x[x_off_r:]``; the other
+    offsets are ignored) and each lane l < 16,
+    ``acc[acc_off + 16 r + l] += sum over k4 quads of the 4 byte products`` with the weight
+    block at ``w[w_off:]`` (``k4 * 64`` bytes). ``w`` int8, ``x`` and ``acc`` int32, all
+    C-contiguous; offsets count elements."""
+
+    @intrinsic
+    def dot(typingctx, w, w_off, x, x_off0, x_off1, x_off2, x_off3, k4, acc, acc_off):
+        i = types.intp
+        sig = types.void(w, i, x, i, i, i, i, i, acc, i)
+
+        def codegen(context, builder, signature, args):
+            w_, w_off_, x_ = args[:3]
+            x_offs_ = args[3:7]
+            k4_, acc_, acc_off_ = args[7:]
+            i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+            v16 = ir.VectorType(i32, LANES)
+            wdata = context.make_array(signature.args[0])(context, builder, w_).data
+            xdata = context.make_array(signature.args[2])(context, builder, x_).data
+            adata = context.make_array(signature.args[8])(context, builder, acc_).data
+            wbase = builder.gep(wdata, [w_off_])
+            acc_ptrs, slots, x_ptrs = [], [], []
+            for r in range(rows):
+                p = builder.bitcast(builder.gep(adata, [builder.add(acc_off_, ir.Constant(i64, LANES * r))]),
+                                    v16.as_pointer())
+                slot = cgutils.alloca_once(builder, v16)          # promoted to a register
+                builder.store(builder.load(p, align=4), slot)
+                acc_ptrs.append(p)
+                slots.append(slot)
+                x_ptrs.append(builder.gep(xdata, [x_offs_[r]]))
+            if vnni:
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
+                                                    "llvm.x86.avx512.vpdpbusd.512")
+            zeros = ir.Constant(v16, [0] * LANES)
+            with cgutils.for_range(builder, k4_) as loop:
+                i = loop.index
+                wline = builder.load(builder.bitcast(builder.gep(wbase, [builder.mul(i, ir.Constant(i64, 64))]),
+                                                     v16.as_pointer()), align=1)
+                for r in range(rows):
+                    quad = builder.load(builder.gep(x_ptrs[r], [i]), align=4)
+                    xb = builder.shuffle_vector(builder.insert_element(ir.Constant(v16, ir.Undefined), quad,
+                                                                       ir.Constant(i32, 0)),
+                                                ir.Constant(v16, ir.Undefined), zeros)
+                    a = builder.load(slots[r])
+                    if vnni:
+                        a = builder.call(fn, [a, xb, wline])
+                    else:
+                        v64 = ir.VectorType(i32, 64)
+                        b64 = ir.VectorType(i8, 64)
+                        prod = builder.mul(builder.zext(builder.bitcast(xb, b64), v64),
+                                           builder.sext(builder.bitcast(wline, b64), v64))
+                        for j in range(QUAD):
+                            a = builder.add(a, builder.shuffle_vector(
+                                prod, ir.Constant(v64, ir.Undefined),
+                                ir.Constant(v16, [QUAD * lane + j for lane in range(LANES)])))
+                    builder.store(a, slots[r])
+            for r in range(rows):
+                builder.store(builder.load(slots[r]), acc_ptrs[r], align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot
+
+
+_dot16x1 = _make_dot(1, VNNI)
+_dot16x4 = _make_dot(4, VNNI)
+
+
+@njit(cache=True, inline="always")
+def quantize_row_u8(x, q):
+    """Per-token symmetric int8 of x[K] (the rule of ``runtime.quant.quantize_activation``),
+    stored offset by 128 as uint8 into q[:K]; returns the scale (absmax / 127, 1 for a zero
+    row). Written without the rule's clamp: for finite input |x| / scale <= 127 already."""
+    amax = F32(0.0)
+    for k in range(x.shape[0]):
+        a = abs(x[k])
+        if a > amax:
+            amax = a
+    scale = amax / F32(127.0)
+    if scale == F32(0.0):
+        scale = F32(1.0)
+    for k in range(x.shape[0]):
+        q[k] = np.uint8(np.int32(np.rint(x[k] / scale)) + 128)
+    return scale
+
+
+@njit(cache=True)
+def gemm_rows(x, xs, idx, gather, lo, hi, w, wsum, ws, n_out, out, acc):
+    """``out[r, :n_out] = float32(x_row . w_n) * xs[src] * ws[n]`` for rows r in [lo, hi).
+
+    ``x`` int32 [*, K4max]: uint8 activations (offset 128) four to a word; row r reads
+    ``src = idx[r]`` when ``gather`` else ``r``, with scale ``xs[src]``. ``w`` int8
+    [Nb, K4 * 64] blocked, ``wsum`` int32 and ``ws`` float32 [Nb * 16]; ``out`` float32 rows
+    indexed by r; ``acc`` int32 [*, 16] scratch rows indexed by r. Rows go four at a time, so a
+    weight block is read from memory once per four rows (once per step when it stays in cache).
+    """
+    nb = w.shape[0]
+    k4 = w.shape[1] // 64
+    xw = x.shape[1]
+    for b in range(nb):
+        woff = b * k4 * 64
+        n0 = b * LANES
+        lanes = min(LANES, n_out - n0)
+        r = lo
+        while r < hi:
+            m = min(4, hi - r)
+            for rr in range(r, r + m):
+                for lane in range(LANES):
+                    acc[rr, lane] = 0
+            if m == 4:
+                s0 = idx[r] if gather else r
+                s1 = idx[r + 1] if gather else r + 1
+                s2 = idx[r + 2] if gather else r + 2
+                s3 = idx[r + 3] if gather else r + 3
+                _dot16x4(w, woff, x, s0 * xw, s1 * xw, s2 * xw, s3 * xw, k4, acc, r * LANES)
+            else:
+                for rr in range(r, r + m):
+                    src = idx[rr] if gather else rr
+                    _dot16x1(w, woff, x, src * xw, 0, 0, 0, k4, acc, rr * LANES)
+            for rr in range(r, r + m):
+                src = idx[rr] if gather else rr
+                sx = xs[src]
+                o = out[rr]
+                a = acc[rr]
+                for lane in range(lanes):
+                    n = n0 + lane
+                    o[n] = F32(a[lane] - 128 * wsum[n]) * sx * ws[n]
+            r += m
+
+
+def pack_blocked(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 rows ``q`` [N, K] with scales ``s`` [N] -> (blocked int8 [Nb, K4 * 64], row sums
+    int32 [Nb * 16], scales float32 [Nb * 16]); padded rows get sum 0 and scale 1."""
+    n, k = q.shape
+    nb, k4 = -(-n // LANES), -(-k // QUAD)
+    padded = np.zeros((nb * LANES, k4 * QUAD), np.int8)
+    padded[:n, :k] = q
+    blocked = np.ascontiguousarray(padded.reshape(nb, LANES, k4, QUAD).transpose(0, 2, 1, 3).reshape(nb, k4 * 64))
+    wsum = np.zeros(nb * LANES, np.int32)
+    wsum[:n] = q.astype(np.int32).sum(1)
+    scale = np.ones(nb * LANES, F32)
+    scale[:n] = s
+    return blocked, wsum, scale
+
+
+def padded_k(k: int) -> int:
+    """K rounded up to whole int32 words of activations."""
+    return -(-k // QUAD) * QUAD
