@@ -191,3 +191,76 @@ def pack_blocked(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def padded_k(k: int) -> int:
     """K rounded up to whole int32 words of activations."""
     return -(-k // QUAD) * QUAD
+
+
+def _make_rows_dot(blocks: int):
+    """The intrinsic ``rows_dot(dst, dst_off, p, p_off, n, src, src_off, stride)``: for each of
+    ``blocks`` consecutive 16-lane vectors b of ``dst`` (float32, from ``dst_off``) and each lane
+    l, ``dst[dst_off + 16 b + l] += p[p_off + k] * src[src_off + k * stride + 16 b + l]`` for k =
+    0, 1, ..., n - 1 in that order, the sums held in registers. Each lane multiplies then adds
+    (no fused multiply-add), so it gives the bits of the scalar loop ``d += p[k] * s[k]``. No
+    bounds check: the caller keeps every range inside its array."""
+
+    @intrinsic
+    def rows_dot(typingctx, dst, dst_off, p, p_off, n, src, src_off, stride):
+        i = types.intp
+        sig = types.void(dst, i, p, i, i, src, i, i)
+
+        def codegen(context, builder, signature, args):
+            dst_, dst_off_, p_, p_off_, n_, src_, src_off_, stride_ = args
+            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            v16 = ir.VectorType(f32, LANES)
+            ddata = context.make_array(signature.args[0])(context, builder, dst_).data
+            pdata = context.make_array(signature.args[2])(context, builder, p_).data
+            sdata = context.make_array(signature.args[5])(context, builder, src_).data
+            dptrs, slots = [], []
+            for blk in range(blocks):
+                dp = builder.bitcast(builder.gep(ddata, [builder.add(dst_off_, ir.Constant(i64, LANES * blk))]),
+                                     v16.as_pointer())
+                slot = cgutils.alloca_once(builder, v16)          # promoted to a register
+                builder.store(builder.load(dp, align=4), slot)
+                dptrs.append(dp)
+                slots.append(slot)
+            zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+            with cgutils.for_range(builder, n_) as loop:
+                k = loop.index
+                pk = builder.load(builder.gep(pdata, [builder.add(p_off_, k)]))
+                pv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16, ir.Undefined), pk,
+                                                                   ir.Constant(i32, 0)),
+                                            ir.Constant(v16, ir.Undefined), zeros)
+                row = builder.add(src_off_, builder.mul(k, stride_))
+                for blk in range(blocks):
+                    sp = builder.bitcast(builder.gep(sdata, [builder.add(row, ir.Constant(i64, LANES * blk))]),
+                                         v16.as_pointer())
+                    acc = builder.fadd(builder.load(slots[blk]), builder.fmul(pv, builder.load(sp, align=4)))
+                    builder.store(acc, slots[blk])
+            for blk in range(blocks):
+                builder.store(builder.load(slots[blk]), dptrs[blk], align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rows_dot
+
+
+_rows_dot1 = _make_rows_dot(1)
+_rows_dot4 = _make_rows_dot(4)
+
+
+@njit(cache=True, inline="always")
+def rows_dot(dst, dst_off, width, p, p_off, n, src, src_off, stride):
+    """``dst[dst_off + l] += sum over k < n, ascending, of p[p_off + k] * src[src_off + k * stride
+    + l]`` for l < ``width`` (a multiple of 16): the fixed-order weighted sum of n rows that the
+    engine's attention is made of, 16 lanes at a time, four vectors per pass over the rows."""
+    b = 0
+    while b + 64 <= width:
+        _rows_dot4(dst, dst_off + b, p, p_off, n, src, src_off + b, stride)
+        b += 64
+    while b < width:
+        _rows_dot1(dst, dst_off + b, p, p_off, n, src, src_off + b, stride)
+        b += 16
+
+
+def padded16(n: int) -> int:
+    """n rounded up to whole 16-lane vectors."""
+    return -(-n // LANES) * LANES

@@ -55,7 +55,7 @@ from numba import njit, types
 from numba.experimental import structref
 
 from runtime.config import LORA_NORM_EPS
-from runtime.cpu_int8 import gemm_rows, pack_blocked, padded_k, quantize_row_u8
+from runtime.cpu_int8 import gemm_rows, pack_blocked, padded16, padded_k, quantize_row_u8, rows_dot
 from runtime.model import Transformer
 from runtime.quant import PackedMLP, QWeight, pack_int8
 from runtime.routing import RouteBuffers, RoutingRule, route_dispatch, router_logits
@@ -93,7 +93,8 @@ class AttnWeights(NamedTuple):
     """MLA weights of every layer, stacked. Each int8 projection ``*_q`` [L, Nb, K4 * 64] is
     blocked (``runtime.cpu_int8``) with its row sums ``*_r`` and scales ``*_s`` [L, Nb * 16].
     Without a q low rank ``q_a_*``/``q_b_*`` are empty, else ``q_*`` is. ``w_uk`` [L, heads,
-    nope, C] and ``w_uvt`` [L, heads, C, v] are the absorbed ``kv_b_proj`` halves (float32)."""
+    nope, C16] and ``w_uvt`` [L, heads, C16, v16] are the absorbed ``kv_b_proj`` halves
+    (float32; ``C16``, ``v16``: zero-padded to whole 16-lane vectors)."""
     q_a_q: np.ndarray
     q_a_r: np.ndarray
     q_a_s: np.ndarray
@@ -172,7 +173,8 @@ class Weights(NamedTuple):
 class Buffers(NamedTuple):
     """Preallocated scratch. Row i of a pass serves slot ``rows[i]`` at position ``rpos[i]``
     (a step: distinct slots; a prefill: one slot at successive positions). The latent ring
-    buffers ``vals`` [L, S, W, C] and ``keys`` [L, S, C + R, W], the slots' positions ``pos``
+    buffers ``vals`` [L, S, W, C16] and ``keys`` [L, S, C + R, W16] (``*16``: zero-padded to
+    whole 16-lane vectors), the slots' positions ``pos``
     [S], the pass's inputs (``tokens``, ``feats``) and outputs (``logits``, ``outputs``).
     ``xq``/``midq`` hold int8 activations offset to uint8 (``xq32``/``midq32``: the same
     memory as int32 words, as the GEMMs read it) with scales ``xs``/``ms``."""
@@ -195,9 +197,13 @@ class Buffers(NamedTuple):
     scores: np.ndarray
     scores2: np.ndarray
     ctx: np.ndarray
+    vout: np.ndarray
     attn_out: np.ndarray
     rope_cos: np.ndarray
     rope_sin: np.ndarray
+    ebits: np.ndarray
+    escale: np.ndarray
+    eout: np.ndarray
     mid: np.ndarray
     midq: np.ndarray
     midq32: np.ndarray
@@ -258,11 +264,35 @@ def _rmsnorm(x, weight, eps, out):
 
 
 @njit(cache=True, inline="always")
-def _silu_mul(mid, inter):
-    """mid[:inter] = silu(gate) * up for a row ``mid`` [gate inter | up inter]."""
+def _exp_row(x, sign, out, n, bits, scale):
+    """out[j] = exp(sign * x[j]) for j < n, in float32 by a fixed formula that vectorises (a
+    libm call per element would not): n = round(v / ln 2), r = v - n ln 2 in two parts
+    (Cody-Waite), a degree-6 polynomial for exp(r), times 2^n built from its bits in ``bits``
+    (int32 scratch; ``scale`` is the same memory as float32). Within 2 ulp of exp for v in
+    [-87, 88] (clamped there: exp(-87) ~ 1.6e-38); NaN stays NaN. The same input always gives
+    the same bits, whatever lane or loop tail it falls in."""
+    for j in range(n):
+        v = sign * x[j]
+        v = F32(-87.0) if v < F32(-87.0) else v
+        v = F32(88.0) if v > F32(88.0) else v
+        k = np.floor(v * F32(1.44269504088896341) + F32(0.5))
+        r = v - k * F32(0.693359375) - k * F32(-2.12194440e-4)
+        z = r * r
+        y = (((((F32(1.9875691500e-4) * r + F32(1.3981999507e-3)) * r + F32(8.3334519073e-3)) * r
+               + F32(4.1665795894e-2)) * r + F32(1.6666665459e-1)) * r + F32(5.0000001201e-1)) * z + r + F32(1.0)
+        out[j] = y
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    for j in range(n):
+        out[j] = out[j] * scale[j]
+
+
+@njit(cache=True, inline="always")
+def _silu_mul(mid, inter, bits, scale, e):
+    """mid[:inter] = silu(gate) * up = gate / (1 + exp(-gate)) * up for a row ``mid``
+    [gate inter | up inter]; ``e`` scratch [inter] (exp by :func:`_exp_row`)."""
+    _exp_row(mid, F32(-1.0), e, inter, bits, scale)
     for k in range(inter):
-        g = mid[k]
-        mid[k] = g / (F32(1.0) + np.exp(-g)) * mid[inter + k]
+        mid[k] = mid[k] / (F32(1.0) + e[k]) * mid[inter + k]
 
 
 @njit(cache=True)
@@ -276,7 +306,7 @@ def _swiglu_rows(lo, hi, inter, xq32, xs, idx, gather, w13_q, w13_r, w13_s, w2_q
     acc = b.acc
     gemm_rows(xq32, xs, idx, gather, lo, hi, w13_q, w13_r, w13_s, 2 * inter, mid, acc)
     for r in range(lo, hi):
-        _silu_mul(mid[r], inter)
+        _silu_mul(mid[r], inter, b.ebits[r], b.escale[r], b.eout[r])
         ms[r] = quantize_row_u8(mid[r, :inter], midq[r])
     gemm_rows(b.midq32, ms, idx, False, lo, hi, w2_q, w2_r, w2_s, out.shape[1], out, acc)
 
@@ -339,57 +369,53 @@ def _attend_row(i, layer, b, a, d):
     for r in range(R):
         keys[C + r, idx] = kv[C + r]
     n_valid = min(p + 1, d.window)
+    nb = (n_valid + 15) // 16         # 16-position blocks: lanes past n_valid are computed, never read
+    Cp = vals.shape[1]
+    Wp = keys.shape[1]
+    Vp = b.vout.shape[2]
     w_uk = a.w_uk[layer]
     w_uvt = a.w_uvt[layer]
     s = b.scores[i]
     s2 = b.scores2[i]
     qa = b.qabs[i]
     ctx = b.ctx[i]
+    vo = b.vout[i]
     out = b.attn_out[i]
+    ebits = b.ebits[i]
+    escale = b.escale[i]
     for hh in range(nh):
         base = hh * (nope + R)
         _rope_apply(q, base + nope, cos_t, sin_t, interleave)
-        for c in range(C):
+        for c in range(Cp):
             qa[hh, c] = F32(0.0)
-        for dd in range(nope):
-            qv = q[base + dd]
-            for c in range(C):
-                qa[hh, c] += qv * w_uk[hh, dd, c]
-        for j in range(n_valid):
+        rows_dot(qa, hh * Cp, Cp, q, base, nope, w_uk, hh * nope * Cp, Cp)
+        for j in range(nb * 16):
             s[hh, j] = F32(0.0)
             s2[j] = F32(0.0)
-        for c in range(C):
-            qc = qa[hh, c]
-            for j in range(n_valid):
-                s[hh, j] += qc * keys[c, j]
-        for r in range(R):
-            qr = q[base + nope + r]
-            for j in range(n_valid):
-                s2[j] += qr * keys[C + r, j]
+        rows_dot(s, hh * Wp, nb * 16, qa, hh * Cp, C, keys, 0, Wp)
+        rows_dot(s2, 0, nb * 16, q, base + nope, R, keys, C * Wp, Wp)
         for j in range(n_valid):
             s[hh, j] = (s[hh, j] + s2[j]) * scale
         m = F32(-np.inf)
         for j in range(n_valid):
             if s[hh, j] > m:
                 m = s[hh, j]
+        for j in range(n_valid):
+            s2[j] = s[hh, j] - m
+        _exp_row(s2, F32(1.0), s[hh], n_valid, ebits, escale)
         total = F32(0.0)
         for j in range(n_valid):
-            e = np.exp(s[hh, j] - m)
-            s[hh, j] = e
-            total += e
-        for c in range(C):
-            ctx[hh, c] = F32(0.0)
+            total += s[hh, j]
         for j in range(n_valid):
-            pj = s[hh, j] / total
-            for c in range(C):
-                ctx[hh, c] += pj * vals[j, c]
-        o0 = hh * v_dim
+            s[hh, j] = s[hh, j] / total
+        for c in range(Cp):
+            ctx[hh, c] = F32(0.0)
+        rows_dot(ctx, hh * Cp, Cp, s, hh * Wp, n_valid, vals, 0, Cp)
+        for vv in range(Vp):
+            vo[hh, vv] = F32(0.0)
+        rows_dot(vo, hh * Vp, Vp, ctx, hh * Cp, C, w_uvt, hh * Cp * Vp, Vp)
         for vv in range(v_dim):
-            out[o0 + vv] = F32(0.0)
-        for c in range(C):
-            cc = ctx[hh, c]
-            for vv in range(v_dim):
-                out[o0 + vv] += cc * w_uvt[hh, c, vv]
+            out[hh * v_dim + vv] = vo[hh, vv]
 
 
 @njit(cache=True)
@@ -712,6 +738,14 @@ def _rows(ws: list[QWeight], n: int, k: int) -> tuple[np.ndarray, ...]:
     return _blocked([w.rows() for w in ws], n, k)
 
 
+def _padded(a: np.ndarray, dims: int = 1) -> np.ndarray:
+    """``a`` zero-padded in its last ``dims`` axes to whole 16-lane vectors."""
+    shape = a.shape[:-dims] + tuple(padded16(n) for n in a.shape[-dims:])
+    out = np.zeros(shape, a.dtype)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
 def _norms(ts: list, n: int) -> np.ndarray:
     return np.stack([_np(t) for t in ts]) if ts else np.zeros((0, n), F32)
 
@@ -782,8 +816,8 @@ class Engine:
                          *_rows([a.q_b for a in attn] if lora else [], qd, qr),
                          *_rows([] if lora else [a.q for a in attn], qd, H),
                          *_rows([a.kv_a for a in attn], C + R, H), _norms([a.kv_a_norm for a in attn], C),
-                         np.stack([_np(a.w_uk) for a in attn]),
-                         np.ascontiguousarray(np.stack([_np(a.w_uv).transpose(0, 2, 1) for a in attn])),
+                         _padded(np.stack([_np(a.w_uk) for a in attn])),
+                         _padded(np.stack([_np(a.w_uv).transpose(0, 2, 1) for a in attn]), 2),
                          *_rows([a.o for a in attn], H, nh * cfg.v_head_dim), _np(p.inv_freq))
         dense = _mlps([layer.mlp for layer in p.layers if layer.experts is None], H, cfg.intermediate_size)
         moe = [layer for layer in p.layers if layer.experts is not None]
@@ -817,26 +851,30 @@ class Engine:
         cfg, S, W, N = self.config, self.capacity, self.window, self.rows
         H, C, R, nh = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
         L, k = cfg.num_hidden_layers, self.rule.top_k
+        Cp, Wp = padded16(C), padded16(W)
         widest = padded_k(max(H, cfg.q_lora_rank or 0, nh * cfg.v_head_dim))
         inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1))
         assignments = max(N * k, N)
         xq = np.zeros((N, widest), np.uint8)
         midq = np.zeros((assignments, padded_k(inter)), np.uint8)
+        ebits = np.zeros((assignments, max(W, inter)), np.int32)
         return Buffers(
             rows=np.zeros(N, np.int64), rpos=np.zeros(N, np.int64), seen=np.zeros(S, np.bool_),
             tokens=np.zeros(N, np.int64), feats=np.zeros((N, max(len(self.input_names), 1)), F32),
             logits=np.zeros((N, cfg.vocab_size), F32), outputs=np.zeros((N, max(len(self.output_names), 1)), F32),
             x=np.zeros((N, H), F32), h=np.zeros((N, H), F32), xq=xq, xq32=xq.view(np.int32), xs=np.zeros(N, F32),
             q=np.zeros((N, nh * cfg.qk_head_dim), F32), kv=np.zeros((N, C + R), F32),
-            q_low=np.zeros((N, cfg.q_lora_rank or 1), F32), qabs=np.zeros((N, nh, C), F32),
-            scores=np.zeros((N, nh, W), F32), scores2=np.zeros((N, W), F32), ctx=np.zeros((N, nh, C), F32),
+            q_low=np.zeros((N, cfg.q_lora_rank or 1), F32), qabs=np.zeros((N, nh, Cp), F32),
+            scores=np.zeros((N, nh, Wp), F32), scores2=np.zeros((N, Wp), F32), ctx=np.zeros((N, nh, Cp), F32),
+            vout=np.zeros((N, nh, padded16(cfg.v_head_dim)), F32),
             attn_out=np.zeros((N, nh * cfg.v_head_dim), F32),
             rope_cos=np.zeros((N, R // 2), F32), rope_sin=np.zeros((N, R // 2), F32),
+            ebits=ebits, escale=ebits.view(F32), eout=np.zeros((assignments, inter), F32),
             mid=np.zeros((assignments, 2 * inter), F32), midq=midq, midq32=midq.view(np.int32),
             ms=np.zeros(assignments, F32), acc=np.zeros((assignments, 16), np.int32),
             shared_out=np.zeros((N, H), F32), yout=np.zeros((N * k, H), F32),
             router_logits=np.zeros((N, self.rule.n_experts), F32),
-            keys=np.zeros((L, S, C + R, W), F32), vals=np.zeros((L, S, W, C), F32), pos=np.zeros(S, np.int64))
+            keys=np.zeros((L, S, C + R, Wp), F32), vals=np.zeros((L, S, W, Cp), F32), pos=np.zeros(S, np.int64))
 
     def _warmup(self) -> None:
         """Compile every kernel now (or load it from the on-disk cache), then clear the state."""
