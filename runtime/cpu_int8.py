@@ -193,49 +193,52 @@ def padded_k(k: int) -> int:
     return -(-k // QUAD) * QUAD
 
 
-def _make_rows_dot(blocks: int):
-    """The intrinsic ``rows_dot(dst, dst_off, p, p_off, n, src, src_off, stride)``: for each of
-    ``blocks`` consecutive 16-lane vectors b of ``dst`` (float32, from ``dst_off``) and each lane
-    l, ``dst[dst_off + 16 b + l] += p[p_off + k] * src[src_off + k * stride + 16 b + l]`` for k =
-    0, 1, ..., n - 1 in that order, the sums held in registers. Each lane multiplies then adds
-    (no fused multiply-add), so it gives the bits of the scalar loop ``d += p[k] * s[k]``. No
-    bounds check: the caller keeps every range inside its array."""
+def _make_rows_dot(heads: int):
+    """The intrinsic ``rows_dot(dst, dst_off, dst_hs, p, p_off, p_hs, n, src, src_off, src_hs,
+    stride)``: for each of ``heads`` problems h and each of 16 lanes l,
+    ``dst[dst_off + h dst_hs + l] += p[p_off + h p_hs + k] * src[src_off + h src_hs + k stride + l]``
+    for k = 0, 1, ..., n - 1 in that order, the sums held in registers (several problems at once
+    keep the vector units busy while each sum waits on its previous add). Each lane multiplies
+    then adds (no fused multiply-add), giving the bits of the scalar loop ``d += p[k] * s[k]``.
+    float32, C-contiguous, no bounds check: the caller keeps every range inside its array."""
 
     @intrinsic
-    def rows_dot(typingctx, dst, dst_off, p, p_off, n, src, src_off, stride):
+    def rows_dot(typingctx, dst, dst_off, dst_hs, p, p_off, p_hs, n, src, src_off, src_hs, stride):
         i = types.intp
-        sig = types.void(dst, i, p, i, i, src, i, i)
+        sig = types.void(dst, i, i, p, i, i, i, src, i, i, i)
 
         def codegen(context, builder, signature, args):
-            dst_, dst_off_, p_, p_off_, n_, src_, src_off_, stride_ = args
+            dst_, dst_off_, dst_hs_, p_, p_off_, p_hs_, n_, src_, src_off_, src_hs_, stride_ = args
             f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
             v16 = ir.VectorType(f32, LANES)
             ddata = context.make_array(signature.args[0])(context, builder, dst_).data
-            pdata = context.make_array(signature.args[2])(context, builder, p_).data
-            sdata = context.make_array(signature.args[5])(context, builder, src_).data
-            dptrs, slots = [], []
-            for blk in range(blocks):
-                dp = builder.bitcast(builder.gep(ddata, [builder.add(dst_off_, ir.Constant(i64, LANES * blk))]),
+            pdata = context.make_array(signature.args[3])(context, builder, p_).data
+            sdata = context.make_array(signature.args[7])(context, builder, src_).data
+            dptrs, slots, poffs, soffs = [], [], [], []
+            for h in range(heads):
+                hc = ir.Constant(i64, h)
+                dp = builder.bitcast(builder.gep(ddata, [builder.add(dst_off_, builder.mul(hc, dst_hs_))]),
                                      v16.as_pointer())
                 slot = cgutils.alloca_once(builder, v16)          # promoted to a register
                 builder.store(builder.load(dp, align=4), slot)
                 dptrs.append(dp)
                 slots.append(slot)
+                poffs.append(builder.add(p_off_, builder.mul(hc, p_hs_)))
+                soffs.append(builder.add(src_off_, builder.mul(hc, src_hs_)))
             zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
             with cgutils.for_range(builder, n_) as loop:
                 k = loop.index
-                pk = builder.load(builder.gep(pdata, [builder.add(p_off_, k)]))
-                pv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16, ir.Undefined), pk,
-                                                                   ir.Constant(i32, 0)),
-                                            ir.Constant(v16, ir.Undefined), zeros)
-                row = builder.add(src_off_, builder.mul(k, stride_))
-                for blk in range(blocks):
-                    sp = builder.bitcast(builder.gep(sdata, [builder.add(row, ir.Constant(i64, LANES * blk))]),
-                                         v16.as_pointer())
-                    acc = builder.fadd(builder.load(slots[blk]), builder.fmul(pv, builder.load(sp, align=4)))
-                    builder.store(acc, slots[blk])
-            for blk in range(blocks):
-                builder.store(builder.load(slots[blk]), dptrs[blk], align=4)
+                row = builder.mul(k, stride_)
+                for h in range(heads):
+                    pk = builder.load(builder.gep(pdata, [builder.add(poffs[h], k)]))
+                    pv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16, ir.Undefined), pk,
+                                                                       ir.Constant(i32, 0)),
+                                                ir.Constant(v16, ir.Undefined), zeros)
+                    sp = builder.bitcast(builder.gep(sdata, [builder.add(soffs[h], row)]), v16.as_pointer())
+                    acc = builder.fadd(builder.load(slots[h]), builder.fmul(pv, builder.load(sp, align=4)))
+                    builder.store(acc, slots[h])
+            for h in range(heads):
+                builder.store(builder.load(slots[h]), dptrs[h], align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -248,17 +251,22 @@ _rows_dot4 = _make_rows_dot(4)
 
 
 @njit(cache=True, inline="always")
-def rows_dot(dst, dst_off, width, p, p_off, n, src, src_off, stride):
-    """``dst[dst_off + l] += sum over k < n, ascending, of p[p_off + k] * src[src_off + k * stride
-    + l]`` for l < ``width`` (a multiple of 16): the fixed-order weighted sum of n rows that the
-    engine's attention is made of, 16 lanes at a time, four vectors per pass over the rows."""
-    b = 0
-    while b + 64 <= width:
-        _rows_dot4(dst, dst_off + b, p, p_off, n, src, src_off + b, stride)
-        b += 64
-    while b < width:
-        _rows_dot1(dst, dst_off + b, p, p_off, n, src, src_off + b, stride)
-        b += 16
+def rows_dot(dst, dst_off, dst_hs, width, p, p_off, p_hs, n, src, src_off, src_hs, stride, heads):
+    """For each of ``heads`` problems h (offsets advancing by ``dst_hs``, ``p_hs``, ``src_hs``)
+    and lane l < ``width`` (a multiple of 16): ``dst[dst_off + h dst_hs + l] += sum over k < n,
+    ascending, of p[p_off + h p_hs + k] * src[src_off + h src_hs + k stride + l]``. The fixed-
+    order weighted sum of rows that the engine's attention is made of, 16 lanes at a time, four
+    problems per pass over the rows."""
+    for b in range(0, width, LANES):
+        h = 0
+        while h + 4 <= heads:
+            _rows_dot4(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
+                       src_off + h * src_hs + b, src_hs, stride)
+            h += 4
+        while h < heads:
+            _rows_dot1(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
+                       src_off + h * src_hs + b, src_hs, stride)
+            h += 1
 
 
 def padded16(n: int) -> int:

@@ -25,7 +25,9 @@ terms of one sum:
 - attention scores of one head: for each position, the latent part summed over latent
   channels in ascending order, the rotary part likewise, then added; SIMD lanes run over
   positions (the channel-major ``keys``).
-- softmax: the max, then exp(score - max) summed over ring positions in ascending order.
+- softmax: the max, then exp(score - max) by a fixed vectorised formula (``_exp_row``, within
+  1 ulp of exp; SiLU uses it too), summed in 16 lanes (lane l takes ring positions l, l + 16,
+  ... in ascending order), then the lane sums pairwise (``_sum_blocked``).
 - attention-weighted latent: over ring positions in ascending order; lanes over channels.
 - absorbed ``kv_b_proj`` products (query into the latent, latent into values): over the
   reduced index in ascending order; lanes over the output index.
@@ -203,6 +205,7 @@ class Buffers(NamedTuple):
     rope_sin: np.ndarray
     ebits: np.ndarray
     escale: np.ndarray
+    lanes: np.ndarray
     eout: np.ndarray
     mid: np.ndarray
     midq: np.ndarray
@@ -287,6 +290,24 @@ def _exp_row(x, sign, out, n, bits, scale):
 
 
 @njit(cache=True, inline="always")
+def _sum_blocked(x, blocks, lanes):
+    """The sum of x[:16 * blocks] in a fixed blocked order: lane l adds x[16 b + l]
+    over b ascending (16 lanes at once), then the 16 lane sums pairwise, (0+1), (2+3), ...,
+    then those pairs, down to one. ``lanes`` is scratch [16]."""
+    for lane in range(16):
+        lanes[lane] = F32(0.0)
+    for blk in range(blocks):
+        for lane in range(16):
+            lanes[lane] += x[16 * blk + lane]
+    width = 8
+    while width >= 1:
+        for lane in range(width):
+            lanes[lane] = lanes[2 * lane] + lanes[2 * lane + 1]
+        width //= 2
+    return lanes[0]
+
+
+@njit(cache=True, inline="always")
 def _silu_mul(mid, inter, bits, scale, e):
     """mid[:inter] = silu(gate) * up = gate / (1 + exp(-gate)) * up for a row ``mid``
     [gate inter | up inter]; ``e`` scratch [inter] (exp by :func:`_exp_row`)."""
@@ -361,7 +382,6 @@ def _attend_row(i, layer, b, a, d):
     q = b.q[i]
     cos_t = b.rope_cos[i]
     sin_t = b.rope_sin[i]
-    _rope_angles(p, a.inv_freq, d.rope_factor, cos_t, sin_t)
     _rmsnorm(kv[:C], a.kv_a_norm[layer], d.lora_eps, vals[idx])
     _rope_apply(kv, C, cos_t, sin_t, interleave)
     for c in range(C):
@@ -383,37 +403,41 @@ def _attend_row(i, layer, b, a, d):
     out = b.attn_out[i]
     ebits = b.ebits[i]
     escale = b.escale[i]
+    lanes = b.lanes[i]
+    Dq = nope + R
     for hh in range(nh):
-        base = hh * (nope + R)
-        _rope_apply(q, base + nope, cos_t, sin_t, interleave)
+        _rope_apply(q, hh * Dq + nope, cos_t, sin_t, interleave)
         for c in range(Cp):
             qa[hh, c] = F32(0.0)
-        rows_dot(qa, hh * Cp, Cp, q, base, nope, w_uk, hh * nope * Cp, Cp)
+            ctx[hh, c] = F32(0.0)
         for j in range(nb * 16):
             s[hh, j] = F32(0.0)
-            s2[j] = F32(0.0)
-        rows_dot(s, hh * Wp, nb * 16, qa, hh * Cp, C, keys, 0, Wp)
-        rows_dot(s2, 0, nb * 16, q, base + nope, R, keys, C * Wp, Wp)
+            s2[hh, j] = F32(0.0)
+        for vv in range(Vp):
+            vo[hh, vv] = F32(0.0)
+    # Query into the latent, then scores (latent part and rotary part), all heads together.
+    rows_dot(qa, 0, Cp, Cp, q, 0, Dq, nope, w_uk, 0, nope * Cp, Cp, nh)
+    rows_dot(s, 0, Wp, nb * 16, qa, 0, Cp, C, keys, 0, 0, Wp, nh)
+    rows_dot(s2, 0, Wp, nb * 16, q, nope, Dq, R, keys, C * Wp, 0, Wp, nh)
+    for hh in range(nh):
         for j in range(n_valid):
-            s[hh, j] = (s[hh, j] + s2[j]) * scale
+            s[hh, j] = (s[hh, j] + s2[hh, j]) * scale
         m = F32(-np.inf)
         for j in range(n_valid):
             if s[hh, j] > m:
                 m = s[hh, j]
         for j in range(n_valid):
-            s2[j] = s[hh, j] - m
-        _exp_row(s2, F32(1.0), s[hh], n_valid, ebits, escale)
-        total = F32(0.0)
-        for j in range(n_valid):
-            total += s[hh, j]
+            s2[hh, j] = s[hh, j] - m
+        _exp_row(s2[hh], F32(1.0), s[hh], n_valid, ebits, escale)
+        for j in range(n_valid, nb * 16):
+            s[hh, j] = F32(0.0)
+        total = _sum_blocked(s[hh], nb, lanes)
         for j in range(n_valid):
             s[hh, j] = s[hh, j] / total
-        for c in range(Cp):
-            ctx[hh, c] = F32(0.0)
-        rows_dot(ctx, hh * Cp, Cp, s, hh * Wp, n_valid, vals, 0, Cp)
-        for vv in range(Vp):
-            vo[hh, vv] = F32(0.0)
-        rows_dot(vo, hh * Vp, Vp, ctx, hh * Cp, C, w_uvt, hh * Cp * Vp, Vp)
+    # The attention-weighted latent, then into each head's values.
+    rows_dot(ctx, 0, Cp, Cp, s, 0, Wp, n_valid, vals, 0, 0, Cp, nh)
+    rows_dot(vo, 0, Vp, Vp, ctx, 0, Cp, C, w_uvt, 0, Cp * Vp, Vp, nh)
+    for hh in range(nh):
         for vv in range(v_dim):
             out[hh * v_dim + vv] = vo[hh, vv]
 
@@ -580,8 +604,11 @@ def _sensor_out_rows(lo, hi, b, w, d):
 
 @njit(cache=True)
 def _run_layers(n, st):
-    """All decoder layers for the pass's ``n`` rows."""
+    """All decoder layers for the pass's ``n`` rows (the rotary angles of each row's position
+    first: every layer uses the same)."""
     b, w, d, rule, rb = st.buffers, st.weights, st.dims, st.rule, st.route
+    for i in range(n):
+        _rope_angles(b.rpos[i], w.attn.inv_freq, d.rope_factor, b.rope_cos[i], b.rope_sin[i])
     for layer in range(d.n_layers):
         _attention_rows(layer, 0, n, b, w, d)
         if layer < d.first_moe:
@@ -865,11 +892,11 @@ class Engine:
             x=np.zeros((N, H), F32), h=np.zeros((N, H), F32), xq=xq, xq32=xq.view(np.int32), xs=np.zeros(N, F32),
             q=np.zeros((N, nh * cfg.qk_head_dim), F32), kv=np.zeros((N, C + R), F32),
             q_low=np.zeros((N, cfg.q_lora_rank or 1), F32), qabs=np.zeros((N, nh, Cp), F32),
-            scores=np.zeros((N, nh, Wp), F32), scores2=np.zeros((N, Wp), F32), ctx=np.zeros((N, nh, Cp), F32),
+            scores=np.zeros((N, nh, Wp), F32), scores2=np.zeros((N, nh, Wp), F32), ctx=np.zeros((N, nh, Cp), F32),
             vout=np.zeros((N, nh, padded16(cfg.v_head_dim)), F32),
             attn_out=np.zeros((N, nh * cfg.v_head_dim), F32),
             rope_cos=np.zeros((N, R // 2), F32), rope_sin=np.zeros((N, R // 2), F32),
-            ebits=ebits, escale=ebits.view(F32), eout=np.zeros((assignments, inter), F32),
+            ebits=ebits, escale=ebits.view(F32), lanes=np.zeros((N, 16), F32), eout=np.zeros((assignments, inter), F32),
             mid=np.zeros((assignments, 2 * inter), F32), midq=midq, midq32=midq.view(np.int32),
             ms=np.zeros(assignments, F32), acc=np.zeros((assignments, 16), np.int32),
             shared_out=np.zeros((N, H), F32), yout=np.zeros((N * k, H), F32),
