@@ -82,6 +82,7 @@ def step_bytes_batch1(cfg) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dir", default="/tmp/r1edge-midsize", help="where the random checkpoint is saved")
+    p.add_argument("--package", help="time this checkpoint or package instead of the mid-size config")
     p.add_argument("--batch", default="1,8,64")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
@@ -100,14 +101,14 @@ def main() -> None:
 
     numba.set_num_threads(1)
     torch.set_num_threads(1)
-    path = build(Path(args.dir))
+    path = Path(args.package) if args.package else build(Path(args.dir))
     model = sdk.load_model(path)
     cfg = model.config
     batches = [int(b) for b in args.batch.split(",")]
     window = args.context + args.steps + 1
     engine = Engine(model, capacity=max(batches + [args.streams]), window=window)
     rng = np.random.default_rng(0)
-    report = {"config": CONFIG, "context": args.context, "copy_read_gbps": copy_read_gbps(),
+    report = {"config": CONFIG if not args.package else str(path), "context": args.context, "copy_read_gbps": copy_read_gbps(),
               "bytes_per_token_b1": step_bytes_batch1(cfg), "decode": {}}
     engine.reset_all()          # decode cost does not depend on the cache's contents: start at --context
     for b in batches:

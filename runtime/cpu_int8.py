@@ -40,37 +40,41 @@ def _host_has_vnni() -> bool:
 VNNI = _host_has_vnni()
 
 
-def _make_dot(rows: int, vnni: bool):
-    """The intrinsic ``dot(w, w_off, x, x_off0, x_off1, x_off2, x_off3, k4, acc, acc_off)``: for
-    each of the first ``rows`` activation rows r (int32 words at ``x[x_off_r:]``; the other
-    offsets are ignored) and each lane l < 16,
-    ``acc[acc_off + 16 r + l] += sum over k4 quads of the 4 byte products`` with the weight
-    block at ``w[w_off:]`` (``k4 * 64`` bytes). ``w`` int8, ``x`` and ``acc`` int32, all
-    C-contiguous; offsets count elements."""
+def _make_dot(rows: int, vnni: bool, blocks: int = 1):
+    """The intrinsic ``dot(w, w_off, x, x_off0, x_off1, x_off2, x_off3, k4, acc, acc_off, acc_rs)``:
+    for each of the first ``rows`` activation rows r (int32 words at ``x[x_off_r:]``; the other
+    offsets are ignored), each of ``blocks`` consecutive weight blocks b (``k4 * 64`` bytes each,
+    the first at ``w[w_off:]``) and each lane l < 16, ``acc[acc_off + r acc_rs + 16 b + l] +=`` the
+    sum over the k4 quads of the 4 byte products. All sums stay in registers over the K loop;
+    each weight line is read once for all rows, each activation word once for all blocks.
+    ``w`` int8, ``x`` and ``acc`` int32, all C-contiguous; offsets count elements."""
 
     @intrinsic
-    def dot(typingctx, w, w_off, x, x_off0, x_off1, x_off2, x_off3, k4, acc, acc_off):
+    def dot(typingctx, w, w_off, x, x_off0, x_off1, x_off2, x_off3, k4, acc, acc_off, acc_rs):
         i = types.intp
-        sig = types.void(w, i, x, i, i, i, i, i, acc, i)
+        sig = types.void(w, i, x, i, i, i, i, i, acc, i, i)
 
         def codegen(context, builder, signature, args):
             w_, w_off_, x_ = args[:3]
             x_offs_ = args[3:7]
-            k4_, acc_, acc_off_ = args[7:]
+            k4_, acc_, acc_off_, acc_rs_ = args[7:]
             i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
             v16 = ir.VectorType(i32, LANES)
             wdata = context.make_array(signature.args[0])(context, builder, w_).data
             xdata = context.make_array(signature.args[2])(context, builder, x_).data
             adata = context.make_array(signature.args[8])(context, builder, acc_).data
             wbase = builder.gep(wdata, [w_off_])
-            acc_ptrs, slots, x_ptrs = [], [], []
+            block_bytes = builder.mul(k4_, ir.Constant(i64, 64))
+            acc_ptrs, slots, x_ptrs = {}, {}, []
             for r in range(rows):
-                p = builder.bitcast(builder.gep(adata, [builder.add(acc_off_, ir.Constant(i64, LANES * r))]),
-                                    v16.as_pointer())
-                slot = cgutils.alloca_once(builder, v16)          # promoted to a register
-                builder.store(builder.load(p, align=4), slot)
-                acc_ptrs.append(p)
-                slots.append(slot)
+                row_off = builder.add(acc_off_, builder.mul(acc_rs_, ir.Constant(i64, r)))
+                for b in range(blocks):
+                    p = builder.bitcast(builder.gep(adata, [builder.add(row_off, ir.Constant(i64, LANES * b))]),
+                                        v16.as_pointer())
+                    slot = cgutils.alloca_once(builder, v16)      # promoted to a register
+                    builder.store(builder.load(p, align=4), slot)
+                    acc_ptrs[r, b] = p
+                    slots[r, b] = slot
                 x_ptrs.append(builder.gep(xdata, [x_offs_[r]]))
             if vnni:
                 fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
@@ -78,28 +82,31 @@ def _make_dot(rows: int, vnni: bool):
             zeros = ir.Constant(v16, [0] * LANES)
             with cgutils.for_range(builder, k4_) as loop:
                 i = loop.index
-                wline = builder.load(builder.bitcast(builder.gep(wbase, [builder.mul(i, ir.Constant(i64, 64))]),
-                                                     v16.as_pointer()), align=1)
+                line_off = builder.mul(i, ir.Constant(i64, 64))
+                wlines = [builder.load(builder.bitcast(
+                    builder.gep(wbase, [builder.add(line_off, builder.mul(block_bytes, ir.Constant(i64, b)))]),
+                    v16.as_pointer()), align=1) for b in range(blocks)]
                 for r in range(rows):
                     quad = builder.load(builder.gep(x_ptrs[r], [i]), align=4)
                     xb = builder.shuffle_vector(builder.insert_element(ir.Constant(v16, ir.Undefined), quad,
                                                                        ir.Constant(i32, 0)),
                                                 ir.Constant(v16, ir.Undefined), zeros)
-                    a = builder.load(slots[r])
-                    if vnni:
-                        a = builder.call(fn, [a, xb, wline])
-                    else:
-                        v64 = ir.VectorType(i32, 64)
-                        b64 = ir.VectorType(i8, 64)
-                        prod = builder.mul(builder.zext(builder.bitcast(xb, b64), v64),
-                                           builder.sext(builder.bitcast(wline, b64), v64))
-                        for j in range(QUAD):
-                            a = builder.add(a, builder.shuffle_vector(
-                                prod, ir.Constant(v64, ir.Undefined),
-                                ir.Constant(v16, [QUAD * lane + j for lane in range(LANES)])))
-                    builder.store(a, slots[r])
-            for r in range(rows):
-                builder.store(builder.load(slots[r]), acc_ptrs[r], align=4)
+                    for b in range(blocks):
+                        a = builder.load(slots[r, b])
+                        if vnni:
+                            a = builder.call(fn, [a, xb, wlines[b]])
+                        else:
+                            v64 = ir.VectorType(i32, 64)
+                            b64 = ir.VectorType(i8, 64)
+                            prod = builder.mul(builder.zext(builder.bitcast(xb, b64), v64),
+                                               builder.sext(builder.bitcast(wlines[b], b64), v64))
+                            for j in range(QUAD):
+                                a = builder.add(a, builder.shuffle_vector(
+                                    prod, ir.Constant(v64, ir.Undefined),
+                                    ir.Constant(v16, [QUAD * lane + j for lane in range(LANES)])))
+                        builder.store(a, slots[r, b])
+            for key, p in acc_ptrs.items():
+                builder.store(builder.load(slots[key]), p, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -107,8 +114,10 @@ def _make_dot(rows: int, vnni: bool):
     return dot
 
 
-_dot16x1 = _make_dot(1, VNNI)
-_dot16x4 = _make_dot(4, VNNI)
+_dot1x1 = _make_dot(1, VNNI)
+_dot4x1 = _make_dot(4, VNNI)
+_dot1x2 = _make_dot(1, VNNI, 2)
+_dot4x2 = _make_dot(4, VNNI, 2)
 
 
 @njit(cache=True, inline="always")
@@ -136,41 +145,50 @@ def gemm_rows(x, xs, idx, gather, lo, hi, w, wsum, ws, n_out, out, acc):
     ``x`` int32 [*, K4max]: uint8 activations (offset 128) four to a word; row r reads
     ``src = idx[r]`` when ``gather`` else ``r``, with scale ``xs[src]``. ``w`` int8
     [Nb, K4 * 64] blocked, ``wsum`` int32 and ``ws`` float32 [Nb * 16]; ``out`` float32 rows
-    indexed by r; ``acc`` int32 [*, 16] scratch rows indexed by r. Rows go four at a time, so a
-    weight block is read from memory once per four rows (once per step when it stays in cache).
+    indexed by r; ``acc`` int32 [*, 32] scratch rows indexed by r. The kernel takes four rows
+    and two blocks (32 output channels) at a time: a weight line is read from memory once per
+    four rows (once per step when it stays in cache), an activation word once per two blocks.
     """
     nb = w.shape[0]
     k4 = w.shape[1] // 64
     xw = x.shape[1]
-    for b in range(nb):
+    ars = acc.shape[1]
+    b = 0
+    while b < nb:
+        pair = b + 2 <= nb
         woff = b * k4 * 64
-        n0 = b * LANES
-        lanes = min(LANES, n_out - n0)
         r = lo
         while r < hi:
             m = min(4, hi - r)
             for rr in range(r, r + m):
-                for lane in range(LANES):
+                for lane in range(2 * LANES):
                     acc[rr, lane] = 0
             if m == 4:
                 s0 = idx[r] if gather else r
                 s1 = idx[r + 1] if gather else r + 1
                 s2 = idx[r + 2] if gather else r + 2
                 s3 = idx[r + 3] if gather else r + 3
-                _dot16x4(w, woff, x, s0 * xw, s1 * xw, s2 * xw, s3 * xw, k4, acc, r * LANES)
+                if pair:
+                    _dot4x2(w, woff, x, s0 * xw, s1 * xw, s2 * xw, s3 * xw, k4, acc, r * ars, ars)
+                else:
+                    _dot4x1(w, woff, x, s0 * xw, s1 * xw, s2 * xw, s3 * xw, k4, acc, r * ars, ars)
             else:
                 for rr in range(r, r + m):
                     src = idx[rr] if gather else rr
-                    _dot16x1(w, woff, x, src * xw, 0, 0, 0, k4, acc, rr * LANES)
+                    if pair:
+                        _dot1x2(w, woff, x, src * xw, 0, 0, 0, k4, acc, rr * ars, ars)
+                    else:
+                        _dot1x1(w, woff, x, src * xw, 0, 0, 0, k4, acc, rr * ars, ars)
+            n0 = b * LANES
+            width = min((2 if pair else 1) * LANES, n_out - n0)
             for rr in range(r, r + m):
                 src = idx[rr] if gather else rr
                 sx = xs[src]
-                o = out[rr]
-                a = acc[rr]
-                for lane in range(lanes):
+                for lane in range(width):
                     n = n0 + lane
-                    o[n] = F32(a[lane] - 128 * wsum[n]) * sx * ws[n]
+                    out[rr, n] = F32(acc[rr, lane] - 128 * wsum[n]) * sx * ws[n]
             r += m
+        b += 2 if pair else 1
 
 
 def pack_blocked(q: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -898,7 +898,7 @@ class Engine:
             rope_cos=np.zeros((N, R // 2), F32), rope_sin=np.zeros((N, R // 2), F32),
             ebits=ebits, escale=ebits.view(F32), lanes=np.zeros((N, 16), F32), eout=np.zeros((assignments, inter), F32),
             mid=np.zeros((assignments, 2 * inter), F32), midq=midq, midq32=midq.view(np.int32),
-            ms=np.zeros(assignments, F32), acc=np.zeros((assignments, 16), np.int32),
+            ms=np.zeros(assignments, F32), acc=np.zeros((assignments, 32), np.int32),
             shared_out=np.zeros((N, H), F32), yout=np.zeros((N * k, H), F32),
             router_logits=np.zeros((N, self.rule.n_experts), F32),
             keys=np.zeros((L, S, C + R, Wp), F32), vals=np.zeros((L, S, W, Cp), F32), pos=np.zeros(S, np.int64))

@@ -230,11 +230,12 @@ def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
 
     if vnni and not cpu_int8.VNNI:
         pytest.skip("this CPU has no AVX-512 VNNI")
-    dot1, dot4 = cpu_int8._make_dot(1, vnni), cpu_int8._make_dot(4, vnni)
+    dot1, dot4 = cpu_int8._make_dot(1, vnni, 2), cpu_int8._make_dot(4, vnni)
 
     @njit
     def gemm(x, xs, idx, n_rows, w, wsum, ws, n_out, out, acc):
-        # the loop of cpu_int8.gemm_rows with the chosen kernels
+        # the loop of cpu_int8.gemm_rows with the chosen kernels: four rows of one block, or one
+        # row of two blocks (the last, odd block with its zero-padded neighbour's room in acc)
         k4, xw = w.shape[1] // 64, x.shape[1]
         for b in range(w.shape[0]):
             r = 0
@@ -243,10 +244,14 @@ def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
                 acc[r:r + m] = 0
                 if m == 4:
                     dot4(w, b * k4 * 64, x, idx[r] * xw, idx[r + 1] * xw, idx[r + 2] * xw, idx[r + 3] * xw, k4,
-                         acc, r * 16)
+                         acc, r * 32, 32)
+                elif b + 2 <= w.shape[0]:
+                    for rr in range(r, r + m):
+                        dot1(w, b * k4 * 64, x, idx[rr] * xw, 0, 0, 0, k4, acc, rr * 32, 32)
                 else:
                     for rr in range(r, r + m):
-                        dot1(w, b * k4 * 64, x, idx[rr] * xw, 0, 0, 0, k4, acc, rr * 16)
+                        dot4(w, b * k4 * 64, x, idx[rr] * xw, idx[rr] * xw, idx[rr] * xw, idx[rr] * xw, k4,
+                             acc, rr * 32, 0)
                 for rr in range(r, r + m):
                     for lane in range(min(16, n_out - b * 16)):
                         n = b * 16 + lane
@@ -263,7 +268,7 @@ def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
         xq = np.full((rows + 3, cpu_int8.padded_k(k) + 8), 77, np.uint8)   # padding never counts
         xs = np.array([cpu_int8.quantize_row_u8(x[i], xq[i]) for i in range(rows + 3)], np.float32)
         idx = rng.permutation(rows + 3)[:rows].astype(np.int64)
-        out, acc = np.zeros((rows, n_out), np.float32), np.zeros((rows, 16), np.int32)
+        out, acc = np.zeros((rows, n_out), np.float32), np.zeros((rows, 32), np.int32)
         gemm(xq.view(np.int32), xs, idx, rows, blocked, wsum, wscale, n_out, out, acc)
         q = xq[idx, :k].astype(np.int64) - 128
         want = ((q @ w.T.astype(np.int64)).astype(np.float32) * xs[idx, None]) * ws
