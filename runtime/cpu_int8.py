@@ -44,7 +44,7 @@ def _make_dot(rows: int, vnni: bool, blocks: int = 1):
     """The intrinsic ``dot(w, w_off, x, x_off0, x_off1, x_off2, x_off3, k4, acc, acc_off, acc_rs)``:
     for each of the first ``rows`` activation rows r (int32 words at ``x[x_off_r:]``; the other
     offsets are ignored), each of ``blocks`` consecutive weight blocks b (``k4 * 64`` bytes each,
-    the first at ``w[w_off:]``) and each lane l < 16, ``acc[acc_off + r acc_rs + 16 b + l] +=`` the
+    the first at ``w[w_off:]``) and each lane l < 16, ``acc[acc_off + r acc_rs + 16 b + l] =`` the
     sum over the k4 quads of the 4 byte products. All sums stay in registers over the K loop;
     each weight line is read once for all rows, each activation word once for all blocks.
     ``w`` int8, ``x`` and ``acc`` int32, all C-contiguous; offsets count elements."""
@@ -72,7 +72,7 @@ def _make_dot(rows: int, vnni: bool, blocks: int = 1):
                     p = builder.bitcast(builder.gep(adata, [builder.add(row_off, ir.Constant(i64, LANES * b))]),
                                         v16.as_pointer())
                     slot = cgutils.alloca_once(builder, v16)      # promoted to a register
-                    builder.store(builder.load(p, align=4), slot)
+                    builder.store(ir.Constant(v16, [0] * LANES), slot)
                     acc_ptrs[r, b] = p
                     slots[r, b] = slot
                 x_ptrs.append(builder.gep(xdata, [x_offs_[r]]))
@@ -121,15 +121,41 @@ _dot4x2 = _make_dot(4, VNNI, 2)
 
 
 @njit(cache=True, inline="always")
+def absmax(x):
+    """max |x[k]| (NaNs skipped), eight running maxima at once (a max is exact in any order)."""
+    n = x.shape[0]
+    n8 = n - n % 8
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = F32(0.0)
+    for k in range(0, n8, 8):
+        a = abs(x[k])
+        m0 = a if a > m0 else m0
+        a = abs(x[k + 1])
+        m1 = a if a > m1 else m1
+        a = abs(x[k + 2])
+        m2 = a if a > m2 else m2
+        a = abs(x[k + 3])
+        m3 = a if a > m3 else m3
+        a = abs(x[k + 4])
+        m4 = a if a > m4 else m4
+        a = abs(x[k + 5])
+        m5 = a if a > m5 else m5
+        a = abs(x[k + 6])
+        m6 = a if a > m6 else m6
+        a = abs(x[k + 7])
+        m7 = a if a > m7 else m7
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for k in range(n8, n):
+        a = abs(x[k])
+        m = a if a > m else m
+    return m
+
+
+@njit(cache=True, inline="always")
 def quantize_row_u8(x, q):
     """Per-token symmetric int8 of x[K] (the rule of ``runtime.quant.quantize_activation``),
     stored offset by 128 as uint8 into q[:K]; returns the scale (absmax / 127, 1 for a zero
     row). Written without the rule's clamp: for finite input |x| / scale <= 127 already."""
-    amax = F32(0.0)
-    for k in range(x.shape[0]):
-        a = abs(x[k])
-        if a > amax:
-            amax = a
+    amax = absmax(x)
     scale = amax / F32(127.0)
     if scale == F32(0.0):
         scale = F32(1.0)
@@ -160,9 +186,6 @@ def gemm_rows(x, xs, idx, gather, lo, hi, w, wsum, ws, n_out, out, acc):
         r = lo
         while r < hi:
             m = min(4, hi - r)
-            for rr in range(r, r + m):
-                for lane in range(2 * LANES):
-                    acc[rr, lane] = 0
             if m == 4:
                 s0 = idx[r] if gather else r
                 s1 = idx[r + 1] if gather else r + 1

@@ -21,7 +21,8 @@ does not depend on summation order: one GEMM per weight matrix serves all rows o
 sizes of the model alone, and is vectorised across independent results, never across the
 terms of one sum:
 
-- RMS norms: the squares summed in ascending channel order; per-token int8 scales: a max.
+- RMS norms: the squares summed in eight running sums (channel k into sum k mod 8, in
+  order), added pairwise, then the last n mod 8 in order; per-token int8 scales: a max.
 - attention scores of one head: for each position, the latent part summed over latent
   channels in ascending order, the rotary part likewise, then added; SIMD lanes run over
   positions (the channel-major ``keys``).
@@ -57,7 +58,7 @@ from numba import njit, types
 from numba.experimental import structref
 
 from runtime.config import LORA_NORM_EPS
-from runtime.cpu_int8 import gemm_rows, pack_blocked, padded16, padded_k, quantize_row_u8, rows_dot
+from runtime.cpu_int8 import absmax, gemm_rows, pack_blocked, padded16, padded_k, quantize_row_u8, rows_dot
 from runtime.model import Transformer
 from runtime.quant import PackedMLP, QWeight, pack_int8
 from runtime.routing import RouteBuffers, RoutingRule, route_dispatch, router_logits
@@ -243,11 +244,7 @@ def _quantize_row(x, q):
     """Per-token symmetric int8 of x[K] into q[K]; returns the scale (absmax / 127): the rule
     of ``runtime.quant.quantize_activation`` as plain int8 (the engine stores it offset, by
     ``runtime.cpu_int8.quantize_row_u8``). A test holds both bit-identical to the rule."""
-    amax = F32(0.0)
-    for k in range(x.shape[0]):
-        a = abs(x[k])
-        if a > amax:
-            amax = a
+    amax = absmax(x)
     scale = amax / F32(127.0)
     if scale == F32(0.0):
         scale = F32(1.0)
@@ -258,8 +255,22 @@ def _quantize_row(x, q):
 
 @njit(cache=True, inline="always")
 def _rmsnorm(x, weight, eps, out):
-    ss = F32(0.0)
-    for k in range(x.shape[0]):
+    """out = weight * x / sqrt(mean(x^2) + eps); the squares summed in eight running sums
+    (sum l takes x[l], x[l + 8], ... in order), added pairwise, then the last n % 8 in order."""
+    n = x.shape[0]
+    n8 = n - n % 8
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = F32(0.0)
+    for k in range(0, n8, 8):
+        s0 += x[k] * x[k]
+        s1 += x[k + 1] * x[k + 1]
+        s2 += x[k + 2] * x[k + 2]
+        s3 += x[k + 3] * x[k + 3]
+        s4 += x[k + 4] * x[k + 4]
+        s5 += x[k + 5] * x[k + 5]
+        s6 += x[k + 6] * x[k + 6]
+        s7 += x[k + 7] * x[k + 7]
+    ss = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for k in range(n8, n):
         ss += x[k] * x[k]
     inv = F32(1.0) / np.sqrt(ss / F32(x.shape[0]) + eps)
     for k in range(x.shape[0]):
@@ -267,15 +278,15 @@ def _rmsnorm(x, weight, eps, out):
 
 
 @njit(cache=True, inline="always")
-def _exp_row(x, sign, out, n, bits, scale):
-    """out[j] = exp(sign * x[j]) for j < n, in float32 by a fixed formula that vectorises (a
+def _exp_row(x, sign, shift, out, n, bits, scale):
+    """out[j] = exp(sign * x[j] - shift) for j < n (``out`` may be ``x``), in float32 by a fixed formula that vectorises (a
     libm call per element would not): n = round(v / ln 2), r = v - n ln 2 in two parts
     (Cody-Waite), a degree-6 polynomial for exp(r), times 2^n built from its bits in ``bits``
     (int32 scratch; ``scale`` is the same memory as float32). Within 2 ulp of exp for v in
     [-87, 88] (clamped there: exp(-87) ~ 1.6e-38); NaN stays NaN. The same input always gives
     the same bits, whatever lane or loop tail it falls in."""
     for j in range(n):
-        v = sign * x[j]
+        v = sign * x[j] - shift
         v = F32(-87.0) if v < F32(-87.0) else v
         v = F32(88.0) if v > F32(88.0) else v
         k = np.floor(v * F32(1.44269504088896341) + F32(0.5))
@@ -287,6 +298,26 @@ def _exp_row(x, sign, out, n, bits, scale):
         bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
     for j in range(n):
         out[j] = out[j] * scale[j]
+
+
+@njit(cache=True, inline="always")
+def _max8(x, n):
+    """max of x[:n] (NaNs skipped, -inf if none), eight running maxima at once (exact in any order)."""
+    n8 = n - n % 8
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = F32(-np.inf)
+    for k in range(0, n8, 8):
+        m0 = x[k] if x[k] > m0 else m0
+        m1 = x[k + 1] if x[k + 1] > m1 else m1
+        m2 = x[k + 2] if x[k + 2] > m2 else m2
+        m3 = x[k + 3] if x[k + 3] > m3 else m3
+        m4 = x[k + 4] if x[k + 4] > m4 else m4
+        m5 = x[k + 5] if x[k + 5] > m5 else m5
+        m6 = x[k + 6] if x[k + 6] > m6 else m6
+        m7 = x[k + 7] if x[k + 7] > m7 else m7
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for k in range(n8, n):
+        m = x[k] if x[k] > m else m
+    return m
 
 
 @njit(cache=True, inline="always")
@@ -311,7 +342,7 @@ def _sum_blocked(x, blocks, lanes):
 def _silu_mul(mid, inter, bits, scale, e):
     """mid[:inter] = silu(gate) * up = gate / (1 + exp(-gate)) * up for a row ``mid``
     [gate inter | up inter]; ``e`` scratch [inter] (exp by :func:`_exp_row`)."""
-    _exp_row(mid, F32(-1.0), e, inter, bits, scale)
+    _exp_row(mid, F32(-1.0), F32(0.0), e, inter, bits, scale)
     for k in range(inter):
         mid[k] = mid[k] / (F32(1.0) + e[k]) * mid[inter + k]
 
@@ -422,13 +453,8 @@ def _attend_row(i, layer, b, a, d):
     for hh in range(nh):
         for j in range(n_valid):
             s[hh, j] = (s[hh, j] + s2[hh, j]) * scale
-        m = F32(-np.inf)
-        for j in range(n_valid):
-            if s[hh, j] > m:
-                m = s[hh, j]
-        for j in range(n_valid):
-            s2[hh, j] = s[hh, j] - m
-        _exp_row(s2[hh], F32(1.0), s[hh], n_valid, ebits, escale)
+        m = _max8(s[hh], n_valid)
+        _exp_row(s[hh], F32(1.0), m, s[hh], n_valid, ebits, escale)
         for j in range(n_valid, nb * 16):
             s[hh, j] = F32(0.0)
         total = _sum_blocked(s[hh], nb, lanes)

@@ -241,7 +241,6 @@ def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
             r = 0
             while r < n_rows:
                 m = min(4, n_rows - r)
-                acc[r:r + m] = 0
                 if m == 4:
                     dot4(w, b * k4 * 64, x, idx[r] * xw, idx[r + 1] * xw, idx[r + 2] * xw, idx[r + 3] * xw, k4,
                          acc, r * 32, 32)
@@ -318,3 +317,23 @@ def test_sensor_prefill_matches_stepping():
     assert np.array_equal(stepped.buffers.vals, filled.buffers.vals)
     with pytest.raises(ValueError, match="frames"):
         filled.prefill(0, frames[:, :2])
+
+
+def test_engine_exp_is_within_two_ulp_and_keeps_nan():
+    """The engine's vectorised exp (softmax and SiLU) against float64 exp rounded to float32."""
+    from numba import njit
+
+    from runtime.engine import _exp_row
+
+    @njit
+    def run(x, out, bits):
+        _exp_row(x, np.float32(1.0), np.float32(0.5), out, x.shape[0], bits, bits.view(np.float32))
+
+    x = np.concatenate([np.linspace(-86, 87, 400_001), RNG.normal(0, 3, 10_000)]).astype(np.float32)
+    x = np.concatenate([x, [np.nan]]).astype(np.float32)
+    out, bits = np.zeros_like(x), np.zeros(x.shape[0], np.int32)
+    run(x, out, bits)
+    want = np.exp((x - np.float32(0.5)).astype(np.float64)).astype(np.float32)   # the shift in float32
+    ulp = np.abs(out[:-1].view(np.int32).astype(np.int64) - want[:-1].view(np.int32).astype(np.int64))
+    assert ulp.max() <= 2, ulp.max()
+    assert np.isnan(out[-1])
