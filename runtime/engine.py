@@ -436,16 +436,14 @@ def _attend_row(i, layer, b, a, d):
     escale = b.escale[i]
     lanes = b.lanes[i]
     Dq = nope + R
+    qa[:] = F32(0.0)
+    ctx[:] = F32(0.0)
+    vo[:] = F32(0.0)
     for hh in range(nh):
         _rope_apply(q, hh * Dq + nope, cos_t, sin_t, interleave)
-        for c in range(Cp):
-            qa[hh, c] = F32(0.0)
-            ctx[hh, c] = F32(0.0)
         for j in range(nb * 16):
             s[hh, j] = F32(0.0)
             s2[hh, j] = F32(0.0)
-        for vv in range(Vp):
-            vo[hh, vv] = F32(0.0)
     # Query into the latent, then scores (latent part and rotary part), all heads together.
     rows_dot(qa, 0, Cp, Cp, q, 0, Dq, nope, w_uk, 0, nope * Cp, Cp, nh)
     rows_dot(s, 0, Wp, nb * 16, qa, 0, Cp, C, keys, 0, 0, Wp, nh)
