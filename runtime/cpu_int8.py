@@ -1,4 +1,5 @@
-"""Exact int8 GEMMs for the CPU stream engine: W8A8 rows times blocked int8 weights in Numba.
+"""The CPU stream engine's vector kernels: exact int8 GEMMs (W8A8 rows times blocked int8
+weights) and the fixed-order float row sums its attention is made of (:func:`rows_dot`).
 
 Layout. A weight [N, K] int8 (one row per output channel) is stored in blocks of 16 output
 channels: ``blocked[b, k4 * 64 + l * 4 + j] = w[16 * b + l, 4 * k4 + j]``, N padded with zero
