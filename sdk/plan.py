@@ -602,7 +602,7 @@ def render_plan(report: dict[str, Any], out=None) -> None:
     if n_dev > 1:
         w(f"  held: {a['held']}, per device; routed experts split contiguously, everything else on every device\n")
         heads = [f"rank {f}" if f == l else f"ranks {f}-{l}" for f, l, _ in groups]
-        w(f"  {'':<19}{'':>12}" + "".join(f"{h:>13}" for h in heads) + "\n")
+        w(f"  {'':<19}{'whole model':>12}" + "".join(f"{h:>13}" for h in heads) + "\n")
         held = [f"{d['experts'][1] - d['experts'][0]} experts" for _, _, d in groups]
         w(f"  {'part':<19}{'params':>12}" + "".join(f"{h:>13}" for h in held) + "\n")
     else:

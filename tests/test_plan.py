@@ -347,3 +347,6 @@ def test_devices_refused_when_they_cannot_apply(capsys):
                  ["--devices", "9", "--keep-experts", "8"]):
         assert cli.main(["plan", "deepseek-r1", *args]) == 2
         assert "--devices" in capsys.readouterr().err, args
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--help"])
+    assert "--devices N" in capsys.readouterr().out
