@@ -490,11 +490,11 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
     max_keep = min_devices = None
     if cfg.n_moe_layers:
         # Bytes grow with the kept count: the largest that fits, by bisection.
-        lo, hi = cfg.num_experts_per_tok, n_routed
-        if devices <= lo and fits(lo, devices):
+        lo, hi = max(cfg.num_experts_per_tok, devices), n_routed     # at least one expert per device
+        if lo <= hi and fits(lo, devices):
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if devices <= mid and fits(mid, devices) else (lo, mid - 1)
+                lo, hi = (mid, hi) if fits(mid, devices) else (lo, mid - 1)
             max_keep = lo
         # The exchange buffer grows with the device count, so look at every count in turn.
         min_devices = next((n for n in range(1, keep + 1) if fits(keep, n)), None)

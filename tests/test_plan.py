@@ -263,7 +263,8 @@ def test_whole_r1_on_eight_80gb_devices_does_not_fit_and_what_would(capsys):
         assert word in text, word
     rep = plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=8)
     assert rep["fits"] is False and rep["min_devices"] == 16 and rep["max_keep_experts"] == 136
-    assert plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=16)["fits"]
+    sixteen = plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=16)
+    assert sixteen["fits"] and sixteen["max_keep_experts"] == 256
     assert not plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=15)["fits"]   # 18 experts on rank 0
     assert plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=8, keep_experts=136)["fits"]
     above = plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=8, keep_experts=137)
@@ -350,3 +351,22 @@ def test_devices_refused_when_they_cannot_apply(capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", "--help"])
     assert "--devices N" in capsys.readouterr().out
+
+
+def test_readme_shows_what_the_planner_prints(capsys):
+    """The README's expert-parallel plan is the command's output as it stands."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for gb in ("141", "80"):
+        command = f"$ r1edge plan deepseek-r1 --devices 8 --gpu-mem-gb {gb} --quant int8\n"
+        assert command in readme
+        shown = readme.split(command, 1)[1].split("```", 1)[0].splitlines()
+        assert cli.main(command.split()[2:]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        if "..." in shown:                            # an excerpt: its lines in order
+            shown = [line for line in shown if line != "..."]
+            start = printed.index(shown[0])
+            assert printed[start:start + len(shown)] == shown
+        else:
+            assert printed == shown
