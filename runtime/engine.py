@@ -241,6 +241,13 @@ class State(structref.StructRefProxy):
 structref.define_proxy(State, _StateType, ["buffers", "weights", "rule", "route", "dims"])
 
 
+@njit(cache=True)
+def _new_state(buffers, weights, rule, route, dims):
+    """A :class:`State` built in compiled code: cached on disk, where ``State(...)`` from Python
+    compiles its constructor afresh in every process (seconds for these types)."""
+    return State(buffers, weights, rule, route, dims)
+
+
 # ----------------------------------------------------------------------------------------
 # Numba twins of the model's rules. Every float reduction runs in the fixed order above.
 
@@ -932,7 +939,7 @@ class Engine:
         self.weights, self.dims = self._load(packed)
         self.buffers = self._allocate()
         self.route_buffers = RouteBuffers.allocate(self.rule, self.rows)
-        self.state = State(self.buffers, self.weights, self.rule, self.route_buffers, self.dims)
+        self.state = _new_state(self.buffers, self.weights, self.rule, self.route_buffers, self.dims)
         self.pos, self.logits, self.outputs = self.buffers.pos, self.buffers.logits, self.buffers.outputs
         self._no_tokens = np.zeros(0, np.int64)
         self._no_feats = np.zeros((0, self.buffers.feats.shape[1]), F32)

@@ -1,0 +1,180 @@
+"""Expert parallelism: N gloo processes on loopback give bitwise the single-process engine's
+outputs; a killed rank makes the leader's next step fail at once and its process exit non-zero."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=16,
+              num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=16,
+              q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+              max_position_embeddings=512, routed_scaling_factor=2.5, norm_topk_prob=True)
+STREAMS, STEPS, WINDOW, PREFILL_ROWS = 64, 50, 32, 16
+
+
+def _model():
+    from runtime.config import ModelConfig
+    from runtime.model import Transformer
+    from sdk.fit import init_weights
+
+    return init_weights(Transformer(ModelConfig(**CONFIG)), seed=3, std=0.08)
+
+
+def _schedule(seed: int = 0):
+    """Prefills (two of them longer than one pass), then STEPS steps of random batch mixes
+    (random members in random order), one slot reset midway: [(kind, args), ...]."""
+    rng = np.random.default_rng(seed)
+    ops = [("prefill", (int(s), rng.integers(0, CONFIG["vocab_size"], int(t))))
+           for s, t in ((3, 5), (7, 150), (11, 70))]
+    for step in range(STEPS):
+        if step == STEPS // 2:
+            ops.append(("reset", (7,)))
+        n = int(rng.integers(1, STREAMS + 1))
+        slots = rng.permutation(STREAMS)[:n]
+        ops.append(("step", (slots, rng.integers(0, CONFIG["vocab_size"], n))))
+    return ops
+
+
+def _play(engine, ops, on_step=None) -> np.ndarray:
+    """Run the schedule; every step's and prefill's logits, concatenated."""
+    out = []
+    for i, (kind, args) in enumerate(ops):
+        if on_step is not None:
+            on_step(i)
+        if kind == "prefill":
+            out.append(engine.prefill(*args)[None].copy())
+        elif kind == "reset":
+            engine.reset_slot(*args)
+        else:
+            out.append(engine.step_tokens(*args).copy())
+    return np.concatenate(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, out: str, kill_at: int) -> None:
+    """One rank: the leader plays the schedule and saves its logits; the others serve. With
+    ``kill_at`` >= 0 the leader waits before that op for the test to kill rank 1."""
+    import torch
+
+    from runtime.parallel import ParallelEngine, RankFailure, init_process_group
+
+    torch.set_num_threads(1)
+    init_process_group("gloo", rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
+                       timeout_s=60)
+    engine = ParallelEngine(_model(), capacity=STREAMS, window=WINDOW, prefill_rows=PREFILL_ROWS)
+    if rank != 0:
+        engine.serve()
+        torch.distributed.destroy_process_group()
+        return
+
+    def pause(i):
+        if i == kill_at:
+            Path(out, "ready").touch()
+            while not Path(out, "killed").exists():
+                time.sleep(0.01)
+
+    try:
+        logits = _play(engine, _schedule(), pause)
+    except RankFailure as e:
+        Path(out, "failure.txt").write_text(str(e))
+        raise SystemExit(3)
+    np.save(Path(out, "logits.npy"), logits)
+    np.save(Path(out, "bytes.npy"), np.array([engine.exchanged_bytes, engine.payload_bytes]))
+    engine.close()
+    torch.distributed.destroy_process_group()
+
+
+def _launch(world: int, out: Path, kill_at: int = -1) -> list:
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(out), kill_at)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        p.join(timeout=180)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process engine's logits for the schedule, and the staged one-process run's
+    (which also compiles the staged kernels once before the ranks load them from the cache)."""
+    from runtime.engine import Engine
+    from runtime.parallel import ParallelEngine
+
+    model = _model()
+    ref = _play(Engine(model, capacity=STREAMS, window=WINDOW, prefill_rows=PREFILL_ROWS), _schedule())
+    staged = _play(ParallelEngine(model, capacity=STREAMS, window=WINDOW, prefill_rows=PREFILL_ROWS), _schedule())
+    return ref, staged
+
+
+def test_staged_pass_in_one_process_is_the_engine(reference):
+    ref, staged = reference
+    assert np.array_equal(staged, ref)
+
+
+def test_expert_split_is_contiguous_and_complete():
+    from runtime.parallel import expert_split
+
+    assert expert_split(16, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert expert_split(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    with pytest.raises(ValueError, match="world_size 17"):
+        expert_split(16, 17)
+
+
+def test_sharded_engine_refuses_to_step_alone():
+    from runtime.engine import Engine
+
+    engine = Engine(_model(), capacity=2, window=8, experts=(0, 8))
+    with pytest.raises(RuntimeError, match="routed experts 0..7 of 16 only"):
+        engine.step_tokens(np.array([0]), np.array([1]))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_give_bitwise_the_single_process_outputs(reference, tmp_path, world):
+    ref, _ = reference
+    procs = _launch(world, tmp_path)
+    _stop(procs)
+    assert [p.exitcode for p in procs] == [0] * world
+    got = np.load(tmp_path / "logits.npy")
+    assert got.shape == ref.shape and np.array_equal(got, ref)
+    exchanged, payload = np.load(tmp_path / "bytes.npy")
+    assert 0 < payload <= exchanged
+
+
+def test_killed_rank_fails_the_next_step_and_the_leader_exits_nonzero(reference, tmp_path):
+    procs = _launch(2, tmp_path, kill_at=20)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and procs[0].is_alive(), "the leader never reached the kill point"
+            time.sleep(0.02)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].join(timeout=10)
+        (tmp_path / "killed").touch()
+        procs[0].join(timeout=60)
+    finally:
+        _stop(procs)
+    assert procs[1].exitcode == -signal.SIGKILL
+    assert procs[0].exitcode == 3
+    assert "a collective failed" in (tmp_path / "failure.txt").read_text()
+    assert not (tmp_path / "logits.npy").exists()
