@@ -55,10 +55,11 @@ def expert_split(n_experts: int, world_size: int) -> list[tuple[int, int]]:
 
 def init_process_group(backend: str = "gloo", *, rank: int | None = None, world_size: int | None = None,
                        master_addr: str | None = None, master_port: int | None = None,
-                       timeout_s: float = 30.0) -> None:
-    """Join the default process group. Unset arguments come from torchrun's environment
-    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). ``timeout_s`` bounds how long a
-    collective waits for a stalled peer."""
+                       timeout_s: float = 30.0, join_timeout_s: float = 300.0):
+    """Join the default process group (waiting up to ``join_timeout_s`` for every rank to
+    start) and return a group of all ranks whose collectives wait at most ``timeout_s`` for a
+    stalled peer. Unset arguments come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``)."""
     rank = int(os.environ["RANK"]) if rank is None else rank
     world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
     addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -66,12 +67,20 @@ def init_process_group(backend: str = "gloo", *, rank: int | None = None, world_
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend {backend!r}: expected 'gloo' or 'nccl'")
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=join_timeout_s))
+    return dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def leave_process_group() -> None:
+    """Leave the process group (if joined). Do it before exiting, above all after a failure:
+    a gloo group left broken aborts the process at interpreter exit (SIGABRT)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class ParallelEngine(Engine):
-    """An :class:`Engine` whose routed experts are split across the ranks of the default process
-    group (one process, when none is initialised). On rank 0 it steps like an Engine (same
+    """An :class:`Engine` whose routed experts are split across the ranks of ``group`` (the
+    default process group if None; one process when none is initialised). On rank 0 it steps like an Engine (same
     methods, same results bit for bit); the other ranks call :meth:`serve` until rank 0 calls
     :meth:`close`. ``split`` is every rank's (lo, hi) share, ``exchanged_bytes`` the bytes this
     rank has received in all-gathers so far (``payload_bytes``: the part that carried outputs,
@@ -82,14 +91,16 @@ class ParallelEngine(Engine):
     """
 
     def __init__(self, model: Transformer, *, capacity: int = 1, window: int = 256,
-                 prefill_rows: int = PREFILL_ROWS):
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+                 prefill_rows: int = PREFILL_ROWS, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self._root = dist.get_global_rank(group, 0) if group is not None else 0      # the leader's global rank
         self.split = expert_split(model.config.n_routed_experts, self.world_size)
         super().__init__(model, capacity=capacity, window=window, prefill_rows=prefill_rows,
                          experts=self.split[self.rank])
-        if self.world_size > 1 and dist.get_backend() != "gloo":
-            raise ValueError(f"backend {dist.get_backend()!r}: the CPU engine exchanges over gloo only")
+        if self.world_size > 1 and dist.get_backend(group) != "gloo":
+            raise ValueError(f"backend {dist.get_backend(group)!r}: the CPU engine exchanges over gloo only")
         self._bounds = np.array([lo for lo, _ in self.split] + [self.split[-1][1]], np.int64)
         self._starts = np.zeros(self.world_size + 1, np.int32)
         b = self.buffers
@@ -147,7 +158,8 @@ class ParallelEngine(Engine):
         widest = int(np.max(starts[1:] - starts[:-1]))
         lo, hi = int(starts[self.rank]), int(starts[self.rank + 1])
         self._send[:(hi - lo) * H] = yout[lo:hi].reshape(-1)
-        dist.all_gather_into_tensor(self._t_recv[:self.world_size * widest * H], self._t_send[:widest * H])
+        dist.all_gather_into_tensor(self._t_recv[:self.world_size * widest * H], self._t_send[:widest * H],
+                                    group=self.group)
         recv = self._recv[:self.world_size * widest * H].reshape(self.world_size, widest, H)
         for q in range(self.world_size):
             if q != self.rank:
@@ -155,6 +167,9 @@ class ParallelEngine(Engine):
                 yout[a:z] = recv[q, :z - a]
         self.exchanged_bytes += (self.world_size - 1) * widest * H * 4
         self.payload_bytes += (int(starts[-1]) - (hi - lo)) * H * 4
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, self._root, group=self.group)
 
     def _collective(self, fn, *args) -> None:
         """Run a collective; any failure breaks the engine for good."""
@@ -174,10 +189,10 @@ class ParallelEngine(Engine):
         for part in ints:
             cmd[at:at + len(part)] = part
             at += len(part)
-        self._collective(dist.broadcast, self._t_cmd, 0)
+        self._collective(self._broadcast, self._t_cmd)
         if feats is not None:
             self._cmd_feats[:len(feats)] = feats
-            self._collective(dist.broadcast, self._t_cmd_feats, 0)
+            self._collective(self._broadcast, self._t_cmd_feats)
 
     def _run(self, mode: int, slots: np.ndarray, tokens: np.ndarray, feats: np.ndarray) -> int:
         """The leader's step or prefill: checked, then each pass broadcast and run on every rank."""
@@ -240,7 +255,7 @@ class ParallelEngine(Engine):
             raise RuntimeError("rank 0 leads: serve() is for the other ranks")
         cmd = self._cmd
         while True:
-            self._collective(dist.broadcast, self._t_cmd, 0)
+            self._collective(self._broadcast, self._t_cmd)
             op, n, slot, last = (int(v) for v in cmd[:_HEADER])
             if op == _STOP:
                 return
@@ -252,7 +267,7 @@ class ParallelEngine(Engine):
                 continue
             sensor = op in (_STEP_SENSOR, _PREFILL_SENSOR)
             if sensor:
-                self._collective(dist.broadcast, self._t_cmd_feats, 0)
+                self._collective(self._broadcast, self._t_cmd_feats)
             feats = self._cmd_feats[:n] if sensor else self._no_feats
             if op in (_STEP_TOKENS, _STEP_SENSOR):
                 slots, tokens = cmd[_HEADER:_HEADER + n], (self._no_tokens if sensor else cmd[_HEADER + n:_HEADER + 2 * n])

@@ -2,6 +2,7 @@
 outputs; a killed rank makes the leader's next step fail at once and its process exit non-zero."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -69,15 +70,15 @@ def _rank(rank: int, world: int, port: int, out: str, kill_at: int) -> None:
     ``kill_at`` >= 0 the leader waits before that op for the test to kill rank 1."""
     import torch
 
-    from runtime.parallel import ParallelEngine, RankFailure, init_process_group
+    from runtime.parallel import ParallelEngine, RankFailure, init_process_group, leave_process_group
 
     torch.set_num_threads(1)
-    init_process_group("gloo", rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
-                       timeout_s=60)
-    engine = ParallelEngine(_model(), capacity=STREAMS, window=WINDOW, prefill_rows=PREFILL_ROWS)
+    group = init_process_group("gloo", rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
+                               timeout_s=60)
+    engine = ParallelEngine(_model(), capacity=STREAMS, window=WINDOW, prefill_rows=PREFILL_ROWS, group=group)
     if rank != 0:
         engine.serve()
-        torch.distributed.destroy_process_group()
+        leave_process_group()
         return
 
     def pause(i):
@@ -90,11 +91,12 @@ def _rank(rank: int, world: int, port: int, out: str, kill_at: int) -> None:
         logits = _play(engine, _schedule(), pause)
     except RankFailure as e:
         Path(out, "failure.txt").write_text(str(e))
+        leave_process_group()
         raise SystemExit(3)
     np.save(Path(out, "logits.npy"), logits)
     np.save(Path(out, "bytes.npy"), np.array([engine.exchanged_bytes, engine.payload_bytes]))
     engine.close()
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def _launch(world: int, out: Path, kill_at: int = -1) -> list:
@@ -178,3 +180,96 @@ def test_killed_rank_fails_the_next_step_and_the_leader_exits_nonzero(reference,
     assert procs[0].exitcode == 3
     assert "a collective failed" in (tmp_path / "failure.txt").read_text()
     assert not (tmp_path / "logits.npy").exists()
+
+
+# ------------------------------------------------------------------------------ the controller
+
+PARALLEL = '[model]\nparallel = { world_size = 2, backend = "gloo", timeout_s = 20 }\n'
+
+
+@pytest.fixture(scope="module")
+def sensor_package(tmp_path_factory, tiny_checkpoint):
+    import sdk
+    from tests.test_controller import attach_adapter, write_sensor_package
+
+    return write_sensor_package(tmp_path_factory.mktemp("parallel") / "pkg",
+                                attach_adapter(sdk.load_model(tiny_checkpoint[0])))
+
+
+def _deploy(tmp_path, package, *, parallel: bool, recorder=None, period_ms=1000.0):
+    from tests.test_controller import write_deploy
+
+    path = write_deploy(tmp_path, period_ms=period_ms, budget_ms=0.9 * period_ms, recorder=recorder, package=package)
+    if parallel:
+        path.write_text(path.read_text().replace("[model]\n", PARALLEL, 1))
+    return path
+
+
+def _frames(seed: int = 5, cycles: int = 30):
+    rng = np.random.default_rng(seed)
+    for _ in range(cycles):
+        streams = [f"s{i}" for i in rng.permutation(4)[:int(rng.integers(1, 5))]]
+        yield {s: {"level": float(rng.uniform(-2, 2)), "temp": float(rng.uniform(10, 90)),
+                   "flow": float(rng.uniform(-1, 1))} for s in streams}
+
+
+def test_parallel_controller_matches_one_process_and_replays_bitwise(tmp_path, sensor_package):
+    from sdk.controller import Controller, replay
+
+    (tmp_path / "one").mkdir()
+    with Controller.from_config(_deploy(tmp_path / "one", sensor_package, parallel=False), bridges=False) as ctrl:
+        single = [ctrl.step_many(f) for f in _frames()]
+    rec = tmp_path / "rec"
+    with Controller.from_config(_deploy(tmp_path, sensor_package, parallel=True, recorder=rec),
+                                bridges=False) as ctrl:
+        assert ctrl.ranks.rank == 0 and len(ctrl.ranks.procs) == 1
+        assert ctrl.engine.split == [(0, 4), (4, 8)] and ctrl.engine.experts == (0, 4)
+        parallel = [ctrl.step_many(f) for f in _frames()]
+        assert ctrl.verdict()["ok"]
+        procs = ctrl.ranks.procs
+    assert [p.exitcode for p in procs] == [0]
+    assert parallel == single
+    report = replay(rec)                            # on one process: the header's package, a plain Engine
+    assert report["identical"] and report["cycles"] == 30 and report["model_outputs_compared"] > 30
+
+
+def test_a_killed_rank_fails_safe_in_that_cycle_and_run_exits_1(tmp_path, sensor_package, capsys):
+    from runtime.recorder import RecordingReader
+    from sdk.cli import main as cli
+    from sdk.controller import Controller
+
+    feed = tmp_path / "feed"
+    with Controller.from_config(_deploy(tmp_path, sensor_package, parallel=False, recorder=feed),
+                                bridges=False) as ctrl:
+        for f in _frames(cycles=10):
+            ctrl.step_many(f)
+    rec = tmp_path / "rec"
+    deploy = _deploy(tmp_path, sensor_package, parallel=True, recorder=rec, period_ms=20.0)
+    killed = []
+
+    def kill_a_rank_once_cycles_run():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            records = [r for r in RecordingReader(rec) if r.get("type") == "cycle"] if rec.exists() else []
+            ranks = [p for p in multiprocessing.active_children() if p.name == "r1edge-rank1"]
+            if len(records) >= 20 and ranks:
+                os.kill(ranks[0].pid, signal.SIGKILL)
+                killed.append(len(records))
+            time.sleep(0.05)
+
+    import threading
+
+    thread = threading.Thread(target=kill_a_rank_once_cycles_run, daemon=True)
+    thread.start()
+    assert cli(["run", str(deploy), "--inputs", str(feed), "--repeat", "--duration", "120", "--json"]) == 1
+    thread.join(timeout=10)
+    out = capsys.readouterr()
+    assert killed, "the run ended before a rank could be killed"
+    assert "the expert-parallel engine failed" in out.err
+    stats = json.loads(out.out)
+    assert stats["failsafe_cycles_by_reason"]["error"] >= 1
+    cycles = [r for r in RecordingReader(rec) if r.get("type") == "cycle"]
+    assert {s["st"] for s in cycles[0]["streams"]} == {"ok"}
+    last = cycles[-1]["streams"]                    # the run stopped right after the failed cycle
+    assert {(s["st"], s["why"]) for s in last} == {("failsafe", "error")}, last
+    assert all(s["out"] == [0.0, 0.5] for s in last)            # the outputs' fail-safe values
