@@ -273,3 +273,19 @@ def test_a_killed_rank_fails_safe_in_that_cycle_and_run_exits_1(tmp_path, sensor
     last = cycles[-1]["streams"]                    # the run stopped right after the failed cycle
     assert {(s["st"], s["why"]) for s in last} == {("failsafe", "error")}, last
     assert all(s["out"] == [0.0, 0.5] for s in last)            # the outputs' fail-safe values
+
+
+def test_parallel_config_is_checked(tmp_path, sensor_package):
+    from sdk.config import ConfigError, DeployConfig
+
+    path = _deploy(tmp_path, sensor_package, parallel=True)
+    par = DeployConfig.load(path).model.parallel
+    assert (par.world_size, par.backend, par.master_port, par.timeout_s) == (2, "gloo", 0, 20.0)
+    base = path.read_text()
+    for bad, message in (('world_size = 0', "model.parallel.world_size must be at least 1"),
+                         ('world_size = 2, backend = "mpi"', "model.parallel.backend must be one of 'gloo', 'nccl'"),
+                         ('world_size = 2, backend = "nccl"', "runs on the CPU over gloo"),
+                         ('world_size = 2, ranks = 3', "unknown key 'ranks'")):
+        path.write_text(base.replace('world_size = 2, backend = "gloo"', bad))
+        with pytest.raises(ConfigError, match=message):
+            DeployConfig.load(path)
