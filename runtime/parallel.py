@@ -158,8 +158,8 @@ class ParallelEngine(Engine):
         widest = int(np.max(starts[1:] - starts[:-1]))
         lo, hi = int(starts[self.rank]), int(starts[self.rank + 1])
         self._send[:(hi - lo) * H] = yout[lo:hi].reshape(-1)
-        dist.all_gather_into_tensor(self._t_recv[:self.world_size * widest * H], self._t_send[:widest * H],
-                                    group=self.group)
+        dist.all_gather_single(self._t_recv[:self.world_size * widest * H], self._t_send[:widest * H],
+                              group=self.group)
         recv = self._recv[:self.world_size * widest * H].reshape(self.world_size, widest, H)
         for q in range(self.world_size):
             if q != self.rank:
