@@ -23,7 +23,6 @@ then on (the ranks' states may differ) and every later call raises :class:`RankF
 """
 from __future__ import annotations
 
-import logging
 import os
 from datetime import timedelta
 
@@ -31,11 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime.engine import (_OK, _PREFILL_SENSOR, _PREFILL_TOKENS, _STEP_SENSOR, _STEP_TOKENS, F32,
+from runtime.engine import (_OK, _PREFILL_SENSOR, _STEP_SENSOR, _STEP_TOKENS, F32,
                             PREFILL_ROWS, Engine, _begin, _check, _end, _layer_back, _layer_front)
 from runtime.model import Transformer
-
-log = logging.getLogger(__name__)
 
 _RESET_SLOT, _RESET_ALL, _STOP = 10, 11, 12
 _HEADER = 4                    # command words before the payload: op, n, slot, last
@@ -80,9 +77,9 @@ def leave_process_group() -> None:
 
 class ParallelEngine(Engine):
     """An :class:`Engine` whose routed experts are split across the ranks of ``group`` (the
-    default process group if None; one process when none is initialised). On rank 0 it steps like an Engine (same
-    methods, same results bit for bit); the other ranks call :meth:`serve` until rank 0 calls
-    :meth:`close`. ``split`` is every rank's (lo, hi) share, ``exchanged_bytes`` the bytes this
+    default process group if None; one process when none is initialised). On rank 0 it steps
+    like an Engine (same methods, same results bit for bit); the other ranks call :meth:`serve`
+    until rank 0 calls :meth:`close`. ``split`` is every rank's (lo, hi) share, ``exchanged_bytes`` the bytes this
     rank has received in all-gathers so far (``payload_bytes``: the part that carried outputs,
     the rest is padding to the largest share).
 
@@ -127,8 +124,7 @@ class ParallelEngine(Engine):
         pass per input kind over slot 0, its expert rows left partly unset, then every state cleared."""
         self._pass_local(_STEP_TOKENS, np.zeros(1, np.int64), np.zeros(1, np.int64), self._no_feats, 0,
                          True, exchange=False, head=self.rank == 0)
-        _check(self.state, _STEP_TOKENS, np.zeros(1, np.int64), np.zeros(1, np.int64),
-               self._no_feats)
+        _check(self.state, _STEP_TOKENS, np.zeros(1, np.int64), np.zeros(1, np.int64), self._no_feats)
         if self.adapter is not None:
             self._pass_local(_STEP_SENSOR, np.zeros(1, np.int64), self._no_tokens,
                              np.zeros((1, len(self.input_names)), F32), 0, True, exchange=False, head=self.rank == 0)
@@ -201,8 +197,6 @@ class ParallelEngine(Engine):
         err = _check(self.state, mode, slots, tokens, feats)
         if err != _OK:
             return err
-        if self.world_size == 1:
-            return self._staged(mode, slots, tokens, feats)
         if self.failure is not None:
             raise RankFailure(f"rank 0: the parallel engine failed before: {self.failure}")
         try:

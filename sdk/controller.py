@@ -106,7 +106,8 @@ class ParallelRanks:
 
     :meth:`join` takes the rank from torchrun's environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) when set, else makes this process rank 0 and starts
-    ranks 1..N-1 here. A rank other than 0 calls :meth:`serve` (the controller runs on rank 0).
+    ranks 1..N-1 here (each re-reads the deployment file, ``cfg.source``, and loads the package
+    itself). A rank other than 0 calls :meth:`serve` (the controller runs on rank 0).
     """
 
     def __init__(self, rank: int, group, procs: list):
