@@ -101,7 +101,9 @@ class ParallelEngine(Engine):
         self._bounds = np.array([lo for lo, _ in self.split] + [self.split[-1][1]], np.int64)
         self._starts = np.zeros(self.world_size + 1, np.int32)
         b = self.buffers
-        A, H = b.yout.shape
+        H = b.yout.shape[1]
+        # A rank's share of one pass: each row's pairs with the experts it holds, at most one per expert.
+        A = self.rows * min(self.rule.top_k, max(hi - lo for lo, hi in self.split))
         n_feats = b.feats.shape[1]
         self._cmd = np.zeros(_HEADER + 2 * self.rows, np.int64)
         self._cmd_feats = np.zeros((self.rows, n_feats), F32)
