@@ -71,7 +71,8 @@ PREFILL_ROWS = 64          # default rows of one prefill pass (an engine's rows:
 
 class Dims(NamedTuple):
     """The step's sizes and scalars (``capacity`` stream slots, ``rows`` per pass, the
-    intermediate sizes of the dense, routed and shared SwiGLU blocks)."""
+    intermediate sizes of the dense, routed and shared SwiGLU blocks, the routed experts
+    ``expert_lo`` .. ``expert_hi - 1`` this engine holds)."""
     n_layers: int
     first_moe: int
     window: int
@@ -91,6 +92,8 @@ class Dims(NamedTuple):
     inter_dense: int
     inter_moe: int
     inter_shared: int
+    expert_lo: int
+    expert_hi: int
 
 
 class AttnWeights(NamedTuple):
@@ -132,8 +135,9 @@ class MlpWeights(NamedTuple):
 
 
 class MoeWeights(NamedTuple):
-    """Per MoE layer: router ``gate_t`` float32 [H, E] and ``bias`` [E]; routed experts
-    blocked ``w13_*`` [M, E, ...], ``w2_*`` [M, E, ...]; shared experts (when ``has_shared``)."""
+    """Per MoE layer: router ``gate_t`` float32 [H, E] and ``bias`` [E]; the routed experts held
+    (``Dims.expert_lo`` on, all E in one process) blocked ``w13_*`` [M, held, ...], ``w2_*``
+    [M, held, ...]; shared experts (when ``has_shared``)."""
     gate_t: np.ndarray
     bias: np.ndarray
     w13_q: np.ndarray
@@ -235,6 +239,13 @@ class State(structref.StructRefProxy):
 
 
 structref.define_proxy(State, _StateType, ["buffers", "weights", "rule", "route", "dims"])
+
+
+@njit(cache=True)
+def _new_state(buffers, weights, rule, route, dims):
+    """A :class:`State` built in compiled code: cached on disk, where ``State(...)`` from Python
+    compiles its constructor afresh in every process (seconds for these types)."""
+    return State(buffers, weights, rule, route, dims)
 
 
 # ----------------------------------------------------------------------------------------
@@ -537,15 +548,19 @@ def _moe_prepare_rows(layer, lo, hi, b, w, d):
 
 
 @njit(cache=True)
-def _moe_experts(m, lo, hi, rb, b, w, d):
-    """Active experts lo..hi-1 (indices into ``rb.active``), each once over all tokens routed to
-    it; yout[a] is assignment a's output."""
+def _moe_experts(m, rb, b, w, d):
+    """The held experts with tokens (``dims.expert_lo`` .. ``expert_hi - 1``), each once over
+    all tokens routed to it; yout[a] is assignment a's output (a in the dispatch order, so a
+    held range of experts fills one contiguous range of yout)."""
     e_w = w.moe
-    for ai in range(lo, hi):
-        e = rb.active[ai]
+    lo = d.expert_lo
+    for e in range(lo, d.expert_hi):
+        if rb.offsets[e] == rb.offsets[e + 1]:
+            continue
+        k = e - lo
         _swiglu_rows(rb.offsets[e], rb.offsets[e + 1], d.inter_moe, b.xq32, b.xs, rb.token_ids, True,
-                     e_w.w13_q[m, e], e_w.w13_r[m, e], e_w.w13_s[m, e], e_w.w2_q[m, e], e_w.w2_r[m, e],
-                     e_w.w2_s[m, e], b, b.yout)
+                     e_w.w13_q[m, k], e_w.w13_r[m, k], e_w.w13_s[m, k], e_w.w2_q[m, k], e_w.w2_r[m, k],
+                     e_w.w2_s[m, k], b, b.yout)
 
 
 @njit(cache=True)
@@ -628,35 +643,50 @@ def _sensor_out_rows(lo, hi, b, w, d):
 
 
 @njit(cache=True)
+def _layer_front(st, layer, n):
+    """Layer ``layer`` for the pass's ``n`` rows up to the MoE combine: attention, then the dense
+    MLP, or the MoE norm, routing and the held routed experts (their outputs left in yout)."""
+    b, w, d = st.buffers, st.weights, st.dims
+    _attention_rows(layer, 0, n, b, w, d)
+    if layer < d.first_moe:
+        _dense_mlp_rows(layer, 0, n, b, w, d)
+        return
+    m = layer - d.first_moe
+    _moe_prepare_rows(layer, 0, n, b, w, d)
+    logits = b.router_logits[:n]
+    router_logits(b.h[:n], w.moe.gate_t[m], logits)
+    route_dispatch(logits, w.moe.bias[m], st.rule, st.route)
+    _moe_experts(m, st.route, b, w, d)
+
+
+@njit(cache=True)
+def _layer_back(st, layer, n):
+    """The rest of layer ``layer`` once yout holds every assignment's output: the MoE combine
+    (nothing for a dense layer)."""
+    d = st.dims
+    if layer >= d.first_moe:
+        _moe_combine_rows(layer, 0, n, st.buffers, st.weights, d, st.route, st.rule.top_k)
+
+
+@njit(cache=True)
 def _run_layers(n, st):
-    """All decoder layers for the pass's ``n`` rows (the rotary angles of each row's position
-    first: every layer uses the same)."""
-    b, w, d, rule, rb = st.buffers, st.weights, st.dims, st.rule, st.route
-    for i in range(n):
-        _rope_angles(b.rpos[i], w.attn.inv_freq, d.rope_factor, b.rope_cos[i], b.rope_sin[i])
-    for layer in range(d.n_layers):
-        _attention_rows(layer, 0, n, b, w, d)
-        if layer < d.first_moe:
-            _dense_mlp_rows(layer, 0, n, b, w, d)
-            continue
-        m = layer - d.first_moe
-        _moe_prepare_rows(layer, 0, n, b, w, d)
-        logits = b.router_logits[:n]
-        router_logits(b.h[:n], w.moe.gate_t[m], logits)
-        n_active = route_dispatch(logits, w.moe.bias[m], rule, rb)
-        _moe_experts(m, 0, n_active, rb, b, w, d)
-        _moe_combine_rows(layer, 0, n, b, w, d, rb, rule.top_k)
+    """All decoder layers for the pass's ``n`` rows."""
+    for layer in range(st.dims.n_layers):
+        _layer_front(st, layer, n)
+        _layer_back(st, layer, n)
 
 
 # ----------------------------------------------------------------------------------------
-# Entry points: one Numba call per step or prefill, inputs checked inside (error codes).
+# Entry points: one Numba call per step or prefill, inputs checked first (error codes). A
+# pass is _begin, the layers, _end; ``runtime.parallel`` calls those stages one by one.
 
 _OK, _BAD_COUNT, _BAD_SLOTS, _BAD_INPUT = 0, 1, 2, 3
+_STEP_TOKENS, _STEP_SENSOR, _PREFILL_TOKENS, _PREFILL_SENSOR = 0, 1, 2, 3
 
 
 @njit(cache=True, inline="always")
-def _take_slots(b, slots, capacity):
-    """Copy the step's slots into ``rows`` (their positions into ``rpos``) after checking them."""
+def _check_slots(b, slots, capacity):
+    """A step's slots: 1..capacity distinct ids in range."""
     n = slots.shape[0]
     if n == 0 or n > capacity:
         return _BAD_COUNT
@@ -672,99 +702,116 @@ def _take_slots(b, slots, capacity):
         s = slots[i]
         if 0 <= s < capacity:
             seen[s] = False
-    if not ok:
-        return _BAD_SLOTS
-    for i in range(n):
-        b.rows[i] = slots[i]
-        b.rpos[i] = b.pos[slots[i]]
-    return _OK
-
-
-@njit(cache=True, inline="always")
-def _embed_rows(lo, hi, b, w, tokens, t0):
-    """x[i] = embedding of tokens[t0 + i - lo] for rows [lo, hi); False if an id is out of range."""
-    embed = w.embed
-    for i in range(lo, hi):
-        t = tokens[t0 + i - lo]
-        if t < 0 or t >= embed.shape[0]:
-            return False
-        b.tokens[i] = t
-        b.x[i] = embed[t]
-    return True
-
-
-_STEP_TOKENS, _STEP_SENSOR, _PREFILL_TOKENS, _PREFILL_SENSOR = 0, 1, 2, 3
+    return _OK if ok else _BAD_SLOTS
 
 
 @njit(cache=True)
-def _pass(st, mode, slots, tokens, feats):
-    """The one entry point (a single one keeps Numba's compile time down: every entry re-optimises
-    all it calls). Steps (``mode`` _STEP_*) append ``tokens[i]`` / ``feats[i]`` to ``slots[i]``
-    and leave logits / outputs in rows 0..n-1; a prefill (_PREFILL_*) appends all of ``tokens``
-    [T] / ``feats`` [T, F] to ``slots[0]`` in passes of up to ``dims.rows`` positions and leaves
-    the last position's logits / outputs in row 0. Returns an error code (0: done)."""
+def _check(st, mode, slots, tokens, feats):
+    """Every input of a step or prefill checked before anything changes; an error code."""
     b, w, d = st.buffers, st.weights, st.dims
     sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
     if sensor and feats.shape[1] != b.feats.shape[1]:
         return _BAD_INPUT
     if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
-        err = _take_slots(b, slots, d.capacity)
+        err = _check_slots(b, slots, d.capacity)
         if err != _OK:
             return err
-        n = slots.shape[0]
-        if sensor:
-            if feats.shape[0] != n:
-                return _BAD_INPUT
-            for i in range(n):
-                for f in range(feats.shape[1]):
-                    b.feats[i, f] = feats[i, f]
-            _sensor_in_rows(0, n, b, w)
-        elif tokens.shape[0] != n or not _embed_rows(0, n, b, w, tokens, 0):
+        T = slots.shape[0]
+        if (feats.shape[0] if sensor else tokens.shape[0]) != T:
             return _BAD_INPUT
-        _run_layers(n, st)
-        if sensor:
-            _sensor_out_rows(0, n, b, w, d)
-        else:
-            _head_rows(0, n, b, w, d)
-        for i in range(n):
-            b.pos[b.rows[i]] += 1
-        return _OK
-    if slots.shape[0] != 1 or slots[0] < 0 or slots[0] >= d.capacity:
-        return _BAD_SLOTS
-    slot = slots[0]
-    T = feats.shape[0] if sensor else tokens.shape[0]
-    if T == 0:
-        return _BAD_INPUT
+    else:
+        if slots.shape[0] != 1 or slots[0] < 0 or slots[0] >= d.capacity:
+            return _BAD_SLOTS
+        T = feats.shape[0] if sensor else tokens.shape[0]
+        if T == 0:
+            return _BAD_INPUT
     if not sensor:
         for t in range(T):
             if tokens[t] < 0 or tokens[t] >= w.embed.shape[0]:
                 return _BAD_INPUT
-    t0 = 0
-    n = 0
-    while t0 < T:
-        n = min(d.rows, T - t0)
+    return _OK
+
+
+@njit(cache=True)
+def _begin(st, mode, slots, tokens, feats, t0):
+    """Load one pass's rows: a step's slots, or a prefill's positions from input ``t0`` on (at
+    most ``dims.rows``) of ``slots[0]``; their embeddings (or adapted frames) into x and their
+    rotary angles. Returns the pass's row count."""
+    b, w, d = st.buffers, st.weights, st.dims
+    sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
+    if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
+        n = slots.shape[0]
         for i in range(n):
-            b.rows[i] = slot
-            b.rpos[i] = b.pos[slot] + i
-        if sensor:
-            for i in range(n):
-                for f in range(feats.shape[1]):
-                    b.feats[i, f] = feats[t0 + i, f]
-            _sensor_in_rows(0, n, b, w)
-        else:
-            _embed_rows(0, n, b, w, tokens, t0)
-        _run_layers(n, st)
-        b.pos[slot] += n
-        t0 += n
-    last = n - 1
-    if sensor:
-        _sensor_out_rows(last, n, b, w, d)
-        for o in range(b.outputs.shape[1]):
-            b.outputs[0, o] = b.outputs[last, o]
+            b.rows[i] = slots[i]
+            b.rpos[i] = b.pos[slots[i]]
     else:
-        _head_rows(last, n, b, w, d)
+        n = min(d.rows, (feats.shape[0] if sensor else tokens.shape[0]) - t0)
+        for i in range(n):
+            b.rows[i] = slots[0]
+            b.rpos[i] = b.pos[slots[0]] + i
+    if sensor:
+        for i in range(n):
+            for f in range(feats.shape[1]):
+                b.feats[i, f] = feats[t0 + i, f]
+        _sensor_in_rows(0, n, b, w)
+    else:
+        for i in range(n):
+            b.tokens[i] = tokens[t0 + i]
+            b.x[i] = w.embed[tokens[t0 + i]]
+    for i in range(n):
+        _rope_angles(b.rpos[i], w.attn.inv_freq, d.rope_factor, b.rope_cos[i], b.rope_sin[i])
+    return n
+
+
+@njit(cache=True)
+def _end(st, mode, n, last, head):
+    """After a pass's layers: advance the positions; with ``head``, a step's logits / outputs in
+    rows 0..n-1, or a prefill's last position's (when ``last``) in row 0."""
+    b, w, d = st.buffers, st.weights, st.dims
+    sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
+    if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
+        for i in range(n):
+            b.pos[b.rows[i]] += 1
+        if head:
+            if sensor:
+                _sensor_out_rows(0, n, b, w, d)
+            else:
+                _head_rows(0, n, b, w, d)
+        return
+    b.pos[b.rows[0]] += n
+    if not (head and last):
+        return
+    if sensor:
+        _sensor_out_rows(n - 1, n, b, w, d)
+        for o in range(b.outputs.shape[1]):
+            b.outputs[0, o] = b.outputs[n - 1, o]
+    else:
+        _head_rows(n - 1, n, b, w, d)
         for v in range(b.logits.shape[1]):
-            b.logits[0, v] = b.logits[last, v]
+            b.logits[0, v] = b.logits[n - 1, v]
+
+
+@njit(cache=True)
+def _pass(st, mode, slots, tokens, feats):
+    """The one entry point of a single-process engine (a single one keeps Numba's compile time
+    down: every entry re-optimises all it calls). Steps (``mode`` _STEP_*) append ``tokens[i]`` /
+    ``feats[i]`` to ``slots[i]`` and leave logits / outputs in rows 0..n-1; a prefill (_PREFILL_*)
+    appends all of ``tokens`` [T] / ``feats`` [T, F] to ``slots[0]`` in passes of up to
+    ``dims.rows`` positions and leaves the last position's logits / outputs in row 0. Returns an
+    error code (0: done)."""
+    err = _check(st, mode, slots, tokens, feats)
+    if err != _OK:
+        return err
+    if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
+        T = slots.shape[0]
+    else:
+        T = feats.shape[0] if mode == _PREFILL_SENSOR else tokens.shape[0]
+    t0 = 0
+    while t0 < T:
+        n = _begin(st, mode, slots, tokens, feats, t0)
+        _run_layers(n, st)
+        t0 += n
+        _end(st, mode, n, t0 >= T, True)
     return _OK
 
 
@@ -814,11 +861,11 @@ def _mlps(mlps: list[PackedMLP], hidden: int, inter: int) -> MlpWeights:
     return MlpWeights(*_rows([m.w13 for m in mlps], 2 * inter, hidden), *_rows([m.w2 for m in mlps], hidden, inter))
 
 
-def _experts(layers: list, key: str, n: int, k: int) -> tuple[np.ndarray, ...]:
-    """Routed experts' ``w13``/``w2`` of every MoE layer, blocked: ([M, E, Nb, K4 * 64], ...)."""
+def _experts(layers: list, key: str, n: int, k: int, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+    """Routed experts lo..hi-1 of every MoE layer, ``w13`` or ``w2``, blocked: ([M, hi - lo, Nb, K4 * 64], ...)."""
     weights = [(e.w13, e.s13) if key == "w13" else (e.w2, e.s2) for e in layers]
-    pairs = [(q[i].T, s[i]) for q, s in weights for i in range(q.shape[0])]
-    return _blocked(pairs, n, k, (len(layers), weights[0][0].shape[0] if layers else 0))
+    pairs = [(q[i].T, s[i]) for q, s in weights for i in range(lo, hi)]
+    return _blocked(pairs, n, k, (len(layers), hi - lo))
 
 
 def _i64(a) -> np.ndarray:
@@ -863,14 +910,22 @@ class Engine:
     keep. A stream's results are bitwise identical whatever other slots share its step.
     ``prefill`` appends a stream's whole history in passes of up to ``prefill_rows`` positions,
     leaving the very cache that stepping it would.
+
+    ``experts=(lo, hi)`` keeps only routed experts lo..hi-1 of every MoE layer (one rank's share
+    in ``runtime.parallel``, which drives such an engine's passes stage by stage); the default
+    is all of them.
     """
 
     def __init__(self, model: Transformer, *, capacity: int = 1, window: int = 256,
-                 prefill_rows: int = PREFILL_ROWS):
+                 prefill_rows: int = PREFILL_ROWS, experts: tuple[int, int] | None = None):
         if capacity < 1 or window < 1 or prefill_rows < 1:
             raise ValueError(f"capacity, window and prefill_rows must be positive (got {capacity}, {window}, "
                              f"{prefill_rows})")
         cfg = model.config
+        n_experts = cfg.n_routed_experts if cfg.n_moe_layers else 0
+        self.experts = (0, n_experts) if experts is None else (int(experts[0]), int(experts[1]))
+        if not 0 <= self.experts[0] <= self.experts[1] <= n_experts:
+            raise ValueError(f"experts={experts}: not a range within the {n_experts} routed experts")
         if cfg.attention_bias:
             raise ValueError("the stream engine does not support attention_bias=True checkpoints")
         self.config, self.capacity, self.window = cfg, capacity, window
@@ -884,11 +939,12 @@ class Engine:
         self.weights, self.dims = self._load(packed)
         self.buffers = self._allocate()
         self.route_buffers = RouteBuffers.allocate(self.rule, self.rows)
-        self.state = State(self.buffers, self.weights, self.rule, self.route_buffers, self.dims)
+        self.state = _new_state(self.buffers, self.weights, self.rule, self.route_buffers, self.dims)
         self.pos, self.logits, self.outputs = self.buffers.pos, self.buffers.logits, self.buffers.outputs
         self._no_tokens = np.zeros(0, np.int64)
         self._no_feats = np.zeros((0, self.buffers.feats.shape[1]), F32)
-        self._warmup()
+        if self.experts == (0, n_experts):
+            self._warmup()
 
     # -- set-up --------------------------------------------------------------------------
     def _load(self, p) -> tuple[Weights, Dims]:
@@ -916,7 +972,8 @@ class Engine:
             np.stack([_np(e.gate.T) for e in experts]) if moe else np.zeros((0, H, E), F32),
             (np.stack([_np(e.bias) if e.bias is not None else np.zeros(E, F32) for e in experts]) if moe
              else np.zeros((0, E), F32)),
-            *_experts(experts, "w13", 2 * I, H), *_experts(experts, "w2", H, I), has_shared,
+            *_experts(experts, "w13", 2 * I, H, *self.experts), *_experts(experts, "w2", H, I, *self.experts),
+            has_shared,
             _mlps([layer.mlp for layer in moe] if has_shared else [], H, max(Is, 1)))
         head_q, head_r, head_s = _rows([p.head], cfg.vocab_size, H)
         a = p.adapter
@@ -932,7 +989,7 @@ class Engine:
         dims = Dims(cfg.num_hidden_layers, cfg.first_k_dense_replace, self.window, nh, cfg.qk_nope_head_dim,
                     R, cfg.v_head_dim, C, F32(cfg.softmax_scale), F32(cfg.rms_norm_eps), F32(LORA_NORM_EPS),
                     lora, bool(cfg.rope_interleave), F32(p.rope_factor), self.capacity, self.rows,
-                    cfg.intermediate_size, I, max(Is, 1))
+                    cfg.intermediate_size, I, max(Is, 1), *self.experts)
         return weights, dims
 
     def _allocate(self) -> Buffers:
@@ -975,6 +1032,13 @@ class Engine:
         return self.pos.copy()
 
     # -- steps ---------------------------------------------------------------------------
+    def _run(self, mode: int, slots: np.ndarray, tokens: np.ndarray, feats: np.ndarray) -> int:
+        """One step or prefill (``_pass``); an error code. A share of the experts alone cannot."""
+        if self.experts[1] - self.experts[0] != self.rule.n_experts and self.config.n_moe_layers:
+            raise RuntimeError(f"this engine holds routed experts {self.experts[0]}..{self.experts[1] - 1} of "
+                               f"{self.rule.n_experts} only: run it through runtime.parallel")
+        return _pass(self.state, mode, slots, tokens, feats)
+
     def _raise(self, err: int, slots, what: str) -> None:
         if err == _BAD_COUNT:
             raise ValueError(f"a step takes 1..{self.capacity} slots, got {len(slots)}")
@@ -988,7 +1052,7 @@ class Engine:
         if slots.ndim != 1 or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise ValueError(f"slots and tokens must be 1-D integer arrays, got {slots.shape} and {tokens.shape} "
                              f"{tokens.dtype}")
-        err = _pass(self.state, _STEP_TOKENS, slots, _i64(tokens), self._no_feats)
+        err = self._run(_STEP_TOKENS, slots, _i64(tokens), self._no_feats)
         if err:
             self._raise(err, slots, f"tokens must be {len(slots)} ids in 0..{self.config.vocab_size - 1}")
         return self.logits[:len(slots)]
@@ -1001,7 +1065,7 @@ class Engine:
         slots, features = _i64(slots), np.ascontiguousarray(features, dtype=F32)
         if slots.ndim != 1 or features.ndim != 2:
             raise ValueError(f"features must be [{len(slots)}, {len(self.input_names)}], got {features.shape}")
-        err = _pass(self.state, _STEP_SENSOR, slots, self._no_tokens, features)
+        err = self._run(_STEP_SENSOR, slots, self._no_tokens, features)
         if err:
             self._raise(err, slots, f"features must be [{len(slots)}, {len(self.input_names)}], got {features.shape}")
         return self.outputs[:len(slots)]
@@ -1014,12 +1078,12 @@ class Engine:
         inputs = np.asarray(inputs)
         slot = int(slot)
         if inputs.ndim == 1 and inputs.dtype.kind in "iu":
-            err = _pass(self.state, _PREFILL_TOKENS, np.array([slot]), _i64(inputs), self._no_feats)
+            err = self._run(_PREFILL_TOKENS, np.array([slot]), _i64(inputs), self._no_feats)
             out, what = self.logits[0], f"tokens must be at least one id in 0..{self.config.vocab_size - 1}"
         elif inputs.ndim == 2:
             if self.adapter is None:
                 raise ValueError("this model has no I/O adapter: sensor frames need a sensor-mode package")
-            err = _pass(self.state, _PREFILL_SENSOR, np.array([slot]), self._no_tokens,
+            err = self._run(_PREFILL_SENSOR, np.array([slot]), self._no_tokens,
                         np.ascontiguousarray(inputs, dtype=F32))
             out, what = self.outputs[0], f"frames must be [T >= 1, {len(self.input_names)}], got {inputs.shape}"
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if missing:
             raise ConfigError(f"{args.config}: inputs {', '.join(map(repr, missing))}: not in the recording "
                               f"{args.inputs} (it has {', '.join(recorded)})")
+    par = config.model.parallel
+    if par is not None and par.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
+        from sdk.controller import ParallelRanks
+
+        return ParallelRanks.join(config).serve(config)     # a torchrun rank that serves experts
     with Controller(config) as ctrl:
         source = recording_source(args.inputs, loop=args.repeat) if args.inputs else None
         service = ServiceMonitor.from_env(ctrl)           # systemd notify when NOTIFY_SOCKET is set
@@ -285,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "it up and collects garbage, logging each stage. On stop (--duration, SIGINT, SIGTERM) the "
                        "outputs go to their fail-safe values (or hold, per output: on_stop = \"hold\") before "
                        "the bridges close. Exit status: 0 healthy; 1 when no valid input ever arrived or the "
-                       "fail-safe fraction of cycles passed [loop] max_failsafe_fraction (default 0.5), with the "
-                       "reason on stderr; 2 for a bad config or command line.")
+                       "fail-safe fraction of cycles passed [loop] max_failsafe_fraction (default 0.5), or a rank of "
+                       "[model] parallel failed, with the reason on stderr; 2 for a bad config or command line. "
+                       "With [model] parallel the other ranks start here, or under torchrun every rank runs "
+                       "this command (rank 0 the controller, the others their experts).")
     p.add_argument("config", metavar="DEPLOY.toml", help="deployment config")
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="seconds to run (default: until SIGINT/SIGTERM)")

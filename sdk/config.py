@@ -5,7 +5,10 @@ Every field is checked; an error names the file and the field, e.g.
 rejected by name. Paths are resolved relative to the TOML file. Defaults:
 
 - ``[model]`` ``device = "cpu"``, ``window = 32``, ``streams = 1`` (stream slots, the most
-  streams batched through the engine at once);
+  streams batched through the engine at once), ``parallel`` (optional, expert parallelism over
+  torch.distributed: ``{ world_size = N, backend = "gloo" }``, plus ``master_addr =
+  "127.0.0.1"``, ``master_port = 0`` (a free port; torchrun's environment wins when set) and
+  ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.controller``);
 - ``[loop]`` ``period_ms = 10``, ``deadline_ms`` = the period, ``realtime = false``,
   ``infer_budget_ms`` = 80% of the deadline (inference that has not answered by then gets
   the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU,
@@ -146,13 +149,26 @@ class _Table:
 
 
 @dataclass
+class ParallelSection:
+    """``[model] parallel``: expert parallelism over torch.distributed (``runtime.parallel``)."""
+
+    world_size: int = 1
+    backend: str = "gloo"
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    timeout_s: float = 10.0
+
+
+@dataclass
 class ModelSection:
-    """``[model]``: the package, its device, the history window and the stream slots."""
+    """``[model]``: the package, its device, the history window, the stream slots and the
+    expert-parallel ranks (``parallel``, None for one process)."""
 
     path: Path
     device: str = "cpu"
     window: int = 32
     streams: int = 1
+    parallel: ParallelSection | None = None
 
 
 @dataclass
@@ -281,6 +297,16 @@ class DeployConfig:
                              window=t.int("window", 32, lo=1), streams=t.int("streams", 1, lo=1, hi=4096))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
             t.fail(f"must be 'cpu', 'cuda' or 'cuda:N', got {model.device!r}", "device")
+        p = t.sub("parallel")
+        if p is not None:
+            model.parallel = ParallelSection(
+                world_size=p.int("world_size", lo=1, hi=1024), backend=p.str("backend", "gloo", ("gloo", "nccl")),
+                master_addr=p.str("master_addr", "127.0.0.1"), master_port=p.int("master_port", 0, lo=0, hi=65535),
+                timeout_s=p.num("timeout_s", 10.0, positive=True))
+            if model.parallel.backend == "nccl" or model.device != "cpu":
+                p.fail("the expert-parallel engine runs on the CPU over gloo (device = 'cpu', backend = 'gloo'); "
+                       "an nccl path over GPUs is not built", "backend")
+            p.done()
         t.done()
 
         t = top.sub("loop") or _Table({}, "loop", file)

@@ -27,11 +27,23 @@ where an output says ``on_stop = "hold"``) and reach the bridges before they clo
 
 With ``[shadow]`` a candidate package runs on the frames the live model got, in its own
 thread, after the live outputs went out (``Shadow``); it is never applied.
+
+With ``[model] parallel = { world_size = N }`` the routed experts are split across N processes
+(``runtime.parallel``, bitwise the one-process outputs; ``ParallelRanks``). Rank 0 runs the
+controller: loop, bridges, recorder; the other ranks only serve their experts. Under torchrun
+every rank runs ``r1edge run`` and takes its rank from the environment; otherwise rank 0 starts
+the others itself as local processes. The watchdog covers the whole step, exchange included:
+a slow rank gives the fail-safe in that cycle, and a dead one (a failed collective) also stops
+the run, which then reports failure (``r1edge run`` exits 1) for its supervisor to restart
+it. The recording's header names the split; it replays bit for bit on one process.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -56,14 +68,19 @@ Source = Callable[[int, int], Mapping[str, Any]]
 Sink = Callable[[str, dict, str, int, float], None]
 
 
-def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32):
+def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32, group=None):
     """The stream engine over a sensor-mode package (refuses an LM-only package): the Numba
-    engine on the CPU, the graph-captured device engine on CUDA."""
+    engine on the CPU, the graph-captured device engine on CUDA; with a process ``group``, this
+    rank's share of the expert-parallel engine (``runtime.parallel``)."""
     from sdk.loading import load_model
 
     model = load_model(path)
     if getattr(model, "adapter", None) is None:
         raise ValueError(f"{path}: the model has no I/O adapter; a controller needs a sensor-mode package")
+    if group is not None:
+        from runtime.parallel import ParallelEngine
+
+        return ParallelEngine(model, capacity=capacity, window=window, group=group)
     if str(device).startswith("cuda"):
         from runtime.device import DeviceEngine
 
@@ -73,14 +90,112 @@ def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, wi
     return Engine(model, capacity=capacity, window=window)
 
 
-def _build_logged(path: str | Path, cfg: DeployConfig, capacity: int, what: str):
+def _build_logged(path: str | Path, cfg: DeployConfig, capacity: int, what: str, group=None):
     """``build_engine`` for a controller, saying what it does first (a first run compiles)."""
     logger.info("%sengine: loading %s and building the engine (its Numba kernels compile on a first run, "
                 "about 40 s on 2 cores; later runs load them from the on-disk cache) ...", what, path)
     t0 = time.perf_counter()
-    engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window)
+    engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window, group=group)
     logger.info("%sengine ready in %.1f s", what, time.perf_counter() - t0)
     return engine
+
+
+class ParallelRanks:
+    """This process's place among the ranks of ``[model] parallel``: its ``rank``, the process
+    ``group`` the engine exchanges over, and the ranks it started (``procs``, local ones).
+
+    :meth:`join` takes the rank from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) when set, else makes this process rank 0 and starts
+    ranks 1..N-1 here (each re-reads the deployment file, ``cfg.source``, and loads the package
+    itself). A rank other than 0 calls :meth:`serve` (the controller runs on rank 0).
+    """
+
+    def __init__(self, rank: int, group, procs: list):
+        self.rank, self.group, self.procs = rank, group, procs
+
+    @classmethod
+    def join(cls, cfg: DeployConfig) -> "ParallelRanks":
+        """Join (or, without torchrun, start and join) the ranks of ``cfg.model.parallel``."""
+        from runtime.parallel import init_process_group
+
+        par = cfg.model.parallel
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            if int(os.environ["WORLD_SIZE"]) != par.world_size:
+                raise ConfigError(f"{cfg.source}: model.parallel.world_size ({par.world_size}) differs from "
+                                  f"torchrun's WORLD_SIZE ({os.environ['WORLD_SIZE']})")
+            rank = int(os.environ["RANK"])
+            logger.info("expert parallel: rank %d of %d (torchrun)", rank, par.world_size)
+            return cls(rank, init_process_group(par.backend, timeout_s=par.timeout_s), [])
+        port = par.master_port or _free_port(par.master_addr)
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_serve_rank, args=(cfg.source, rank, port), name=f"r1edge-rank{rank}",
+                             daemon=True) for rank in range(1, par.world_size)]
+        for p in procs:
+            p.start()
+        logger.info("expert parallel: rank 0 of %d, ranks 1..%d started here (pids %s), %s:%d", par.world_size,
+                    par.world_size - 1, [p.pid for p in procs], par.master_addr, port)
+        try:
+            group = init_process_group(par.backend, rank=0, world_size=par.world_size,
+                                       master_addr=par.master_addr, master_port=port, timeout_s=par.timeout_s)
+        except BaseException:
+            cls(0, None, procs).close(None)
+            raise
+        return cls(0, group, procs)
+
+    def serve(self, cfg: DeployConfig) -> int:
+        """A rank other than 0: build its share of the engine and serve rank 0 until it stops;
+        the exit status (0 when rank 0 stopped it, 1 when a rank or the leader failed)."""
+        from runtime.parallel import RankFailure, leave_process_group
+
+        engine = build_engine(cfg.model.path, device=cfg.model.device, capacity=cfg.model.streams,
+                              window=cfg.model.window, group=self.group)
+        logger.info("expert parallel: rank %d serves routed experts %d..%d", self.rank, engine.experts[0],
+                    engine.experts[1] - 1)
+        try:
+            engine.serve()
+        except RankFailure as e:
+            logger.error("%s", e)
+            return 1
+        finally:
+            leave_process_group()
+        return 0
+
+    def close(self, engine) -> None:
+        """Rank 0 at the end: stop the other ranks (when the engine still works), wait for the
+        local ones (killing any still there after 10 s), leave the group."""
+        from runtime.parallel import leave_process_group
+
+        if engine is not None and engine.failure is None:
+            try:
+                engine.close()
+            except Exception as e:                       # a rank died between the last step and now
+                logger.error("stopping the other ranks: %s", e)
+        for p in self.procs:
+            p.join(timeout=10.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        leave_process_group()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _serve_rank(config_path: str, rank: int, port: int) -> None:
+    """Entry of a rank started by :meth:`ParallelRanks.join` (a spawned process)."""
+    import sys
+
+    from runtime.parallel import init_process_group
+
+    logging.basicConfig(level=logging.INFO, format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
+    cfg = DeployConfig.load(config_path, check_sources=False)
+    par = cfg.model.parallel
+    group = init_process_group(par.backend, rank=rank, world_size=par.world_size, master_addr=par.master_addr,
+                               master_port=port, timeout_s=par.timeout_s)
+    sys.exit(ParallelRanks(rank, group, []).serve(cfg))
 
 
 def package_identity(path: str | Path) -> dict:
@@ -104,9 +219,22 @@ class Controller:
         self.config = cfg = config
         capacity = cfg.model.streams
         t_start = time.perf_counter()
-        if engine is None:
+        self.ranks: ParallelRanks | None = None
+        if engine is None and cfg.model.parallel is not None and cfg.model.parallel.world_size > 1:
+            self.ranks = ParallelRanks.join(cfg)
+            if self.ranks.rank != 0:
+                self.ranks.close(None)
+                raise ConfigError(f"{cfg.source}: rank {self.ranks.rank} of model.parallel serves experts; the "
+                                  "controller runs on rank 0 (`r1edge run` does this by itself)")
+            try:
+                engine = _build_logged(cfg.model.path, cfg, capacity, "", group=self.ranks.group)
+            except BaseException:
+                self.ranks.close(None)
+                raise
+        elif engine is None:
             engine = _build_logged(cfg.model.path, cfg, capacity, "")
         self.engine = engine
+        self._rank_failure_seen = False
         if getattr(engine, "capacity", capacity) < capacity:
             raise ConfigError(f"{cfg.source}: model.streams ({capacity}) exceeds the engine's "
                               f"capacity ({engine.capacity})")
@@ -177,6 +305,8 @@ class Controller:
             self.worker.close()
             if self.shadow is not None:
                 self.shadow.close()
+            if self.ranks is not None:
+                self.ranks.close(None if self.worker.busy else engine)
             raise
 
     @classmethod
@@ -313,6 +443,10 @@ class Controller:
             self._error("read_errors", exc)
         t1 = monotonic_ns()
         infer_ns = self.cycle.run(t1, tick_ns + self._budget_ns)
+        if self.ranks is not None and self.engine.failure is not None and not self._rank_failure_seen:
+            self._rank_failure_seen = True               # this cycle's fail-safe still goes out, then the run stops
+            logger.error("the expert-parallel engine failed, stopping: %s", self.engine.failure)
+            self.loop.stop()
         t2 = monotonic_ns()
         self._write(seq, tick_ns, (t2 - tick_ns) / 1e3)
         t3 = monotonic_ns()
@@ -554,7 +688,10 @@ class Controller:
                 "capacity": len(self._slot_names), "window": int(getattr(self.engine, "window", cfg.model.window)),
                 "period_ns": cfg.loop.period_ns,
                 "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe] for o in self.output_limits],
-                "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path)}
+                "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path),
+                "parallel": None if self.ranks is None else {
+                    "world_size": self.engine.world_size, "backend": cfg.model.parallel.backend,
+                    "split": [list(s) for s in self.engine.split]}}
 
     def _record(self, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -> None:
         """One cycle record: per active stream the inputs as given, model outputs (when the
@@ -634,6 +771,8 @@ class Controller:
         c = self.counters
         cycles, fs = c["cycles"], c["failsafe_cycles"]
         limit = self.config.loop.max_failsafe_fraction
+        if self.ranks is not None and self.engine.failure is not None:
+            return {"ok": False, "why": f"the expert-parallel engine failed: {self.engine.failure}"}
         if not cycles:
             return {"ok": False, "why": "no control cycle ran"}
         links = "; ".join(f"{b.name} bridge {'connected' if b.health().get('connected') else 'not connected'}"
@@ -673,6 +812,8 @@ class Controller:
         if self.recorder is not None:
             self.recorder.close()
         self.worker.close()
+        if self.ranks is not None:
+            self.ranks.close(None if self.worker.busy else self.engine)
 
     @property
     def running(self) -> bool:
