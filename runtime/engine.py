@@ -548,14 +548,15 @@ def _moe_prepare_rows(layer, lo, hi, b, w, d):
 
 
 @njit(cache=True)
-def _moe_experts(m, rb, b, w, d):
-    """The held experts with tokens (``dims.expert_lo`` .. ``expert_hi - 1``), each once over
-    all tokens routed to it; yout[a] is assignment a's output (a in the dispatch order, so a
-    held range of experts fills one contiguous range of yout)."""
+def _moe_experts(m, n_active, rb, b, w, d):
+    """The held experts (``dims.expert_lo`` .. ``expert_hi - 1``) among the ``n_active`` with
+    tokens, each once over all tokens routed to it; yout[a] is assignment a's output (a in the
+    dispatch order, so a held range of experts fills one contiguous range of yout)."""
     e_w = w.moe
-    lo = d.expert_lo
-    for e in range(lo, d.expert_hi):
-        if rb.offsets[e] == rb.offsets[e + 1]:
+    lo, hi = d.expert_lo, d.expert_hi
+    for ai in range(n_active):
+        e = rb.active[ai]
+        if e < lo or e >= hi:
             continue
         k = e - lo
         _swiglu_rows(rb.offsets[e], rb.offsets[e + 1], d.inter_moe, b.xq32, b.xs, rb.token_ids, True,
@@ -642,11 +643,10 @@ def _sensor_out_rows(lo, hi, b, w, d):
             out[i, o] = (acc + bias[o]) * std[o] + mean[o]
 
 
-@njit(cache=True)
-def _layer_front(st, layer, n):
+@njit(cache=True, inline="always")
+def _front_rows(layer, n, b, w, d, rule, rb):
     """Layer ``layer`` for the pass's ``n`` rows up to the MoE combine: attention, then the dense
     MLP, or the MoE norm, routing and the held routed experts (their outputs left in yout)."""
-    b, w, d = st.buffers, st.weights, st.dims
     _attention_rows(layer, 0, n, b, w, d)
     if layer < d.first_moe:
         _dense_mlp_rows(layer, 0, n, b, w, d)
@@ -655,25 +655,31 @@ def _layer_front(st, layer, n):
     _moe_prepare_rows(layer, 0, n, b, w, d)
     logits = b.router_logits[:n]
     router_logits(b.h[:n], w.moe.gate_t[m], logits)
-    route_dispatch(logits, w.moe.bias[m], st.rule, st.route)
-    _moe_experts(m, st.route, b, w, d)
+    n_active = route_dispatch(logits, w.moe.bias[m], rule, rb)
+    _moe_experts(m, n_active, rb, b, w, d)
+
+
+@njit(cache=True, inline="always")
+def _back_rows(layer, n, b, w, d, rule, rb):
+    """The rest of layer ``layer`` once yout holds every assignment's output: the MoE combine
+    (nothing for a dense layer)."""
+    if layer >= d.first_moe:
+        _moe_combine_rows(layer, 0, n, b, w, d, rb, rule.top_k)
+
+
+# Taking a NamedTuple out of the State increfs every array in it, so a pass takes its parts
+# once (in ``_pass``) and the stages below take them once per call from Python.
+
+@njit(cache=True)
+def _layer_front(st, layer, n):
+    """:func:`_front_rows` on the State's parts (``runtime.parallel`` calls it per layer)."""
+    _front_rows(layer, n, st.buffers, st.weights, st.dims, st.rule, st.route)
 
 
 @njit(cache=True)
 def _layer_back(st, layer, n):
-    """The rest of layer ``layer`` once yout holds every assignment's output: the MoE combine
-    (nothing for a dense layer)."""
-    d = st.dims
-    if layer >= d.first_moe:
-        _moe_combine_rows(layer, 0, n, st.buffers, st.weights, d, st.route, st.rule.top_k)
-
-
-@njit(cache=True)
-def _run_layers(n, st):
-    """All decoder layers for the pass's ``n`` rows."""
-    for layer in range(st.dims.n_layers):
-        _layer_front(st, layer, n)
-        _layer_back(st, layer, n)
+    """:func:`_back_rows` on the State's parts (``runtime.parallel`` calls it per layer)."""
+    _back_rows(layer, n, st.buffers, st.weights, st.dims, st.rule, st.route)
 
 
 # ----------------------------------------------------------------------------------------
@@ -705,10 +711,9 @@ def _check_slots(b, slots, capacity):
     return _OK if ok else _BAD_SLOTS
 
 
-@njit(cache=True)
-def _check(st, mode, slots, tokens, feats):
+@njit(cache=True, inline="always")
+def _check_inputs(mode, slots, tokens, feats, b, w, d):
     """Every input of a step or prefill checked before anything changes; an error code."""
-    b, w, d = st.buffers, st.weights, st.dims
     sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
     if sensor and feats.shape[1] != b.feats.shape[1]:
         return _BAD_INPUT
@@ -732,12 +737,11 @@ def _check(st, mode, slots, tokens, feats):
     return _OK
 
 
-@njit(cache=True)
-def _begin(st, mode, slots, tokens, feats, t0):
+@njit(cache=True, inline="always")
+def _begin_rows(mode, slots, tokens, feats, t0, b, w, d):
     """Load one pass's rows: a step's slots, or a prefill's positions from input ``t0`` on (at
     most ``dims.rows``) of ``slots[0]``; their embeddings (or adapted frames) into x and their
     rotary angles. Returns the pass's row count."""
-    b, w, d = st.buffers, st.weights, st.dims
     sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
     if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
         n = slots.shape[0]
@@ -763,11 +767,10 @@ def _begin(st, mode, slots, tokens, feats, t0):
     return n
 
 
-@njit(cache=True)
-def _end(st, mode, n, last, head):
+@njit(cache=True, inline="always")
+def _end_rows(mode, n, last, head, b, w, d):
     """After a pass's layers: advance the positions; with ``head``, a step's logits / outputs in
     rows 0..n-1, or a prefill's last position's (when ``last``) in row 0."""
-    b, w, d = st.buffers, st.weights, st.dims
     sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
     if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
         for i in range(n):
@@ -799,7 +802,8 @@ def _pass(st, mode, slots, tokens, feats):
     appends all of ``tokens`` [T] / ``feats`` [T, F] to ``slots[0]`` in passes of up to
     ``dims.rows`` positions and leaves the last position's logits / outputs in row 0. Returns an
     error code (0: done)."""
-    err = _check(st, mode, slots, tokens, feats)
+    b, w, d, rule, rb = st.buffers, st.weights, st.dims, st.rule, st.route
+    err = _check_inputs(mode, slots, tokens, feats, b, w, d)
     if err != _OK:
         return err
     if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
@@ -808,11 +812,31 @@ def _pass(st, mode, slots, tokens, feats):
         T = feats.shape[0] if mode == _PREFILL_SENSOR else tokens.shape[0]
     t0 = 0
     while t0 < T:
-        n = _begin(st, mode, slots, tokens, feats, t0)
-        _run_layers(n, st)
+        n = _begin_rows(mode, slots, tokens, feats, t0, b, w, d)
+        for layer in range(d.n_layers):
+            _front_rows(layer, n, b, w, d, rule, rb)
+            _back_rows(layer, n, b, w, d, rule, rb)
         t0 += n
-        _end(st, mode, n, t0 >= T, True)
+        _end_rows(mode, n, t0 >= T, True, b, w, d)
     return _OK
+
+
+@njit(cache=True)
+def _check(st, mode, slots, tokens, feats):
+    """:func:`_check_inputs` on the State's parts (``runtime.parallel``'s stages)."""
+    return _check_inputs(mode, slots, tokens, feats, st.buffers, st.weights, st.dims)
+
+
+@njit(cache=True)
+def _begin(st, mode, slots, tokens, feats, t0):
+    """:func:`_begin_rows` on the State's parts (``runtime.parallel``'s stages)."""
+    return _begin_rows(mode, slots, tokens, feats, t0, st.buffers, st.weights, st.dims)
+
+
+@njit(cache=True)
+def _end(st, mode, n, last, head):
+    """:func:`_end_rows` on the State's parts (``runtime.parallel``'s stages)."""
+    _end_rows(mode, n, last, head, st.buffers, st.weights, st.dims)
 
 
 # ----------------------------------------------------------------------------------------
@@ -926,6 +950,7 @@ class Engine:
         self.experts = (0, n_experts) if experts is None else (int(experts[0]), int(experts[1]))
         if not 0 <= self.experts[0] <= self.experts[1] <= n_experts:
             raise ValueError(f"experts={experts}: not a range within the {n_experts} routed experts")
+        self.partial = self.experts != (0, n_experts)
         if cfg.attention_bias:
             raise ValueError("the stream engine does not support attention_bias=True checkpoints")
         self.config, self.capacity, self.window = cfg, capacity, window
@@ -943,7 +968,7 @@ class Engine:
         self.pos, self.logits, self.outputs = self.buffers.pos, self.buffers.logits, self.buffers.outputs
         self._no_tokens = np.zeros(0, np.int64)
         self._no_feats = np.zeros((0, self.buffers.feats.shape[1]), F32)
-        if self.experts == (0, n_experts):
+        if not self.partial:
             self._warmup()
 
     # -- set-up --------------------------------------------------------------------------
@@ -1034,7 +1059,7 @@ class Engine:
     # -- steps ---------------------------------------------------------------------------
     def _run(self, mode: int, slots: np.ndarray, tokens: np.ndarray, feats: np.ndarray) -> int:
         """One step or prefill (``_pass``); an error code. A share of the experts alone cannot."""
-        if self.experts[1] - self.experts[0] != self.rule.n_experts and self.config.n_moe_layers:
+        if self.partial:
             raise RuntimeError(f"this engine holds routed experts {self.experts[0]}..{self.experts[1] - 1} of "
                                f"{self.rule.n_experts} only: run it through runtime.parallel")
         return _pass(self.state, mode, slots, tokens, feats)
