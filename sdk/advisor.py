@@ -266,6 +266,8 @@ class Advisor:
     advice in force), ``after_cycle`` once the outputs went out (history; a request when one is
     due). ``entry()`` gives the advised stream's fields of the cycle record, ``published()``
     the signals for the bridges. ``request()``/``wait()`` ask for advice at once (synchronous use).
+    ``every_ns`` (between requests) and ``deadline_s`` (per answer) start from the config and may
+    be changed between cycles.
     """
 
     def __init__(self, section: AdvisorSection, inputs: list[InputSpec], input_names: list[str],
@@ -290,7 +292,7 @@ class Advisor:
         self.enabled = self.in_force = False
         self._pub_names = list(section.published(inputs))
         self._pub = dict(section.published(inputs))
-        self._every_ns, self._deadline_s = int(s.every_ms * 1e6), s.deadline_ms / 1e3
+        self.every_ns, self.deadline_s = int(s.every_ms * 1e6), s.deadline_ms / 1e3
         self._next_ns = 0
         self._id = 0
         self._busy = False
@@ -426,7 +428,7 @@ class Advisor:
         n, k = min(self._k, len(self._st)), self._k % len(self._st)
         order = np.r_[k:len(self._st), 0:k] if self._k > len(self._st) else np.arange(n)
         self._id += 1
-        msg = {"type": "advise", "id": self._id, "deadline": time.monotonic() + self._deadline_s, "n": n,
+        msg = {"type": "advise", "id": self._id, "deadline": time.monotonic() + self.deadline_s, "n": n,
                "x": self._x[order].tobytes(), "y": self._y[order].tobytes(), "st": self._st[order].tobytes(),
                "plc": self.override.plc.tolist(),
                "advice": None if self.target is None else self.target.tolist(),
@@ -437,7 +439,7 @@ class Advisor:
             self._dead = f"writing a request failed: {exc}"
             return False
         self._busy = True
-        self._next_ns = now_ns + self._every_ns
+        self._next_ns = now_ns + self.every_ns
         self.counters["requests"] += 1
         return True
 
