@@ -29,7 +29,9 @@ setpoint replaces the PLC's value the model sees, clamped to the input's range a
 ``max_rate`` units per second, starting from the PLC's value when the advice takes over (no
 bump). The PLC's own value must itself be valid (finite, in range; its age is still judged by
 the input guard), so advice never hides a broken or stale PLC signal. The PLC sees everything
-the advisor does through published signals (``AdvisorSection.published``).
+the advisor does through published signals (``AdvisorSection.published``): ``advice.<setpoint>``
+is the value the model sees while advice is in force (a PLC that computes other inputs from its
+setpoint, such as an error, adopts it as its remote setpoint), else the advice held.
 
 **Recording and replay.** The flight recorder gets an ``advice`` record per answer (the
 context the prompt was rendered from, the prompt, its token count, the generated tokens, the
@@ -290,10 +292,11 @@ class Advisor:
         self.target: np.ndarray | None = None
         self.diagnosis: str | None = None
         self.enabled = self.in_force = False
-        self._pub_names = list(section.published(inputs))
         self._pub = dict(section.published(inputs))
+        self._pub_sets = [f"advice.{name}" for name in section.sets]
+        self._held: dict[str, float] = {}                 # advice.<setpoint> of the advice held
         self.every_ns, self.deadline_s = int(s.every_ms * 1e6), s.deadline_ms / 1e3
-        self._next_ns = 0
+        self._sent_ns: int | None = None              # when the last request went out
         self._id = 0
         self._busy = False
         self._result: dict | None = None
@@ -401,6 +404,11 @@ class Advisor:
             self.enabled = bool(stamp is not None and now_ns - stamp <= self._stale_ns and v >= 0.5)
             self.in_force = self.override.apply(values[slot], self.target, self.enabled)
             self.counters["in_force_cycles"] += self.in_force
+            if self.in_force:                             # what the model sees, for a PLC to adopt
+                for name, j in zip(self._pub_sets, self.override.cols):
+                    self._pub[name] = float(values[slot, j])
+            else:
+                self._pub.update(self._held)
         self.loop_hist.add_ns(monotonic_ns() - t0)
         return record
 
@@ -415,7 +423,7 @@ class Advisor:
             self._y[i] = out[slot]
             self._st[i] = status[slot]
             self._k += 1
-            if now_ns >= self._next_ns and not self._busy:
+            if not self._busy and (self._sent_ns is None or now_ns - self._sent_ns >= self.every_ns):
                 self.request(now_ns)
         self.loop_hist.add_ns(monotonic_ns() - t0)
 
@@ -439,7 +447,7 @@ class Advisor:
             self._dead = f"writing a request failed: {exc}"
             return False
         self._busy = True
-        self._next_ns = now_ns + self.every_ns
+        self._sent_ns = now_ns
         self.counters["requests"] += 1
         return True
 
@@ -478,6 +486,7 @@ class Advisor:
             self.counters["good"] += 1
         elif self.section.on_failure == "failsafe":
             self.target, self.diagnosis = None, None
+        self._publish_advice()
         self.seconds.add_ns(int(result.get("seconds", 0.0) * 1e9))
         self.last = {k: result.get(k) for k in ("status", "decision", "seconds", "think_tokens", "errors")}
         self.last["tokens"] = len(result.get("tokens") or [])
@@ -494,19 +503,24 @@ class Advisor:
         return {"plc": self.override.plc.tolist(), "en": self.enabled, "in": self.in_force}
 
     def published(self) -> dict[str, float]:
-        """The advisor's signals for the bridges (see ``AdvisorSection.published``)."""
+        """The advisor's signals for the bridges (see ``AdvisorSection.published``); the
+        advice's values change when an answer is taken, the state every cycle."""
+        pub = self._pub
+        held = self.target is not None or self.diagnosis is not None
+        pub["advice.state"] = float(STATE_IN_FORCE if self.in_force else STATE_HELD if held else STATE_NONE)
+        return pub
+
+    def _publish_advice(self) -> None:
         pub = self._pub
         if self.target is not None:
             clipped = np.clip(self.target, self.override.lo, self.override.hi)
-            for name, v in zip(self.section.sets, clipped.tolist()):
-                pub[f"advice.{name}"] = v
+            self._held = dict(zip(self._pub_sets, clipped.tolist()))
+        if not self.in_force:
+            pub.update(self._held)
         if self.section.diagnoses:
             pub["advice.diagnosis"] = float(self.section.diagnoses.index(self.diagnosis) + 1
                                             if self.diagnosis is not None else 0)
-        held = self.target is not None or self.diagnosis is not None
-        pub["advice.state"] = float(STATE_IN_FORCE if self.in_force else STATE_HELD if held else STATE_NONE)
         pub["advice.count"] = float(self.counters["good"] & 0xFFFF)
-        return pub
 
     def header(self) -> dict:
         """What a recording needs to replay the advice: package, template text, schema, settings."""

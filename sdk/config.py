@@ -260,8 +260,8 @@ class AdvisorSection:
 
     def published(self, inputs: list[InputSpec]) -> dict[str, float]:
         """The signals the controller publishes to the bridges for the PLC, with their values
-        before any advice: ``advice.<setpoint>`` (the advised value; the input's min before
-        any advice), ``advice.diagnosis`` (1-based index into ``diagnoses``, 0 = none),
+        before any advice: ``advice.<setpoint>`` (while advice is in force the value the model
+        sees, ramped; otherwise the advice held; the input's min before any), ``advice.diagnosis`` (1-based index into ``diagnoses``, 0 = none),
         ``advice.state`` (0 none, 1 advice held but not in force, 2 in force) and
         ``advice.count`` (good answers, modulo 65536)."""
         lo = {i.name: i.min for i in inputs}
