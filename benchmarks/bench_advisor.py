@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--period-ms", type=float, default=5.0)
     ap.add_argument("--deadline-ms", type=float, default=4.0)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--nice", type=int, default=10, help="the advisor process's niceness")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     prompt = PROMPT + " " + " ".join(["level valve heater setpoint"] * 30)
@@ -64,6 +65,7 @@ def main() -> int:
         make_lm(lm, args.hidden)
         path = demo_deploy(tmp, lm, every_ms=args.period_ms, deadline_ms=args.period_ms, period_ms=args.period_ms,
                            deadline_loop_ms=args.deadline_ms, recorder=False, prompt=prompt)
+        path.write_text(path.read_text() + f"nice = {args.nice}\n")      # [advisor] is the file's last table
         ctrl = Controller.from_config(path, bridges=False)
         adv = ctrl.advisor
         adv.deadline_s = 10.0
@@ -125,7 +127,7 @@ def main() -> int:
                       f"{ctrl.counters['deadline_misses'] - m0} latency p99 {lat.percentile(0.99):.0f} us "
                       f"max {lat.max_us:.0f} us lateness p99 {late.percentile(0.99):.0f} us", flush=True)
         ctrl.close()
-    print(f"advisor model: hidden {args.hidden}, engine step {step_ms:.2f} ms; loop {args.period_ms:g} ms period, "
+    print(f"advisor model: hidden {args.hidden}, engine step {step_ms:.2f} ms, process nice {args.nice}; loop {args.period_ms:g} ms period, "
           f"{args.deadline_ms:g} ms deadline")
     for mode, tot in totals.items():
         print(f"{mode:8s} cycles {tot['cycles']}  deadline misses {tot['deadline_misses']}  wake-ups >1 ms late "

@@ -350,6 +350,11 @@ class Advisor:
             self._dead = f"the advisor process exited (status {code})"
 
     @property
+    def pid(self) -> int | None:
+        """The advisor process's id (None once closed)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def pending(self) -> bool:
         """Whether a request is out and its answer not taken yet."""
         return self._busy

@@ -549,6 +549,8 @@ def _advisor(t: _Table, base: Path, loop: LoopSection, inputs: list[InputSpec], 
         t.fail(f"must be below max_tokens ({sec.max_tokens}), got {sec.max_think_tokens}", "max_think_tokens")
     if not sec.prompt.is_file():
         t.fail(f"{sec.prompt}: no such prompt template", "prompt")
+    if not sec.path.is_dir():
+        t.fail(f"{sec.path}: no such language model (a package or checkpoint directory with its tokenizer)", "path")
     return sec
 
 

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             calib = Path(tmp) / "calib.jsonl"
             calib.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s, _ in encode(held[:64], tok)))
             train_s = time.perf_counter() - t0
-            compress = sdk.compress(ckpt, out, calib=calib, quant="int8")
+            compress = sdk.compress(ckpt, out, calib=calib, quant="int8", overwrite=True)
         report = {"train_states": args.train, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                   "seed": args.seed, "vocab": tok.vocab_size, "config": CONFIG, "loss_every_100_steps": losses,
                   "train_seconds": train_s, "compress_quality": compress.get("quality")}
