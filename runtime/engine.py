@@ -1,28 +1,51 @@
 """The deterministic stream engine on the CPU: fixed-capacity stream slots, one token per
-stream per step, the whole step in Numba.
+stream per step (or a stream's whole history in one chunked pass), the whole step in Numba.
 
 Every stream slot owns a ring buffer of ``window`` latent-cache entries per layer (the MLA
-latent plus the rotary key: 576 values per token per layer on real R1). A step appends one
-token (LM mode) or one sensor frame (sensor mode) to each listed slot and returns its logits
-or outputs.
+latent plus the rotary key: 576 values per token per layer on real R1), kept twice: position-
+major ``vals`` [L, S, W, C] for the attention-weighted sum, and channel-major ``keys``
+[L, S, C + R, W] (latent and rotated rotary key) for the scores. A step appends one token (LM
+mode) or one sensor frame (sensor mode) to each listed slot and returns its logits or outputs;
+:meth:`Engine.prefill` appends a stream's whole history (a warm start, a prompt) in chunks.
 
 It is a backend of the model's definition (``runtime.model`` for the float math,
 ``runtime.quant`` for the int8 rules, ``runtime.routing`` for routing), checked against it
 by the tests: the Numba functions below are the twins of those rules (``_rmsnorm``,
-``_rope``, ``_quantize_row``, ``_gemv_i8``, ``_swiglu``), and routing is
+``_rope_angles``/``_rope_apply``, ``quantize_row_u8``, ``gemm_rows``, ``_silu_mul``), and routing is
 ``runtime.routing.route_dispatch`` itself. Weights come from ``runtime.quant.pack_int8``.
 
 Why it is batch-invariant and reproducible: linear layers run W8A8 (per-output-channel int8
 weights, per-token dynamic int8 activations) with exact int32 accumulation, so their result
-does not depend on summation order; every float operation left (norms, rotary, attention,
-router logits, the absorbed ``kv_b_proj`` products, the sensor adapter) is computed per row
-in a fixed loop order. A row's result therefore depends only on that stream's own history,
-never on which other streams share the step or in which order.
+does not depend on summation order: one GEMM per weight matrix serves all rows of a step
+(``runtime.cpu_int8``). Every float reduction left runs in a fixed order that depends on the
+sizes of the model alone, and is vectorised across independent results, never across the
+terms of one sum:
+
+- RMS norms: the squares summed in eight running sums (channel k into sum k mod 8, in
+  order), added pairwise, then the last n mod 8 in order; per-token int8 scales: a max.
+- attention scores of one head: for each position, the latent part summed over latent
+  channels in ascending order, the rotary part likewise, then added; SIMD lanes run over
+  positions (the channel-major ``keys``).
+- softmax: the max, then exp(score - max) by a fixed vectorised formula (``_exp_row``, within
+  1 ulp of exp; SiLU uses it too), summed in 16 lanes (lane l takes ring positions l, l + 16,
+  ... in ascending order), then the lane sums pairwise (``_sum_blocked``).
+- attention-weighted latent: over ring positions in ascending order; lanes over channels.
+- absorbed ``kv_b_proj`` products (query into the latent, latent into values): over the
+  reduced index in ascending order; lanes over the output index.
+- router logits: ``runtime.routing.router_logits`` (blocks of eight, lanes over experts).
+- a token's expert outputs summed in its top-k order, then the shared experts.
+
+A row's result therefore depends only on that stream's own history, never on which other
+streams share the step or in which order, and a prefilled stream holds the very cache bits
+that stepping it token by token gives.
 
 Why it is fast on a CPU: the whole step is one Numba call over preallocated buffers, so a
-step allocates nothing and pays no per-op dispatch. Rows run in parallel for attention and
-dense parts; routed experts run once each over all the tokens routed to them (the dispatch
-plan), reading each expert's weights once per step.
+step allocates nothing and pays no per-op dispatch. A step runs on the calling thread alone:
+no parallel region to launch or to wait for (a pool thread preempted by another process would
+stall the whole step), and one compiled entry point (Numba re-optimises everything a function
+calls for each entry point, so fewer entries compile faster). Every weight matrix goes through
+one int8 GEMM for all rows of the pass, and routed experts run once each over all the tokens
+routed to them (the dispatch plan), reading each expert's weights once per step.
 """
 from __future__ import annotations
 
@@ -31,10 +54,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit, prange, types
+from numba import njit, types
 from numba.experimental import structref
 
 from runtime.config import LORA_NORM_EPS
+from runtime.cpu_int8 import absmax, gemm_rows, pack_blocked, padded16, padded_k, quantize_row_u8, rows_dot
 from runtime.model import Transformer
 from runtime.quant import PackedMLP, QWeight, pack_int8
 from runtime.routing import RouteBuffers, RoutingRule, route_dispatch, router_logits
@@ -42,10 +66,12 @@ from runtime.routing import RouteBuffers, RoutingRule, route_dispatch, router_lo
 log = logging.getLogger(__name__)
 
 F32 = np.float32
+PREFILL_ROWS = 64          # default rows of one prefill pass (an engine's rows: at least these)
 
 
 class Dims(NamedTuple):
-    """The step's sizes and scalars."""
+    """The step's sizes and scalars (``capacity`` stream slots, ``rows`` per pass, the
+    intermediate sizes of the dense, routed and shared SwiGLU blocks)."""
     n_layers: int
     first_moe: int
     window: int
@@ -60,45 +86,61 @@ class Dims(NamedTuple):
     has_q_lora: bool
     interleave: bool
     rope_factor: np.float32
+    capacity: int
+    rows: int
+    inter_dense: int
+    inter_moe: int
+    inter_shared: int
 
 
 class AttnWeights(NamedTuple):
-    """MLA weights of every layer, stacked; int8 ``*_q`` [L, N, K] rows with scales ``*_s``
-    [L, N]. Without a q low rank ``q_a_*``/``q_b_*`` are empty, else ``q_*`` is."""
+    """MLA weights of every layer, stacked. Each int8 projection ``*_q`` [L, Nb, K4 * 64] is
+    blocked (``runtime.cpu_int8``) with its row sums ``*_r`` and scales ``*_s`` [L, Nb * 16].
+    Without a q low rank ``q_a_*``/``q_b_*`` are empty, else ``q_*`` is. ``w_uk`` [L, heads,
+    nope, C16] and ``w_uvt`` [L, heads, C16, v16] are the absorbed ``kv_b_proj`` halves
+    (float32; ``C16``, ``v16``: zero-padded to whole 16-lane vectors)."""
     q_a_q: np.ndarray
+    q_a_r: np.ndarray
     q_a_s: np.ndarray
     q_a_norm: np.ndarray
     q_b_q: np.ndarray
+    q_b_r: np.ndarray
     q_b_s: np.ndarray
     q_q: np.ndarray
+    q_r: np.ndarray
     q_s: np.ndarray
     kv_a_q: np.ndarray
+    kv_a_r: np.ndarray
     kv_a_s: np.ndarray
     kv_a_norm: np.ndarray
     w_uk: np.ndarray
-    w_uv: np.ndarray
+    w_uvt: np.ndarray
     o_q: np.ndarray
+    o_r: np.ndarray
     o_s: np.ndarray
     inv_freq: np.ndarray
 
 
 class MlpWeights(NamedTuple):
-    """SwiGLU blocks stacked: ``w13`` int8 [L, 2I, H] (rows gate | up), ``w2`` int8 [L, H, I]."""
+    """SwiGLU blocks stacked and blocked: ``w13`` [L, ...] (rows gate | up), ``w2`` [L, ...]."""
     w13_q: np.ndarray
+    w13_r: np.ndarray
     w13_s: np.ndarray
     w2_q: np.ndarray
+    w2_r: np.ndarray
     w2_s: np.ndarray
 
 
 class MoeWeights(NamedTuple):
     """Per MoE layer: router ``gate_t`` float32 [H, E] and ``bias`` [E]; routed experts
-    ``w13_q`` int8 [E, 2I, H], ``w2_q`` [E, H, I] with scales; shared experts (when
-    ``has_shared``)."""
+    blocked ``w13_*`` [M, E, ...], ``w2_*`` [M, E, ...]; shared experts (when ``has_shared``)."""
     gate_t: np.ndarray
     bias: np.ndarray
     w13_q: np.ndarray
+    w13_r: np.ndarray
     w13_s: np.ndarray
     w2_q: np.ndarray
+    w2_r: np.ndarray
     w2_s: np.ndarray
     has_shared: bool
     shared: MlpWeights
@@ -118,7 +160,7 @@ class AdapterWeights(NamedTuple):
 
 class Weights(NamedTuple):
     """Everything a step reads: token embeddings [V, H], the layers' two norms [L, H],
-    attention, dense MLPs, MoE, the final norm, the int8 head [V, H] and the adapter."""
+    attention, dense MLPs, MoE, the final norm, the blocked int8 head and the adapter."""
     embed: np.ndarray
     input_norm: np.ndarray
     post_norm: np.ndarray
@@ -127,37 +169,56 @@ class Weights(NamedTuple):
     moe: MoeWeights
     norm: np.ndarray
     head_q: np.ndarray
+    head_r: np.ndarray
     head_s: np.ndarray
     adapter: AdapterWeights
 
 
 class Buffers(NamedTuple):
-    """Preallocated per-row scratch (row i serves slot ``rows[i]`` of the step), the latent
-    ring buffers ``lat`` [L, S, W, C] / ``pe`` [L, S, W, R], the slots' positions ``pos``
-    [S], the step's inputs (``tokens``, ``feats``) and outputs (``logits``, ``outputs``)."""
+    """Preallocated scratch. Row i of a pass serves slot ``rows[i]`` at position ``rpos[i]``
+    (a step: distinct slots; a prefill: one slot at successive positions). The latent ring
+    buffers ``vals`` [L, S, W, C16] and ``keys`` [L, S, C + R, W16] (``*16``: zero-padded to
+    whole 16-lane vectors), the slots' positions ``pos``
+    [S], the pass's inputs (``tokens``, ``feats``) and outputs (``logits``, ``outputs``).
+    ``xq``/``midq`` hold int8 activations offset to uint8 (``xq32``/``midq32``: the same
+    memory as int32 words, as the GEMMs read it) with scales ``xs``/``ms``."""
     rows: np.ndarray
+    rpos: np.ndarray
+    seen: np.ndarray
     tokens: np.ndarray
     feats: np.ndarray
     logits: np.ndarray
     outputs: np.ndarray
     x: np.ndarray
     h: np.ndarray
-    hq: np.ndarray
-    hscale: np.ndarray
+    xq: np.ndarray
+    xq32: np.ndarray
+    xs: np.ndarray
     q: np.ndarray
     kv: np.ndarray
     q_low: np.ndarray
     qabs: np.ndarray
     scores: np.ndarray
+    scores2: np.ndarray
     ctx: np.ndarray
+    vout: np.ndarray
     attn_out: np.ndarray
+    rope_cos: np.ndarray
+    rope_sin: np.ndarray
+    ebits: np.ndarray
+    escale: np.ndarray
+    lanes: np.ndarray
+    eout: np.ndarray
     mid: np.ndarray
     midq: np.ndarray
+    midq32: np.ndarray
+    ms: np.ndarray
+    acc: np.ndarray
     shared_out: np.ndarray
     yout: np.ndarray
     router_logits: np.ndarray
-    lat: np.ndarray
-    pe: np.ndarray
+    keys: np.ndarray
+    vals: np.ndarray
     pos: np.ndarray
 
 
@@ -177,20 +238,14 @@ structref.define_proxy(State, _StateType, ["buffers", "weights", "rule", "route"
 
 
 # ----------------------------------------------------------------------------------------
-# Numba twins of the model's rules. All float reductions run in a fixed sequential order.
+# Numba twins of the model's rules. Every float reduction runs in the fixed order above.
 
 @njit(cache=True, inline="always")
 def _quantize_row(x, q):
-    """Per-token symmetric int8 of x[K] into q[K]; returns the scale (absmax / 127).
-
-    The rule of ``runtime.quant.quantize_activation``, inlined without its clamp (for finite
-    input |x| / scale <= 127 already; the clamp costs a step 5-10%). A test holds the two
-    bit-identical."""
-    amax = F32(0.0)
-    for k in range(x.shape[0]):
-        a = abs(x[k])
-        if a > amax:
-            amax = a
+    """Per-token symmetric int8 of x[K] into q[K]; returns the scale (absmax / 127): the rule
+    of ``runtime.quant.quantize_activation`` as plain int8 (the engine stores it offset, by
+    ``runtime.cpu_int8.quantize_row_u8``). A test holds both bit-identical to the rule."""
+    amax = absmax(x)
     scale = amax / F32(127.0)
     if scale == F32(0.0):
         scale = F32(1.0)
@@ -200,20 +255,23 @@ def _quantize_row(x, q):
 
 
 @njit(cache=True, inline="always")
-def _gemv_i8(q, xs, w, ws, out):
-    """out[N] = (int32 dot of q[K] with each int8 row of w[N,K]) * xs * ws[N]; exact accumulation."""
-    n_out, k_in = w.shape
-    for n in range(n_out):
-        acc = np.int32(0)
-        for k in range(k_in):
-            acc += np.int32(q[k]) * np.int32(w[n, k])
-        out[n] = F32(acc) * xs * ws[n]
-
-
-@njit(cache=True, inline="always")
 def _rmsnorm(x, weight, eps, out):
-    ss = F32(0.0)
-    for k in range(x.shape[0]):
+    """out = weight * x / sqrt(mean(x^2) + eps); the squares summed in eight running sums
+    (sum l takes x[l], x[l + 8], ... in order), added pairwise, then the last n % 8 in order."""
+    n = x.shape[0]
+    n8 = n - n % 8
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = F32(0.0)
+    for k in range(0, n8, 8):
+        s0 += x[k] * x[k]
+        s1 += x[k + 1] * x[k + 1]
+        s2 += x[k + 2] * x[k + 2]
+        s3 += x[k + 3] * x[k + 3]
+        s4 += x[k + 4] * x[k + 4]
+        s5 += x[k + 5] * x[k + 5]
+        s6 += x[k + 6] * x[k + 6]
+        s7 += x[k + 7] * x[k + 7]
+    ss = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for k in range(n8, n):
         ss += x[k] * x[k]
     inv = F32(1.0) / np.sqrt(ss / F32(x.shape[0]) + eps)
     for k in range(x.shape[0]):
@@ -221,231 +279,292 @@ def _rmsnorm(x, weight, eps, out):
 
 
 @njit(cache=True, inline="always")
-def _rope(x, pos, inv_freq, factor, interleave):
-    """Rotate x[R] in place for integer position ``pos``.
+def _exp_row(x, sign, shift, out, n, bits, scale):
+    """out[j] = exp(sign * x[j] - shift) for j < n (``out`` may be ``x``), in float32 by a fixed formula that vectorises (a
+    libm call per element would not): n = round(v / ln 2), r = v - n ln 2 in two parts
+    (Cody-Waite), a degree-6 polynomial for exp(r), times 2^n built from its bits in ``bits``
+    (int32 scratch; ``scale`` is the same memory as float32). Within 2 ulp of exp for v in
+    [-87, 88] (clamped there: exp(-87) ~ 1.6e-38); NaN stays NaN. The same input always gives
+    the same bits, whatever lane or loop tail it falls in."""
+    for j in range(n):
+        v = sign * x[j] - shift
+        v = F32(-87.0) if v < F32(-87.0) else v
+        v = F32(88.0) if v > F32(88.0) else v
+        k = np.floor(v * F32(1.44269504088896341) + F32(0.5))
+        r = v - k * F32(0.693359375) - k * F32(-2.12194440e-4)
+        z = r * r
+        y = (((((F32(1.9875691500e-4) * r + F32(1.3981999507e-3)) * r + F32(8.3334519073e-3)) * r
+               + F32(4.1665795894e-2)) * r + F32(1.6666665459e-1)) * r + F32(5.0000001201e-1)) * z + r + F32(1.0)
+        out[j] = y
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    for j in range(n):
+        out[j] = out[j] * scale[j]
 
-    Pairs are (0,1),(2,3)... when ``interleave`` else (i, i+R/2), as in the model; the
-    engine keeps queries and keys in that same paired layout, so their dot products are
-    those of the model.
-    """
-    half = x.shape[0] // 2
-    for i in range(half):
+
+@njit(cache=True, inline="always")
+def _max8(x, n):
+    """max of x[:n] (NaNs skipped, -inf if none), eight running maxima at once (exact in any order)."""
+    n8 = n - n % 8
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = F32(-np.inf)
+    for k in range(0, n8, 8):
+        m0 = x[k] if x[k] > m0 else m0
+        m1 = x[k + 1] if x[k + 1] > m1 else m1
+        m2 = x[k + 2] if x[k + 2] > m2 else m2
+        m3 = x[k + 3] if x[k + 3] > m3 else m3
+        m4 = x[k + 4] if x[k + 4] > m4 else m4
+        m5 = x[k + 5] if x[k + 5] > m5 else m5
+        m6 = x[k + 6] if x[k + 6] > m6 else m6
+        m7 = x[k + 7] if x[k + 7] > m7 else m7
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for k in range(n8, n):
+        m = x[k] if x[k] > m else m
+    return m
+
+
+@njit(cache=True, inline="always")
+def _sum_blocked(x, blocks, lanes):
+    """The sum of x[:16 * blocks] in a fixed blocked order: lane l adds x[16 b + l]
+    over b ascending (16 lanes at once), then the 16 lane sums pairwise, (0+1), (2+3), ...,
+    then those pairs, down to one. ``lanes`` is scratch [16]."""
+    for lane in range(16):
+        lanes[lane] = F32(0.0)
+    for blk in range(blocks):
+        for lane in range(16):
+            lanes[lane] += x[16 * blk + lane]
+    width = 8
+    while width >= 1:
+        for lane in range(width):
+            lanes[lane] = lanes[2 * lane] + lanes[2 * lane + 1]
+        width //= 2
+    return lanes[0]
+
+
+@njit(cache=True, inline="always")
+def _silu_mul(mid, inter, bits, scale, e):
+    """mid[:inter] = silu(gate) * up = gate / (1 + exp(-gate)) * up for a row ``mid``
+    [gate inter | up inter]; ``e`` scratch [inter] (exp by :func:`_exp_row`)."""
+    _exp_row(mid, F32(-1.0), F32(0.0), e, inter, bits, scale)
+    for k in range(inter):
+        mid[k] = mid[k] / (F32(1.0) + e[k]) * mid[inter + k]
+
+
+@njit(cache=True)
+def _swiglu_rows(lo, hi, inter, xq32, xs, idx, gather, w13_q, w13_r, w13_s, w2_q, w2_r, w2_s, b, out):
+    """out[r] = down(silu(gate) * up) of activation row r (``idx[r]`` when ``gather``) for r in
+    [lo, hi): the int8 SwiGLU rule, one GEMM per weight over the rows; ``b.mid``, ``b.midq``,
+    ``b.ms`` and ``b.acc`` are scratch rows indexed by r."""
+    mid = b.mid
+    midq = b.midq
+    ms = b.ms
+    acc = b.acc
+    gemm_rows(xq32, xs, idx, gather, lo, hi, w13_q, w13_r, w13_s, 2 * inter, mid, acc)
+    for r in range(lo, hi):
+        _silu_mul(mid[r], inter, b.ebits[r], b.escale[r], b.eout[r])
+        ms[r] = quantize_row_u8(mid[r, :inter], midq[r])
+    gemm_rows(b.midq32, ms, idx, False, lo, hi, w2_q, w2_r, w2_s, out.shape[1], out, acc)
+
+
+# ----------------------------------------------------------------------------------------
+# The stages of a pass, each over a block of rows [lo, hi).
+
+@njit(cache=True, inline="always")
+def _rope_angles(pos, inv_freq, factor, cos_out, sin_out):
+    """The rotary cos/sin of position ``pos`` (float64 angles, as the model; once per row)."""
+    for i in range(cos_out.shape[0]):
         angle = np.float64(pos) * np.float64(inv_freq[i])     # float64: positions grow without bound
-        c = F32(np.cos(angle) * np.float64(factor))
-        s = F32(np.sin(angle) * np.float64(factor))
-        ia, ib = (2 * i, 2 * i + 1) if interleave else (i, i + half)
-        a, b = x[ia], x[ib]
+        cos_out[i] = F32(np.cos(angle) * np.float64(factor))
+        sin_out[i] = F32(np.sin(angle) * np.float64(factor))
+
+
+@njit(cache=True, inline="always")
+def _rope_apply(x, off, cos_t, sin_t, interleave):
+    """Rotate x[off:off + R] in place by the angles of :func:`_rope_angles`. Pairs are
+    (0,1),(2,3)... when ``interleave`` else (i, i+R/2), as in the model; the engine keeps
+    queries and keys in that same paired layout, so their dot products are those of the model."""
+    half = cos_t.shape[0]
+    for i in range(half):
+        c = cos_t[i]
+        s = sin_t[i]
+        ia = off + (2 * i if interleave else i)
+        ib = off + (2 * i + 1 if interleave else i + half)
+        a = x[ia]
+        b = x[ib]
         x[ia] = a * c - b * s
         x[ib] = b * c + a * s
 
 
-@njit(cache=True, inline="always")
-def _swiglu(q, qs, w13, s13, w2, s2, mid, midq, out):
-    """out = down(silu(gate) * up) for the int8 row ``q`` (scale ``qs``): the int8 SwiGLU rule.
-    ``w13`` [2I, H] rows gate | up, ``w2`` [H, I]; ``mid``/``midq`` are scratch rows."""
-    inter = w2.shape[1]
-    _gemv_i8(q, qs, w13, s13, mid[:2 * inter])
-    for k in range(inter):
-        g = mid[k]
-        mid[k] = g / (F32(1.0) + np.exp(-g)) * mid[inter + k]
-    ms = _quantize_row(mid[:inter], midq[:inter])
-    _gemv_i8(midq[:inter], ms, w2, s2, out)
-
-
-# ----------------------------------------------------------------------------------------
-# The step's stages.
-
-# Each stage takes the fields it uses out of the named structures before its prange loop,
-# one plain assignment per field: parallel loops then capture plain arrays and scalars only.
-# (A NamedTuple cannot be captured, and in Numba 0.68 a tuple-unpacking assignment such as
-# ``x, s = b.x, b.s`` before a prange loop made the loop's writes to ``s`` vanish.)
-
-@njit(cache=True, parallel=True)
-def _attention_rows(layer, n, b, w, norm, d):
-    """Pre-norm MLA (absorbed form) for each listed row; adds the attention output to x."""
+@njit(cache=True)
+def _attend_row(i, layer, b, a, d):
+    """Row i's attention core: writes its cache entry (latent and rotated rotary key) at its
+    position, then attends over its slot's window; leaves the heads' values in attn_out[i].
+    Inner loops index arrays directly (no row views) and run over positions or channels."""
+    C = d.kv_rank
+    R = d.rope
     nh = d.heads
     nope = d.nope
-    rope_dim = d.rope
     v_dim = d.v_dim
-    C = d.kv_rank
-    window = d.window
-    eps = d.eps
-    lora_eps = d.lora_eps
     scale = d.softmax_scale
-    factor = d.rope_factor
     interleave = d.interleave
-    has_q_lora = d.has_q_lora
-    x = b.x
-    hb = b.h
-    hqb = b.hq
-    qb = b.q
-    kvb = b.kv
-    q_low = b.q_low
-    qabs_b = b.qabs
-    scores_b = b.scores
-    ctx_b = b.ctx
-    attn_out = b.attn_out
-    pos = b.pos
-    rows = b.rows
-    lat = b.lat[layer]
-    pe = b.pe[layer]
-    kv_a_q = w.kv_a_q[layer]
-    kv_a_s = w.kv_a_s[layer]
-    kv_a_norm = w.kv_a_norm[layer]
-    q_a_q = w.q_a_q
-    q_a_s = w.q_a_s
-    q_b_q = w.q_b_q
-    q_b_s = w.q_b_s
-    q_q = w.q_q
-    q_s = w.q_s
-    q_a_norm = w.q_a_norm
-    w_uk = w.w_uk[layer]
-    w_uv = w.w_uv[layer]
-    o_q = w.o_q[layer]
-    o_s = w.o_s[layer]
-    inv_freq = w.inv_freq
-    qr = q_a_q.shape[1]
-    for i in prange(n):
-        slot = rows[i]
-        h, hq, q, kv = hb[i], hqb[i], qb[i], kvb[i]
-        _rmsnorm(x[i], norm, eps, h)
-        xs = _quantize_row(h, hq)
-        qd = nh * (nope + rope_dim)
-        _gemv_i8(hq, xs, kv_a_q, kv_a_s, kv)
-        if has_q_lora:
-            low = q_low[i, :qr]
-            _gemv_i8(hq, xs, q_a_q[layer], q_a_s[layer], low)
-            _rmsnorm(low, q_a_norm[layer], lora_eps, low)
-            qs = _quantize_row(low, hq[:qr])
-            _gemv_i8(hq[:qr], qs, q_b_q[layer], q_b_s[layer], q[:qd])
-        else:
-            _gemv_i8(hq, xs, q_q[layer], q_s[layer], q[:qd])
-        p = pos[slot]
-        idx = p % window
-        _rmsnorm(kv[:C], kv_a_norm, lora_eps, lat[slot, idx])
-        for r in range(rope_dim):
-            pe[slot, idx, r] = kv[C + r]
-        _rope(pe[slot, idx], p, inv_freq, factor, interleave)
-        n_valid = min(p + 1, window)
-        qabs, scores, ctx = qabs_b[i], scores_b[i], ctx_b[i]
-        for hh in range(nh):
-            base = hh * (nope + rope_dim)
-            _rope(q[base + nope: base + nope + rope_dim], p, inv_freq, factor, interleave)
-            for c in range(C):
-                acc = F32(0.0)
-                for dd in range(nope):
-                    acc += q[base + dd] * w_uk[hh, dd, c]
-                qabs[hh, c] = acc
-            m = F32(-np.inf)
-            for j in range(n_valid):
-                acc = F32(0.0)
-                for c in range(C):
-                    acc += qabs[hh, c] * lat[slot, j, c]
-                acc2 = F32(0.0)
-                for r in range(rope_dim):
-                    acc2 += q[base + nope + r] * pe[slot, j, r]
-                sc = (acc + acc2) * scale
-                scores[hh, j] = sc
-                if sc > m:
-                    m = sc
-            total = F32(0.0)
-            for j in range(n_valid):
-                e = np.exp(scores[hh, j] - m)
-                scores[hh, j] = e
-                total += e
-            for c in range(C):
-                ctx[hh, c] = F32(0.0)
-            for j in range(n_valid):
-                pj = scores[hh, j] / total
-                for c in range(C):
-                    ctx[hh, c] += pj * lat[slot, j, c]
-            for vv in range(v_dim):
-                acc = F32(0.0)
-                for c in range(C):
-                    acc += ctx[hh, c] * w_uv[hh, vv, c]
-                attn_out[i, hh * v_dim + vv] = acc
-        nv = nh * v_dim
-        os_ = _quantize_row(attn_out[i], hq[:nv])
-        _gemv_i8(hq[:nv], os_, o_q, o_s, h)
-        for k in range(x.shape[1]):
-            x[i, k] += h[k]
+    slot = b.rows[i]
+    p = b.rpos[i]
+    idx = p % d.window
+    vals = b.vals[layer, slot]
+    keys = b.keys[layer, slot]
+    kv = b.kv[i]
+    q = b.q[i]
+    cos_t = b.rope_cos[i]
+    sin_t = b.rope_sin[i]
+    _rmsnorm(kv[:C], a.kv_a_norm[layer], d.lora_eps, vals[idx])
+    _rope_apply(kv, C, cos_t, sin_t, interleave)
+    for c in range(C):
+        keys[c, idx] = vals[idx, c]
+    for r in range(R):
+        keys[C + r, idx] = kv[C + r]
+    n_valid = min(p + 1, d.window)
+    nb = (n_valid + 15) // 16         # 16-position blocks: lanes past n_valid are computed, never read
+    Cp = vals.shape[1]
+    Wp = keys.shape[1]
+    Vp = b.vout.shape[2]
+    w_uk = a.w_uk[layer]
+    w_uvt = a.w_uvt[layer]
+    s = b.scores[i]
+    s2 = b.scores2[i]
+    qa = b.qabs[i]
+    ctx = b.ctx[i]
+    vo = b.vout[i]
+    out = b.attn_out[i]
+    ebits = b.ebits[i]
+    escale = b.escale[i]
+    lanes = b.lanes[i]
+    Dq = nope + R
+    qa[:] = F32(0.0)
+    ctx[:] = F32(0.0)
+    vo[:] = F32(0.0)
+    for hh in range(nh):
+        _rope_apply(q, hh * Dq + nope, cos_t, sin_t, interleave)
+        for j in range(nb * 16):
+            s[hh, j] = F32(0.0)
+            s2[hh, j] = F32(0.0)
+    # Query into the latent, then scores (latent part and rotary part), all heads together.
+    rows_dot(qa, 0, Cp, Cp, q, 0, Dq, nope, w_uk, 0, nope * Cp, Cp, nh)
+    rows_dot(s, 0, Wp, nb * 16, qa, 0, Cp, C, keys, 0, 0, Wp, nh)
+    rows_dot(s2, 0, Wp, nb * 16, q, nope, Dq, R, keys, C * Wp, 0, Wp, nh)
+    for hh in range(nh):
+        for j in range(n_valid):
+            s[hh, j] = (s[hh, j] + s2[hh, j]) * scale
+        m = _max8(s[hh], n_valid)
+        _exp_row(s[hh], F32(1.0), m, s[hh], n_valid, ebits, escale)
+        for j in range(n_valid, nb * 16):
+            s[hh, j] = F32(0.0)
+        total = _sum_blocked(s[hh], nb, lanes)
+        for j in range(n_valid):
+            s[hh, j] = s[hh, j] / total
+    # The attention-weighted latent, then into each head's values.
+    rows_dot(ctx, 0, Cp, Cp, s, 0, Wp, n_valid, vals, 0, 0, Cp, nh)
+    rows_dot(vo, 0, Vp, Vp, ctx, 0, Cp, C, w_uvt, 0, Cp * Vp, Vp, nh)
+    for hh in range(nh):
+        for vv in range(v_dim):
+            out[hh * v_dim + vv] = vo[hh, vv]
 
 
-@njit(cache=True, parallel=True)
-def _dense_mlp_rows(l, n, b, w, norm, eps):
-    """Pre-norm SwiGLU MLP (dense layer ``l``) for each row; adds into x."""
+@njit(cache=True)
+def _attention_rows(layer, lo, hi, b, w, d):
+    """Pre-norm MLA (absorbed form) for rows [lo, hi); rows attend in ascending order, so a
+    prefill's rows of one slot see each other's cache entries as stepping would. Adds into x."""
+    a = w.attn
     x = b.x
     h = b.h
-    hq = b.hq
-    mid = b.mid
-    midq = b.midq
-    w13_q = w.w13_q[l]
-    w13_s = w.w13_s[l]
-    w2_q = w.w2_q[l]
-    w2_s = w.w2_s[l]
-    for i in prange(n):
-        _rmsnorm(x[i], norm, eps, h[i])
-        xs = _quantize_row(h[i], hq[i])
-        _swiglu(hq[i], xs, w13_q, w13_s, w2_q, w2_s, mid[i], midq[i], h[i])
+    xq = b.xq
+    xq32 = b.xq32
+    xs = b.xs
+    acc = b.acc
+    rows = b.rows
+    C = d.kv_rank
+    qd = d.heads * (d.nope + d.rope)
+    norm = w.input_norm[layer]
+    for i in range(lo, hi):
+        _rmsnorm(x[i], norm, d.eps, h[i])
+        xs[i] = quantize_row_u8(h[i], xq[i])
+    gemm_rows(xq32, xs, rows, False, lo, hi, a.kv_a_q[layer], a.kv_a_r[layer], a.kv_a_s[layer], C + d.rope,
+              b.kv, acc)
+    if d.has_q_lora:
+        qr = a.q_a_norm.shape[1]
+        q_low = b.q_low
+        gemm_rows(xq32, xs, rows, False, lo, hi, a.q_a_q[layer], a.q_a_r[layer], a.q_a_s[layer], qr, q_low, acc)
+        qnorm = a.q_a_norm[layer]
+        for i in range(lo, hi):
+            low = q_low[i, :qr]
+            _rmsnorm(low, qnorm, d.lora_eps, low)
+            xs[i] = quantize_row_u8(low, xq[i])
+        gemm_rows(xq32, xs, rows, False, lo, hi, a.q_b_q[layer], a.q_b_r[layer], a.q_b_s[layer], qd, b.q, acc)
+    else:
+        gemm_rows(xq32, xs, rows, False, lo, hi, a.q_q[layer], a.q_r[layer], a.q_s[layer], qd, b.q, acc)
+    for i in range(lo, hi):
+        _attend_row(i, layer, b, a, d)
+    nv = d.heads * d.v_dim
+    for i in range(lo, hi):
+        xs[i] = quantize_row_u8(b.attn_out[i, :nv], xq[i])
+    gemm_rows(xq32, xs, rows, False, lo, hi, a.o_q[layer], a.o_r[layer], a.o_s[layer], x.shape[1], h, acc)
+    for i in range(lo, hi):
         for k in range(x.shape[1]):
             x[i, k] += h[i, k]
 
 
-@njit(cache=True, parallel=True)
-def _moe_prepare_rows(n, b, norm, eps):
-    """Pre-norm and per-token int8 of the normed rows (the router reads h, the experts hq)."""
+@njit(cache=True)
+def _dense_mlp_rows(layer, lo, hi, b, w, d):
+    """Pre-norm SwiGLU MLP (dense layer ``layer``) for rows [lo, hi); adds into x."""
+    m = w.dense
     x = b.x
     h = b.h
-    hq = b.hq
-    hscale = b.hscale
-    for i in prange(n):
-        _rmsnorm(x[i], norm, eps, h[i])
-        hscale[i] = _quantize_row(h[i], hq[i])
+    norm = w.post_norm[layer]
+    for i in range(lo, hi):
+        _rmsnorm(x[i], norm, d.eps, h[i])
+        b.xs[i] = quantize_row_u8(h[i], b.xq[i])
+    _swiglu_rows(lo, hi, d.inter_dense, b.xq32, b.xs, b.rows, False, m.w13_q[layer], m.w13_r[layer],
+                 m.w13_s[layer], m.w2_q[layer], m.w2_r[layer], m.w2_s[layer], b, h)
+    for i in range(lo, hi):
+        for k in range(x.shape[1]):
+            x[i, k] += h[i, k]
 
 
-@njit(cache=True, parallel=True)
-def _moe_experts(m, n_active, rb, b, w):
-    """Each active expert once, over all tokens routed to it; yout[a] is assignment a's output."""
-    active = rb.active
-    offsets = rb.offsets
-    token_ids = rb.token_ids
-    hq = b.hq
-    hscale = b.hscale
-    mid = b.mid
-    midq = b.midq
-    yout = b.yout
-    w13_q = w.w13_q[m]
-    w13_s = w.w13_s[m]
-    w2_q = w.w2_q[m]
-    w2_s = w.w2_s[m]
-    for ai in prange(n_active):
-        e = active[ai]
-        for a in range(offsets[e], offsets[e + 1]):
-            t = token_ids[a]
-            _swiglu(hq[t], hscale[t], w13_q[e], w13_s[e], w2_q[e], w2_s[e], mid[a], midq[a], yout[a])
+@njit(cache=True)
+def _moe_prepare_rows(layer, lo, hi, b, w, d):
+    """Pre-norm and per-token int8 of the normed rows (the router reads h, the experts xq)."""
+    norm = w.post_norm[layer]
+    for i in range(lo, hi):
+        _rmsnorm(b.x[i], norm, d.eps, b.h[i])
+        b.xs[i] = quantize_row_u8(b.h[i], b.xq[i])
 
 
-@njit(cache=True, parallel=True)
-def _moe_combine_rows(m, n, top_k, rb, b, w):
-    """x += the token's expert outputs times their weights, in its top-k order, then its
-    shared experts (the order of ``runtime.model.MoE``)."""
-    topk_pos = rb.topk_pos
-    topk_weight = rb.topk_weight
+@njit(cache=True)
+def _moe_experts(m, lo, hi, rb, b, w, d):
+    """Active experts lo..hi-1 (indices into ``rb.active``), each once over all tokens routed to
+    it; yout[a] is assignment a's output."""
+    e_w = w.moe
+    for ai in range(lo, hi):
+        e = rb.active[ai]
+        _swiglu_rows(rb.offsets[e], rb.offsets[e + 1], d.inter_moe, b.xq32, b.xs, rb.token_ids, True,
+                     e_w.w13_q[m, e], e_w.w13_r[m, e], e_w.w13_s[m, e], e_w.w2_q[m, e], e_w.w2_r[m, e],
+                     e_w.w2_s[m, e], b, b.yout)
+
+
+@njit(cache=True)
+def _moe_combine_rows(layer, lo, hi, b, w, d, rb, top_k):
+    """Shared experts of rows [lo, hi), then x += the token's expert outputs times their
+    weights in its top-k order, then its shared experts (the order of ``runtime.model.MoE``)."""
+    mw = w.moe
+    m = layer - d.first_moe
     x = b.x
     hb = b.h
-    hq = b.hq
-    hscale = b.hscale
-    mid = b.mid
-    midq = b.midq
+    if mw.has_shared:
+        s = mw.shared
+        _swiglu_rows(lo, hi, d.inter_shared, b.xq32, b.xs, b.rows, False, s.w13_q[m], s.w13_r[m], s.w13_s[m],
+                     s.w2_q[m], s.w2_r[m], s.w2_s[m], b, b.shared_out)
+    topk_pos = rb.topk_pos
+    topk_weight = rb.topk_weight
     yout = b.yout
-    shared_out = b.shared_out
-    has_shared = w.has_shared
-    s13_q = w.shared.w13_q
-    s13_s = w.shared.w13_s
-    s2_q = w.shared.w2_q
-    s2_s = w.shared.w2_s
     H = x.shape[1]
-    for i in prange(n):
+    for i in range(lo, hi):
         h = hb[i]
         for k in range(H):
             h[k] = F32(0.0)
@@ -454,9 +573,8 @@ def _moe_combine_rows(m, n, top_k, rb, b, w):
             wt = topk_weight[i, j]
             for k in range(H):
                 h[k] += wt * yout[a, k]
-        if has_shared:
-            so = shared_out[i]
-            _swiglu(hq[i], hscale[i], s13_q[m], s13_s[m], s2_q[m], s2_s[m], mid[i], midq[i], so)
+        if mw.has_shared:
+            so = b.shared_out[i]
             for k in range(H):
                 h[k] += so[k]
         for k in range(H):
@@ -464,117 +582,190 @@ def _moe_combine_rows(m, n, top_k, rb, b, w):
 
 
 @njit(cache=True)
-def _run_layers(n, st):
-    """All decoder layers for the ``n`` listed rows."""
-    b, w, d, rule, rb = st.buffers, st.weights, st.dims, st.rule, st.route
-    for layer in range(d.n_layers):
-        _attention_rows(layer, n, b, w.attn, w.input_norm[layer], d)
-        if layer < d.first_moe:
-            _dense_mlp_rows(layer, n, b, w.dense, w.post_norm[layer], d.eps)
-            continue
-        m = layer - d.first_moe
-        _moe_prepare_rows(n, b, w.post_norm[layer], d.eps)
-        logits = b.router_logits[:n]
-        router_logits(b.h[:n], w.moe.gate_t[m], logits)
-        n_active = route_dispatch(logits, w.moe.bias[m], rule, rb)
-        _moe_experts(m, n_active, rb, b, w.moe)
-        _moe_combine_rows(m, n, rule.top_k, rb, b, w.moe)
-    _advance(b.pos, b.rows, n)
-
-
-@njit(cache=True, parallel=True)
-def _embed_rows(n, b, embed):
-    x = b.x
-    tokens = b.tokens
-    for i in prange(n):
-        x[i] = embed[tokens[i]]
-
-
-@njit(cache=True, parallel=True)
-def _head_rows(n, b, norm, eps, head_q, head_s):
-    x = b.x
-    h = b.h
-    hq = b.hq
-    out = b.logits
-    for i in prange(n):
-        _rmsnorm(x[i], norm, eps, h[i])
-        xs = _quantize_row(h[i], hq[i])
-        _gemv_i8(hq[i], xs, head_q, head_s, out[i])
+def _head_rows(lo, hi, b, w, d):
+    """Final norm and the int8 LM head for rows [lo, hi) into logits."""
+    for i in range(lo, hi):
+        _rmsnorm(b.x[i], w.norm, d.eps, b.h[i])
+        b.xs[i] = quantize_row_u8(b.h[i], b.xq[i])
+    gemm_rows(b.xq32, b.xs, b.rows, False, lo, hi, w.head_q, w.head_r, w.head_s, b.logits.shape[1], b.logits,
+              b.acc)
 
 
 @njit(cache=True)
-def _step_tokens(n, st):
-    """LM mode: ``buffers.tokens[:n]`` in, ``buffers.logits[:n]`` out."""
-    b, w = st.buffers, st.weights
-    _embed_rows(n, b, w.embed)
-    _run_layers(n, st)
-    _head_rows(n, b, w.norm, st.dims.eps, w.head_q, w.head_s)
-
-
-@njit(cache=True, parallel=True)
-def _sensor_in_rows(n, b, a):
+def _sensor_in_rows(lo, hi, b, w):
+    a = w.adapter
     feats = b.feats
     x = b.x
     mean = a.in_mean
     std = a.in_std
-    w = a.in_w
+    wi = a.in_w
     bias = a.in_b
-    for i in prange(n):
-        for o in range(w.shape[0]):
+    for i in range(lo, hi):
+        for o in range(wi.shape[0]):
             acc = F32(0.0)
-            for f in range(w.shape[1]):
-                acc += ((feats[i, f] - mean[f]) / std[f]) * w[o, f]
+            for f in range(wi.shape[1]):
+                acc += ((feats[i, f] - mean[f]) / std[f]) * wi[o, f]
             x[i, o] = acc + bias[o]
 
 
-@njit(cache=True, parallel=True)
-def _sensor_out_rows(n, b, norm, eps, a):
+@njit(cache=True)
+def _sensor_out_rows(lo, hi, b, w, d):
+    a = w.adapter
     x = b.x
     h = b.h
     out = b.outputs
-    w = a.out_w
+    wo = a.out_w
     bias = a.out_b
     mean = a.out_mean
     std = a.out_std
-    for i in prange(n):
-        _rmsnorm(x[i], norm, eps, h[i])
-        for o in range(w.shape[0]):
+    for i in range(lo, hi):
+        _rmsnorm(x[i], w.norm, d.eps, h[i])
+        for o in range(wo.shape[0]):
             acc = F32(0.0)
-            for k in range(w.shape[1]):
-                acc += h[i, k] * w[o, k]
+            for k in range(wo.shape[1]):
+                acc += h[i, k] * wo[o, k]
             out[i, o] = (acc + bias[o]) * std[o] + mean[o]
 
 
 @njit(cache=True)
-def _step_sensor(n, st):
-    """Sensor mode: ``buffers.feats[:n]`` in, ``buffers.outputs[:n]`` out."""
-    b, w = st.buffers, st.weights
-    _sensor_in_rows(n, b, w.adapter)
-    _run_layers(n, st)
-    _sensor_out_rows(n, b, w.norm, st.dims.eps, w.adapter)
+def _run_layers(n, st):
+    """All decoder layers for the pass's ``n`` rows (the rotary angles of each row's position
+    first: every layer uses the same)."""
+    b, w, d, rule, rb = st.buffers, st.weights, st.dims, st.rule, st.route
+    for i in range(n):
+        _rope_angles(b.rpos[i], w.attn.inv_freq, d.rope_factor, b.rope_cos[i], b.rope_sin[i])
+    for layer in range(d.n_layers):
+        _attention_rows(layer, 0, n, b, w, d)
+        if layer < d.first_moe:
+            _dense_mlp_rows(layer, 0, n, b, w, d)
+            continue
+        m = layer - d.first_moe
+        _moe_prepare_rows(layer, 0, n, b, w, d)
+        logits = b.router_logits[:n]
+        router_logits(b.h[:n], w.moe.gate_t[m], logits)
+        n_active = route_dispatch(logits, w.moe.bias[m], rule, rb)
+        _moe_experts(m, 0, n_active, rb, b, w, d)
+        _moe_combine_rows(layer, 0, n, b, w, d, rb, rule.top_k)
 
 
-@njit(cache=True)
-def _valid_slots(slots, capacity, seen):
-    """Slots in range and distinct (``seen`` is scratch [capacity]); no allocation."""
+# ----------------------------------------------------------------------------------------
+# Entry points: one Numba call per step or prefill, inputs checked inside (error codes).
+
+_OK, _BAD_COUNT, _BAD_SLOTS, _BAD_INPUT = 0, 1, 2, 3
+
+
+@njit(cache=True, inline="always")
+def _take_slots(b, slots, capacity):
+    """Copy the step's slots into ``rows`` (their positions into ``rpos``) after checking them."""
+    n = slots.shape[0]
+    if n == 0 or n > capacity:
+        return _BAD_COUNT
+    seen = b.seen
     ok = True
-    for i in range(slots.shape[0]):
+    for i in range(n):
         s = slots[i]
         if s < 0 or s >= capacity or seen[s]:
             ok = False
             break
         seen[s] = True
-    for i in range(slots.shape[0]):
+    for i in range(n):
         s = slots[i]
         if 0 <= s < capacity:
             seen[s] = False
-    return ok
+    if not ok:
+        return _BAD_SLOTS
+    for i in range(n):
+        b.rows[i] = slots[i]
+        b.rpos[i] = b.pos[slots[i]]
+    return _OK
+
+
+@njit(cache=True, inline="always")
+def _embed_rows(lo, hi, b, w, tokens, t0):
+    """x[i] = embedding of tokens[t0 + i - lo] for rows [lo, hi); False if an id is out of range."""
+    embed = w.embed
+    for i in range(lo, hi):
+        t = tokens[t0 + i - lo]
+        if t < 0 or t >= embed.shape[0]:
+            return False
+        b.tokens[i] = t
+        b.x[i] = embed[t]
+    return True
+
+
+_STEP_TOKENS, _STEP_SENSOR, _PREFILL_TOKENS, _PREFILL_SENSOR = 0, 1, 2, 3
 
 
 @njit(cache=True)
-def _advance(pos, rows, n):
-    for i in range(n):
-        pos[rows[i]] += 1
+def _pass(st, mode, slots, tokens, feats):
+    """The one entry point (a single one keeps Numba's compile time down: every entry re-optimises
+    all it calls). Steps (``mode`` _STEP_*) append ``tokens[i]`` / ``feats[i]`` to ``slots[i]``
+    and leave logits / outputs in rows 0..n-1; a prefill (_PREFILL_*) appends all of ``tokens``
+    [T] / ``feats`` [T, F] to ``slots[0]`` in passes of up to ``dims.rows`` positions and leaves
+    the last position's logits / outputs in row 0. Returns an error code (0: done)."""
+    b, w, d = st.buffers, st.weights, st.dims
+    sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
+    if sensor and feats.shape[1] != b.feats.shape[1]:
+        return _BAD_INPUT
+    if mode == _STEP_TOKENS or mode == _STEP_SENSOR:
+        err = _take_slots(b, slots, d.capacity)
+        if err != _OK:
+            return err
+        n = slots.shape[0]
+        if sensor:
+            if feats.shape[0] != n:
+                return _BAD_INPUT
+            for i in range(n):
+                for f in range(feats.shape[1]):
+                    b.feats[i, f] = feats[i, f]
+            _sensor_in_rows(0, n, b, w)
+        elif tokens.shape[0] != n or not _embed_rows(0, n, b, w, tokens, 0):
+            return _BAD_INPUT
+        _run_layers(n, st)
+        if sensor:
+            _sensor_out_rows(0, n, b, w, d)
+        else:
+            _head_rows(0, n, b, w, d)
+        for i in range(n):
+            b.pos[b.rows[i]] += 1
+        return _OK
+    if slots.shape[0] != 1 or slots[0] < 0 or slots[0] >= d.capacity:
+        return _BAD_SLOTS
+    slot = slots[0]
+    T = feats.shape[0] if sensor else tokens.shape[0]
+    if T == 0:
+        return _BAD_INPUT
+    if not sensor:
+        for t in range(T):
+            if tokens[t] < 0 or tokens[t] >= w.embed.shape[0]:
+                return _BAD_INPUT
+    t0 = 0
+    n = 0
+    while t0 < T:
+        n = min(d.rows, T - t0)
+        for i in range(n):
+            b.rows[i] = slot
+            b.rpos[i] = b.pos[slot] + i
+        if sensor:
+            for i in range(n):
+                for f in range(feats.shape[1]):
+                    b.feats[i, f] = feats[t0 + i, f]
+            _sensor_in_rows(0, n, b, w)
+        else:
+            _embed_rows(0, n, b, w, tokens, t0)
+        _run_layers(n, st)
+        b.pos[slot] += n
+        t0 += n
+    last = n - 1
+    if sensor:
+        _sensor_out_rows(last, n, b, w, d)
+        for o in range(b.outputs.shape[1]):
+            b.outputs[0, o] = b.outputs[last, o]
+    else:
+        _head_rows(last, n, b, w, d)
+        for v in range(b.logits.shape[1]):
+            b.logits[0, v] = b.logits[last, v]
+    return _OK
 
 
 # ----------------------------------------------------------------------------------------
@@ -584,18 +775,35 @@ def _np(t: torch.Tensor, dtype=F32) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
 
 
-def _stack(ts: list, shape: tuple, dtype) -> np.ndarray:
-    """Tensors copied one at a time into one preallocated [len(ts), *shape] array (no second copy)."""
-    out = np.empty((len(ts), *shape), dtype)
-    for i, t in enumerate(ts):
-        out[i] = t.detach().cpu().numpy()
+def _blocked(pairs: list[tuple[torch.Tensor, torch.Tensor]], n: int, k: int, shape: tuple | None = None) -> tuple:
+    """int8 weights (rows [n, k], scales [n]) blocked and stacked: ([*shape, Nb, K4 * 64], row sums
+    [*shape, Nb * 16], scales [*shape, Nb * 16]), ``shape`` = (len(pairs),) unless given (the
+    pairs fill it in C order). Each is packed straight into the preallocated stacks, so loading
+    never holds a second stacked copy; empty stacks keep the shape."""
+    shape = (len(pairs),) if shape is None else shape
+    nb, k4 = -(-n // 16), padded_k(k) // 4
+    out = (np.empty((*shape, nb, k4 * 64), np.int8), np.empty((*shape, nb * 16), np.int32),
+           np.empty((*shape, nb * 16), F32))
+    for i, (q, s) in enumerate(pairs):
+        at = np.unravel_index(i, shape)
+        for o, part in zip(out, pack_blocked(_np(q, np.int8), _np(s))):
+            o[at] = part
     return out
 
 
-def _rows(ws: list[QWeight], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weights as stacked output rows [L, n, k] and scales [L, n] (empty stacks keep the shape)."""
-    pairs = [w.rows() for w in ws]
-    return _stack([q for q, _ in pairs], (n, k), np.int8), _stack([s for _, s in pairs], (n,), F32)
+def _rows(ws: list[QWeight], n: int, k: int) -> tuple[np.ndarray, ...]:
+    """QWeights (each [n, k]) blocked and stacked, as :func:`_blocked`."""
+    return _blocked([w.rows() for w in ws], n, k)
+
+
+def _padded_stack(ts: list[torch.Tensor], dims: int = 1) -> np.ndarray:
+    """float32 tensors of one shape stacked into one preallocated array, each zero-padded in its
+    last ``dims`` axes to whole 16-lane vectors (filled one at a time: no second copy)."""
+    first = tuple(ts[0].shape)
+    out = np.zeros((len(ts), *first[:-dims], *(padded16(n) for n in first[-dims:])), F32)
+    for i, t in enumerate(ts):
+        out[(i, *(slice(0, n) for n in first))] = t.detach().cpu().numpy()
+    return out
 
 
 def _norms(ts: list, n: int) -> np.ndarray:
@@ -603,9 +811,48 @@ def _norms(ts: list, n: int) -> np.ndarray:
 
 
 def _mlps(mlps: list[PackedMLP], hidden: int, inter: int) -> MlpWeights:
-    w13_q, w13_s = _rows([m.w13 for m in mlps], 2 * inter, hidden)
-    w2_q, w2_s = _rows([m.w2 for m in mlps], hidden, inter)
-    return MlpWeights(w13_q, w13_s, w2_q, w2_s)
+    return MlpWeights(*_rows([m.w13 for m in mlps], 2 * inter, hidden), *_rows([m.w2 for m in mlps], hidden, inter))
+
+
+def _experts(layers: list, key: str, n: int, k: int) -> tuple[np.ndarray, ...]:
+    """Routed experts' ``w13``/``w2`` of every MoE layer, blocked: ([M, E, Nb, K4 * 64], ...)."""
+    weights = [(e.w13, e.s13) if key == "w13" else (e.w2, e.s2) for e in layers]
+    pairs = [(q[i].T, s[i]) for q, s in weights for i in range(q.shape[0])]
+    return _blocked(pairs, n, k, (len(layers), weights[0][0].shape[0] if layers else 0))
+
+
+def _i64(a) -> np.ndarray:
+    """``a`` as a contiguous int64 array (no copy when it is one): the one type a step compiles for."""
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def buffer_shapes(cfg, *, capacity: int, window: int, rows: int, top_k: int, n_experts: int,
+                  n_inputs: int, n_outputs: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of every array in :class:`Buffers` that owns memory (the int32/float32
+    views ``xq32``, ``midq32``, ``escale`` share it), for an engine of ``capacity`` slots,
+    ``window`` positions and ``rows`` rows per pass. The planner (``sdk.plan``) counts these."""
+    S, W, N = capacity, window, rows
+    H, C, R, nh = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
+    Cp, Wp = padded16(C), padded16(W)
+    widest = padded_k(max(H, cfg.q_lora_rank or 0, nh * cfg.v_head_dim))
+    inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1))
+    A = max(N * top_k, N)                 # (token, expert) assignments of a pass
+    i64, u8, i32, f32 = np.int64, np.uint8, np.int32, F32
+    return {
+        "rows": ((N,), i64), "rpos": ((N,), i64), "seen": ((S,), np.bool_), "tokens": ((N,), i64),
+        "feats": ((N, max(n_inputs, 1)), f32), "logits": ((N, cfg.vocab_size), f32),
+        "outputs": ((N, max(n_outputs, 1)), f32), "x": ((N, H), f32), "h": ((N, H), f32),
+        "xq": ((N, widest), u8), "xs": ((N,), f32), "q": ((N, nh * cfg.qk_head_dim), f32),
+        "kv": ((N, C + R), f32), "q_low": ((N, cfg.q_lora_rank or 1), f32), "qabs": ((N, nh, Cp), f32),
+        "scores": ((N, nh, Wp), f32), "scores2": ((N, nh, Wp), f32), "ctx": ((N, nh, Cp), f32),
+        "vout": ((N, nh, padded16(cfg.v_head_dim)), f32), "attn_out": ((N, nh * cfg.v_head_dim), f32),
+        "rope_cos": ((N, R // 2), f32), "rope_sin": ((N, R // 2), f32), "ebits": ((A, max(W, inter)), i32),
+        "lanes": ((N, 16), f32), "eout": ((A, inter), f32), "mid": ((A, 2 * inter), f32),
+        "midq": ((A, padded_k(inter)), u8), "ms": ((A,), f32), "acc": ((A, 32), i32),
+        "shared_out": ((N, H), f32), "yout": ((N * top_k, H), f32), "router_logits": ((N, n_experts), f32),
+        "keys": ((cfg.num_hidden_layers, S, C + R, Wp), f32), "vals": ((cfg.num_hidden_layers, S, W, Cp), f32),
+        "pos": ((S,), i64),
+    }
 
 
 class Engine:
@@ -614,15 +861,20 @@ class Engine:
     ``step_tokens`` (LM mode) and ``step_sensor`` (sensor mode, needs the model's I/O adapter)
     return views into preallocated output buffers, valid until the next step: copy what you
     keep. A stream's results are bitwise identical whatever other slots share its step.
+    ``prefill`` appends a stream's whole history in passes of up to ``prefill_rows`` positions,
+    leaving the very cache that stepping it would.
     """
 
-    def __init__(self, model: Transformer, *, capacity: int = 1, window: int = 256):
-        if capacity < 1 or window < 1:
-            raise ValueError(f"capacity and window must be positive (got {capacity}, {window})")
+    def __init__(self, model: Transformer, *, capacity: int = 1, window: int = 256,
+                 prefill_rows: int = PREFILL_ROWS):
+        if capacity < 1 or window < 1 or prefill_rows < 1:
+            raise ValueError(f"capacity, window and prefill_rows must be positive (got {capacity}, {window}, "
+                             f"{prefill_rows})")
         cfg = model.config
         if cfg.attention_bias:
             raise ValueError("the stream engine does not support attention_bias=True checkpoints")
         self.config, self.capacity, self.window = cfg, capacity, window
+        self.rows = max(capacity, prefill_rows)
         packed = pack_int8(model)
         self.adapter = packed.adapter
         self.input_names = list(self.adapter.input_names) if self.adapter is not None else []
@@ -631,15 +883,12 @@ class Engine:
         self.rule = packed.rule or RoutingRule(False, False, False, 2, 1, 1, 1, False, 1.0)
         self.weights, self.dims = self._load(packed)
         self.buffers = self._allocate()
-        self.route_buffers = RouteBuffers.allocate(self.rule, capacity)
+        self.route_buffers = RouteBuffers.allocate(self.rule, self.rows)
         self.state = State(self.buffers, self.weights, self.rule, self.route_buffers, self.dims)
         self.pos, self.logits, self.outputs = self.buffers.pos, self.buffers.logits, self.buffers.outputs
-        self.seen = np.zeros(capacity, np.bool_)
-        # Numba's OpenMP layer shares libgomp with torch: its first parallel launch resets
-        # torch's intra-op thread count, which the caller may have chosen on purpose.
-        torch_threads = torch.get_num_threads()
+        self._no_tokens = np.zeros(0, np.int64)
+        self._no_feats = np.zeros((0, self.buffers.feats.shape[1]), F32)
         self._warmup()
-        torch.set_num_threads(torch_threads)
 
     # -- set-up --------------------------------------------------------------------------
     def _load(self, p) -> tuple[Weights, Dims]:
@@ -648,16 +897,14 @@ class Engine:
         qr, qd = cfg.q_lora_rank or 1, nh * cfg.qk_head_dim
         attn = [layer.attn for layer in p.layers]
         lora = cfg.q_lora_rank is not None
-        q_a_q, q_a_s = _rows([a.q_a for a in attn] if lora else [], qr, H)
-        q_b_q, q_b_s = _rows([a.q_b for a in attn] if lora else [], qd, qr)
-        q_q, q_s = _rows([] if lora else [a.q for a in attn], qd, H)
-        kv_a_q, kv_a_s = _rows([a.kv_a for a in attn], C + R, H)
-        o_q, o_s = _rows([a.o for a in attn], H, nh * cfg.v_head_dim)
-        aw = AttnWeights(q_a_q, q_a_s, _norms([a.q_a_norm for a in attn] if lora else [], qr), q_b_q, q_b_s,
-                         q_q, q_s, kv_a_q, kv_a_s, _norms([a.kv_a_norm for a in attn], C),
-                         _stack([a.w_uk for a in attn], tuple(attn[0].w_uk.shape), F32),
-                         _stack([a.w_uv for a in attn], tuple(attn[0].w_uv.shape), F32),
-                         o_q, o_s, _np(p.inv_freq))
+        aw = AttnWeights(*_rows([a.q_a for a in attn] if lora else [], qr, H),
+                         _norms([a.q_a_norm for a in attn] if lora else [], qr),
+                         *_rows([a.q_b for a in attn] if lora else [], qd, qr),
+                         *_rows([] if lora else [a.q for a in attn], qd, H),
+                         *_rows([a.kv_a for a in attn], C + R, H), _norms([a.kv_a_norm for a in attn], C),
+                         _padded_stack([a.w_uk for a in attn]),
+                         _padded_stack([a.w_uv.transpose(1, 2) for a in attn], 2),
+                         *_rows([a.o for a in attn], H, nh * cfg.v_head_dim), _np(p.inv_freq))
         dense = _mlps([layer.mlp for layer in p.layers if layer.experts is None], H, cfg.intermediate_size)
         moe = [layer for layer in p.layers if layer.experts is not None]
         E, I, Is = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
@@ -666,15 +913,12 @@ class Engine:
         # Each layer's experts are transposed straight into the stacked arrays: loading holds the
         # engine's copy plus nothing (the model's own tensors are the caller's to drop).
         mw = MoeWeights(
-            gate_t=_stack([e.gate.T for e in experts], (H, E), F32),
-            bias=_stack([e.bias if e.bias is not None else torch.zeros(E) for e in experts], (E,), F32),
-            w13_q=_stack([e.w13.transpose(1, 2) for e in experts], (E, 2 * I, H), np.int8),
-            w13_s=_stack([e.s13 for e in experts], (E, 2 * I), F32),
-            w2_q=_stack([e.w2.transpose(1, 2) for e in experts], (E, H, I), np.int8),
-            w2_s=_stack([e.s2 for e in experts], (E, H), F32),
-            has_shared=has_shared,
-            shared=_mlps([layer.mlp for layer in moe] if has_shared else [], H, max(Is, 1)))
-        head_q, head_s = _rows([p.head], cfg.vocab_size, H)
+            np.stack([_np(e.gate.T) for e in experts]) if moe else np.zeros((0, H, E), F32),
+            (np.stack([_np(e.bias) if e.bias is not None else np.zeros(E, F32) for e in experts]) if moe
+             else np.zeros((0, E), F32)),
+            *_experts(experts, "w13", 2 * I, H), *_experts(experts, "w2", H, I), has_shared,
+            _mlps([layer.mlp for layer in moe] if has_shared else [], H, max(Is, 1)))
+        head_q, head_r, head_s = _rows([p.head], cfg.vocab_size, H)
         a = p.adapter
         if a is not None:
             adapter = AdapterWeights(*(_np(t) for t in (a.in_w, a.in_b, a.in_mean, a.in_std, a.out_w, a.out_b,
@@ -684,37 +928,31 @@ class Engine:
                                      np.zeros((1, H), F32), *(np.zeros(1, F32) for _ in range(3)))
         weights = Weights(_np(p.embed), _norms([layer.input_norm for layer in p.layers], H),
                           _norms([layer.post_attention_norm for layer in p.layers], H), aw, dense, mw,
-                          _np(p.norm), head_q[0], head_s[0], adapter)
+                          _np(p.norm), head_q[0], head_r[0], head_s[0], adapter)
         dims = Dims(cfg.num_hidden_layers, cfg.first_k_dense_replace, self.window, nh, cfg.qk_nope_head_dim,
                     R, cfg.v_head_dim, C, F32(cfg.softmax_scale), F32(cfg.rms_norm_eps), F32(LORA_NORM_EPS),
-                    lora, bool(cfg.rope_interleave), F32(p.rope_factor))
+                    lora, bool(cfg.rope_interleave), F32(p.rope_factor), self.capacity, self.rows,
+                    cfg.intermediate_size, I, max(Is, 1))
         return weights, dims
 
     def _allocate(self) -> Buffers:
-        cfg, S, W = self.config, self.capacity, self.window
-        H, C, R, nh = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
-        L, k = cfg.num_hidden_layers, self.rule.top_k
-        widest = max(H, cfg.q_lora_rank or 0, nh * cfg.v_head_dim, nh * cfg.qk_head_dim)
-        inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1))
-        return Buffers(
-            rows=np.zeros(S, np.int64), tokens=np.zeros(S, np.int64),
-            feats=np.zeros((S, max(len(self.input_names), 1)), F32), logits=np.zeros((S, cfg.vocab_size), F32),
-            outputs=np.zeros((S, max(len(self.output_names), 1)), F32),
-            x=np.zeros((S, H), F32), h=np.zeros((S, H), F32), hq=np.zeros((S, widest), np.int8),
-            hscale=np.zeros(S, F32), q=np.zeros((S, nh * cfg.qk_head_dim), F32), kv=np.zeros((S, C + R), F32),
-            q_low=np.zeros((S, cfg.q_lora_rank or 1), F32), qabs=np.zeros((S, nh, C), F32),
-            scores=np.zeros((S, nh, W), F32), ctx=np.zeros((S, nh, C), F32),
-            attn_out=np.zeros((S, nh * cfg.v_head_dim), F32),
-            mid=np.zeros((max(S * k, S), 2 * inter), F32), midq=np.zeros((max(S * k, S), inter), np.int8),
-            shared_out=np.zeros((S, H), F32), yout=np.zeros((S * k, H), F32),
-            router_logits=np.zeros((S, self.rule.n_experts), F32),
-            lat=np.zeros((L, S, W, C), F32), pe=np.zeros((L, S, W, R), F32), pos=np.zeros(S, np.int64))
+        arrays = {name: np.zeros(shape, dtype) for name, (shape, dtype) in buffer_shapes(
+            self.config, capacity=self.capacity, window=self.window, rows=self.rows, top_k=self.rule.top_k,
+            n_experts=self.rule.n_experts, n_inputs=len(self.input_names),
+            n_outputs=len(self.output_names)).items()}
+        # The int8 activations as int32 words (the GEMMs' view) and the exp bits as float32.
+        views = {"xq32": arrays["xq"].view(np.int32), "midq32": arrays["midq"].view(np.int32),
+                 "escale": arrays["ebits"].view(F32)}
+        return Buffers(**arrays, **views)
 
     def _warmup(self) -> None:
         """Compile every kernel now (or load it from the on-disk cache), then clear the state."""
+        slot = np.zeros(1, np.int64)
         if self.adapter is not None:
-            self.step_sensor(np.zeros(1, np.int64), np.zeros((1, len(self.input_names)), F32))
-        self.step_tokens(np.zeros(1, np.int64), np.zeros(1, np.int64))
+            self.step_sensor(slot, np.zeros((1, len(self.input_names)), F32))
+            self.prefill(0, np.zeros((2, len(self.input_names)), F32))
+        self.step_tokens(slot, np.zeros(1, np.int64))
+        self.prefill(0, np.zeros(2, np.int64))
         self.reset_all()
 
     # -- state ---------------------------------------------------------------------------
@@ -722,49 +960,70 @@ class Engine:
         """Forget slot ``slot``'s history (a new stream starts at position 0)."""
         b = self.buffers
         b.pos[slot] = 0
-        b.lat[:, slot] = 0
-        b.pe[:, slot] = 0
+        b.keys[:, slot] = 0
+        b.vals[:, slot] = 0
 
     def reset_all(self) -> None:
         """Forget every slot's history."""
         b = self.buffers
         b.pos[:] = 0
-        b.lat[:] = 0
-        b.pe[:] = 0
+        b.keys[:] = 0
+        b.vals[:] = 0
 
     def positions(self) -> np.ndarray:
         """Tokens seen so far by each slot."""
         return self.pos.copy()
 
     # -- steps ---------------------------------------------------------------------------
-    def _check_slots(self, slots: np.ndarray) -> int:
-        n = len(slots)
-        if n == 0 or n > self.capacity:
-            raise ValueError(f"a step takes 1..{self.capacity} slots, got {n}")
-        if not _valid_slots(slots, self.capacity, self.seen):
-            raise ValueError(f"slot ids must be distinct and in 0..{self.capacity - 1}, got {list(slots)}")
-        self.buffers.rows[:n] = slots
-        return n
+    def _raise(self, err: int, slots, what: str) -> None:
+        if err == _BAD_COUNT:
+            raise ValueError(f"a step takes 1..{self.capacity} slots, got {len(slots)}")
+        if err == _BAD_SLOTS:
+            raise ValueError(f"slot ids must be distinct and in 0..{self.capacity - 1}, got {list(np.atleast_1d(slots))}")
+        raise ValueError(what)
 
     def step_tokens(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Append token ``tokens[i]`` to slot ``slots[i]``; returns logits [n, vocab] (a view)."""
-        n = self._check_slots(np.asarray(slots))
-        tokens = np.asarray(tokens)
-        if tokens.shape != (n,) or tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
-            raise ValueError(f"tokens must be {n} ids in 0..{self.config.vocab_size - 1}")
-        self.buffers.tokens[:n] = tokens
-        _step_tokens(n, self.state)
-        return self.logits[:n]
+        slots, tokens = _i64(slots), np.asarray(tokens)
+        if slots.ndim != 1 or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"slots and tokens must be 1-D integer arrays, got {slots.shape} and {tokens.shape} "
+                             f"{tokens.dtype}")
+        err = _pass(self.state, _STEP_TOKENS, slots, _i64(tokens), self._no_feats)
+        if err:
+            self._raise(err, slots, f"tokens must be {len(slots)} ids in 0..{self.config.vocab_size - 1}")
+        return self.logits[:len(slots)]
 
     def step_sensor(self, slots: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Append one frame per slot (features [n, F] in ``input_names`` order, engineering
         units); returns outputs [n, O] in ``output_names`` order (a view)."""
         if self.adapter is None:
             raise ValueError("this model has no I/O adapter: sensor steps need a sensor-mode package")
-        n = self._check_slots(np.asarray(slots))
-        features = np.asarray(features, dtype=F32)
-        if features.shape != (n, len(self.input_names)):
-            raise ValueError(f"features must be [{n}, {len(self.input_names)}], got {features.shape}")
-        self.buffers.feats[:n] = features
-        _step_sensor(n, self.state)
-        return self.outputs[:n]
+        slots, features = _i64(slots), np.ascontiguousarray(features, dtype=F32)
+        if slots.ndim != 1 or features.ndim != 2:
+            raise ValueError(f"features must be [{len(slots)}, {len(self.input_names)}], got {features.shape}")
+        err = _pass(self.state, _STEP_SENSOR, slots, self._no_tokens, features)
+        if err:
+            self._raise(err, slots, f"features must be [{len(slots)}, {len(self.input_names)}], got {features.shape}")
+        return self.outputs[:len(slots)]
+
+    def prefill(self, slot: int, inputs: np.ndarray) -> np.ndarray:
+        """Append a stream's history to ``slot`` in one chunked pass: token ids [T] (LM mode) or
+        frames [T, F] in ``input_names`` order (sensor mode). The slot's cache and position end
+        bitwise as T single steps would leave them; returns the last position's logits [vocab]
+        or outputs [O] (a view, valid until the next step)."""
+        inputs = np.asarray(inputs)
+        slot = int(slot)
+        if inputs.ndim == 1 and inputs.dtype.kind in "iu":
+            err = _pass(self.state, _PREFILL_TOKENS, np.array([slot]), _i64(inputs), self._no_feats)
+            out, what = self.logits[0], f"tokens must be at least one id in 0..{self.config.vocab_size - 1}"
+        elif inputs.ndim == 2:
+            if self.adapter is None:
+                raise ValueError("this model has no I/O adapter: sensor frames need a sensor-mode package")
+            err = _pass(self.state, _PREFILL_SENSOR, np.array([slot]), self._no_tokens,
+                        np.ascontiguousarray(inputs, dtype=F32))
+            out, what = self.outputs[0], f"frames must be [T >= 1, {len(self.input_names)}], got {inputs.shape}"
+        else:
+            raise ValueError(f"prefill takes token ids [T] or sensor frames [T, F], got {inputs.dtype} {inputs.shape}")
+        if err:
+            self._raise(err, [slot], what)
+        return out

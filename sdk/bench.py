@@ -103,8 +103,8 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
           window: int = 256, reference: bool = True, threads: int = 1, progress=None) -> dict:
     """Step latency per batch size for the engine (and the reference when available).
 
-    ``threads``: compute threads of a CPU engine step (1, the controller's default, keeps a
-    step on one core; more helps large batches on an otherwise idle machine).
+    ``threads``: Numba compute threads set for the run, as the controller sets them. The CPU
+    engine runs each step on the calling thread alone, so it does not change the engine's step.
     """
     from runtime.engine import Engine
     from runtime.loop import set_compute_threads

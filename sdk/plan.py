@@ -221,30 +221,7 @@ def engine_bytes(cfg: ModelConfig, keep_experts: int | None = None, *, engine: s
     dev["attention_absorbed"] = L * nh * (nope + vd) * C * 4
     dev["norms"] = 4 * (2 * L * H + H + L * ((qr or 0) + C))
     if engine == "cpu":
-        def rows(n: int, kk: int) -> int:          # int8 output rows [n, k] and float32 scales [n]
-            return n * kk + 4 * n
-
-        S = streams
-        dev["embeddings"] = V * H * 4
-        dev["lm_head"] = rows(V, H)
-        q = rows(qr, H) + rows(qd, qr) if qr else rows(qd, H)
-        dev["attention"] = L * (q + rows(C + rope, H) + rows(H, nh * vd))
-        dev["dense_mlp"] = Ld * (rows(2 * Id, H) + rows(H, Id))
-        dev["shared_experts"] = Lm * (rows(2 * Is, H) + rows(H, Is)) if Is else 0
-        dev["routed_experts"] = Lm * keep * (rows(2 * I, H) + rows(H, I))
-        dev["router"] = Lm * (H * keep + keep) * 4
-        dev["kv_cache"] = L * S * window * (C + rope) * 4
-        widest = max(H, qr or 0, nh * vd, qd)
-        inter = max(Id, Is if Is else I)
-        T = max(S * k, S)
-        buffers = (S * 8 * 3 + S * 4 + S * V * 4 + S * 4 * 2 + 2 * S * H * 4 + S * widest + S * qd * 4
-                   + S * (C + rope) * 4 + S * (qr or 1) * 4 + 2 * S * nh * C * 4 + S * nh * window * 4
-                   + S * nh * vd * 4 + T * 2 * inter * 4 + T * inter + S * H * 4 + S * k * H * 4 + S * keep * 4)
-        G = cfg.n_group if Lm else 1
-        route = (keep * 4 * 3 + G * 5 + k * 8 + S * k * 12 + keep * 4 + (keep + 1) * 4 + S * k * 8) if Lm else 0
-        dev["buffers"] = buffers + route
-        dev["total"] = sum(dev.values())
-        return {"host": dev}
+        return {"host": _cpu_engine_bytes(cfg, keep, streams, window)}
 
     def q8(n: int, kk: int) -> int:                 # QWeight: int8 [K8, N8] and float32 scales [N8]
         return _pad8(kk) * _pad8(n) + 4 * _pad8(n)
@@ -274,6 +251,47 @@ def engine_bytes(cfg: ModelConfig, keep_experts: int | None = None, *, engine: s
     dev["total"] = sum(dev.values())
     host["total"] = sum(host.values())
     return {"device": dev, "host": host}
+
+
+def _cpu_engine_bytes(cfg: ModelConfig, keep: int, streams: int, window: int) -> dict[str, int]:
+    """The CPU ``Engine``'s arrays by part: int8 weights blocked by 16 output channels (K padded
+    to 4, with int32 row sums and float32 scales), float32 embeddings, W_UK/W_UV (padded to
+    16-lane vectors), router and the latent cache in its two layouts, and every buffer of
+    ``runtime.engine.buffer_shapes`` at ``max(streams, PREFILL_ROWS)`` rows."""
+    import numpy as np
+
+    from runtime.cpu_int8 import blocked_nbytes, padded16
+    from runtime.engine import PREFILL_ROWS, buffer_shapes
+    from runtime.routing import RouteBuffers, RoutingRule
+
+    H, V, L, Lm = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.n_moe_layers
+    nh, nope, rope, vd, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                             cfg.v_head_dim, cfg.kv_lora_rank)
+    qr, qd, I, Id = cfg.q_lora_rank, nh * (nope + rope), cfg.moe_intermediate_size, cfg.intermediate_size
+    Is = I * cfg.n_shared_experts
+    out = {name: 0 for name in ENGINE_PARTS}
+    out["embeddings"] = V * H * 4
+    out["lm_head"] = blocked_nbytes(V, H)
+    q = blocked_nbytes(qr, H) + blocked_nbytes(qd, qr) if qr else blocked_nbytes(qd, H)
+    out["attention"] = L * (q + blocked_nbytes(C + rope, H) + blocked_nbytes(H, nh * vd))
+    out["attention_absorbed"] = L * nh * (nope * padded16(C) + padded16(C) * padded16(vd)) * 4
+    out["norms"] = 4 * (2 * L * H + H + L * ((qr or 0) + C))
+    out["dense_mlp"] = (L - Lm) * (blocked_nbytes(2 * Id, H) + blocked_nbytes(H, Id))
+    out["shared_experts"] = Lm * (blocked_nbytes(2 * Is, H) + blocked_nbytes(H, Is)) if Is else 0
+    out["routed_experts"] = Lm * keep * (blocked_nbytes(2 * I, H) + blocked_nbytes(H, I))
+    out["router"] = Lm * (H * keep + keep) * 4           # the engine keeps a (zero) bias for every rule
+    # The pruned layer's grouping is compress's choice; buffers depend on the counts only.
+    rule = RoutingRule.from_config(cfg)._replace(n_experts=keep) if Lm else None
+    rows = max(streams, PREFILL_ROWS)
+    shapes = buffer_shapes(cfg, capacity=streams, window=window, rows=rows, top_k=rule.top_k if rule else 1,
+                           n_experts=keep if Lm else 2, n_inputs=0, n_outputs=0)
+    nbytes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, (shape, dtype) in shapes.items()}
+    out["kv_cache"] = nbytes.pop("keys") + nbytes.pop("vals")
+    out["buffers"] = sum(nbytes.values())
+    if rule is not None:
+        out["buffers"] += sum(a.nbytes for a in RouteBuffers.allocate(rule, rows))
+    out["total"] = sum(out.values())
+    return out
 
 
 def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, quant: str | None = None,
@@ -395,7 +413,8 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
             "streams": streams,
             "window": window,
             "kv_cache": f"{cfg.kv_lora_rank + cfg.qk_rope_head_dim} latent values/token/layer "
-                        f"x {cfg.num_hidden_layers} layers in {kv}, {rows} rows",
+                        f"x {cfg.num_hidden_layers} layers in {kv}, {rows} rows"
+                        + (", kept in two layouts (keys by channel, values by position)" if engine == "cpu" else ""),
             "float_dtype": float_dtype,
             "reserve_gb": reserve_gb,
             "expert_cache_slots": expert_cache_slots,

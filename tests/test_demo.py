@@ -2,12 +2,14 @@
 
 Proves: a shortened demo (the bundled pruned int8 MoE policy over Modbus TCP against the
 plant simulator in its own process) tracks within 1.5x of the expert controller and far
-below no control, never fails safe, writes its plot and a flight recording that replays
-bit for bit; and when the PLC process is SIGKILLed mid-run the controller fails safe within
+below no control, explains every fail-safe cycle, writes its plot and a flight recording
+that replays bit for bit, also with two CPU-burning processes beside it; and when the PLC process is SIGKILLed mid-run the controller fails safe within
 the heartbeat timeout, then recovers when the PLC restarts on the same port.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +20,11 @@ import pytest
 from sdk import cli
 from sdk.config import DeployConfig
 from sdk.controller import Controller
-from sdk.demo import (EXAMPLE, MAX_RATIO, MAX_VS_NO_CONTROL, PlantProcess, demo_config, find_example,
-                      free_port, run_demo, wait_for_plc)
+from sdk.demo import (EXAMPLE, MAX_FAILSAFE_FRACTION, MAX_RATIO, MAX_VS_NO_CONTROL, PlantProcess, demo_config,
+                      find_example, free_port, run_demo, wait_for_plc)
+
+CHECKS = {"tracking_within_1.5x_expert": True, "far_below_no_control": True, "every_failsafe_cycle_explained": True,
+          "failsafe_and_misses_within_1pct": True, "replay_bit_exact": True, "completed": True}
 
 
 def _wait(cond, timeout_s: float, poll_s: float = 0.005) -> float | None:
@@ -32,20 +37,42 @@ def _wait(cond, timeout_s: float, poll_s: float = 0.005) -> float | None:
     return None
 
 
-def test_short_demo_tracks_like_the_expert_fails_safe_never_and_replays_bit_exactly(tmp_path):
-    s = run_demo(duration_s=8.0, out=tmp_path / "demo", seed=1)
-    assert s["checks"] == {"tracking_within_1.5x_expert": True, "far_below_no_control": True,
-                           "no_failsafe_cycles": True, "replay_bit_exact": True, "completed": True}, s
+def _assert_passes(s: dict) -> None:
+    assert s["checks"] == CHECKS, {k: s[k] for k in ("checks", "failsafe_events", "deadline_misses", "realtime")}
     assert s["ok"]
     assert s["ratio_vs_expert"] <= MAX_RATIO and s["ratio_vs_no_control"] <= MAX_VS_NO_CONTROL
     assert s["tracking"]["moe"]["score"] < s["tracking"]["no_control"]["score"]
-    assert s["failsafe_cycles"] == 0 and s["held_cycles"] == 0
+    assert s["failsafe_cycles"] <= MAX_FAILSAFE_FRACTION * s["cycles"]
+    assert len({e["cycle"] for e in s["failsafe_events"]}) == s["failsafe_cycles"]
+    assert all(e["cause"] and e["detail"] for e in s["failsafe_events"])
+    assert s["replay"]["identical"] and s["replay"]["model_outputs_compared"] > 0
+
+
+def test_short_demo_tracks_like_the_expert_and_replays_bit_exactly(tmp_path):
+    s = run_demo(duration_s=8.0, out=tmp_path / "demo", seed=1)
+    _assert_passes(s)
+    assert s["held_cycles"] == 0
     assert 300 <= s["cycles"] <= 401                      # 8 s at 50 Hz, less skipped ticks
-    assert s["replay"]["identical"] and s["replay"]["model_outputs_compared"] == s["cycles"]
+    assert s["replay"]["model_outputs_compared"] + s["failsafe_cycles"] >= s["cycles"]
     assert s["latency_us"]["p50"] > 0 and s["latency_us"]["max"] >= s["latency_us"]["p99"]
     png = tmp_path / "demo" / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert (tmp_path / "demo" / "plant.npz").is_file()
+
+
+def test_demo_passes_beside_two_cpu_burning_processes(tmp_path):
+    """A machine with other work going on: two processes spin on the two cores for the whole
+    run. Stalls may put a cycle into fail-safe; the demo still tracks, explains each one, stays
+    within the rate bound and replays bit for bit."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        s = run_demo(duration_s=8.0, out=tmp_path / "demo", seed=1)
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait(10)
+    _assert_passes(s)
+    assert "sched_fifo" in s["realtime"]
 
 
 def test_killed_plc_fails_safe_within_the_heartbeat_timeout_and_recovers(tmp_path):

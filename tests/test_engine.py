@@ -1,10 +1,10 @@
 """The stream engine: agreement with the model, batch invariance, ring buffers, no allocation."""
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from runtime.model import IOAdapter
 from tests.conftest import assert_refuses_bad_steps
 
 RNG = np.random.default_rng(0)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,9 @@ def test_rotary_stays_exact_at_positions_a_long_run_reaches(lm):
 
 
 def test_engine_activation_quantization_is_the_runtime_quant_rule():
-    """The engine's inlined per-token int8 gives the same bits as runtime.quant's."""
+    """The engine's inlined per-token int8 (plain, and offset by 128 as its GEMMs read it) gives
+    the same bits as runtime.quant's."""
+    from runtime.cpu_int8 import quantize_row_u8
     from runtime.engine import _quantize_row
     from runtime.quant import quantize_activation
 
@@ -209,6 +212,128 @@ def test_engine_activation_quantization_is_the_runtime_quant_rule():
     x[2, :100] = 0.5       # exact .5 multiples of the step exercise round-half-even
     q, s = quantize_activation(torch.from_numpy(x))
     mine_q, mine_s = np.zeros_like(x, dtype=np.int8), np.zeros(64, np.float32)
+    offset_q, offset_s = np.zeros_like(x, dtype=np.uint8), np.zeros(64, np.float32)
     for i in range(64):
         mine_s[i] = _quantize_row(x[i], mine_q[i])
+        offset_s[i] = quantize_row_u8(x[i], offset_q[i])
     assert np.array_equal(mine_q, q.numpy()) and np.array_equal(mine_s, s.numpy()[:, 0])
+    assert np.array_equal(offset_q.astype(np.int16) - 128, q.numpy()) and np.array_equal(offset_s, mine_s)
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
+    """The blocked int8 GEMM against exact integer products: gathered rows, shapes that are not
+    multiples of the blocking, activations offset by 128; the portable and the VNNI kernel."""
+    from numba import njit
+
+    from runtime import cpu_int8
+
+    if vnni and not cpu_int8.VNNI:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    dot1, dot4 = cpu_int8._make_dot(1, vnni, 2), cpu_int8._make_dot(4, vnni)
+
+    @njit
+    def gemm(x, xs, idx, n_rows, w, wsum, ws, n_out, out, acc):
+        # the loop of cpu_int8.gemm_rows with the chosen kernels: four rows of one block, or one
+        # row of two blocks (the last, odd block with its zero-padded neighbour's room in acc)
+        k4, xw = w.shape[1] // 64, x.shape[1]
+        for b in range(w.shape[0]):
+            r = 0
+            while r < n_rows:
+                m = min(4, n_rows - r)
+                if m == 4:
+                    dot4(w, b * k4 * 64, x, idx[r] * xw, idx[r + 1] * xw, idx[r + 2] * xw, idx[r + 3] * xw, k4,
+                         acc, r * 32, 32)
+                elif b + 2 <= w.shape[0]:
+                    for rr in range(r, r + m):
+                        dot1(w, b * k4 * 64, x, idx[rr] * xw, 0, 0, 0, k4, acc, rr * 32, 32)
+                else:
+                    for rr in range(r, r + m):
+                        dot4(w, b * k4 * 64, x, idx[rr] * xw, idx[rr] * xw, idx[rr] * xw, idx[rr] * xw, k4,
+                             acc, rr * 32, 0)
+                for rr in range(r, r + m):
+                    for lane in range(min(16, n_out - b * 16)):
+                        n = b * 16 + lane
+                        out[rr, n] = np.float32(acc[rr, lane] - 128 * wsum[n]) * xs[idx[rr]] * ws[n]
+                r += m
+
+    rng = np.random.default_rng(5)
+    for rows, n_out, k in [(1, 70, 61), (7, 64, 64), (13, 33, 1030), (4, 16, 4)]:
+        w = rng.integers(-127, 128, (n_out, k)).astype(np.int8)
+        w[0] = 127                                   # extremes of the int8 range
+        ws = rng.random(n_out).astype(np.float32)
+        blocked, wsum, wscale = cpu_int8.pack_blocked(w, ws)
+        x = rng.standard_normal((rows + 3, k)).astype(np.float32)
+        xq = np.full((rows + 3, cpu_int8.padded_k(k) + 8), 77, np.uint8)   # padding never counts
+        xs = np.array([cpu_int8.quantize_row_u8(x[i], xq[i]) for i in range(rows + 3)], np.float32)
+        idx = rng.permutation(rows + 3)[:rows].astype(np.int64)
+        out, acc = np.zeros((rows, n_out), np.float32), np.zeros((rows, 32), np.int32)
+        gemm(xq.view(np.int32), xs, idx, rows, blocked, wsum, wscale, n_out, out, acc)
+        q = xq[idx, :k].astype(np.int64) - 128
+        want = ((q @ w.T.astype(np.int64)).astype(np.float32) * xs[idx, None]) * ws
+        assert np.array_equal(out, want), (rows, n_out, k)
+        if vnni == cpu_int8.VNNI:                    # the engine's own entry point, same bits
+            out2 = np.zeros_like(out)
+            cpu_int8.gemm_rows(xq.view(np.int32), xs, idx, True, 0, rows, blocked, wsum, wscale, n_out, out2, acc)
+            assert np.array_equal(out2, want)
+
+
+def test_prefill_leaves_the_cache_that_stepping_leaves(lm):
+    """A stream's history in chunked passes (window wrapping, several passes, other slots
+    busy) gives bitwise the cache, position and logits of stepping it token by token."""
+    window, T = 8, 29
+    tokens = RNG.integers(0, lm.config.vocab_size, T + 1)
+    stepped = Engine(lm, capacity=3, window=window)
+    for t in tokens[:T]:
+        want = stepped.step_tokens(np.array([1]), np.array([t])).copy()
+    filled = Engine(lm, capacity=3, window=window, prefill_rows=5)
+    filled.step_tokens(np.array([2, 0]), np.array([3, 4]))
+    filled.prefill(1, tokens[:11])
+    got = filled.prefill(1, tokens[11:T]).copy()
+    assert np.array_equal(got, want[0])
+    assert filled.positions()[1] == stepped.positions()[1] == T
+    b1, b2 = stepped.buffers, filled.buffers
+    assert np.array_equal(b1.keys[:, 1], b2.keys[:, 1]) and np.array_equal(b1.vals[:, 1], b2.vals[:, 1])
+    nxt = np.array([1]), np.array([tokens[T]])
+    assert np.array_equal(stepped.step_tokens(*nxt), filled.step_tokens(*nxt))
+    with pytest.raises(ValueError, match="tokens"):
+        filled.prefill(1, np.array([lm.config.vocab_size]))
+    with pytest.raises(ValueError, match="distinct and in 0..2"):
+        filled.prefill(3, tokens[:2])
+    with pytest.raises(ValueError, match="I/O adapter"):
+        filled.prefill(0, np.zeros((2, 3), np.float32))
+
+
+def test_sensor_prefill_matches_stepping():
+    model = sdk.load_model(ROOT / "examples" / "sensor_stream" / "model")
+    F = len(model.adapter.input_names)
+    frames = RNG.normal(0, 1, (40, F)).astype(np.float32)
+    stepped = Engine(model, capacity=2, window=16)
+    for f in frames:
+        want = stepped.step_sensor(np.array([0]), f[None]).copy()
+    filled = Engine(model, capacity=2, window=16, prefill_rows=16)
+    assert np.array_equal(filled.prefill(0, frames), want[0])
+    assert np.array_equal(stepped.buffers.keys, filled.buffers.keys)
+    assert np.array_equal(stepped.buffers.vals, filled.buffers.vals)
+    with pytest.raises(ValueError, match="frames"):
+        filled.prefill(0, frames[:, :2])
+
+
+def test_engine_exp_is_within_two_ulp_and_keeps_nan():
+    """The engine's vectorised exp (softmax and SiLU) against float64 exp rounded to float32."""
+    from numba import njit
+
+    from runtime.engine import _exp_row
+
+    @njit
+    def run(x, out, bits):
+        _exp_row(x, np.float32(1.0), np.float32(0.5), out, x.shape[0], bits, bits.view(np.float32))
+
+    x = np.concatenate([np.linspace(-86, 87, 400_001), RNG.normal(0, 3, 10_000)]).astype(np.float32)
+    x = np.concatenate([x, [np.nan]]).astype(np.float32)
+    out, bits = np.zeros_like(x), np.zeros(x.shape[0], np.int32)
+    run(x, out, bits)
+    want = np.exp((x - np.float32(0.5)).astype(np.float64)).astype(np.float32)   # the shift in float32
+    ulp = np.abs(out[:-1].view(np.int32).astype(np.int64) - want[:-1].view(np.int32).astype(np.int64))
+    assert ulp.max() <= 2, ulp.max()
+    assert np.isnan(out[-1])

@@ -15,7 +15,16 @@ What it does, with nothing to configure and no network beyond loopback:
    and replays the flight recording through a fresh engine, checking every output bit for bit.
 
 It passes when the policy's tracking error is within 1.5x of the expert's and at most half
-of no control's, no cycle went to fail-safe, and the replay is bitwise identical.
+of no control's, every fail-safe cycle has its cause reported (and is listed with what held
+it up), fail-safe cycles and deadline misses stay within ``MAX_FAILSAFE_FRACTION`` of the
+cycles, and the replay is bitwise identical. A demo on a busy machine may see the odd stall
+of its process or VM: the safety layer putting that one cycle into fail-safe is the behaviour
+being shown, not a failure; what would fail is a cycle that went unprotected or unexplained,
+or stalls so frequent that the plant is no longer controlled (which the tracking check and
+the rate bound catch).
+
+The control loop asks for real-time scheduling (SCHED_FIFO, pinned, memory locked) as
+``r1edge run`` does; where the platform refuses, it runs without, and the summary says which.
 
 The files named above live in this package (``deploy.toml`` and ``model/`` as package data),
 so an installed wheel runs the demo with no source tree. In a clone,
@@ -44,6 +53,12 @@ PLANT = EXAMPLE / "plant.py"
 TRACK_FROM_S = 2.0          # the first seconds are start-up: scored from here on
 MAX_RATIO = 1.5             # policy / expert tracking error
 MAX_VS_NO_CONTROL = 0.5     # policy / no-control tracking error
+# At most 1% of cycles may fail safe or miss their deadline. A fail-safe cycle closes the
+# valve and cuts the heater for one 20 ms period, after which the outputs ramp back at
+# 2 /s: the tank's level and temperature move over seconds, so isolated cycles cost the
+# tracking little (the tracking check judges that), while a higher rate means the loop is
+# not really running at 50 Hz on this machine.
+MAX_FAILSAFE_FRACTION = 0.01
 
 
 class DemoError(RuntimeError):
@@ -67,8 +82,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_config(port: int, recording: Path, example: Path | None = None):
-    """The example's deployment config, pointed at ``port`` and recording to ``recording``."""
+def demo_config(port: int, recording: Path, example: Path | None = None, *, realtime: bool = True):
+    """The example's deployment config, pointed at ``port`` and recording to ``recording``;
+    ``realtime``: ask for real-time scheduling (applied where the platform permits)."""
     try:
         import tomllib
     except ModuleNotFoundError:                               # Python 3.10
@@ -81,6 +97,7 @@ def demo_config(port: int, recording: Path, example: Path | None = None):
     raw = tomllib.loads(path.read_text())
     raw["modbus"]["port"] = int(port)
     raw["recorder"] = {"path": str(recording)}
+    raw["loop"]["realtime"] = bool(realtime)
     return DeployConfig.from_dict(raw, base_dir=example, source=path)
 
 
@@ -248,6 +265,37 @@ def plot(path: Path, live: dict, expert: dict, no_control: dict, title: str) -> 
     return path
 
 
+def failsafe_events(recording: Path, config) -> list[dict]:
+    """Each cycle of a flight recording in which a stream failed safe: its cycle number, time
+    (s from the first cycle), cause, and what held the cycle up (how late the loop woke, how
+    long inference took against its budget), so that a stall is named."""
+    from runtime.recorder import RecordingReader
+
+    budget_ms = config.loop.infer_budget_ms
+    events, t0 = [], None
+    for rec in RecordingReader(recording):
+        if rec.get("type") != "cycle":
+            continue
+        t0 = rec["t_ns"] if t0 is None else t0
+        for st in rec["streams"]:
+            if st["st"] != "failsafe":
+                continue
+            read, infer, write, late = (v / 1e6 for v in rec["timing"])
+            cause = st["why"] or "unknown"
+            if cause == "timeout":
+                detail = f"inference over its {budget_ms:.0f} ms budget"
+            elif cause == "busy":
+                detail = "inference still busy with the previous cycle"
+            elif cause == "invalid_input":
+                detail = "invalid inputs " + ", ".join(f"{k} ({v})" for k, v in (st.get("bad") or {}).items())
+            else:
+                detail = st.get("error") or cause
+            events.append({"cycle": rec["seq"], "t_s": round((rec["t_ns"] - t0) / 1e9, 3), "stream": st["s"],
+                           "cause": cause, "detail": detail, "woke_late_ms": round(late, 2),
+                           "infer_ms": round(infer, 2), "read_ms": round(read, 2)})
+    return events
+
+
 def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: int = 0, *,
              status: TextIO | None = None, inplace: bool = True) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the summary, with ``ok`` and ``checks``.
@@ -319,10 +367,15 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
     png = plot(out / "demo.png", {k: np.asarray(v)[shown] for k, v in live.items()}, expert_log, none_log,
                f"r1edge demo: heated tank, plant seed {seed}, {stop_s:.0f} s; MoE policy (pruned, int8) over "
                f"Modbus TCP vs expert PID; tracking error {ratio:.2f}x the expert's")
+    events = failsafe_events(recording, config)
+    bound = MAX_FAILSAFE_FRACTION * max(stats["cycles"], 1)
     checks = {
         "tracking_within_1.5x_expert": ratio <= MAX_RATIO,
         "far_below_no_control": vs_none <= MAX_VS_NO_CONTROL,
-        "no_failsafe_cycles": stats["failsafe_cycles"] == 0,
+        "every_failsafe_cycle_explained": (len({e["cycle"] for e in events}) == stats["failsafe_cycles"]
+                                           and all(e["cause"] != "unknown" for e in events)),
+        "failsafe_and_misses_within_1pct": (stats["failsafe_cycles"] <= bound
+                                            and stats["deadline_misses"] <= bound),
         "replay_bit_exact": bool(rep["identical"]) and rep["cycles"] == stats["cycles"],
         "completed": not interrupted,
     }
@@ -336,6 +389,8 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
         "cycles": stats["cycles"], "latency_us": stats["latency_us"],
         "deadline_misses": stats["deadline_misses"], "skipped_ticks": stats["skipped_ticks"],
         "failsafe_cycles": stats["failsafe_cycles"], "held_cycles": stats["held_cycles"],
+        "failsafe_events": events, "max_failsafe_fraction": MAX_FAILSAFE_FRACTION,
+        "realtime": {k: v for k, v in stats["rt_applied"].items() if isinstance(v, dict)},
         "plant_held_ticks": int(held.sum()),
         "modbus": {k: stats["bridges"]["modbus"][k] for k in ("io_us", "errors", "bad", "reconnects")},
         "replay": {k: rep[k] for k in ("identical", "cycles", "stream_steps", "model_outputs_compared",
@@ -369,7 +424,16 @@ def render_demo(s: dict[str, Any]) -> None:
     print(f"  cycle latency           p50 {lat['p50']:.0f} us   p99 {lat['p99']:.0f} us   max {lat['max']:.0f} us "
           f"(tick to outputs handed to the bridge)")
     print(f"  deadline misses         {s['deadline_misses']}   skipped ticks {s['skipped_ticks']}")
-    print(f"  fail-safe cycles        {s['failsafe_cycles']}   held cycles {s['held_cycles']}")
+    print(f"  fail-safe cycles        {s['failsafe_cycles']}   held cycles {s['held_cycles']}   "
+          f"(each must have its cause reported; at most {100 * s['max_failsafe_fraction']:.0f}% of cycles)")
+    for e in s["failsafe_events"][:10]:
+        print(f"    cycle {e['cycle']} at {e['t_s']:.2f} s, stream {e['stream']}: {e['cause']} ({e['detail']}); "
+              f"loop woke {e['woke_late_ms']:.1f} ms late, inference {e['infer_ms']:.1f} ms")
+    if len(s["failsafe_events"]) > 10:
+        print(f"    ... {len(s['failsafe_events']) - 10} more in the summary (--json)")
+    fifo = s["realtime"].get("sched_fifo")
+    print("  real-time scheduling    " + ("SCHED_FIFO applied to the control loop" if fifo and fifo["applied"] else
+                                         "not applied (" + (fifo["detail"] if fifo else "not requested") + ")"))
     r = s["replay"]
     print(f"  replay                  {'bit-exact' if r['identical'] else 'MISMATCH'}: {r['cycles']} cycles, "
           f"{r['model_outputs_compared']} model and {r['final_outputs_compared']} final outputs compared"
