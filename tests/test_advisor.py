@@ -177,6 +177,7 @@ def test_advice_reaches_the_model_only_through_the_switch_and_the_limits_and_rep
     step = np.array([0.05, 2.0]) * 0.02
     target = np.array([decision["level_sp"], decision["temp_sp"]])
     prev = None
+    limited = 0
     for rec in cycles:
         e = rec["streams"][0]
         x, adv_fields = np.array(e["x"]), e["adv"]
@@ -187,6 +188,7 @@ def test_advice_reaches_the_model_only_through_the_switch_and_the_limits_and_rep
         start = np.array(adv_fields["plc"]) if prev is None else prev
         moved = x[cols] - start
         assert np.all(np.abs(moved) <= step + 1e-12)                       # rate limit
+        limited += bool(np.any(np.abs(moved) >= step - 1e-12) and np.any(x[cols] != target))
         assert np.all((x[cols] >= [0.0, 0.0]) & (x[cols] <= [1.0, 100.0]))  # range
         assert np.all(np.sign(moved) == np.sign(target - start))           # towards the advice
         prev = x[cols]
@@ -194,6 +196,7 @@ def test_advice_reaches_the_model_only_through_the_switch_and_the_limits_and_rep
         if b["streams"][0]["st"] == "ok":
             assert np.all(np.abs(np.subtract(b["streams"][0]["out"], a["streams"][0]["out"])) <= 2.0 * 0.02 + 1e-12)
     assert sum(rec["streams"][0]["adv"]["in"] for rec in cycles) >= 30
+    assert limited >= 10                      # the advice was far enough off for the rate limit to hold it back
 
     report = replay(tmp_path / "rec")
     assert report["identical"], report["first_mismatch"]
@@ -254,10 +257,12 @@ def test_a_slow_advisor_never_makes_a_fast_cycle_miss_its_deadline(tmp_path, slo
     """1,000 cycles at 5 ms with the advisor generating all the time (asked again as soon as it
     answered, each answer hundreds of engine steps of about a millisecond), against 1,000 cycles
     of the same controller with the advisor idle, in alternating runs of 500: the advisor adds no
-    deadline misses beyond the machine's own noise."""
+    missed deadlines beyond the machine's own noise. A cycle misses when it ends past its deadline
+    or when its tick is skipped because the cycle before ran into it."""
     long_prompt = PROMPT + " " + " ".join(["level valve heater setpoint"] * 30)
     path = demo_deploy(tmp_path, slow_lm, every_ms=5.0, deadline_ms=5.0, period_ms=5.0, deadline_loop_ms=4.0,
                        recorder=False, prompt=long_prompt)
+    runs = 500
     misses = {"idle": 0, "busy": 0}
     cycles = {"idle": 0, "busy": 0}
     with Controller.from_config(path, bridges=False) as ctrl:
@@ -266,18 +271,24 @@ def test_a_slow_advisor_never_makes_a_fast_cycle_miss_its_deadline(tmp_path, slo
         for mode in ("idle", "busy", "idle", "busy"):
             adv.every_ns = 0 if mode == "busy" else 10 ** 15      # busy: asks again as soon as it answered
             adv.wait(5.0)
-            c0, m0 = ctrl.counters["cycles"], ctrl.counters["deadline_misses"]
+            c0, m0, k0 = ctrl.counters["cycles"], ctrl.counters["deadline_misses"], ctrl.loop.skipped_ticks
             requests = adv.stats()["requests"]
-            ctrl.run(duration_s=2.5, source=lambda seq, t: {**PLANT, "advisor_enable": 1.0})
+
+            def source(seq, t, stop_at=c0 + runs):
+                if ctrl.counters["cycles"] + 1 >= stop_at:
+                    ctrl.stop()
+                return {**PLANT, "advisor_enable": 1.0}
+
+            ctrl.run(source=source)
             cycles[mode] += ctrl.counters["cycles"] - c0
-            misses[mode] += ctrl.counters["deadline_misses"] - m0
+            misses[mode] += ctrl.counters["deadline_misses"] - m0 + ctrl.loop.skipped_ticks - k0
             asked = adv.stats()["requests"] - requests
             assert asked >= 2 if mode == "busy" else asked <= 1
         s = adv.stats()
-    assert cycles["idle"] >= 900 and cycles["busy"] >= 900
+    assert cycles == {"idle": 2 * runs, "busy": 2 * runs}
     assert s["answers"].get("deadline", 0) + s["answers"].get("finished", 0) >= 4
     assert s["loop_us"]["count"] >= 2 * (cycles["idle"] + cycles["busy"])
-    tolerance = max(3, cycles["busy"] // 200)
+    tolerance = max(5, cycles["busy"] // 100)
     assert misses["busy"] <= misses["idle"] + tolerance, misses
 
 
