@@ -12,17 +12,23 @@ The conditions and the advice an operator would give:
 
 - ``normal``: level and temperature on setpoint, the valve where a sound tank needs it.
   Keep the setpoints.
-- ``leak`` (an orifice adding 0.02-0.06 m^2.5/s of outflow): the valve stands above what a
-  sound tank needs for its level (the prompt shows the difference: comparing two numbers it
-  reads is more than a model of this size learns in minutes). Lower the level setpoint by 0.10 m (not below 0.30 m): a
-  lower level loses less through the leak and leaves the valve margin.
+- ``leak`` (an orifice whose extra outflow makes the valve stand 5-20% of its range above what a
+  sound tank needs for its level; half of them in the 5-8% just above the dead band): the prompt
+  shows that excess as one signed percentage, as a historian would compute it (given both
+  openings, a model of this size never learned to compare two decimals). A sound tank's valve
+  stays within about 1% of its need, so the excess separates the two with a dead band of 2-4%;
+  a leak smaller than that is not told from noise and is not in the data. Lower the level
+  setpoint by 0.10 m (not below 0.30 m): a lower level loses less through the leak and leaves the
+  valve margin.
 - ``heater_fault`` (the element gives 25-60% of its power): the heater is at its limit and the
   temperature stays below setpoint. Set the temperature setpoint to the whole degree below the
-  temperature the tank holds, so the loop stops pushing a saturated heater.
+  temperature the tank holds (as the prompt shows it), so the loop stops pushing a saturated heater.
 - ``level_sensor`` (the level reading is stuck): the level does not move at all (its spread
   over the history is 0) while the valve moves. Keep the setpoints; the diagnosis is the news.
 
-Every answer comes with a short reasoning, written for the ``<think>`` part.
+Every answer comes with a short reasoning, written for the ``<think>`` part: it first copies the
+figures the diagnosis rests on (the level's spread, the valve's excess, the heater), then names the
+condition, then the advice.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ HISTORY = 50                    # cycles of history the prompt summarises ([advi
 INPUTS = ("level", "temperature", "level_sp", "temp_sp", "level_err", "temp_err", "inflow_temp")
 OUTPUTS = ("valve", "heater")
 LEVEL_STEP, TEMP_STEP = 0.01, 0.1   # [advisor] step: the answers' resolution
+LEAK_EXCESS = (0.05, 0.08, 0.20)    # a leak's valve excess: half in [0.05, 0.08), half in [0.08, 0.20)
+VALVE_JITTER = 0.005                # the valve's mean over the history about its steady value ...
+VALVE_JITTER_MAX = 0.012            # ... at most this far off (a sound tank: within about 1%)
 
 
 def sound_valve(level: float) -> float:
@@ -59,7 +68,11 @@ def draw_state(rng: np.random.Generator, diagnosis: str | None = None) -> tuple[
     while True:
         level_sp, temp_sp = rng.uniform(0.3, 0.8), rng.uniform(30.0, 60.0)
         t_in, ambient = rng.uniform(8.0, 22.0), rng.uniform(15.0, 25.0)
-        leak = rng.uniform(0.02, 0.06) if diagnosis == "leak" else 0.0
+        leak = 0.0
+        if diagnosis == "leak":                           # the orifice that gives the drawn excess
+            lo, mid, hi = LEAK_EXCESS
+            excess = rng.uniform(lo, mid) if rng.random() < 0.5 else rng.uniform(mid, hi)
+            leak = excess * Q_MAX / math.sqrt(level_sp)
         capacity = rng.uniform(0.25, 0.6) if diagnosis == "heater_fault" else 1.0
         q = (C_OUT + leak) * math.sqrt(level_sp)
         valve = q / Q_MAX
@@ -77,7 +90,8 @@ def draw_state(rng: np.random.Generator, diagnosis: str | None = None) -> tuple[
     level_noise, temp_noise, tin_noise = NOISE_SIGMA
     level = level_sp
     level_spread = rng.uniform(3.5, 5.0) * level_noise
-    valve_stat = _stat(rng, valve, 0.005, rng.uniform(0.01, 0.04))
+    valve_stat = _stat(rng, valve, 0.0, rng.uniform(0.01, 0.04))
+    valve_stat["mean"] += float(np.clip(rng.normal(0.0, VALVE_JITTER), -VALVE_JITTER_MAX, VALVE_JITTER_MAX))
     if diagnosis == "level_sensor":                       # stuck reading: the loop chases a frozen value
         level = rng.uniform(0.2, 0.9)
         level_spread = 0.0
@@ -105,31 +119,38 @@ def draw_state(rng: np.random.Generator, diagnosis: str | None = None) -> tuple[
 
 
 def right_answer(context: dict, diagnosis: str) -> dict:
-    """The advice for a state: the decision as the schema has it."""
-    level_sp = float(f'{context["plc"]["level_sp"]:.2f}')     # as the prompt shows them
+    """The advice for a state: the decision as the schema has it (from the figures as the prompt
+    shows them)."""
+    level_sp = float(f'{context["plc"]["level_sp"]:.2f}')
     temp_sp = float(f'{context["plc"]["temp_sp"]:.1f}')
     if diagnosis == "leak":
         level_sp = round(max(0.30, level_sp - 0.10), 2)
     elif diagnosis == "heater_fault":
-        temp_sp = float(math.floor(context["stats"]["temperature"]["mean"]))
+        temp_sp = float(math.floor(float(f'{context["stats"]["temperature"]["mean"]:.1f}')))
     return {"diagnosis": diagnosis, "level_sp": level_sp, "temp_sp": temp_sp}
 
 
+def valve_excess(context: dict) -> float:
+    """How far the valve stands above what a sound tank needs for its level (the prompt shows it
+    in percent of the valve's range)."""
+    s = context["stats"]
+    return s["valve"]["mean"] - sound_valve(s["level"]["mean"])
+
+
 def reasoning(context: dict, answer: dict) -> str:
-    """A short reasoning that leads to ``answer``, with the figures it rests on."""
+    """A short reasoning that leads to ``answer``: the figures it rests on, the condition, the advice."""
     s, plc = context["stats"], context["plc"]
-    level, valve = s["level"]["mean"], s["valve"]["mean"]
+    facts = (f"spread {s['level']['max'] - s['level']['min']:.3f}, valve {100 * valve_excess(context):+.0f}%, "
+             f"heater {s['heater']['mean']:.2f}: ")
     d = answer["diagnosis"]
     if d == "leak":
-        return (f"valve {valve:.2f}, {valve - sound_valve(level):+.2f} over a sound tank: leak. "
-                f"lower level {plc['level_sp']:.2f} to {answer['level_sp']:.2f}.")
+        return facts + f"leak. lower level {plc['level_sp']:.2f} to {answer['level_sp']:.2f}."
     if d == "heater_fault":
-        return (f"heater {s['heater']['mean']:.2f} at its limit, temperature {s['temperature']['mean']:.1f} "
-                f"below {plc['temp_sp']:.1f}: heater fault. temperature {answer['temp_sp']:.0f}.")
+        return facts + (f"heater fault. temperature {s['temperature']['mean']:.1f} below {plc['temp_sp']:.1f}, "
+                        f"set {answer['temp_sp']:.0f}.")
     if d == "level_sensor":
-        return (f"level spread {s['level']['max'] - s['level']['min']:.3f} while the valve moves: "
-                f"level sensor stuck. keep {plc['level_sp']:.2f} and {plc['temp_sp']:.1f}.")
-    return f"level, temperature and valve as expected: normal. keep {plc['level_sp']:.2f} and {plc['temp_sp']:.1f}."
+        return facts + f"level sensor stuck. keep {plc['level_sp']:.2f} and {plc['temp_sp']:.1f}."
+    return facts + f"normal. keep {plc['level_sp']:.2f} and {plc['temp_sp']:.1f}."
 
 
 def answer_text(answer: dict) -> str:

@@ -6,7 +6,8 @@ here on generated plant states, compressed to an int8 package, and its advice sc
 ``--eval-only`` scores the existing package again. Seeded end to end.
 
 1. States and their right advice (``states.py``): ``--train`` states for training, ``--held-out``
-   more from another seed for scoring, the four conditions equally often.
+   more from another seed for scoring (any whose prompt a training state also has is dropped, so
+   none was trained on), the four conditions equally often.
 2. Text: each state's prompt is rendered by ``prompts/advice.j2`` from the same context the
    controller builds (``sdk.advisor.build_context``) and put through DeepSeek-R1's chat template;
    the reply is a short reasoning inside ``<think>...</think>``, then the decision as compact JSON.
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=12000, help="training states")
     ap.add_argument("--held-out", type=int, default=1000, help="held-out states to score")
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--vocab", type=int, default=384)
@@ -222,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     from sdk.text import Tokenizer
 
     cfg, template, schema = load_deploy()
-    held = make_rows(args.held_out, args.seed + 1_000_003, template)
+    rows = make_rows(args.train, args.seed, template)
+    seen = {r["prompt"] for r in rows}
+    held = [r for r in make_rows(args.held_out, args.seed + 1_000_003, template) if r["prompt"] not in seen]
     out = Path(args.out)
     report: dict = {}
     if not args.eval_only:
         t0 = time.perf_counter()
-        rows = make_rows(args.train, args.seed, template)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp) / "ckpt"
             ckpt.mkdir()
