@@ -85,7 +85,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """``r1edge replay RECORDING``: re-run a flight recording; exit 1 unless bitwise identical."""
     from sdk.controller import render_replay, replay
 
-    report = replay(args.recording, package=args.package)
+    report = replay(args.recording, package=args.package, advisor_package=args.advisor_package)
     _print_report(report, args.json, render_replay)
     return 0 if report["identical"] else 1
 
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recording", metavar="RECORDING",
                    help="recording directory (its latest run) or the run's first .r1rec segment")
     p.add_argument("--package", metavar="PKG", help="package to replay with (default: the one recorded)")
+    p.add_argument("--advisor-package", metavar="PKG",
+                   help="the advisor's language model to replay its answers with (default: the one recorded)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_replay)
 

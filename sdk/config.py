@@ -22,6 +22,9 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   ``keep = 16`` segments, ``enabled = true``;
 - ``[shadow]`` (optional) ``path``: a candidate package run on the same inputs every cycle,
   never applied (see ``sdk.controller``).
+- ``[advisor]`` (optional) a language model that reads the plant's state as text every
+  ``every_ms`` and proposes setpoints and/or a diagnosis (``sdk.advisor``, where the keys and
+  their defaults are listed).
 - ``[metrics]`` (optional) ``listen = "127.0.0.1:9108"`` (``HOST:PORT``, ``[V6]:PORT`` for
   IPv6, port 0 for a free one): Prometheus ``/metrics`` and ``/healthz`` (``sdk.metrics``).
 
@@ -244,6 +247,47 @@ class ShadowSection:
 
 
 @dataclass
+class AdvisorSection:
+    """``[advisor]``: a language model advising setpoints and/or a diagnosis (``sdk.advisor``).
+
+    ``sets`` are setpoints: inputs of the fast model, whose ranges come from ``[[inputs]]``;
+    ``step`` is each one's ``multipleOf`` (default 1/1000 of its range), ``max_rate`` how fast
+    an advised setpoint may move (units/s, default no limit). ``enable`` names the PLC's
+    switch: advice is in force only while that signal is valid, fresh and >= 0.5.
+    """
+
+    path: Path
+    prompt: Path
+    every_ms: float = 1000.0
+    deadline_ms: float = 800.0
+    max_tokens: int = 256
+    max_think_tokens: int = 64
+    sets: list[str] = field(default_factory=list)
+    diagnoses: list[str] = field(default_factory=list)
+    step: dict[str, float] = field(default_factory=dict)
+    max_rate: dict[str, float] = field(default_factory=dict)
+    enable: str | None = None
+    enable_stale_ms: float = 200.0
+    stream: str = "main"
+    history: int = 50
+    on_failure: str = "keep"
+    window: int = 1024
+    nice: int = 10
+
+    def published(self, inputs: list[InputSpec]) -> dict[str, float]:
+        """The signals the controller publishes to the bridges for the PLC, with their values
+        before any advice: ``advice.<setpoint>`` (while advice is in force the value the model
+        sees, ramped; otherwise the advice held; the input's min before any), ``advice.diagnosis`` (1-based index into ``diagnoses``, 0 = none),
+        ``advice.state`` (0 none, 1 advice held but not in force, 2 in force) and
+        ``advice.count`` (good answers, modulo 65536)."""
+        lo = {i.name: i.min for i in inputs}
+        out = {f"advice.{name}": lo[name] for name in self.sets}
+        if self.diagnoses:
+            out["advice.diagnosis"] = 0.0
+        return {**out, "advice.state": 0.0, "advice.count": 0.0}
+
+
+@dataclass
 class MetricsSection:
     """``[metrics]``: where the Prometheus endpoint listens."""
 
@@ -262,6 +306,7 @@ class DeployConfig:
     outputs: list[OutputSpec]
     recorder: RecorderSection | None = None
     shadow: ShadowSection | None = None
+    advisor: AdvisorSection | None = None
     modbus: dict | None = None
     zmq: dict | None = None
     opcua: dict | None = None
@@ -370,16 +415,22 @@ class DeployConfig:
             shadow = ShadowSection(path=_resolve(base, t.str("path")))
             t.done()
 
+        advisor = None
+        t = top.sub("advisor")
+        if t is not None:
+            advisor = _advisor(t, base, loop, inputs, outputs, names)
+            t.done()
+
         metrics = None
         t = top.sub("metrics")
         if t is not None:
             metrics = _listen(t, t.str("listen", "127.0.0.1:9108"))
             t.done()
 
-        modbus, zmq, opcua = _bridge_tables(top, base, inputs, outputs)
+        modbus, zmq, opcua = _bridge_tables(top, base, inputs, outputs, advisor)
         top.done()
         config = cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
-                     recorder=recorder, shadow=shadow, modbus=modbus, zmq=zmq, opcua=opcua, metrics=metrics,
+                     recorder=recorder, shadow=shadow, advisor=advisor, modbus=modbus, zmq=zmq, opcua=opcua, metrics=metrics,
                      base_dir=base, raw=raw)
         if check_sources and (modbus is not None or zmq is not None or opcua is not None):
             missing = config.unsourced_inputs()
@@ -394,11 +445,24 @@ class DeployConfig:
         """The declared inputs that no configured bridge provides: not in ``[[modbus.map]]``
         and neither ``[zmq]`` (a ZeroMQ sensor frame may carry any input) nor ``[opcua]``
         (it has a writable node for every input). Without any bridge every input is unsourced
-        here: it must come from ``Controller.step``, a ``source`` or a recording."""
+        here: it must come from ``Controller.step``, a ``source`` or a recording. The
+        advisor's ``enable`` switch counts as an input."""
         if self.zmq is not None or self.opcua is not None:
             return []
         mapped = {e.get("signal") for e in (self.modbus or {}).get("map", []) if isinstance(e, dict)}
-        return [i.name for i in self.inputs if i.name not in mapped]
+        return [n for n in [i.name for i in self.inputs] + self.extra_inputs() if n not in mapped]
+
+    def extra_inputs(self) -> list[str]:
+        """Signals the bridges read besides the model's inputs (the advisor's ``enable``)."""
+        return [self.advisor.enable] if self.advisor is not None and self.advisor.enable else []
+
+    def bridge_signals(self) -> tuple[list[str], dict[str, float]]:
+        """(input names, ``{output name: value before the first cycle}``) as the bridges see
+        them: the model's, the heartbeat and the advisor's (see ``AdvisorSection.published``)."""
+        outs = bridge_outputs(self.outputs)
+        if self.advisor is not None:
+            outs.update(self.advisor.published(self.inputs))
+        return [i.name for i in self.inputs] + self.extra_inputs(), outs
 
     def to_dict(self) -> dict:
         """A msgpack/JSON-able form (paths as strings), as written into recording headers."""
@@ -438,18 +502,97 @@ def _listen(t: _Table, listen: str) -> MetricsSection:
     return MetricsSection(host=m.group(1) or m.group(2), port=int(m.group(3)))
 
 
-def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec],
-                   outputs: list[OutputSpec]) -> tuple[dict | None, dict | None, dict | None]:
+def _advisor(t: _Table, base: Path, loop: LoopSection, inputs: list[InputSpec], outputs: list[OutputSpec],
+             names: dict[str, str]) -> AdvisorSection:
+    every = t.num("every_ms", 1000.0, positive=True)
+    if every < loop.period_ms:
+        t.fail(f"must be at least the loop period ({loop.period_ms:g} ms), got {every:g}", "every_ms")
+    deadline = t.num("deadline_ms", 0.8 * every, positive=True)
+    if deadline > every:
+        t.fail(f"must not exceed every_ms ({every:g}), got {deadline:g}", "deadline_ms")
+    ins = {i.name: i for i in inputs}
+    outs = {o.name for o in outputs}
+    sets = t.get("sets", [])
+    if not isinstance(sets, list) or not all(isinstance(n, str) for n in sets):
+        t.fail(f"must be a list of setpoint (input) names, got {sets!r}", "sets")
+    for n in sets:
+        if n in outs:
+            t.fail(f"{n!r} is an output: the advisor sets setpoints, inputs the fast model reads (its "
+                   "outputs stay the fast model's, under their limits)", "sets")
+        if n not in ins:
+            t.fail(f"{n!r} is not a configured input (inputs: {', '.join(ins)})", "sets")
+    if len(set(sets)) != len(sets):
+        t.fail(f"names a setpoint twice: {sets!r}", "sets")
+    diagnoses = t.get("diagnoses", [])
+    if (not isinstance(diagnoses, list) or not all(isinstance(d, str) and d for d in diagnoses)
+            or len(set(diagnoses)) != len(diagnoses)):
+        t.fail(f"must be a list of distinct non-empty names, got {diagnoses!r}", "diagnoses")
+    if not sets and not diagnoses:
+        t.fail("the advisor must set something: give 'sets' (setpoints) and/or 'diagnoses'")
+
+    def per_set(key: str) -> dict[str, float]:
+        table = t.get(key, {})
+        if not isinstance(table, dict):
+            t.fail(f"must be a table {{setpoint = number}}, got {table!r}", key)
+        out = {}
+        for n, v in table.items():
+            if n not in sets:
+                t.fail(f"{n!r} is not in sets", key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                t.fail(f"{n}: must be a positive number, got {v!r}", key)
+            out[n] = float(v)
+        return out
+
+    step = {n: (ins[n].max - ins[n].min) / 1000.0 for n in sets}
+    step.update(per_set("step"))
+    for n in sets:
+        if step[n] > ins[n].max - ins[n].min:
+            t.fail(f"{n}: {step[n]:g} is larger than the input's range", "step")
+    enable = t.str("enable", None)
+    if sets and enable is None:
+        t.fail("is required with sets: the name of the PLC's switch (a signal the bridges read; advice is in "
+               "force only while it is >= 0.5), so that the PLC can always take its setpoints back", "enable")
+    for name in ["advice.state", "advice.count", "advice.diagnosis"] + [f"advice.{n}" for n in sets]:
+        if name in names:
+            t.fail(f"{names[name]} is named {name!r}, a signal the advisor publishes; rename it")
+    if enable is not None:
+        if not _NAME_RE.match(enable):
+            t.fail(f"{enable!r} must start with a letter and use letters, digits, '_', '.', '-'", "enable")
+        if enable in names:
+            t.fail(f"{enable!r} is already used by {names[enable]}", "enable")
+    sec = AdvisorSection(
+        path=_resolve(base, t.str("path")), prompt=_resolve(base, t.str("prompt")), every_ms=every,
+        deadline_ms=deadline, max_tokens=t.int("max_tokens", 256, lo=1),
+        max_think_tokens=t.int("max_think_tokens", 64, lo=0), sets=list(sets), diagnoses=list(diagnoses),
+        step=step, max_rate=per_set("max_rate"), enable=enable,
+        enable_stale_ms=t.num("enable_stale_ms", max(200.0, 3 * loop.period_ms), positive=True),
+        stream=t.str("stream", "main"), history=t.int("history", 50, lo=1, hi=100_000),
+        on_failure=t.str("on_failure", "keep", ("keep", "failsafe")), window=t.int("window", 1024, lo=2),
+        nice=t.int("nice", 10, lo=0, hi=19))
+    if sec.max_tokens >= sec.window:
+        t.fail(f"max_tokens ({sec.max_tokens}) must leave room for the prompt in window ({sec.window})", "max_tokens")
+    if sec.max_think_tokens >= sec.max_tokens:
+        t.fail(f"must be below max_tokens ({sec.max_tokens}), got {sec.max_think_tokens}", "max_think_tokens")
+    if not sec.prompt.is_file():
+        t.fail(f"{sec.prompt}: no such prompt template", "prompt")
+    if not sec.path.is_dir():
+        t.fail(f"{sec.path}: no such language model (a package or checkpoint directory with its tokenizer)", "path")
+    return sec
+
+
+def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec], outputs: list[OutputSpec],
+                   advisor: AdvisorSection | None = None) -> tuple[dict | None, dict | None, dict | None]:
     """``[modbus]``, ``[zmq]`` and ``[opcua]``, validated by the bridges' own parsers (one
     source of truth for their keys), with the file named in any error. Nothing is bound or
     started here."""
     modbus, zmq, opcua = top.get("modbus", None), top.get("zmq", None), top.get("opcua", None)
-    in_names = [i.name for i in inputs]
+    in_names = [i.name for i in inputs] + ([advisor.enable] if advisor is not None and advisor.enable else [])
+    out_values = {**bridge_outputs(outputs), **(advisor.published(inputs) if advisor is not None else {})}
     if modbus is not None:
         _Table(modbus, "modbus", top.file)                # must be a table
         from plc_bridge.modbus import ModbusBridge
         try:
-            ModbusBridge.from_config(modbus, in_names, bridge_outputs(outputs))
+            ModbusBridge.from_config(modbus, in_names, out_values)
         except ValueError as exc:
             raise ConfigError(f"{top.file}: {exc}") from None
     if zmq is not None:
@@ -468,19 +611,30 @@ def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec],
         t = _Table(opcua, "opcua", top.file)
         from plc_bridge.opcua import OpcUaBridge
         try:
-            OpcUaBridge.from_config(opcua, base, *opcua_signals(inputs, outputs))
+            OpcUaBridge.from_config(opcua, base, *opcua_signals(inputs, outputs, advisor))
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{t.file}: {exc}") from None
     return modbus, zmq, opcua
 
 
-def opcua_signals(inputs: list[InputSpec], outputs: list[OutputSpec]) -> tuple[list, list]:
+def opcua_signals(inputs: list[InputSpec], outputs: list[OutputSpec],
+                  advisor: AdvisorSection | None = None) -> tuple[list, list]:
     """The inputs and outputs as the OPC UA bridge shows them (``plc_bridge.opcua.Signal``:
-    name, range, unit)."""
+    name, range, unit), with the advisor's switch and published signals."""
     from plc_bridge.opcua import Signal
 
-    return ([Signal(i.name, i.min, i.max, i.unit) for i in inputs],
-            [Signal(o.name, o.min, o.max, o.unit) for o in outputs])
+    ins = [Signal(i.name, i.min, i.max, i.unit) for i in inputs]
+    outs = [Signal(o.name, o.min, o.max, o.unit) for o in outputs]
+    if advisor is not None:
+        if advisor.enable:
+            ins.append(Signal(advisor.enable, 0.0, 1.0, None))
+        spec = {i.name: i for i in inputs}
+        for name in advisor.sets:
+            outs.append(Signal(f"advice.{name}", spec[name].min, spec[name].max, spec[name].unit))
+        if advisor.diagnoses:
+            outs.append(Signal("advice.diagnosis", 0.0, float(len(advisor.diagnoses)), None))
+        outs += [Signal("advice.state", 0.0, 2.0, None), Signal("advice.count", 0.0, 65535.0, None)]
+    return ins, outs
 
 
 def bridge_outputs(outputs: list[OutputSpec]) -> dict[str, float]:

@@ -36,6 +36,11 @@ the others itself as local processes. The watchdog covers the whole step, exchan
 a slow rank gives the fail-safe in that cycle, and a dead one (a failed collective) also stops
 the run, which then reports failure (``r1edge run`` exits 1) for its supervisor to restart
 it. The recording's header names the split; it replays bit for bit on one process.
+
+With ``[advisor]`` a language model in its own process reads the advised stream's state as text
+and proposes setpoints and/or a diagnosis (``sdk.advisor``); advice reaches the model only
+through the PLC's switch, the inputs' ranges and the advisor's rate limits, and the model's
+outputs through the outputs' limits as always.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, Perio
 from runtime.recorder import RecordingReader, FlightRecorder
 from runtime.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, OK, REASON_ERROR, REASON_NAMES, REASON_NONE,
                             REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
-from sdk.config import HEARTBEAT, ConfigError, DeployConfig, bridge_outputs, opcua_signals
+from sdk.config import HEARTBEAT, ConfigError, DeployConfig, opcua_signals
 from sdk.metrics import MetricsServer, SnapshotExchange, take_snapshot
 
 logger = logging.getLogger(__name__)
@@ -254,6 +259,7 @@ class Controller:
         self.compute_threads = self.worker.run_sync(lambda: set_compute_threads(cfg.loop.threads))
         self.cycle = ControlCycle(engine, guard, limiter, capacity=capacity, worker=self.worker)
         self.shadow: Shadow | None = None
+        self.advisor = None
         self.loop = PeriodicLoop(cfg.loop.period_ns, self._deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
         self._in_index = {n: j for j, n in enumerate(self.input_names)}
         self._in_keys = self._in_index.keys()
@@ -291,6 +297,10 @@ class Controller:
                                       "needs the same signals in the same order")
                 self.shadow = Shadow(shadow_engine, cfg.shadow.path, self.output_limits, capacity, cfg.loop.threads)
                 self._warm_up(shadow_engine, self.shadow.worker, "shadow ")
+            if cfg.advisor is not None:
+                from sdk.advisor import Advisor
+
+                self.advisor = Advisor(cfg.advisor, cfg.inputs, self.input_names, self.output_names, self.period_s)
             logger.info("controller ready in %.1f s", time.perf_counter() - t_start)
             if bridges:
                 self._make_bridges()
@@ -307,6 +317,8 @@ class Controller:
                 self.shadow.close()
             if self.ranks is not None:
                 self.ranks.close(None if self.worker.busy else engine)
+            if self.advisor is not None:
+                self.advisor.close()
             raise
 
     @classmethod
@@ -364,15 +376,46 @@ class Controller:
                                      "(raise [model] streams)")
                 self._fill(slot, values, t0)
             t1 = monotonic_ns()
+            self._advise_before(self.counters["cycles"], t1)
             infer_ns = self.cycle.run(t1, t0 + self._budget_ns)
             t2 = monotonic_ns()
             self._account(t1 - t0, infer_ns, 0, t2 - t0)
             seq = self.counters["cycles"] - 1
+            if self.advisor is not None:
+                self.advisor.after_cycle(self.cycle.values, self.cycle.out, self.cycle.status, self.cycle.active, t2)
             self._run_shadow(seq, None)
             self._record(seq, t0, (t1 - t0, infer_ns, 0, 0))
             out = self.cycle.out
             names = self.output_names
             return {s: dict(zip(names, out[self.slots[s]].tolist())) for s in frames}
+
+    def advise(self, timeout_s: float = 60.0) -> dict | None:
+        """Ask the advisor at once, from the advised stream's history so far, wait for the
+        answer and take it (synchronous use beside ``step``, which also asks every ``every_ms``
+        by itself, as ``run()`` does). A request already pending is answered and taken first.
+        Returns the ``advice`` record (as recorded), or None if no answer came within
+        ``timeout_s`` (it is then taken at a later cycle)."""
+        adv = self.advisor
+        if adv is None:
+            raise RuntimeError(f"{self.config.source}: no [advisor] configured")
+        if self._running:
+            raise RuntimeError("the controller is running its periodic loop; it asks the advisor by itself")
+        record = None
+        for _ in range(2):
+            with self._lock:
+                fresh = not adv.pending
+                if fresh and not adv.request():
+                    raise RuntimeError("the advisor cannot be asked: no cycle of the advised stream ran yet, or "
+                                       f"its process is gone ({adv.stats()['dead']})")
+            if not adv.wait(timeout_s):
+                return None
+            with self._lock:
+                record = adv.take_pending(self.counters["cycles"])
+                if record is not None:
+                    self._append(record)
+            if fresh:
+                break
+        return record
 
     def status(self, stream: str = "main") -> dict:
         """The last cycle's ``status`` (ok/failsafe/hold), ``reason`` and invalid inputs of a stream."""
@@ -442,6 +485,7 @@ class Controller:
         except Exception as exc:                          # inputs keep ageing: staleness fails safe
             self._error("read_errors", exc)
         t1 = monotonic_ns()
+        self._advise_before(seq, t1)
         infer_ns = self.cycle.run(t1, tick_ns + self._budget_ns)
         if self.ranks is not None and self.engine.failure is not None and not self._rank_failure_seen:
             self._rank_failure_seen = True               # this cycle's fail-safe still goes out, then the run stops
@@ -451,11 +495,21 @@ class Controller:
         self._write(seq, tick_ns, (t2 - tick_ns) / 1e3)
         t3 = monotonic_ns()
         self._account(t1 - t0, infer_ns, t3 - t2, t3 - tick_ns)
+        if self.advisor is not None:
+            self.advisor.after_cycle(self.cycle.values, self.cycle.out, self.cycle.status, self.cycle.active, t3)
         if self.shadow is not None:
             self._run_shadow(seq, tick_ns + self.loop.period_ns - self.loop.spin_ns - monotonic_ns())
         self._record(seq, tick_ns, (t1 - t0, infer_ns, t3 - t2, t0 - tick_ns))
         self.snapshots.serve()
         return t3
+
+    def _advise_before(self, seq: int, now_ns: int) -> None:
+        """The advisor's turn before a cycle runs: record an answer that came in, put the
+        advice in force where the PLC's switch allows."""
+        if self.advisor is not None:
+            record = self.advisor.before_cycle(seq, self.cycle.values, self.cycle.active, now_ns)
+            if record is not None:
+                self._append(record)
 
     def _run_shadow(self, seq: int, slack_ns: int | None) -> None:
         """Record the shadow's answer to the previous cycle if it is there, then hand it this
@@ -534,6 +588,8 @@ class Controller:
             if not self.bridges:
                 continue
             outputs = {**outputs, HEARTBEAT: hb}
+            if self.advisor is not None and slot == self.advisor.slot:
+                outputs.update(self.advisor.published())
             for bridge in self.bridges:
                 if bridge.serves(stream):
                     try:
@@ -559,6 +615,8 @@ class Controller:
         self.cycle.reset_slot(slot)
         if self.shadow is not None:
             self.shadow.reset_slot(slot)
+        if self.advisor is not None and stream == self.advisor.section.stream:
+            self.advisor.slot = slot
         logger.info("stream %r -> slot %d", stream, slot)
         return slot
 
@@ -582,12 +640,13 @@ class Controller:
         index = self._in_index
         for name, value in values.items():
             j = index.get(name)
-            if j is None:
-                self._unknown(name)
-                continue
             stamp = now
             if isinstance(value, tuple) and len(value) == 2:
                 value, stamp = value
+            if j is None:
+                if self.advisor is None or not self.advisor.capture(slot, name, value, stamp):
+                    self._unknown(name)
+                continue
             if value is None:
                 continue
             try:
@@ -610,7 +669,8 @@ class Controller:
         for name, (value, rx_ns) in snapshot.items():
             j = self._in_index.get(name)
             if j is None:
-                self._unknown(name)
+                if self.advisor is None or not self.advisor.capture(slot, name, value, rx_ns):
+                    self._unknown(name)
                 continue
             if rx_ns > stamps[j]:
                 row[j] = value
@@ -619,6 +679,8 @@ class Controller:
     def _clear_active(self) -> None:
         self.cycle.active.fill(False)
         self._active.clear()
+        if self.advisor is not None:
+            self.advisor.clear_enable()
 
     def _activate(self, slot: int) -> None:
         if not self.cycle.active[slot]:
@@ -691,7 +753,8 @@ class Controller:
                 "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path),
                 "parallel": None if self.ranks is None else {
                     "world_size": self.engine.world_size, "backend": cfg.model.parallel.backend,
-                    "split": [list(s) for s in self.engine.split]}}
+                    "split": [list(s) for s in self.engine.split]},
+                "advisor": None if self.advisor is None else self.advisor.header()}
 
     def _record(self, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -> None:
         """One cycle record: per active stream the inputs as given, model outputs (when the
@@ -712,6 +775,8 @@ class Controller:
                 entry["bad"] = c.guard.invalid_inputs(slot)
             elif reason == REASON_ERROR:
                 entry["error"] = c.last_error
+            if self.advisor is not None and slot == self.advisor.slot:
+                entry["adv"] = self.advisor.entry()
             streams.append(entry)
         self._append({"type": "cycle", "seq": seq, "t_ns": t_ns, "hb": c.heartbeat,
                       "streams": streams, "timing": list(timing)})
@@ -760,6 +825,7 @@ class Controller:
                 "bytes": self.recorder.bytes_written},
             "bridges": {b.name: b.health() for b in self.bridges},
             "shadow": None if self.shadow is None else self.shadow.stats(),
+            "advisor": None if self.advisor is None else self.advisor.stats(),
         })
         return out
 
@@ -807,6 +873,8 @@ class Controller:
             if record is not None:
                 self._append(record)
             self.shadow.close()
+        if self.advisor is not None:
+            self.advisor.close()
         if self.metrics is not None:
             self.metrics.stop()
         if self.recorder is not None:
@@ -835,15 +903,18 @@ class Controller:
 
     def _make_bridges(self) -> None:
         cfg = self.config
+        extra_inputs = cfg.extra_inputs()
+        _, outputs = cfg.bridge_signals()
         if cfg.modbus is not None:
             from plc_bridge.modbus import ModbusBridge
-            self.bridges.append(ModbusBridge.from_config(cfg.modbus, self.input_names, bridge_outputs(cfg.outputs)))
+            self.bridges.append(ModbusBridge.from_config(cfg.modbus, self.input_names + extra_inputs, outputs))
         if cfg.zmq is not None:
             from plc_bridge.zmq_bridge import ZmqBridge
-            self.bridges.append(ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names))
+            self.bridges.append(ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names + extra_inputs))
         if cfg.opcua is not None:
             from plc_bridge.opcua import OpcUaBridge
-            self.bridges.append(OpcUaBridge.from_config(cfg.opcua, cfg.base_dir, *opcua_signals(cfg.inputs, cfg.outputs)))
+            self.bridges.append(OpcUaBridge.from_config(cfg.opcua, cfg.base_dir,
+                                                        *opcua_signals(cfg.inputs, cfg.outputs, cfg.advisor)))
         for bridge in self.bridges:
             if isinstance(bridge, Reporter):
                 bridge.set_stats_provider(self.stats)
@@ -1028,6 +1099,11 @@ def render_stats(stats: dict) -> None:
               f"{sh['errors']} errors; step us p50 {sh['step_us']['p50']:.1f} max {sh['step_us']['max']:.1f}")
         for name, d in sh["divergence"].items():
             print(f"  {name:<14}rms {d['rms']:.6g}  max {d['max_abs']:.6g}  ({d['rms_frac_range']:.3%} of range)")
+    adv = stats.get("advisor")
+    if adv:
+        print(f"advisor         {adv['requests']} requests, {adv['good']} good answers, {adv['timeouts']} timeouts, "
+              f"{adv['invalid']} invalid, {adv['budget_exhausted']} out of tokens, {adv['errors']} errors; "
+              f"in force {adv['in_force_cycles']} cycles; advice {adv['advice']} diagnosis {adv['diagnosis']}")
     if "verdict" in stats:
         v = stats["verdict"]
         print(f"{'healthy' if v['ok'] else 'FAILED':<16}{v['why']}")
@@ -1045,6 +1121,11 @@ def render_replay(report: dict) -> None:
                                                else "  (DIFFERS from the recorded package)"))
     print(f"cycles {report['cycles']}  model steps {report['stream_steps']}  model outputs compared "
           f"{report['model_outputs_compared']}  final outputs compared {report['final_outputs_compared']}")
+    adv = report.get("advisor")
+    if adv:
+        print(f"advisor    {adv['advice_records']} answers: {adv['prompts_compared']} prompts, "
+              f"{adv['advice_tokens_compared']} tokens, {adv['decisions_compared']} decisions and "
+              f"{adv['setpoint_cycles_compared']} cycles of setpoints compared")
     stop = report["stop"]
     if stop and stop["reason"] != "end":
         print(f"stopped at {stop['file']}:{stop['offset']} ({stop['reason']}): the last record is incomplete")
@@ -1095,15 +1176,19 @@ def recording_source(path: str | Path, *, loop: bool = False) -> Source:
     return source
 
 
-def replay(recording: str | Path, *, package: str | Path | None = None, engine=None) -> dict:
+def replay(recording: str | Path, *, package: str | Path | None = None, engine=None,
+           advisor_package: str | Path | None = None) -> dict:
     """Re-run a flight recording and compare every output bit for bit.
 
     The engine is rebuilt from the package named in the header (or ``package``; or the given
     ``engine``). Each recorded cycle's inputs go in, in the recorded stream order and slots;
     the model's outputs are compared with the recorded ones wherever the model answered, and
     the final outputs are recomputed through the recorded output limits and statuses and
-    compared too. Reading stops at the first incomplete record (a killed process).
-    Returns a report with ``identical``, counts and ``first_mismatch``.
+    compared too. With an advisor, each answer's prompt is re-rendered and its tokens and
+    decision regenerated on the advisor's language model (the recorded one, or
+    ``advisor_package``), and the setpoints the model saw are recomputed
+    (``sdk.advisor.AdviceReplay``). Reading stops at the first incomplete record (a killed
+    process). Returns a report with ``identical``, counts and ``first_mismatch``.
     """
     reader = RecordingReader(recording)
     records = iter(reader)
@@ -1141,6 +1226,12 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
               "cycles": 0, "stream_steps": 0, "model_outputs_compared": 0, "final_outputs_compared": 0,
               "mismatches": 0, "first_mismatch": None}
 
+    advice = None
+    if header.get("advisor"):
+        from sdk.advisor import AdviceReplay
+
+        advice = AdviceReplay(header, header["inputs"], package=advisor_package)
+
     def mismatch(rec, e, what, recorded, replayed):
         report["mismatches"] += 1
         if report["first_mismatch"] is None:
@@ -1148,10 +1239,18 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
                                         "recorded": recorded, "replayed": replayed}
 
     for rec in records:
+        if rec.get("type") == "advice" and advice is not None:
+            for what, recorded, replayed in advice.advice(rec):
+                mismatch(rec, {"s": advice.h["stream"]}, what, recorded, replayed)
+            continue
         if rec.get("type") != "cycle":
             continue
         report["cycles"] += 1
         entries = rec["streams"]
+        if advice is not None:
+            for e in entries:
+                for what, recorded, replayed in advice.entry(e):
+                    mismatch(rec, e, what, recorded, replayed)
         for e in entries:
             if e["slot"] not in seen:
                 seen.add(e["slot"])
@@ -1187,6 +1286,8 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
             report["final_outputs_compared"] += 1
             if np.array(e["out"], dtype=np.float64).tobytes() != out[e["slot"]].tobytes():
                 mismatch(rec, e, "final outputs", e["out"], out[e["slot"]].tolist())
+    if advice is not None:
+        report["advisor"] = dict(advice.counts)
     stop = reader.stop
     report["stop"] = None if stop is None else {"file": stop.file, "offset": stop.offset, "reason": stop.reason}
     report["identical"] = report["mismatches"] == 0
