@@ -12,6 +12,13 @@ Per stream and cycle a status is decided:
   must reach the plant in the cycle it was decided, not ramp towards it;
 - ``HOLD``: the last output actually sent, repeated.
 
+Independently of the status, a stream has a mode: ``AUTO`` (the model drives), ``MANUAL``
+(the mode input says so) or ``WARMUP`` (its history is filling). While a stream is ``OK``
+but not ``AUTO`` its outputs *track*: each output follows its tracking input (the actuator's
+own value from the PLC, clamped to ``[min, max]``, not rate-limited: it is where the plant
+already is), or holds its last value when it has none. The model's outputs then start from
+the last value sent, so a switch to auto is bumpless.
+
 Before the first cycle of a stream, "the last output sent" is its fail-safe value, so a
 stream ramps up from the safe state at ``max_rate``; it also ramps back from a fail-safe.
 """
@@ -25,9 +32,15 @@ import numpy as np
 OK, FAILSAFE, HOLD = 0, 1, 2
 STATUS_NAMES = ("ok", "failsafe", "hold")
 
-# Why a stream did not get the model's output this cycle.
-REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT = range(6)
-REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output")
+# Who drives a stream's outputs; the codes are the mode input's values (0 manual, 1 auto).
+MANUAL, AUTO, WARMUP = 0, 1, 2
+MODE_NAMES = ("manual", "auto", "warmup")
+
+# Why a stream did not get the model's output this cycle. ``heartbeat``: a bridge serving the
+# stream was putting out the fail-safe values itself (the PLC's heartbeat had stopped).
+(REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT,
+ REASON_HEARTBEAT) = range(7)
+REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output", "heartbeat")
 
 # Why an input value is invalid (codes in ``InputGuard.codes``; 0 = valid).
 INVALID_NAMES = ("", "nan", "inf", "range", "stale", "missing")
@@ -35,6 +48,8 @@ _NAN, _INF, _RANGE, _STALE, _MISSING = 1, 2, 3, 4, 5
 
 #: Timestamp of an input that has never been received.
 MISSING_STAMP = np.iinfo(np.int64).min
+#: ``InputLimit.stale_ns`` of an input that never goes stale (a switch holding its value).
+NEVER_STALE_NS = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -150,14 +165,22 @@ class InputGuard:
 
 
 class OutputLimiter:
-    """Clamps and rate-limits outputs, and puts out fail-safe or held values, per stream slot.
+    """Clamps and rate-limits outputs, puts out fail-safe or held values, and tracks, per slot.
 
     ``last`` ``[capacity, O]`` is the last output actually sent per slot (the fail-safe values
     before a slot's first cycle). The rate limit per cycle is ``max_rate * period_s``.
+    ``track[j]`` is the input column output ``j`` follows while tracking (-1: none, it holds).
     """
 
-    def __init__(self, limits: Sequence[OutputLimit], capacity: int, period_s: float):
+    def __init__(self, limits: Sequence[OutputLimit], capacity: int, period_s: float,
+                 track: Sequence[int] | None = None):
         self.names = [lim.name for lim in limits]
+        self.track = np.array(track if track is not None else [-1] * len(limits), dtype=np.int64)
+        if self.track.shape != (len(limits),):
+            raise ValueError(f"track needs one input column (or -1) per output, got {list(self.track)}")
+        self._has_track = self.track >= 0
+        self._no_track = ~self._has_track
+        self._track_src = np.where(self._has_track, self.track, 0)
         self.lo = np.array([lim.min for lim in limits], dtype=np.float64)
         self.hi = np.array([lim.max for lim in limits], dtype=np.float64)
         rate = np.array([lim.max_rate for lim in limits], dtype=np.float64)
@@ -169,6 +192,7 @@ class OutputLimiter:
         self._lo_r = np.empty_like(self.last)
         self._hi_r = np.empty_like(self.last)
         self._cand = np.empty_like(self.last)
+        self._trk = np.empty_like(self.last)
         self._sel = np.zeros((capacity, 1), dtype=bool)
         self._eq = np.zeros(capacity, dtype=bool)
 
@@ -176,10 +200,13 @@ class OutputLimiter:
         """Forget a slot's history: its last output becomes the fail-safe value."""
         self.last[slot] = self.failsafe
 
-    def apply(self, raw: np.ndarray, status: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
+    def apply(self, raw: np.ndarray, status: np.ndarray, active: np.ndarray, out: np.ndarray,
+              tracking: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
         """Write the outputs of the active slots into ``out`` and remember them as sent.
 
-        ``raw`` holds the model's outputs (read only where ``status == OK``).
+        ``raw`` holds the model's outputs (read only where ``status == OK``). ``tracking``
+        (bool ``[capacity]``) marks the slots whose outputs track this cycle (read only where
+        ``status == OK``), following their tracking inputs in ``values`` ``[capacity, F]``.
         """
         cand, lo_r, hi_r, sel, eq = self._cand, self._lo_r, self._hi_r, self._sel, self._eq
         np.clip(raw, self.lo, self.hi, out=cand)
@@ -191,6 +218,15 @@ class OutputLimiter:
             np.equal(status, code, out=eq)
             np.logical_and(active, eq, out=sel[:, 0])
             np.copyto(out, value, where=sel)
+        if tracking is not None and tracking.any():
+            trk = self._trk
+            np.take(values, self._track_src, axis=1, out=trk)
+            np.copyto(trk, self.last, where=self._no_track)
+            np.clip(trk, self.lo, self.hi, out=trk)
+            np.equal(status, OK, out=eq)
+            np.logical_and(eq, tracking, out=eq)
+            np.logical_and(active, eq, out=sel[:, 0])
+            np.copyto(out, trk, where=sel)
         sel[:, 0] = active
         np.copyto(self.last, out, where=sel)
 

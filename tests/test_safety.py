@@ -234,7 +234,7 @@ def test_invalid_inputs_give_failsafe_in_that_very_cycle(make_controller):
         out = ctrl.step(inputs)
         assert out == {"valve": 0.25, "pump": 0.0}, inputs
         assert ctrl.status() == {"status": "failsafe", "reason": "invalid_input", "invalid": invalid,
-                                 "heartbeat": ctrl.heartbeat}
+                                 "mode": "auto", "heartbeat": ctrl.heartbeat}
         assert policy.calls == calls                      # invalid frames never reach the model
     stats = ctrl.stats()
     assert stats["invalid_inputs"] == {"nan": 2, "inf": 2, "range": 2, "stale": 1, "missing": 1}
