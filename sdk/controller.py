@@ -631,7 +631,7 @@ class Controller:
     def _header(self) -> dict:
         cfg = self.config
         return {"package": package_identity(cfg.model.path), "config": cfg.to_dict(),
-                "inputs": self.input_names, "outputs": self.output_names,
+                "inputs": self.model_inputs, "outputs": self.output_names,
                 "capacity": len(self._slot_names), "window": int(getattr(self.engine, "window", cfg.model.window)),
                 "period_ns": cfg.loop.period_ns,
                 "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe] for o in self.output_limits],
