@@ -135,7 +135,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_finds_its_example_and_cli_reports_a_bad_duration(capsys):
     assert find_example() == EXAMPLE
     assert cli.main(["demo", "--duration", "1", "--json"]) == 2
-    assert "duration must exceed" in capsys.readouterr().err
+    assert "duration must be at least 2 s" in capsys.readouterr().err
 
 
 def test_demo_says_what_is_missing(tmp_path):
