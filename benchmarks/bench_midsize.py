@@ -12,7 +12,8 @@ Printed, one engine thread, context ``--context`` tokens per stream:
   expert, the four routed experts per MoE layer, the head) over its time, beside what a
   plain copy and a plain sum of 256 MiB read per second in the same run (numpy);
 - prefill: filling ``--streams`` streams with ``--context`` tokens by ``Engine.prefill``
-  against stepping them (all streams batched, one token per step), and against stepping one
+  (once per ``--prefill-rows`` value, each an engine with that many rows per pass) against
+  stepping them (all streams batched, one token per step), and against stepping one
   stream alone one token at a time (timed on ``--solo`` streams, scaled to all);
 - llama.cpp (``llama_cpp``, a benchmark-only dependency, when importable: a GGUF Q8_0 of the
   same weights must be given with ``--gguf``) and transformers eager (``--reference``).
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=64, help="streams to prefill")
     p.add_argument("--solo", type=int, default=2, help="streams stepped alone for the one-at-a-time figure")
     p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--prefill-rows", default="64", help="comma-separated rows per prefill pass (default 64)")
     p.add_argument("--reference", action="store_true", help="also time transformers eager (batch 1)")
     p.add_argument("--gguf", help="a Q8_0 GGUF of the same checkpoint for llama.cpp")
     p.add_argument("--json", dest="json_file")
@@ -137,11 +139,13 @@ def main() -> None:
         tokens = rng.integers(0, cfg.vocab_size, (args.streams, args.context))
         pf = {}
         if hasattr(engine, "prefill"):
-            engine.reset_all()
-            start = time.perf_counter()
-            for s in range(args.streams):
-                engine.prefill(s, tokens[s])
-            pf["prefill_s"] = time.perf_counter() - start
+            for rows in (int(r) for r in args.prefill_rows.split(",")):
+                filler = Engine(model, capacity=args.streams, window=window, prefill_rows=rows)
+                start = time.perf_counter()
+                for s in range(args.streams):
+                    filler.prefill(s, tokens[s])
+                pf[f"prefill_s_{rows}_rows"] = time.perf_counter() - start
+                del filler
         engine.reset_all()
         slots = np.arange(args.streams)
         start = time.perf_counter()

@@ -309,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=100, help="timed steps per batch size (default 100)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers' eager model")
-    p.add_argument("--threads", type=int, default=1, help="compute threads per CPU engine step (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="Numba threads set for the run, as [loop] threads sets them (default 1; the CPU engine "
+                        "runs each step on one thread, so only parallel kernels outside the step use more)")
     p.add_argument("--json", dest="json_file", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_bench)
 

@@ -378,7 +378,10 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
-    moes = [m for m in model.modules() if isinstance(m, MoE)] if train == "all" and balance_rate > 0 else []
+    # Aux-loss-free balancing moves a router's correction bias; routers without one (the
+    # DeepSeek-V2 family's softmax rules) are trained by their loss alone.
+    moes = [m for m in model.modules() if isinstance(m, MoE) and m.gate.e_score_correction_bias is not None
+            ] if train == "all" and balance_rate > 0 else []
     counters = [_LoadCounter(m.gate.weight.shape[0]) for m in moes]
 
     rng = np.random.default_rng([seed, 0x5EED])

@@ -140,3 +140,22 @@ def test_compress_prunes_and_quantizes_a_v2_checkpoint(tmp_path):
     engine = Engine(model, capacity=2, window=8)
     assert np.isfinite(engine.step_tokens(np.array([0, 1]), np.array([3, 4]))).all()
     assert 0.5 < manifest["quality"]["greedy_agreement"] <= 1.0, manifest["quality"]
+
+
+def test_whole_model_fit_of_a_v2_checkpoint(tmp_path):
+    """A whole-model fit trains a V2 router (no correction bias to balance) and the package steps."""
+    from sdk.fit import fit
+
+    src = tmp_path / "src"
+    save_reference(src, seed=13, family="v2", **CONFIGS["greedy_lite"])
+    rng = np.random.default_rng(3)
+    frames = rng.normal(0.0, 1.0, (8, 24, 2)).astype(np.float32)
+    targets = (frames[..., :1] * 2.0 - frames[..., 1:]).astype(np.float32)
+    before = sdk.load_model(src).model.layers[-1].mlp.gate.weight.clone()
+    report = fit(src, frames, targets, inputs=["a", "b"], outputs=["y"], out=tmp_path / "pkg", train="all",
+                 window=4, steps=20, lr=1e-2, batch=4, seed=0, progress=False)
+    assert report["balance_rate"] == 0.0 and report["held_out"]["mse"] < report["held_out"]["baseline_mse"]
+    model = sdk.load_model(tmp_path / "pkg")
+    assert not torch.equal(model.model.layers[-1].mlp.gate.weight, before)
+    engine = Engine(model, capacity=1, window=4)
+    assert np.isfinite(engine.step_sensor(np.array([0]), frames[:1, 0])).all()
