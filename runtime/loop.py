@@ -307,6 +307,22 @@ def fill_history(policy: SensorPolicy, slot: int, frames: np.ndarray) -> None:
         policy.step_sensor(slots, frames[i:i + 1])
 
 
+def fill_gaps(policy: SensorPolicy, slots: np.ndarray, feats: np.ndarray, start: np.ndarray,
+              fill: np.ndarray, history: np.ndarray) -> None:
+    """Before the frames ``feats`` [n, F] of ``slots`` are stepped: where ``start``, reset the
+    slot and fill its history with ``len(history)`` (``window - 1``) copies of its frame; else
+    append ``fill`` copies of it (a gap of missed frames). ``history`` is scratch space."""
+    if not (start.any() or fill.any()):
+        return
+    for i in np.flatnonzero(start | (fill > 0)).tolist():
+        slot = int(slots[i])
+        g = len(history) if start[i] else int(fill[i])
+        if start[i]:
+            policy.reset_slot(slot)
+        history[:g] = feats[i]
+        fill_history(policy, slot, history[:g])
+
+
 class ControlCycle:
     """One control cycle over ``capacity`` stream slots, on preallocated buffers.
 
@@ -316,19 +332,24 @@ class ControlCycle:
     ``[capacity]``) and ``forced`` (bool: a bridge is putting out the stream's fail-safe values
     itself), then calls ``run``. Results: ``status``/``reason`` per slot, ``mode`` (auto,
     manual, warm-up), ``ran`` (the frame was handed to the policy), ``started`` (that frame
-    began a warm-up), ``raw`` (model outputs, float64) and ``out`` (the outputs to send). Slot
-    ``i`` here is slot ``i`` of the policy.
+    began a warm-up), ``filled`` (copies of that frame put into the history before it),
+    ``raw`` (model outputs, float64) and ``out`` (the outputs to send). Slot ``i`` here is
+    slot ``i`` of the policy.
 
-    Warm-up (``warmup_cycles`` > 0): when a stream starts, and at its first valid frame after
-    a cycle with invalid inputs (the model missed the plant's frames), its history is reset
-    and filled with ``window - 1`` copies of that frame (``fill_history``) before the frame is
-    stepped, so the model always sees a full window; its outputs then track for
+    Warm-up (``warmup_cycles`` > 0): when a stream starts, after an inference error, and at its
+    first valid frame after at least ``window - 1`` frames with invalid inputs, its history is
+    reset and filled with ``window - 1`` copies of that frame (``fill_history``) before the
+    frame is stepped, so the model always sees a full window; its outputs then track for
     ``warmup_cycles`` frames (counting that one), while the window fills with real frames, and
-    the model drives after that. Mode (``mode_col``, the column of the mode input): below 0.5
-    the stream is manual and its outputs track; the model still steps every frame, so a
-    switch to auto needs no warm-up. A ``forced`` stream fails safe (reason ``heartbeat``)
-    after its frame was stepped. The watchdog's fail-safes (timeout, busy, error, bad output)
-    leave the history as it is: the outputs ramp back from the fail-safe values.
+    the model drives after that. A shorter gap of ``g`` invalid frames keeps the history (it
+    still holds the stream's latest real frames) and fills the gap with ``g`` copies of the
+    first valid frame after it, so the window still spans its ``window`` periods of plant time;
+    the model drives at once, ramping back from the fail-safe values. Mode (``mode_col``, the
+    column of the mode input): below 0.5 the stream is manual and its outputs track; the model
+    still steps every frame, so a switch to auto needs no warm-up. A ``forced`` stream fails
+    safe (reason ``heartbeat``) after its frame was stepped. The watchdog's other fail-safes
+    (timeout, busy, bad output) leave the history as it is: the outputs ramp back from the
+    fail-safe values.
     """
 
     def __init__(self, policy: SensorPolicy, guard: InputGuard, limiter: OutputLimiter, *,
@@ -350,17 +371,21 @@ class ControlCycle:
         self.mode = np.full(capacity, AUTO, dtype=np.int8)
         self.ran = np.zeros(capacity, dtype=bool)
         self.started = np.zeros(capacity, dtype=bool)
+        self.filled = np.zeros(capacity, dtype=np.int64)
         self.raw = np.full((capacity, n_out), np.nan, dtype=np.float64)
         self.out = np.empty((capacity, n_out), dtype=np.float64)
         self.out[:] = limiter.failsafe
         self.cold = np.ones(capacity, dtype=bool)        # warm up at the next valid frame
         self.warmup_left = np.zeros(capacity, dtype=np.int64)
+        self.missed = np.zeros(capacity, dtype=np.int64)  # frames with invalid inputs since the last one stepped
         self._tracking = np.zeros(capacity, dtype=bool)
         self._ok = np.zeros(capacity, dtype=bool)
         self._eq = np.zeros(capacity, dtype=bool)
         self._arange = np.arange(capacity, dtype=np.int64)
         self._slots = np.zeros(capacity, dtype=np.int64)
         self._start = np.zeros(capacity, dtype=bool)     # per submitted row: begins a warm-up
+        self._fill = np.zeros(capacity, dtype=np.int64)  # per submitted row: gap frames to fill first
+        self._long = np.zeros(capacity, dtype=bool)
         self._x64 = np.zeros((capacity, n_in), dtype=np.float64)
         self._feats = np.zeros((capacity, n_feat), dtype=np.float32)
         self._history = np.zeros((max(self.window - 1, 0), n_feat), dtype=np.float32)
@@ -375,7 +400,8 @@ class ControlCycle:
         self.n_failsafe = 0                              # active streams in each state, last cycle
         self.n_hold = 0
         self.n_tracking = 0                              # active OK streams whose outputs tracked
-        self.counters = {"timeouts": 0, "errors": 0, "busy_cycles": 0, "bad_outputs": 0, "warmups": 0}
+        self.counters = {"timeouts": 0, "errors": 0, "busy_cycles": 0, "bad_outputs": 0, "warmups": 0,
+                         "gaps_filled": 0}
         self.last_error: str | None = None
         self._error_run = False
 
@@ -386,6 +412,7 @@ class ControlCycle:
         self.limiter.reset(slot)
         self.cold[slot] = True
         self.warmup_left[slot] = 0
+        self.missed[slot] = 0
         self.mode[slot] = AUTO
 
     def run(self, now_ns: int, infer_deadline_ns: int) -> int:
@@ -398,11 +425,12 @@ class ControlCycle:
         reason.fill(REASON_NONE)
         self.ran.fill(False)
         self.started.fill(False)
+        self.filled.fill(0)
         ok, eq = self._ok, self._eq
         if self.guard.check(self.values, self.stamps, active, now_ns, status, reason) and self.warmup_cycles:
-            np.equal(reason, REASON_INPUT, out=eq)       # the model misses these frames: warm up again
+            np.equal(reason, REASON_INPUT, out=eq)       # the model misses these frames
             np.logical_and(active, eq, out=eq)
-            np.logical_or(self.cold, eq, out=self.cold)
+            np.add(self.missed, 1, out=self.missed, where=eq)
         np.equal(status, OK, out=eq)
         np.logical_and(active, eq, out=ok)
         n = int(np.count_nonzero(ok))
@@ -459,13 +487,24 @@ class ControlCycle:
         np.take(self.values, idx, axis=0, out=x64)
         np.copyto(self._feats[:n], x64[:, :self._feats.shape[1]], casting="same_kind")
         if self.warmup_cycles:
-            start = self._start[:n]
+            long = self._long
+            np.greater_equal(self.missed, self.window - 1, out=long)
+            np.logical_and(long, ok, out=long)
+            np.logical_or(self.cold, long, out=self.cold)
+            start, fill = self._start[:n], self._fill[:n]
             np.take(self.cold, idx, out=start)
             if start.any():
                 np.copyto(self.started, self.cold, where=ok)
                 np.copyto(self.warmup_left, self.warmup_cycles, where=self.started)
                 np.copyto(self.cold, False, where=self.started)
                 self.counters["warmups"] += int(np.count_nonzero(start))
+            np.take(self.missed, idx, out=fill)
+            np.copyto(fill, 0, where=start)
+            if fill.any():
+                self.filled[idx] = fill
+                self.counters["gaps_filled"] += int(np.count_nonzero(fill))
+            np.copyto(self.filled, self.window - 1, where=self.started)
+            np.copyto(self.missed, 0, where=ok)
         self._n = n
         self._resets, self._pending_resets = self._pending_resets, []
         t0 = monotonic_ns()
@@ -515,12 +554,7 @@ class ControlCycle:
         self._resets = []
         n = self._n
         if self.warmup_cycles:
-            history = self._history
-            for i in np.flatnonzero(self._start[:n]).tolist():
-                slot = int(self._slots[i])
-                self.policy.reset_slot(slot)
-                history[:] = self._feats[i]
-                fill_history(self.policy, slot, history)
+            fill_gaps(self.policy, self._slots[:n], self._feats[:n], self._start[:n], self._fill[:n], self._history)
         y = self.policy.step_sensor(self._slots[:n], self._feats[:n])
         if getattr(y, "shape", None) != (n, self._y.shape[1]):
             raise ValueError(f"step_sensor returned shape {getattr(y, 'shape', type(y))}, "

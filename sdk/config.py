@@ -19,7 +19,8 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
 - ``[[outputs]]`` no rate limit unless ``max_rate`` is given; ``on_stop = "failsafe"`` (what
   the bridges get when the controller stops: the fail-safe value, or ``"hold"`` the last one);
   no ``track`` (an input the output follows while it tracks: warm-up and manual; without one
-  a tracking output holds its last value);
+  a tracking output holds its last value); ``on_recover = "ramp"`` (after a fail-safe the
+  output moves back at ``max_rate``; ``"jump"``: straight to the model's or tracked value);
 - ``[mode]`` (optional) ``input``: the input that switches every stream between manual (0:
   outputs track) and auto (1: the model drives); without ``[mode]`` streams are always auto.
   A track or mode input need not be one of the model's inputs.
@@ -217,11 +218,13 @@ class OutputSpec:
     on_stop: str = "failsafe"
     unit: str | None = None
     track: str | None = None
+    on_recover: str = "ramp"
 
     def limit(self) -> OutputLimit:
         """The runtime's form of this spec."""
         return OutputLimit(self.name, self.min, self.max,
-                           math.inf if self.max_rate is None else self.max_rate, self.failsafe)
+                           math.inf if self.max_rate is None else self.max_rate, self.failsafe,
+                           jump=self.on_recover == "jump")
 
 
 @dataclass
@@ -365,7 +368,7 @@ class DeployConfig:
                 t.fail(f"{track!r} is the [mode] input; track an actuator's value", "track")
             outputs.append(OutputSpec(name, lo, hi, fs, t.num("max_rate", None, positive=True),
                                       t.str("on_stop", "failsafe", ("failsafe", "hold")), t.str("unit", None),
-                                      track))
+                                      track, t.str("on_recover", "ramp", ("ramp", "jump"))))
             t.done()
         if not outputs:
             top.fail("at least one [[outputs]] entry is required")

@@ -50,7 +50,7 @@ import numpy as np
 
 from plc_bridge.bridge import Bridge, FailsafeSource, ModeSwitch, Reporter
 from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
-                          fill_history, monotonic_ns, set_compute_threads)
+                          fill_gaps, fill_history, monotonic_ns, set_compute_threads)
 from runtime.recorder import RecordingReader, FlightRecorder
 from runtime.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE_NAMES, OK, REASON_ERROR, REASON_HEARTBEAT,
                             REASON_INPUT, REASON_NAMES, REASON_NONE, REASON_OUTPUT, STATUS_NAMES, InputGuard,
@@ -634,7 +634,7 @@ class Controller:
                 "inputs": self.model_inputs, "outputs": self.output_names,
                 "capacity": len(self._slot_names), "window": int(getattr(self.engine, "window", cfg.model.window)),
                 "period_ns": cfg.loop.period_ns,
-                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe] for o in self.output_limits],
+                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe, o.jump] for o in self.output_limits],
                 "aux_inputs": self.aux_inputs, "track": self.track, "warmup_cycles": cfg.loop.warmup_cycles,
                 "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path)}
 
@@ -656,6 +656,8 @@ class Controller:
                      "out": c.out[slot].tolist(), "mode": MODE_NAMES[int(c.mode[slot])]}
             if c.started[slot]:
                 entry["pre"] = True                       # history reset and filled from this frame
+            elif c.filled[slot]:
+                entry["fill"] = int(c.filled[slot])       # copies of this frame filled a gap first
             if reason == REASON_INPUT:
                 entry["bad"] = c.guard.invalid_inputs(slot)
             elif reason == REASON_ERROR:
@@ -831,6 +833,7 @@ class Shadow:
         self._live = np.zeros((capacity, n_out), dtype=np.float64)
         self._compare = np.zeros(capacity, dtype=bool)
         self._start = np.zeros(capacity, dtype=bool)
+        self._fill = np.zeros(capacity, dtype=np.int64)
         self._history = np.zeros((max(int(getattr(engine, "window", 1)) - 1, 0), n_in), dtype=np.float32)
         self._y = np.zeros((capacity, n_out), dtype=np.float64)
         self._n = 0
@@ -869,6 +872,8 @@ class Shadow:
         np.equal(self._reason[:n], REASON_NONE, out=self._compare[:n])
         np.take(cycle.raw, slots, axis=0, out=self._live[:n])
         np.take(cycle.started, slots, out=self._start[:n])
+        np.take(cycle.filled, slots, out=self._fill[:n])
+        np.copyto(self._fill[:n], 0, where=self._start[:n])
         self._n, self._seq = n, seq
         self._resets, self._pending_resets = self._pending_resets, []
         self.worker.submit(self._job)
@@ -878,11 +883,8 @@ class Shadow:
             self.engine.reset_slot(slot)
         n = self._n
         t0 = monotonic_ns()
-        for i in np.flatnonzero(self._start[:n]).tolist():   # the live stream warmed up from this frame
-            slot = int(self._slots[i])
-            self.engine.reset_slot(slot)
-            self._history[:] = self._feats[i]
-            fill_history(self.engine, slot, self._history)
+        # the live stream's warm-ups and filled gaps, from the same frames
+        fill_gaps(self.engine, self._slots[:n], self._feats[:n], self._start[:n], self._fill[:n], self._history)
         y = self.engine.step_sensor(self._slots[:n], self._feats[:n])
         self._step_ns = monotonic_ns() - t0
         np.copyto(self._y[:n], y)
@@ -1057,8 +1059,9 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
     the model's outputs are compared with the recorded ones wherever the model answered, and
     the final outputs are recomputed through the recorded output limits and statuses and
     compared too. Reading stops at the first incomplete record (a killed process).
-    Warm-ups are replayed where recorded (the slot's history reset and filled from that
-    frame), and tracking outputs follow their recorded tracking inputs.
+    Warm-ups and filled gaps are replayed where recorded (the slot's history reset and filled
+    from that frame, or the gap filled with copies of it), and tracking outputs follow their
+    recorded tracking inputs.
     Returns a report with ``identical``, counts and ``first_mismatch``.
     """
     reader = RecordingReader(recording)
@@ -1127,10 +1130,8 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
             slots = np.array([e["slot"] for e in ran], dtype=np.int64)
             feats = np.array([e["x"][:n_feat] for e in ran], dtype=np.float64).astype(np.float32)
             try:
-                for i in (i for i, e in enumerate(ran) if e.get("pre")):
-                    engine.reset_slot(int(slots[i]))
-                    history[:] = feats[i]
-                    fill_history(engine, int(slots[i]), history)
+                fill_gaps(engine, slots, feats, np.array([bool(e.get("pre")) for e in ran]),
+                          np.array([e.get("fill", 0) for e in ran], dtype=np.int64), history)
                 y = np.array(engine.step_sensor(slots, feats), dtype=np.float64)
             except Exception as exc:                          # compared below like any output
                 y = exc

@@ -20,8 +20,9 @@ class SimPLC:
     """A PLC: pymodbus' TCP server over a SimDevice (separate coil, discrete, holding and
     input tables), in its own thread and event loop."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, input_registers: int = 16):
         self.port = port
+        self.input_registers = input_registers
         self._loop = None
         self._server = None
         self._thread = None
@@ -34,7 +35,7 @@ class SimPLC:
                 [SimData(0, count=16, values=False, datatype=DataType.BITS)],
                 [SimData(0, count=16, values=False, datatype=DataType.BITS)],
                 [SimData(0, count=128, values=0, datatype=DataType.REGISTERS)],
-                [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]))
+                [SimData(0, count=self.input_registers, values=0, datatype=DataType.REGISTERS)]))
             self._server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
             await self._server.serve_forever(background=True)
             self.port = self._server.transport.sockets[0].getsockname()[1]

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdk.demo import EXAMPLE
+from sdk.demo import EXAMPLE, simulate_policy
 from sdk.demo import expert as E
 from sdk.demo import plant as P
 
@@ -66,9 +66,7 @@ def closed_loop(engine, seeds, duration_s: float, deploy: Path = DEPLOY) -> dict
     failsafe = 0
     for seed in seeds:
         with Controller.from_config(deploy, engine=engine, bridges=False) as ctrl:
-            step = ctrl.step
-            rows["policy"].append(P.tracking_error(P.simulate(
-                seed, lambda m: step({k: m[k] for k in E.FEATURES}), duration_s)))
+            rows["policy"].append(P.tracking_error(simulate_policy(ctrl, seed, duration_s)))
             failsafe += ctrl.stats()["failsafe_cycles"]
         rows["expert"].append(P.tracking_error(P.simulate(seed, E.ExpertController(), duration_s)))
         rows["no_control"].append(P.tracking_error(P.simulate(seed, None, duration_s)))

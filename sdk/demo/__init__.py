@@ -312,9 +312,11 @@ def failsafe_events(recording: Path, config) -> list[dict]:
 
 
 def output_steps(recording: Path) -> dict:
-    """The largest cycle-to-cycle step of each output in cycles the policy drove (status ok,
-    mode auto), from a flight recording, beside its rate limit per cycle: the first policy
-    cycle after start-up, a fail-safe or manual is included (it must start from what was sent)."""
+    """The largest cycle-to-cycle step of each output into every cycle the controller drove
+    (status ok or hold, mode auto or warm-up: not a fail-safe, which is immediate, nor manual,
+    where the outputs follow the operator), from a flight recording, beside its rate limit per
+    cycle. The first cycle after start-up, a fail-safe or manual is included: it must start
+    from what was sent."""
     from runtime.recorder import RecordingReader
 
     largest, limit, prev, n = {}, {}, {}, 0
@@ -329,13 +331,22 @@ def output_steps(recording: Path) -> dict:
             continue
         for st in rec["streams"]:
             before = prev.get(st["s"])
-            if before is not None and st["st"] == "ok" and st.get("mode", "auto") == "auto":
+            if before is not None and st["st"] != "failsafe" and st.get("mode", "auto") != "manual":
                 n += 1
                 for name, a, b in zip(names, before, st["out"]):
                     largest[name] = max(largest[name], abs(a - b))
             prev[st["s"]] = st["out"]
     return {"largest": largest, "limit": limit, "policy_cycles": n,
             "ok": all(largest[k] <= limit[k] * (1 + 1e-9) for k in largest)}
+
+
+def simulate_policy(ctrl, seed: int, duration_s: float) -> dict[str, np.ndarray]:
+    """The plant of ``seed`` in simulated time under ``ctrl`` (a :class:`~sdk.controller.Controller`
+    of this deployment, stepped once per period with what the PLC would serve, the manual/auto
+    coil on auto), from t = 0; returns the plant's log. Deterministic: no wall clock."""
+    from sdk.demo import plant as P
+
+    return P.simulate(seed, lambda m: ctrl.step({**m, "auto": 1.0}), duration_s)
 
 
 def start_steps(live: dict, first_s: float | None) -> dict:
