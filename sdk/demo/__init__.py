@@ -340,13 +340,23 @@ def output_steps(recording: Path) -> dict:
             "ok": all(largest[k] <= limit[k] * (1 + 1e-9) for k in largest)}
 
 
-def simulate_policy(ctrl, seed: int, duration_s: float) -> dict[str, np.ndarray]:
-    """The plant of ``seed`` in simulated time under ``ctrl`` (a :class:`~sdk.controller.Controller`
-    of this deployment, stepped once per period with what the PLC would serve, the manual/auto
-    coil on auto), from t = 0; returns the plant's log. Deterministic: no wall clock."""
+def simulate_policy(seed: int, duration_s: float, deploy: Path | None = None, engine=None
+                    ) -> tuple[dict[str, np.ndarray], dict]:
+    """The plant of ``seed`` in simulated time from t = 0 under the deployment's controller
+    (``deploy``: the demo's ``deploy.toml`` by default; ``engine``: an engine to use instead of
+    building the package's), stepped once per period with what the PLC would serve, the
+    manual/auto coil on auto; returns the plant's log and the controller's ``stats()``.
+    Deterministic: simulated time has no wall clock, so the watchdog's inference budget is
+    lifted (a step on a busy machine would otherwise time out and fail safe)."""
+    from sdk.config import DeployConfig
+    from sdk.controller import Controller
     from sdk.demo import plant as P
 
-    return P.simulate(seed, lambda m: ctrl.step({**m, "auto": 1.0}), duration_s)
+    config = DeployConfig.load(deploy or find_example() / "deploy.toml", check_sources=False)
+    config.loop.infer_budget_ms = 600_000.0
+    with Controller(config, engine=engine, bridges=False) as ctrl:
+        log = P.simulate(seed, lambda m: ctrl.step({**m, "auto": 1.0}), duration_s)
+        return log, ctrl.stats()
 
 
 def start_steps(live: dict, first_s: float | None) -> dict:
