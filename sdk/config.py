@@ -12,8 +12,9 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   ``threads = 1`` (compute threads of an engine step: 1 keeps it in the watchdog's thread),
   ``max_failsafe_fraction = 0.5`` (a run whose cycles failed safe more often than this is
   reported as failed: ``r1edge run`` exits 1), ``warmup_cycles = 0`` (cycles a stream's outputs
-  track, or hold, while its history fills, at start and after its inputs were invalid; 0: the
-  model drives from the first valid frame, see ``runtime.loop.ControlCycle``);
+  track, or hold, while its history fills, at start and after ``window - 1`` or more frames
+  with invalid inputs; shorter gaps are filled; 0: the model drives from the first valid frame
+  and gaps are not filled, see ``runtime.loop.ControlCycle``);
 - ``[[inputs]]`` ``stale_ms`` = max(200, 3 periods) (the ``[mode]`` input: never stale, it is a
   switch that holds its last value), ``on_invalid = "failsafe"``;
 - ``[[outputs]]`` no rate limit unless ``max_rate`` is given; ``on_stop = "failsafe"`` (what

@@ -30,7 +30,8 @@ thread, after the live outputs went out (``Shadow``); it is never applied.
 
 Bumpless start and transfer (``runtime.loop.ControlCycle``): with ``[loop] warmup_cycles`` a
 stream's history is filled from its first valid frame and its outputs track their ``track``
-inputs for that many cycles, at start and after its inputs were invalid; with ``[mode]
+inputs for that many cycles, at start and after a window-long gap of invalid inputs (a
+shorter gap is filled with copies of the frame after it); with ``[mode]
 input`` a stream is manual (outputs track) while that input is 0. ``set_mode()`` (also the
 ZeroMQ control command "mode") writes the mode input as one more source of it. A bridge that
 puts out fail-safe values itself (``plc_bridge.bridge.FailsafeSource``: the Modbus bridge
