@@ -16,7 +16,8 @@ Printed, one engine thread, context ``--context`` tokens per stream:
   stepping them (all streams batched, one token per step), and against stepping one
   stream alone one token at a time (timed on ``--solo`` streams, scaled to all);
 - llama.cpp (``llama_cpp``, a benchmark-only dependency, when importable: a GGUF Q8_0 of the
-  same weights must be given with ``--gguf``) and transformers eager (``--reference``).
+  same weights must be given with ``--gguf``; ``benchmarks/make_gguf.py`` converts the checkpoint)
+  and transformers eager (``--reference``).
 
 Run it from a checkout (``PYTHONPATH=. python benchmarks/bench_midsize.py``); the same script
 runs against an older checkout's engine (without ``prefill`` it reports stepping only).

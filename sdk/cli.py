@@ -172,13 +172,13 @@ def cmd_opcua_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """``r1edge plan CONFIG_OR_PATH``: memory footprint by part and whether it fits the GPU."""
+    """``r1edge plan CONFIG_OR_PATH``: memory footprint by part and whether it fits the GPU(s)."""
     from sdk.plan import plan, render_plan
 
     report = plan(args.source, keep_experts=args.keep_experts, quant=args.quant,
                   gpu_mem_gb=args.gpu_mem_gb, streams=args.streams, window=args.window,
                   kv_dtype=args.kv_dtype, reserve_gb=args.reserve_gb, engine=args.engine,
-                  expert_cache_slots=args.expert_cache_slots)
+                  expert_cache_slots=args.expert_cache_slots, devices=args.devices)
     _print_report(report, args.json, render_plan)
     return 0
 
@@ -381,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--expert-cache-slots", type=int, default=None, metavar="N",
                    help="device engine with the streaming expert store of N slots")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="expert parallel over N devices of --gpu-mem-gb each: routed experts split "
+                        "contiguously, the rest on every device; per-device bytes and the traffic per step "
+                        "for --streams rows (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -25,11 +25,18 @@ The KV cache is the MLA latent cache: per stream, per token, per layer
 reserve (CUDA context, cuBLAS workspace, activations and int8 staging buffers, allocator
 slack) is added on top; it is an assumption, ``reserve_gb`` changes it.
 
+Across devices (expert parallel, ``devices`` > 1): the routed experts of every MoE layer are split
+contiguously (:func:`expert_split`) and everything else, the engine's buffers, latent cache and
+reserve included, is held on every device, plus the buffer the gathered expert outputs land in.
+Each part's size comes from the same functions as on one device. :func:`exchange_traffic` gives
+the bytes the ranks exchange per step.
+
 Sizes are in decimal gigabytes (1 GB = 1e9 bytes), also for ``gpu_mem_gb``: an "80 GB" A100
 has 85.9e9 bytes, so the default check keeps about 5.9 GB of extra margin.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -294,11 +301,79 @@ def _cpu_engine_bytes(cfg: ModelConfig, keep: int, streams: int, window: int) ->
     return out
 
 
+def expert_split(n_experts: int, devices: int) -> list[tuple[int, int]]:
+    """The contiguous split of ``n_experts`` routed experts (per MoE layer) over ``devices`` ranks.
+
+    Returns ``[start, stop)`` per rank; when the count does not divide evenly the first ranks hold
+    one more (``numpy.array_split``'s rule), so rank 0 holds the most.
+    """
+    if devices < 1:
+        raise ValueError(f"devices must be at least 1, got {devices}")
+    base, extra = divmod(n_experts, devices)
+    out, start = [], 0
+    for rank in range(devices):
+        stop = start + base + (rank < extra)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def exchange_traffic(cfg: ModelConfig, rows: int, split: list[tuple[int, int]]) -> dict[str, Any]:
+    """What the ranks exchange per step when the routed experts are split as ``split``.
+
+    Every rank runs attention, the dense layers, the router and the shared experts itself on the
+    same ``rows`` tokens, so it knows every (token, expert) pair without being told. In each MoE
+    layer a rank computes the output rows of the pairs whose expert it holds; every rank then
+    needs every pair's row (float32, ``hidden_size`` values) to combine them in the
+    single-process order, and each row travels with its int32 expert id (so a receiver checks
+    that it routed the same way): ``4 * hidden + 4`` bytes per pair.
+
+    Per MoE layer, with ``P = rows * top_k`` pairs and ``N`` ranks: all ranks together receive
+    ``(N - 1) * P`` rows whatever the routing (each row reaches the N - 1 ranks that did not
+    compute it), ``(N - 1) / N * P`` per rank on average. Rank r holding ``c_r`` of ``E``
+    experts sends its rows to each peer, at most ``rows * min(top_k, c_r)`` of them, and receives
+    at most ``rows * min(top_k, E - c_r)``. A fixed-shape ``all_gather`` pads every rank's block
+    to the most any rank can own, ``rows * min(top_k, max c_r)``, and each rank then sends and
+    receives ``N - 1`` such blocks. Step figures are the layer figures times the MoE layers.
+    """
+    n, k, lm = len(split), cfg.num_experts_per_tok, cfg.n_moe_layers
+    n_experts = split[-1][1]
+    pair = 4 * cfg.hidden_size + 4
+    pairs = rows * k
+    held = [stop - start for start, stop in split]
+    total = (n - 1) * pairs * pair
+    layer = {
+        "all_ranks_bytes": total,
+        "per_rank_mean_bytes": total / n,
+        "allgather_per_rank_bytes": (n - 1) * rows * min(k, max(held)) * pair,
+    }
+    per_device = []
+    for rank, (start, stop) in enumerate(split):
+        send = (n - 1) * rows * min(k, stop - start) * pair
+        receive = rows * min(k, n_experts - (stop - start)) * pair
+        per_device.append({"rank": rank, "experts": [start, stop],
+                           "send_max_bytes_per_layer": send, "receive_max_bytes_per_layer": receive,
+                           "send_max_bytes_per_step": lm * send, "receive_max_bytes_per_step": lm * receive})
+    return {
+        "rows": rows,
+        "top_k": k,
+        "pairs_per_layer": pairs,
+        "bytes_per_pair": pair,
+        "n_moe_layers": lm,
+        "per_layer": layer,
+        "per_step": {name: lm * value for name, value in layer.items()},
+        "per_device": per_device,
+        "formula": f"per MoE layer, each (token, expert) pair's output row (hidden {cfg.hidden_size} float32) "
+                   f"plus its int32 expert id ({pair} B) reaches the {n - 1} ranks that did not compute it: "
+                   f"all ranks together (N-1) x rows x top_k x (4 x hidden + 4) B; per step x {lm} MoE layers",
+    }
+
+
 def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, quant: str | None = None,
          gpu_mem_gb: float = DEFAULT_GPU_MEM_GB, streams: int = DEFAULT_STREAMS,
          window: int = DEFAULT_WINDOW, kv_dtype: str | None = None, float_dtype: str = "bf16",
          reserve_gb: float | None = None, engine: str = "device",
-         expert_cache_slots: int | None = None) -> dict[str, Any]:
+         expert_cache_slots: int | None = None, devices: int = 1) -> dict[str, Any]:
     """Plan the memory of ``source`` (name, config.json, checkpoint or package).
 
     ``keep_experts`` is the routed experts kept per MoE layer (default: all of them).
@@ -308,10 +383,20 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
     step's activations; ``expert_cache_slots`` plans the streaming expert store), ``cpu``
     the CPU engine's memory (no reserve by default). For bf16 and fp8 (formats the engines
     do not run) the bytes are what the weights take stored that way (:func:`count_bytes`).
+
+    ``devices`` > 1 plans expert parallelism: the routed experts of every MoE layer split
+    contiguously over the devices (:func:`expert_split`), everything else (embeddings, head,
+    attention, dense layers, router, shared experts, the engine's buffers and latent cache, the
+    reserve) held on every device, plus an ``exchange`` buffer for the gathered expert outputs
+    (:func:`exchange_traffic` has the per-step traffic). ``gpu_mem_gb`` is per device.
+
     Returns the report: ``params_total``, ``params_active``, ``params`` and ``bytes`` by part
-    (with ``total``), ``host_bytes`` (the device engine's host-side buffers), ``fits``,
-    ``max_keep_experts`` (largest per-layer count, at least ``num_experts_per_tok``, whose
-    total fits ``gpu_mem_gb``; None if none does) and the assumptions used.
+    (with ``total``; per device, the device holding the most experts), ``per_device``,
+    ``host_bytes`` (the device engine's host-side buffers), ``fits`` (every device),
+    ``max_keep_experts`` (largest per-layer count, at least ``num_experts_per_tok``, that fits
+    ``devices`` x ``gpu_mem_gb``; None if none does), ``min_devices`` (fewest such devices
+    holding ``keep_experts``; None if no count up to one expert per device does), ``traffic``
+    (None on one device) and the assumptions used.
     """
     if isinstance(source, ModelConfig):
         cfg, info = source, {"source": "config", "kind": "config"}
@@ -341,38 +426,81 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
         raise ValueError("--expert-cache-slots plans the device engine's streaming expert store (int8), "
                          "with at least one slot")
     keep = n_routed if keep_experts is None else keep_experts
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"--devices must be a positive integer, got {devices!r}")
+    if devices > 1 and expert_cache_slots is not None:
+        raise ValueError("--expert-cache-slots plans one device's streaming expert store; it is not planned "
+                         "with --devices")
+    if devices > 1 and not (cfg.n_moe_layers and devices <= keep):
+        raise ValueError(f"--devices {devices}: expert parallelism needs at least one routed expert per "
+                         f"device ({keep} per layer, {cfg.n_moe_layers} MoE layers)")
     reserve = int(round(reserve_gb * 1e9))
-    host_bytes = None
+    budget = int(round(gpu_mem_gb * 1e9))
+    rows = max(streams, CUDA_MIN_ROWS) if quant == "int8" and engine == "device" else streams
+    if quant == "int8" and engine == "cpu":
+        from runtime.engine import PREFILL_ROWS
+        step_rows = max(streams, PREFILL_ROWS)      # the engine's rows: a prefill pass runs this many
+    else:
+        step_rows = rows
 
-    def bytes_for(n_keep: int) -> dict[str, int]:
-        nonlocal host_bytes
+    @functools.lru_cache(maxsize=None)
+    def held_for(n_keep: int) -> tuple[dict[str, int], dict[str, int] | None]:
+        """One process's parts (with the reserve and ``total``) and its host-side parts."""
         if quant != "int8":
             return count_bytes(cfg, n_keep, quant=quant, float_dtype=float_dtype, kv_dtype=kv_dtype or "bf16",
-                               streams=streams, window=window, reserve_gb=reserve_gb)
+                               streams=streams, window=window, reserve_gb=reserve_gb), None
         held = engine_bytes(cfg, n_keep, engine=engine, streams=streams, window=window, embed_dtype=float_dtype,
                             expert_cache_slots=expert_cache_slots)
         parts = dict(held["device" if engine == "device" else "host"])
-        host = held["host"] if engine == "device" else None
         parts.pop("total")
         parts["runtime_reserve"] = reserve
         parts["total"] = sum(parts.values())
-        if n_keep == keep:
-            host_bytes = host
-        return parts
+        return parts, held["host"] if engine == "device" else None
+
+    def per_device(n_keep: int, n_devices: int) -> list[dict[str, int]]:
+        """Each device's parts: the routed experts it holds, the rest replicated, plus the exchange."""
+        whole = held_for(n_keep)[0]
+        if n_devices == 1:
+            return [whole]
+        split = expert_split(n_keep, n_devices)
+        most = max(stop - start for start, stop in split)
+        # The fixed-shape all_gather's output: every rank's block of pair rows (see exchange_traffic).
+        exchange = n_devices * step_rows * min(cfg.num_experts_per_tok, most) * (4 * cfg.hidden_size + 4)
+        out = []
+        for start, stop in split:
+            parts = {}
+            for name, value in whole.items():
+                if name == "runtime_reserve":
+                    parts["exchange"] = exchange
+                if name == "routed_experts":
+                    value = held_for(stop - start)[0]["routed_experts"]
+                if name != "total":
+                    parts[name] = value
+            parts["total"] = sum(parts.values())
+            out.append(parts)
+        return out
+
+    def fits(n_keep: int, n_devices: int) -> bool:
+        return max(p["total"] for p in per_device(n_keep, n_devices)) <= budget
 
     params = count_params(cfg, keep)
-    nbytes = bytes_for(keep)
-    budget = int(round(gpu_mem_gb * 1e9))
-    max_keep = None
+    devs = per_device(keep, devices)
+    nbytes = devs[0]
+    host_bytes = held_for(keep)[1]
+    max_keep = min_devices = None
     if cfg.n_moe_layers:
-        # Bytes grow linearly in the kept count: find the largest that fits from the slope.
-        base = bytes_for(0)["total"]
-        per_expert = bytes_for(1)["total"] - base
-        if budget >= base + cfg.num_experts_per_tok * per_expert:
-            max_keep = min(n_routed, (budget - base) // per_expert) if per_expert else n_routed
-            assert bytes_for(max_keep)["total"] <= budget
-        per_layer_expert_bytes = per_expert
+        # Bytes grow with the kept count: the largest that fits, by bisection.
+        lo, hi = max(cfg.num_experts_per_tok, devices), n_routed     # at least one expert per device
+        if lo <= hi and fits(lo, devices):
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(mid, devices) else (lo, mid - 1)
+            max_keep = lo
+        # The exchange buffer grows with the device count, so look at every count in turn.
+        min_devices = next((n for n in range(1, keep + 1) if fits(keep, n)), None)
+        per_layer_expert_bytes = held_for(1)[0]["total"] - held_for(0)[0]["total"]
     else:
+        min_devices = 1 if nbytes["total"] <= budget else None
         per_layer_expert_bytes = 0
     if quant == "int8":
         held = {"device": "DeviceEngine: GPU memory", "cpu": "Engine: CPU memory"}[engine]
@@ -386,8 +514,8 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
         linears = {"bf16": "2 B/weight", "fp8": "1 B/weight + fp32 scale per 128x128 block"}[quant]
         float_parts = f"embeddings {float_dtype}; norms and router fp32"
         kv = kv_dtype or "bf16"
-    rows = max(streams, CUDA_MIN_ROWS) if quant == "int8" and engine == "device" else streams
-    return {
+    split = expert_split(keep, devices)
+    report = {
         "source": info["source"],
         "kind": info["kind"],
         "quant": quant,
@@ -404,9 +532,16 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
         "host_bytes": host_bytes,
         "bytes_per_kept_expert": per_layer_expert_bytes,
         "gpu_mem_bytes": budget,
-        "fits": nbytes["total"] <= budget,
-        "headroom_bytes": budget - nbytes["total"],
+        "fits": max(d["total"] for d in devs) <= budget,
+        "headroom_bytes": budget - max(d["total"] for d in devs),
         "max_keep_experts": max_keep,
+        "devices": devices,
+        "per_device": [{"rank": rank, "experts": [start, stop], "bytes": d, "fits": d["total"] <= budget,
+                        "headroom_bytes": budget - d["total"]}
+                       for rank, ((start, stop), d) in enumerate(zip(split, devs))],
+        "bytes_all_devices": sum(d["total"] for d in devs),
+        "min_devices": min_devices,
+        "traffic": exchange_traffic(cfg, streams, split) if devices > 1 else None,
         "assumptions": {
             "held": held,
             "gpu_mem_gb": gpu_mem_gb,
@@ -418,11 +553,13 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
             "float_dtype": float_dtype,
             "reserve_gb": reserve_gb,
             "expert_cache_slots": expert_cache_slots,
+            "exchange_rows": step_rows if devices > 1 else None,
             "linears": linears,
             "float_parts": float_parts,
             "units": "1 GB = 1e9 bytes",
         },
     }
+    return report
 
 
 def _gb(n: int) -> str:
@@ -433,44 +570,116 @@ def _params(n: int) -> str:
     return f"{n / 1e9:9.3f} B" if n >= 1e8 else f"{n / 1e6:9.3f} M"
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _rank_groups(report: dict[str, Any]) -> list[tuple[int, int, dict[str, Any]]]:
+    """Consecutive ranks holding the same number of experts (their bytes are equal): (first, last, device)."""
+    groups: list[tuple[int, int, dict[str, Any]]] = []
+    for dev in report["per_device"]:
+        held = dev["experts"][1] - dev["experts"][0]
+        if groups and groups[-1][2]["experts"][1] - groups[-1][2]["experts"][0] == held:
+            groups[-1] = (groups[-1][0], dev["rank"], groups[-1][2])
+        else:
+            groups.append((dev["rank"], dev["rank"], dev))
+    return groups
+
+
 def render_plan(report: dict[str, Any], out=None) -> None:
-    """Print a plan as a table with the accounting shown."""
+    """Print a plan as a table with the accounting shown (per device, and the traffic, across devices)."""
     import sys
     out = out or sys.stdout
     a = report["assumptions"]
     w = out.write
+    n_dev = report["devices"]
+    gpu = f"{a['gpu_mem_gb']:g} GB"
     w(f"Memory plan for {report['source']} ({report['kind']}), quant {report['quant']}, "
       f"{report['keep_experts']} of {report['n_routed_experts']} routed experts kept in each of "
-      f"{report['n_moe_layers']} MoE layers ({report['num_hidden_layers']} layers)\n\n")
-    w(f"  held: {a['held']}\n")
-    w(f"  {'part':<19}{'params':>12}{'bytes':>13}\n")
-    for part in report["bytes"]:
-        if part in ("kv_cache", "runtime_reserve", "total"):
-            continue
+      f"{report['n_moe_layers']} MoE layers ({report['num_hidden_layers']} layers)"
+      + (f", expert parallel over {n_dev} devices" if n_dev > 1 else "") + "\n\n")
+    groups = _rank_groups(report) if n_dev > 1 else [(0, 0, {"bytes": report["bytes"]})]
+    if n_dev > 1:
+        w(f"  held: {a['held']}, per device; routed experts split contiguously, everything else on every device\n")
+        heads = [f"rank {f}" if f == l else f"ranks {f}-{l}" for f, l, _ in groups]
+        w(f"  {'':<19}{'whole model':>12}" + "".join(f"{h:>13}" for h in heads) + "\n")
+        held = [f"{d['experts'][1] - d['experts'][0]} experts" for _, _, d in groups]
+        w(f"  {'part':<19}{'params':>12}" + "".join(f"{h:>13}" for h in held) + "\n")
+    else:
+        w(f"  held: {a['held']}\n")
+        w(f"  {'part':<19}{'params':>12}{'bytes':>13}\n")
+    notes = {
+        "kv_cache": f"{a['streams']} streams x {a['window']} tokens x {a['kv_cache']}",
+        "runtime_reserve": "CUDA context, workspace, activations (--reserve-gb)",
+    }
+    if n_dev > 1:
+        t = report["traffic"]
+        most = max(d["experts"][1] - d["experts"][0] for d in report["per_device"])
+        notes["routed_experts"] = "per layer: " + ", ".join(
+            f"rank {d['rank']} {d['experts'][0]}-{d['experts'][1] - 1}" for d in report["per_device"][:2]) + (
+            ", ..." if n_dev > 2 else "")
+        notes["exchange"] = (f"gathered expert outputs: {n_dev} ranks x {a['exchange_rows']} rows x "
+                             f"min(top-{t['top_k']}, {most}) pairs x {t['bytes_per_pair']:,} B")
+    last = ("kv_cache", "runtime_reserve", "total")
+    for part in [p for p in report["bytes"] if p not in last] + ["kv_cache", "runtime_reserve"]:
         count = _params(report['params'][part]) if part in report["params"] else ""
-        w(f"  {part:<19}{count:>12}{_gb(report['bytes'][part]):>13}\n")
-    w(f"  {'kv_cache':<19}{'':>12}{_gb(report['bytes']['kv_cache']):>13}   "
-      f"{a['streams']} streams x {a['window']} tokens x {a['kv_cache']}\n")
-    w(f"  {'runtime_reserve':<19}{'':>12}{_gb(report['bytes']['runtime_reserve']):>13}   "
-      "CUDA context, workspace, activations (--reserve-gb)\n")
-    w(f"  {'-' * 44}\n")
-    w(f"  {'total':<19}{_params(report['params_total']):>12}{_gb(report['bytes']['total']):>13}\n")
+        cells = "".join(f"{_gb(d['bytes'][part]):>13}" for _, _, d in groups)
+        note = f"   {notes[part]}" if part in notes else ""
+        w(f"  {part:<19}{count:>12}{cells}{note}\n")
+    w(f"  {'-' * (31 + 13 * len(groups))}\n")
+    cells = "".join(f"{_gb(d['bytes']['total']):>13}" for _, _, d in groups)
+    w(f"  {'total':<19}{_params(report['params_total']):>12}{cells}\n")
+    if n_dev > 1:
+        w(f"  {f'all {n_dev} devices':<19}{'':>12}{_gb(report['bytes_all_devices']):>13}\n")
     if report.get("host_bytes"):
         w(f"  {'host memory':<19}{'':>12}{_gb(report['host_bytes']['total']):>13}   "
-          "pinned logits buffers (and the expert store's staging buffer)\n")
+          "pinned logits buffers (and the expert store's staging buffer)" + (", per device" if n_dev > 1 else "")
+          + "\n")
     w("\n")
     w(f"  parameters active per token: {_params(report['params_active']).strip()}\n")
     w(f"  linear weights: {a['linears']}; {a['float_parts']}; {a['units']}\n")
     w(f"  each kept expert per layer adds {_gb(report['bytes_per_kept_expert']).strip()} "
       f"over {report['n_moe_layers']} MoE layers\n")
     verdict = "fits" if report["fits"] else "does NOT fit"
-    w(f"  GPU memory {a['gpu_mem_gb']:g} GB: {verdict} "
-      f"(headroom {report['headroom_bytes'] / 1e9:.2f} GB)\n")
-    mk = report["max_keep_experts"]
+    where = f"{n_dev} x {gpu}" if n_dev > 1 else gpu
+    w(f"  GPU memory {where}: {verdict} (headroom {report['headroom_bytes'] / 1e9:.2f} GB"
+      + (" on the fullest device" if n_dev > 1 else "") + ")\n")
+    mk, md = report["max_keep_experts"], report["min_devices"]
     if not report["n_moe_layers"]:
         w("  no MoE layers: nothing to prune\n")
     elif mk is None:
-        w(f"  no kept-expert count >= num_experts_per_tok={report['num_experts_per_tok']} fits "
-          f"{a['gpu_mem_gb']:g} GB\n")
+        w(f"  no kept-expert count >= num_experts_per_tok={report['num_experts_per_tok']} fits {where}\n")
     else:
-        w(f"  largest --keep-experts that fits {a['gpu_mem_gb']:g} GB: {mk}\n")
+        w(f"  largest --keep-experts that fits {where}: {mk}\n")
+    if report["n_moe_layers"] and (n_dev > 1 or not report["fits"]):
+        kept = f"{report['keep_experts']} experts per layer"
+        if md is None:
+            w(f"  no number of {gpu} devices (up to one expert each) holds {kept}\n")
+        else:
+            w(f"  fewest {gpu} devices that hold {kept}: {md} (--devices {md})\n")
+    if n_dev > 1:
+        _render_traffic(report["traffic"], n_dev, w)
+
+
+def _render_traffic(t: dict[str, Any], n_dev: int, w) -> None:
+    """The per-step exchange between ranks, per layer and per step."""
+    lay, step = t["per_layer"], t["per_step"]
+    send = max(d["send_max_bytes_per_layer"] for d in t["per_device"])
+    receive = max(d["receive_max_bytes_per_layer"] for d in t["per_device"])
+    rows = [
+        ("all ranks together", lay["all_ranks_bytes"], step["all_ranks_bytes"],
+         f"({n_dev}-1) x {t['pairs_per_layer']} pairs x {t['bytes_per_pair']:,} B"),
+        ("per rank, mean", lay["per_rank_mean_bytes"], step["per_rank_mean_bytes"], "received (and sent)"),
+        ("per rank, at most", send, t["n_moe_layers"] * send, "sent"),
+        ("per rank, at most", receive, t["n_moe_layers"] * receive, "received"),
+        ("fixed-shape gather", lay["allgather_per_rank_bytes"], step["allgather_per_rank_bytes"],
+         "per rank sent and received, every block padded to the most a rank can own"),
+    ]
+    w(f"\n  traffic between ranks, batch of {t['rows']} rows x top-{t['top_k']} = {t['pairs_per_layer']} "
+      f"(token, expert) pairs per MoE layer\n")
+    w(f"  each pair's output row ({t['bytes_per_pair'] // 4 - 1} float32) and its int32 expert id, "
+      f"{t['bytes_per_pair']:,} B, reaches the {n_dev - 1} ranks that did not compute it;\n"
+      f"  a step is {t['n_moe_layers']} MoE layers (JSON: traffic.formula)\n")
+    w(f"  {'':<22}{'per layer':>12}{'per step':>12}\n")
+    for name, per_layer, per_step, note in rows:
+        w(f"  {name:<22}{_size(per_layer):>12}{_size(per_step):>12}   {note}\n")

@@ -215,3 +215,158 @@ def test_engine_plan_is_what_the_engine_holds(engine):
         planned = engine_bytes(cfg, engine="device", streams=4, window=32, embed_dtype="fp32")
         plan_total = planned["device"]["total"] + planned["host"]["total"]
     assert abs(held - plan_total) <= 0.01 * plan_total, (held, plan_total)
+
+
+# -- expert parallel: per-device bytes and the exchange between ranks --------------------------------------
+
+def _expert_bytes_device_engine(h: int, inter: int) -> int:
+    """One routed expert in DeviceEngine's layout (w13 [H, 2I] and w2 [I, H] int8, fp32 scales), H and I % 8 == 0."""
+    return h * 2 * inter + inter * h + 4 * (2 * inter + h)
+
+
+def test_whole_r1_on_eight_141gb_devices_fits(capsys):
+    """256 experts split 32 a device over 8 x 141 GB, everything else on every device: fits."""
+    args = ["plan", "deepseek-r1", "--devices", "8", "--gpu-mem-gb", "141", "--quant", "int8"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    for word in ("expert parallel over 8 devices", "ranks 0-7", "32 experts", "routed_experts", "exchange",
+                 "kv_cache", "runtime_reserve", "GPU memory 8 x 141 GB: fits", "traffic between ranks"):
+        assert word in text, word
+    assert "does NOT fit" not in text
+    assert cli.main(args + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    one = plan("deepseek-r1", quant="int8", gpu_mem_gb=141)
+    assert rep["devices"] == 8 and rep["fits"] is True and len(rep["per_device"]) == 8
+    routed = 58 * 32 * _expert_bytes_device_engine(7168, 2048)
+    exchange = 8 * 17 * 8 * (4 * 7168 + 4)           # 8 ranks' blocks of 17 rows x top-8 pairs
+    for rank, dev in enumerate(rep["per_device"]):
+        assert dev["experts"] == [32 * rank, 32 * rank + 32]
+        parts = dev["bytes"]
+        assert parts["routed_experts"] == routed == one["bytes"]["routed_experts"] // 8
+        assert parts["exchange"] == exchange
+        for name, value in one["bytes"].items():     # everything else as one device holds it
+            if name not in ("routed_experts", "total"):
+                assert parts[name] == value, name
+        assert parts["total"] == sum(v for k, v in parts.items() if k != "total") <= 141e9
+        assert dev["fits"] and dev["headroom_bytes"] == rep["gpu_mem_bytes"] - parts["total"]
+    assert rep["bytes"] == rep["per_device"][0]["bytes"]
+    assert rep["bytes"]["total"] == one["bytes"]["total"] - 7 * routed + exchange
+    assert rep["max_keep_experts"] == 256 and rep["min_devices"] == 7
+
+
+def test_whole_r1_on_eight_80gb_devices_does_not_fit_and_what_would(capsys):
+    """8 x 80 GB is short; 16 such devices hold all 256 experts, or 8 hold 136 of them."""
+    assert cli.main(["plan", "deepseek-r1", "--devices", "8", "--gpu-mem-gb", "80", "--quant", "int8"]) == 0
+    text = capsys.readouterr().out
+    for word in ("GPU memory 8 x 80 GB: does NOT fit", "fewest 80 GB devices that hold 256 experts per layer: 16",
+                 "largest --keep-experts that fits 8 x 80 GB: 136"):
+        assert word in text, word
+    rep = plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=8)
+    assert rep["fits"] is False and rep["min_devices"] == 16 and rep["max_keep_experts"] == 136
+    sixteen = plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=16)
+    assert sixteen["fits"] and sixteen["max_keep_experts"] == 256
+    assert not plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=15)["fits"]   # 18 experts on rank 0
+    assert plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=8, keep_experts=136)["fits"]
+    above = plan("deepseek-r1", quant="int8", gpu_mem_gb=80, devices=8, keep_experts=137)
+    assert not above["fits"]
+    # 137 = 8 x 17 + 1: rank 0 holds 18 and decides; the others hold 17 and fit.
+    assert [d["experts"][1] - d["experts"][0] for d in above["per_device"]] == [18] + [17] * 7
+    assert [d["fits"] for d in above["per_device"]] == [False] + [True] * 7
+
+
+@pytest.mark.parametrize("args", [
+    dict(quant="int8", gpu_mem_gb=141),
+    dict(quant="int8", gpu_mem_gb=80, streams=64, window=256),
+    dict(quant="int8", gpu_mem_gb=80, engine="cpu", streams=8, window=256),
+    dict(quant="fp8", gpu_mem_gb=700),
+])
+def test_one_device_plan_is_unchanged(args, capsys):
+    """``--devices 1`` is the single-device plan: the totals and largest kept counts it gave before."""
+    before = {141: (689_840_564_480, 41), 700: (676_726_867_232, 256)}
+    before_80 = {"device": (682_433_208_576, 20), "cpu": (679_385_037_748, 21)}
+    total, max_keep = before[args["gpu_mem_gb"]] if args["gpu_mem_gb"] != 80 else before_80[args.get("engine", "device")]
+    rep = plan("deepseek-r1", devices=1, **args)
+    assert rep["bytes"]["total"] == total and rep["max_keep_experts"] == max_keep
+    assert rep == plan("deepseek-r1", **args)
+    assert rep["per_device"] == [{"rank": 0, "experts": [0, 256], "bytes": rep["bytes"], "fits": rep["fits"],
+                                  "headroom_bytes": rep["headroom_bytes"]}]
+    assert rep["traffic"] is None and "exchange" not in rep["bytes"]
+
+
+def test_uneven_split_adds_up_for_every_engine_and_format():
+    """Ranks hold contiguous runs of experts (the first ones one more); their routed bytes add up to the whole."""
+    from sdk.plan import expert_split
+
+    assert expert_split(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    for kwargs in (dict(quant="int8"), dict(quant="int8", engine="cpu", window=64), dict(quant="bf16"),
+                   dict(quant="fp8")):
+        one = plan("deepseek-r1", keep_experts=100, **kwargs)
+        rep = plan("deepseek-r1", keep_experts=100, devices=8, **kwargs)
+        assert [d["experts"] for d in rep["per_device"]][:5] == [[0, 13], [13, 26], [26, 39], [39, 52], [52, 64]]
+        assert sum(d["bytes"]["routed_experts"] for d in rep["per_device"]) == one["bytes"]["routed_experts"]
+        assert rep["bytes"]["total"] == max(d["bytes"]["total"] for d in rep["per_device"])
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_traffic_against_routed_batches(devices):
+    """The exchange figures against the pairs the routing rule actually makes on random batches."""
+    from runtime.routing import RoutingRule, route_torch
+    from sdk.plan import expert_split, exchange_traffic
+
+    cfg = ModelConfig(**TINY)
+    rule = RoutingRule.from_config(cfg)
+    rows, k, pair = 5, cfg.num_experts_per_tok, 4 * cfg.hidden_size + 4
+    split = expert_split(cfg.n_routed_experts, devices)
+    t = exchange_traffic(cfg, rows, split)
+    assert t["pairs_per_layer"] == rows * k and t["bytes_per_pair"] == pair
+    assert t["per_step"]["all_ranks_bytes"] == cfg.n_moe_layers * t["per_layer"]["all_ranks_bytes"]
+    most_sent = [0] * devices
+    most_received = [0] * devices
+    gen = torch.Generator().manual_seed(devices)
+    for trial in range(200):
+        logits = torch.randn(rows, cfg.n_routed_experts, generator=gen)
+        bias = torch.randn(cfg.n_routed_experts, generator=gen) * (trial % 3)   # skewed routing too
+        ids, _ = route_torch(logits, bias, rule)
+        owned = [int(((ids >= a) & (ids < b)).sum()) for a, b in split]
+        assert sum(owned) == rows * k
+        received = [rows * k - p for p in owned]     # every pair row this rank did not compute
+        assert sum(received) * pair == t["per_layer"]["all_ranks_bytes"]
+        for r in range(devices):
+            most_sent[r] = max(most_sent[r], (devices - 1) * owned[r] * pair)
+            most_received[r] = max(most_received[r], received[r] * pair)
+    for r, dev in enumerate(t["per_device"]):
+        assert most_sent[r] <= dev["send_max_bytes_per_layer"] <= t["per_layer"]["allgather_per_rank_bytes"]
+        assert most_received[r] <= dev["receive_max_bytes_per_layer"]
+    # The bounds are reached: some batch puts every pair of some rank's rows on one rank, or none there.
+    assert max(most_sent) == max(d["send_max_bytes_per_layer"] for d in t["per_device"])
+    assert t["per_layer"]["per_rank_mean_bytes"] * devices == t["per_layer"]["all_ranks_bytes"]
+
+
+def test_devices_refused_when_they_cannot_apply(capsys):
+    """More devices than experts, zero devices, or the streaming store across devices: refused, naming --devices."""
+    for args in (["--devices", "0"], ["--devices", "257"], ["--devices", "2", "--expert-cache-slots", "8"],
+                 ["--devices", "9", "--keep-experts", "8"]):
+        assert cli.main(["plan", "deepseek-r1", *args]) == 2
+        assert "--devices" in capsys.readouterr().err, args
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--help"])
+    assert "--devices N" in capsys.readouterr().out
+
+
+def test_readme_shows_what_the_planner_prints(capsys):
+    """The README's expert-parallel plan is the command's output as it stands."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for gb in ("141", "80"):
+        command = f"$ r1edge plan deepseek-r1 --devices 8 --gpu-mem-gb {gb} --quant int8\n"
+        assert command in readme
+        shown = readme.split(command, 1)[1].split("```", 1)[0].splitlines()
+        assert cli.main(command.split()[2:]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        if "..." in shown:                            # an excerpt: its lines in order
+            shown = [line for line in shown if line != "..."]
+            start = printed.index(shown[0])
+            assert printed[start:start + len(shown)] == shown
+        else:
+            assert printed == shown
