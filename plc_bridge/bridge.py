@@ -7,7 +7,10 @@ hands each stream's decision to every bridge that :meth:`Bridge.serves` that str
 of these calls waits on the network.
 
 A bridge whose peers may ask for the controller's status and statistics (the ZeroMQ control
-socket) is also a :class:`Reporter`; the controller registers its providers with it.
+socket) is also a :class:`Reporter`; the controller registers its providers with it. One whose
+peers may switch a stream between manual and auto is a :class:`ModeSwitch`. One that may put
+out a stream's fail-safe values on its own (the Modbus bridge, when the PLC's heartbeat stops)
+is a :class:`FailsafeSource`, so that the controller knows what the plant actually got.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from typing import Callable, Protocol, runtime_checkable
 Inputs = dict[str, tuple[float, int]]
 #: A callable answering a peer's request with a msgpack-able map.
 Provider = Callable[[], dict]
+#: ``handler(stream, "manual" | "auto") -> map``: switches a stream (raises ``KeyError`` for an
+#: unknown stream, ``ValueError`` when the controller has no mode input).
+ModeHandler = Callable[[str, str], dict]
 
 
 @runtime_checkable
@@ -69,4 +75,25 @@ class Reporter(Protocol):
 
     def set_stats_provider(self, fn: Provider | None) -> None:
         """Register the callable answering "stats" requests."""
+        ...
+
+
+@runtime_checkable
+class ModeSwitch(Protocol):
+    """A bridge whose peers may switch a stream between manual and auto."""
+
+    def set_mode_handler(self, fn: ModeHandler | None) -> None:
+        """Register the callable that carries out "mode" requests."""
+        ...
+
+
+@runtime_checkable
+class FailsafeSource(Protocol):
+    """A bridge that may put out a stream's fail-safe values itself, ignoring ``publish``."""
+
+    def failsafe_state(self, stream: str) -> tuple[bool, int]:
+        """``(overriding, entries)``: whether the next ``publish`` of ``stream`` would be
+        ignored (the bridge holds the fail-safe values), and how many times the bridge has
+        switched to its fail-safe values so far (a change between two calls means the plant
+        got them in between). Never blocks on the network."""
         ...

@@ -9,7 +9,8 @@ Decision (bridge -> subscribers)::
     {"v": 1, "stream": str, "seq": int, "t_ns": int, "outputs": {name: float},
      "status": "ok" | "failsafe" | "hold", "latency_us": float}
 
-Control request (client -> bridge ROUTER) ``{"v": 1, "cmd": "status" | "stats" | "health"}``;
+Control request (client -> bridge ROUTER) ``{"v": 1, "cmd": "status" | "stats" | "health"}``,
+or ``{"v": 1, "cmd": "mode", "stream": str, "mode": "manual" | "auto"}`` to switch a stream;
 reply ``{"v": 1, "ok": bool, "cmd": str, "result": map}`` or ``{"v": 1, "ok": False,
 "error": str}``.
 
@@ -30,11 +31,13 @@ MAX_MESSAGE_BYTES = 65536
 MAX_VALUES = 256
 MAX_NAME_LEN = 64
 STATUSES = frozenset(("ok", "failsafe", "hold"))
-COMMANDS = frozenset(("status", "stats", "health"))
+COMMANDS = frozenset(("status", "stats", "health", "mode"))
+MODES = frozenset(("manual", "auto"))
 _U64 = 1 << 64
 _SENSOR_KEYS = frozenset(("v", "stream", "seq", "t_ns", "values"))
 _DECISION_KEYS = frozenset(("v", "stream", "seq", "t_ns", "outputs", "status", "latency_us"))
 _CONTROL_KEYS = frozenset(("v", "cmd"))
+_MODE_KEYS = frozenset(("v", "cmd", "stream", "mode"))
 
 
 class MessageError(ValueError):
@@ -143,14 +146,21 @@ def decode_decision(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, max_valu
     }
 
 
-def decode_control(data: bytes, *, max_bytes: int = 4096) -> str:
-    """Validate a control request; returns the command name. Raises :class:`MessageError`."""
+def decode_control(data: bytes, *, max_bytes: int = 4096) -> dict:
+    """Validate a control request; returns ``{"cmd": name}``, with ``stream`` and ``mode`` for
+    "mode". Raises :class:`MessageError`."""
     obj = _unpack(data, max_bytes, 16)
-    _check_keys(obj, _CONTROL_KEYS, "control request")
+    is_mode = obj.get("cmd") == "mode"
+    _check_keys(obj, _MODE_KEYS if is_mode else _CONTROL_KEYS, "control request")
     cmd = obj["cmd"]
     if type(cmd) is not str or cmd not in COMMANDS:
         raise MessageError("type", f"cmd = {cmd!r} is not one of {sorted(COMMANDS)}")
-    return cmd
+    if not is_mode:
+        return {"cmd": cmd}
+    mode = obj["mode"]
+    if type(mode) is not str or mode not in MODES:
+        raise MessageError("type", f"mode = {mode!r} is not one of {sorted(MODES)}")
+    return {"cmd": cmd, "stream": _name(obj["stream"], "stream"), "mode": mode}
 
 
 def _check_values(values: dict, what: str, max_values: int) -> dict[str, float]:
@@ -194,11 +204,17 @@ def encode_decision(stream: str, seq: int, t_ns: int, outputs: dict, status: str
                           "status": status, "latency_us": float(latency_us)})
 
 
-def encode_control(cmd: str) -> bytes:
-    """Pack a control request."""
+def encode_control(cmd: str, **args) -> bytes:
+    """Pack a control request (``stream=`` and ``mode=`` for "mode")."""
     if cmd not in COMMANDS:
         raise ValueError(f"cmd {cmd!r} is not one of {sorted(COMMANDS)}")
-    return msgpack.packb({"v": VERSION, "cmd": cmd})
+    if cmd == "mode":
+        if args.keys() != {"stream", "mode"} or args["mode"] not in MODES:
+            raise ValueError(f"a mode request takes stream= and mode= one of {sorted(MODES)}, got {args}")
+        _check_header(args["stream"], 0, 0)
+    elif args:
+        raise ValueError(f"{cmd!r} takes no arguments, got {sorted(args)}")
+    return msgpack.packb({"v": VERSION, "cmd": cmd, **args})
 
 
 def encode_reply(obj: dict) -> bytes:

@@ -80,11 +80,18 @@ class ModbusBridge:
     the I/O thread with ``{name: (value, rx_ns)}`` of the signals just received, after the
     PLC's request has been answered; it must be quick); outputs go in through :meth:`publish`.
 
-    Fail-safe: every output register starts at its fail-safe value. With a heartbeat
-    configured, when the PLC's heartbeat register has not changed for ``timeout_ms`` the
-    bridge writes every output's fail-safe value itself (server mode: into the served
-    registers; client mode: to the PLC) and ignores :meth:`publish` until the heartbeat
+    Start: server mode serves every output register at its fail-safe value until the first
+    :meth:`publish`; client mode writes nothing to the PLC before the first publish it
+    accepts, so the plant keeps its own outputs until the controller has decided (a bumpless
+    start: the controller's first outputs may track the actuators).
+
+    Fail-safe: with a heartbeat configured, when the PLC's heartbeat register has not changed
+    for ``timeout_ms`` (or has not moved yet) the bridge ignores :meth:`publish`; once it had
+    published, it writes every output's fail-safe value itself (server mode: into the served
+    registers; client mode: to the PLC, again after each reconnection) until the heartbeat
     changes again; the next publish after that writes the controller's outputs.
+    :meth:`failsafe_state` tells the controller, so that its rate limits start from what the
+    plant got (a :class:`~plc_bridge.bridge.FailsafeSource`).
 
     Stop: what was published last reaches the PLC before the connection closes. Client mode
     writes the outputs once more (when connected, within ``request_timeout_ms``); server mode
@@ -129,6 +136,8 @@ class ModbusBridge:
         self._hb_value: int | None = 0 if mode == "server" else None
         self._hb_change_ns: int | None = None
         self._failsafe_active = regmap.heartbeat is not None
+        self._failsafe_entries = 0
+        self._published = False     # client mode writes nothing before the first accepted publish
         self._out_values = dict(self.failsafe)
         self._reconnects = 0
         self._backoff_s = 0.0
@@ -295,6 +304,7 @@ class ModbusBridge:
                     self._enter_failsafe_locked("heartbeat stale at publish")
                 return
             self._failsafe_active = False
+            self._published = True
             for name, value in outputs.items():
                 entry = self.regmap.by_signal.get(name)
                 if entry is None or entry.direction != "output":
@@ -309,6 +319,13 @@ class ModbusBridge:
                         self.errors.inc("clamped_output")
         if self.mode == "client":
             self._wakeup()
+
+    def failsafe_state(self, stream: str | None = None) -> tuple[bool, int]:
+        """``(overriding, entries)``: whether the heartbeat is stale now (a publish would be
+        ignored), and how many times the bridge has switched to its fail-safe values."""
+        now = time.monotonic_ns()
+        with self.lock:
+            return not self._heartbeat_ok(now), self._failsafe_entries
 
     def health(self) -> dict:
         """Connection, heartbeat and fail-safe state, bad traffic by reason, errors, reconnects
@@ -344,6 +361,7 @@ class ModbusBridge:
 
     def _enter_failsafe_locked(self, why: str) -> None:
         self._failsafe_active = True
+        self._failsafe_entries += 1
         self.errors.inc("failsafe_entries")
         self._out_values.update(self.failsafe)
         if self._image is not None:
@@ -510,7 +528,7 @@ class ModbusBridge:
         writes = regmap.write_blocks(regmap.outputs)
         read_fn = {"holding": client.read_holding_registers, "input": client.read_input_registers,
                    "coil": client.read_coils, "discrete": client.read_discrete_inputs}
-        dirty = True  # write the current outputs as soon as we (re)connect
+        dirty = self._published  # write the current outputs as soon as we (re)connect
         next_poll = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -539,14 +557,14 @@ class ModbusBridge:
                     if not self._heartbeat_ok(time.monotonic_ns()):
                         if not self._failsafe_active:
                             self._enter_failsafe_locked("heartbeat stopped")
-                        dirty = True  # keep asserting fail-safe while the heartbeat is stale
+                        dirty = self._published  # keep asserting fail-safe while the heartbeat is stale
                 next_poll += self.poll_s
                 if next_poll < now:
                     next_poll = now + self.poll_s
             if self._wake.is_set():
                 self._wake.clear()
                 dirty = True
-            if dirty and writes:
+            if dirty and writes and self._published:
                 await self._write_outputs(client, writes)
                 dirty = False
             timeout = next_poll - time.monotonic()
@@ -555,7 +573,7 @@ class ModbusBridge:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass
-        if writes:                      # a clean stop: the last published outputs reach the PLC
+        if writes and self._published:  # a clean stop: the last published outputs reach the PLC
             await self._write_outputs(client, writes)
 
     async def _write_outputs(self, client: AsyncModbusTcpClient, writes) -> None:

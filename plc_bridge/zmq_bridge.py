@@ -16,7 +16,8 @@ the latest sensor values from a dict under a lock; neither waits on the network.
   nothing until the bridge's subscription has arrived, so no first frames are lost.
 - Control: ROUTER answers ``{"v":1,"cmd":"status"|"stats"|"health"}`` from REQ or DEALER
   clients with a msgpack map; "status" and "stats" come from providers the controller
-  registers.
+  registers. ``{"v":1,"cmd":"mode","stream":s,"mode":"manual"|"auto"}`` switches a stream
+  through the mode handler the controller registers (a :class:`~plc_bridge.bridge.ModeSwitch`).
 - CURVE (optional): the three sockets are CURVE servers with the key from
   ``curve.secret_key``; with ``curve.allowed`` (a directory of client public key files,
   as written by ``r1edge keys``) only those clients get through, the rest fail the
@@ -39,7 +40,7 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from . import messages
-from .bridge import Inputs, Provider
+from .bridge import Inputs, ModeHandler, Provider
 from .messages import MessageError
 from .metrics import Counters, LatencyRing, worth_logging
 
@@ -160,6 +161,7 @@ class ZmqBridge:
         self._reconnects = 0
         self._status_provider: Provider | None = None
         self._stats_provider: Provider | None = None
+        self._mode_handler: ModeHandler | None = None
         self._ctx: zmq.Context | None = None
         self._auth = None
         self._sender: zmq.Socket | None = None
@@ -327,6 +329,10 @@ class ZmqBridge:
     def set_status_provider(self, fn: Provider | None) -> None:
         """Register the callable answering control "status" (called in the I/O thread)."""
         self._status_provider = fn
+
+    def set_mode_handler(self, fn: ModeHandler | None) -> None:
+        """Register the callable carrying out control "mode" requests (called in the I/O thread)."""
+        self._mode_handler = fn
 
     def set_stats_provider(self, fn: Provider | None) -> None:
         """Register the callable answering control "stats" (called in the I/O thread)."""
@@ -551,20 +557,30 @@ class ZmqBridge:
             return
         self._n["requests"] += 1
         try:
-            cmd = messages.decode_control(payload, max_bytes=min(self.max_bytes, 4096))
+            request = messages.decode_control(payload, max_bytes=min(self.max_bytes, 4096))
         except MessageError as exc:
             self.bad.inc(f"control_{exc.reason}")
             reply = {"v": 1, "ok": False, "error": str(exc)}
         else:
-            reply = self._answer(cmd)
+            reply = self._answer(request)
         try:
             router.send_multipart(envelope + [messages.encode_reply(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:
             self.errors.inc("control_reply_dropped")
 
-    def _answer(self, cmd: str) -> dict:
+    def _answer(self, request: dict) -> dict:
+        cmd = request["cmd"]
         if cmd == "health":
             return {"v": 1, "ok": True, "cmd": cmd, "result": self.health()}
+        if cmd == "mode":
+            handler = self._mode_handler
+            if handler is None:
+                return {"v": 1, "ok": False, "cmd": cmd, "error": "no mode handler registered"}
+            try:
+                return {"v": 1, "ok": True, "cmd": cmd, "result": handler(request["stream"], request["mode"])}
+            except (KeyError, ValueError) as exc:         # an unknown stream, no [mode] input
+                self.bad.inc("control_refused")
+                return {"v": 1, "ok": False, "cmd": cmd, "error": str(exc.args[0] if exc.args else exc)}
         provider = self._status_provider if cmd == "status" else self._stats_provider
         if provider is None:
             return {"v": 1, "ok": False, "cmd": cmd, "error": f"no {cmd} provider registered"}
@@ -712,7 +728,8 @@ class DecisionSubscriber:
 
 
 class ControlClient:
-    """Asks a bridge's ``control`` endpoint for status, stats or health (DEALER socket)."""
+    """Asks a bridge's ``control`` endpoint for status, stats or health, or switches a stream's
+    mode (DEALER socket)."""
 
     def __init__(self, endpoint: str, *, curve: CurveClient | None = None, context: zmq.Context | None = None):
         self._own_ctx = context is None
@@ -720,11 +737,12 @@ class ControlClient:
         self._sock = _client_socket(self._ctx, zmq.DEALER, curve)
         self._sock.connect(endpoint)
 
-    def request(self, cmd: str, timeout_ms: int = 2000) -> dict:
-        """Send ``{"v":1,"cmd":cmd}`` and return the reply map; ``TimeoutError`` if none comes."""
+    def request(self, cmd: str, timeout_ms: int = 2000, **args) -> dict:
+        """Send ``{"v":1,"cmd":cmd, **args}`` and return the reply map; ``TimeoutError`` if none
+        comes. ``request("mode", stream="main", mode="manual")`` switches a stream."""
         while self._sock.poll(0, zmq.POLLIN):  # a late reply to an earlier, timed-out request
             self._sock.recv()
-        self._sock.send(messages.encode_control(cmd))
+        self._sock.send(messages.encode_control(cmd, **args))
         if not self._sock.poll(timeout_ms, zmq.POLLIN):
             raise TimeoutError(f"no reply to {cmd!r} within {timeout_ms} ms")
         return msgpack.unpackb(self._sock.recv(), raw=False, strict_map_key=False)

@@ -11,9 +11,10 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
 - ``InferenceWorker`` runs inference in a dedicated thread, so the loop can stop waiting for it
   (the watchdog): on a timeout the cycle puts out the fail-safe values, and while the worker is
   still busy later cycles keep the fail-safe without queueing more work.
-- ``ControlCycle`` is one cycle: validate inputs, run the policy under the watchdog, clamp and
-  rate-limit outputs, bump the heartbeat. The policy has the engine's sensor interface
-  (``input_names``, ``output_names``, ``reset_slot``, ``step_sensor``).
+- ``ControlCycle`` is one cycle: validate inputs, run the policy under the watchdog, decide
+  each stream's mode (auto, manual, warm-up), clamp and rate-limit or track outputs, bump the
+  heartbeat. The policy has the engine's sensor interface (``input_names``, ``output_names``,
+  ``reset_slot``, ``step_sensor``; ``prefill`` where it has one: ``fill_history``).
 - ``LatencyHistogram``: fixed log-spaced bins, p50/p99/p99.9/max without allocation per sample.
 """
 from __future__ import annotations
@@ -32,8 +33,9 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from runtime.safety import (FAILSAFE, HOLD, OK, REASON_BUSY, REASON_ERROR, REASON_NONE, REASON_OUTPUT,
-                            REASON_TIMEOUT, InputGuard, OutputLimiter)
+from runtime.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BUSY, REASON_ERROR, REASON_HEARTBEAT,
+                            REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP, InputGuard,
+                            OutputLimiter)
 
 logger = logging.getLogger(__name__)
 
@@ -291,36 +293,102 @@ class SensorPolicy(Protocol):
     def step_sensor(self, slots: np.ndarray, features: np.ndarray) -> np.ndarray: ...
 
 
+def fill_history(policy: SensorPolicy, slot: int, frames: np.ndarray) -> None:
+    """Append ``frames`` [T, F] (float32) to ``slot``'s history: ``policy.prefill`` in one pass
+    where the policy has it (the CPU engine: bitwise what T steps give), else T single steps."""
+    if not len(frames):
+        return
+    prefill = getattr(policy, "prefill", None)
+    if prefill is not None:
+        prefill(slot, frames)
+        return
+    slots = np.array([slot], dtype=np.int64)
+    for i in range(len(frames)):
+        policy.step_sensor(slots, frames[i:i + 1])
+
+
+def fill_gaps(policy: SensorPolicy, slots: np.ndarray, feats: np.ndarray, start: np.ndarray,
+              fill: np.ndarray, history: np.ndarray) -> None:
+    """Before the frames ``feats`` [n, F] of ``slots`` are stepped: where ``start``, reset the
+    slot and fill its history with ``len(history)`` (``window - 1``) copies of its frame; else
+    append ``fill`` copies of it (a gap of missed frames). ``history`` is scratch space."""
+    if not (start.any() or fill.any()):
+        return
+    for i in np.flatnonzero(start | (fill > 0)).tolist():
+        slot = int(slots[i])
+        g = len(history) if start[i] else int(fill[i])
+        if start[i]:
+            policy.reset_slot(slot)
+        history[:g] = feats[i]
+        fill_history(policy, slot, history[:g])
+
+
 class ControlCycle:
     """One control cycle over ``capacity`` stream slots, on preallocated buffers.
 
-    The caller fills ``values`` (float64 ``[capacity, F]``, inputs in the policy's order),
-    ``stamps`` (int64 monotonic ns of each value, ``MISSING_STAMP`` if never received) and
-    ``active`` (bool ``[capacity]``), then calls ``run``. Results: ``status``/``reason`` per
-    slot, ``ran`` (the frame was handed to the policy), ``raw`` (model outputs, float64) and
-    ``out`` (the limited outputs to send). Slot ``i`` here is slot ``i`` of the policy.
+    The caller fills ``values`` (float64 ``[capacity, F]``: the policy's inputs in its order,
+    then any inputs only the cycle reads, such as tracking and mode inputs), ``stamps`` (int64
+    monotonic ns of each value, ``MISSING_STAMP`` if never received), ``active`` (bool
+    ``[capacity]``) and ``forced`` (bool: a bridge is putting out the stream's fail-safe values
+    itself), then calls ``run``. Results: ``status``/``reason`` per slot, ``mode`` (auto,
+    manual, warm-up), ``ran`` (the frame was handed to the policy), ``started`` (that frame
+    began a warm-up), ``filled`` (copies of that frame put into the history before it),
+    ``raw`` (model outputs, float64) and ``out`` (the outputs to send). Slot ``i`` here is
+    slot ``i`` of the policy.
+
+    Warm-up (``warmup_cycles`` > 0): when a stream starts, after an inference error, and at its
+    first valid frame after at least ``window - 1`` frames with invalid inputs, its history is
+    reset and filled with ``window - 1`` copies of that frame (``fill_history``) before the
+    frame is stepped, so the model always sees a full window; its outputs then track for
+    ``warmup_cycles`` frames (counting that one), while the window fills with real frames, and
+    the model drives after that. A shorter gap of ``g`` invalid frames keeps the history (it
+    still holds the stream's latest real frames) and fills the gap with ``g`` copies of the
+    first valid frame after it, so the window still spans its ``window`` periods of plant time;
+    the model drives at once, ramping back from the fail-safe values. Mode (``mode_col``, the
+    column of the mode input): below 0.5 the stream is manual and its outputs track; the model
+    still steps every frame, so a switch to auto needs no warm-up. A ``forced`` stream fails
+    safe (reason ``heartbeat``) after its frame was stepped. The watchdog's other fail-safes
+    (timeout, busy, bad output) leave the history as it is: the outputs ramp back from the
+    fail-safe values.
     """
 
     def __init__(self, policy: SensorPolicy, guard: InputGuard, limiter: OutputLimiter, *,
-                 capacity: int, worker: InferenceWorker):
-        n_in, n_out = len(policy.input_names), len(policy.output_names)
+                 capacity: int, worker: InferenceWorker, window: int = 1, warmup_cycles: int = 0,
+                 mode_col: int | None = None):
+        n_feat, n_out = len(policy.input_names), len(policy.output_names)
+        n_in = len(guard.names)
+        if n_in < n_feat:
+            raise ValueError(f"the guard checks {n_in} inputs, the policy takes {n_feat}")
         self.policy, self.guard, self.limiter, self.worker = policy, guard, limiter, worker
         self.capacity = capacity
+        self.window, self.warmup_cycles, self.mode_col = int(window), int(warmup_cycles), mode_col
         self.values = np.full((capacity, n_in), np.nan, dtype=np.float64)
         self.stamps = np.zeros((capacity, n_in), dtype=np.int64)
         self.active = np.zeros(capacity, dtype=bool)
+        self.forced = np.zeros(capacity, dtype=bool)
         self.status = np.zeros(capacity, dtype=np.int8)
         self.reason = np.zeros(capacity, dtype=np.int8)
+        self.mode = np.full(capacity, AUTO, dtype=np.int8)
         self.ran = np.zeros(capacity, dtype=bool)
+        self.started = np.zeros(capacity, dtype=bool)
+        self.filled = np.zeros(capacity, dtype=np.int64)
         self.raw = np.full((capacity, n_out), np.nan, dtype=np.float64)
         self.out = np.empty((capacity, n_out), dtype=np.float64)
         self.out[:] = limiter.failsafe
+        self.cold = np.ones(capacity, dtype=bool)        # warm up at the next valid frame
+        self.warmup_left = np.zeros(capacity, dtype=np.int64)
+        self.missed = np.zeros(capacity, dtype=np.int64)  # frames with invalid inputs since the last one stepped
+        self._tracking = np.zeros(capacity, dtype=bool)
         self._ok = np.zeros(capacity, dtype=bool)
         self._eq = np.zeros(capacity, dtype=bool)
         self._arange = np.arange(capacity, dtype=np.int64)
         self._slots = np.zeros(capacity, dtype=np.int64)
+        self._start = np.zeros(capacity, dtype=bool)     # per submitted row: begins a warm-up
+        self._fill = np.zeros(capacity, dtype=np.int64)  # per submitted row: gap frames to fill first
+        self._long = np.zeros(capacity, dtype=bool)
         self._x64 = np.zeros((capacity, n_in), dtype=np.float64)
-        self._feats = np.zeros((capacity, n_in), dtype=np.float32)
+        self._feats = np.zeros((capacity, n_feat), dtype=np.float32)
+        self._history = np.zeros((max(self.window - 1, 0), n_feat), dtype=np.float32)
         self._y = np.zeros((capacity, n_out), dtype=np.float32)
         self._finite = np.zeros((capacity, n_out), dtype=bool)
         self._n = 0
@@ -331,14 +399,21 @@ class ControlCycle:
         self.n_ran = 0                                   # frames handed to the policy, last cycle
         self.n_failsafe = 0                              # active streams in each state, last cycle
         self.n_hold = 0
-        self.counters = {"timeouts": 0, "errors": 0, "busy_cycles": 0, "bad_outputs": 0}
+        self.n_tracking = 0                              # active OK streams whose outputs tracked
+        self.counters = {"timeouts": 0, "errors": 0, "busy_cycles": 0, "bad_outputs": 0, "warmups": 0,
+                         "gaps_filled": 0}
         self.last_error: str | None = None
         self._error_run = False
 
     def reset_slot(self, slot: int) -> None:
-        """Start ``slot`` afresh: policy history (before its next inference) and output history."""
+        """Start ``slot`` afresh: policy history (before its next inference), output history,
+        and a warm-up at its next valid frame."""
         self._pending_resets.append(slot)
         self.limiter.reset(slot)
+        self.cold[slot] = True
+        self.warmup_left[slot] = 0
+        self.missed[slot] = 0
+        self.mode[slot] = AUTO
 
     def run(self, now_ns: int, infer_deadline_ns: int) -> int:
         """Run one cycle at ``now_ns``; inference must finish by ``infer_deadline_ns``.
@@ -349,8 +424,13 @@ class ControlCycle:
         status.fill(OK)
         reason.fill(REASON_NONE)
         self.ran.fill(False)
-        self.guard.check(self.values, self.stamps, active, now_ns, status, reason)
+        self.started.fill(False)
+        self.filled.fill(0)
         ok, eq = self._ok, self._eq
+        if self.guard.check(self.values, self.stamps, active, now_ns, status, reason) and self.warmup_cycles:
+            np.equal(reason, REASON_INPUT, out=eq)       # the model misses these frames
+            np.logical_and(active, eq, out=eq)
+            np.add(self.missed, 1, out=self.missed, where=eq)
         np.equal(status, OK, out=eq)
         np.logical_and(active, eq, out=ok)
         n = int(np.count_nonzero(ok))
@@ -363,7 +443,14 @@ class ControlCycle:
                 self.counters["busy_cycles"] += 1
             else:
                 infer_ns = self._infer(ok, n, infer_deadline_ns)
-        self.limiter.apply(self.raw, status, active, self.out)
+        if self.forced.any():
+            np.equal(status, FAILSAFE, out=eq)
+            np.logical_not(eq, out=eq)
+            np.logical_and(eq, self.forced, out=eq)
+            np.logical_and(eq, active, out=eq)
+            self._fail(eq, REASON_HEARTBEAT)
+        self._decide_mode()
+        self.limiter.apply(self.raw, status, active, self.out, self._tracking, self.values)
         np.equal(status, FAILSAFE, out=eq)
         np.logical_and(active, eq, out=eq)
         self.n_failsafe = int(np.count_nonzero(eq))
@@ -373,12 +460,51 @@ class ControlCycle:
         self.heartbeat = (self.heartbeat + 1) & 0xFFFF
         return infer_ns
 
+    def _decide_mode(self) -> None:
+        """Each active stream's mode this cycle, the warm-up count of the frames that ran, and
+        ``_tracking``: the OK streams whose outputs track (manual or warming up)."""
+        mode, active, warm, mask, tracking = self.mode, self.active, self.warmup_left, self._eq, self._tracking
+        np.copyto(mode, AUTO, where=active)
+        np.greater(warm, 0, out=mask)
+        np.logical_and(mask, active, out=mask)
+        np.copyto(mode, WARMUP, where=mask)
+        np.logical_and(mask, self.ran, out=mask)         # a frame the model got counts down
+        np.subtract(warm, 1, out=warm, where=mask)
+        if self.mode_col is not None:
+            np.less(self.values[:, self.mode_col], 0.5, out=mask)   # NaN: invalid, the stream is not OK
+            np.logical_and(mask, active, out=mask)
+            np.copyto(mode, MANUAL, where=mask)
+        np.not_equal(mode, AUTO, out=tracking)
+        np.logical_and(tracking, active, out=tracking)
+        np.equal(self.status, OK, out=mask)
+        np.logical_and(tracking, mask, out=tracking)
+        self.n_tracking = int(np.count_nonzero(tracking))
+
     def _infer(self, ok: np.ndarray, n: int, deadline_ns: int) -> int:
         idx = self._slots[:n]
         np.compress(ok, self._arange, out=idx)
         x64 = self._x64[:n]
         np.take(self.values, idx, axis=0, out=x64)
-        np.copyto(self._feats[:n], x64, casting="same_kind")
+        np.copyto(self._feats[:n], x64[:, :self._feats.shape[1]], casting="same_kind")
+        if self.warmup_cycles:
+            long = self._long
+            np.greater_equal(self.missed, self.window - 1, out=long)
+            np.logical_and(long, ok, out=long)
+            np.logical_or(self.cold, long, out=self.cold)
+            start, fill = self._start[:n], self._fill[:n]
+            np.take(self.cold, idx, out=start)
+            if start.any():
+                np.copyto(self.started, self.cold, where=ok)
+                np.copyto(self.warmup_left, self.warmup_cycles, where=self.started)
+                np.copyto(self.cold, False, where=self.started)
+                self.counters["warmups"] += int(np.count_nonzero(start))
+            np.take(self.missed, idx, out=fill)
+            np.copyto(fill, 0, where=start)
+            if fill.any():
+                self.filled[idx] = fill
+                self.counters["gaps_filled"] += int(np.count_nonzero(fill))
+            np.copyto(self.filled, self.window - 1, where=self.started)
+            np.copyto(self.missed, 0, where=ok)
         self._n = n
         self._resets, self._pending_resets = self._pending_resets, []
         t0 = monotonic_ns()
@@ -392,6 +518,8 @@ class ControlCycle:
             self.counters["timeouts"] += 1
         elif self.worker.error is not None:
             self._fail(ok, REASON_ERROR)
+            if self.warmup_cycles:                       # the history is unknown: warm up again
+                np.logical_or(self.cold, ok, out=self.cold)
             self.counters["errors"] += 1
             self.last_error = f"{type(self.worker.error).__name__}: {self.worker.error}"
             if not self._error_run:
@@ -425,6 +553,8 @@ class ControlCycle:
             self.policy.reset_slot(slot)
         self._resets = []
         n = self._n
+        if self.warmup_cycles:
+            fill_gaps(self.policy, self._slots[:n], self._feats[:n], self._start[:n], self._fill[:n], self._history)
         y = self.policy.step_sensor(self._slots[:n], self._feats[:n])
         if getattr(y, "shape", None) != (n, self._y.shape[1]):
             raise ValueError(f"step_sensor returned shape {getattr(y, 'shape', type(y))}, "

@@ -12,8 +12,21 @@ Per stream and cycle a status is decided:
   must reach the plant in the cycle it was decided, not ramp towards it;
 - ``HOLD``: the last output actually sent, repeated.
 
-Before the first cycle of a stream, "the last output sent" is its fail-safe value, so a
-stream ramps up from the safe state at ``max_rate``; it also ramps back from a fail-safe.
+Independently of the status, a stream has a mode: ``AUTO`` (the model drives), ``MANUAL``
+(the mode input says so) or ``WARMUP`` (its history is filling). While a stream is ``OK``
+but not ``AUTO`` its outputs *track*: each output follows its tracking input (the actuator's
+own value from the PLC, clamped to ``[min, max]``), or holds its last value when it has none.
+Tracking starts from the last output sent and moves towards the tracked value at
+``max_rate``; once it has reached it, it follows it exactly, unlimited (the plant is there
+already). The model's outputs always start from the last value sent, so both switches,
+auto to tracking and back, are bumpless.
+
+"The last output sent" before a stream's first cycle is the value of the output's tracking
+input in that cycle where it has one (the actuator's position: the plant keeps what it has),
+else its fail-safe value, from which the stream ramps up at ``max_rate``. After a cycle that
+put out the fail-safe values, every output moves back at ``max_rate``, whether the model
+drives it or it tracks, unless its limit says ``jump`` (``[[outputs]] on_recover = "jump"``):
+then the first cycle after the fail-safe goes straight to the model's (or tracked) value.
 """
 from __future__ import annotations
 
@@ -25,9 +38,15 @@ import numpy as np
 OK, FAILSAFE, HOLD = 0, 1, 2
 STATUS_NAMES = ("ok", "failsafe", "hold")
 
-# Why a stream did not get the model's output this cycle.
-REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT = range(6)
-REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output")
+# Who drives a stream's outputs; the codes are the mode input's values (0 manual, 1 auto).
+MANUAL, AUTO, WARMUP = 0, 1, 2
+MODE_NAMES = ("manual", "auto", "warmup")
+
+# Why a stream did not get the model's output this cycle. ``heartbeat``: a bridge serving the
+# stream was putting out the fail-safe values itself (the PLC's heartbeat had stopped).
+(REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT,
+ REASON_HEARTBEAT) = range(7)
+REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output", "heartbeat")
 
 # Why an input value is invalid (codes in ``InputGuard.codes``; 0 = valid).
 INVALID_NAMES = ("", "nan", "inf", "range", "stale", "missing")
@@ -35,6 +54,8 @@ _NAN, _INF, _RANGE, _STALE, _MISSING = 1, 2, 3, 4, 5
 
 #: Timestamp of an input that has never been received.
 MISSING_STAMP = np.iinfo(np.int64).min
+#: ``InputLimit.stale_ns`` of an input that never goes stale (a switch holding its value).
+NEVER_STALE_NS = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -50,13 +71,15 @@ class InputLimit:
 
 @dataclass(frozen=True)
 class OutputLimit:
-    """Limits of one output signal: range, maximum rate (units/s, inf = none), fail-safe value."""
+    """Limits of one output signal: range, maximum rate (units/s, inf = none), fail-safe value,
+    and ``jump``: the first cycle after a fail-safe is not rate-limited (else it ramps back)."""
 
     name: str
     min: float
     max: float
     max_rate: float
     failsafe: float
+    jump: bool = False
 
 
 class InputGuard:
@@ -150,47 +173,110 @@ class InputGuard:
 
 
 class OutputLimiter:
-    """Clamps and rate-limits outputs, and puts out fail-safe or held values, per stream slot.
+    """Clamps and rate-limits outputs, puts out fail-safe or held values, and tracks, per slot.
 
-    ``last`` ``[capacity, O]`` is the last output actually sent per slot (the fail-safe values
-    before a slot's first cycle). The rate limit per cycle is ``max_rate * period_s``.
+    ``last`` ``[capacity, O]`` is the last output actually sent per slot (see the module
+    docstring for its value before a slot's first cycle). The rate limit per cycle is
+    ``max_rate * period_s``. ``track[j]`` is the input column output ``j`` follows while
+    tracking (-1: none, it holds). ``caught[s, j]``: output ``j`` of slot ``s`` tracked its
+    input last cycle and had reached it (so it follows exactly, not rate-limited).
     """
 
-    def __init__(self, limits: Sequence[OutputLimit], capacity: int, period_s: float):
+    def __init__(self, limits: Sequence[OutputLimit], capacity: int, period_s: float,
+                 track: Sequence[int] | None = None):
         self.names = [lim.name for lim in limits]
+        self.track = np.array(track if track is not None else [-1] * len(limits), dtype=np.int64)
+        if self.track.shape != (len(limits),):
+            raise ValueError(f"track needs one input column (or -1) per output, got {list(self.track)}")
+        self._has_track = self.track >= 0
+        self._no_track = ~self._has_track
+        self._track_src = np.where(self._has_track, self.track, 0)
         self.lo = np.array([lim.min for lim in limits], dtype=np.float64)
         self.hi = np.array([lim.max for lim in limits], dtype=np.float64)
         rate = np.array([lim.max_rate for lim in limits], dtype=np.float64)
         self.step = rate * float(period_s)                     # inf where there is no rate limit
         self.failsafe = np.clip(np.array([lim.failsafe for lim in limits], dtype=np.float64),
                                 self.lo, self.hi)
+        self._jump = np.array([lim.jump for lim in limits], dtype=bool)[None, :]
         self.last = np.empty((capacity, len(limits)), dtype=np.float64)
         self.last[:] = self.failsafe
+        self.fresh = np.ones(capacity, dtype=bool)             # nothing sent since the slot's reset
+        self.after_failsafe = np.zeros(capacity, dtype=bool)   # the last cycle put out the fail-safe
+        self.caught = np.zeros((capacity, len(limits)), dtype=bool)
         self._lo_r = np.empty_like(self.last)
         self._hi_r = np.empty_like(self.last)
         self._cand = np.empty_like(self.last)
+        self._trk = np.empty_like(self.last)
+        self._target = np.empty_like(self.last)
+        self._free = np.zeros_like(self.caught)
         self._sel = np.zeros((capacity, 1), dtype=bool)
         self._eq = np.zeros(capacity, dtype=bool)
+        self._ok = np.zeros(capacity, dtype=bool)
+        self._trk_sel = np.zeros((capacity, 1), dtype=bool)
 
     def reset(self, slot: int) -> None:
-        """Forget a slot's history: its last output becomes the fail-safe value."""
+        """Forget a slot's history: nothing has been sent (its last output is the fail-safe value,
+        or its tracked value at its next cycle)."""
         self.last[slot] = self.failsafe
+        self.fresh[slot] = True
+        self.after_failsafe[slot] = False
+        self.caught[slot] = False
 
-    def apply(self, raw: np.ndarray, status: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
+    def apply(self, raw: np.ndarray, status: np.ndarray, active: np.ndarray, out: np.ndarray,
+              tracking: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
         """Write the outputs of the active slots into ``out`` and remember them as sent.
 
-        ``raw`` holds the model's outputs (read only where ``status == OK``).
+        ``raw`` holds the model's outputs (read only where ``status == OK``). ``tracking``
+        (bool ``[capacity]``) marks the slots whose outputs track this cycle (read only where
+        ``status == OK``), following their tracking inputs in ``values`` ``[capacity, F]``
+        (also read, where ``status == OK``, in a slot's first cycle: where its outputs start).
         """
-        cand, lo_r, hi_r, sel, eq = self._cand, self._lo_r, self._hi_r, self._sel, self._eq
-        np.clip(raw, self.lo, self.hi, out=cand)
+        cand, lo_r, hi_r, sel, eq, ok = self._cand, self._lo_r, self._hi_r, self._sel, self._eq, self._ok
+        np.equal(status, OK, out=ok)
+        np.logical_and(ok, active, out=ok)
+        has_values = values is not None and self._has_track.any()
+        if has_values:
+            trk = self._trk
+            np.take(values, self._track_src, axis=1, out=trk)
+            np.copyto(trk, self.last, where=self._no_track)
+            np.clip(trk, self.lo, self.hi, out=trk)
+            np.logical_and(ok, self.fresh, out=sel[:, 0])       # a first cycle starts where the plant is
+            np.logical_and(sel, self._has_track, out=self._free)
+            np.copyto(self.last, trk, where=self._free)
         np.subtract(self.last, self.step, out=lo_r)
         np.add(self.last, self.step, out=hi_r)
+        if self.after_failsafe.any() and self._jump.any():
+            free = self._free
+            np.logical_and(self.after_failsafe[:, None], self._jump, out=free)
+            np.copyto(lo_r, -np.inf, where=free)
+            np.copyto(hi_r, np.inf, where=free)
+        np.clip(raw, self.lo, self.hi, out=cand)
         np.maximum(cand, lo_r, out=cand)
         np.minimum(cand, hi_r, out=cand)
         for code, value in ((OK, cand), (HOLD, self.last), (FAILSAFE, self.failsafe)):
             np.equal(status, code, out=eq)
             np.logical_and(active, eq, out=sel[:, 0])
             np.copyto(out, value, where=sel)
+        trk_sel = self._trk_sel
+        trk_sel[:, 0] = False
+        if tracking is not None and tracking.any():
+            if not has_values:
+                trk = self._trk
+                np.copyto(trk, self.last)
+            target = self._target
+            np.copyto(target, trk)
+            np.maximum(trk, lo_r, out=trk)                      # ramp towards the tracked value ...
+            np.minimum(trk, hi_r, out=trk)
+            np.copyto(trk, target, where=self.caught)          # ... or follow it once reached
+            np.logical_and(ok, tracking, out=trk_sel[:, 0])
+            np.copyto(out, trk, where=trk_sel)
+            np.equal(trk, target, out=self._free)
+            np.logical_and(self._free, trk_sel, out=self.caught)
+        else:
+            self.caught.fill(False)
+        np.equal(status, FAILSAFE, out=eq)
+        np.logical_and(active, eq, out=eq)
+        np.copyto(self.after_failsafe, eq, where=active)
+        np.copyto(self.fresh, False, where=active)
         sel[:, 0] = active
         np.copyto(self.last, out, where=sel)
-

@@ -43,9 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.inputs:
         reader = RecordingReader(args.inputs)
         next(iter(reader), None)
-        recorded = (reader.header or {}).get("inputs")
-        if recorded is None:
+        header = reader.header or {}
+        if header.get("inputs") is None:
             raise ValueError(f"{args.inputs}: not a flight recording (no header record)")
+        recorded = header["inputs"] + header.get("aux_inputs", [])     # the model's, then tracking/mode
         missing = [i.name for i in config.inputs if i.name not in recorded]
         if missing:
             raise ConfigError(f"{args.config}: inputs {', '.join(map(repr, missing))}: not in the recording "

@@ -14,10 +14,20 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU,
   ``threads = 1`` (compute threads of an engine step: 1 keeps it in the watchdog's thread),
   ``max_failsafe_fraction = 0.5`` (a run whose cycles failed safe more often than this is
-  reported as failed: ``r1edge run`` exits 1);
-- ``[[inputs]]`` ``stale_ms`` = max(200, 3 periods), ``on_invalid = "failsafe"``;
+  reported as failed: ``r1edge run`` exits 1), ``warmup_cycles = 0`` (cycles a stream's outputs
+  track, or hold, while its history fills, at start and after ``window - 1`` or more frames
+  with invalid inputs; shorter gaps are filled; 0: the model drives from the first valid frame
+  and gaps are not filled, see ``runtime.loop.ControlCycle``);
+- ``[[inputs]]`` ``stale_ms`` = max(200, 3 periods) (the ``[mode]`` input: never stale, it is a
+  switch that holds its last value), ``on_invalid = "failsafe"``;
 - ``[[outputs]]`` no rate limit unless ``max_rate`` is given; ``on_stop = "failsafe"`` (what
   the bridges get when the controller stops: the fail-safe value, or ``"hold"`` the last one);
+  no ``track`` (an input the output follows while it tracks: warm-up and manual; without one
+  a tracking output holds its last value); ``on_recover = "ramp"`` (after a fail-safe the
+  output moves back at ``max_rate``; ``"jump"``: straight to the model's or tracked value);
+- ``[mode]`` (optional) ``input``: the input that switches every stream between manual (0:
+  outputs track) and auto (1: the model drives); without ``[mode]`` streams are always auto.
+  A track or mode input need not be one of the model's inputs.
 - ``[recorder]`` (optional) ``path`` (a directory), ``max_bytes = 64 MiB`` per segment,
   ``keep = 16`` segments, ``enabled = true``;
 - ``[shadow]`` (optional) ``path``: a candidate package run on the same inputs every cycle,
@@ -33,7 +43,8 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
 
 ``[modbus]``, ``[zmq]`` and ``[opcua]`` are validated here by the bridges' own parsers (their optional
 keys are documented in ``plc_bridge``) and handed to the bridges as plain dicts; a register
-map may also publish ``_heartbeat``, the counter the controller bumps every cycle. When a
+map may also publish ``_heartbeat``, the counter the controller bumps every cycle, and
+``_mode``, the stream's mode (0 manual, 1 auto, 2 warm-up). When a
 bridge is configured, every declared input must have a source: a ``[[modbus.map]]`` entry of
 that signal, or ``[zmq]`` (whose frames may carry any signal); otherwise the load fails
 naming the inputs (``check_sources=False`` skips this when the inputs come from elsewhere,
@@ -47,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.safety import InputLimit, OutputLimit
+from runtime.safety import NEVER_STALE_NS, InputLimit, OutputLimit
 
 try:
     import tomllib
@@ -58,6 +69,9 @@ _REQUIRED = object()
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 #: The output counter bumped every cycle, published to the bridges next to the outputs.
 HEARTBEAT = "_heartbeat"
+#: The stream's mode, published next to the outputs: 0 manual, 1 auto, 2 warm-up
+#: (``runtime.safety.MODE_NAMES``); 0 in a bridge's own fail-safe.
+MODE = "_mode"
 
 
 class ConfigError(ValueError):
@@ -187,6 +201,7 @@ class LoopSection:
     cpu: int | None = None
     threads: int = 1
     max_failsafe_fraction: float = 0.5
+    warmup_cycles: int = 0
 
     @property
     def period_ns(self) -> int:
@@ -206,9 +221,9 @@ class InputSpec:
     unit: str | None = None
 
     def limit(self) -> InputLimit:
-        """The runtime's form of this spec."""
-        return InputLimit(self.name, self.min, self.max, int(round(self.stale_ms * 1e6)),
-                          hold=self.on_invalid == "hold")
+        """The runtime's form of this spec (``stale_ms`` inf: never stale)."""
+        stale_ns = NEVER_STALE_NS if math.isinf(self.stale_ms) else int(round(self.stale_ms * 1e6))
+        return InputLimit(self.name, self.min, self.max, stale_ns, hold=self.on_invalid == "hold")
 
 
 @dataclass
@@ -222,11 +237,14 @@ class OutputSpec:
     max_rate: float | None = None
     on_stop: str = "failsafe"
     unit: str | None = None
+    track: str | None = None
+    on_recover: str = "ramp"
 
     def limit(self) -> OutputLimit:
         """The runtime's form of this spec."""
         return OutputLimit(self.name, self.min, self.max,
-                           math.inf if self.max_rate is None else self.max_rate, self.failsafe)
+                           math.inf if self.max_rate is None else self.max_rate, self.failsafe,
+                           jump=self.on_recover == "jump")
 
 
 @dataclass
@@ -288,6 +306,13 @@ class AdvisorSection:
 
 
 @dataclass
+class ModeSection:
+    """``[mode]``: the input that switches streams between manual (0) and auto (1)."""
+
+    input: str
+
+
+@dataclass
 class MetricsSection:
     """``[metrics]``: where the Prometheus endpoint listens."""
 
@@ -311,6 +336,7 @@ class DeployConfig:
     zmq: dict | None = None
     opcua: dict | None = None
     metrics: MetricsSection | None = None
+    mode: ModeSection | None = None
     base_dir: Path = Path(".")
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -366,12 +392,19 @@ class DeployConfig:
                            realtime=t.bool("realtime", False),
                            spin_us=t.num("spin_us", 200.0), priority=t.int("priority", 80, lo=1, hi=99),
                            cpu=t.int("cpu", None, lo=0), threads=t.int("threads", 1, lo=1, hi=1024),
-                           max_failsafe_fraction=t.num("max_failsafe_fraction", 0.5))
+                           max_failsafe_fraction=t.num("max_failsafe_fraction", 0.5),
+                           warmup_cycles=t.int("warmup_cycles", 0, lo=0, hi=1_000_000))
         if loop.spin_us < 0:
             t.fail(f"must not be negative, got {loop.spin_us}", "spin_us")
         if not 0.0 <= loop.max_failsafe_fraction <= 1.0:
             t.fail(f"must lie in [0, 1], got {loop.max_failsafe_fraction}", "max_failsafe_fraction")
         t.done()
+
+        t = top.sub("mode")
+        mode = None
+        if t is not None:
+            mode = ModeSection(input=t.str("input"))
+            t.done()
 
         names: dict[str, str] = {}
         inputs = []
@@ -380,12 +413,17 @@ class DeployConfig:
             lo, hi = t.num("min"), t.num("max")
             if not lo < hi:
                 t.fail(f"min ({lo}) must be below max ({hi})")
-            stale = t.num("stale_ms", max(200.0, 3 * period), positive=True)
+            never = mode is not None and name == mode.input
+            stale = t.num("stale_ms", math.inf if never else max(200.0, 3 * period), positive=True)
             inputs.append(InputSpec(name, lo, hi, stale, t.str("on_invalid", "failsafe", ("failsafe", "hold")),
                                     t.str("unit", None)))
             t.done()
         if not inputs:
             top.fail("at least one [[inputs]] entry is required")
+        in_names = [i.name for i in inputs]
+        if mode is not None and mode.input not in in_names:
+            raise ConfigError(f"{file}: mode.input {mode.input!r} is not a declared input "
+                              f"(inputs: {', '.join(in_names)})")
         outputs = []
         for t in top.array("outputs"):
             name = _name(t, names)
@@ -395,8 +433,14 @@ class DeployConfig:
             fs = t.num("failsafe")
             if not lo <= fs <= hi:
                 t.fail(f"failsafe ({fs}) must lie within [min, max] = [{lo}, {hi}]")
+            track = t.str("track", None)
+            if track is not None and track not in in_names:
+                t.fail(f"{track!r} is not a declared input (inputs: {', '.join(in_names)})", "track")
+            if track is not None and mode is not None and track == mode.input:
+                t.fail(f"{track!r} is the [mode] input; track an actuator's value", "track")
             outputs.append(OutputSpec(name, lo, hi, fs, t.num("max_rate", None, positive=True),
-                                      t.str("on_stop", "failsafe", ("failsafe", "hold")), t.str("unit", None)))
+                                      t.str("on_stop", "failsafe", ("failsafe", "hold")), t.str("unit", None),
+                                      track, t.str("on_recover", "ramp", ("ramp", "jump"))))
             t.done()
         if not outputs:
             top.fail("at least one [[outputs]] entry is required")
@@ -430,8 +474,8 @@ class DeployConfig:
         modbus, zmq, opcua = _bridge_tables(top, base, inputs, outputs, advisor)
         top.done()
         config = cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
-                     recorder=recorder, shadow=shadow, advisor=advisor, modbus=modbus, zmq=zmq, opcua=opcua, metrics=metrics,
-                     base_dir=base, raw=raw)
+                     recorder=recorder, shadow=shadow, advisor=advisor, modbus=modbus, zmq=zmq, opcua=opcua,
+                     metrics=metrics, mode=mode, base_dir=base, raw=raw)
         if check_sources and (modbus is not None or zmq is not None or opcua is not None):
             missing = config.unsourced_inputs()
             if missing:
@@ -639,5 +683,6 @@ def opcua_signals(inputs: list[InputSpec], outputs: list[OutputSpec],
 
 def bridge_outputs(outputs: list[OutputSpec]) -> dict[str, float]:
     """``{output name: fail-safe value}`` as the bridges take it, with the heartbeat counter
-    ``_heartbeat`` (fail-safe 0) that a register map may publish like any output."""
-    return {**{o.name: o.failsafe for o in outputs}, HEARTBEAT: 0.0}
+    ``_heartbeat`` and the mode ``_mode`` (both fail-safe 0) that a register map may publish
+    like any output."""
+    return {**{o.name: o.failsafe for o in outputs}, HEARTBEAT: 0.0, MODE: 0.0}

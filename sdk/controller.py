@@ -41,6 +41,16 @@ With ``[advisor]`` a language model in its own process reads the advised stream'
 and proposes setpoints and/or a diagnosis (``sdk.advisor``); advice reaches the model only
 through the PLC's switch, the inputs' ranges and the advisor's rate limits, and the model's
 outputs through the outputs' limits as always.
+
+Bumpless start and transfer (``runtime.loop.ControlCycle``): with ``[loop] warmup_cycles`` a
+stream's history is filled from its first valid frame and its outputs track their ``track``
+inputs for that many cycles, at start and after a window-long gap of invalid inputs (a
+shorter gap is filled with copies of the frame after it); with ``[mode]
+input`` a stream is manual (outputs track) while that input is 0. ``set_mode()`` (also the
+ZeroMQ control command "mode") writes the mode input as one more source of it. A bridge that
+puts out fail-safe values itself (``plc_bridge.bridge.FailsafeSource``: the Modbus bridge
+after a PLC heartbeat loss) fails its streams safe in the controller too (reason
+``heartbeat``), so the outputs ramp back from what the plant actually got.
 """
 from __future__ import annotations
 
@@ -56,13 +66,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from plc_bridge.bridge import Bridge, Reporter
+from plc_bridge.bridge import Bridge, FailsafeSource, ModeSwitch, Reporter
 from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
-                          monotonic_ns, set_compute_threads)
+                          fill_gaps, fill_history, monotonic_ns, set_compute_threads)
 from runtime.recorder import RecordingReader, FlightRecorder
-from runtime.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, OK, REASON_ERROR, REASON_NAMES, REASON_NONE,
-                            REASON_OUTPUT, REASON_INPUT, STATUS_NAMES, InputGuard, OutputLimit, OutputLimiter)
-from sdk.config import HEARTBEAT, ConfigError, DeployConfig, opcua_signals
+from runtime.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE_NAMES, OK, REASON_ERROR, REASON_HEARTBEAT,
+                            REASON_INPUT, REASON_NAMES, REASON_NONE, REASON_OUTPUT, STATUS_NAMES, InputGuard,
+                            OutputLimit, OutputLimiter)
+from sdk.config import HEARTBEAT, MODE, ConfigError, DeployConfig, bridge_outputs, opcua_signals
 from sdk.metrics import MetricsServer, SnapshotExchange, take_snapshot
 
 logger = logging.getLogger(__name__)
@@ -243,32 +254,47 @@ class Controller:
         if getattr(engine, "capacity", capacity) < capacity:
             raise ConfigError(f"{cfg.source}: model.streams ({capacity}) exceeds the engine's "
                               f"capacity ({engine.capacity})")
-        self.input_names, self.output_names = list(engine.input_names), list(engine.output_names)
-        _match(cfg.source, "inputs", [i.name for i in cfg.inputs], self.input_names)
+        self.model_inputs, self.output_names = list(engine.input_names), list(engine.output_names)
+        # Inputs only the controller reads (tracking and mode inputs) follow the model's.
+        own = {o.track for o in cfg.outputs if o.track} | ({cfg.mode.input} if cfg.mode else set())
+        self.aux_inputs = [i.name for i in cfg.inputs if i.name in own and i.name not in self.model_inputs]
+        _match(cfg.source, "inputs", [i.name for i in cfg.inputs if i.name not in self.aux_inputs],
+               self.model_inputs)
         _match(cfg.source, "outputs", [o.name for o in cfg.outputs], self.output_names)
+        #: Every input: the model's, in its order, then ``aux_inputs`` (the columns of ``cycle.values``).
+        self.input_names = self.model_inputs + self.aux_inputs
         ins = {i.name: i for i in cfg.inputs}
         outs = {o.name: o for o in cfg.outputs}
+        self._in_index = {n: j for j, n in enumerate(self.input_names)}
         self.period_s = cfg.loop.period_ms / 1e3
         self._budget_ns = int(cfg.loop.infer_budget_ms * 1e6)
         self._deadline_ns = int(cfg.loop.deadline_ms * 1e6)
         guard = InputGuard([ins[n].limit() for n in self.input_names], capacity)
         self.output_limits = [outs[n].limit() for n in self.output_names]
-        limiter = OutputLimiter(self.output_limits, capacity, self.period_s)
+        self.track = [outs[n].track for n in self.output_names]
+        limiter = OutputLimiter(self.output_limits, capacity, self.period_s,
+                                [self._in_index[t] if t else -1 for t in self.track])
         self._hold_on_stop = np.array([outs[n].on_stop == "hold" for n in self.output_names])
         self.worker = InferenceWorker()
         self.compute_threads = self.worker.run_sync(lambda: set_compute_threads(cfg.loop.threads))
-        self.cycle = ControlCycle(engine, guard, limiter, capacity=capacity, worker=self.worker)
+        self.window = int(getattr(engine, "window", cfg.model.window))
+        self.cycle = ControlCycle(engine, guard, limiter, capacity=capacity, worker=self.worker, window=self.window,
+                                  warmup_cycles=cfg.loop.warmup_cycles,
+                                  mode_col=self._in_index[cfg.mode.input] if cfg.mode else None)
+        self._mode_commands: dict[str, tuple[float, int]] = {}
+        self._mode_lock = threading.Lock()
+        self._failsafe_seen: dict[tuple[int, str], int] = {}
         self.shadow: Shadow | None = None
         self.advisor = None
         self.loop = PeriodicLoop(cfg.loop.period_ns, self._deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
-        self._in_index = {n: j for j, n in enumerate(self.input_names)}
         self._in_keys = self._in_index.keys()
         self.slots: dict[str, int] = {}
         self._slot_names: list[str | None] = [None] * capacity
         self._active: list[int] = []                      # slots active this cycle, in input order
         self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "record", "latency")}
         self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
-                         "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "valid_input_cycles": 0,
+                         "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "tracking_cycles": 0,
+                         "tracking_stream_cycles": 0, "valid_input_cycles": 0,
                          "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
                          "sink_errors": 0, "record_errors": 0}
         self.failsafe_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
@@ -291,9 +317,9 @@ class Controller:
             if cfg.shadow is not None:
                 shadow_engine = _build_logged(cfg.shadow.path, cfg, capacity, "shadow ")
                 theirs = (list(shadow_engine.input_names), list(shadow_engine.output_names))
-                if theirs != (self.input_names, self.output_names):
+                if theirs != (self.model_inputs, self.output_names):
                     raise ConfigError(f"{cfg.source}: shadow.path: {cfg.shadow.path} maps {theirs[0]} -> {theirs[1]}, "
-                                      f"the live package {self.input_names} -> {self.output_names}; a shadow "
+                                      f"the live package {self.model_inputs} -> {self.output_names}; a shadow "
                                       "needs the same signals in the same order")
                 self.shadow = Shadow(shadow_engine, cfg.shadow.path, self.output_limits, capacity, cfg.loop.threads)
                 self._warm_up(shadow_engine, self.shadow.worker, "shadow ")
@@ -329,13 +355,15 @@ class Controller:
 
     def _warm_up(self, engine, worker: InferenceWorker, what: str, steps: int = 3) -> None:
         """The first engine steps, in the thread that will run them (its thread pool starts,
-        caches and pages warm up), at full batch and at one stream; then every slot is reset,
-        so no stream ever sees them."""
+        caches and pages warm up), at full batch and at one stream, and a history fill where
+        streams warm up; then every slot is reset, so no stream ever sees them."""
         cap = self.cycle.capacity
         slots = np.arange(cap, dtype=np.int64)
-        feats = np.zeros((cap, len(self.input_names)), dtype=np.float32)
+        feats = np.zeros((cap, len(self.model_inputs)), dtype=np.float32)
+        history = np.zeros((self.window - 1 if self.config.loop.warmup_cycles else 0, feats.shape[1]), np.float32)
 
         def job() -> int:
+            fill_history(engine, 0, history)
             t0 = monotonic_ns()
             for n in (cap, 1):
                 for _ in range(steps):
@@ -375,6 +403,7 @@ class Controller:
                     raise ValueError(f"stream {stream!r}: all {len(self._slot_names)} stream slots are in use "
                                      "(raise [model] streams)")
                 self._fill(slot, values, t0)
+            self._merge_mode_commands()
             t1 = monotonic_ns()
             self._advise_before(self.counters["cycles"], t1)
             infer_ns = self.cycle.run(t1, t0 + self._budget_ns)
@@ -418,14 +447,46 @@ class Controller:
         return record
 
     def status(self, stream: str = "main") -> dict:
-        """The last cycle's ``status`` (ok/failsafe/hold), ``reason`` and invalid inputs of a stream."""
+        """The last cycle's ``status`` (ok/failsafe/hold), ``reason``, invalid inputs and
+        ``mode`` (auto, manual, warmup) of a stream."""
         slot = self.slots.get(stream)
         if slot is None:
             raise KeyError(f"unknown stream {stream!r}")
         reason = int(self.cycle.reason[slot])
         return {"status": STATUS_NAMES[int(self.cycle.status[slot])], "reason": REASON_NAMES[reason],
                 "invalid": self.cycle.guard.invalid_inputs(slot) if reason == REASON_INPUT else {},
-                "heartbeat": self.cycle.heartbeat}
+                "mode": MODE_NAMES[int(self.cycle.mode[slot])], "heartbeat": self.cycle.heartbeat}
+
+    def set_mode(self, stream: str, mode: str) -> dict:
+        """Switch ``stream`` to ``"manual"`` (its outputs track) or ``"auto"`` (the model drives),
+        as if its ``[mode]`` input had just been written with 0 or 1: from any thread, applied
+        at the next cycle, both ways bumpless. Where a bridge also gives the mode input, the
+        newer value wins (a Modbus client's poll counts as new every time). Raises
+        ``ValueError`` without ``[mode]`` or for another mode, ``KeyError`` for a stream that
+        has not been seen."""
+        if self.config.mode is None:
+            raise ValueError(f"{self.config.source}: no [mode] input configured; add [mode] input = \"...\"")
+        if mode not in ("manual", "auto"):
+            raise ValueError(f"mode must be 'manual' or 'auto', got {mode!r}")
+        if stream not in self.slots:
+            raise KeyError(f"unknown stream {stream!r} (streams: {', '.join(self.slots) or 'none yet'})")
+        with self._mode_lock:
+            self._mode_commands[stream] = (1.0 if mode == "auto" else 0.0, monotonic_ns())
+        logger.info("stream %r: %s requested", stream, mode)
+        return {"stream": stream, "mode": mode}
+
+    def _merge_mode_commands(self) -> None:
+        """``set_mode`` requests into this cycle's inputs, where newer than the mode input's value."""
+        if not self._mode_commands:
+            return
+        col, cycle = self.cycle.mode_col, self.cycle
+        with self._mode_lock:
+            commands = tuple(self._mode_commands.items())
+        for stream, (value, stamp) in commands:
+            slot = self.slots.get(stream)
+            if slot is not None and cycle.active[slot] and stamp > cycle.stamps[slot, col]:
+                cycle.values[slot, col] = value
+                cycle.stamps[slot, col] = stamp
 
     @property
     def heartbeat(self) -> int:
@@ -567,12 +628,29 @@ class Controller:
                 slot = self._slot(stream)
                 if slot is not None:
                     self._fill(slot, values, now)
-            return
-        for bridge in self.bridges:
-            for stream in bridge.input_streams():
-                slot = self._slot(stream)
-                if slot is not None:
-                    self._fill_stamped(slot, bridge.snapshot(stream))
+        else:
+            for bridge in self.bridges:
+                for stream in bridge.input_streams():
+                    slot = self._slot(stream)
+                    if slot is not None:
+                        self._fill_stamped(slot, bridge.snapshot(stream))
+        self._merge_mode_commands()
+        for i, bridge in enumerate(self.bridges):
+            if isinstance(bridge, FailsafeSource):
+                self._check_failsafe(i, bridge)
+
+    def _check_failsafe(self, i: int, bridge: FailsafeSource) -> None:
+        """Fail a stream safe while a bridge serving it puts out its fail-safe values itself, and
+        for one cycle after it did so since the last check (the plant got them meanwhile)."""
+        forced, seen = self.cycle.forced, self._failsafe_seen
+        for slot in self._active:
+            stream = self._slot_names[slot]
+            if not bridge.serves(stream):
+                continue
+            overriding, entries = bridge.failsafe_state(stream)
+            if overriding or entries != seen.get((i, stream), 0):
+                forced[slot] = True
+            seen[i, stream] = entries
 
     def _write(self, seq: int, tick_ns: int, latency_us: float) -> None:
         cycle, names, hb = self.cycle, self.output_names, float(self.cycle.heartbeat)
@@ -587,7 +665,7 @@ class Controller:
                     self._error("sink_errors", exc)
             if not self.bridges:
                 continue
-            outputs = {**outputs, HEARTBEAT: hb}
+            outputs = {**outputs, HEARTBEAT: hb, MODE: float(cycle.mode[slot])}
             if self.advisor is not None and slot == self.advisor.slot:
                 outputs.update(self.advisor.published())
             for bridge in self.bridges:
@@ -678,6 +756,7 @@ class Controller:
 
     def _clear_active(self) -> None:
         self.cycle.active.fill(False)
+        self.cycle.forced.fill(False)
         self._active.clear()
         if self.advisor is not None:
             self.advisor.clear_enable()
@@ -719,6 +798,9 @@ class Controller:
         if n_hold:
             c["held_cycles"] += 1
             c["held_stream_cycles"] += n_hold
+        if cycle.n_tracking:
+            c["tracking_cycles"] += 1
+            c["tracking_stream_cycles"] += cycle.n_tracking
         if n_fs or n_hold:
             self._count_failures()
 
@@ -746,10 +828,11 @@ class Controller:
     def _header(self) -> dict:
         cfg = self.config
         return {"package": package_identity(cfg.model.path), "config": cfg.to_dict(),
-                "inputs": self.input_names, "outputs": self.output_names,
+                "inputs": self.model_inputs, "outputs": self.output_names,
                 "capacity": len(self._slot_names), "window": int(getattr(self.engine, "window", cfg.model.window)),
                 "period_ns": cfg.loop.period_ns,
-                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe] for o in self.output_limits],
+                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe, o.jump] for o in self.output_limits],
+                "aux_inputs": self.aux_inputs, "track": self.track, "warmup_cycles": cfg.loop.warmup_cycles,
                 "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path),
                 "parallel": None if self.ranks is None else {
                     "world_size": self.engine.world_size, "backend": cfg.model.parallel.backend,
@@ -769,8 +852,13 @@ class Controller:
             ran = bool(c.ran[slot])
             entry = {"s": self._slot_names[slot], "slot": slot, "x": c.values[slot].tolist(),
                      "st": STATUS_NAMES[int(c.status[slot])], "why": REASON_NAMES[reason], "ran": ran,
-                     "y": c.raw[slot].tolist() if ran and reason in (REASON_NONE, REASON_OUTPUT) else None,
-                     "out": c.out[slot].tolist()}
+                     "y": c.raw[slot].tolist() if ran and reason in (REASON_NONE, REASON_OUTPUT, REASON_HEARTBEAT)
+                     else None,
+                     "out": c.out[slot].tolist(), "mode": MODE_NAMES[int(c.mode[slot])]}
+            if c.started[slot]:
+                entry["pre"] = True                       # history reset and filled from this frame
+            elif c.filled[slot]:
+                entry["fill"] = int(c.filled[slot])       # copies of this frame filled a gap first
             if reason == REASON_INPUT:
                 entry["bad"] = c.guard.invalid_inputs(slot)
             elif reason == REASON_ERROR:
@@ -919,6 +1007,8 @@ class Controller:
             if isinstance(bridge, Reporter):
                 bridge.set_stats_provider(self.stats)
                 bridge.set_status_provider(self._status_all)
+            if isinstance(bridge, ModeSwitch):
+                bridge.set_mode_handler(self.set_mode)
 
     def _status_all(self) -> dict:
         return {"running": self._running, "cycles": self.counters["cycles"], "heartbeat": self.cycle.heartbeat,
@@ -955,6 +1045,9 @@ class Shadow:
         self._feats = np.zeros((capacity, n_in), dtype=np.float32)
         self._live = np.zeros((capacity, n_out), dtype=np.float64)
         self._compare = np.zeros(capacity, dtype=bool)
+        self._start = np.zeros(capacity, dtype=bool)
+        self._fill = np.zeros(capacity, dtype=np.int64)
+        self._history = np.zeros((max(int(getattr(engine, "window", 1)) - 1, 0), n_in), dtype=np.float32)
         self._y = np.zeros((capacity, n_out), dtype=np.float64)
         self._n = 0
         self._seq = -1
@@ -991,6 +1084,9 @@ class Shadow:
         np.take(cycle.reason, slots, out=self._reason[:n])
         np.equal(self._reason[:n], REASON_NONE, out=self._compare[:n])
         np.take(cycle.raw, slots, axis=0, out=self._live[:n])
+        np.take(cycle.started, slots, out=self._start[:n])
+        np.take(cycle.filled, slots, out=self._fill[:n])
+        np.copyto(self._fill[:n], 0, where=self._start[:n])
         self._n, self._seq = n, seq
         self._resets, self._pending_resets = self._pending_resets, []
         self.worker.submit(self._job)
@@ -1000,6 +1096,8 @@ class Shadow:
             self.engine.reset_slot(slot)
         n = self._n
         t0 = monotonic_ns()
+        # the live stream's warm-ups and filled gaps, from the same frames
+        fill_gaps(self.engine, self._slots[:n], self._feats[:n], self._start[:n], self._fill[:n], self._history)
         y = self.engine.step_sensor(self._slots[:n], self._feats[:n])
         self._step_ns = monotonic_ns() - t0
         np.copyto(self._y[:n], y)
@@ -1148,7 +1246,7 @@ def recorded_inputs(path: str | Path) -> Iterator[dict[str, dict[str, float]]]:
     names: list[str] = []
     for rec in reader:
         if rec.get("type") == "header":
-            names = rec["inputs"]
+            names = rec["inputs"] + rec.get("aux_inputs", [])
             continue
         if rec.get("type") != "cycle":
             continue
@@ -1187,8 +1285,11 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
     compared too. With an advisor, each answer's prompt is re-rendered and its tokens and
     decision regenerated on the advisor's language model (the recorded one, or
     ``advisor_package``), and the setpoints the model saw are recomputed
-    (``sdk.advisor.AdviceReplay``). Reading stops at the first incomplete record (a killed
-    process). Returns a report with ``identical``, counts and ``first_mismatch``.
+    (``sdk.advisor.AdviceReplay``). Warm-ups and filled gaps are replayed where recorded (the
+    slot's history reset and filled from that frame, or the gap filled with copies of it), and
+    tracking outputs follow their recorded tracking inputs. Reading stops at the first
+    incomplete record (a killed process). Returns a report with ``identical``, counts and
+    ``first_mismatch``.
     """
     reader = RecordingReader(recording)
     records = iter(reader)
@@ -1213,12 +1314,18 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
         raise ValueError(f"{recording}: recorded signals {header['inputs']} -> {header['outputs']} do not "
                          f"match the model's {engine.input_names} -> {engine.output_names}")
     capacity = header["capacity"]
+    n_feat = len(header["inputs"])
+    all_inputs = header["inputs"] + header.get("aux_inputs", [])
+    track = header.get("track") or [None] * len(header["outputs"])
     limiter = OutputLimiter([OutputLimit(*lim) for lim in header["output_limits"]], capacity,
-                            header["period_ns"] / 1e9)
+                            header["period_ns"] / 1e9, [all_inputs.index(t) if t else -1 for t in track])
+    history = np.zeros((max(header["window"] - 1, 0), n_feat), np.float32)
     raw = np.full((capacity, len(header["outputs"])), np.nan)
     out = np.empty_like(raw)
+    values = np.zeros((capacity, len(all_inputs)))
     status = np.zeros(capacity, np.int8)
     active = np.zeros(capacity, bool)
+    tracking = np.zeros(capacity, bool)
     seen: set[int] = set()
     codes = {name: i for i, name in enumerate(STATUS_NAMES)}
     report = {"recording": str(recording), "segments": [str(p) for p in reader.segments],
@@ -1262,8 +1369,10 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
         if ran:
             report["stream_steps"] += len(ran)
             slots = np.array([e["slot"] for e in ran], dtype=np.int64)
-            feats = np.array([e["x"] for e in ran], dtype=np.float64).astype(np.float32)
+            feats = np.array([e["x"][:n_feat] for e in ran], dtype=np.float64).astype(np.float32)
             try:
+                fill_gaps(engine, slots, feats, np.array([bool(e.get("pre")) for e in ran]),
+                          np.array([e.get("fill", 0) for e in ran], dtype=np.int64), history)
                 y = np.array(engine.step_sensor(slots, feats), dtype=np.float64)
             except Exception as exc:                          # compared below like any output
                 y = exc
@@ -1278,10 +1387,13 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
             raw[e["slot"]] = y[i]
             if np.array(e["y"], dtype=np.float64).tobytes() != y[i].tobytes():
                 mismatch(rec, e, "model outputs", e["y"], y[i].tolist())
+        tracking.fill(False)
         for e in entries:
             active[e["slot"]] = True
             status[e["slot"]] = codes[e["st"]]
-        limiter.apply(raw, status, active, out)
+            tracking[e["slot"]] = e.get("mode", "auto") != "auto"
+            values[e["slot"]] = e["x"]
+        limiter.apply(raw, status, active, out, tracking, values)
         for e in entries:
             report["final_outputs_compared"] += 1
             if np.array(e["out"], dtype=np.float64).tobytes() != out[e["slot"]].tobytes():

@@ -7,9 +7,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sdk" / "demo"
-#: A valid frame of the factory policy's inputs.
+#: A valid frame of the factory deployment's inputs: the policy's, then the actuators' positions
+#: its outputs track and the manual/auto switch (auto).
 GOOD = {"level": 0.5, "temperature": 40.0, "level_sp": 0.55, "temp_sp": 42.0, "level_err": 0.05,
-        "temp_err": 2.0, "inflow_temp": 20.0}
+        "temp_err": 2.0, "inflow_temp": 20.0, "valve_pos": 0.5, "heater_pos": 0.3, "auto": 1.0}
 
 
 def factory_deploy(tmp_path: Path, *, period_ms: float = 20.0, extra: str = "", units: bool = False) -> Path:

@@ -474,7 +474,8 @@ def test_zmq_bridge_streams_decisions_and_control(tmp_path, model, controllers):
         assert all(d["status"] == "ok" for d in seen["m1"][-3:])
         fs = [d for d in seen["m2"] if d["status"] == "failsafe"][0]
         assert fs["outputs"]["valve"] == 0.0 and fs["outputs"]["heater"] == 0.5
-        assert set(fs["outputs"]) == {"valve", "heater", "_heartbeat"}
+        assert set(fs["outputs"]) == {"valve", "heater", "_heartbeat", "_mode"}
+        assert fs["outputs"]["_mode"] == 1.0                  # auto: no [mode] input configured
         reply = control.request("stats")
         assert reply["ok"] and reply["result"]["cycles"] > 0
         assert set(reply["result"]["streams"]["names"]) == {"m1", "m2"}

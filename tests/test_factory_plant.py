@@ -245,15 +245,19 @@ def test_deploy_toml_matches_the_plant():
         cfg = tomllib.load(f)
     assert cfg["model"]["path"] == "model" and cfg["model"]["window"] == E.WINDOW
     assert cfg["loop"]["period_ms"] == pytest.approx(E.PERIOD_S * 1000)
-    assert [i["name"] for i in cfg["inputs"]] == list(E.FEATURES)
+    own = ["valve_pos", "heater_pos", "auto"]                 # read by the controller, not the policy
+    assert [i["name"] for i in cfg["inputs"]] == list(E.FEATURES) + own
     assert {o["name"]: o["max_rate"] for o in cfg["outputs"]} == E.MAX_RATE
+    assert {o["name"]: o["track"] for o in cfg["outputs"]} == {"valve": "valve_pos", "heater": "heater_pos"}
+    assert cfg["mode"]["input"] == "auto" and cfg["loop"]["warmup_cycles"] == E.WINDOW
     mb = cfg["modbus"]
     assert mb["mode"] == "client" and mb["device_id"] == 1
     assert mb["heartbeat"]["address"] == P.HEARTBEAT_ADDRESS
     served = {**{n: ("input", a) for n, a in P.INPUT_REGISTERS.items()},
-              **{n: ("holding", a) for n, a in P.COMMAND_REGISTERS.items()}}
+              **{n: ("holding", a) for n, a in P.COMMAND_REGISTERS.items()}, "auto": ("coil", P.AUTO_COIL)}
     for entry in mb["map"]:
         assert served[entry["signal"]] == (entry["table"], entry["address"]), entry
-        assert entry["type"] == "float32" and entry["word_order"] == "big"
+        if entry["table"] != "coil":
+            assert entry["type"] == "float32" and entry["word_order"] == "big"
     mapped = {e["signal"] for e in mb["map"]}
-    assert mapped == set(E.FEATURES) | set(E.OUTPUTS)
+    assert mapped == set(E.FEATURES) | set(E.OUTPUTS) | set(own)

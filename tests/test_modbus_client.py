@@ -20,8 +20,9 @@ class SimPLC:
     """A PLC: pymodbus' TCP server over a SimDevice (separate coil, discrete, holding and
     input tables), in its own thread and event loop."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, input_registers: int = 16):
         self.port = port
+        self.input_registers = input_registers
         self._loop = None
         self._server = None
         self._thread = None
@@ -34,7 +35,7 @@ class SimPLC:
                 [SimData(0, count=16, values=False, datatype=DataType.BITS)],
                 [SimData(0, count=16, values=False, datatype=DataType.BITS)],
                 [SimData(0, count=128, values=0, datatype=DataType.REGISTERS)],
-                [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]))
+                [SimData(0, count=self.input_registers, values=0, datatype=DataType.REGISTERS)]))
             self._server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
             await self._server.serve_forever(background=True)
             self.port = self._server.transport.sockets[0].getsockname()[1]
@@ -104,13 +105,17 @@ def snap_values(bridge):
 
 def test_client_polls_inputs_and_writes_outputs(plc):
     plc_inputs(plc, 1.25, -7.5, -1234, True)
+    plc.set(3, 10, to_regs(0.125, F32, word_order="big"))      # the PLC's own valve command
     with make_bridge(plc.port) as b:
         assert wait_for(lambda: len(b.snapshot()) == 4)
         v = snap_values(b)
         assert v["level"] == 1.25 and v["temp"] == -7.5 and v["door"] == 1.0
         assert v["press"] == pytest.approx(-12.34)
-        # Outputs start at their fail-safe values on the PLC, then follow publish().
-        assert wait_for(lambda: from_regs(plc.get(3, 10, 2), F32) == 0.25)
+        # Nothing is written before the first publish: the PLC keeps its own outputs until the
+        # controller has decided (a bumpless start), then they follow publish().
+        polls = b.health()["io_us"]["n"]
+        assert wait_for(lambda: b.health()["io_us"]["n"] >= polls + 5)
+        assert from_regs(plc.get(3, 10, 2), F32) == 0.125 and plc.get(1, 2, 1) == [False]
         b.publish({"valve": 0.75, "pump": 1.0}, "ok", 1, 10.0)
         assert wait_for(lambda: from_regs(plc.get(3, 10, 2), F32) == 0.75 and plc.get(1, 2, 1) == [True])
         plc_inputs(plc, 2.5, 20.0, 500, False)

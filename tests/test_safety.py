@@ -188,6 +188,48 @@ def test_limiter_never_leaves_range_nor_exceeds_rate(data):
         assert lim.last[active].tobytes() == out[active].tobytes()
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_limiter_tracks_bumplessly_and_ramps_back_from_failsafe(data):
+    """``u`` tracks input column 0, ``v`` tracks nothing and may jump after a fail-safe: a
+    stream starts at its tracked value; outside a fail-safe every step is at most one rate
+    step, except a tracking output that had reached its input, which follows it exactly, and
+    ``v`` in the first cycle after a fail-safe."""
+    step = 2.0 * 0.02
+    lim = OutputLimiter([OutputLimit("u", 0.0, 1.0, 2.0, 0.0), OutputLimit("v", 0.0, 1.0, 2.0, 0.5, jump=True)],
+                        capacity=1, period_s=0.02, track=[0, -1])
+    out, active = np.zeros((1, 2)), np.ones(1, bool)
+    prev = prev_status = None
+    caught = False
+    for k in range(data.draw(st.integers(1, 60))):
+        status = np.array([data.draw(st.sampled_from([OK, OK, OK, FAILSAFE, HOLD]))], np.int8)
+        tracking = np.array([data.draw(st.booleans())])
+        pos = data.draw(st.floats(-0.5, 1.5))
+        raw = np.array([data.draw(st.lists(st.floats(-2.0, 3.0), min_size=2, max_size=2))])
+        lim.apply(raw, status, active, out, tracking, np.array([[pos, 0.0]]))
+        u, v = out[0]
+        target = min(max(pos, 0.0), 1.0)
+        if status[0] == FAILSAFE:
+            assert (u, v) == (0.0, 0.5)
+        elif status[0] == HOLD:
+            assert (u, v) == (prev if prev is not None else (0.0, 0.5))
+        else:
+            if prev is None:                                  # the first cycle starts where the plant is
+                assert (u == target) if tracking[0] else abs(u - target) <= step + 1e-12
+                assert abs(v - 0.5) <= step + 1e-12
+            else:
+                if tracking[0] and caught:
+                    assert u == target                        # following exactly
+                else:
+                    assert abs(u - prev[0]) <= step + 1e-12
+                if prev_status == FAILSAFE and not tracking[0]:
+                    assert v == min(max(raw[0, 1], 0.0), 1.0)  # on_recover = "jump"
+                elif prev_status != FAILSAFE:
+                    assert abs(v - prev[1]) <= step + 1e-12
+        caught = bool(status[0] == OK and tracking[0] and u == target)
+        prev, prev_status = (u, v), status[0]
+
+
 def test_controller_outputs_respect_limits_with_a_wild_policy(make_controller):
     class Wild(Policy):
         def step_sensor(self, slots, features):
@@ -234,7 +276,7 @@ def test_invalid_inputs_give_failsafe_in_that_very_cycle(make_controller):
         out = ctrl.step(inputs)
         assert out == {"valve": 0.25, "pump": 0.0}, inputs
         assert ctrl.status() == {"status": "failsafe", "reason": "invalid_input", "invalid": invalid,
-                                 "heartbeat": ctrl.heartbeat}
+                                 "mode": "auto", "heartbeat": ctrl.heartbeat}
         assert policy.calls == calls                      # invalid frames never reach the model
     stats = ctrl.stats()
     assert stats["invalid_inputs"] == {"nan": 2, "inf": 2, "range": 2, "stale": 1, "missing": 1}

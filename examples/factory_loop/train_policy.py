@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdk.demo import EXAMPLE
+from sdk.demo import EXAMPLE, simulate_policy
 from sdk.demo import expert as E
 from sdk.demo import plant as P
 
@@ -60,16 +60,12 @@ EVAL_SEEDS = (200, 201, 202, 203)   # closed-loop scoring during and after train
 def closed_loop(engine, seeds, duration_s: float, deploy: Path = DEPLOY) -> dict:
     """Mean tracking figures of the policy (through the deployment's controller) and of the
     expert and no control, on the same seeded disturbances. ``engine`` is a stream engine."""
-    from sdk.controller import Controller
-
     rows = {"policy": [], "expert": [], "no_control": []}
     failsafe = 0
     for seed in seeds:
-        with Controller.from_config(deploy, engine=engine, bridges=False) as ctrl:
-            step = ctrl.step
-            rows["policy"].append(P.tracking_error(P.simulate(
-                seed, lambda m: step({k: m[k] for k in E.FEATURES}), duration_s)))
-            failsafe += ctrl.stats()["failsafe_cycles"]
+        log, stats = simulate_policy(seed, duration_s, deploy, engine)
+        rows["policy"].append(P.tracking_error(log))
+        failsafe += stats["failsafe_cycles"]
         rows["expert"].append(P.tracking_error(P.simulate(seed, E.ExpertController(), duration_s)))
         rows["no_control"].append(P.tracking_error(P.simulate(seed, None, duration_s)))
     out = {name: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for name, rs in rows.items()}

@@ -24,6 +24,8 @@ big-endian word order "ABCD"):
   writes them); ``HEARTBEAT_ADDRESS`` 100 (uint16, +1 every physics tick, wraps);
   ``HELD_ADDRESS`` 101 (uint16, 1 while the PLC is holding a command that was not refreshed
   within ``hold_after_s``).
+- coil ``AUTO_COIL`` 0: the loop's manual/auto switch for the controller (1 = auto at start;
+  an operator writes 0 for manual). The PLC only serves it.
 
 Run it as a process: ``python -m sdk.demo.plant --port 5020 --seed 0
 --duration 30 --log plant.npz``.
@@ -72,6 +74,7 @@ INPUT_REGISTERS: dict[str, int] = {
 COMMAND_REGISTERS: dict[str, int] = {"valve": 0, "heater": 2}
 HEARTBEAT_ADDRESS = 100
 HELD_ADDRESS = 101
+AUTO_COIL = 0
 MEASUREMENTS = tuple(INPUT_REGISTERS)
 
 LOG_COLUMNS = (
@@ -463,10 +466,11 @@ class PlantServer:
 
         valve, heater = self.plant.initial_commands
         bits = [SimData(0, count=16, values=False, datatype=DataType.BITS)]
+        coils = [SimData(0, values=[True] + [False] * 15, datatype=DataType.BITS)]   # AUTO_COIL on
         holding = [SimData(0, values=[valve, heater], datatype=DataType.FLOAT32),
                    SimData(HEARTBEAT_ADDRESS, count=2, values=0, datatype=DataType.UINT16)]
         inputs = [SimData(0, count=len(INPUT_REGISTERS), values=0.0, datatype=DataType.FLOAT32)]
-        return SimDevice(self.device_id, simdata=(bits, list(bits), holding, inputs),
+        return SimDevice(self.device_id, simdata=(coils, bits, holding, inputs),
                          action=self._on_access)
 
     async def _on_access(self, function_code: int, _start: int, address: int, count: int,
