@@ -22,7 +22,7 @@ from tests.test_text import save_text_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sdk" / "demo"
 PLANT = {"level": 0.5, "temperature": 40.0, "level_sp": 0.5, "temp_sp": 40.0, "level_err": 0.0, "temp_err": 0.0,
-         "inflow_temp": 15.0}
+         "inflow_temp": 15.0, "valve_pos": 0.5, "heater_pos": 0.5, "auto": 1.0}   # the last three: tracking, mode
 PROMPT = ("level {{ '%.2f'|format(stats.level.mean) }} m setpoint {{ '%.2f'|format(plc.level_sp) }} temperature "
           "{{ '%.1f'|format(stats.temperature.mean) }} valve {{ '%.2f'|format(outputs.valve) }} heater "
           "{{ '%.2f'|format(outputs.heater) }} {{ status }}{% if advice %} advice {{ advice.level_sp }}{% endif %}")
