@@ -11,10 +11,17 @@ socket) is also a :class:`Reporter`; the controller registers its providers with
 peers may switch a stream between manual and auto is a :class:`ModeSwitch`. One that may put
 out a stream's fail-safe values on its own (the Modbus bridge, when the PLC's heartbeat stops)
 is a :class:`FailsafeSource`, so that the controller knows what the plant actually got.
+
+Bridges built on asyncio run their event loop in a thread of their own (:class:`LoopThread`).
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 from typing import Callable, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
 
 #: ``{input name: (value, receive time time.monotonic_ns())}`` of one stream.
 Inputs = dict[str, tuple[float, int]]
@@ -97,3 +104,96 @@ class FailsafeSource(Protocol):
         switched to its fail-safe values so far (a change between two calls means the plant
         got them in between). Never blocks on the network."""
         ...
+
+
+class LoopThread:
+    """An asyncio event loop in a daemon thread of its own, running the subclass's ``_main()``.
+
+    ``_main`` creates the loop's ``_stop`` and ``_wake`` events, calls ``_ready.set()`` once it
+    serves and returns after ``_stop`` is set. ``start`` returns then, or raises
+    ``RuntimeError`` with what ``_main`` failed with before it was ready (or after
+    ``START_TIMEOUT_S``); ``stop`` sets ``_stop`` and ``_wake`` and joins (idempotent);
+    ``_wakeup`` sets ``_wake`` from any thread. ``_label()`` names the bridge in messages.
+    """
+
+    START_TIMEOUT_S = 10.0
+    JOIN_TIMEOUT_S = 5.0          # after a failed start
+
+    def _init_thread(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _label(self) -> str:
+        raise NotImplementedError
+
+    async def _main(self) -> None:
+        raise NotImplementedError
+
+    def _start_thread(self, name: str):
+        if self._thread is not None:
+            return self
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=self.START_TIMEOUT_S):
+            self.stop()
+            raise RuntimeError(f"{self._label()}: did not start within {self.START_TIMEOUT_S:g} s")
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._thread.join(timeout=self.JOIN_TIMEOUT_S)
+            self._thread = None
+            raise RuntimeError(f"{self._label()}: {error}") from error
+        return self
+
+    def stop(self) -> None:
+        """Stop the loop's work, join its thread. Idempotent."""
+        thread, loop, stop, wake = self._thread, self._loop, self._stop, self._wake
+        if thread is None:
+            return
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+                if wake is not None:
+                    loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:                          # loop already closed
+                pass
+        thread.join(timeout=10.0)
+        if thread.is_alive():
+            log.error("%s: thread did not stop within 10 s", self._label())
+        self._thread = None
+
+    def _wakeup(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:                          # loop closed while stopping
+                pass
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:                      # reported by start(), or logged later
+            if self._ready.is_set():
+                log.exception("%s: thread failed", self._label())
+            self._error = exc
+        finally:
+            self._ready.set()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+                self._loop = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

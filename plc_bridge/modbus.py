@@ -47,7 +47,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimData, SimDevice
 
-from .bridge import Inputs
+from .bridge import Inputs, LoopThread
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing, worth_logging
 from .registers import ADDRESS_SPACE, BIT_TABLES, TABLES, MapEntry, RegisterMap, heartbeat_entry
@@ -68,7 +68,7 @@ _MODBUS_KEYS = frozenset((
 InputCallback = Callable[[dict], None]
 
 
-class ModbusBridge:
+class ModbusBridge(LoopThread):
     """Modbus TCP I/O for one PLC, in server or client mode, in a background thread.
 
     A :class:`~plc_bridge.bridge.Bridge` serving exactly one stream (``stream``, default
@@ -143,12 +143,7 @@ class ModbusBridge:
         self._backoff_s = 0.0
         self._clients = 0
         self._connected = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._wake: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._init_thread()
         self._image = _RegisterImage(regmap) if mode == "server" else None
         if self._image is not None:
             for entry in regmap.outputs:
@@ -224,44 +219,15 @@ class ModbusBridge:
         """Start the I/O thread; returns once the server listens (server mode) or the poller
         runs (client mode; the PLC may still be unreachable). Raises ``RuntimeError`` if the
         server cannot bind."""
-        if self._thread is not None:
-            return self
-        self._ready.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._run, name=f"modbus-{self.mode}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout=10.0):
-            self.stop()
-            raise RuntimeError(f"modbus {self.mode} {self.host}:{self.port}: did not start within 10 s")
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._thread.join(timeout=5.0)
-            self._thread = None
-            raise RuntimeError(f"modbus {self.mode} {self.host}:{self.port}: {error}") from error
-        return self
+        return self._start_thread(f"modbus-{self.mode}")
 
     def stop(self) -> None:
         """Deliver the last published outputs (see the class docstring), stop the I/O thread,
         close every connection and join. Idempotent."""
-        thread, loop, stop = self._thread, self._loop, self._stop
-        if thread is None:
-            return
-        if loop is not None and stop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(stop.set)
-                loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:  # loop already closed
-                pass
-        thread.join(timeout=10.0)
-        if thread.is_alive():
-            log.error("modbus %s thread did not stop within 10 s", self.mode)
-        self._thread = None
+        super().stop()
 
-    def __enter__(self) -> "ModbusBridge":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _label(self) -> str:
+        return f"modbus {self.mode} {self.host}:{self.port}"
 
     # ------------------------------------------------------------------ controller side
     def serves(self, stream: str) -> bool:
@@ -382,31 +348,6 @@ class ModbusBridge:
         if self._hb_value is not None and value != self._hb_value:
             self._hb_change_ns = now
         self._hb_value = value
-
-    def _wakeup(self) -> None:
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # loop closed while stopping
-                pass
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._main())
-        except BaseException as exc:  # reported by start(), or logged if it happens later
-            if self._ready.is_set():
-                log.exception("modbus %s I/O thread failed", self.mode)
-            self._error = exc
-        finally:
-            self._ready.set()
-            try:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
-                self._loop = None
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()

@@ -65,7 +65,7 @@ from asyncua.server.address_space import AttributeService
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .bridge import Inputs, Provider
+from .bridge import Inputs, LoopThread, Provider
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing, worth_logging
 
@@ -268,7 +268,7 @@ def _certificate_uri(cert: x509.Certificate) -> str | None:
 
 # ---------------------------------------------------------------------------- the bridge
 
-class OpcUaBridge:
+class OpcUaBridge(LoopThread):
     """An OPC UA server for the streams listed in ``[opcua] streams`` (default ``["main"]``).
 
     A :class:`~plc_bridge.bridge.Bridge` (inputs of its streams come from client writes; it
@@ -276,6 +276,9 @@ class OpcUaBridge:
     come from the stats provider the controller registers). See the module docstring for the
     address space, the write rules and security. Build it with :meth:`from_config`.
     """
+
+    START_TIMEOUT_S = 60.0        # building the standard address space takes a few seconds
+    JOIN_TIMEOUT_S = 10.0
 
     name = "opcua"
 
@@ -304,12 +307,7 @@ class OpcUaBridge:
         self._n = {"writes": 0, "published": 0}
         self._stats_provider: Provider | None = None
         self._trust: TrustStore | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._wake: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._init_thread()
         self._server: Server | None = None
         self._ns = 0
         self._input_nodes: dict[ua.NodeId, tuple[str, Signal]] = {}
@@ -411,42 +409,10 @@ class OpcUaBridge:
     def start(self) -> "OpcUaBridge":
         """Start the server thread; returns once the endpoint listens (building the standard
         address space takes a few seconds). Raises ``RuntimeError`` if it cannot start."""
-        if self._thread is not None:
-            return self
-        self._ready.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._run, name="opcua-server", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout=60.0):
-            self.stop()
-            raise RuntimeError(f"opcua {self.endpoint}: did not start within 60 s")
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._thread.join(timeout=10.0)
-            self._thread = None
-            raise RuntimeError(f"opcua {self.endpoint}: {error}") from error
-        return self
+        return self._start_thread("opcua-server")
 
-    def stop(self) -> None:
-        """Stop the server, close every session and join the thread. Idempotent."""
-        thread, loop, stop = self._thread, self._loop, self._stop
-        if thread is None:
-            return
-        if loop is not None and stop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(stop.set)
-            except RuntimeError:                          # loop already closed
-                pass
-        thread.join(timeout=10.0)
-        if thread.is_alive():
-            log.error("opcua server thread did not stop within 10 s")
-        self._thread = None
-
-    def __enter__(self) -> "OpcUaBridge":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _label(self) -> str:
+        return f"opcua {self.endpoint}"
 
     # ------------------------------------------------------------------ controller side
     def serves(self, stream: str) -> bool:
@@ -484,12 +450,7 @@ class OpcUaBridge:
             if self._wake_pending:
                 return
             self._wake_pending = True
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:                          # loop closed while stopping
-                pass
+        self._wakeup()
 
     def set_stats_provider(self, fn: Provider | None) -> None:
         """Register the callable whose ``stats()`` map feeds the ``stats.`` nodes."""
@@ -521,24 +482,6 @@ class OpcUaBridge:
         }
 
     # ------------------------------------------------------------------ server thread
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._main())
-        except BaseException as exc:                      # reported by start(), or logged later
-            if self._ready.is_set():
-                log.exception("opcua server thread failed")
-            self._error = exc
-        finally:
-            self._ready.set()
-            try:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
-                self._loop = None
-                self._server = None
-
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -581,6 +524,7 @@ class OpcUaBridge:
             for task in (writer, stats):
                 task.cancel()
             await asyncio.gather(writer, stats, return_exceptions=True)
+            self._server = None
             await server.stop()
 
     def _counting(self, validator: CertificateValidator):
