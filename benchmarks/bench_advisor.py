@@ -27,24 +27,7 @@ sys.path.insert(0, str(ROOT))
 from sdk.advisor import PromptTemplate  # noqa: E402
 from sdk.controller import Controller  # noqa: E402
 from sdk.text import TextGenerator  # noqa: E402
-from tests import conftest  # noqa: E402
-from tests.test_advisor import PLANT, PROMPT, demo_deploy  # noqa: E402
-from tests.test_text import save_text_checkpoint  # noqa: E402
-
-
-def make_lm(path: Path, hidden: int) -> None:
-    """A random text checkpoint of width ``hidden`` (4 layers, 16 experts)."""
-    size = dict(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
-                num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=hidden // 4, q_lora_rank=3 * hidden // 8,
-                qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, n_routed_experts=16, num_experts_per_tok=4,
-                n_group=4, topk_group=2, num_hidden_layers=4)
-    saved = dict(conftest.TINY)
-    conftest.TINY.update(size)
-    try:
-        save_text_checkpoint(path)
-    finally:
-        conftest.TINY.clear()
-        conftest.TINY.update(saved)
+from tests.test_advisor import PLANT, PROMPT, demo_deploy, save_wide_lm  # noqa: E402
 
 
 def main() -> int:
@@ -62,7 +45,7 @@ def main() -> int:
         tmp = Path(tmp)
         lm = tmp / "lm"
         lm.mkdir()
-        make_lm(lm, args.hidden)
+        save_wide_lm(lm, args.hidden)
         path = demo_deploy(tmp, lm, every_ms=args.period_ms, deadline_ms=args.period_ms, period_ms=args.period_ms,
                            deadline_loop_ms=args.deadline_ms, recorder=False, prompt=prompt)
         path.write_text(path.read_text() + f"nice = {args.nice}\n")      # [advisor] is the file's last table

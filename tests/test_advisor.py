@@ -233,23 +233,19 @@ def test_an_answer_cut_by_its_deadline_replays_its_prefix(tmp_path, lm):
     assert again.advice({**rec, "prompt": prompt + " "})[0][0] == "advisor prompt"
 
 
+def save_wide_lm(path: Path, hidden: int) -> None:
+    """A random text checkpoint of width ``hidden`` (4 layers, 16 experts)."""
+    save_text_checkpoint(path, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                         num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=hidden // 4,
+                         q_lora_rank=3 * hidden // 8, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64,
+                         n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, num_hidden_layers=4)
+
+
 @pytest.fixture(scope="module")
 def slow_lm(tmp_path_factory):
     """A language model whose engine step takes about a millisecond (hidden 512, 16 experts)."""
     path = tmp_path_factory.mktemp("advisor_slow_lm")
-    from tests import conftest
-
-    size = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_attention_heads=8,
-                num_key_value_heads=8, kv_lora_rank=128, q_lora_rank=192, qk_rope_head_dim=32, qk_nope_head_dim=32,
-                v_head_dim=64, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                num_hidden_layers=4)
-    saved = dict(conftest.TINY)
-    conftest.TINY.update(size)
-    try:
-        save_text_checkpoint(path)
-    finally:
-        conftest.TINY.clear()
-        conftest.TINY.update(saved)
+    save_wide_lm(path, 512)
     return path
 
 

@@ -54,10 +54,11 @@ def _corpus(n: int, seed: int = 0):
                        for _ in range(rng.randint(4, 20)))
 
 
-def save_text_checkpoint(path, vocab_size: int = 512, think: bool = True, seed: int = 0) -> None:
-    """A tiny random DeepSeek-V3 checkpoint with a byte-level BPE trained here on generated plant
-    text, R1's special tokens, its chat template's structure and a generation config."""
-    save_reference(path, seed=seed, vocab_size=vocab_size)
+def save_text_checkpoint(path, vocab_size: int = 512, think: bool = True, seed: int = 0, **config) -> None:
+    """A tiny random DeepSeek-V3 checkpoint (``config`` overrides its sizes) with a byte-level BPE
+    trained here on generated plant text, R1's special tokens, its chat template's structure and
+    a generation config."""
+    save_reference(path, seed=seed, vocab_size=vocab_size, **config)
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
