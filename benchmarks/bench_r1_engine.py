@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     import sdk
     from runtime.device import DeviceEngine
     from runtime.engine import Engine
+    from sdk.bench import time_steps
     from sdk.plan import engine_bytes
 
     torch.set_num_threads(args.threads)
@@ -115,19 +116,7 @@ def main(argv=None) -> int:
     peak_with_model = _rss()
     del model
     gc.collect()
-    rng = np.random.default_rng(0)
-    timing = {}
-    for b in batches:
-        slots = np.arange(b)
-        for _ in range(3):
-            engine.step_tokens(slots, rng.integers(0, cfg.vocab_size, b))
-        times = []
-        for _ in range(args.steps):
-            toks = rng.integers(0, cfg.vocab_size, b)
-            t = time.perf_counter()
-            engine.step_tokens(slots, toks)
-            times.append(time.perf_counter() - t)
-        timing[b] = float(np.median(times))
+    timing = {b: float(np.median(time_steps(engine, b, args.steps, warmup=3))) for b in batches}
     held = _rss() - base
     planned = engine_bytes(cfg, keep, engine=args.engine, streams=args.streams, window=args.window)
     parts = planned["device" if args.engine == "device" else "host"]

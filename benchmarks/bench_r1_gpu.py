@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
     import sdk
     from runtime.device import DeviceEngine
+    from sdk.bench import time_steps
     from sdk.plan import engine_bytes
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,21 +76,8 @@ def main(argv=None) -> int:
                               expert_cache_slots=slots if mode == "streaming" else None)
         del model
         gc.collect()
-        rng = np.random.default_rng(0)
-        times = {}
-        for bsz in batches:
-            idx = np.arange(bsz)
-            for _ in range(3):
-                engine.step_tokens(idx, rng.integers(0, cfg.vocab_size, bsz))
-            ts = []
-            for _ in range(args.steps):
-                toks = rng.integers(0, cfg.vocab_size, bsz)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                engine.step_tokens(idx, toks)
-                torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t)
-            times[bsz] = float(np.median(ts))
+        # a step returns its outputs on the host, so each timed step includes the GPU's work
+        times = {bsz: float(np.median(time_steps(engine, bsz, args.steps, warmup=3))) for bsz in batches}
         peak = torch.cuda.max_memory_allocated(dev) - start
         plan = engine_bytes(cfg, cfg.n_routed_experts, engine="device", streams=args.streams, window=args.window,
                             expert_cache_slots=slots if mode == "streaming" else None)["device"]
