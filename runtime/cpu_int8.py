@@ -121,7 +121,7 @@ _dot1x2 = _make_dot(1, VNNI, 2)
 _dot4x2 = _make_dot(4, VNNI, 2)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def absmax(x):
     """max |x[k]| (NaNs skipped), eight running maxima at once (a max is exact in any order)."""
     n = x.shape[0]
@@ -151,7 +151,7 @@ def absmax(x):
     return m
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def quantize_row_u8(x, q):
     """Per-token symmetric int8 of x[K] (the rule of ``runtime.quant.quantize_activation``),
     stored offset by 128 as uint8 into q[:K]; returns the scale (absmax / 127, 1 for a zero
@@ -165,7 +165,7 @@ def quantize_row_u8(x, q):
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gemm_rows(x, xs, idx, gather, lo, hi, w, wsum, ws, n_out, out, acc):
     """``out[r, :n_out] = float32(x_row . w_n) * xs[src] * ws[n]`` for rows r in [lo, hi).
 
@@ -241,14 +241,15 @@ def padded_k(k: int) -> int:
     return -(-k // QUAD) * QUAD
 
 
-def _make_rows_dot(heads: int):
+def _make_rows_dot(heads: int, blocks: int):
     """The intrinsic ``rows_dot(dst, dst_off, dst_hs, p, p_off, p_hs, n, src, src_off, src_hs,
-    stride)``: for each of ``heads`` problems h and each of 16 lanes l,
-    ``dst[dst_off + h dst_hs + l] += p[p_off + h p_hs + k] * src[src_off + h src_hs + k stride + l]``
-    for k = 0, 1, ..., n - 1 in that order, the sums held in registers (several problems at once
-    keep the vector units busy while each sum waits on its previous add). Each lane multiplies
-    then adds (no fused multiply-add), giving the bits of the scalar loop ``d += p[k] * s[k]``.
-    float32, C-contiguous, no bounds check: the caller keeps every range inside its array."""
+    stride)``: for each of ``heads`` problems h, each of ``blocks`` consecutive 16-lane blocks b
+    and each lane l, ``dst[dst_off + h dst_hs + 16 b + l] = 0 + sum over k = 0, 1, ..., n - 1 in
+    that order of p[p_off + h p_hs + k] * src[src_off + h src_hs + k stride + 16 b + l]``, the sums
+    held in registers (heads x blocks independent sums keep the vector units busy while each sum
+    waits on its previous add). Each lane multiplies then adds (no fused multiply-add), giving
+    the bits of the scalar loop ``d = 0; d += p[k] * s[k]``. float32, C-contiguous, no bounds
+    check: the caller keeps every range inside its array."""
 
     @intrinsic
     def rows_dot(typingctx, dst, dst_off, dst_hs, p, p_off, p_hs, n, src, src_off, src_hs, stride):
@@ -262,15 +263,15 @@ def _make_rows_dot(heads: int):
             ddata = context.make_array(signature.args[0])(context, builder, dst_).data
             pdata = context.make_array(signature.args[3])(context, builder, p_).data
             sdata = context.make_array(signature.args[7])(context, builder, src_).data
-            dptrs, slots, poffs, soffs = [], [], [], []
+            dptrs, slots, poffs, soffs = {}, {}, [], []
             for h in range(heads):
                 hc = ir.Constant(i64, h)
-                dp = builder.bitcast(builder.gep(ddata, [builder.add(dst_off_, builder.mul(hc, dst_hs_))]),
-                                     v16.as_pointer())
-                slot = cgutils.alloca_once(builder, v16)          # promoted to a register
-                builder.store(builder.load(dp, align=4), slot)
-                dptrs.append(dp)
-                slots.append(slot)
+                for b in range(blocks):
+                    off = builder.add(builder.add(dst_off_, builder.mul(hc, dst_hs_)), ir.Constant(i64, LANES * b))
+                    slot = cgutils.alloca_once(builder, v16)          # promoted to a register
+                    builder.store(ir.Constant(v16, [0.0] * LANES), slot)
+                    dptrs[h, b] = builder.bitcast(builder.gep(ddata, [off]), v16.as_pointer())
+                    slots[h, b] = slot
                 poffs.append(builder.add(p_off_, builder.mul(hc, p_hs_)))
                 soffs.append(builder.add(src_off_, builder.mul(hc, src_hs_)))
             zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
@@ -282,11 +283,14 @@ def _make_rows_dot(heads: int):
                     pv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16, ir.Undefined), pk,
                                                                        ir.Constant(i32, 0)),
                                                 ir.Constant(v16, ir.Undefined), zeros)
-                    sp = builder.bitcast(builder.gep(sdata, [builder.add(soffs[h], row)]), v16.as_pointer())
-                    acc = builder.fadd(builder.load(slots[h]), builder.fmul(pv, builder.load(sp, align=4)))
-                    builder.store(acc, slots[h])
-            for h in range(heads):
-                builder.store(builder.load(slots[h]), dptrs[h], align=4)
+                    base = builder.add(soffs[h], row)
+                    for b in range(blocks):
+                        sp = builder.bitcast(builder.gep(sdata, [builder.add(base, ir.Constant(i64, LANES * b))]),
+                                             v16.as_pointer())
+                        acc = builder.fadd(builder.load(slots[h, b]), builder.fmul(pv, builder.load(sp, align=4)))
+                        builder.store(acc, slots[h, b])
+            for key, dp in dptrs.items():
+                builder.store(builder.load(slots[key]), dp, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -294,27 +298,40 @@ def _make_rows_dot(heads: int):
     return rows_dot
 
 
-_rows_dot1 = _make_rows_dot(1)
-_rows_dot4 = _make_rows_dot(4)
+_rows_dot1x1 = _make_rows_dot(1, 1)
+_rows_dot1x4 = _make_rows_dot(1, 4)
+_rows_dot4x1 = _make_rows_dot(4, 1)
+_rows_dot4x4 = _make_rows_dot(4, 4)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def rows_dot(dst, dst_off, dst_hs, width, p, p_off, p_hs, n, src, src_off, src_hs, stride, heads):
     """For each of ``heads`` problems h (offsets advancing by ``dst_hs``, ``p_hs``, ``src_hs``)
-    and lane l < ``width`` (a multiple of 16): ``dst[dst_off + h dst_hs + l] += sum over k < n,
+    and lane l < ``width`` (a multiple of 16): ``dst[dst_off + h dst_hs + l] = the sum over k < n,
     ascending, of p[p_off + h p_hs + k] * src[src_off + h src_hs + k stride + l]``. The fixed-
-    order weighted sum of rows that the engine's attention is made of, 16 lanes at a time, four
-    problems per pass over the rows."""
-    for b in range(0, width, LANES):
+    order weighted sum of rows that the engine's attention is made of, 16 lanes at a time, up to
+    four problems and four 16-lane blocks per pass over the rows."""
+    b = 0
+    while b < width:
+        four = b + 4 * LANES <= width
         h = 0
         while h + 4 <= heads:
-            _rows_dot4(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
-                       src_off + h * src_hs + b, src_hs, stride)
+            if four:
+                _rows_dot4x4(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
+                             src_off + h * src_hs + b, src_hs, stride)
+            else:
+                _rows_dot4x1(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
+                             src_off + h * src_hs + b, src_hs, stride)
             h += 4
         while h < heads:
-            _rows_dot1(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
-                       src_off + h * src_hs + b, src_hs, stride)
+            if four:
+                _rows_dot1x4(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
+                             src_off + h * src_hs + b, src_hs, stride)
+            else:
+                _rows_dot1x1(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
+                             src_off + h * src_hs + b, src_hs, stride)
             h += 1
+        b += 4 * LANES if four else LANES
 
 
 def padded16(n: int) -> int:

@@ -45,7 +45,10 @@ no parallel region to launch or to wait for (a pool thread preempted by another 
 stall the whole step), and one compiled entry point (Numba re-optimises everything a function
 calls for each entry point, so fewer entries compile faster). Every weight matrix goes through
 one int8 GEMM for all rows of the pass, and routed experts run once each over all the tokens
-routed to them (the dispatch plan), reading each expert's weights once per step.
+routed to them (the dispatch plan), reading each expert's weights once per step. The kernels
+compile with Numba's numpy error model: no zero-division check per ``/`` or ``%`` (those
+branches keep loops from vectorising); no divisor can be zero (norms add eps > 0, softmax sums
+hold at least exp(0), ``runtime.quant.pack_int8`` refuses an adapter std of zero).
 """
 from __future__ import annotations
 
@@ -241,7 +244,7 @@ class State(structref.StructRefProxy):
 structref.define_proxy(State, _StateType, ["buffers", "weights", "rule", "route", "dims"])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _new_state(buffers, weights, rule, route, dims):
     """A :class:`State` built in compiled code: cached on disk, where ``State(...)`` from Python
     compiles its constructor afresh in every process (seconds for these types)."""
@@ -251,7 +254,7 @@ def _new_state(buffers, weights, rule, route, dims):
 # ----------------------------------------------------------------------------------------
 # Numba twins of the model's rules. Every float reduction runs in the fixed order above.
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _quantize_row(x, q):
     """Per-token symmetric int8 of x[K] into q[K]; returns the scale (absmax / 127): the rule
     of ``runtime.quant.quantize_activation`` as plain int8 (the engine stores it offset, by
@@ -265,7 +268,7 @@ def _quantize_row(x, q):
     return scale
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _rmsnorm(x, weight, eps, out):
     """out = weight * x / sqrt(mean(x^2) + eps); the squares summed in eight running sums
     (sum l takes x[l], x[l + 8], ... in order), added pairwise, then the last n % 8 in order."""
@@ -289,7 +292,7 @@ def _rmsnorm(x, weight, eps, out):
         out[k] = weight[k] * (x[k] * inv)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _exp_row(x, sign, shift, out, n, bits, scale):
     """out[j] = exp(sign * x[j] - shift) for j < n (``out`` may be ``x``), in float32 by a fixed formula that vectorises (a
     libm call per element would not): n = round(v / ln 2), r = v - n ln 2 in two parts
@@ -312,7 +315,7 @@ def _exp_row(x, sign, shift, out, n, bits, scale):
         out[j] = out[j] * scale[j]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _max8(x, n):
     """max of x[:n] (NaNs skipped, -inf if none), eight running maxima at once (exact in any order)."""
     n8 = n - n % 8
@@ -332,7 +335,7 @@ def _max8(x, n):
     return m
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _sum_blocked(x, blocks, lanes):
     """The sum of x[:16 * blocks] in a fixed blocked order: lane l adds x[16 b + l]
     over b ascending (16 lanes at once), then the 16 lane sums pairwise, (0+1), (2+3), ...,
@@ -350,7 +353,7 @@ def _sum_blocked(x, blocks, lanes):
     return lanes[0]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _silu_mul(mid, inter, bits, scale, e):
     """mid[:inter] = silu(gate) * up = gate / (1 + exp(-gate)) * up for a row ``mid``
     [gate inter | up inter]; ``e`` scratch [inter] (exp by :func:`_exp_row`)."""
@@ -359,7 +362,7 @@ def _silu_mul(mid, inter, bits, scale, e):
         mid[k] = mid[k] / (F32(1.0) + e[k]) * mid[inter + k]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _swiglu_rows(lo, hi, inter, xq32, xs, idx, gather, w13_q, w13_r, w13_s, w2_q, w2_r, w2_s, b, out):
     """out[r] = down(silu(gate) * up) of activation row r (``idx[r]`` when ``gather``) for r in
     [lo, hi): the int8 SwiGLU rule, one GEMM per weight over the rows; ``b.mid``, ``b.midq``,
@@ -378,7 +381,7 @@ def _swiglu_rows(lo, hi, inter, xq32, xs, idx, gather, w13_q, w13_r, w13_s, w2_q
 # ----------------------------------------------------------------------------------------
 # The stages of a pass, each over a block of rows [lo, hi).
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _rope_angles(pos, inv_freq, factor, cos_out, sin_out):
     """The rotary cos/sin of position ``pos`` (float64 angles, as the model; once per row)."""
     for i in range(cos_out.shape[0]):
@@ -387,7 +390,7 @@ def _rope_angles(pos, inv_freq, factor, cos_out, sin_out):
         sin_out[i] = F32(np.sin(angle) * np.float64(factor))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _rope_apply(x, off, cos_t, sin_t, interleave):
     """Rotate x[off:off + R] in place by the angles of :func:`_rope_angles`. Pairs are
     (0,1),(2,3)... when ``interleave`` else (i, i+R/2), as in the model; the engine keeps
@@ -404,7 +407,7 @@ def _rope_apply(x, off, cos_t, sin_t, interleave):
         x[ib] = b * c + a * s
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def _attend_row(i, layer, b, a, d):
     """Row i's attention core: writes its cache entry (latent and rotated rotary key) at its
     position, then attends over its slot's window; leaves the heads' values in attn_out[i].
@@ -448,27 +451,24 @@ def _attend_row(i, layer, b, a, d):
     escale = b.escale[i]
     lanes = b.lanes[i]
     Dq = nope + R
-    qa[:] = F32(0.0)
-    ctx[:] = F32(0.0)
-    vo[:] = F32(0.0)
     for hh in range(nh):
         _rope_apply(q, hh * Dq + nope, cos_t, sin_t, interleave)
-        for j in range(nb * 16):
-            s[hh, j] = F32(0.0)
-            s2[hh, j] = F32(0.0)
     # Query into the latent, then scores (latent part and rotary part), all heads together.
     rows_dot(qa, 0, Cp, Cp, q, 0, Dq, nope, w_uk, 0, nope * Cp, Cp, nh)
     rows_dot(s, 0, Wp, nb * 16, qa, 0, Cp, C, keys, 0, 0, Wp, nh)
     rows_dot(s2, 0, Wp, nb * 16, q, nope, Dq, R, keys, C * Wp, 0, Wp, nh)
+    # Softmax over whole 16-position blocks (whole vectors, no scalar tails); the lanes past
+    # n_valid are left out of the max and zeroed before the sum.
+    nw = nb * 16
     for hh in range(nh):
-        for j in range(n_valid):
+        for j in range(nw):
             s[hh, j] = (s[hh, j] + s2[hh, j]) * scale
         m = _max8(s[hh], n_valid)
-        _exp_row(s[hh], F32(1.0), m, s[hh], n_valid, ebits, escale)
-        for j in range(n_valid, nb * 16):
+        _exp_row(s[hh], F32(1.0), m, s[hh], nw, ebits, escale)
+        for j in range(n_valid, nw):
             s[hh, j] = F32(0.0)
         total = _sum_blocked(s[hh], nb, lanes)
-        for j in range(n_valid):
+        for j in range(nw):
             s[hh, j] = s[hh, j] / total
     # The attention-weighted latent, then into each head's values.
     rows_dot(ctx, 0, Cp, Cp, s, 0, Wp, n_valid, vals, 0, 0, Cp, nh)
@@ -478,7 +478,7 @@ def _attend_row(i, layer, b, a, d):
             out[hh * v_dim + vv] = vo[hh, vv]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _attention_rows(layer, lo, hi, b, w, d):
     """Pre-norm MLA (absorbed form) for rows [lo, hi); rows attend in ascending order, so a
     prefill's rows of one slot see each other's cache entries as stepping would. Adds into x."""
@@ -521,7 +521,7 @@ def _attention_rows(layer, lo, hi, b, w, d):
             x[i, k] += h[i, k]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _dense_mlp_rows(layer, lo, hi, b, w, d):
     """Pre-norm SwiGLU MLP (dense layer ``layer``) for rows [lo, hi); adds into x."""
     m = w.dense
@@ -538,7 +538,7 @@ def _dense_mlp_rows(layer, lo, hi, b, w, d):
             x[i, k] += h[i, k]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _moe_prepare_rows(layer, lo, hi, b, w, d):
     """Pre-norm and per-token int8 of the normed rows (the router reads h, the experts xq)."""
     norm = w.post_norm[layer]
@@ -547,7 +547,7 @@ def _moe_prepare_rows(layer, lo, hi, b, w, d):
         b.xs[i] = quantize_row_u8(b.h[i], b.xq[i])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _moe_experts(m, n_active, rb, b, w, d):
     """The held experts (``dims.expert_lo`` .. ``expert_hi - 1``) among the ``n_active`` with
     tokens, each once over all tokens routed to it; yout[a] is assignment a's output (a in the
@@ -564,7 +564,7 @@ def _moe_experts(m, n_active, rb, b, w, d):
                      e_w.w2_s[m, k], b, b.yout)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _moe_combine_rows(layer, lo, hi, b, w, d, rb, top_k):
     """Shared experts of rows [lo, hi), then x += the token's expert outputs times their
     weights in its top-k order, then its shared experts (the order of ``runtime.model.MoE``)."""
@@ -597,7 +597,7 @@ def _moe_combine_rows(layer, lo, hi, b, w, d, rb, top_k):
             x[i, k] += h[k]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _head_rows(lo, hi, b, w, d):
     """Final norm and the int8 LM head for rows [lo, hi) into logits."""
     for i in range(lo, hi):
@@ -607,7 +607,7 @@ def _head_rows(lo, hi, b, w, d):
               b.acc)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sensor_in_rows(lo, hi, b, w):
     a = w.adapter
     feats = b.feats
@@ -624,7 +624,7 @@ def _sensor_in_rows(lo, hi, b, w):
             x[i, o] = acc + bias[o]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sensor_out_rows(lo, hi, b, w, d):
     a = w.adapter
     x = b.x
@@ -643,7 +643,7 @@ def _sensor_out_rows(lo, hi, b, w, d):
             out[i, o] = (acc + bias[o]) * std[o] + mean[o]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _front_rows(layer, n, b, w, d, rule, rb):
     """Layer ``layer`` for the pass's ``n`` rows up to the MoE combine: attention, then the dense
     MLP, or the MoE norm, routing and the held routed experts (their outputs left in yout)."""
@@ -659,7 +659,7 @@ def _front_rows(layer, n, b, w, d, rule, rb):
     _moe_experts(m, n_active, rb, b, w, d)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _back_rows(layer, n, b, w, d, rule, rb):
     """The rest of layer ``layer`` once yout holds every assignment's output: the MoE combine
     (nothing for a dense layer)."""
@@ -670,13 +670,13 @@ def _back_rows(layer, n, b, w, d, rule, rb):
 # Taking a NamedTuple out of the State increfs every array in it, so a pass takes its parts
 # once (in ``_pass``) and the stages below take them once per call from Python.
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _layer_front(st, layer, n):
     """:func:`_front_rows` on the State's parts (``runtime.parallel`` calls it per layer)."""
     _front_rows(layer, n, st.buffers, st.weights, st.dims, st.rule, st.route)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _layer_back(st, layer, n):
     """:func:`_back_rows` on the State's parts (``runtime.parallel`` calls it per layer)."""
     _back_rows(layer, n, st.buffers, st.weights, st.dims, st.rule, st.route)
@@ -690,7 +690,7 @@ _OK, _BAD_COUNT, _BAD_SLOTS, _BAD_INPUT = 0, 1, 2, 3
 _STEP_TOKENS, _STEP_SENSOR, _PREFILL_TOKENS, _PREFILL_SENSOR = 0, 1, 2, 3
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _check_slots(b, slots, capacity):
     """A step's slots: 1..capacity distinct ids in range."""
     n = slots.shape[0]
@@ -711,7 +711,7 @@ def _check_slots(b, slots, capacity):
     return _OK if ok else _BAD_SLOTS
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _check_inputs(mode, slots, tokens, feats, b, w, d):
     """Every input of a step or prefill checked before anything changes; an error code."""
     sensor = mode == _STEP_SENSOR or mode == _PREFILL_SENSOR
@@ -737,7 +737,7 @@ def _check_inputs(mode, slots, tokens, feats, b, w, d):
     return _OK
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _begin_rows(mode, slots, tokens, feats, t0, b, w, d):
     """Load one pass's rows: a step's slots, or a prefill's positions from input ``t0`` on (at
     most ``dims.rows``) of ``slots[0]``; their embeddings (or adapted frames) into x and their
@@ -767,7 +767,7 @@ def _begin_rows(mode, slots, tokens, feats, t0, b, w, d):
     return n
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _end_rows(mode, n, last, head, b, w, d):
     """After a pass's layers: advance the positions; with ``head``, a step's logits / outputs in
     rows 0..n-1, or a prefill's last position's (when ``last``) in row 0."""
@@ -794,7 +794,7 @@ def _end_rows(mode, n, last, head, b, w, d):
             b.logits[0, v] = b.logits[n - 1, v]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pass(st, mode, slots, tokens, feats):
     """The one entry point of a single-process engine (a single one keeps Numba's compile time
     down: every entry re-optimises all it calls). Steps (``mode`` _STEP_*) append ``tokens[i]`` /
@@ -821,19 +821,19 @@ def _pass(st, mode, slots, tokens, feats):
     return _OK
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _check(st, mode, slots, tokens, feats):
     """:func:`_check_inputs` on the State's parts (``runtime.parallel``'s stages)."""
     return _check_inputs(mode, slots, tokens, feats, st.buffers, st.weights, st.dims)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _begin(st, mode, slots, tokens, feats, t0):
     """:func:`_begin_rows` on the State's parts (``runtime.parallel``'s stages)."""
     return _begin_rows(mode, slots, tokens, feats, t0, st.buffers, st.weights, st.dims)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _end(st, mode, n, last, head):
     """:func:`_end_rows` on the State's parts (``runtime.parallel``'s stages)."""
     _end_rows(mode, n, last, head, st.buffers, st.weights, st.dims)
@@ -917,7 +917,7 @@ def buffer_shapes(cfg, *, capacity: int, window: int, rows: int, top_k: int, n_e
         "kv": ((N, C + R), f32), "q_low": ((N, cfg.q_lora_rank or 1), f32), "qabs": ((N, nh, Cp), f32),
         "scores": ((N, nh, Wp), f32), "scores2": ((N, nh, Wp), f32), "ctx": ((N, nh, Cp), f32),
         "vout": ((N, nh, padded16(cfg.v_head_dim)), f32), "attn_out": ((N, nh * cfg.v_head_dim), f32),
-        "rope_cos": ((N, R // 2), f32), "rope_sin": ((N, R // 2), f32), "ebits": ((A, max(W, inter)), i32),
+        "rope_cos": ((N, R // 2), f32), "rope_sin": ((N, R // 2), f32), "ebits": ((A, max(Wp, inter)), i32),
         "lanes": ((N, 16), f32), "eout": ((A, inter), f32), "mid": ((A, 2 * inter), f32),
         "midq": ((A, padded_k(inter)), u8), "ms": ((A,), f32), "acc": ((A, 32), i32),
         "shared_out": ((N, H), f32), "yout": ((N * top_k, H), f32), "router_logits": ((N, n_experts), f32),

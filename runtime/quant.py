@@ -440,6 +440,11 @@ def pack_int8(model) -> PackedModel:
     adapter = None
     if model.adapter is not None:
         ad = model.adapter
+        # The engines divide by in_std: a zero would turn every frame into inf/NaN.
+        if not (bool(torch.all(torch.isfinite(ad.in_std) & (ad.in_std != 0)))
+                and bool(torch.all(torch.isfinite(ad.out_std)))):
+            raise ValueError(f"the I/O adapter's in_std must be finite and non-zero and its out_std finite, got "
+                             f"in_std {ad.in_std.tolist()}, out_std {ad.out_std.tolist()}")
         adapter = PackedAdapter(list(ad.input_names), list(ad.output_names), _f32(ad.in_proj.weight),
                                 _f32(ad.in_proj.bias), _f32(ad.in_mean), _f32(ad.in_std), _f32(ad.out_proj.weight),
                                 _f32(ad.out_proj.bias), _f32(ad.out_mean), _f32(ad.out_std))

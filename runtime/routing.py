@@ -151,7 +151,7 @@ def route_torch(logits: torch.Tensor, bias: torch.Tensor | None,
 # Numba implementation
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def router_logits(x, weight_t, out):
     """Router logits ``out[t, e] = sum_j x[t, j] * weight_t[j, e]`` in a fixed order.
 
@@ -247,13 +247,13 @@ class RouteBuffers(NamedTuple):
                    np.zeros(T * k, i32), np.zeros(T * k, f32), np.zeros(E, i32))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, error_model="numpy", nogil=True, inline="always")
 def _exp32(v):
     """exp of a float32 taken in float64 and rounded to float32 (the rule's ``exp``)."""
     return np.float32(math.exp(np.float64(v)))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def route_dispatch(logits, bias, rule, buf):
     """The rule over ``logits`` float32 [T, E] and the expert-major dispatch plan, in one call.
 

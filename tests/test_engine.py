@@ -101,6 +101,18 @@ def test_sensor_mode_matches_model_and_is_batch_invariant(lm):
         lm.adapter = None
 
 
+@pytest.mark.parametrize("name, value", [("in_std", 0.0), ("in_std", float("nan")), ("out_std", float("inf"))])
+def test_an_adapter_that_would_divide_by_zero_is_refused(lm, name, value):
+    lm.adapter = IOAdapter(["level", "temp"], ["valve"], lm.config.hidden_size)
+    try:
+        with torch.no_grad():
+            getattr(lm.adapter, name)[0] = value
+        with pytest.raises(ValueError, match=name):
+            Engine(lm, capacity=1, window=4)
+    finally:
+        lm.adapter = None
+
+
 def test_steady_state_step_allocates_nothing(lm):
     """No numpy buffer is created by a step, and the only Numba runtime allocations are the
     fixed per-call wrappers of argument arrays: their count does not grow with the rows,
