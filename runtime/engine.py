@@ -69,7 +69,7 @@ from runtime.routing import RouteBuffers, RoutingRule, route_dispatch, router_lo
 log = logging.getLogger(__name__)
 
 F32 = np.float32
-PREFILL_ROWS = 64          # default rows of one prefill pass (an engine's rows: at least these)
+PREFILL_ROWS = 256         # default rows of one prefill pass (an engine's rows: at least these)
 
 
 class Dims(NamedTuple):
@@ -188,7 +188,8 @@ class Buffers(NamedTuple):
     whole 16-lane vectors), the slots' positions ``pos``
     [S], the pass's inputs (``tokens``, ``feats``) and outputs (``logits``, ``outputs``).
     ``xq``/``midq`` hold int8 activations offset to uint8 (``xq32``/``midq32``: the same
-    memory as int32 words, as the GEMMs read it) with scales ``xs``/``ms``."""
+    memory as int32 words, as the GEMMs read it) with scales ``xs``/``ms``. The scores'
+    scratch (``scores``, ``scores2``, ``lanes``) holds one row: rows attend one after another."""
     rows: np.ndarray
     rpos: np.ndarray
     seen: np.ndarray
@@ -410,26 +411,21 @@ def _rope_apply(x, off, cos_t, sin_t, interleave):
 @njit(cache=True, error_model="numpy", inline="always")
 def _attend_row(i, layer, b, a, d):
     """Row i's attention core: writes its cache entry (latent and rotated rotary key) at its
-    position, then attends over its slot's window; leaves the heads' values in attn_out[i].
-    Inner loops index arrays directly (no row views) and run over positions or channels."""
+    position, then attends over its slot's window with its absorbed query ``qabs[i]``; leaves
+    the attention-weighted latent of each head in ``ctx[i]``."""
     C = d.kv_rank
     R = d.rope
     nh = d.heads
     nope = d.nope
-    v_dim = d.v_dim
     scale = d.softmax_scale
-    interleave = d.interleave
     slot = b.rows[i]
     p = b.rpos[i]
     idx = p % d.window
     vals = b.vals[layer, slot]
     keys = b.keys[layer, slot]
     kv = b.kv[i]
-    q = b.q[i]
-    cos_t = b.rope_cos[i]
-    sin_t = b.rope_sin[i]
     _rmsnorm(kv[:C], a.kv_a_norm[layer], d.lora_eps, vals[idx])
-    _rope_apply(kv, C, cos_t, sin_t, interleave)
+    _rope_apply(kv, C, b.rope_cos[i], b.rope_sin[i], d.interleave)
     for c in range(C):
         keys[c, idx] = vals[idx, c]
     for r in range(R):
@@ -438,25 +434,15 @@ def _attend_row(i, layer, b, a, d):
     nb = (n_valid + 15) // 16         # 16-position blocks: lanes past n_valid are computed, never read
     Cp = vals.shape[1]
     Wp = keys.shape[1]
-    Vp = b.vout.shape[2]
-    w_uk = a.w_uk[layer]
-    w_uvt = a.w_uvt[layer]
-    s = b.scores[i]
-    s2 = b.scores2[i]
-    qa = b.qabs[i]
-    ctx = b.ctx[i]
-    vo = b.vout[i]
-    out = b.attn_out[i]
-    ebits = b.ebits[i]
-    escale = b.escale[i]
-    lanes = b.lanes[i]
+    s = b.scores                  # one row's scratch: rows attend one after another
+    s2 = b.scores2
+    ebits = b.ebits[0]
+    escale = b.escale[0]
+    lanes = b.lanes
     Dq = nope + R
-    for hh in range(nh):
-        _rope_apply(q, hh * Dq + nope, cos_t, sin_t, interleave)
-    # Query into the latent, then scores (latent part and rotary part), all heads together.
-    rows_dot(qa, 0, Cp, Cp, q, 0, Dq, nope, w_uk, 0, nope * Cp, Cp, nh)
-    rows_dot(s, 0, Wp, nb * 16, qa, 0, Cp, C, keys, 0, 0, Wp, nh)
-    rows_dot(s2, 0, Wp, nb * 16, q, nope, Dq, R, keys, C * Wp, 0, Wp, nh)
+    # Scores (latent part and rotary part), all heads together.
+    rows_dot(s, 0, Wp, nb * 16, b.qabs[i], 0, Cp, C, keys, 0, 0, Wp, nh)
+    rows_dot(s2, 0, Wp, nb * 16, b.q[i], nope, Dq, R, keys, C * Wp, 0, Wp, nh)
     # Softmax over whole 16-position blocks (whole vectors, no scalar tails); the lanes past
     # n_valid are left out of the max and zeroed before the sum.
     nw = nb * 16
@@ -470,12 +456,7 @@ def _attend_row(i, layer, b, a, d):
         total = _sum_blocked(s[hh], nb, lanes)
         for j in range(nw):
             s[hh, j] = s[hh, j] / total
-    # The attention-weighted latent, then into each head's values.
-    rows_dot(ctx, 0, Cp, Cp, s, 0, Wp, n_valid, vals, 0, 0, Cp, nh)
-    rows_dot(vo, 0, Vp, Vp, ctx, 0, Cp, C, w_uvt, 0, Cp * Vp, Vp, nh)
-    for hh in range(nh):
-        for vv in range(v_dim):
-            out[hh * v_dim + vv] = vo[hh, vv]
+    rows_dot(b.ctx[i], 0, Cp, Cp, s, 0, Wp, n_valid, vals, 0, 0, Cp, nh)
 
 
 @njit(cache=True, error_model="numpy")
@@ -510,8 +491,32 @@ def _attention_rows(layer, lo, hi, b, w, d):
         gemm_rows(xq32, xs, rows, False, lo, hi, a.q_b_q[layer], a.q_b_r[layer], a.q_b_s[layer], qd, b.q, acc)
     else:
         gemm_rows(xq32, xs, rows, False, lo, hi, a.q_q[layer], a.q_r[layer], a.q_s[layer], qd, b.q, acc)
+    # The absorbed kv_b_proj halves, one head at a time over all rows of the pass (each row a
+    # problem of rows_dot): a head's weights are read once per pass, not once per row.
+    nh = d.heads
+    nope = d.nope
+    Dq = nope + d.rope
+    Cp = b.qabs.shape[2]
+    Vp = b.vout.shape[2]
+    qs = b.q.shape[1]
+    for i in range(lo, hi):
+        for hh in range(nh):
+            _rope_apply(b.q[i], hh * Dq + nope, b.rope_cos[i], b.rope_sin[i], d.interleave)
+    w_uk = a.w_uk[layer]
+    w_uvt = a.w_uvt[layer]
+    for hh in range(nh):
+        rows_dot(b.qabs, (lo * nh + hh) * Cp, nh * Cp, Cp, b.q, lo * qs + hh * Dq, qs, nope, w_uk, hh * nope * Cp,
+                 0, Cp, hi - lo)
     for i in range(lo, hi):
         _attend_row(i, layer, b, a, d)
+    for hh in range(nh):
+        rows_dot(b.vout, (lo * nh + hh) * Vp, nh * Vp, Vp, b.ctx, (lo * nh + hh) * Cp, nh * Cp, C, w_uvt,
+                 hh * Cp * Vp, 0, Vp, hi - lo)
+    v_dim = d.v_dim
+    for i in range(lo, hi):
+        for hh in range(nh):
+            for vv in range(v_dim):
+                b.attn_out[i, hh * v_dim + vv] = b.vout[i, hh, vv]
     nv = d.heads * d.v_dim
     for i in range(lo, hi):
         xs[i] = quantize_row_u8(b.attn_out[i, :nv], xq[i])
@@ -915,10 +920,10 @@ def buffer_shapes(cfg, *, capacity: int, window: int, rows: int, top_k: int, n_e
         "outputs": ((N, max(n_outputs, 1)), f32), "x": ((N, H), f32), "h": ((N, H), f32),
         "xq": ((N, widest), u8), "xs": ((N,), f32), "q": ((N, nh * cfg.qk_head_dim), f32),
         "kv": ((N, C + R), f32), "q_low": ((N, cfg.q_lora_rank or 1), f32), "qabs": ((N, nh, Cp), f32),
-        "scores": ((N, nh, Wp), f32), "scores2": ((N, nh, Wp), f32), "ctx": ((N, nh, Cp), f32),
+        "scores": ((nh, Wp), f32), "scores2": ((nh, Wp), f32), "ctx": ((N, nh, Cp), f32),
         "vout": ((N, nh, padded16(cfg.v_head_dim)), f32), "attn_out": ((N, nh * cfg.v_head_dim), f32),
         "rope_cos": ((N, R // 2), f32), "rope_sin": ((N, R // 2), f32), "ebits": ((A, max(Wp, inter)), i32),
-        "lanes": ((N, 16), f32), "eout": ((A, inter), f32), "mid": ((A, 2 * inter), f32),
+        "lanes": ((16,), f32), "eout": ((A, inter), f32), "mid": ((A, 2 * inter), f32),
         "midq": ((A, padded_k(inter)), u8), "ms": ((A,), f32), "acc": ((A, 32), i32),
         "shared_out": ((N, H), f32), "yout": ((N * top_k, H), f32), "router_logits": ((N, n_experts), f32),
         "keys": ((cfg.num_hidden_layers, S, C + R, Wp), f32), "vals": ((cfg.num_hidden_layers, S, W, Cp), f32),
