@@ -16,8 +16,9 @@ Printed, one engine thread, context ``--context`` tokens per stream:
   stepping them (all streams batched, one token per step), and against stepping one
   stream alone one token at a time (timed on ``--solo`` streams, scaled to all);
 - llama.cpp (``llama_cpp``, a benchmark-only dependency, when importable: a GGUF Q8_0 of the
-  same weights must be given with ``--gguf``; ``benchmarks/make_gguf.py`` converts the checkpoint)
-  and transformers eager (``--reference``).
+  same weights must be given with ``--gguf``; ``benchmarks/make_gguf.py`` converts the checkpoint):
+  its batch-1 decode, and its prefill of the same streams (one ``eval`` of each stream's tokens)
+  and transformers eager (``--reference``) and compiled with a static cache (``--compiled``).
 
 Run it from a checkout (``PYTHONPATH=. python benchmarks/bench_midsize.py``); the same script
 runs against an older checkout's engine (without ``prefill`` it reports stepping only).
@@ -71,6 +72,29 @@ def memory_gbps(mib: int = 256) -> tuple[float, float]:
     return a.nbytes / min(copy) / 1e9, a.nbytes / min(read) / 1e9
 
 
+@torch.inference_mode()
+def time_compiled(model, context: int, steps: int, rng) -> dict:
+    """transformers' model under ``torch.compile`` (static shapes) decoding with a static cache
+    after ``context`` tokens (filled by one eager forward): the first compiled step (compiling)
+    and the median of the rest, batch 1."""
+    from transformers import StaticCache
+
+    from sdk.bench import reference_model
+    ref = reference_model(model)
+    vocab = model.config.vocab_size
+    cache = StaticCache(config=ref.config, max_cache_len=context + steps + 1)
+    ref(input_ids=torch.tensor(rng.integers(0, vocab, (1, context))), cache=cache,
+        position_ids=torch.arange(context)[None], use_cache=True)
+    compiled = torch.compile(ref, dynamic=False)
+    times = []
+    for t in range(steps):
+        token = torch.tensor([[int(rng.integers(0, vocab))]])
+        start = time.perf_counter()
+        compiled(input_ids=token, cache=cache, position_ids=torch.tensor([[context + t]]), use_cache=True)
+        times.append(time.perf_counter() - start)
+    return {"first_step_s": times[0], "ms": float(np.median(times[1:])) * 1e3}
+
+
 def step_bytes_batch1(cfg) -> int:
     """Weight bytes a batch-1 decode step reads: int8 projections, float32 absorbed kv_b
     halves, SwiGLU blocks (dense, shared, top-k routed), the head; norms and router ignored."""
@@ -94,8 +118,11 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=64, help="streams to prefill")
     p.add_argument("--solo", type=int, default=2, help="streams stepped alone for the one-at-a-time figure")
     p.add_argument("--no-prefill", action="store_true")
-    p.add_argument("--prefill-rows", default="64", help="comma-separated rows per prefill pass (default 64)")
+    p.add_argument("--prefill-rows", default="256",
+                   help="comma-separated rows per prefill pass (default 256, the engine's default)")
     p.add_argument("--reference", action="store_true", help="also time transformers eager (batch 1)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time transformers compiled (torch.compile, static cache; batch 1)")
     p.add_argument("--gguf", help="a Q8_0 GGUF of the same checkpoint for llama.cpp")
     p.add_argument("--json", dest="json_file")
     args = p.parse_args()
@@ -165,6 +192,8 @@ def main() -> None:
         ref = reference_model(model)
         report["transformers_eager_b1_ms"] = float(np.median(_time_reference(ref, 1, args.steps, 5,
                                                                               cfg.vocab_size))) * 1e3
+    if args.compiled:
+        report["transformers_compiled_b1"] = time_compiled(model, args.context, args.steps, rng)
     try:
         import llama_cpp
     except ImportError:
@@ -179,6 +208,12 @@ def main() -> None:
                 llm.eval([int(rng.integers(0, cfg.vocab_size))])
                 times.append(time.perf_counter() - start)
             report["llama_cpp"] = {"b1_ms": float(np.median(times)) * 1e3}
+            if not args.no_prefill:
+                start = time.perf_counter()
+                for s in range(args.streams):
+                    llm.reset()
+                    llm.eval(tokens[s].tolist())
+                report["llama_cpp"]["prefill_s"] = time.perf_counter() - start
         else:
             report["llama_cpp"] = "no --gguf given: skipped"
     print(json.dumps(report, indent=2))
