@@ -119,8 +119,10 @@ def test_gateway_scoring_by_hand():
         # a: healthy decisions, a fail-safe one inside the fault (not an alarm), alarm 30 ms after onset
         [dec(900, quiet), dec(990, quiet), dec(1010, quiet, "failsafe"), dec(1030, imb), dec(1100, quiet),
          dec(1300, imb), dec(1400, imb)],
-        # b: healthy machine, one alarm lasting two decisions (counts once), then a second one
-        [dec(900, quiet), dec(950, bear), dec(960, bear), dec(970, quiet), dec(980, imb)],
+        # b: healthy machine, one alarm lasting two decisions (counts once) and on across a
+        # fail-safe decision (no judgement: still the same alarm), then a second one
+        [dec(900, quiet), dec(950, bear), dec(955, quiet, "failsafe"), dec(960, bear), dec(970, quiet),
+         dec(980, imb)],
         # c: never alarms: missed
         [dec(900, quiet), dec(1500, quiet)],
     ]
@@ -130,7 +132,7 @@ def test_gateway_scoring_by_hand():
     assert a["failsafe"] == 1
     # scored: 900, 990 (healthy, no alarm: right), 1300, 1400 (faulty, alarm: right); 1030/1100 in grace
     assert a["accuracy"] == 1.0
-    assert b["false_alarms"] == 2 and b["delay_ms"] is None and b["accuracy"] == 0.4
+    assert b["false_alarms"] == 2 and b["failsafe"] == 1 and b["delay_ms"] is None and b["accuracy"] == 0.4
     assert c["delay_ms"] is None and c["diagnosed"] is None and c["accuracy"] == 0.5
     s = r["summary"]
     assert (s["faulted"], s["detected"], s["diagnosed_right"], s["false_alarms"]) == (2, 1, 1, 2)

@@ -142,7 +142,10 @@ def score(names: list[str], kind: np.ndarray, onset_wall_ns: np.ndarray, decisio
         row["failsafe"] = int((~ok).sum())
         onset = onset_wall_ns[i]
         faulty = (t >= onset) if onset >= 0 else np.zeros(len(t), bool)
-        rising = alarm & ~np.concatenate(([False], alarm[:-1]))
+        # A fail-safe decision is no judgement: an alarm on both sides of one is one alarm.
+        judged = alarm[ok]
+        rising = np.zeros(len(t), bool)
+        rising[ok] = judged & ~np.concatenate(([False], judged[:-1]))
         row["false_alarms"] = int((rising & ~faulty).sum())
         if onset >= 0:
             hits = np.flatnonzero(alarm & faulty)
