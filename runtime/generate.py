@@ -2,11 +2,10 @@
 
 This is the engine-side half of text generation (``sdk.text`` adds the tokenizer, the chat
 template and grammar constraints on top; ``model.generate`` of an int8 model calls it
-directly). Every engine step feeds one token to every active row: the next prompt token while
-the row is still reading its prompt, then the token chosen from the previous step's logits.
-Prompts are fed token by token through ``Engine.step_tokens`` (there is no batched prefill
-yet), so a prompt of T tokens costs T steps; rows with prompts of different lengths share
-steps, each at its own position.
+directly). Each row's prompt goes in through ``Engine.prefill`` (passes of many positions
+through the same GEMMs), whose last logits give the row's first token; then every engine step
+feeds each active row the token chosen from its previous logits, rows at their own positions.
+Prefill leaves the very cache and logits that stepping the prompt token by token would.
 
 A row's tokens depend only on its own prompt and rule: the engine is batch invariant, so a
 row decodes to the same tokens alone or beside any other rows, in any slot.
@@ -122,37 +121,48 @@ def decode(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
             r.status = MAX_NEW_TOKENS
         return results
 
-    cursor = np.ones(n, dtype=np.int64)              # next prompt token to feed, per row
-    active = list(range(n))
-    act_slots = slots.copy()
-    act_feed = np.array([p[0] for p in prompts], dtype=np.int64)
-    while active:
-        if deadline is not None and clock() >= deadline:
-            now = clock()
-            for r in active:
-                results[r].status, results[r].ended_at = DEADLINE, now
+    def take(r: int, row_logits: np.ndarray) -> int | None:
+        """Row r's next token from its logits; None once the row has ended."""
+        res = results[r]
+        token = rules[r].choose(row_logits)
+        res.tokens.append(token)
+        if res.first_token_at is None:
+            res.first_token_at = clock()
+        if on_token is not None:
+            on_token(r, token)
+        if rules[r].accept(token):
+            res.ended_at = clock()
+            res.status = FINISHED if deadline is None or res.ended_at < deadline else DEADLINE
+        elif len(res.tokens) >= max_new_tokens:
+            res.status, res.ended_at = MAX_NEW_TOKENS, clock()
+        else:
+            return token
+        return None
+
+    def out_of_time(rows: Sequence[int]) -> bool:
+        if deadline is None or clock() < deadline:
+            return False
+        now = clock()
+        for r in rows:
+            results[r].status, results[r].ended_at = DEADLINE, now
+        return True
+
+    active, feed = [], []
+    for r in range(n):
+        if out_of_time(range(r, n)):
             break
+        token = take(r, engine.prefill(int(slots[r]), prompts[r]))
+        if token is not None:
+            active.append(r)
+            feed.append(token)
+    act_slots = slots[active]
+    act_feed = np.array(feed, dtype=np.int64)
+    while active and not out_of_time(active):
         logits = engine.step_tokens(act_slots, act_feed)
         keep = []
         for j, r in enumerate(active):
-            if cursor[r] < len(prompts[r]):
-                act_feed[j] = prompts[r][cursor[r]]
-                cursor[r] += 1
-                keep.append(j)
-                continue
-            res = results[r]
-            token = rules[r].choose(logits[j])
-            res.tokens.append(token)
-            if res.first_token_at is None:
-                res.first_token_at = clock()
-            if on_token is not None:
-                on_token(r, token)
-            if rules[r].accept(token):
-                res.ended_at = clock()
-                res.status = FINISHED if deadline is None or res.ended_at < deadline else DEADLINE
-            elif len(res.tokens) >= max_new_tokens:
-                res.status, res.ended_at = MAX_NEW_TOKENS, clock()
-            else:
+            token = take(r, logits[j])
+            if token is not None:
                 act_feed[j] = token
                 keep.append(j)
         if len(keep) != len(active):
