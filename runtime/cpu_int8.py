@@ -315,22 +315,22 @@ def rows_dot(dst, dst_off, dst_hs, width, p, p_off, p_hs, n, src, src_off, src_h
     while b < width:
         four = b + 4 * LANES <= width
         h = 0
-        while h + 4 <= heads:
-            if four:
-                _rows_dot4x4(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
-                             src_off + h * src_hs + b, src_hs, stride)
-            else:
-                _rows_dot4x1(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
-                             src_off + h * src_hs + b, src_hs, stride)
-            h += 4
         while h < heads:
-            if four:
-                _rows_dot1x4(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
-                             src_off + h * src_hs + b, src_hs, stride)
+            d0 = dst_off + h * dst_hs + b
+            p0 = p_off + h * p_hs
+            s0 = src_off + h * src_hs + b
+            if h + 4 <= heads:
+                if four:
+                    _rows_dot4x4(dst, d0, dst_hs, p, p0, p_hs, n, src, s0, src_hs, stride)
+                else:
+                    _rows_dot4x1(dst, d0, dst_hs, p, p0, p_hs, n, src, s0, src_hs, stride)
+                h += 4
             else:
-                _rows_dot1x1(dst, dst_off + h * dst_hs + b, dst_hs, p, p_off + h * p_hs, p_hs, n, src,
-                             src_off + h * src_hs + b, src_hs, stride)
-            h += 1
+                if four:
+                    _rows_dot1x4(dst, d0, dst_hs, p, p0, p_hs, n, src, s0, src_hs, stride)
+                else:
+                    _rows_dot1x1(dst, d0, dst_hs, p, p0, p_hs, n, src, s0, src_hs, stride)
+                h += 1
         b += 4 * LANES if four else LANES
 
 
