@@ -290,6 +290,28 @@ def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
             assert np.array_equal(out2, want)
 
 
+@pytest.mark.parametrize("heads, width, n", [(1, 16, 7), (4, 64, 33), (5, 80, 16), (9, 144, 1), (3, 48, 0)])
+def test_rows_dot_gives_the_bits_of_the_scalar_loop(heads, width, n):
+    """rows_dot (four problems x four 16-lane blocks per kernel pass, then the leftovers) against
+    the scalar loop ``d = 0; d += p[k] * s[k]`` in float32, rounding after each multiply and add."""
+    from runtime.cpu_int8 import rows_dot
+
+    rng = np.random.default_rng(heads * 1000 + width + n)
+    stride, src_hs, p_hs, dst_hs = width + 16, (n + 1) * (width + 16), n + 3, width + 32
+    src = rng.normal(size=heads * src_hs + 16).astype(np.float32)
+    p = rng.normal(size=heads * p_hs + 2).astype(np.float32)
+    dst = np.full(heads * dst_hs + 8, np.nan, np.float32)
+    rows_dot(dst, 8, dst_hs, width, p, 2, p_hs, n, src, 16, src_hs, stride, heads)
+    for h in range(heads):
+        want = np.zeros(width, np.float32)
+        for k in range(n):
+            row = src[16 + h * src_hs + k * stride:][:width]
+            want = want + p[2 + h * p_hs + k] * row          # float32 multiply, then float32 add
+        got = dst[8 + h * dst_hs:][:width]
+        assert np.array_equal(got.view(np.int32), want.view(np.int32)), h
+        assert np.isnan(dst[8 + h * dst_hs + width:][:dst_hs - width]).all()     # nothing past width
+
+
 def test_prefill_leaves_the_cache_that_stepping_leaves(lm):
     """A stream's history in chunked passes (window wrapping, several passes, other slots
     busy) gives bitwise the cache, position and logits of stepping it token by token."""
