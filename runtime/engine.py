@@ -45,7 +45,10 @@ no parallel region to launch or to wait for (a pool thread preempted by another 
 stall the whole step), and one compiled entry point (Numba re-optimises everything a function
 calls for each entry point, so fewer entries compile faster). Every weight matrix goes through
 one int8 GEMM for all rows of the pass, and routed experts run once each over all the tokens
-routed to them (the dispatch plan), reading each expert's weights once per step. The kernels
+routed to them (the dispatch plan), reading each expert's weights once per step; the absorbed
+``kv_b_proj`` products run one head at a time over all rows, reading a head's weights once per
+step. A prefill pass takes up to ``PREFILL_ROWS`` positions, so each expert sees many rows per
+weight read. The kernels
 compile with Numba's numpy error model: no zero-division check per ``/`` or ``%`` (those
 branches keep loops from vectorising); no divisor can be zero (norms add eps > 0, softmax sums
 hold at least exp(0), ``runtime.quant.pack_int8`` refuses an adapter std of zero).
