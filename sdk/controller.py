@@ -1185,6 +1185,8 @@ def render_stats(stats: dict) -> None:
     wd = stats["watchdog"]
     print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
           f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))
+    print(f"bumpless        tracking cycles {stats['tracking_cycles']}  warm-ups {wd['warmups']}  "
+          f"gaps filled {wd['gaps_filled']}")
     rt = ", ".join(f"{k} {'yes' if v.get('applied') else 'no'}" for k, v in stats["rt_applied"].items()
                    if "applied" in v)
     print(f"real-time       {rt or 'not requested'}")

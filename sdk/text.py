@@ -475,7 +475,7 @@ class TextGenerator:
                  max_think_tokens: int | None = None, schema: DecisionSchema | dict | None = None,
                  deadline: float | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
         """Generate from one prompt (see :meth:`generate_batch`); ``on_text`` receives the text
-        as it is generated (streaming)."""
+        as it is generated (streaming), with a line break where the reasoning ends."""
         return self.generate_batch([prompt], chat=chat, max_new_tokens=max_new_tokens,
                                    max_think_tokens=max_think_tokens, schema=schema, deadline=deadline,
                                    on_text=on_text)[0]
@@ -510,6 +510,8 @@ class TextGenerator:
                 if not text.endswith("\ufffd") and len(text) > len(shown[0]):   # wait for whole characters
                     on_text(text[len(shown[0]):])
                     shown[0] = text
+                if token == self.tokenizer.think_close_id:
+                    on_text("\n")          # the reasoning ends: the answer starts on a line of its own
 
         start = self.clock()
         rows = decode(self.engine, ids, max_new_tokens, rules=rules, deadline=deadline, on_token=on_token,
