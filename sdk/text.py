@@ -475,7 +475,7 @@ class TextGenerator:
                  max_think_tokens: int | None = None, schema: DecisionSchema | dict | None = None,
                  deadline: float | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
         """Generate from one prompt (see :meth:`generate_batch`); ``on_text`` receives the text
-        as it is generated (streaming), with a line break where the reasoning ends."""
+        as it is generated (streaming), and a line break where the reasoning ends (``</think>``)."""
         return self.generate_batch([prompt], chat=chat, max_new_tokens=max_new_tokens,
                                    max_think_tokens=max_think_tokens, schema=schema, deadline=deadline,
                                    on_text=on_text)[0]
@@ -491,7 +491,7 @@ class TextGenerator:
         forced unless the prompt already opened it (R1's template does), at most that many
         tokens follow, then ``</think>``. With ``schema`` the answer is a JSON decision
         constrained by its grammar. ``deadline`` is a ``clock()`` time. ``on_text``
-        streams the first row's text.
+        streams the first row's text (a line break added where its reasoning ends).
         """
         if schema is not None and not isinstance(schema, DecisionSchema):
             schema = DecisionSchema(schema)
@@ -511,7 +511,7 @@ class TextGenerator:
                     on_text(text[len(shown[0]):])
                     shown[0] = text
                 if token == self.tokenizer.think_close_id:
-                    on_text("\n")          # the reasoning ends: the answer starts on a line of its own
+                    on_text("\n")          # the answer starts on a line of its own
 
         start = self.clock()
         rows = decode(self.engine, ids, max_new_tokens, rules=rules, deadline=deadline, on_token=on_token,

@@ -220,7 +220,7 @@ def test_an_answer_cut_by_its_deadline_replays_its_prefix(tmp_path, lm):
     gen = TextGenerator.load(lm, window=256, clock=lambda: next(ticks))   # one tick per clock read
     full = gen.generate(prompt, chat=True, max_new_tokens=64, max_think_tokens=8, schema=schema)
     cut = gen.generate(prompt, chat=True, max_new_tokens=64, max_think_tokens=8, schema=schema,
-                       deadline=next(ticks) + full.prompt_tokens + len(full.tokens) // 2)
+                       deadline=next(ticks) + len(full.tokens) // 2)     # the prompt is one prefill
     assert cut.status == "deadline" and 0 < len(cut.tokens) < len(full.tokens)
     header = {"advisor": {"package": {"path": str(lm)}, "template": PROMPT, "schema": schema.schema,
                           "sets": ["level_sp", "temp_sp"], "max_tokens": 64, "max_think_tokens": 8, "window": 256,

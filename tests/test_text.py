@@ -276,7 +276,8 @@ def test_cli_generate_streams_and_reports_json(text_ckpt, tmp_path, capsys):
     assert report["think_tokens"] <= 8 and DecisionSchema(SCHEMA).check(report["decision"]) == []
     assert main(base + ["--max-think-tokens", "8", "--schema", str(schema)]) == 0
     out = capsys.readouterr().out
-    assert report["text"] in out and "decision: " + json.dumps(report["decision"]) in out
+    shown = report["text"].replace("</think>", "</think>\n")        # the answer on a line of its own
+    assert shown in out and "decision: " + json.dumps(report["decision"]) in out
 
     assert main(base + ["--max-think-tokens", "8", "--schema", str(schema), "--max-new-tokens", "12", "--json"]) == 1
     cut = json.loads(capsys.readouterr().out)
