@@ -562,8 +562,16 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
     return report
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:9.2f} GB"
+def _gb(n: int, unit: str = "GB") -> str:
+    return f"{n / _UNITS[unit]:9.2f} {unit}"
+
+
+_UNITS = {"GB": 1e9, "MB": 1e6, "KB": 1e3}
+
+
+def _unit(n: int) -> str:
+    """The unit a table whose largest figure is ``n`` bytes is written in (GB from 1 GB up)."""
+    return "GB" if n >= 1e9 else "MB" if n >= 1e6 else "KB"
 
 
 def _params(n: int) -> str:
@@ -594,6 +602,9 @@ def render_plan(report: dict[str, Any], out=None) -> None:
     w = out.write
     n_dev = report["devices"]
     gpu = f"{a['gpu_mem_gb']:g} GB"
+    cpu = report.get("engine") == "cpu"
+    memory = "host memory" if cpu else "GPU memory"
+    unit = _unit(report.get("bytes_all_devices", report["bytes"]["total"]))
     w(f"Memory plan for {report['source']} ({report['kind']}), quant {report['quant']}, "
       f"{report['keep_experts']} of {report['n_routed_experts']} routed experts kept in each of "
       f"{report['n_moe_layers']} MoE layers ({report['num_hidden_layers']} layers)"
@@ -610,7 +621,8 @@ def render_plan(report: dict[str, Any], out=None) -> None:
         w(f"  {'part':<19}{'params':>12}{'bytes':>13}\n")
     notes = {
         "kv_cache": f"{a['streams']} streams x {a['window']} tokens x {a['kv_cache']}",
-        "runtime_reserve": "CUDA context, workspace, activations (--reserve-gb)",
+        "runtime_reserve": ("the process beside the engine (--reserve-gb)" if cpu
+                            else "CUDA context, workspace, activations (--reserve-gb)"),
     }
     if n_dev > 1:
         t = report["traffic"]
@@ -623,26 +635,26 @@ def render_plan(report: dict[str, Any], out=None) -> None:
     last = ("kv_cache", "runtime_reserve", "total")
     for part in [p for p in report["bytes"] if p not in last] + ["kv_cache", "runtime_reserve"]:
         count = _params(report['params'][part]) if part in report["params"] else ""
-        cells = "".join(f"{_gb(d['bytes'][part]):>13}" for _, _, d in groups)
+        cells = "".join(f"{_gb(d['bytes'][part], unit):>13}" for _, _, d in groups)
         note = f"   {notes[part]}" if part in notes else ""
         w(f"  {part:<19}{count:>12}{cells}{note}\n")
     w(f"  {'-' * (31 + 13 * len(groups))}\n")
-    cells = "".join(f"{_gb(d['bytes']['total']):>13}" for _, _, d in groups)
+    cells = "".join(f"{_gb(d['bytes']['total'], unit):>13}" for _, _, d in groups)
     w(f"  {'total':<19}{_params(report['params_total']):>12}{cells}\n")
     if n_dev > 1:
-        w(f"  {f'all {n_dev} devices':<19}{'':>12}{_gb(report['bytes_all_devices']):>13}\n")
+        w(f"  {f'all {n_dev} devices':<19}{'':>12}{_gb(report['bytes_all_devices'], unit):>13}\n")
     if report.get("host_bytes"):
-        w(f"  {'host memory':<19}{'':>12}{_gb(report['host_bytes']['total']):>13}   "
+        w(f"  {'host memory':<19}{'':>12}{_gb(report['host_bytes']['total'], unit):>13}   "
           "pinned logits buffers (and the expert store's staging buffer)" + (", per device" if n_dev > 1 else "")
           + "\n")
     w("\n")
     w(f"  parameters active per token: {_params(report['params_active']).strip()}\n")
     w(f"  linear weights: {a['linears']}; {a['float_parts']}; {a['units']}\n")
-    w(f"  each kept expert per layer adds {_gb(report['bytes_per_kept_expert']).strip()} "
+    w(f"  each kept expert per layer adds {_gb(report['bytes_per_kept_expert'], unit).strip()} "
       f"over {report['n_moe_layers']} MoE layers\n")
     verdict = "fits" if report["fits"] else "does NOT fit"
     where = f"{n_dev} x {gpu}" if n_dev > 1 else gpu
-    w(f"  GPU memory {where}: {verdict} (headroom {report['headroom_bytes'] / 1e9:.2f} GB"
+    w(f"  {memory} {where}: {verdict} (headroom {report['headroom_bytes'] / 1e9:.2f} GB"
       + (" on the fullest device" if n_dev > 1 else "") + ")\n")
     mk, md = report["max_keep_experts"], report["min_devices"]
     if not report["n_moe_layers"]:

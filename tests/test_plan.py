@@ -371,3 +371,14 @@ def test_readme_shows_what_the_planner_prints(capsys):
             assert printed[start:start + len(shown)] == shown
         else:
             assert printed == shown
+
+
+def test_a_cpu_plan_of_a_small_package_speaks_of_host_memory_in_megabytes(capsys):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "sdk" / "demo" / "model"
+    assert cli.main(["plan", str(demo), "--engine", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "host memory 80 GB: fits" in out and "GPU memory" not in out and "CUDA context" not in out
+    total = next(line for line in out.splitlines() if line.strip().startswith("total"))
+    assert total.endswith(" MB") and float(total.split()[-2]) > 1.0, total
