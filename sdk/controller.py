@@ -296,7 +296,9 @@ class Controller:
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "tracking_cycles": 0,
                          "tracking_stream_cycles": 0, "valid_input_cycles": 0,
                          "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
-                         "sink_errors": 0, "record_errors": 0}
+                         "sink_errors": 0, "record_errors": 0, "mode_changes": 0}
+        self._logged_mode = np.full(capacity, -1, np.int16)      # each slot's mode as last logged
+        self._mode_diff = np.zeros(capacity, bool)
         self.failsafe_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
         self.held_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
         self.invalid_by_signal = np.zeros((len(self.input_names), len(INVALID_NAMES)), dtype=np.int64)
@@ -675,6 +677,21 @@ class Controller:
                     except Exception as exc:
                         self._error("write_errors", exc)
 
+    def _mode_changed(self, slot: int, mode: int) -> None:
+        """Log a stream's change of mode (auto, manual, warm-up): the first 1,000 of a run; the
+        rest are counted in ``mode_changes`` only (a flapping mode input must not flood the log)."""
+        before = int(self._logged_mode[slot])
+        self._logged_mode[slot] = mode
+        stream = self._slot_names[slot]
+        if before < 0:
+            return
+        self.counters["mode_changes"] += 1
+        n = self.counters["mode_changes"]
+        if n <= 1000:
+            logger.info("stream %r: %s -> %s", stream, MODE_NAMES[before], MODE_NAMES[mode])
+        if n == 1000:
+            logger.warning("1,000 mode changes logged: further ones are counted in mode_changes only")
+
     # ------------------------------------------------------------------ streams and inputs
     def _slot(self, stream: str) -> int | None:
         slot = self.slots.get(stream)
@@ -690,6 +707,7 @@ class Controller:
             return None
         self.slots[stream] = slot
         self._slot_names[slot] = stream
+        self._logged_mode[slot] = -1
         self.cycle.reset_slot(slot)
         if self.shadow is not None:
             self.shadow.reset_slot(slot)
@@ -803,6 +821,12 @@ class Controller:
             c["tracking_stream_cycles"] += cycle.n_tracking
         if n_fs or n_hold:
             self._count_failures()
+        diff = self._mode_diff
+        np.not_equal(cycle.mode, self._logged_mode, out=diff)
+        np.logical_and(diff, cycle.active, out=diff)
+        if diff.any():
+            for slot in np.flatnonzero(diff):
+                self._mode_changed(int(slot), int(cycle.mode[slot]))
 
     def _count_failures(self) -> None:
         """Fail-safe and held cycles by reason (once per reason per cycle) and invalid input
@@ -1185,8 +1209,8 @@ def render_stats(stats: dict) -> None:
     wd = stats["watchdog"]
     print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
           f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))
-    print(f"bumpless        tracking cycles {stats['tracking_cycles']}  warm-ups {wd['warmups']}  "
-          f"gaps filled {wd['gaps_filled']}")
+    print(f"bumpless        tracking cycles {stats['tracking_cycles']}  mode changes {stats['mode_changes']}  "
+          f"warm-ups {wd['warmups']}  gaps filled {wd['gaps_filled']}")
     rt = ", ".join(f"{k} {'yes' if v.get('applied') else 'no'}" for k, v in stats["rt_applied"].items()
                    if "applied" in v)
     print(f"real-time       {rt or 'not requested'}")

@@ -15,6 +15,8 @@ bit for bit.
 """
 from __future__ import annotations
 
+import logging
+
 import shutil
 import subprocess
 import threading
@@ -217,7 +219,8 @@ def test_manual_auto_is_bumpless_both_ways_and_the_model_keeps_stepping(tmp_path
     assert replay(tmp_path / "rec")["identical"]
 
 
-def test_set_mode_and_the_zmq_control_command_switch_a_stream(tmp_path):
+def test_set_mode_and_the_zmq_control_command_switch_a_stream(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="sdk.controller")
     zmq = '[zmq]\nsensors = "tcp://127.0.0.1:*"\ndecisions = "tcp://127.0.0.1:*"\ncontrol = "tcp://127.0.0.1:*"\n'
     deploy = factory_deploy(tmp_path)
     no_mode = {k: v for k, v in GOOD.items() if k != "auto"}
@@ -240,6 +243,11 @@ def test_set_mode_and_the_zmq_control_command_switch_a_stream(tmp_path):
         # a newer value from the inputs wins over an older request
         ctrl.step({**no_mode, "auto": 0.0})
         assert ctrl.status()["mode"] == "manual"
+        logged = [r.getMessage() for r in caplog.records]
+        changes = [m for m in logged if m.startswith("stream 'main': ") and " -> " in m]
+        assert changes[-3:] == ["stream 'main': manual -> warmup", "stream 'main': warmup -> auto",
+                                "stream 'main': auto -> manual"], changes
+        assert ctrl.stats()["mode_changes"] == len(changes)
     # over ZeroMQ: sensor frames without the switch, the mode from the control socket
     from plc_bridge.zmq_bridge import SensorPublisher
     deploy.write_text(deploy.read_text() + zmq)
