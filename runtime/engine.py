@@ -475,7 +475,10 @@ def _attention_rows(layer, lo, hi, b, w, d):
     acc = b.acc
     rows = b.rows
     C = d.kv_rank
-    qd = d.heads * (d.nope + d.rope)
+    nh = d.heads
+    nope = d.nope
+    Dq = nope + d.rope
+    qd = nh * Dq
     norm = w.input_norm[layer]
     for i in range(lo, hi):
         _rmsnorm(x[i], norm, d.eps, h[i])
@@ -496,19 +499,15 @@ def _attention_rows(layer, lo, hi, b, w, d):
         gemm_rows(xq32, xs, rows, False, lo, hi, a.q_q[layer], a.q_r[layer], a.q_s[layer], qd, b.q, acc)
     # The absorbed kv_b_proj halves, one head at a time over all rows of the pass (each row a
     # problem of rows_dot): a head's weights are read once per pass, not once per row.
-    nh = d.heads
-    nope = d.nope
-    Dq = nope + d.rope
     Cp = b.qabs.shape[2]
     Vp = b.vout.shape[2]
-    qs = b.q.shape[1]
     for i in range(lo, hi):
         for hh in range(nh):
             _rope_apply(b.q[i], hh * Dq + nope, b.rope_cos[i], b.rope_sin[i], d.interleave)
     w_uk = a.w_uk[layer]
     w_uvt = a.w_uvt[layer]
     for hh in range(nh):
-        rows_dot(b.qabs, (lo * nh + hh) * Cp, nh * Cp, Cp, b.q, lo * qs + hh * Dq, qs, nope, w_uk, hh * nope * Cp,
+        rows_dot(b.qabs, (lo * nh + hh) * Cp, nh * Cp, Cp, b.q, lo * qd + hh * Dq, qd, nope, w_uk, hh * nope * Cp,
                  0, Cp, hi - lo)
     for i in range(lo, hi):
         _attend_row(i, layer, b, a, d)
@@ -517,12 +516,11 @@ def _attention_rows(layer, lo, hi, b, w, d):
                  hh * Cp * Vp, 0, Vp, hi - lo)
     v_dim = d.v_dim
     for i in range(lo, hi):
+        out = b.attn_out[i, :nh * v_dim]
         for hh in range(nh):
             for vv in range(v_dim):
-                b.attn_out[i, hh * v_dim + vv] = b.vout[i, hh, vv]
-    nv = d.heads * d.v_dim
-    for i in range(lo, hi):
-        xs[i] = quantize_row_u8(b.attn_out[i, :nv], xq[i])
+                out[hh * v_dim + vv] = b.vout[i, hh, vv]
+        xs[i] = quantize_row_u8(out, xq[i])
     gemm_rows(xq32, xs, rows, False, lo, hi, a.o_q[layer], a.o_r[layer], a.o_s[layer], x.shape[1], h, acc)
     for i in range(lo, hi):
         for k in range(x.shape[1]):
@@ -1117,7 +1115,7 @@ class Engine:
             if self.adapter is None:
                 raise ValueError("this model has no I/O adapter: sensor frames need a sensor-mode package")
             err = self._run(_PREFILL_SENSOR, np.array([slot]), self._no_tokens,
-                        np.ascontiguousarray(inputs, dtype=F32))
+                            np.ascontiguousarray(inputs, dtype=F32))
             out, what = self.outputs[0], f"frames must be [T >= 1, {len(self.input_names)}], got {inputs.shape}"
         else:
             raise ValueError(f"prefill takes token ids [T] or sensor frames [T, F], got {inputs.dtype} {inputs.shape}")

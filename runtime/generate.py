@@ -90,8 +90,8 @@ def decode(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
 
     ``slots`` (default 0..n-1) are reset first. ``rules`` (default: plain greedy, never
     ending early) choose each row's tokens. ``deadline`` is a ``clock()`` time: it is checked
-    before each row's prefill and before every step, and a row that has not finished by then ends with status
-    ``deadline``, including one whose last token came after it. ``on_token(row, token)`` is
+    before each row's prefill and before every step, and a row that has not finished by then
+    ends with status ``deadline``, including one whose last token came after it. ``on_token(row, token)`` is
     called as each token is chosen (streaming). A prompt plus its budget must fit the
     engine's window, so every token attends to the whole row.
     """
