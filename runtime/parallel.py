@@ -169,15 +169,22 @@ class ParallelEngine(Engine):
     def _broadcast(self, t: torch.Tensor) -> None:
         dist.broadcast(t, self._root, group=self.group)
 
-    def _collective(self, fn, *args) -> None:
-        """Run a collective; any failure breaks the engine for good."""
+    def _check_alive(self) -> None:
         if self.failure is not None:
             raise RankFailure(f"rank {self.rank}: the parallel engine failed before: {self.failure}")
+
+    def _broken(self, e: Exception) -> RankFailure:
+        """Mark the engine broken for good by ``e``; the error to raise."""
+        self.failure = f"{type(e).__name__}: {e}"
+        return RankFailure(f"rank {self.rank}: a collective failed: {self.failure}")
+
+    def _collective(self, fn, *args) -> None:
+        """Run a collective; any failure breaks the engine for good."""
+        self._check_alive()
         try:
             fn(*args)
         except Exception as e:                      # gloo raises RuntimeError (and subclasses) for dead peers
-            self.failure = f"{type(e).__name__}: {e}"
-            raise RankFailure(f"rank {self.rank}: a collective failed: {self.failure}") from e
+            raise self._broken(e) from e
 
     def _command(self, op: int, n: int = 0, slot: int = 0, last: bool = True, ints=(), feats=None) -> None:
         """The leader's broadcast of one command (then its feature rows when ``feats`` is given)."""
@@ -199,15 +206,13 @@ class ParallelEngine(Engine):
         err = _check(self.state, mode, slots, tokens, feats)
         if err != _OK:
             return err
-        if self.failure is not None:
-            raise RankFailure(f"rank 0: the parallel engine failed before: {self.failure}")
+        self._check_alive()
         try:
             return self._staged(mode, slots, tokens, feats)
         except RankFailure:
             raise
         except Exception as e:
-            self.failure = f"{type(e).__name__}: {e}"
-            raise RankFailure(f"rank 0: a collective failed: {self.failure}") from e
+            raise self._broken(e) from e
 
     def _staged(self, mode, slots, tokens, feats) -> int:
         sensor = mode in (_STEP_SENSOR, _PREFILL_SENSOR)
@@ -266,7 +271,8 @@ class ParallelEngine(Engine):
                 self._collective(self._broadcast, self._t_cmd_feats)
             feats = self._cmd_feats[:n] if sensor else self._no_feats
             if op in (_STEP_TOKENS, _STEP_SENSOR):
-                slots, tokens = cmd[_HEADER:_HEADER + n], (self._no_tokens if sensor else cmd[_HEADER + n:_HEADER + 2 * n])
+                slots = cmd[_HEADER:_HEADER + n]
+                tokens = self._no_tokens if sensor else cmd[_HEADER + n:_HEADER + 2 * n]
             else:
                 slots, tokens = cmd[2:3], (self._no_tokens if sensor else cmd[_HEADER:_HEADER + n])
             try:
@@ -274,8 +280,7 @@ class ParallelEngine(Engine):
             except RankFailure:
                 raise
             except Exception as e:
-                self.failure = f"{type(e).__name__}: {e}"
-                raise RankFailure(f"rank {self.rank}: a collective failed: {self.failure}") from e
+                raise self._broken(e) from e
 
     def close(self) -> None:
         """The leader tells the followers to stop (no-op in one process or after a failure)."""
