@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdk.notify import ServiceMonitor
 
     config = DeployConfig.load(args.config, check_sources=not args.inputs)
-    if not args.inputs and config.modbus is None and config.zmq is None and config.opcua is None:
+    if not args.inputs and not config.has_bridges:
         raise ConfigError(f"{args.config}: no input source: configure [modbus], [zmq] or [opcua], or replay "
                           f"recorded inputs with --inputs RECORDING")
     if args.inputs:

@@ -476,7 +476,7 @@ class DeployConfig:
         config = cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
                      recorder=recorder, shadow=shadow, advisor=advisor, modbus=modbus, zmq=zmq, opcua=opcua,
                      metrics=metrics, mode=mode, base_dir=base, raw=raw)
-        if check_sources and (modbus is not None or zmq is not None or opcua is not None):
+        if check_sources and config.has_bridges:
             missing = config.unsourced_inputs()
             if missing:
                 where = ", ".join(f"inputs[{i}] {n!r}" for i, n in enumerate(i.name for i in inputs) if n in missing)
@@ -484,6 +484,11 @@ class DeployConfig:
                                   "entry with that signal, or configure [zmq] (its sensor frames may carry any "
                                   "input) or [opcua] (its input nodes are every input)")
         return config
+
+    @property
+    def has_bridges(self) -> bool:
+        """Whether any bridge ([modbus], [zmq], [opcua]) is configured: an input source for ``r1edge run``."""
+        return self.modbus is not None or self.zmq is not None or self.opcua is not None
 
     def unsourced_inputs(self) -> list[str]:
         """The declared inputs that no configured bridge provides: not in ``[[modbus.map]]``

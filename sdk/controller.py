@@ -853,7 +853,7 @@ class Controller:
         cfg = self.config
         return {"package": package_identity(cfg.model.path), "config": cfg.to_dict(),
                 "inputs": self.model_inputs, "outputs": self.output_names,
-                "capacity": len(self._slot_names), "window": int(getattr(self.engine, "window", cfg.model.window)),
+                "capacity": len(self._slot_names), "window": self.window,
                 "period_ns": cfg.loop.period_ns,
                 "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe, o.jump] for o in self.output_limits],
                 "aux_inputs": self.aux_inputs, "track": self.track, "warmup_cycles": cfg.loop.warmup_cycles,
