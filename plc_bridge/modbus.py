@@ -469,7 +469,7 @@ class ModbusBridge(LoopThread):
         writes = regmap.write_blocks(regmap.outputs)
         read_fn = {"holding": client.read_holding_registers, "input": client.read_input_registers,
                    "coil": client.read_coils, "discrete": client.read_discrete_inputs}
-        dirty = self._published  # write the current outputs as soon as we (re)connect
+        dirty = True  # write the current outputs as soon as we (re)connect (once there are any)
         next_poll = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -498,14 +498,14 @@ class ModbusBridge(LoopThread):
                     if not self._heartbeat_ok(time.monotonic_ns()):
                         if not self._failsafe_active:
                             self._enter_failsafe_locked("heartbeat stopped")
-                        dirty = self._published  # keep asserting fail-safe while the heartbeat is stale
+                        dirty = True  # keep asserting fail-safe while the heartbeat is stale
                 next_poll += self.poll_s
                 if next_poll < now:
                     next_poll = now + self.poll_s
             if self._wake.is_set():
                 self._wake.clear()
                 dirty = True
-            if dirty and writes and self._published:
+            if dirty and writes and self._published:    # nothing before the first accepted publish
                 await self._write_outputs(client, writes)
                 dirty = False
             timeout = next_poll - time.monotonic()

@@ -23,8 +23,8 @@ It passes when the policy's tracking error is within ``MAX_RATIO`` of the expert
 half of no control's, the start moved no actuator command by more than one rate-limited step
 and no output the policy drove moved faster than its ``max_rate``, every fail-safe cycle has
 its cause reported (and is listed with what held it up), fail-safe cycles and deadline misses
-stay within ``MAX_FAILSAFE_FRACTION`` of the cycles, and the replay is bitwise identical. A demo on a busy machine may see the odd stall
-of its process or VM: the safety layer putting that one cycle into fail-safe is the behaviour
+stay within ``MAX_FAILSAFE_FRACTION`` of the cycles, and the replay is bitwise identical. A
+demo on a busy machine may see the odd stall of its process or VM: the safety layer putting that one cycle into fail-safe is the behaviour
 being shown, not a failure; what would fail is a cycle that went unprotected or unexplained,
 or stalls so frequent that the plant is no longer controlled (which the tracking check and
 the rate bound catch).
