@@ -24,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdk.advisor import PromptTemplate  # noqa: E402
-from sdk.controller import Controller  # noqa: E402
-from sdk.text import TextGenerator  # noqa: E402
+from sdk.service.advisor import PromptTemplate  # noqa: E402
+from sdk.service.controller import Controller  # noqa: E402
+from sdk.tools.text import TextGenerator  # noqa: E402
 from tests.test_advisor import PLANT, PROMPT, demo_deploy, save_wide_lm  # noqa: E402
 
 

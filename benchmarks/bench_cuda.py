@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.config import ModelConfig  # noqa: E402
-from runtime.device import DeviceEngine  # noqa: E402
-from runtime.model import MoE, Transformer, rope_inv_freq  # noqa: E402
-from runtime.quant import RoutedExperts  # noqa: E402
-from runtime.routing import Router, RoutingRule, route_torch  # noqa: E402
-from sdk.bench import bench_device, peak_bandwidth, render_bench_device, time_steps  # noqa: E402
+from runtime.model.config import ModelConfig  # noqa: E402
+from runtime.cuda.engine import DeviceEngine  # noqa: E402
+from runtime.model.transformer import MoE, Transformer, rope_inv_freq  # noqa: E402
+from runtime.model.quant import RoutedExperts  # noqa: E402
+from runtime.model.routing import Router, RoutingRule, route_torch  # noqa: E402
+from sdk.tools.bench import bench_device, peak_bandwidth, render_bench_device, time_steps  # noqa: E402
 
 
 def mid_size_config(layers: int) -> ModelConfig:

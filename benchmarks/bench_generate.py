@@ -3,7 +3,7 @@
 
 Writes a random DeepSeek-V3 checkpoint (transformers' own init), loads it with
 ``sdk.load_model(path, quant="int8")`` and builds the reference from the int8 model's
-dequantized weights (``sdk.bench.reference_model``), so both decode the same numbers. Each
+dequantized weights (``sdk.tools.bench.reference_model``), so both decode the same numbers. Each
 round times one greedy call of each at batch 1 (a ``--prompt``-token prompt, then
 ``--new-tokens`` tokens), alternating, after one untimed warm-up call each; both run on
 ``--threads`` cores (torch's intra-op threads for the reference). Prints the time per
@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sdk  # noqa: E402
-from runtime.loop import set_compute_threads  # noqa: E402
-from sdk.bench import reference_model  # noqa: E402
+from runtime.control.loop import set_compute_threads  # noqa: E402
+from sdk.tools.bench import reference_model  # noqa: E402
 
 SIZES = {
     # the tests' tiny config (DESIGN: ~2 ms per eager decode step)

@@ -102,7 +102,7 @@ def _summary(times: list[float], walks: list, library: str, tokenizer_json: str)
 
     from tokenizers import Tokenizer
 
-    from sdk.text import DecisionSchema
+    from sdk.tools.text import DecisionSchema
 
     tok, check = Tokenizer.from_str(tokenizer_json), DecisionSchema(SCHEMA)
     broken = 0
@@ -150,7 +150,7 @@ def train_tokenizer(path: Path, vocab: int, rows: int) -> None:
 
 
 def part_masks(cache: Path, answers: int) -> dict:
-    from sdk.text import DecisionSchema
+    from sdk.tools.text import DecisionSchema
 
     out = {}
     for vocab, rows in ((512, 3000), (129280, 400000)):
@@ -173,7 +173,7 @@ def part_masks(cache: Path, answers: int) -> dict:
 
 
 def part_decisions(prompts: int) -> dict:
-    from sdk.text import DecisionSchema, TextGenerator
+    from sdk.tools.text import DecisionSchema, TextGenerator
 
     rng = random.Random(1)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(prompts)]

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdk.controller import Controller  # noqa: E402
+from sdk.service.controller import Controller  # noqa: E402
 from tests.ops_helpers import GOOD, factory_deploy  # noqa: E402
 
 

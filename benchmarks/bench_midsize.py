@@ -79,7 +79,7 @@ def time_compiled(model, context: int, steps: int, rng) -> dict:
     and the median of the rest, batch 1."""
     from transformers import StaticCache
 
-    from sdk.bench import reference_model
+    from sdk.tools.bench import reference_model
     ref = reference_model(model)
     vocab = model.config.vocab_size
     cache = StaticCache(config=ref.config, max_cache_len=context + steps + 1)
@@ -130,7 +130,7 @@ def main() -> None:
     import numba
 
     import sdk
-    from runtime.engine import Engine
+    from runtime.cpu.engine import Engine
 
     numba.set_num_threads(1)
     torch.set_num_threads(1)
@@ -188,7 +188,7 @@ def main() -> None:
         pf["solo_steps_s_scaled"] = (time.perf_counter() - start) * args.streams / args.solo
         report["prefill"] = pf
     if args.reference:
-        from sdk.bench import _time_reference, reference_model
+        from sdk.tools.bench import _time_reference, reference_model
         ref = reference_model(model)
         report["transformers_eager_b1_ms"] = float(np.median(_time_reference(ref, 1, args.steps, 5,
                                                                               cfg.vocab_size))) * 1e3

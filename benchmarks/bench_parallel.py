@@ -2,8 +2,8 @@
 
 The model: the mid-size random DeepSeek-V3 of ``bench_midsize.py`` (hidden 1024, 4 layers, the
 first dense, 32 routed experts of 512 plus one shared, top-4), drawn from a seed in every rank
-(``sdk.fit.init_weights``) and run W8A8. For each world size N the ranks are N gloo processes on
-loopback (``runtime.parallel``); rank 0 steps ``--batch`` streams, one token each, and reports
+(``sdk.tools.fit.init_weights``) and run W8A8. For each world size N the ranks are N gloo processes on
+loopback (``runtime.cpu.parallel``); rank 0 steps ``--batch`` streams, one token each, and reports
 the median step time and, per step, the bytes it received in the expert all-gathers (padded to
 the largest share, as sent) and the part of them that carried expert outputs. World size 1 is
 also timed on the plain single-process ``Engine``. Every rank's step runs one thread.
@@ -32,9 +32,9 @@ CONFIG = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, moe_int
 
 
 def _model():
-    from runtime.config import ModelConfig
-    from runtime.model import Transformer
-    from sdk.fit import init_weights
+    from runtime.model.config import ModelConfig
+    from runtime.model.transformer import Transformer
+    from sdk.tools.fit import init_weights
 
     return init_weights(Transformer(ModelConfig(**CONFIG)), seed=0, std=0.02)
 
@@ -66,7 +66,7 @@ def _rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
     import numba
     import torch
 
-    from runtime.parallel import ParallelEngine, init_process_group, leave_process_group
+    from runtime.cpu.parallel import ParallelEngine, init_process_group, leave_process_group
 
     numba.set_num_threads(1)
     torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def _single(args: dict, out: str) -> None:
     import numba
     import torch
 
-    from runtime.engine import Engine
+    from runtime.cpu.engine import Engine
 
     numba.set_num_threads(1)
     torch.set_num_threads(1)

@@ -8,7 +8,7 @@ In a fresh process: the engine kernels are warmed up on the bundled demo package
 resident memory is read (``VmRSS``), the package is loaded (``sdk.load_model``), the engine is
 built, the model is dropped (the engine keeps what it uses), a few steps run at each batch
 size, and the resident memory is read again. The growth is compared with the plan's total
-for that engine (``sdk.plan.engine_bytes``; the device engine's device and host parts
+for that engine (``sdk.tools.plan.engine_bytes``; the device engine's device and host parts
 together, since on the CPU both are host memory).
 
 Step timing: ``--steps`` steps per batch size after warm-up, p50. Weight bytes read per step
@@ -86,10 +86,10 @@ def main(argv=None) -> int:
     import torch
 
     import sdk
-    from runtime.device import DeviceEngine
-    from runtime.engine import Engine
-    from sdk.bench import time_steps
-    from sdk.plan import engine_bytes
+    from runtime.cuda.engine import DeviceEngine
+    from runtime.cpu.engine import Engine
+    from sdk.tools.bench import time_steps
+    from sdk.tools.plan import engine_bytes
 
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]

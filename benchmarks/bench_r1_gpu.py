@@ -6,7 +6,7 @@ memory, and the step time against the device's bandwidth. Needs a CUDA build of 
 For the resident engine (CUDA graphs, Triton grouped experts when available) and then the
 streaming expert store (``--slots``, default half the experts): the model is loaded on the CPU,
 the engine built on the GPU, the model dropped, and ``torch.cuda.max_memory_allocated()`` after
-warm-up and the timed steps is set beside ``sdk.plan.engine_bytes`` (device part; the plan's
+warm-up and the timed steps is set beside ``sdk.tools.plan.engine_bytes`` (device part; the plan's
 runtime reserve is for what torch does not allocate: CUDA context, cuBLAS workspace). Step p50
 over ``--steps`` graph replays per batch size, and the weight bytes a step reads over that time
 against the device's bandwidth measured with a device-to-device copy.
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     import torch
 
     import sdk
-    from runtime.device import DeviceEngine
-    from sdk.bench import time_steps
-    from sdk.plan import engine_bytes
+    from runtime.cuda.engine import DeviceEngine
+    from sdk.tools.bench import time_steps
+    from sdk.tools.plan import engine_bytes
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_r1_engine import step_bytes

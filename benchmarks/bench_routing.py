@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from runtime.routing import Router, RoutingRule, route_torch, router_logits
+from runtime.model.routing import Router, RoutingRule, route_torch, router_logits
 
 
 def timeit(fn, iters: int) -> tuple[float, float]:

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdk.package import TensorFileWriter  # noqa: E402
+from sdk.tools.package import TensorFileWriter  # noqa: E402
 
 BLOCK = 128
 FP8_MASK = np.uint8(0xBF)     # clear the top exponent bit: finite codes of magnitude < 2, never NaN

@@ -20,7 +20,7 @@ def _print_report(report: dict, as_json: bool, render) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``r1edge inspect PATH``: what a checkpoint or package contains."""
-    from sdk.loading import describe, render_description
+    from sdk.tools.loading import describe, render_description
 
     _print_report(describe(args.path), args.json, render_description)
     return 0
@@ -34,10 +34,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config or command line."""
     import signal
 
-    from sdk.config import ConfigError, DeployConfig
-    from sdk.controller import Controller, recording_source, render_stats
-    from runtime.recorder import RecordingReader
-    from sdk.notify import ServiceMonitor
+    from sdk.service.config import ConfigError, DeployConfig
+    from sdk.service.controller import Controller, recording_source, render_stats
+    from runtime.control.recorder import RecordingReader
+    from sdk.service.notify import ServiceMonitor
 
     config = DeployConfig.load(args.config, check_sources=not args.inputs)
     if not args.inputs and not config.has_bridges:
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"{args.inputs} (it has {', '.join(recorded)})")
     par = config.model.parallel
     if par is not None and par.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
-        from sdk.controller import ParallelRanks
+        from sdk.service.controller import ParallelRanks
 
         return ParallelRanks.join(config).serve(config)     # a torchrun rank that serves experts
     with Controller(config) as ctrl:
@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``r1edge replay RECORDING``: re-run a flight recording; exit 1 unless bitwise identical."""
-    from sdk.controller import render_replay, replay
+    from sdk.service.controller import render_replay, replay
 
     report = replay(args.recording, package=args.package, advisor_package=args.advisor_package)
     _print_report(report, args.json, render_replay)
@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``r1edge bench PATH``: engine step latency per batch size, beside the reference."""
     from tqdm import tqdm
 
-    from sdk.bench import bench, render_bench
+    from sdk.tools.bench import bench, render_bench
 
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     with tqdm(total=len(batches), desc="bench", unit="batch", disable=args.json_file == "-") as bar:
@@ -114,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``r1edge generate PATH --prompt TEXT``: stream generated text; exit 1 unless the answer finished."""
     import time
 
-    from sdk.text import DecisionSchema, TextGenerator
+    from sdk.tools.text import DecisionSchema, TextGenerator
 
     schema = DecisionSchema.from_file(args.schema) if args.schema else None
     gen = TextGenerator.load(args.path, window=args.window)
@@ -182,7 +182,7 @@ def cmd_opcua_cert(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """``r1edge plan CONFIG_OR_PATH``: memory footprint by part and whether it fits the GPU(s)."""
-    from sdk.plan import plan, render_plan
+    from sdk.tools.plan import plan, render_plan
 
     report = plan(args.source, keep_experts=args.keep_experts, quant=args.quant,
                   gpu_mem_gb=args.gpu_mem_gb, streams=args.streams, window=args.window,
@@ -194,7 +194,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """``r1edge compress SRC --out PKG --calib FILE``: calibrate, prune, quantize, write a package."""
-    from sdk.compress import compress, render_report
+    from sdk.tools.compress import compress, render_report
 
     def progress_line(event: dict) -> None:
         print(json.dumps(event), file=sys.stderr, flush=True)
@@ -214,7 +214,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     """``r1edge fit [SRC | --init PRESET] --data FILE.npz --out PKG``: fit a sensor-mode policy
     (exit 130 when stopped by SIGINT: the checkpoint keeps it for ``--resume``)."""
-    from sdk.fit import fit, load_data, render_fit, write_calibration
+    from sdk.tools.fit import fit, load_data, render_fit, write_calibration
 
     data = load_data(args.data)
     names = {}
@@ -237,7 +237,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _fit_epilog() -> str:
-    from sdk.fit import DATA_FORMAT, PRESETS
+    from sdk.tools.fit import DATA_FORMAT, PRESETS
 
     lines = ["presets (--init; DeepSeek-V3 layout: MLA attention, 1 dense layer, then MoE layers with 1 shared",
              "expert; parameters with a 6-input, 2-output adapter; training step time on one thread):"]
@@ -255,7 +255,7 @@ def _fit_epilog() -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``r1edge eval PKG --data FILE.npz``: open-loop errors per output in the plant's units."""
-    from sdk.eval import evaluate, render_eval
+    from sdk.tools.eval import evaluate, render_eval
 
     report = evaluate(args.package, args.data, against=args.against, window=args.window, config=args.config,
                       engine=args.engine, held_out=args.held_out)
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
     p.set_defaults(func=cmd_opcua_cert)
 
-    from sdk import plan as _plan
+    from sdk.tools import plan as _plan
     p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")
     p.add_argument("source", metavar="CONFIG_OR_PATH",
                    help="config.json, checkpoint directory, package, or 'deepseek-r1'")

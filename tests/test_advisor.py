@@ -1,4 +1,4 @@
-"""The advisor beside the fast loop (``[advisor]``, ``sdk.advisor``): its config and schema, the
+"""The advisor beside the fast loop (``[advisor]``, ``sdk.service.advisor``): its config and schema, the
 PLC's switch and the limits its setpoints pass through, timeouts, bit-exact replay of its answers,
 the fast loop's deadlines with a slow advisor busy beside it, and the example's language model."""
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.recorder import RecordingReader
-from sdk.advisor import AdviceReplay, PromptTemplate, SetpointOverride, decision_schema
-from sdk.config import ConfigError, DeployConfig
-from sdk.controller import Controller, replay
-from sdk.text import TextGenerator
+from runtime.control.recorder import RecordingReader
+from sdk.service.advisor import AdviceReplay, PromptTemplate, SetpointOverride, decision_schema
+from sdk.service.config import ConfigError, DeployConfig
+from sdk.service.controller import Controller, replay
+from sdk.tools.text import TextGenerator
 from tests.test_text import save_text_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,7 +297,7 @@ def test_a_slow_advisor_never_makes_a_fast_cycle_miss_its_deadline(tmp_path, slo
 def test_the_example_advisor_gives_the_right_advice_on_held_out_states():
     from examples.advisor import states as S
     from examples.advisor.train import load_deploy, make_rows, score
-    from sdk.package import verify_package
+    from sdk.tools.package import verify_package
 
     pkg = ROOT / "examples" / "advisor" / "model"
     verify_package(pkg)

@@ -27,10 +27,10 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 
 from plc_bridge.zmq_bridge import ControlClient
-from runtime.engine import Engine
-from runtime.recorder import RecordingReader
-from sdk.config import ConfigError, DeployConfig
-from sdk.controller import Controller, build_engine, replay
+from runtime.cpu.engine import Engine
+from runtime.control.recorder import RecordingReader
+from sdk.service.config import ConfigError, DeployConfig
+from sdk.service.controller import Controller, build_engine, replay
 from sdk.demo import MAX_RATIO, demo_config, output_steps, simulate_policy, wait_for_plc
 from sdk.demo import expert as E
 from sdk.demo import plant as P
@@ -220,7 +220,7 @@ def test_manual_auto_is_bumpless_both_ways_and_the_model_keeps_stepping(tmp_path
 
 
 def test_set_mode_and_the_zmq_control_command_switch_a_stream(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="sdk.controller")
+    caplog.set_level(logging.INFO, logger="sdk.service.controller")
     zmq = '[zmq]\nsensors = "tcp://127.0.0.1:*"\ndecisions = "tcp://127.0.0.1:*"\ncontrol = "tcp://127.0.0.1:*"\n'
     deploy = factory_deploy(tmp_path)
     no_mode = {k: v for k, v in GOOD.items() if k != "auto"}

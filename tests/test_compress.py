@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 import sdk
-from runtime.config import ModelConfig
-from runtime.model import Transformer
-from sdk.compress import CalibrationError, compress, load_calibration
-from sdk.package import PackageError, read_manifest
+from runtime.model.config import ModelConfig
+from runtime.model.transformer import Transformer
+from sdk.tools.compress import CalibrationError, compress, load_calibration
+from sdk.tools.package import PackageError, read_manifest
 
 
 def _write_jsonl(path, lines):
@@ -279,7 +279,7 @@ _MEASURE = textwrap.dedent("""
     import json, sys, threading, time
     import torch
     torch.set_num_threads(1)
-    from sdk.compress import compress
+    from sdk.tools.compress import compress
 
     def status():
         out = {}
@@ -462,12 +462,12 @@ def test_tampered_or_missing_weight_file_is_refused_naming_it(tmp_path, tiny_che
 
 def test_malformed_calibration_is_refused_before_any_work(tmp_path, tiny_checkpoint, monkeypatch):
     """The calibration file is validated before a single weight is read or a file written."""
-    import runtime.weights
+    import runtime.model.weights
 
     def no_reading(*args, **kwargs):
         raise AssertionError("weights were opened before the calibration file was checked")
 
-    monkeypatch.setattr(runtime.weights, "CheckpointReader", no_reading)
+    monkeypatch.setattr(runtime.model.weights, "CheckpointReader", no_reading)
     bad = _write_jsonl(tmp_path / "bad.jsonl", ['{"input_ids": [1, 2, 3]}', '{"input_ids": [4, 500]}'])
     with pytest.raises(CalibrationError, match=r"bad.jsonl:2: 'input_ids': token id 500 is out of range"):
         compress(tiny_checkpoint[0], tmp_path / "pkg", calib=bad)
@@ -512,8 +512,8 @@ def test_cli_compress_prints_the_report_and_plans_the_package(tmp_path, tiny_che
 def test_sensor_package_compresses_with_output_quality(tmp_path, one_thread):
     """A float sensor package (I/O adapter) compresses from frames; the quality report
     compares outputs: MSE and decision agreement; the int8 package runs in sensor mode."""
-    from runtime.model import IOAdapter
-    from sdk.package import FORMAT, FORMAT_VERSION, write_package
+    from runtime.model.transformer import IOAdapter
+    from sdk.tools.package import FORMAT, FORMAT_VERSION, write_package
 
     cfg = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                       num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, n_routed_experts=8,
@@ -602,7 +602,7 @@ def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoin
     gives exactly the package of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    compress_module = importlib.import_module("sdk.compress")    # the attribute sdk.compress is the function
+    compress_module = importlib.import_module("sdk.tools.compress")    # the attribute sdk.tools.compress is the function
 
     src = tmp_path / "src"
     src.mkdir()

@@ -44,8 +44,8 @@ def r1_checkpoints(tmp_path_factory):
 _MEASURE = textwrap.dedent("""
     import json, sys, threading, time
     import torch
-    from runtime.weights import dequantize_fp8
-    from sdk.compress import compress
+    from runtime.model.weights import dequantize_fp8
+    from sdk.tools.compress import compress
 
     def status():
         out = {}

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sdk.config import ConfigError, DeployConfig
+from sdk.service.config import ConfigError, DeployConfig
 
 BASE = """
 [model]

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import sdk
-from runtime.engine import Engine
-from runtime.model import IOAdapter
-from runtime.recorder import RecordingReader, encode_record, recording_segments
+from runtime.cpu.engine import Engine
+from runtime.model.transformer import IOAdapter
+from runtime.control.recorder import RecordingReader, encode_record, recording_segments
 from sdk.cli import main as cli
-from sdk.config import ConfigError
-from sdk.controller import Controller, recorded_inputs, replay
-from sdk.package import FORMAT, FORMAT_VERSION, write_package
+from sdk.service.config import ConfigError
+from sdk.service.controller import Controller, recorded_inputs, replay
+from sdk.tools.package import FORMAT, FORMAT_VERSION, write_package
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS, OUTPUTS = ["level", "temp", "flow"], ["valve", "heater"]
@@ -244,8 +244,8 @@ KILLED = r"""
 import sys, numpy as np
 sys.path.insert(0, "tests")
 import sdk
-from runtime.engine import Engine
-from sdk.controller import Controller
+from runtime.cpu.engine import Engine
+from sdk.service.controller import Controller
 from test_controller import attach_adapter, frames_for
 model = attach_adapter(sdk.load_model(sys.argv[1]))
 ctrl = Controller.from_config(sys.argv[2], engine=Engine(model, capacity=4, window=8))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sdk
-from runtime.device import DeviceEngine
-from runtime.engine import Engine
+from runtime.cuda.engine import DeviceEngine
+from runtime.cpu.engine import Engine
 from tests.conftest import save_reference
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
@@ -86,7 +86,7 @@ def test_engines_track_the_reference_and_are_batch_invariant(v2, kind):
 
 
 def test_refuses_what_no_reference_agrees_on(tmp_path):
-    from runtime.config import ModelConfig
+    from runtime.model.config import ModelConfig
 
     with pytest.raises(ValueError, match="norm_topk_prob"):
         ModelConfig.from_dict({"model_type": "deepseek_v2", "norm_topk_prob": True, "num_experts_per_tok": 6})
@@ -100,9 +100,9 @@ def test_refuses_what_no_reference_agrees_on(tmp_path):
 
 def test_v2_lite_config_as_released():
     """The shape of DeepSeek-V2-Lite's own config.json (official spelling)."""
-    from runtime.config import ModelConfig
-    from runtime.routing import RoutingRule
-    from sdk.plan import count_params
+    from runtime.model.config import ModelConfig
+    from runtime.model.routing import RoutingRule
+    from sdk.tools.plan import count_params
 
     raw = {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
            "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
@@ -128,7 +128,7 @@ def test_compress_prunes_and_quantizes_a_v2_checkpoint(tmp_path):
     """compress runs the V2 rule through calibration, pruning and int8, and the package steps.
     (Pruning a softmax router renormalises its scores over the kept experts: the quality
     report is what says how much that costs.)"""
-    from sdk.compress import compress
+    from sdk.tools.compress import compress
 
     src = tmp_path / "src"
     save_reference(src, seed=12, family="v2", **CONFIGS["greedy_lite"])
@@ -144,7 +144,7 @@ def test_compress_prunes_and_quantizes_a_v2_checkpoint(tmp_path):
 
 def test_whole_model_fit_of_a_v2_checkpoint(tmp_path):
     """A whole-model fit trains a V2 router (no correction bias to balance) and the package steps."""
-    from sdk.fit import fit
+    from sdk.tools.fit import fit
 
     src = tmp_path / "src"
     save_reference(src, seed=13, family="v2", **CONFIGS["greedy_lite"])

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import sdk
-from runtime.device import DeviceEngine
-from runtime.engine import Engine
-from runtime.model import IOAdapter
+from runtime.cuda.engine import DeviceEngine
+from runtime.cpu.engine import Engine
+from runtime.model.transformer import IOAdapter
 from tests.conftest import assert_refuses_bad_steps
 
 CUDA = torch.cuda.is_available()
@@ -159,7 +159,7 @@ def test_bad_input_is_refused(lm):
 
 def test_bench_device_report(lm):
     """The report's arithmetic, on the CPU (no graphs there: both rows time the eager step)."""
-    from sdk.bench import bench_device
+    from sdk.tools.bench import bench_device
 
     peak = {"name": "cpu", "table_gbps": None, "copy_gbps": 10.0}
     report = bench_device(lm, batches=[1, 4], device="cpu", steps=3, warmup=1, window=4, peak=peak)
@@ -180,7 +180,7 @@ def test_bench_device_report(lm):
 
 
 def test_bench_device_cuda_needs_a_gpu(tiny_checkpoint):
-    from sdk.bench import bench
+    from sdk.tools.bench import bench
 
     if CUDA:
         pytest.skip("a GPU is present: covered by test_bench_device_cuda")
@@ -191,8 +191,8 @@ def test_bench_device_cuda_needs_a_gpu(tiny_checkpoint):
 _TRITON_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
     import sdk
-    from runtime.device import DeviceEngine
-    from runtime.grouped_int8 import grouped_int8_mm
+    from runtime.cuda.engine import DeviceEngine
+    from runtime.cuda.grouped_int8 import grouped_int8_mm
     g = torch.Generator().manual_seed(0)
     E, K, N, M = 5, 40, 136, 12                   # K, N not multiples of the tiles
     x = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)
@@ -265,7 +265,7 @@ def test_batch_invariance_bitwise_cuda(lm):
 
 @needs_cuda
 def test_bench_device_cuda(tiny_checkpoint):
-    from sdk.bench import bench
+    from sdk.tools.bench import bench
 
     report = bench(tiny_checkpoint[0], batches=[1, 8], device="cuda", steps=5, warmup=2)
     for b in ("1", "8"):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sdk
-from runtime.engine import Engine
-from runtime.model import IOAdapter
+from runtime.cpu.engine import Engine
+from runtime.model.transformer import IOAdapter
 from tests.conftest import assert_refuses_bad_steps
 
 RNG = np.random.default_rng(0)
@@ -153,7 +153,7 @@ def test_bad_steps_are_refused(lm):
 
 _HASH_SCRIPT = """
 import sys, hashlib, numpy as np, sdk
-from runtime.engine import Engine
+from runtime.cpu.engine import Engine
 engine = Engine(sdk.load_model(sys.argv[1]), capacity=4, window=8)
 h = hashlib.sha256()
 rng = np.random.default_rng(7)
@@ -174,7 +174,7 @@ _THREADS_SCRIPT = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
 import sdk
-from runtime.engine import Engine
+from runtime.cpu.engine import Engine
 Engine(sdk.load_model(sys.argv[1]), capacity=2, window=4).step_tokens(np.arange(2), np.array([1, 2]))
 print(torch.get_num_threads())
 """
@@ -213,10 +213,10 @@ def test_rotary_stays_exact_at_positions_a_long_run_reaches(lm):
 
 def test_engine_activation_quantization_is_the_runtime_quant_rule():
     """The engine's inlined per-token int8 (plain, and offset by 128 as its GEMMs read it) gives
-    the same bits as runtime.quant's."""
-    from runtime.cpu_int8 import quantize_row_u8
-    from runtime.engine import _quantize_row
-    from runtime.quant import quantize_activation
+    the same bits as runtime.model.quant's."""
+    from runtime.cpu.int8 import quantize_row_u8
+    from runtime.cpu.engine import _quantize_row
+    from runtime.model.quant import quantize_activation
 
     x = np.random.default_rng(3).standard_normal((64, 200)).astype(np.float32)
     x[:, 0] *= 50          # outliers
@@ -238,7 +238,7 @@ def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
     multiples of the blocking, activations offset by 128; the portable and the VNNI kernel."""
     from numba import njit
 
-    from runtime import cpu_int8
+    from runtime.cpu import int8 as cpu_int8
 
     if vnni and not cpu_int8.VNNI:
         pytest.skip("this CPU has no AVX-512 VNNI")
@@ -294,7 +294,7 @@ def test_int8_gemm_is_exact_for_any_rows_and_shapes(vnni):
 def test_rows_dot_gives_the_bits_of_the_scalar_loop(heads, width, n):
     """rows_dot (four problems x four 16-lane blocks per kernel pass, then the leftovers) against
     the scalar loop ``d = 0; d += p[k] * s[k]`` in float32, rounding after each multiply and add."""
-    from runtime.cpu_int8 import rows_dot
+    from runtime.cpu.int8 import rows_dot
 
     rng = np.random.default_rng(heads * 1000 + width + n)
     stride, src_hs, p_hs, dst_hs = width + 16, (n + 1) * (width + 16), n + 3, width + 32
@@ -357,7 +357,7 @@ def test_engine_exp_is_within_two_ulp_and_keeps_nan():
     """The engine's vectorised exp (softmax and SiLU) against float64 exp rounded to float32."""
     from numba import njit
 
-    from runtime.engine import _exp_row
+    from runtime.cpu.engine import _exp_row
 
     @njit
     def run(x, out, bits):

@@ -204,7 +204,7 @@ def _deploy_names(example: str) -> tuple[list[str], list[str]]:
     ("perception_hook", "examples.perception_hook.train", "--episodes"),
 ])
 def test_train_scripts_write_packages_the_deployments_accept(tmp_path, example, module, size_arg):
-    from sdk.package import verify_package
+    from sdk.tools.package import verify_package
 
     # The bundled package: intact, int8, with the signals its deploy.toml configures.
     inputs, outputs = _deploy_names(example)

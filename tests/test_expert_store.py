@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sdk
-from runtime.device import DeviceEngine
-from runtime.expert_store import ExpertStore
+from runtime.cuda.engine import DeviceEngine
+from runtime.cuda.expert_store import ExpertStore
 
 CUDA = torch.cuda.is_available()
 

@@ -1,4 +1,4 @@
-"""sdk.fit: sensor adapters fitted on recorded frames, written as packages the engine runs.
+"""sdk.tools.fit: sensor adapters fitted on recorded frames, written as packages the engine runs.
 
 Proves: fitting learns a mapping that needs the frame history (held-out error far below
 predicting the mean), with the adapter alone and with the whole model; the package
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import sdk
-from runtime.engine import Engine
+from runtime.cpu.engine import Engine
 from sdk import cli
-from sdk.fit import DataError, attach_adapter, check_data, fit, load_data
-from sdk.loading import describe
-from sdk.package import verify_package
+from sdk.tools.fit import DataError, attach_adapter, check_data, fit, load_data
+from sdk.tools.loading import describe
+from sdk.tools.package import verify_package
 
 INPUTS, OUTPUTS = ["u", "v", "w"], ["y", "z"]
 WINDOW = 8
@@ -167,7 +167,7 @@ def test_bad_data_is_refused_naming_the_key(tiny_checkpoint, tmp_path):
 
 
 def test_fit_refuses_a_quantized_package(tiny_checkpoint, fitted, tmp_path):
-    from sdk.package import write_package
+    from sdk.tools.package import write_package
 
     model = sdk.load_model(fitted[0])
     manifest = {**verify_package(fitted[0]), "quantization": {"scheme": "w8a8-int8"}}
@@ -197,7 +197,7 @@ def test_cli_fit_writes_a_package_from_an_npz(tiny_checkpoint, tmp_path, capsys)
 
 
 def test_presets_are_what_the_help_says(capsys):
-    from sdk.fit import DATA_FORMAT, PRESETS, new_model
+    from sdk.tools.fit import DATA_FORMAT, PRESETS, new_model
 
     for name, preset in PRESETS.items():
         model, window = new_model(name)
@@ -216,7 +216,7 @@ def test_presets_are_what_the_help_says(capsys):
 
 
 def test_init_from_a_config_json(tmp_path):
-    from sdk.fit import new_model
+    from sdk.tools.fit import new_model
 
     small, _ = new_model("small", seed=4)
     (tmp_path / "config.json").write_text(json.dumps(small.config.to_dict()))
@@ -230,7 +230,7 @@ def test_a_stopped_fit_resumes_to_the_same_bits(tmp_path):
     where the uninterrupted fit ends, best state and held-out history included."""
     import signal
 
-    from sdk.fit import fit_model, new_model
+    from sdk.tools.fit import fit_model, new_model
 
     frames, targets = make_data(n=10, t=24)
 

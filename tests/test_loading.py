@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdk
-from runtime.weights import FP8_BLOCK, CheckpointError
+from runtime.model.weights import FP8_BLOCK, CheckpointError
 from transformers import DeepseekV3ForCausalLM
 
 from tests.conftest import save_reference

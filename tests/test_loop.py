@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime.loop import (InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions, lock_memory,
+from runtime.control.loop import (InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions, lock_memory,
                           monotonic_ns, set_thread_realtime)
 
 

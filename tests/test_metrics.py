@@ -12,9 +12,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.safety import INVALID_NAMES, REASON_NAMES
-from sdk.config import ConfigError, DeployConfig
-from sdk.controller import Controller
+from runtime.control.safety import INVALID_NAMES, REASON_NAMES
+from sdk.service.config import ConfigError, DeployConfig
+from sdk.service.controller import Controller
 from tests.conftest import wait_for
 from tests.ops_helpers import GOOD, ROOT, factory_deploy
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from sdk.controller import Controller
-from sdk.notify import Notifier, ServiceMonitor, watchdog_interval
+from sdk.service.controller import Controller
+from sdk.service.notify import Notifier, ServiceMonitor, watchdog_interval
 from tests.conftest import wait_for
 from tests.ops_helpers import GOOD, ROOT, factory_deploy
 
@@ -129,8 +129,8 @@ def test_a_stalled_loop_stops_the_pings(tmp_path, notify_socket):
 
 def test_a_hung_model_stops_the_pings(tmp_path, notify_socket):
     """The loop keeps cycling (fail-safe, reason busy) while inference hangs: no pings."""
-    from runtime.engine import Engine
-    from sdk.loading import load_model
+    from runtime.cpu.engine import Engine
+    from sdk.tools.loading import load_model
     from tests.ops_helpers import DEMO
 
     engine = Engine(load_model(DEMO / "model"), capacity=1, window=32)

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 
 from plc_bridge.opcua import OpcUaBridge, Signal, hash_password, make_certificate, read_users, set_user, verify_password
 from sdk.cli import main as cli
-from sdk.config import ConfigError, DeployConfig
-from sdk.controller import Controller
+from sdk.service.config import ConfigError, DeployConfig
+from sdk.service.controller import Controller
 from tests.conftest import wait_for
 from tests.ops_helpers import GOOD, ROOT, factory_deploy
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import sdk
-from runtime.config import ModelConfig
-from runtime.model import Transformer
-from sdk.package import (FORMAT, FORMAT_VERSION, PackageError, PackageWriter, is_package, load_package,
+from runtime.model.config import ModelConfig
+from runtime.model.transformer import Transformer
+from sdk.tools.package import (FORMAT, FORMAT_VERSION, PackageError, PackageWriter, is_package, load_package,
                          read_manifest, sha256_file, verify_package, write_package)
 
 CFG = dict(vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,

@@ -22,9 +22,9 @@ STREAMS, STEPS, WINDOW, PREFILL_ROWS = 64, 50, 32, 16
 
 
 def _model():
-    from runtime.config import ModelConfig
-    from runtime.model import Transformer
-    from sdk.fit import init_weights
+    from runtime.model.config import ModelConfig
+    from runtime.model.transformer import Transformer
+    from sdk.tools.fit import init_weights
 
     return init_weights(Transformer(ModelConfig(**CONFIG)), seed=3, std=0.08)
 
@@ -70,7 +70,7 @@ def _rank(rank: int, world: int, port: int, out: str, kill_at: int) -> None:
     ``kill_at`` >= 0 the leader waits before that op for the test to kill rank 1."""
     import torch
 
-    from runtime.parallel import ParallelEngine, RankFailure, init_process_group, leave_process_group
+    from runtime.cpu.parallel import ParallelEngine, RankFailure, init_process_group, leave_process_group
 
     torch.set_num_threads(1)
     group = init_process_group("gloo", rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
@@ -120,8 +120,8 @@ def _stop(procs) -> None:
 def reference():
     """The single-process engine's logits for the schedule, and the staged one-process run's
     (which also compiles the staged kernels once before the ranks load them from the cache)."""
-    from runtime.engine import Engine
-    from runtime.parallel import ParallelEngine
+    from runtime.cpu.engine import Engine
+    from runtime.cpu.parallel import ParallelEngine
 
     model = _model()
     ref = _play(Engine(model, capacity=STREAMS, window=WINDOW, prefill_rows=PREFILL_ROWS), _schedule())
@@ -135,7 +135,7 @@ def test_staged_pass_in_one_process_is_the_engine(reference):
 
 
 def test_expert_split_is_contiguous_and_complete():
-    from runtime.parallel import expert_split
+    from runtime.cpu.parallel import expert_split
 
     assert expert_split(16, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
     assert expert_split(10, 3) == [(0, 3), (3, 6), (6, 10)]
@@ -144,7 +144,7 @@ def test_expert_split_is_contiguous_and_complete():
 
 
 def test_sharded_engine_refuses_to_step_alone():
-    from runtime.engine import Engine
+    from runtime.cpu.engine import Engine
 
     engine = Engine(_model(), capacity=2, window=8, experts=(0, 8))
     with pytest.raises(RuntimeError, match="routed experts 0..7 of 16 only"):
@@ -214,7 +214,7 @@ def _frames(seed: int = 5, cycles: int = 30):
 
 
 def test_parallel_controller_matches_one_process_and_replays_bitwise(tmp_path, sensor_package):
-    from sdk.controller import Controller, replay
+    from sdk.service.controller import Controller, replay
 
     (tmp_path / "one").mkdir()
     with Controller.from_config(_deploy(tmp_path / "one", sensor_package, parallel=False), bridges=False) as ctrl:
@@ -234,9 +234,9 @@ def test_parallel_controller_matches_one_process_and_replays_bitwise(tmp_path, s
 
 
 def test_a_killed_rank_fails_safe_in_that_cycle_and_run_exits_1(tmp_path, sensor_package, capsys):
-    from runtime.recorder import RecordingReader
+    from runtime.control.recorder import RecordingReader
     from sdk.cli import main as cli
-    from sdk.controller import Controller
+    from sdk.service.controller import Controller
 
     feed = tmp_path / "feed"
     with Controller.from_config(_deploy(tmp_path, sensor_package, parallel=False, recorder=feed),
@@ -276,7 +276,7 @@ def test_a_killed_rank_fails_safe_in_that_cycle_and_run_exits_1(tmp_path, sensor
 
 
 def test_parallel_config_is_checked(tmp_path, sensor_package):
-    from sdk.config import ConfigError, DeployConfig
+    from sdk.service.config import ConfigError, DeployConfig
 
     path = _deploy(tmp_path, sensor_package, parallel=True)
     par = DeployConfig.load(path).model.parallel

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 from sdk import cli
-from sdk.plan import count_bytes, count_params, plan
+from sdk.tools.plan import count_bytes, count_params, plan
 
 # config.json of the official DeepSeek-R1 release (weights in fp8, layer 61 is the MTP module).
 R1_CONFIG = {
@@ -192,10 +192,10 @@ def _held_bytes(obj, seen=None) -> int:
 @pytest.mark.parametrize("engine", ["cpu", "device"])
 def test_engine_plan_is_what_the_engine_holds(engine):
     """engine_bytes against the arrays the engine built from a random model actually holds (within 1%)."""
-    from runtime.device import DeviceEngine
-    from runtime.engine import Engine
-    from runtime.model import Transformer
-    from sdk.plan import engine_bytes
+    from runtime.cuda.engine import DeviceEngine
+    from runtime.cpu.engine import Engine
+    from runtime.model.transformer import Transformer
+    from sdk.tools.plan import engine_bytes
 
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
                       num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16,
@@ -296,7 +296,7 @@ def test_one_device_plan_is_unchanged(args, capsys):
 
 def test_uneven_split_adds_up_for_every_engine_and_format():
     """Ranks hold contiguous runs of experts (the first ones one more); their routed bytes add up to the whole."""
-    from sdk.plan import expert_split
+    from sdk.tools.plan import expert_split
 
     assert expert_split(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
     for kwargs in (dict(quant="int8"), dict(quant="int8", engine="cpu", window=64), dict(quant="bf16"),
@@ -311,8 +311,8 @@ def test_uneven_split_adds_up_for_every_engine_and_format():
 @pytest.mark.parametrize("devices", [2, 4, 8])
 def test_traffic_against_routed_batches(devices):
     """The exchange figures against the pairs the routing rule actually makes on random batches."""
-    from runtime.routing import RoutingRule, route_torch
-    from sdk.plan import expert_split, exchange_traffic
+    from runtime.model.routing import RoutingRule, route_torch
+    from sdk.tools.plan import expert_split, exchange_traffic
 
     cfg = ModelConfig(**TINY)
     rule = RoutingRule.from_config(cfg)

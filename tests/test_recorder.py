@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from runtime.recorder import (FlightRecorder, RecordingReader, encode_record, iter_segment,
+from runtime.control.recorder import (FlightRecorder, RecordingReader, encode_record, iter_segment,
                               recording_segments)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_missing_recording_is_a_clear_error(tmp_path):
 
 WRITER = r"""
 import sys, numpy as np
-from runtime.recorder import FlightRecorder
+from runtime.control.recorder import FlightRecorder
 fr = FlightRecorder(sys.argv[1], {"writer": "killed"}, run_name="kill", max_bytes=1 << 30)
 rng = np.random.default_rng(0)
 big = rng.normal(size=200_000).tolist()      # 1.8 MB records: a kill can land inside a write

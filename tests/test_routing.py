@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.routing import Router, RoutingRule, route_torch, router_logits
+from runtime.model.routing import Router, RoutingRule, route_torch, router_logits
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV2Config, DeepseekV3Config  # noqa: E402
@@ -260,7 +260,7 @@ def test_v2_rules_match_transformers_router(method):
 
 
 def test_rule_from_config_for_each_family():
-    from runtime.config import ModelConfig
+    from runtime.model.config import ModelConfig
 
     v3 = RoutingRule.from_config(ModelConfig.from_dict({"model_type": "deepseek_v3"}))
     assert v3 == RoutingRule(False, False, True, 256, 8, 4, 8, True, 2.5)

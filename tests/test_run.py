@@ -17,8 +17,8 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 import sdk
 from sdk.cli import main as cli
-from sdk.config import ConfigError, DeployConfig
-from sdk.controller import Controller
+from sdk.service.config import ConfigError, DeployConfig
+from sdk.service.controller import Controller
 from tests.conftest import wait_for
 from tests.test_controller import DEPLOY, attach_adapter, write_sensor_package
 

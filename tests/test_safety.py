@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.loop import monotonic_ns
-from runtime.safety import (FAILSAFE, HOLD, MISSING_STAMP, OK, REASON_INPUT, InputGuard, InputLimit,
+from runtime.control.loop import monotonic_ns
+from runtime.control.safety import (FAILSAFE, HOLD, MISSING_STAMP, OK, REASON_INPUT, InputGuard, InputLimit,
                             OutputLimit, OutputLimiter)
-from sdk.controller import Controller
+from sdk.service.controller import Controller
 
 DEPLOY = """
 [model]

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import sdk
-from runtime.loop import monotonic_ns
-from runtime.recorder import RecordingReader
-from sdk.config import ConfigError
-from sdk.controller import Controller, replay
+from runtime.control.loop import monotonic_ns
+from runtime.control.recorder import RecordingReader
+from sdk.service.config import ConfigError
+from sdk.service.controller import Controller, replay
 from tests.test_controller import INPUTS, attach_adapter, frames_for, write_deploy, write_sensor_package
 
 

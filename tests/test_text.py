@@ -12,8 +12,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import sdk
 from sdk.cli import main
-from sdk.package import PackageError, read_manifest
-from sdk.text import DecisionSchema, TextGenerator, load_tokenizer
+from sdk.tools.package import PackageError, read_manifest
+from sdk.tools.text import DecisionSchema, TextGenerator, load_tokenizer
 from tests.conftest import save_reference
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
@@ -222,7 +222,7 @@ def test_compress_copies_the_text_files_and_the_package_seals_them(text_ckpt, tm
     calib.write_text("".join(json.dumps({"input_ids": [rng.randrange(500) for _ in range(16)]}) + "\n"
                              for _ in range(8)))
     pkg = tmp_path / "pkg"
-    sdk.compress(text_ckpt, pkg, calib=calib, keep_ratio=0.5, progress=False)
+    sdk.tools.compress(text_ckpt, pkg, calib=calib, keep_ratio=0.5, progress=False)
     files = read_manifest(pkg)["files"]
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert name in files and (pkg / name).read_bytes() == (text_ckpt / name).read_bytes()

@@ -20,9 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from runtime.recorder import RecordingReader
-from sdk.config import DeployConfig, RecorderSection
-from sdk.controller import Controller, replay
+from runtime.control.recorder import RecordingReader
+from sdk.service.config import DeployConfig, RecorderSection
+from sdk.service.controller import Controller, replay
 from sdk.demo.plant import Plant
 
 HERE = Path(__file__).resolve().parent

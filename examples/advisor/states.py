@@ -5,7 +5,7 @@ sqrt(level)``, inflow ``Q_MAX * valve``, heater gain ``K_HEAT``, ambient loss ``
 setpoints, inflow and ambient temperatures, and one of four conditions, in the steady state the
 fast loop holds (actuators saturate where the physics says so), with measurement noise and the
 loop's jitter on the statistics. It is written as the controller hands it to the prompt
-template (``sdk.advisor.build_context``: ``stats``, ``plc``, ``outputs``, ...), so training,
+template (``sdk.service.advisor.build_context``: ``stats``, ``plc``, ``outputs``, ...), so training,
 evaluation and the live controller render prompts through the same template.
 
 The conditions and the advice an operator would give:

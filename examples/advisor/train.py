@@ -9,15 +9,15 @@ here on generated plant states, compressed to an int8 package, and its advice sc
    more from another seed for scoring (any whose prompt a training state also has is dropped, so
    none was trained on), the four conditions equally often.
 2. Text: each state's prompt is rendered by ``prompts/advice.j2`` from the same context the
-   controller builds (``sdk.advisor.build_context``) and put through DeepSeek-R1's chat template;
+   controller builds (``sdk.service.advisor.build_context``) and put through DeepSeek-R1's chat template;
    the reply is a short reasoning inside ``<think>...</think>``, then the decision as compact JSON.
    A byte-level BPE tokenizer is trained on that text, with R1's special tokens.
 3. A DeepSeek-V3-architecture model (MLA, one dense layer, then MoE layers of 8 routed experts,
    top-2 ``noaux_tc`` routing, one shared expert) from a seeded random start, trained on the
    replies' tokens only (cross-entropy), single-threaded torch.
-4. ``sdk.compress`` to W8A8 int8 with every expert kept, calibrated on held-out rows.
+4. ``sdk.tools.compress`` to W8A8 int8 with every expert kept, calibrated on held-out rows.
 5. Scoring: the int8 package on the stream engine through ``sdk.TextGenerator``, the decision
-   constrained by the grammar the controller derives from ``deploy.toml`` (``sdk.advisor``), the
+   constrained by the grammar the controller derives from ``deploy.toml`` (``sdk.service.advisor``), the
    think budget and token limit of ``deploy.toml``; per held-out state the decision is right
    when the diagnosis and both setpoints (to the schema's resolution) are.
 """
@@ -69,8 +69,8 @@ log = logging.getLogger("examples.advisor.train")
 
 def load_deploy():
     """The example's deployment config and its advisor's prompt template and decision schema."""
-    from sdk.advisor import PromptTemplate, decision_schema
-    from sdk.config import DeployConfig
+    from sdk.service.advisor import PromptTemplate, decision_schema
+    from sdk.service.config import DeployConfig
 
     cfg = DeployConfig.load(HERE / "deploy.toml", check_sources=False)
     adv = cfg.advisor
@@ -126,9 +126,9 @@ def train(ckpt: Path, seqs: list[tuple[list[int], int]], vocab: int, *, steps: i
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from runtime.config import ModelConfig
-    from runtime.model import Transformer
-    from sdk.fit import init_weights
+    from runtime.model.config import ModelConfig
+    from runtime.model.transformer import Transformer
+    from sdk.tools.fit import init_weights
 
     torch.manual_seed(seed)
     cfg = ModelConfig.from_dict({**CONFIG, "vocab_size": vocab})
@@ -171,7 +171,7 @@ def train(ckpt: Path, seqs: list[tuple[list[int], int]], vocab: int, *, steps: i
 def score(package: Path, rows: list[dict], schema, adv, batch: int = 8) -> dict:
     """Advice of the package on ``rows`` through the advisor's own decoding settings: accuracy
     overall, per field and per condition, and the generations' statuses and speed."""
-    from sdk.text import TextGenerator
+    from sdk.tools.text import TextGenerator
 
     gen = TextGenerator.load(package, window=adv.window, capacity=batch)
     right = Counter()
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     import sdk
-    from sdk.text import Tokenizer
+    from sdk.tools.text import Tokenizer
 
     cfg, template, schema = load_deploy()
     rows = make_rows(args.train, args.seed, template)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             calib = Path(tmp) / "calib.jsonl"
             calib.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s, _ in encode(held[:64], tok)))
             train_s = time.perf_counter() - t0
-            compress = sdk.compress(ckpt, out, calib=calib, quant="int8", overwrite=True)
+            compress = sdk.tools.compress(ckpt, out, calib=calib, quant="int8", overwrite=True)
         report = {"train_states": args.train, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                   "seed": args.seed, "vocab": tok.vocab_size, "config": CONFIG, "loss_every_100_steps": losses,
                   "train_seconds": train_s, "compress_quality": compress.get("quality")}

@@ -9,14 +9,14 @@ runs. Seeded end to end; the figures it prints are the ones quoted in the README
    expert's own path), from plant seeds that neither the evaluation nor the demo uses.
 2. A small DeepSeek-V3-architecture model (MLA attention, one dense layer, then MoE layers
    of 8 routed experts with top-2 group-limited ``noaux_tc`` routing and a shared expert),
-   randomly initialised and trained whole with ``sdk.fit`` on 32-frame sliding windows (the
+   randomly initialised and trained whole with ``sdk.tools.fit`` on 32-frame sliding windows (the
    deployment's ``window``), routers kept balanced by the bias update of DeepSeek-V3.
 3. Every ``--eval-every`` steps the policy is scored in closed loop: the plant simulated
    with the controller of the demo's ``deploy.toml`` in the loop (input checks, output clamps,
    rate limits) running the int8 stream engine, on held-out plant seeds, against the expert on
    the same disturbances. Training stops once the policy is within ``--target`` of the
    expert (or after ``--steps``).
-4. ``sdk.compress``: half the routed experts pruned by REAP saliency, int8 (W8A8), calibrated
+4. ``sdk.tools.compress``: half the routed experts pruned by REAP saliency, int8 (W8A8), calibrated
    on held-out frames; the package is scored in closed loop again.
 
 It needs only the project's own dependencies. Single-threaded torch, so the result does not
@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
 
-    from runtime.config import ModelConfig
-    from runtime.engine import Engine
-    from runtime.model import Transformer
-    from sdk.compress import compress
-    from sdk.fit import attach_adapter, fit_model, init_weights, save_package, split_rows
-    from sdk.loading import load_model
+    from runtime.model.config import ModelConfig
+    from runtime.cpu.engine import Engine
+    from runtime.model.transformer import Transformer
+    from sdk.tools.compress import compress
+    from sdk.tools.fit import attach_adapter, fit_model, init_weights, save_package, split_rows
+    from sdk.tools.loading import load_model
 
     t_start = time.perf_counter()
     data = E.generate_dataset(args.episodes, args.episode_s, seed=DATA_SEED)

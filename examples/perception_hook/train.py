@@ -2,10 +2,10 @@
 
 A tiny DeepSeek-V3-architecture MoE (hidden 64, 3 layers, 8 routed experts, top-2) is
 initialised from a seed, given an I/O adapter from (distance, closing speed) to ``brake``,
-and fitted (``sdk.fit``, the whole model) to reproduce the time-to-collision rule
+and fitted (``sdk.tools.fit``, the whole model) to reproduce the time-to-collision rule
 (``perception.brake_reference`` of the true gap and closing speed) from noisy 50 Hz
 detections with frames missing here and there, as the controller sees them
-(``perception.dataset``). The float package is then compressed (``sdk.compress``) to W8A8
+(``perception.dataset``). The float package is then compressed (``sdk.tools.compress``) to W8A8
 int8, all experts kept, calibrated on held-out rows.
 
 ``python -m examples.perception_hook.train`` rewrites ``examples/perception_hook/model``
@@ -29,7 +29,7 @@ WINDOW = 16             # frames of history (320 ms at 50 Hz)
 def build(out: Path, *, episodes: int = 512, seconds: float = 60.0, steps: int = 3000, batch: int = 16,
           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
     """Simulate, fit, compress; writes the int8 package to ``out`` and returns the reports."""
-    from sdk.fit import SMALL_POLICY_CONFIG, split_rows, train_policy_package
+    from sdk.tools.fit import SMALL_POLICY_CONFIG, split_rows, train_policy_package
 
     from .perception import INPUTS, OUTPUTS, dataset
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = p.parse_args(argv)
-    from sdk.fit import render_policy_report
+    from sdk.tools.fit import render_policy_report
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = build(args.out, episodes=args.episodes, steps=args.steps, seed=args.seed, progress=not args.json)

@@ -52,7 +52,7 @@ def load_config(package: str | Path | None = None, ports: list[int] | None = Non
         import tomllib
     except ModuleNotFoundError:                               # Python 3.10
         import tomli as tomllib
-    from sdk.config import DeployConfig
+    from sdk.service.config import DeployConfig
 
     path = HERE / "deploy.toml"
     raw = tomllib.loads(path.read_text())
@@ -67,7 +67,7 @@ def load_config(package: str | Path | None = None, ports: list[int] | None = Non
 def run(duration_s: float = 10.0, *, seed: int = 0, rate_hz: float = 400.0, package: str | Path | None = None,
         threshold: float = 0.5) -> dict:
     """Run controller and gateway; returns the gateway's report with ``controller`` figures added."""
-    from sdk.controller import Controller
+    from sdk.service.controller import Controller
 
     cfg = load_config(package)
     streams = cfg.model.streams

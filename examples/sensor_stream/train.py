@@ -2,10 +2,10 @@
 
 A tiny DeepSeek-V3-architecture MoE (hidden 64, 3 layers, 8 routed experts, top-2) is
 initialised from a seed, given an I/O adapter from the vibration features to one score per
-fault kind, and fitted (``sdk.fit``, the whole model) on simulated machines as the
+fault kind, and fitted (``sdk.tools.fit``, the whole model) on simulated machines as the
 controller sees them: one frame per 5 ms cycle with the bridge's keep-the-newest jitter
 (``machines.dataset``). Targets are 1 for the machine's fault kind from its onset on and 0
-otherwise. The float package is then compressed (``sdk.compress``) to W8A8 int8, all
+otherwise. The float package is then compressed (``sdk.tools.compress``) to W8A8 int8, all
 experts kept, calibrated on held-out sequences.
 
 ``python -m examples.sensor_stream.train`` rewrites ``examples/sensor_stream/model``
@@ -30,7 +30,7 @@ FRAMES_PER_CYCLE = 2    # 400 Hz frames, 200 Hz controller
 def build(out: Path, *, machines: int = 1024, duration_s: float = 4.0, steps: int = 3000, batch: int = 16,
           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
     """Simulate, fit, compress; writes the int8 package to ``out`` and returns both reports."""
-    from sdk.fit import SMALL_POLICY_CONFIG, split_rows, train_policy_package
+    from sdk.tools.fit import SMALL_POLICY_CONFIG, split_rows, train_policy_package
 
     from .machines import FAULTS, FEATURES, dataset
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = p.parse_args(argv)
-    from sdk.fit import render_policy_report
+    from sdk.tools.fit import render_policy_report
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = build(args.out, machines=args.machines, steps=args.steps, seed=args.seed, progress=not args.json)

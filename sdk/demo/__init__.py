@@ -96,7 +96,7 @@ def demo_config(port: int, recording: Path, example: Path | None = None, *, real
     except ModuleNotFoundError:                               # Python 3.10
         import tomli as tomllib
 
-    from sdk.config import DeployConfig
+    from sdk.service.config import DeployConfig
 
     example = example or find_example()
     path = example / "deploy.toml"
@@ -282,7 +282,7 @@ def failsafe_events(recording: Path, config) -> list[dict]:
     """Each cycle of a flight recording in which a stream failed safe: its cycle number, time
     (s from the first cycle), cause, and what held the cycle up (how late the loop woke, how
     long inference took against its budget), so that a stall is named."""
-    from runtime.recorder import RecordingReader
+    from runtime.control.recorder import RecordingReader
 
     budget_ms = config.loop.infer_budget_ms
     events, t0 = [], None
@@ -317,7 +317,7 @@ def output_steps(recording: Path) -> dict:
     where the outputs follow the operator), from a flight recording, beside its rate limit per
     cycle. The first cycle after start-up, a fail-safe or manual is included: it must start
     from what was sent."""
-    from runtime.recorder import RecordingReader
+    from runtime.control.recorder import RecordingReader
 
     largest, limit, prev, n = {}, {}, {}, 0
     for rec in RecordingReader(recording):
@@ -348,8 +348,8 @@ def simulate_policy(seed: int, duration_s: float, deploy: Path | None = None, en
     manual/auto coil on auto; returns the plant's log and the controller's ``stats()``.
     Deterministic: simulated time has no wall clock, so the watchdog's inference budget is
     lifted (a step on a busy machine would otherwise time out and fail safe)."""
-    from sdk.config import DeployConfig
-    from sdk.controller import Controller
+    from sdk.service.config import DeployConfig
+    from sdk.service.controller import Controller
     from sdk.demo import plant as P
 
     config = DeployConfig.load(deploy or find_example() / "deploy.toml", check_sources=False)
@@ -375,7 +375,7 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
 
     ``status``: a stream for the live status line (None: none), refreshed in place if ``inplace``.
     """
-    from sdk.controller import Controller, replay
+    from sdk.service.controller import Controller, replay
     from sdk.demo import expert as E
     from sdk.demo import plant as P
 

@@ -69,7 +69,7 @@ class RoutingRule(NamedTuple):
 
     @classmethod
     def from_config(cls, cfg, n_experts: int | None = None) -> "RoutingRule":
-        """The rule of a ``runtime.config.ModelConfig`` (``n_experts`` overrides the count)."""
+        """The rule of a ``runtime.model.config.ModelConfig`` (``n_experts`` overrides the count)."""
         method = cfg.topk_method
         if method not in TOPK_METHODS:
             raise ValueError(f"topk_method {method!r} is not supported (one of {', '.join(TOPK_METHODS)})")

@@ -410,10 +410,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int8(model) -> PackedModel:
-    """The int8 weights of a ``runtime.model.Transformer`` (float or quantized) as named
+    """The int8 weights of a ``runtime.model.transformer.Transformer`` (float or quantized) as named
     structures; int8 modules give views of their codes, float ones are quantized here."""
-    from runtime.model import MoE
-    from runtime.routing import RoutingRule
+    from runtime.model.transformer import MoE
+    from runtime.model.routing import RoutingRule
 
     cfg = model.config
     layers = []

@@ -5,7 +5,7 @@ Both spellings of the rotary settings are accepted: the official releases write
 ``rope_scaling`` (with ``type``) and a top-level ``rope_theta``; transformers 5 writes
 ``rope_parameters`` (with ``rope_type`` and ``rope_theta``) and ``rope_interleave``.
 
-The two families share MLA and the MoE layout and differ in routing (``runtime.routing``):
+The two families share MLA and the MoE layout and differ in routing (``runtime.model.routing``):
 V3/R1 score with a sigmoid and ``noaux_tc``; V2, V2-Lite, V2.5 and Coder-V2 with a softmax
 and ``greedy`` or ``group_limited_greedy``, without a correction bias. Keys a config leaves
 out take its family's defaults (those of transformers' config classes).
@@ -189,7 +189,7 @@ class ModelConfig:
                              "own V2 code then normalises instead of scaling, transformers scales and never "
                              "normalises, and no released V2 model sets it")
         if self.n_moe_layers:
-            from runtime.routing import RoutingRule
+            from runtime.model.routing import RoutingRule
 
             try:
                 RoutingRule.from_config(self)

@@ -1,19 +1,19 @@
 """``sdk.Controller``: the one place that wires engine, loop, safety, recorder and bridges.
 
-A controller is built from a deployment TOML (``sdk.config``). It serves named streams from
+A controller is built from a deployment TOML (``sdk.service.config``). It serves named streams from
 a fixed set of engine slots (``[model] streams``); a stream gets a slot the first time it is
 seen and keeps it. Each cycle batches every stream with valid inputs into one engine step
 (the engine's outputs are batch-invariant, so batching never changes a stream's decision),
-under the watchdog, then clamps and rate-limits the outputs (``runtime.safety``).
+under the watchdog, then clamps and rate-limits the outputs (``runtime.control.safety``).
 
 - ``step(inputs, stream="main")``: one synchronous cycle, for use inside someone else's loop.
-- ``run(duration_s=None)``: the periodic loop (``runtime.loop``), inputs from the configured
+- ``run(duration_s=None)``: the periodic loop (``runtime.control.loop``), inputs from the configured
   bridges or a ``source`` callable, outputs to the bridges and/or a ``sink`` callable.
   Bridges (``plc_bridge.bridge.Bridge``) are alike to the controller: each gives the inputs
   of the streams it has and gets the decisions of the streams it serves.
 - ``stats()``: counters and latency histograms; ``close()`` or a ``with`` block to finish.
 
-With ``[recorder]`` every cycle is appended to a flight recording (``runtime.recorder``);
+With ``[recorder]`` every cycle is appended to a flight recording (``runtime.control.recorder``);
 ``replay()`` re-runs one and checks every output bit for bit.
 
 One-off work happens before the first live cycle: building the engine (Numba compiles its
@@ -29,7 +29,7 @@ With ``[shadow]`` a candidate package runs on the frames the live model got, in 
 thread, after the live outputs went out (``Shadow``); it is never applied.
 
 With ``[model] parallel = { world_size = N }`` the routed experts are split across N processes
-(``runtime.parallel``, bitwise the one-process outputs; ``ParallelRanks``). Rank 0 runs the
+(``runtime.cpu.parallel``, bitwise the one-process outputs; ``ParallelRanks``). Rank 0 runs the
 controller: loop, bridges, recorder; the other ranks only serve their experts. Under torchrun
 every rank runs ``r1edge run`` and takes its rank from the environment; otherwise rank 0 starts
 the others itself as local processes. The watchdog covers the whole step, exchange included:
@@ -38,11 +38,11 @@ the run, which then reports failure (``r1edge run`` exits 1) for its supervisor 
 it. The recording's header names the split; it replays bit for bit on one process.
 
 With ``[advisor]`` a language model in its own process reads the advised stream's state as text
-and proposes setpoints and/or a diagnosis (``sdk.advisor``); advice reaches the model only
+and proposes setpoints and/or a diagnosis (``sdk.service.advisor``); advice reaches the model only
 through the PLC's switch, the inputs' ranges and the advisor's rate limits, and the model's
 outputs through the outputs' limits as always.
 
-Bumpless start and transfer (``runtime.loop.ControlCycle``): with ``[loop] warmup_cycles`` a
+Bumpless start and transfer (``runtime.control.loop.ControlCycle``): with ``[loop] warmup_cycles`` a
 stream's history is filled from its first valid frame and its outputs track their ``track``
 inputs for that many cycles, at start and after a window-long gap of invalid inputs (a
 shorter gap is filled with copies of the frame after it); with ``[mode]
@@ -67,14 +67,14 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from plc_bridge.bridge import Bridge, FailsafeSource, ModeSwitch, Reporter
-from runtime.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
+from runtime.control.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
                           fill_gaps, fill_history, monotonic_ns, set_compute_threads)
-from runtime.recorder import RecordingReader, FlightRecorder
-from runtime.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE_NAMES, OK, REASON_ERROR, REASON_HEARTBEAT,
+from runtime.control.recorder import RecordingReader, FlightRecorder
+from runtime.control.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE_NAMES, OK, REASON_ERROR, REASON_HEARTBEAT,
                             REASON_INPUT, REASON_NAMES, REASON_NONE, REASON_OUTPUT, STATUS_NAMES, InputGuard,
                             OutputLimit, OutputLimiter)
-from sdk.config import HEARTBEAT, MODE, ConfigError, DeployConfig, bridge_outputs, opcua_signals
-from sdk.metrics import MetricsServer, SnapshotExchange, take_snapshot
+from sdk.service.config import HEARTBEAT, MODE, ConfigError, DeployConfig, bridge_outputs, opcua_signals
+from sdk.service.metrics import MetricsServer, SnapshotExchange, take_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -87,21 +87,21 @@ Sink = Callable[[str, dict, str, int, float], None]
 def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32, group=None):
     """The stream engine over a sensor-mode package (refuses an LM-only package): the Numba
     engine on the CPU, the graph-captured device engine on CUDA; with a process ``group``, this
-    rank's share of the expert-parallel engine (``runtime.parallel``)."""
-    from sdk.loading import load_model
+    rank's share of the expert-parallel engine (``runtime.cpu.parallel``)."""
+    from sdk.tools.loading import load_model
 
     model = load_model(path)
     if getattr(model, "adapter", None) is None:
         raise ValueError(f"{path}: the model has no I/O adapter; a controller needs a sensor-mode package")
     if group is not None:
-        from runtime.parallel import ParallelEngine
+        from runtime.cpu.parallel import ParallelEngine
 
         return ParallelEngine(model, capacity=capacity, window=window, group=group)
     if str(device).startswith("cuda"):
-        from runtime.device import DeviceEngine
+        from runtime.cuda.engine import DeviceEngine
 
         return DeviceEngine(model, capacity=capacity, window=window, device=device)
-    from runtime.engine import Engine
+    from runtime.cpu.engine import Engine
 
     return Engine(model, capacity=capacity, window=window)
 
@@ -132,7 +132,7 @@ class ParallelRanks:
     @classmethod
     def join(cls, cfg: DeployConfig) -> "ParallelRanks":
         """Join (or, without torchrun, start and join) the ranks of ``cfg.model.parallel``."""
-        from runtime.parallel import init_process_group
+        from runtime.cpu.parallel import init_process_group
 
         par = cfg.model.parallel
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -161,7 +161,7 @@ class ParallelRanks:
     def serve(self, cfg: DeployConfig) -> int:
         """A rank other than 0: build its share of the engine and serve rank 0 until it stops;
         the exit status (0 when rank 0 stopped it, 1 when a rank or the leader failed)."""
-        from runtime.parallel import RankFailure, leave_process_group
+        from runtime.cpu.parallel import RankFailure, leave_process_group
 
         engine = build_engine(cfg.model.path, device=cfg.model.device, capacity=cfg.model.streams,
                               window=cfg.model.window, group=self.group)
@@ -179,7 +179,7 @@ class ParallelRanks:
     def close(self, engine) -> None:
         """Rank 0 at the end: stop the other ranks (when the engine still works), wait for the
         local ones (killing any still there after 10 s), leave the group."""
-        from runtime.parallel import leave_process_group
+        from runtime.cpu.parallel import leave_process_group
 
         if engine is not None and engine.failure is None:
             try:
@@ -204,7 +204,7 @@ def _serve_rank(config_path: str, rank: int, port: int) -> None:
     """Entry of a rank started by :meth:`ParallelRanks.join` (a spawned process)."""
     import sys
 
-    from runtime.parallel import init_process_group
+    from runtime.cpu.parallel import init_process_group
 
     logging.basicConfig(level=logging.INFO, format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
     cfg = DeployConfig.load(config_path, check_sources=False)
@@ -326,7 +326,7 @@ class Controller:
                 self.shadow = Shadow(shadow_engine, cfg.shadow.path, self.output_limits, capacity, cfg.loop.threads)
                 self._warm_up(shadow_engine, self.shadow.worker, "shadow ")
             if cfg.advisor is not None:
-                from sdk.advisor import Advisor
+                from sdk.service.advisor import Advisor
 
                 self.advisor = Advisor(cfg.advisor, cfg.inputs, self.input_names, self.output_names, self.period_s)
             logger.info("controller ready in %.1f s", time.perf_counter() - t_start)
@@ -352,7 +352,7 @@ class Controller:
     @classmethod
     def from_config(cls, path: str | Path, *, engine=None, bridges: bool = True) -> "Controller":
         """Build a controller from a deployment TOML file (with ``bridges``, every input must
-        have a configured source: see ``sdk.config``)."""
+        have a configured source: see ``sdk.service.config``)."""
         return cls(DeployConfig.load(path, check_sources=bridges), engine=engine, bridges=bridges)
 
     def _warm_up(self, engine, worker: InferenceWorker, what: str, steps: int = 3) -> None:
@@ -1311,7 +1311,7 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
     compared too. With an advisor, each answer's prompt is re-rendered and its tokens and
     decision regenerated on the advisor's language model (the recorded one, or
     ``advisor_package``), and the setpoints the model saw are recomputed
-    (``sdk.advisor.AdviceReplay``). Warm-ups and filled gaps are replayed where recorded (the
+    (``sdk.service.advisor.AdviceReplay``). Warm-ups and filled gaps are replayed where recorded (the
     slot's history reset and filled from that frame, or the gap filled with copies of it), and
     tracking outputs follow their recorded tracking inputs. Reading stops at the first
     incomplete record (a killed process). Returns a report with ``identical``, counts and
@@ -1361,7 +1361,7 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
 
     advice = None
     if header.get("advisor"):
-        from sdk.advisor import AdviceReplay
+        from sdk.service.advisor import AdviceReplay
 
         advice = AdviceReplay(header, header["inputs"], package=advisor_package)
 

@@ -30,7 +30,7 @@ def reference_model(model):
         import transformers
     except ImportError:
         return None
-    from runtime.model import MoE, dequantized_weight
+    from runtime.model.transformer import MoE, dequantized_weight
 
     cfg = model.config
     family = "DeepseekV2" if cfg.model_type == "deepseek_v2" else "DeepseekV3"
@@ -106,9 +106,9 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
     ``threads``: Numba compute threads set for the run, as the controller sets them. The CPU
     engine runs each step on the calling thread alone, so it does not change the engine's step.
     """
-    from runtime.engine import Engine
-    from runtime.loop import set_compute_threads
-    from sdk.loading import load_model
+    from runtime.cpu.engine import Engine
+    from runtime.control.loop import set_compute_threads
+    from sdk.tools.loading import load_model
 
     batches = sorted(set(int(b) for b in batches))
     if not batches or batches[0] < 1:
@@ -208,7 +208,7 @@ def bench_device(model, *, batches=(1, 8, 64), device: str = "cuda", steps: int 
     On a device without graphs (the CPU) both rows time the eager step; ``peak`` must then
     be given (``{"name", "table_gbps", "copy_gbps"}``).
     """
-    from runtime.device import DeviceEngine
+    from runtime.cuda.engine import DeviceEngine
 
     device = torch.device(device)
     peak = peak or peak_bandwidth(device)

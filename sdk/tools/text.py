@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtime.generate import DEADLINE, FINISHED, MAX_NEW_TOKENS, TokenRule, decode, masked_argmax
+from runtime.cpu.generate import DEADLINE, FINISHED, MAX_NEW_TOKENS, TokenRule, decode, masked_argmax
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Tokenizer:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint or package directory. In a package, the tokenizer files
     are checked against the manifest's sha256 first (packages are sealed)."""
-    from sdk.package import TEXT_FILES, is_package, read_manifest, verify_file
+    from sdk.tools.package import TEXT_FILES, is_package, read_manifest, verify_file
 
     path = Path(path)
     if not path.is_dir():
@@ -407,7 +407,7 @@ class TextGenerator:
 
     def __init__(self, model, tokenizer: Tokenizer, *, window: int = 2048, capacity: int = 1,
                  clock: Callable[[], float] = time.monotonic):
-        from runtime.engine import Engine
+        from runtime.cpu.engine import Engine
 
         vocab = model.config.vocab_size
         if tokenizer.vocab_size > vocab:
@@ -425,7 +425,7 @@ class TextGenerator:
     def load(cls, path: str | Path, **kwargs) -> "TextGenerator":
         """Model and tokenizer from one checkpoint or package directory (``kwargs`` as for the
         constructor)."""
-        from sdk.loading import load_model
+        from sdk.tools.loading import load_model
 
         return cls(load_model(path), load_tokenizer(path), **kwargs)
 

@@ -6,7 +6,7 @@ rank r holds experts ``split[r] = (lo, hi)`` of every MoE layer (:func:`expert_s
 Attention, dense layers, shared experts, the router and the latent caches are replicated: each
 rank runs them on every row of every pass, in the same code on the same inputs, so they agree
 bit for bit. Per MoE layer each rank runs its experts over the tokens routed to them; the
-dispatch plan is expert-major (``runtime.routing``), so a rank's (token, expert) outputs fill
+dispatch plan is expert-major (``runtime.model.routing``), so a rank's (token, expert) outputs fill
 one contiguous range of the assignment rows, and one all-gather of those rows (padded to the
 largest share, in preallocated buffers) gives every rank every row. The combine then sums a
 token's expert outputs in its top-k order, exactly as one process does: nothing is ever summed
@@ -14,7 +14,7 @@ across ranks, so no reduction order can depend on the world size.
 
 Rank 0 (the leader) owns the inputs: every step, prefill or reset is first broadcast to the
 other ranks (followers, in :meth:`ParallelEngine.serve`) as a fixed-size command, then every
-rank runs the same pass stage by stage (``runtime.engine``: ``_begin``, per layer
+rank runs the same pass stage by stage (``runtime.cpu.engine``: ``_begin``, per layer
 ``_layer_front`` / exchange / ``_layer_back``, ``_end``); only the leader computes the head.
 
 Failure: a collective with a dead peer raises at once (gloo sees the closed connection); a
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime.engine import (_OK, _PREFILL_SENSOR, _STEP_SENSOR, _STEP_TOKENS, F32,
+from runtime.cpu.engine import (_OK, _PREFILL_SENSOR, _STEP_SENSOR, _STEP_TOKENS, F32,
                             PREFILL_ROWS, Engine, _begin, _check, _end, _layer_back, _layer_front)
-from runtime.model import Transformer
+from runtime.model.transformer import Transformer
 
 _RESET_SLOT, _RESET_ALL, _STOP = 10, 11, 12
 _HEADER = 4                    # command words before the payload: op, n, slot, last

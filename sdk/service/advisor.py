@@ -11,7 +11,7 @@ one number per setpoint in ``sets``, within the input's ``[min, max]`` and a mul
 budget or an invalid answer is counted and keeps the last good advice (``on_failure = "keep"``)
 or withdraws it (``"failsafe"``: the PLC's own setpoints apply).
 
-**Where it runs.** Generation runs in a child process (``python -m sdk.advisor``), not in a
+**Where it runs.** Generation runs in a child process (``python -m sdk.service.advisor``), not in a
 thread of the controller: the CPU engine's steps hold Python's GIL for their whole duration
 (milliseconds on a large model), and a thread holding it delays the fast loop's thread whenever
 it wakes (measured in ``benchmarks/bench_advisor.py``). The child has its own interpreter, its
@@ -57,10 +57,10 @@ from typing import Any, BinaryIO
 import msgpack
 import numpy as np
 
-from runtime.loop import LatencyHistogram, monotonic_ns
-from runtime.safety import OK, STATUS_NAMES, OutputLimit, OutputLimiter
-from sdk.config import AdvisorSection, ConfigError, InputSpec
-from sdk.text import DecisionSchema
+from runtime.control.loop import LatencyHistogram, monotonic_ns
+from runtime.control.safety import OK, STATUS_NAMES, OutputLimit, OutputLimiter
+from sdk.service.config import AdvisorSection, ConfigError, InputSpec
+from sdk.tools.text import DecisionSchema
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def build_context(request: dict, init: dict) -> dict:
 
 class SetpointOverride:
     """The advised setpoints as the fast model sees them, through the output limiter's own
-    clamp and rate limit (``runtime.safety.OutputLimiter``): ``apply(row, target, enabled)``
+    clamp and rate limit (``runtime.control.safety.OutputLimiter``): ``apply(row, target, enabled)``
     replaces the setpoint columns of an input row while the advice is in force and returns
     whether it is. Live and in replay alike."""
 
@@ -226,7 +226,7 @@ def generation_record(gen, template: PromptTemplate, schema: DecisionSchema, ini
 
 
 def child_main() -> int:
-    """``python -m sdk.advisor``: the advisor process. Reads an init message, then requests,
+    """``python -m sdk.service.advisor``: the advisor process. Reads an init message, then requests,
     from stdin; writes ``ready`` and one result per request to stdout; ends at end of input."""
     inp = sys.stdin.buffer
     out = os.fdopen(os.dup(1), "wb")
@@ -238,7 +238,7 @@ def child_main() -> int:
     try:
         if init["nice"]:
             os.nice(init["nice"])
-        from sdk.text import TextGenerator
+        from sdk.tools.text import TextGenerator
 
         t0 = time.monotonic()
         gen = TextGenerator.load(init["path"], window=init["window"])
@@ -317,12 +317,12 @@ class Advisor:
 
     # ------------------------------------------------------------------ process
     def _start(self, timeout_s: float) -> None:
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         logger.info("advisor: starting its process with %s (loading the language model; a first run compiles "
                     "the engine's kernels) ...", self.section.path)
         t0 = time.perf_counter()
-        self._proc = subprocess.Popen([sys.executable, "-m", "sdk.advisor"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "sdk.service.advisor"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, env=env)
         write_frame(self._proc.stdin, self._init)
         box: list = []
@@ -529,7 +529,7 @@ class Advisor:
 
     def header(self) -> dict:
         """What a recording needs to replay the advice: package, template text, schema, settings."""
-        from sdk.controller import package_identity
+        from sdk.service.controller import package_identity
 
         s = self.section
         return {"package": package_identity(s.path), "template": self.template_text, "schema": self.schema.schema,
@@ -562,7 +562,7 @@ class AdviceReplay:
     """
 
     def __init__(self, header: dict, input_names: list[str], *, package: str | Path | None = None):
-        from sdk.text import TextGenerator
+        from sdk.tools.text import TextGenerator
 
         h = header["advisor"]
         self.h = h

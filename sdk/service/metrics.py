@@ -1,14 +1,14 @@
 """Prometheus metrics and a health endpoint for a running controller (``[metrics]``).
 
 Scraping never calls into a control cycle, and its costly part runs in another process. A
-scrape or a ``/healthz`` request reaches the exporter process (``sdk/metrics_exporter.py``:
+scrape or a ``/healthz`` request reaches the exporter process (``sdk/service/metrics_exporter.py``:
 HTTP, rendering with prometheus_client), which asks this process for a snapshot over a Unix
 socket. A relay thread here asks the controller's :class:`SnapshotExchange`; the control loop
 takes the snapshot at its next cycle boundary, after that cycle's outputs went out (a plain
 copy of counters and histogram bins, about 10 us), and the relay sends it back with the
 bridges' health. So the figures of one scrape all come from the same instant between two
 cycles, and a loop that stops cycling stops answering: ``/healthz`` then says 503. The
-service watchdog (``sdk.notify``) uses the same exchange.
+service watchdog (``sdk.service.notify``) uses the same exchange.
 
 ``/metrics`` (Prometheus text format; times in seconds):
 
@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Callable
 
-from runtime.safety import INVALID_NAMES, REASON_NAMES, STATUS_NAMES
+from runtime.control.safety import INVALID_NAMES, REASON_NAMES, STATUS_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class MetricsServer:
     """Serves ``/metrics`` and ``/healthz`` for ``ctrl`` on ``host:port`` (``port = 0`` takes a
     free port; see :attr:`port` after ``start()``).
 
-    HTTP and rendering run in the exporter process (``sdk/metrics_exporter.py``); here one
+    HTTP and rendering run in the exporter process (``sdk/service/metrics_exporter.py``); here one
     relay thread answers its requests with a snapshot from the loop and the bridges' health.
     """
 
@@ -147,7 +147,7 @@ class MetricsServer:
     def start(self) -> "MetricsServer":
         """Start the exporter process and wait until it listens; raises ``OSError`` if it
         cannot bind, ``RuntimeError`` if it does not come up."""
-        from sdk import metrics_exporter as exporter
+        from sdk.service import metrics_exporter as exporter
 
         ours, theirs = socket.socketpair()
         self._sock = ours
@@ -191,7 +191,7 @@ class MetricsServer:
             self._proc = None
 
     def _relay(self) -> None:
-        from sdk.metrics_exporter import send
+        from sdk.service.metrics_exporter import send
 
         sock = self._sock
         try:

@@ -8,7 +8,7 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   streams batched through the engine at once), ``parallel`` (optional, expert parallelism over
   torch.distributed: ``{ world_size = N, backend = "gloo" }``, plus ``master_addr =
   "127.0.0.1"``, ``master_port = 0`` (a free port; torchrun's environment wins when set) and
-  ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.controller``);
+  ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.service.controller``);
 - ``[loop]`` ``period_ms = 10``, ``deadline_ms`` = the period, ``realtime = false``,
   ``infer_budget_ms`` = 80% of the deadline (inference that has not answered by then gets
   the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU,
@@ -17,7 +17,7 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   reported as failed: ``r1edge run`` exits 1), ``warmup_cycles = 0`` (cycles a stream's outputs
   track, or hold, while its history fills, at start and after ``window - 1`` or more frames
   with invalid inputs; shorter gaps are filled; 0: the model drives from the first valid frame
-  and gaps are not filled, see ``runtime.loop.ControlCycle``);
+  and gaps are not filled, see ``runtime.control.loop.ControlCycle``);
 - ``[[inputs]]`` ``stale_ms`` = max(200, 3 periods) (the ``[mode]`` input: never stale, it is a
   switch that holds its last value), ``on_invalid = "failsafe"``;
 - ``[[outputs]]`` no rate limit unless ``max_rate`` is given; ``on_stop = "failsafe"`` (what
@@ -31,12 +31,12 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
 - ``[recorder]`` (optional) ``path`` (a directory), ``max_bytes = 64 MiB`` per segment,
   ``keep = 16`` segments, ``enabled = true``;
 - ``[shadow]`` (optional) ``path``: a candidate package run on the same inputs every cycle,
-  never applied (see ``sdk.controller``).
+  never applied (see ``sdk.service.controller``).
 - ``[advisor]`` (optional) a language model that reads the plant's state as text every
-  ``every_ms`` and proposes setpoints and/or a diagnosis (``sdk.advisor``, where the keys and
+  ``every_ms`` and proposes setpoints and/or a diagnosis (``sdk.service.advisor``, where the keys and
   their defaults are listed).
 - ``[metrics]`` (optional) ``listen = "127.0.0.1:9108"`` (``HOST:PORT``, ``[V6]:PORT`` for
-  IPv6, port 0 for a free one): Prometheus ``/metrics`` and ``/healthz`` (``sdk.metrics``).
+  IPv6, port 0 for a free one): Prometheus ``/metrics`` and ``/healthz`` (``sdk.service.metrics``).
 
 ``[[inputs]]`` and ``[[outputs]]`` may name their engineering ``unit`` (free text such as
 ``"m"`` or ``"degC"``), shown by the OPC UA bridge.
@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.safety import NEVER_STALE_NS, InputLimit, OutputLimit
+from runtime.control.safety import NEVER_STALE_NS, InputLimit, OutputLimit
 
 try:
     import tomllib
@@ -70,7 +70,7 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 #: The output counter bumped every cycle, published to the bridges next to the outputs.
 HEARTBEAT = "_heartbeat"
 #: The stream's mode, published next to the outputs: 0 manual, 1 auto, 2 warm-up
-#: (``runtime.safety.MODE_NAMES``); 0 in a bridge's own fail-safe.
+#: (``runtime.control.safety.MODE_NAMES``); 0 in a bridge's own fail-safe.
 MODE = "_mode"
 
 
@@ -167,7 +167,7 @@ class _Table:
 
 @dataclass
 class ParallelSection:
-    """``[model] parallel``: expert parallelism over torch.distributed (``runtime.parallel``)."""
+    """``[model] parallel``: expert parallelism over torch.distributed (``runtime.cpu.parallel``)."""
 
     world_size: int = 1
     backend: str = "gloo"
@@ -266,7 +266,7 @@ class ShadowSection:
 
 @dataclass
 class AdvisorSection:
-    """``[advisor]``: a language model advising setpoints and/or a diagnosis (``sdk.advisor``).
+    """``[advisor]``: a language model advising setpoints and/or a diagnosis (``sdk.service.advisor``).
 
     ``sets`` are setpoints: inputs of the fast model, whose ranges come from ``[[inputs]]``;
     ``step`` is each one's ``multipleOf`` (default 1/1000 of its range), ``max_rate`` how fast

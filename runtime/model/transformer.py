@@ -1,5 +1,5 @@
 """DeepSeek-V3/R1 (and the V2 family) in plain PyTorch: MLA attention, the MoE with the
-routing rule of ``runtime.routing``, YaRN RoPE, greedy generation. This is the definition of
+routing rule of ``runtime.model.routing``, YaRN RoPE, greedy generation. This is the definition of
 the model's float math; the engines are backends checked against it.
 
 Parameter names follow the Hugging Face layout (``model.layers.N.self_attn.q_a_proj.weight`` ...)
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.config import LORA_NORM_EPS, ModelConfig
-from runtime.quant import RoutedExperts, silu_mul
-from runtime.routing import RoutingRule, route_torch
+from runtime.model.config import LORA_NORM_EPS, ModelConfig
+from runtime.model.quant import RoutedExperts, silu_mul
+from runtime.model.routing import RoutingRule, route_torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -206,7 +206,7 @@ class MLP(nn.Module):
 
 class Gate(nn.Module):
     """The router of a MoE layer: float32 logits ``x @ W.T``, then the routing rule
-    (``runtime.routing``) in torch ops. ``e_score_correction_bias`` exists when the rule
+    (``runtime.model.routing``) in torch ops. ``e_score_correction_bias`` exists when the rule
     uses one (noaux_tc)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -261,7 +261,7 @@ class MoE(nn.Module):
     """Shared experts plus routed experts chosen by the gate: out = routed sum + shared.
 
     Float experts run the reference path, a loop over the experts that received tokens;
-    quantized ones (:class:`runtime.quant.RoutedExperts`) the int8 rule. ``observer``, when
+    quantized ones (:class:`runtime.model.quant.RoutedExperts`) the int8 rule. ``observer``, when
     set, is called with a :class:`RoutingRecord` on every float forward pass (calibration
     uses it; it costs an extra norm per chosen expert).
     """

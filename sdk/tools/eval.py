@@ -1,6 +1,6 @@
 """Judge a sensor-mode package in the plant's terms: open loop over recorded rows.
 
-Each row of a fitting ``.npz`` (``sdk.fit.DATA_FORMAT``) is run from its first frame, as a
+Each row of a fitting ``.npz`` (``sdk.tools.fit.DATA_FORMAT``) is run from its first frame, as a
 controller starts with an empty history. An int8 package runs through the stream engine, one
 frame per step with the deployment's sliding window: bit for bit what the controller
 computes. An unquantized package runs through the float model with the same window (what
@@ -45,9 +45,9 @@ def run_package(path: str | Path, frames: np.ndarray, window: int, engine: str =
     from its first frame; returns (outputs, what ran them). ``model``: the package, loaded."""
     import torch
 
-    from runtime.engine import Engine
-    from sdk.loading import load_model
-    from sdk.package import is_package, read_manifest
+    from runtime.cpu.engine import Engine
+    from sdk.tools.loading import load_model
+    from sdk.tools.package import is_package, read_manifest
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -79,7 +79,7 @@ def run_package(path: str | Path, frames: np.ndarray, window: int, engine: str =
 
 def package_window(path: str | Path) -> int | None:
     """The window a package was fitted with (its manifest's ``fit`` report), if it says."""
-    from sdk.package import is_package, read_manifest
+    from sdk.tools.package import is_package, read_manifest
 
     if not is_package(path):
         return None
@@ -96,9 +96,9 @@ def evaluate(package: str | Path, data: str | Path, *, against: str | Path | Non
     with, else 32. ``config``: a deployment TOML whose ``[[outputs]]`` ranges are used.
     ``held_out``: only the last fraction of the rows (as ``fit`` splits them); 0 = all rows.
     """
-    from sdk.config import DeployConfig
-    from sdk.fit import load_data, split_rows
-    from sdk.loading import load_model
+    from sdk.service.config import DeployConfig
+    from sdk.tools.fit import load_data, split_rows
+    from sdk.tools.loading import load_model
 
     d = load_data(data)
     frames, targets = d["frames"], d["targets"]

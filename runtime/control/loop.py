@@ -33,7 +33,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from runtime.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BUSY, REASON_ERROR, REASON_HEARTBEAT,
+from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BUSY, REASON_ERROR, REASON_HEARTBEAT,
                             REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP, InputGuard,
                             OutputLimiter)
 

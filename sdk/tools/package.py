@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch
 
 def _mapped_tensors(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Like :func:`iter_tensors`, but every tensor is a view of its memory-mapped file."""
-    from runtime.weights import MappedFile
+    from runtime.model.weights import MappedFile
 
     for name in manifest["files"]:
         try:
@@ -409,7 +409,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     memory-mapped files instead of a copy: it costs page cache, read on first use, not
     process memory (the streaming expert store serves experts from there).
     """
-    from runtime.model import IOAdapter, Transformer, cast_keeping_router_fp32, rope_inv_freq
+    from runtime.model.transformer import IOAdapter, Transformer, cast_keeping_router_fp32, rope_inv_freq
 
     path = Path(path)
     manifest = verify_package(path)
@@ -425,7 +425,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
                 raise PackageError(f"{path / MANIFEST}: bad 'io' signature ({exc})") from None
         model = cast_keeping_router_fp32(model, dtype)
         if scheme == "w8a8-int8":
-            from runtime.quant import quantize_model
+            from runtime.model.quant import quantize_model
 
             quantize_model(model, mode="w8a8")
     expected = model.state_dict()

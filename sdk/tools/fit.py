@@ -1,7 +1,7 @@
 """Sensor-mode fitting: give a checkpoint a fresh I/O adapter and fit it on recorded frames.
 
 A sensor-mode model reads one frame of named features per control cycle and answers named
-outputs (``runtime.model.IOAdapter``). :func:`fit` loads a float checkpoint or an unquantized
+outputs (``runtime.model.transformer.IOAdapter``). :func:`fit` loads a float checkpoint or an unquantized
 package, attaches a fresh adapter whose normalisation comes from the data, fits the adapter
 alone (``train="adapter"``: the backbone is frozen) or the whole model (``train="all"``) on
 ``frames`` [N, T, F] and ``targets`` [N, T, O], and writes an unquantized r1edge package
@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.model import IOAdapter, MoE, Transformer
+from runtime.model.transformer import IOAdapter, MoE, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def new_model(init: str | Path, *, seed: int = 0) -> tuple[Transformer, int | No
     """A seeded random model to train from nothing: ``init`` is a preset name (``small``,
     ``medium``, ``large``; see :data:`PRESETS`) or a DeepSeek-V3 ``config.json`` file.
     Returns (model, the preset's window or None)."""
-    from runtime.config import ModelConfig
+    from runtime.model.config import ModelConfig
 
     if str(init) in PRESETS:
         preset = PRESETS[str(init)]
@@ -593,8 +593,8 @@ def _load_checkpoint(path: Path, identity: dict, model: Transformer, opt, rng, b
 def save_package(model: Transformer, out: str | Path, *, report: dict[str, Any] | None = None,
                  overwrite: bool = False) -> dict[str, Any]:
     """Write ``model`` (float, with its adapter) as an unquantized r1edge package; returns the manifest."""
-    from sdk.compress import _version
-    from sdk.package import FORMAT, FORMAT_VERSION, write_package
+    from sdk.tools.compress import _version
+    from sdk.tools.package import FORMAT, FORMAT_VERSION, write_package
 
     if model.adapter is None:
         raise ValueError("the model has no I/O adapter; a fitted package is a sensor-mode package")
@@ -631,8 +631,8 @@ def fit(source: str | Path | None, frames: np.ndarray, targets: np.ndarray, *, i
     state for ``resume``. Returns the fit report (also stored in the package manifest under
     ``fit``), with ``package`` set to ``out``; a fit stopped by SIGINT has ``stopped_at``.
     """
-    from sdk.loading import load_model
-    from sdk.package import is_package, read_manifest
+    from sdk.tools.loading import load_model
+    from sdk.tools.package import is_package, read_manifest
 
     if (source is None) == (init is None):
         raise ValueError("give a source checkpoint or package, or --init (a preset or a config.json), not both")
@@ -698,8 +698,8 @@ def train_policy_package(config: dict[str, Any], frames: np.ndarray, targets: np
     """
     import tempfile
 
-    from runtime.config import ModelConfig
-    from sdk.compress import compress
+    from runtime.model.config import ModelConfig
+    from sdk.tools.compress import compress
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,8 +3,8 @@ CUDA graph replay.
 
 ``DeviceEngine`` has the CPU engine's slots, latent ring buffers and API (``step_tokens``,
 ``step_sensor``, ``reset_slot``...). Its step composes the torch definitions of every rule
-(``runtime.model``: norms, rotary; ``runtime.quant``: int8 GEMMs and SwiGLU;
-``runtime.routing.route_torch``), with weights from ``runtime.quant.pack_int8``, at static
+(``runtime.model.transformer``: norms, rotary; ``runtime.model.quant``: int8 GEMMs and SwiGLU;
+``runtime.model.routing.route_torch``), with weights from ``runtime.model.quant.pack_int8``, at static
 shapes: every step runs all slot rows (inactive ones are masked), every buffer is
 preallocated, and nothing inside the step reads a value back to the host, so on CUDA the
 whole step is captured once as a ``torch.cuda.CUDAGraph`` and each control cycle is one
@@ -21,12 +21,12 @@ therefore bitwise the same whether the other slots are active or not, and whiche
 backend or cache size computed them.
 
 Routed experts, three ways (the same bits):
-- ``"triton"`` (CUDA): the grouped int8 GEMM of ``runtime.grouped_int8``; each active
+- ``"triton"`` (CUDA): the grouped int8 GEMM of ``runtime.cuda.grouped_int8``; each active
   expert's weights are read once per step, inactive experts cost nothing.
 - ``"torch"`` (anywhere): every expert over every row with ``_int_mm``, then the chosen
   (token, expert) pairs are gathered; it reads every expert's weights once per step.
 - streaming (``expert_cache_slots=N``): routed experts stay in pinned host memory in a
-  ``runtime.expert_store.ExpertStore`` with N device slots. Each MoE layer reads its routing
+  ``runtime.cuda.expert_store.ExpertStore`` with N device slots. Each MoE layer reads its routing
   back to the host (so such a step is eager, not a graph), pre-gates the next MoE layer with
   that layer's router on the current hidden state and prefetches its likely experts on a
   side stream, then runs its own experts from the cache.
@@ -40,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.config import LORA_NORM_EPS
-from runtime.expert_store import ExpertStore
-from runtime.grouped_int8 import compile_kernel, grouped_int8_mm, triton_available
-from runtime.model import Transformer, apply_rope, rms_norm, rope_cos_sin
-from runtime.quant import (CUDA_MIN_ROWS, PackedAttention, PackedMLP, QWeight, int8_linear, int8_mm, pack_int8,
+from runtime.model.config import LORA_NORM_EPS
+from runtime.cuda.expert_store import ExpertStore
+from runtime.cuda.grouped_int8 import compile_kernel, grouped_int8_mm, triton_available
+from runtime.model.transformer import Transformer, apply_rope, rms_norm, rope_cos_sin
+from runtime.model.quant import (CUDA_MIN_ROWS, PackedAttention, PackedMLP, QWeight, int8_linear, int8_mm, pack_int8,
                            qlinear, quantize_activation, swiglu_int8, swiglu_requant)
-from runtime.routing import route_torch
+from runtime.model.routing import route_torch
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class DeviceEngine:
     """Fixed-capacity stream slots over a DeepSeek model on a torch device, one token per
     stream per step; on CUDA each step is one CUDA graph replay.
 
-    Same API and semantics as ``runtime.engine.Engine``: ``step_tokens`` / ``step_sensor``
+    Same API and semantics as ``runtime.cpu.engine.Engine``: ``step_tokens`` / ``step_sensor``
     return views of preallocated host buffers, valid until the next step, rows in the order
     of ``slots``. Options: ``graphs`` (default: on for CUDA), ``expert_backend`` ("auto":
     Triton on CUDA when available, else "torch"), ``expert_cache_slots`` (stream routed

@@ -1,8 +1,8 @@
 """Memory planner: parameters and bytes of a (pruned, quantized) model, and whether it fits a GPU.
 
 Two accountings. :func:`engine_bytes` is what an engine that ships holds, part by part,
-mirroring its allocations: the device engine (``runtime.device.DeviceEngine``: what sits in
-GPU memory, and its host-side buffers) or the CPU stream engine (``runtime.engine.Engine``).
+mirroring its allocations: the device engine (``runtime.cuda.engine.DeviceEngine``: what sits in
+GPU memory, and its host-side buffers) or the CPU stream engine (``runtime.cpu.engine.Engine``).
 It is what ``plan`` reports for int8 (the scheme the engines run), and what is measured
 against RSS in ``benchmarks/bench_r1_engine.py``. :func:`count_bytes` is what a checkpoint or
 package stores in a given format (int8, bf16, fp8), used for the other ``--quant`` choices.
@@ -42,7 +42,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 
 QUANTS = ("int8", "bf16", "fp8")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
@@ -57,7 +57,7 @@ PARTS = ("embeddings", "lm_head", "attention", "dense_mlp", "shared_experts", "r
 ENGINES = ("device", "cpu")
 ENGINE_PARTS = ("embeddings", "lm_head", "attention", "attention_absorbed", "dense_mlp", "shared_experts",
                 "routed_experts", "router", "norms", "kv_cache", "buffers")
-CUDA_MIN_ROWS = 17          # the device engine runs at least 17 rows (runtime.quant.CUDA_MIN_ROWS)
+CUDA_MIN_ROWS = 17          # the device engine runs at least 17 rows (runtime.model.quant.CUDA_MIN_ROWS)
 
 
 def resolve_config(source: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -264,12 +264,12 @@ def _cpu_engine_bytes(cfg: ModelConfig, keep: int, streams: int, window: int) ->
     """The CPU ``Engine``'s arrays by part: int8 weights blocked by 16 output channels (K padded
     to 4, with int32 row sums and float32 scales), float32 embeddings, W_UK/W_UV (padded to
     16-lane vectors), router and the latent cache in its two layouts, and every buffer of
-    ``runtime.engine.buffer_shapes`` at ``max(streams, PREFILL_ROWS)`` rows."""
+    ``runtime.cpu.engine.buffer_shapes`` at ``max(streams, PREFILL_ROWS)`` rows."""
     import numpy as np
 
-    from runtime.cpu_int8 import blocked_nbytes, padded16
-    from runtime.engine import PREFILL_ROWS, buffer_shapes
-    from runtime.routing import RouteBuffers, RoutingRule
+    from runtime.cpu.int8 import blocked_nbytes, padded16
+    from runtime.cpu.engine import PREFILL_ROWS, buffer_shapes
+    from runtime.model.routing import RouteBuffers, RoutingRule
 
     H, V, L, Lm = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.n_moe_layers
     nh, nope, rope, vd, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -438,7 +438,7 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
     budget = int(round(gpu_mem_gb * 1e9))
     rows = max(streams, CUDA_MIN_ROWS) if quant == "int8" and engine == "device" else streams
     if quant == "int8" and engine == "cpu":
-        from runtime.engine import PREFILL_ROWS
+        from runtime.cpu.engine import PREFILL_ROWS
         step_rows = max(streams, PREFILL_ROWS)      # the engine's rows: a prefill pass runs this many
     else:
         step_rows = rows

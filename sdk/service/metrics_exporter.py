@@ -1,6 +1,6 @@
 """The Prometheus exporter process behind ``[metrics]``: serves ``/metrics`` and ``/healthz``.
 
-``sdk.metrics.MetricsServer`` starts this file as its own process (``python -I``; it imports
+``sdk.service.metrics.MetricsServer`` starts this file as its own process (``python -I``; it imports
 only the standard library, msgpack and prometheus_client, never torch or the rest of ``sdk``),
 so that HTTP parsing and rendering, milliseconds of Python per scrape, never hold the control
 process's interpreter lock. Per request it asks the controller over an inherited Unix socket

@@ -10,7 +10,7 @@ weight bytes for each of 16 output channels and adds them to 16 int32 sums (``vp
 AVX-512 VNNI). The offset comes back out exactly: ``sum (q + 128) w = sum q w + 128 sum w``,
 with ``sum w`` per row precomputed. Integer sums are exact in any order, so the result is the
 int32 dot product of the W8A8 rule whatever the blocking, the batch or the kernel; it is
-dequantized as ``float32(acc) * x_scale * w_scale``, the rule of ``runtime.quant``.
+dequantized as ``float32(acc) * x_scale * w_scale``, the rule of ``runtime.model.quant``.
 
 Kernels. :data:`VNNI` says whether the host has AVX-512 VNNI (and Numba compiles for the
 host); without it the same loop is written in portable LLVM vector code (sign- and
@@ -153,7 +153,7 @@ def absmax(x):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def quantize_row_u8(x, q):
-    """Per-token symmetric int8 of x[K] (the rule of ``runtime.quant.quantize_activation``),
+    """Per-token symmetric int8 of x[K] (the rule of ``runtime.model.quant.quantize_activation``),
     stored offset by 128 as uint8 into q[:K]; returns the scale (absmax / 127, 1 for a zero
     row). Written without the rule's clamp: for finite input |x| / scale <= 127 already."""
     amax = absmax(x)

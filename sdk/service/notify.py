@@ -9,7 +9,7 @@ these datagrams, each a few ``KEY=value`` lines sent to the Unix datagram socket
   "activating", so ``TimeoutStartSec`` must cover the engine's first compilation and the
   wait for the first valid inputs;
 - ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while the loop is healthy: it answered a
-  snapshot request (``sdk.metrics.SnapshotExchange``) within that half period, so it is
+  snapshot request (``sdk.service.metrics.SnapshotExchange``) within that half period, so it is
   still cycling, and not every cycle since the last ping that needed the model found the
   inference thread timed out or still busy (a hung model). When either fails the pings stop
   and systemd restarts the service after ``WatchdogSec``. Fail-safe outputs because the PLC

@@ -1,5 +1,5 @@
 """The grouped int8 GEMM in Triton: one program per (expert, column tile) over the rows routed
-to that expert, exact int32 accumulation. ``runtime.device.DeviceEngine`` runs routed experts
+to that expert, exact int32 accumulation. ``runtime.cuda.engine.DeviceEngine`` runs routed experts
 through it on CUDA; the tests check it under ``TRITON_INTERPRET=1`` on the CPU.
 """
 from __future__ import annotations

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ModelConfig
-from runtime.model import Transformer, cast_keeping_router_fp32
-from runtime.weights import CheckpointReader, load_checkpoint
+from runtime.model.config import ModelConfig
+from runtime.model.transformer import Transformer, cast_keeping_router_fp32
+from runtime.model.weights import CheckpointReader, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     ``quant="int8"`` quantizes a float checkpoint on load (W8A8: per-output-channel int8
     weights, per-token dynamic int8 activations); ``quant="w8"`` is weight-only int8.
     Packages carry their own quantization and ignore ``quant``; ``mmap=True`` maps a
-    package's weights instead of copying them (see ``sdk.package.load_package``). Errors name
+    package's weights instead of copying them (see ``sdk.tools.package.load_package``). Errors name
     the file or tensor at fault.
 
     On the CPU, ``generate`` of a W8A8 model (``quant="int8"`` or an int8 package) runs on the
@@ -36,7 +36,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or package")
     if (path / "manifest.json").exists():
-        from sdk.package import load_package
+        from sdk.tools.package import load_package
 
         return _with_engine_generate(load_package(path, device=device, dtype=dtype, mmap=mmap))
     cfg = ModelConfig.from_json(path / "config.json")
@@ -45,7 +45,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         model = cast_keeping_router_fp32(Transformer(cfg), dtype)
     load_checkpoint(model, reader)
     if quant is not None:
-        from runtime.quant import quantize_model
+        from runtime.model.quant import quantize_model
 
         quantize_model(model, mode="w8a8" if quant == "int8" else "w8")
     return _with_engine_generate(model.eval().to(device))
@@ -55,7 +55,7 @@ class EngineGenerate:
     """``model.generate`` of a W8A8 model on the CPU: greedy decoding on the stream engine.
 
     Same call and result as ``Transformer.generate`` (LongTensor [B,T] -> [B,T+N]), through
-    ``runtime.generate.decode``: the prompt is fed token by token, then each step feeds the
+    ``runtime.cpu.generate.decode``: the prompt is fed token by token, then each step feeds the
     argmax of the last logits. The engine is built on first use and kept, grown (capacity to
     the batch, window to the next power of two >= T+N) when a call needs more, so every
     token attends to its whole row, as in the reference. Building it copies the int8 weights
@@ -69,7 +69,7 @@ class EngineGenerate:
     def engine_for(self, batch: int, length: int):
         """The kept engine, rebuilt larger when it has fewer than ``batch`` slots or a window
         shorter than ``length`` tokens."""
-        from runtime.engine import Engine
+        from runtime.cpu.engine import Engine
 
         e = self.engine
         if e is None or e.capacity < batch or e.window < length:
@@ -81,7 +81,7 @@ class EngineGenerate:
 
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
         """Greedy decoding: LongTensor [B,T] -> [B,T+max_new_tokens]."""
-        from runtime.generate import decode
+        from runtime.cpu.generate import decode
 
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a LongTensor [B, T] with T >= 1, got "
@@ -97,7 +97,7 @@ class EngineGenerate:
 
 def _with_engine_generate(model: Transformer) -> Transformer:
     """Route ``generate`` of a W8A8 model on the CPU through the stream engine."""
-    from runtime.quant import Int8Linear
+    from runtime.model.quant import Int8Linear
 
     w8a8 = any(isinstance(m, Int8Linear) and m.mode == "w8a8" for m in model.modules())
     if w8a8 and model.device.type == "cpu":
@@ -119,14 +119,14 @@ def _checkpoint_quant(reader: CheckpointReader) -> str:
 
 def describe(path: str | Path) -> dict:
     """What ``r1edge inspect`` reports: config, parameter counts, experts, quantization, size, I/O."""
-    from sdk.plan import count_params, resolve_config
+    from sdk.tools.plan import count_params, resolve_config
 
     path = Path(path)
     cfg, info = resolve_config(path)
     if not path.is_dir():
         raise ValueError(f"{path}: inspect takes a checkpoint or package directory")
     if info["kind"] == "package":
-        from sdk.package import read_manifest
+        from sdk.tools.package import read_manifest
 
         manifest = read_manifest(path)
         quant = manifest.get("quantization", {}).get("scheme", "none")

@@ -1,6 +1,6 @@
 """Greedy decoding on the CPU stream engine: token rows in, generated tokens out.
 
-This is the engine-side half of text generation (``sdk.text`` adds the tokenizer, the chat
+This is the engine-side half of text generation (``sdk.tools.text`` adds the tokenizer, the chat
 template and grammar constraints on top; ``model.generate`` of an int8 model calls it
 directly). Each row's prompt goes in through ``Engine.prefill`` (passes of many positions
 through the same GEMMs), whose last logits give the row's first token; then every engine step

@@ -23,7 +23,7 @@ from numba import njit, prange
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _copy_checked(reader: CheckpointReader, name: str, target: torch.Tensor) -> 
 
 
 def load_layer(layer_module: nn.Module, reader: CheckpointReader, layer: int, cfg: ModelConfig) -> None:
-    """Fill one decoder layer (a ``runtime.model.Block``) from the checkpoint."""
+    """Fill one decoder layer (a ``runtime.model.transformer.Block``) from the checkpoint."""
     prefix = f"model.layers.{layer}."
     for local, param in _named_tensors(layer_module):
         if local.startswith("mlp.experts."):
@@ -268,7 +268,7 @@ def _named_tensors(module: nn.Module):
 
 
 def load_checkpoint(model: nn.Module, reader: CheckpointReader, progress=None) -> None:
-    """Fill a ``runtime.model.Transformer`` from an HF checkpoint, checking every name and shape."""
+    """Fill a ``runtime.model.transformer.Transformer`` from an HF checkpoint, checking every name and shape."""
     cfg = model.config
     _copy_checked(reader, "model.embed_tokens.weight", model.model.embed_tokens.weight)
     _copy_checked(reader, "model.norm.weight", model.model.norm.weight)

@@ -305,8 +305,8 @@ class _Source:
 
     def __init__(self, path: Path):
         """Read the config (and a package's manifest) only; :meth:`open` reads the weights' headers."""
-        from runtime.config import ModelConfig
-        from sdk.package import is_package, read_manifest
+        from runtime.model.config import ModelConfig
+        from sdk.tools.package import is_package, read_manifest
 
         self.path = path
         self.manifest = None
@@ -326,8 +326,8 @@ class _Source:
 
     def open(self) -> None:
         """Verify a package's hashes, open the weight files and check every tensor's name and shape."""
-        from runtime.weights import CheckpointReader
-        from sdk.package import verify_package
+        from runtime.model.weights import CheckpointReader
+        from sdk.tools.package import verify_package
 
         if self.manifest is not None:
             verify_package(self.path)
@@ -352,7 +352,7 @@ class _Source:
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Every tensor the source must hold, with its shape, in its own layout."""
-        from runtime.model import IOAdapter, Transformer
+        from runtime.model.transformer import IOAdapter, Transformer
 
         cfg = self.cfg
         with torch.device("meta"):
@@ -477,7 +477,7 @@ class _Pass:
 
     The original model (``out`` None) computes in float32 from the source weights. The
     compressed one quantizes each block as it reads it (int8, the rules of
-    ``runtime.quant``) or rounds it to the store dtype (``quant="none"``), writes it into the
+    ``runtime.model.quant``) or rounds it to the store dtype (``quant="none"``), writes it into the
     package file being written (``out``), and computes with exactly what it wrote, so the
     quality report measures the package. Int8 linear layers give bitwise what the loaded
     package's ``Int8Linear`` gives: quantization is per output row and the int8 GEMM exact,
@@ -502,7 +502,7 @@ class _Pass:
 
     def act(self, x: torch.Tensor):
         """Activations as a linear layer takes them: int8 rows with scales, or float."""
-        from runtime.quant import quantize_activation
+        from runtime.model.quant import quantize_activation
 
         return quantize_activation(x) if self.int8 else x
 
@@ -515,7 +515,7 @@ class _Pass:
         ``.scale``) or a float ``.weight``; for routed experts ``lead`` indexes the stacked
         tensor and ``col`` is where these rows start in it (``w13_t``/``gate_up_proj``).
         """
-        from runtime.quant import int8_matmul, quantize_weight
+        from runtime.model.quant import int8_matmul, quantize_weight
 
         wname = name + ".weight"
         n_out, k_in = self.src.shape(wname)
@@ -559,7 +559,7 @@ class _Pass:
 
     def mlp(self, prefix: str, h: torch.Tensor) -> torch.Tensor:
         """A SwiGLU block (dense MLP or shared experts) on normed rows ``h``."""
-        from runtime.quant import silu_mul
+        from runtime.model.quant import silu_mul
 
         x = self.act(h)
         mid = silu_mul(self.linear(prefix + "gate_proj", x), self.linear(prefix + "up_proj", x))
@@ -568,7 +568,7 @@ class _Pass:
 
 def _rope_mask(cfg, T: int, window: int | None):
     """cos/sin for positions 0..T-1 and the additive causal mask (sliding ``window`` if given)."""
-    from runtime.model import rope_cos_sin, rope_inv_freq
+    from runtime.model.transformer import rope_cos_sin, rope_inv_freq
 
     inv_freq, factor = rope_inv_freq(cfg)
     cos, sin = rope_cos_sin(inv_freq, factor, torch.arange(T))
@@ -584,8 +584,8 @@ def _rope_mask(cfg, T: int, window: int | None):
 def _attention(p: _Pass, i: int, x: torch.Tensor, stream: _Stream, cfg, window: int | None) -> torch.Tensor:
     """x + MLA attention of layer ``i`` (the model's naive form), head group by head group:
     only a group's queries, keys and values exist at a time, never the layer's full weights."""
-    from runtime.config import LORA_NORM_EPS
-    from runtime.model import apply_rope, rms_norm
+    from runtime.model.config import LORA_NORM_EPS
+    from runtime.model.transformer import apply_rope, rms_norm
 
     a = f"model.layers.{i}.self_attn."
     nh, nope, rope, vd, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -632,7 +632,7 @@ def _expert(p: _Pass, i: int, e: int, x, **write) -> torch.Tensor:
     name = f"model.layers.{i}.mlp.experts.{e}."
     inter = p.src.cfg.moe_intermediate_size
     if p.int8:
-        from runtime.quant import quantize_activation, silu_mul
+        from runtime.model.quant import quantize_activation, silu_mul
 
         j = write["j"]
         w13, w2 = (f"model.layers.{i}.mlp.experts.{k}" for k in ("w13_t", "w2_t"))
@@ -654,8 +654,8 @@ def _moe_reference(p: _Pass, i: int, x: torch.Tensor, cfg, n_fit: int, stats: Ex
     """x + the original MoE of layer ``i``: routed by the router alone, then every expert that
     got tokens, one at a time (its float weights never all at once), accumulating REAP
     statistics over the first ``n_fit`` (calibration) tokens. Returns (x, router weight, bias)."""
-    from runtime.model import RoutingRecord, rms_norm
-    from runtime.routing import RoutingRule, route_torch
+    from runtime.model.transformer import RoutingRecord, rms_norm
+    from runtime.model.routing import RoutingRule, route_torch
 
     pre = f"model.layers.{i}.mlp."
     h = rms_norm(x, p.vector(f"model.layers.{i}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
@@ -682,8 +682,8 @@ def _moe_reference(p: _Pass, i: int, x: torch.Tensor, cfg, n_fit: int, stats: Ex
 def _moe_compressed(p: _Pass, i: int, x: torch.Tensor, cfg, pcfg, kept: list[int], gate, bias, tick) -> torch.Tensor:
     """x + the pruned MoE of layer ``i``: the router's kept rows, the kept experts quantized
     (or rounded) one at a time straight from the source and written as they are read."""
-    from runtime.model import rms_norm
-    from runtime.routing import RoutingRule, route_torch
+    from runtime.model.transformer import rms_norm
+    from runtime.model.routing import RoutingRule, route_torch
 
     pre = f"model.layers.{i}.mlp."
     h = rms_norm(x, p.vector(f"model.layers.{i}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
@@ -695,7 +695,7 @@ def _moe_compressed(p: _Pass, i: int, x: torch.Tensor, cfg, pcfg, kept: list[int
         p.out.assign(pre + "gate.e_score_correction_bias", slice(None), bias)
     ids, weights = route_torch(F.linear(h, gate), bias, RoutingRule.from_config(pcfg))
     hx = p.act(h)
-    if p.int8:      # the rule of runtime.quant.RoutedExperts
+    if p.int8:      # the rule of runtime.model.quant.RoutedExperts
         y = torch.zeros(*ids.shape, cfg.hidden_size)
         for j, e in enumerate(kept):
             token, slot = torch.where(ids == j)
@@ -704,7 +704,7 @@ def _moe_compressed(p: _Pass, i: int, x: torch.Tensor, cfg, pcfg, kept: list[int
         out = torch.zeros_like(h)
         for k in range(ids.shape[1]):
             out = out + weights[:, k:k + 1] * y[:, k]
-    else:           # the float rule of runtime.model.MoE
+    else:           # the float rule of runtime.model.transformer.MoE
         out = torch.zeros_like(h)
         for j, e in enumerate(kept):
             token, slot = torch.where(ids == j)
@@ -719,7 +719,7 @@ def _moe_compressed(p: _Pass, i: int, x: torch.Tensor, cfg, pcfg, kept: list[int
 @torch.no_grad()
 def _layer_mlp(p: _Pass, i: int, x: torch.Tensor, cfg) -> torch.Tensor:
     """x + the dense MLP of layer ``i``."""
-    from runtime.model import rms_norm
+    from runtime.model.transformer import rms_norm
 
     h = rms_norm(x, p.vector(f"model.layers.{i}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
     return x + p.mlp(f"model.layers.{i}.mlp.", h)
@@ -737,7 +737,7 @@ def _head_lm(p: _Pass, ref: torch.Tensor, cmp: torch.Tensor, targets: torch.Tens
     head is read once, a block of vocabulary rows at a time, and both models' logits are
     reduced block by block (running argmax, dot products, log-sum-exp, target logits), so
     no [tokens, vocab] logits are ever held."""
-    from runtime.model import rms_norm
+    from runtime.model.transformer import rms_norm
 
     norm = p.src.get("model.norm.weight")
     ref = rms_norm(ref, norm, cfg.rms_norm_eps)
@@ -791,9 +791,9 @@ def _version() -> str:
 @torch.no_grad()
 def _quality_sensor(ref: list, cmp: list, norm_ref, norm_cmp, adapter) -> dict[str, Any]:
     """The compressed model's outputs against the uncompressed one's on the held-out rows, per
-    output in the measures of ``r1edge eval`` (``sdk.eval.output_errors``; range: the span of
+    output in the measures of ``r1edge eval`` (``sdk.tools.eval.output_errors``; range: the span of
     the uncompressed outputs), and the output MSE (raw and normalised by each output's variance)."""
-    from sdk.eval import output_errors
+    from sdk.tools.eval import output_errors
 
     n_out = len(adapter.output_names)
     r = torch.cat([adapter.decode(norm_ref(x)).reshape(-1, n_out) for x in ref]).double()
@@ -822,7 +822,7 @@ def _float_weights(module: torch.nn.Module):
 
     The router (``Gate``) stays float32 and int8 codes and their scales are left alone.
     """
-    from runtime.model import Experts, RMSNorm
+    from runtime.model.transformer import Experts, RMSNorm
 
     for m in module.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, RMSNorm, Experts)):
@@ -841,7 +841,7 @@ def _open_file(writer, file_name: str, parts: list[tuple[torch.nn.Module, str]],
     """Open a package file laid out as the state dicts of ``parts`` (module built on the meta
     device, name prefix), after ``extra`` specs; int8 layers' padded scale columns are set
     to 1, as ``Int8Linear`` holds them."""
-    from runtime.quant import Int8Linear
+    from runtime.model.quant import Int8Linear
 
     specs = dict(extra or {})
     for module, prefix in parts:
@@ -934,7 +934,7 @@ def _fingerprint(src: _Source, calib: Path, args: dict) -> str:
     """What a partial compression is for: the source files, the calibration file and the arguments."""
     import hashlib
 
-    from sdk.package import sha256_file
+    from sdk.tools.package import sha256_file
 
     files = [[f.name, f.stat().st_size] for f in src.files]
     blob = json.dumps({"source": str(src.path.resolve()), "files": files, "calib": sha256_file(calib),
@@ -979,9 +979,9 @@ def _load_hidden(work: Path, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def copy_text_files(src: Path, writer) -> list[str]:
-    """Copy the source's tokenizer and generation config files (``sdk.package.TEXT_FILES``,
+    """Copy the source's tokenizer and generation config files (``sdk.tools.package.TEXT_FILES``,
     those present) into the package being written; returns their names."""
-    from sdk.package import TEXT_FILES
+    from sdk.tools.package import TEXT_FILES
 
     names = [name for name in TEXT_FILES if (src / name).is_file()]
     for name in names:
@@ -1023,9 +1023,9 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
     """
     import shutil
 
-    from runtime.model import Block, IOAdapter, RMSNorm
-    from runtime.quant import quantize_model
-    from sdk.package import FORMAT, FORMAT_VERSION, PackageWriter
+    from runtime.model.transformer import Block, IOAdapter, RMSNorm
+    from runtime.model.quant import quantize_model
+    from sdk.tools.package import FORMAT, FORMAT_VERSION, PackageWriter
 
     src, out = Path(src), Path(out)
     if quant not in QUANT_CHOICES:

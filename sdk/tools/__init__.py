@@ -1,0 +1,1 @@
+"""Model tooling: loading, packages, compression, fitting, evaluation, planning, text, benchmarks."""
