@@ -9,6 +9,21 @@ import sys
 from pathlib import Path
 
 
+def version() -> str:
+    """The installed r1edge version (package metadata), or a note that it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("r1edge")
+    except PackageNotFoundError:
+        return "(not installed: running from a source tree)"
+
+
+def plain(text: str) -> str:
+    """Docstring text for ``--help``: reST inline literals (double backticks) shown as plain text."""
+    return text.replace("``", "")
+
+
 def _print_report(report: dict, as_json: bool, render) -> None:
     """Print a report as JSON (``--json``) or through a human-readable renderer."""
     if as_json:
@@ -253,6 +268,17 @@ def _fit_epilog() -> str:
     return "\n".join(lines)
 
 
+def _epilog_on_help(parser: argparse.ArgumentParser, make_epilog) -> None:
+    """Build ``parser``'s epilog only when its help is printed (``make_epilog`` may import torch)."""
+    format_help = parser.format_help
+
+    def format_help_with_epilog() -> str:
+        if parser.epilog is None:
+            parser.epilog = make_epilog()
+        return format_help()
+    parser.format_help = format_help_with_epilog
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``r1edge eval PKG --data FILE.npz``: open-loop errors per output in the plant's units."""
     from sdk.tools.eval import evaluate, render_eval
@@ -280,8 +306,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="r1edge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="r1edge", description=plain(__doc__.splitlines()[0]))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show what a checkpoint or package contains")
@@ -432,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "model, trained whole). The held-out error is measured as it goes and the package gets the "
                        "best state; the training state is checkpointed, so Ctrl-C stops at the end of a step "
                        "(exit 130) and --resume finishes it.",
-                       epilog=_fit_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _epilog_on_help(p, _fit_epilog)
     p.add_argument("src", metavar="SRC", nargs="?", help="HF checkpoint directory or unquantized package")
     p.add_argument("--init", metavar="PRESET", help="start from nothing: small, medium, large, or a config.json")
     p.add_argument("--data", required=True, metavar="FILE",
