@@ -298,7 +298,7 @@ def test_the_example_edge_deployment_loads_once_its_pki_is_made(tmp_path, monkey
     import io
 
     text = (ROOT / "examples" / "ops" / "deploy.toml").read_text()
-    text = text.replace('"/opt/r1edge/examples/factory_loop/model"', f'"{ROOT / "sdk" / "demo" / "model"}"')
+    text = text.replace('path = "model"', f'path = "{ROOT / "sdk" / "demo" / "model"}"')
     (tmp_path / "deploy.toml").write_text(text)
     assert cli(["opcua-cert", str(tmp_path / "pki"), "--hosts", "edge-box,192.168.10.5"]) == 0
     (tmp_path / "pki" / "trusted").mkdir()
