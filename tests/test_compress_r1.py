@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,15 @@ def r1_checkpoints(tmp_path_factory):
         make(root / f"e{experts}", layers=layers, dense_layers=1, experts=experts, heads=8, vocab=1024,
              intermediate=2048, progress=False)
     np.save(root / "calib.npy", np.random.default_rng(0).integers(0, 1024, (CALIB_ROWS, CALIB_TOKENS)))
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)          # 2.5 GB: not left in pytest's temporary directory
+
+
+@pytest.fixture(autouse=True)
+def _drop_packages(tmp_path):
+    """The packages a test writes (about 1 GB each) are removed when it ends, passed or failed."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 _MEASURE = textwrap.dedent("""

@@ -47,16 +47,22 @@ TRACKING_CHECKS = ("tracking_within_max_ratio", "far_below_no_control")
 
 def _assert_passes(s: dict, *, stalls_may_cost_tracking: bool = False) -> None:
     """Every pass condition of the demo. ``stalls_may_cost_tracking`` (a machine made busy on
-    purpose): when the PLC process stalled long enough for inputs to go stale, the fail-safe
-    and the ramp back cost an 8 s run more tracking than the bounds allow (seen: 1.75x the
-    expert after 3 fail-safe cycles), so the tracking bounds are then reported, not asserted;
-    everything else still must hold. The bound itself is asserted deterministically in
-    simulated time (``tests/test_bumpless.py``)."""
-    expected = dict(CHECKS)
+    purpose): a stall long enough for the PLC's inputs to go stale puts cycles into fail-safe, and
+    the fail-safe and the ramp back can cost an 8 s run more tracking than the bounds allow (seen:
+    1.75x the expert after 3 fail-safe cycles); the demo must then fail, saying so. So on a busy
+    machine the tracking checks must agree with the scores they judge and with the verdict, and
+    may be false only when a cycle failed safe; every other check must hold. The bound itself is
+    asserted deterministically in simulated time (``tests/test_bumpless.py``)."""
+    checks, t = s["checks"], s["tracking"]
+    ratio, vs_none = t["moe"]["score"] / t["expert"]["score"], t["moe"]["score"] / t["no_control"]["score"]
+    assert ratio == pytest.approx(s["ratio_vs_expert"], rel=1e-3)
+    assert vs_none == pytest.approx(s["ratio_vs_no_control"], rel=1e-3)
+    assert checks["tracking_within_max_ratio"] == (s["ratio_vs_expert"] <= MAX_RATIO)
+    assert checks["far_below_no_control"] == (s["ratio_vs_no_control"] <= MAX_VS_NO_CONTROL)
+    assert s["ok"] == all(checks.values())
     judged = not (stalls_may_cost_tracking and s["failsafe_cycles"])
-    if not judged:
-        expected.update({k: s["checks"][k] for k in TRACKING_CHECKS})
-    assert s["checks"] == expected, {k: s[k] for k in ("checks", "failsafe_events", "deadline_misses", "realtime")}
+    expected = dict(CHECKS) if judged else {**CHECKS, **{k: checks[k] for k in TRACKING_CHECKS}}
+    assert checks == expected, {k: s[k] for k in ("checks", "failsafe_events", "deadline_misses", "realtime")}
     if judged:
         assert s["ok"]
         assert s["ratio_vs_expert"] <= MAX_RATIO and s["ratio_vs_no_control"] <= MAX_VS_NO_CONTROL
@@ -94,7 +100,10 @@ def test_demo_passes_beside_two_cpu_burning_processes(tmp_path):
             p.kill()
             p.wait(10)
     _assert_passes(s, stalls_may_cost_tracking=True)
-    assert "sched_fifo" in s["realtime"]
+    # Real-time scheduling is applied exactly where this machine permits it (asked independently).
+    permitted = subprocess.run([sys.executable, "-c", "import os; os.sched_setscheduler(0, os.SCHED_FIFO, "
+                                "os.sched_param(10))"], capture_output=True, timeout=60).returncode == 0
+    assert s["realtime"]["sched_fifo"]["applied"] is permitted, s["realtime"]
 
 
 def test_killed_plc_fails_safe_within_the_heartbeat_timeout_and_recovers(tmp_path):

@@ -219,19 +219,35 @@ def _spawn_plant(port: int, seed: int) -> subprocess.Popen:
     return proc
 
 
+def _heartbeat_moves(port: int, timeout_s: float = 10.0) -> bool:
+    """Whether the PLC's heartbeat register, read with mbpoll, changes within ``timeout_s`` (it
+    moves every 10 ms tick; the wait only bounds a stalled process, it is not a timing check)."""
+    first = _mbpoll(port, "4", P.HEARTBEAT_ADDRESS, 1)[0]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _mbpoll(port, "4", P.HEARTBEAT_ADDRESS, 1)[0] != first:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 @needs_mbpoll
 def test_plant_process_survives_sigkill_and_restarts_on_its_port():
+    """The plant process serves a moving heartbeat; killed with SIGKILL it serves nothing; a new
+    process on the same port serves a moving heartbeat again."""
     port = _free_port()
     procs = []
     try:
         procs.append(_spawn_plant(port, 4))
-        assert _mbpoll(port, "4", P.HEARTBEAT_ADDRESS, 1)[0] >= 0
+        assert _heartbeat_moves(port)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(5)
+        res = subprocess.run([MBPOLL, "-m", "tcp", "-p", str(port), "-a", "1", "-t", "4", "-0",
+                              "-r", str(P.HEARTBEAT_ADDRESS), "-c", "1", "-o", "0.5", "-1", "127.0.0.1"],
+                             capture_output=True, text=True, timeout=10)
+        assert res.returncode != 0                # nobody serves the port while it is dead
         procs.append(_spawn_plant(port, 4))
-        hb1 = _mbpoll(port, "4", P.HEARTBEAT_ADDRESS, 1)[0]
-        time.sleep(0.1)
-        assert _mbpoll(port, "4", P.HEARTBEAT_ADDRESS, 1)[0] > hb1
+        assert _heartbeat_moves(port)
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -37,7 +37,13 @@ def test_from_recorded_data_to_a_judged_int8_package_with_the_cli_alone(tmp_path
     assert cli(["compress", str(float_pkg), "--out", str(int8_pkg), "--calib", str(calib), "--keep-ratio", "0.5",
                 "--json"]) == 0
     quality = json.loads(capsys.readouterr().out)["quality"]
-    assert set(quality["outputs"]["force"]) >= {"rms", "rms_frac_range", "max_abs"}
+    force_q = quality["outputs"]["force"]
+    # Pruning half the experts and int8 stay close to the float policy on its held-out calibration
+    # rows: this 60-step fit gives 4.0% of the force's range in RMS (the walkthrough's 500-step fit
+    # 1.4%); the bound is 8%. The report's two measures of the same error agree.
+    assert 0 < force_q["rms"] <= force_q["max_abs"] and force_q["rms_frac_range"] < 0.08, force_q
+    assert force_q["max_frac_range"] < 1.0, force_q
+    assert quality["per_output_mse"]["force"] == pytest.approx(force_q["rms"] ** 2, rel=1e-9)
 
     assert cli(["eval", str(int8_pkg), "--data", str(data), "--against", str(float_pkg), "--held-out", "0.25",
                 "--config", f"{EXAMPLE}/deploy.toml", "--window", "16", "--json"]) == 0

@@ -1,4 +1,4 @@
-"""Build the advisor's language model: a tokenizer and a small DeepSeek-V3-architecture LM trained
+"""Build the advisor's language model: a tokenizer and a small DeepSeek-V3/R1-architecture LM trained
 here on generated plant states, compressed to an int8 package, and its advice scored.
 
 ``python -m examples.advisor.train`` (from the repository root) writes ``examples/advisor/model/``
@@ -12,7 +12,7 @@ here on generated plant states, compressed to an int8 package, and its advice sc
    controller builds (``sdk.service.advisor.build_context``) and put through DeepSeek-R1's chat template;
    the reply is a short reasoning inside ``<think>...</think>``, then the decision as compact JSON.
    A byte-level BPE tokenizer is trained on that text, with R1's special tokens.
-3. A DeepSeek-V3-architecture model (MLA, one dense layer, then MoE layers of 8 routed experts,
+3. A DeepSeek-V3/R1-architecture model (MLA, one dense layer, then MoE layers of 8 routed experts,
    top-2 ``noaux_tc`` routing, one shared expert) from a seeded random start, trained on the
    replies' tokens only (cross-entropy), single-threaded torch.
 4. ``sdk.tools.compress`` to W8A8 int8 with every expert kept, calibrated on held-out rows.

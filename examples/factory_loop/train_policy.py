@@ -7,7 +7,7 @@ runs. Seeded end to end; the figures it prints are the ones quoted in the README
 1. Imitation data: :func:`sdk.demo.expert.generate_dataset` (the windowed-PID expert, with slow
    random perturbations of the applied commands so the policy also sees states off the
    expert's own path), from plant seeds that neither the evaluation nor the demo uses.
-2. A small DeepSeek-V3-architecture model (MLA attention, one dense layer, then MoE layers
+2. A small DeepSeek-V3/R1-architecture model (MLA attention, one dense layer, then MoE layers
    of 8 routed experts with top-2 group-limited ``noaux_tc`` routing and a shared expert),
    randomly initialised and trained whole with ``sdk.tools.fit`` on 32-frame sliding windows (the
    deployment's ``window``), routers kept balanced by the bias update of DeepSeek-V3.

@@ -1,6 +1,6 @@
 """Train the perception hook's brake-advisory policy and write its int8 package.
 
-A tiny DeepSeek-V3-architecture MoE (hidden 64, 3 layers, 8 routed experts, top-2) is
+A tiny DeepSeek-V3/R1-architecture MoE (hidden 64, 3 layers, 8 routed experts, top-2) is
 initialised from a seed, given an I/O adapter from (distance, closing speed) to ``brake``,
 and fitted (``sdk.tools.fit``, the whole model) to reproduce the time-to-collision rule
 (``perception.brake_reference`` of the true gap and closing speed) from noisy 50 Hz

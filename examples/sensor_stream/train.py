@@ -1,6 +1,6 @@
 """Train the sensor-stream fault detector and write its int8 package.
 
-A tiny DeepSeek-V3-architecture MoE (hidden 64, 3 layers, 8 routed experts, top-2) is
+A tiny DeepSeek-V3/R1-architecture MoE (hidden 64, 3 layers, 8 routed experts, top-2) is
 initialised from a seed, given an I/O adapter from the vibration features to one score per
 fault kind, and fitted (``sdk.tools.fit``, the whole model) on simulated machines as the
 controller sees them: one frame per 5 ms cycle with the bridge's keep-the-newest jitter

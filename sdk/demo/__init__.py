@@ -3,7 +3,7 @@
 What it does, with nothing to configure and no network beyond loopback:
 
 1. builds the controller of ``deploy.toml`` (the bundled package ``model/``: a pruned, int8
-   DeepSeek-V3-architecture policy), pointed at a free loopback port and with a flight
+   DeepSeek-V3/R1-architecture policy), pointed at a free loopback port and with a flight
    recorder under ``--out``;
 2. starts the heated-tank PLC simulator (``plant.py``) as a separate process on that port,
    waits until its heartbeat and every input arrive, then runs the control loop in Modbus
