@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.control.loop import (InferenceWorker, LatencyHistogram, default_cpu, monotonic_ns,  # noqa: E402
                           set_compute_threads, set_thread_realtime)
-from sdk.service.controller import Controller, build_engine  # noqa: E402
+from sdk.service.controller import Controller  # noqa: E402
+from sdk.service.engines import build_engine  # noqa: E402
 from sdk.tools.package import read_manifest  # noqa: E402
 
 DEFAULT_PACKAGE = ROOT / "examples" / "factory_loop" / "model"
