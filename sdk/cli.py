@@ -294,8 +294,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``r1edge demo``: the factory loop over Modbus with the bundled MoE policy; exit 1 unless it passes."""
     from sdk.demo import render_demo, run_demo
 
-    if not args.verbose:            # keep the status line clean: warnings and errors only
+    if not args.verbose:            # keep the status line clean: warnings, errors and start-up progress only
         logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("sdk.service.engines").setLevel(logging.INFO)
     tty = sys.stderr.isatty()
     if not args.json:
         print(f"r1edge demo: heated-tank PLC simulator (plant seed {args.seed}) on loopback Modbus TCP, "

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,50 @@ def test_help_text_has_no_rest_markup():
     assert len(texts) >= 14
     for name, text in texts.items():
         assert not re.search(r"``|:(func|class|meth|mod|attr):`", text), f"{name} --help:\n{text}"
+
+
+def test_progress_says_the_stage_and_its_seconds_while_the_body_runs(caplog):
+    """A silent stage (Numba compiling on a first run) logs its name and elapsed seconds every
+    ``every_s``; the clock is injected, so the seconds are exact."""
+    import itertools
+    import logging
+    import threading
+
+    from sdk.service.engines import progress
+
+    ticks = itertools.count(0.0, 5.0)               # t0 = 0, then 5, 10, 15 ... one per beat
+    log = logging.getLogger("test.progress")
+    three = threading.Event()
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if sum(r.getMessage().startswith("engine: building ...") for r in caplog.records) >= 3:
+                three.set()
+    log.addHandler(Count())
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        with progress("engine: building", every_s=0.01, log=log, clock=lambda: next(ticks)):
+            assert three.wait(30)
+        n = len(caplog.records)
+        time.sleep(0.05)
+        assert len(caplog.records) == n                       # silent once the body is done
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:3] == ["engine: building ... 5 s", "engine: building ... 10 s", "engine: building ... 15 s"]
+
+
+def test_engine_build_reports_its_stage_while_it_builds(caplog):
+    """``build_engine_logged`` (what ``r1edge run`` and ``r1edge demo`` build the engine with)
+    says what it starts, reports progress while it builds, and says when it is ready."""
+    import logging
+
+    from sdk.service.config import DeployConfig
+    from sdk.service.engines import build_engine_logged
+
+    cfg = DeployConfig.load(ROOT / "examples" / "factory_loop" / "deploy.toml")
+    with caplog.at_level(logging.INFO, logger="sdk.service.engines"):
+        engine = build_engine_logged(cfg.model.path, cfg, 1, "", every_s=0.001)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sdk.service.engines"]
+    assert lines[0].startswith("engine: loading") and lines[-1].startswith("engine ready in")
+    beats = [line for line in lines if re.fullmatch(r"engine: building \.\.\. \d+ s", line)]
+    assert beats, lines
+    assert engine.output_names == [o.name for o in cfg.outputs]
+

@@ -70,7 +70,7 @@ from runtime.control.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE
                                     REASON_HEARTBEAT, REASON_INPUT, REASON_NAMES, REASON_NONE, REASON_OUTPUT,
                                     STATUS_NAMES, InputGuard, OutputLimiter)
 from sdk.service.config import HEARTBEAT, MODE, ConfigError, DeployConfig, opcua_signals
-from sdk.service.engines import ParallelRanks, build_engine_logged
+from sdk.service.engines import ParallelRanks, build_engine_logged, progress
 from sdk.service.metrics import MetricsServer, SnapshotExchange, take_snapshot
 from sdk.service.shadow import Shadow
 from sdk.tools.package import package_identity
@@ -235,7 +235,8 @@ class Controller:
                 engine.reset_slot(slot)
             return (t1 - t0) // (2 * steps)
         logger.info("%swarm-up: %d engine steps in the %s thread", what, 2 * steps, worker.name)
-        step_ns = worker.run_sync(job, timeout_s=600.0)
+        with progress(f"{what}warm-up"):
+            step_ns = worker.run_sync(job, timeout_s=600.0)
         if self.shadow is not None and worker is self.shadow.worker:
             self.shadow.recent_step_ns.fill(step_ns)
 

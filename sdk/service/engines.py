@@ -6,12 +6,37 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from sdk.service.config import ConfigError, DeployConfig
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 5.0      # a silent start-up stage says it is still at work this often
+
+
+@contextmanager
+def progress(stage: str, *, every_s: float = PROGRESS_EVERY_S, log: logging.Logger = logger,
+             clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
+    """Log ``"<stage> ... N s"`` every ``every_s`` seconds while the body runs (from a daemon
+    thread: the body may be Numba compiling for a minute on a first run), so a long start-up
+    stage is never silent. ``clock`` is injectable for tests."""
+    t0, stop = clock(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            log.info("%s ... %.0f s", stage, clock() - t0)
+    thread = threading.Thread(target=beat, name="r1edge-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32, group=None):
@@ -36,12 +61,16 @@ def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, wi
     return Engine(model, capacity=capacity, window=window)
 
 
-def build_engine_logged(path: str | Path, cfg: DeployConfig, capacity: int, what: str, group=None):
-    """``build_engine`` for a controller, saying what it does first (a first run compiles)."""
+def build_engine_logged(path: str | Path, cfg: DeployConfig, capacity: int, what: str, group=None, *,
+                        every_s: float = PROGRESS_EVERY_S):
+    """``build_engine`` for a controller, saying what it does first (a first run compiles) and,
+    every ``every_s`` seconds until it is built, how long it has been at it."""
     logger.info("%sengine: loading %s and building the engine (its Numba kernels compile on a first run, "
-                "about 40 s on 2 cores; later runs load them from the on-disk cache) ...", what, path)
+                "about a minute on 2 cores; later runs load them from the on-disk cache) ...", what, path)
     t0 = time.perf_counter()
-    engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window, group=group)
+    with progress(f"{what}engine: building", every_s=every_s):
+        engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window,
+                              group=group)
     logger.info("%sengine ready in %.1f s", what, time.perf_counter() - t0)
     return engine
 
