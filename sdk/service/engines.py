@@ -25,11 +25,13 @@ def progress(stage: str, *, every_s: float = PROGRESS_EVERY_S, log: logging.Logg
     """Log ``"<stage> ... N s"`` every ``every_s`` seconds while the body runs (from a daemon
     thread: the body may be Numba compiling for a minute on a first run), so a long start-up
     stage is never silent. ``clock`` is injectable for tests."""
-    t0, stop = clock(), threading.Event()
+    t0, stop, start = clock(), threading.Event(), time.monotonic()
 
     def beat() -> None:
-        while not stop.wait(every_s):
+        k = 1
+        while not stop.wait(max(0.0, start + k * every_s - time.monotonic())):   # on a fixed grid: no drift
             log.info("%s ... %.0f s", stage, clock() - t0)
+            k += 1
     thread = threading.Thread(target=beat, name="r1edge-progress", daemon=True)
     thread.start()
     try:
