@@ -480,8 +480,8 @@ class ModbusBridge(LoopThread):
                 conn.may_write = conn.role in self.tls.write_roles
             else:
                 conn.may_write = True
-            log.info("modbus server: client %s connected%s", host,
-                     "" if self.tls is None else f" (role {conn.role!r})")
+            self._say.log(logging.INFO, "connect", "modbus server: client %s connected%s", host,
+                          "" if self.tls is None else f" (role {conn.role!r})")
             await self._requests(reader, writer, conn)
         except (ConnectionError, OSError):
             pass
