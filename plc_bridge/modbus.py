@@ -47,7 +47,7 @@ from . import mbap
 from .bridge import Inputs, LoopThread
 from .mbap import EXCEPTION_NAMES, FC_TABLE, BadReply, ModbusError, PlcConnection
 from .messages import MAX_NAME_LEN
-from .metrics import Counters, LatencyRing, worth_logging
+from .metrics import Counters, LatencyRing
 from .modbus_tls import TlsSettings, peer_role
 from .registers import ADDRESS_SPACE, BIT_TABLES, READABLE, UNMAPPED, WRITABLE, RegisterImage, RegisterMap
 
@@ -457,8 +457,7 @@ class ModbusBridge(LoopThread):
         host = peer[0] if peer else None
         if not self._client_allowed(host):
             n = self.bad.inc("rejected_client")
-            if worth_logging(n):
-                log.warning("modbus server: refused %s (not in modbus.allow; %d refused so far)", host, n)
+            self._say.warning("allow", "modbus server: refused %s (not in modbus.allow; %d refused so far)", host, n)
             writer.transport.abort()
             return
         if len(self._conns) >= self.max_clients:
@@ -630,7 +629,7 @@ class ModbusBridge(LoopThread):
             delay = self.reconnect_min_s
             self._backoff_s = 0.0
             self._connected = True
-            log.info("modbus client connected to %s:%d", self.host, self.port)
+            self._say.log(logging.INFO, "connect", "modbus client connected to %s:%d", self.host, self.port)
             try:
                 await self._poll_connected(plc)
             except (OSError, asyncio.TimeoutError, BadReply) as exc:

@@ -241,3 +241,27 @@ def test_collapsing_log_counts_repeats_per_key(caplog):
         assert say.warning("a", "bad frame from %s", "z")                     # alone in its window
     assert [r.getMessage() for r in caplog.records] == [
         "bad frame from x", "another kind", "bad frame from y (x 42 in the last 10 s)", "bad frame from z"]
+
+
+def test_a_flood_of_bad_traffic_writes_a_few_lines(caplog):
+    """What an operator's log (INFO) shows of 2,000 undecodable requests, 100 broken headers,
+    100 frames cut short and 100 refused peers: a handful of lines, the counters hold the rest."""
+    with caplog.at_level(logging.INFO), server_bridge() as b:
+        with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
+            for i in range(2000):
+                assert _round_trip(s, i, bytes((0x41 + i % 50,)) + b"\x00\x01")[0] & 0x80
+        for i in range(100):
+            with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
+                s.sendall(b"\x00\x01\x00\x07\x00\x06\x01\x03\x00\x00\x00\x01")   # protocol id 7
+                assert s.recv(16) == b""
+            with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
+                s.sendall(b"\x00\x01\x00\x00\x00\x06\x01\x03")                     # cut short
+        assert wait_for(lambda: b.health()["bad"].get("truncated") == 100)
+    with caplog.at_level(logging.INFO), server_bridge(allow=["10.0.0.1"]) as b:
+        for i in range(100):
+            with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
+                assert s.recv(16) == b""
+    bad = b.health()["bad"]
+    assert bad["rejected_client"] == 100
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) <= 6, lines
