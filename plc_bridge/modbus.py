@@ -510,6 +510,8 @@ class ModbusBridge(LoopThread):
             t0 = time.perf_counter_ns()
             conn.last = time.monotonic()
             reply, updates = self._answer(body, unit, conn.may_write)
+            if writer.transport.is_closing():             # the peer left with requests still buffered
+                return
             writer.write(mbap.frame(tid, unit, reply))
             self.io.add(time.perf_counter_ns() - t0)
             self._record_inputs(updates)
