@@ -172,3 +172,50 @@ def test_tls_config(pki):
     with pytest.raises(ValueError, match=r"modbus\.tls: cannot load"):
         ModbusBridge.from_config({"mode": "client", "map": MAP, "tls": {**tls, "key": str(pki / "hmi.key")}},
                                  ["level"], {"valve": 0.25})
+
+
+DEPLOY = """
+[model]
+path = "model"
+[[inputs]]
+name = "level"
+min = 0.0
+max = 2.0
+[[outputs]]
+name = "valve"
+min = 0.0
+max = 1.0
+failsafe = 0.0
+[modbus]
+mode = "server"
+{extra}
+[modbus.tls]
+cert = "pki/server.pem"
+key = "pki/server.key"
+ca = "pki/ca.pem"
+write_roles = ["operator"]
+[[modbus.map]]
+signal = "level"
+table = "holding"
+address = 0
+type = "float32"
+[[modbus.map]]
+signal = "valve"
+table = "holding"
+address = 2
+type = "float32"
+"""
+
+
+def test_deploy_file_tls_paths_are_relative_to_it_and_keys_are_bounded(pki, tmp_path):
+    from sdk.service.config import ConfigError, DeployConfig
+
+    (tmp_path / "pki").symlink_to(pki)
+    path = tmp_path / "deploy.toml"
+    path.write_text(DEPLOY.format(extra="idle_timeout_s = 30"))
+    cfg = DeployConfig.load(path)
+    assert cfg.modbus["tls"]["cert"] == str((pki / "server.pem").resolve())
+    assert ModbusBridge.from_config(cfg.modbus, ["level"], {"valve": 0.0}).port == 802
+    path.write_text(DEPLOY.format(extra="idle_timeout_s = 1e308"))
+    with pytest.raises(ConfigError, match=r"deploy\.toml: modbus\.idle_timeout_s: 1e\+308 is not a number of seconds"):
+        DeployConfig.load(path)
