@@ -401,8 +401,12 @@ class ModbusBridge(LoopThread):
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            handlers = [conn.task for conn in self._conns.values()]
             for writer in list(self._conns):
                 writer.transport.abort()
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _watchdog(self) -> None:
         """Trips fail-safe when the heartbeat stops, even if nobody publishes (client mode: also
@@ -464,7 +468,7 @@ class ModbusBridge(LoopThread):
             idlest = min(self._conns.items(), key=lambda item: item[1].last)
             self._close_conn(*idlest, "evicted")
             del self._conns[idlest[0]]
-        conn = _Conn(host, time.monotonic())
+        conn = _Conn(host, time.monotonic(), asyncio.current_task())
         self._conns[writer] = conn
         try:
             if self._ssl is not None:
@@ -740,10 +744,11 @@ class ModbusBridge(LoopThread):
 class _Conn:
     """Server mode: what the bridge keeps of one peer's connection."""
 
-    __slots__ = ("peer", "last", "role", "may_write", "closed_by_us")
+    __slots__ = ("peer", "last", "task", "role", "may_write", "closed_by_us")
 
-    def __init__(self, peer: str | None, now: float):
+    def __init__(self, peer: str | None, now: float, task: asyncio.Task):
         self.peer = peer
+        self.task = task              # the connection's handler, cancelled at stop
         self.last = now               # time.monotonic() of the last complete request (or the connect)
         self.role: str | None = None  # the role in the peer's certificate (Modbus/TCP Security)
         self.may_write = False
