@@ -145,7 +145,11 @@ class LoopThread:
     RESTART_MIN_S = 0.1           # back-off before a failed task's first restart, doubling ...
     RESTART_MAX_S = 5.0           # ... up to this; reset once a task ran this long without failing
 
-    def _init_thread(self) -> None:
+    def _init_thread(self, logger: logging.Logger | None = None) -> None:
+        """Set up the thread's state; ``logger``: where ``self._say`` (a
+        :class:`~plc_bridge.metrics.CollapsingLog` for the subclass's repeated warnings) and
+        task failures write (default: this module's)."""
+        self._log = logger or log
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -157,7 +161,7 @@ class LoopThread:
         self._tracebacks_logged: set[tuple[str, str]] = set()
         if not hasattr(self, "errors"):
             self.errors = Counters()
-        self._say = CollapsingLog(log)
+        self._say = CollapsingLog(self._log)
 
     def down_tasks(self) -> tuple[str, ...]:
         """Names of the I/O tasks that are dead now (see :class:`Supervised`); ``"thread"`` when
@@ -198,35 +202,35 @@ class LoopThread:
         delay = self.RESTART_MIN_S
         while not self._stop.is_set():
             began = time.monotonic()
+            failure: Exception | None = None
             try:
                 await factory()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self._stop.is_set():
-                    return
-                self._down = tuple(sorted(set(self._down) | {name}))
-                n = self.errors.inc(f"{name}_failed")
-                what = (name, type(exc).__name__)
-                if what not in self._tracebacks_logged:
-                    self._tracebacks_logged.add(what)
-                    log.error("%s: task %s failed (%d so far); restarting in %.2g s", self._label(), name,
-                              n, delay, exc_info=True)
-                else:
-                    self._say.warning(f"{name}:{what[1]}", "%s: task %s failed again: %s: %s (%d so far)",
-                                      self._label(), name, what[1], exc, n)
-            else:
-                if self._stop.is_set():
-                    return
+                failure = exc
+            if self._stop.is_set():
+                return
             if time.monotonic() - began >= self.RESTART_MAX_S:
                 delay = self.RESTART_MIN_S
+            self._down = tuple(sorted(set(self._down) | {name}))
+            if failure is not None:
+                count = self.errors.inc(f"{name}_failed")
+                kind = type(failure).__name__
+                if (name, kind) not in self._tracebacks_logged:
+                    self._tracebacks_logged.add((name, kind))
+                    self._log.error("%s: task %s failed (%d so far); restarting in %.2g s", self._label(), name,
+                                    count, delay, exc_info=failure)
+                else:
+                    self._say.warning(f"{name}:{kind}", "%s: task %s failed again: %s: %s (%d so far)",
+                                      self._label(), name, kind, failure, count)
             try:
                 await asyncio.wait_for(self._stop.wait(), delay)
                 return
             except asyncio.TimeoutError:
                 pass
             finally:
-                self._down = tuple(n for n in self._down if n != name)
+                self._down = tuple(task for task in self._down if task != name)
             delay = min(delay * 2.0, self.RESTART_MAX_S)
 
     def _label(self) -> str:

@@ -146,7 +146,7 @@ class ModbusBridge(LoopThread):
         self._backoff_s = 0.0
         self._throttled = 0         # server mode: times a connection waited for its request budget
         self._connected = False
-        self._init_thread()
+        self._init_thread(log)
         self._image = RegisterImage(regmap) if mode == "server" else None
         if self._image is not None:
             for entry in regmap.outputs:
