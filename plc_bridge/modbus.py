@@ -45,7 +45,7 @@ from typing import Callable
 
 from . import mbap
 from .bridge import Inputs, LoopThread
-from .mbap import EXCEPTION_NAMES, FC_TABLE, BadReply, ModbusError, PlcConnection
+from .mbap import BadReply, ModbusError, PlcConnection
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing
 from .modbus_tls import TlsSettings, peer_role

@@ -10,8 +10,8 @@ Registers are 16-bit words sent big-endian on the wire (Modbus application proto
 first (ABCD, what ``mbpoll -B`` expects), ``"little"`` puts the low word first (CDAB,
 ``mbpoll`` without ``-B``). Coils and discrete inputs carry 0.0 or 1.0.
 
-Everything here is pure data and arithmetic; the servers and clients live in
-:mod:`plc_bridge.modbus`.
+Everything here is pure data and arithmetic, the server's register image
+(:class:`RegisterImage`) included; the servers and clients live in :mod:`plc_bridge.modbus`.
 """
 from __future__ import annotations
 
