@@ -219,3 +219,15 @@ def test_deploy_file_tls_paths_are_relative_to_it_and_keys_are_bounded(pki, tmp_
     path.write_text(DEPLOY.format(extra="idle_timeout_s = 1e308"))
     with pytest.raises(ConfigError, match=r"deploy\.toml: modbus\.idle_timeout_s: 1e\+308 is not a number of seconds"):
         DeployConfig.load(path)
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_tls_below_1_2_is_refused_by_the_server(bridge, pki, caplog):
+    ctx = client_context(pki, "scada")
+    ctx.minimum_version, ctx.maximum_version = ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")          # so that the client offers TLS 1.1 at all
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    assert wait_for(lambda: bridge.health()["bad"].get("tls_handshake_failed") == 1)
+    assert "unsupported protocol" in caplog.text.lower()
