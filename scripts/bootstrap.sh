@@ -11,13 +11,13 @@ START=$SECONDS
 step() { echo "bootstrap: $* ..." >&2; STEP=$SECONDS; }
 done_step() { echo "bootstrap:   done in $((SECONDS - STEP)) s" >&2; }
 
-if ! command -v mbpoll >/dev/null 2>&1; then
+if ! command -v mbpoll >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    step "installing mbpoll (Debian package: an independent Modbus client the tests use)"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mbpoll >/dev/null
+    step "installing mbpoll and openssl (Debian packages: an independent Modbus client and TLS peer the tests use)"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mbpoll openssl >/dev/null
     done_step
 else
-    echo "bootstrap: mbpoll already installed" >&2
+    echo "bootstrap: mbpoll and openssl already installed" >&2
 fi
 if [ ! -x .venv/bin/python ]; then
     step "creating the virtual environment .venv"
