@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--user", default="operator", help="OPC UA user (default: %(default)s)")
     ap.add_argument("--password", default="operator-password", help="that user's password (default: the README's)")
     ap.add_argument("--password-file", type=Path, default=None, help="read the password from this file instead")
-    ap.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the server (default: %(default)s)")
+    ap.add_argument("--wait", type=float, default=600.0,
+                    help="seconds to wait for the server; a first run compiles the engine first (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="the tank's scenario seed (default: %(default)s)")
     args = ap.parse_args(argv)
     args.base = args.config.resolve().parent
