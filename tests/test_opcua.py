@@ -294,7 +294,7 @@ def test_a_bad_users_file_is_refused_at_load(tmp_path):
 
 
 def test_the_example_edge_deployment_loads_once_its_pki_is_made(tmp_path, monkeypatch):
-    """examples/ops/deploy.toml with the certificates and users the README's steps make."""
+    """examples/ops/deploy.toml with the certificates and users its README's steps make."""
     import io
 
     text = (ROOT / "examples" / "ops" / "deploy.toml").read_text()

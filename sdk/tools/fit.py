@@ -101,7 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "train on a CPU"},
 }
 
-#: The fitting data format, as ``r1edge fit --help`` and the README give it.
+#: The fitting data format, as ``r1edge fit --help`` and the docs' fit page give it.
 DATA_FORMAT = """An .npz file (numpy.savez; no pickled objects) with
   frames        float [N, T, F]  N recorded runs (rows) of T consecutive control cycles, F inputs
                                  per cycle, in engineering units, sampled at the deployment's period
