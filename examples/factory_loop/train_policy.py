@@ -2,7 +2,8 @@
 
 ``python -m examples.factory_loop.train_policy`` (from the repository root) writes
 ``sdk/demo/model/`` (``examples/factory_loop/model`` links to it), the package ``r1edge demo``
-runs. Seeded end to end; the figures it prints are the ones quoted in examples/factory_loop/README.md.
+runs. Seeded end to end; the figures it prints are the ones quoted in
+``examples/factory_loop/README.md``.
 
 1. Imitation data: :func:`sdk.demo.expert.generate_dataset` (the windowed-PID expert, with slow
    random perturbations of the applied commands so the policy also sees states off the
