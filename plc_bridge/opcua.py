@@ -18,37 +18,39 @@ under ``Objects/r1edge``:
 - ``stats.<counter>``: UInt64 counters and Double latencies in seconds, refreshed once a
   second from the controller's statistics.
 
-Writes to an input are screened before the library sees them: a value of another type than
+Writes to an input are screened before the library sees them: a session whose role is not
+``operator`` gets ``BadUserAccessDenied`` for any write; a value of another type than
 Double gets ``BadTypeMismatch``; NaN, +-inf or a value outside the input's configured range
-gets ``BadOutOfRange``. A refused value does not change the node, but it does reach the
-controller as that input's latest value, so the controller's input guard fails the stream
-safe in its next cycle with the right reason (``nan``, ``inf`` or ``range``), exactly as a
-bad register written over Modbus would. Writes to any other node of the namespace get
-``BadNotWritable``. Every refusal is counted in :meth:`OpcUaBridge.health` by reason.
+gets ``BadOutOfRange``. A refused value does not change the node, but an out-of-range one
+does reach the controller as that input's latest value, so the controller's input guard
+fails the stream safe in its next cycle with the right reason (``nan``, ``inf`` or
+``range``), exactly as a bad register written over Modbus would. Writes to any other node
+of the namespace get ``BadNotWritable``. Every refusal is counted in
+:meth:`OpcUaBridge.health` by reason.
 
 An input's value counts as received when it is written, so a client must write every input
 at least every ``stale_ms`` (rewriting an unchanged value), as a PLC does over Modbus.
 
-Security: the endpoint offers exactly the ``security`` policies listed (``"None"`` only when
-listed). For secured policies the server presents ``certificate``/``private_key`` and accepts
-only client application certificates found in ``trusted_clients`` (a directory of DER or PEM
-files): the check runs on the certificate sent in CreateSession and again, at ActivateSession,
-on the one the secure channel was opened with. With ``users`` (a TOML file, see
-:func:`hash_password`), sessions must log in with a user name and password; without it,
-sessions are anonymous (still limited to trusted client certificates on secured endpoints).
+Security (:mod:`plc_bridge.opcua_security`): the endpoint offers exactly the ``security``
+policies listed (``"None"`` only when listed); a channel asking for another gets
+``BadSecurityPolicyRejected``. For secured policies the server presents
+``certificate``/``private_key`` and accepts only client application certificates found in
+``trusted_clients``. With ``users`` sessions log in with a user name and password, or
+anonymously with a client certificate mapped to a role in that file; without it, sessions
+are anonymous operators. The users file and the trust list are re-read when they change.
+
+Faults: the server runs supervised (:meth:`OpcUaBridge._main`): a failure is logged, counted
+and the server restarts after a capped back-off; ``health()["running"]`` is false meanwhile.
+Logs: asyncua's per-request lines stay out of the operator's log and repeated lines collapse
+(:func:`quiet_library_logs`).
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as _dt
-import hashlib
-import hmac
 import logging
 import math
 import os
-import re
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -56,23 +58,14 @@ from typing import NamedTuple, Sequence
 from urllib.parse import urlparse
 
 from asyncua import Server, ua
-from asyncua.common.utils import ServiceError
-from asyncua.crypto import cert_gen, uacrypto
 from asyncua.crypto.permission_rules import User, UserRole
-from asyncua.crypto.truststore import TrustStore
-from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .bridge import Inputs, LoopThread, Provider
 from .messages import MAX_NAME_LEN
-from .metrics import Counters, LatencyRing, worth_logging
-
-try:
-    import tomllib
-except ModuleNotFoundError:                               # Python 3.10
-    import tomli as tomllib
+from .metrics import Counters, LatencyRing
+from .opcua_security import Admission, GuardedServer, Login, certificate_uri, check_trusted, read_users
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +75,6 @@ _OPCUA_KEYS = frozenset(("endpoint", "namespace", "security", "certificate", "pr
 #: The deprecated Basic128Rsa15 and Basic256 policies (SHA-1) are left out.
 SECURITY_POLICIES = {"None": ua.SecurityPolicyType.NoSecurity,
                      **{t.name: t for t in ua.SecurityPolicyType if t.name.startswith(("Basic256Sha256", "Aes"))}}
-_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
-#: scrypt cost of new password hashes: 16 MiB and about 50 ms per check.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 #: The statistics published under ``stats.``: node name -> (path into ``stats()``, variant type).
 STATS_NODES = {
     "cycles": (("cycles",), ua.VariantType.UInt64),
@@ -101,6 +91,61 @@ _UNECE_SECOND = (ord("S") << 16) | (ord("E") << 8) | ord("C")
 _UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 
+class _Collapse(logging.Filter):
+    """Lets the first of a run of like records (same logger, level and message template) pass,
+    drops the repeats for ``window_s``, and lets the next one after that pass marked with how
+    many were dropped: ``... (x N more in the last 10 s)``. The counters keep exact counts."""
+
+    def __init__(self, window_s: float = 10.0):
+        super().__init__()
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._runs: dict[tuple, list] = {}       # key -> [start of the window, dropped in it]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            run = self._runs.get(key)
+            if run is not None and now - run[0] < self.window_s:
+                run[1] += 1
+                return False
+            self._runs[key] = [now, 0]
+            if len(self._runs) > 4096:                    # many distinct messages: forget old runs
+                self._runs = {k: r for k, r in self._runs.items() if now - r[0] < self.window_s}
+        if run is not None and run[1]:
+            record.msg = f"{record.msg} (x{run[1]} more in the last {now - run[0]:.0f} s)"
+        return True
+
+
+class _Forward(logging.Handler):
+    """Hands asyncua's records, collapsed, to the root logger's handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+_COLLAPSE = _Collapse()
+
+
+def quiet_library_logs() -> None:
+    """The log policy of the OPC UA bridge (idempotent): asyncua's per-request lines (INFO)
+    stay out of the operator's log unless the root logger is at DEBUG (``r1edge -v``); its
+    warnings and errors and this bridge's own repeated lines collapse (:class:`_Collapse`).
+    A deployment that configured the ``asyncua`` logger itself is left alone."""
+    if _COLLAPSE not in log.filters:
+        log.addFilter(_COLLAPSE)
+    lib = logging.getLogger("asyncua")
+    if lib.handlers or lib.level != logging.NOTSET or not lib.propagate:
+        return
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        lib.setLevel(logging.WARNING)
+    forward = _Forward()
+    forward.addFilter(_COLLAPSE)
+    lib.addHandler(forward)
+    lib.propagate = False
+
+
 class Signal(NamedTuple):
     """One input or output as the address space shows it: range and engineering unit."""
 
@@ -108,162 +153,6 @@ class Signal(NamedTuple):
     min: float
     max: float
     unit: str | None = None
-
-
-# ---------------------------------------------------------------------------- users and passwords
-
-def hash_password(password: str, *, salt: bytes | None = None) -> str:
-    """A salted scrypt hash of ``password`` as stored in the users file:
-    ``scrypt$N$r$p$<salt, base64>$<key, base64>`` (16 random salt bytes per hash, 32-byte key)."""
-    if not password:
-        raise ValueError("the password is empty")
-    salt = secrets.token_bytes(16) if salt is None else salt
-    key = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
-    b64 = lambda b: base64.b64encode(b).decode()              # noqa: E731
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt)}${b64(key)}"
-
-
-def verify_password(stored: str, password: str) -> bool:
-    """Whether ``password`` matches a hash made by :func:`hash_password` (constant-time compare)."""
-    n, r, p, salt, key = _parse_hash(stored)
-    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(key), maxmem=256 * r * n + (1 << 20))
-    return hmac.compare_digest(got, key)
-
-
-def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
-    parts = stored.split("$") if isinstance(stored, str) else []
-    try:
-        if len(parts) != 6 or parts[0] != "scrypt":
-            raise ValueError
-        n, r, p = (int(x) for x in parts[1:4])
-        salt, key = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
-    except ValueError:
-        raise ValueError("not a password hash of the form scrypt$N$r$p$SALT$KEY") from None
-    if not (1 < n <= 1 << 20 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16 and len(salt) >= 8
-            and len(key) >= 16):
-        raise ValueError(f"scrypt parameters out of bounds (N={n}, r={r}, p={p}, salt {len(salt)} B, "
-                         f"key {len(key)} B)")
-    return n, r, p, salt, key
-
-
-def read_users(path: str | os.PathLike) -> dict[str, str]:
-    """``{user name: password hash}`` from a users file::
-
-        [users.operator]
-        password = "scrypt$16384$8$1$...$..."
-
-    Raises ``ValueError`` naming the file and the entry at fault."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such users file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: invalid TOML: {exc}") from None
-    unknown = sorted(set(raw) - {"users"})
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; expected [users.NAME] tables")
-    users = raw.get("users", {})
-    if not isinstance(users, dict):
-        raise ValueError(f"{path}: users must be a table of [users.NAME] entries")
-    out = {}
-    for name, entry in users.items():
-        if not _USER_RE.match(name):
-            raise ValueError(f"{path}: users.{name}: not a user name (letters, digits, '_', '.', '@', '-')")
-        if not isinstance(entry, dict) or set(entry) != {"password"}:
-            raise ValueError(f"{path}: users.{name}: must hold exactly one key, password")
-        try:
-            _parse_hash(entry["password"])
-        except ValueError as exc:
-            raise ValueError(f"{path}: users.{name}.password: {exc}") from None
-        out[name] = entry["password"]
-    return out
-
-
-def set_user(path: str | os.PathLike, name: str, password: str | None) -> None:
-    """Add or replace user ``name`` in a users file (created if absent), or remove it with
-    ``password=None``. The file is rewritten whole and made readable by its owner only."""
-    path = Path(path)
-    if not _USER_RE.match(name):
-        raise ValueError(f"{name!r} is not a user name (letters, digits, '_', '.', '@', '-'; at most 64)")
-    users = read_users(path) if path.exists() else {}
-    if password is None:
-        if name not in users:
-            raise ValueError(f"{path}: no user {name!r}")
-        del users[name]
-    else:
-        users[name] = hash_password(password)
-    lines = ["# r1edge OPC UA users: scrypt$N$r$p$salt$key, written by `r1edge opcua-user`\n"]
-    for user, stored in sorted(users.items()):
-        lines.append(f'\n[users."{user}"]\npassword = "{stored}"\n')
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(lines))
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------- certificates
-
-def make_certificate(out_dir: str | os.PathLike, name: str = "server", *, uri: str | None = None,
-                     hosts: Sequence[str] = ("localhost", "127.0.0.1"), client: bool = False,
-                     days: int = 365) -> tuple[Path, Path]:
-    """Write a self-signed OPC UA application certificate ``NAME.der`` and its private key
-    ``NAME.pem`` (owner-only) into ``out_dir``; refuses to overwrite. ``uri`` is the
-    application URI put in the certificate (default ``urn:r1edge:NAME``); ``hosts`` go into
-    its subject alternative names as DNS names or IP addresses. A server certificate is
-    for server and client authentication, ``client=True`` for client authentication only."""
-    import ipaddress
-
-    out = Path(out_dir)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"certificate name {name!r} must be a plain file name")
-    cert_file, key_file = out / f"{name}.der", out / f"{name}.pem"
-    for path in (cert_file, key_file):
-        if path.exists():
-            raise FileExistsError(f"{path} exists; not overwriting")
-    uri = uri or f"urn:r1edge:{name}"
-    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
-    for host in hosts:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            alt.append(x509.DNSName(host))
-    usage = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH,
-                                                              ExtendedKeyUsageOID.CLIENT_AUTH]
-    key = cert_gen.generate_private_key()
-    cert = cert_gen.generate_self_signed_app_certificate(key, name, {}, alt, extended=usage, days=days)
-    out.mkdir(parents=True, exist_ok=True)
-    cert_file.write_bytes(uacrypto.der_from_x509(cert))
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(cert_gen.dump_private_key_as_pem(key))
-    return cert_file, key_file
-
-
-def _check_trusted(folder: Path) -> None:
-    """Every ``*.der``/``*.pem`` file in ``folder`` must be a certificate (the trust store reads
-    them all): a private key left there would otherwise stop the server at start."""
-    for path in sorted(folder.iterdir()):
-        if not re.match(r".*(der|pem)$", path.name.lower()):
-            continue
-        data = path.read_bytes()
-        try:
-            if path.name.lower().endswith("pem"):
-                x509.load_pem_x509_certificate(data)
-            else:
-                x509.load_der_x509_certificate(data)
-        except ValueError as exc:
-            raise ValueError(f"opcua.trusted_clients: {path}: not a certificate ({exc})") from None
-
-
-def _certificate_uri(cert: x509.Certificate) -> str | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if uris else None
 
 
 # ---------------------------------------------------------------------------- the bridge
@@ -279,13 +168,15 @@ class OpcUaBridge(LoopThread):
 
     START_TIMEOUT_S = 60.0        # building the standard address space takes a few seconds
     JOIN_TIMEOUT_S = 10.0
+    BACKOFF_S = (0.5, 30.0)       # first and longest wait before serving again after a failure
+    RELOAD_S = 1.0                # how often the users file and trust list are checked for changes
 
     name = "opcua"
 
     def __init__(self, *, endpoint: str, namespace: str, streams: Sequence[str], inputs: Sequence[Signal],
                  outputs: Sequence[Signal], security: Sequence[str], certificate: Path | None = None,
                  private_key: Path | None = None, trusted_clients: Path | None = None,
-                 users: dict[str, str] | None = None, stats_ms: float = 1000.0):
+                 users: Path | None = None, stats_ms: float = 1000.0):
         self.endpoint = endpoint
         self.namespace = namespace
         self.streams = list(streams)
@@ -293,10 +184,10 @@ class OpcUaBridge(LoopThread):
         self.outputs = list(outputs)
         self.security = list(security)
         self.certificate, self.private_key, self.trusted_clients = certificate, private_key, trusted_clients
-        self.users = users
         self.stats_s = stats_ms / 1e3
         self.bad = Counters()       # client requests refused, by reason
         self.errors = Counters()    # our own trouble, by reason
+        self.admission = Admission(users, trusted_clients, self.bad, self.errors)
         self.io = LatencyRing()     # an input write, from its screening to stored
         self.lock = threading.Lock()
         self._streams = frozenset(self.streams)
@@ -306,9 +197,10 @@ class OpcUaBridge(LoopThread):
         self._wake_pending = False
         self._n = {"writes": 0, "published": 0}
         self._stats_provider: Provider | None = None
-        self._trust: TrustStore | None = None
         self._init_thread()
         self._server: Server | None = None
+        self._up = False            # the server serves (False while it restarts after a failure)
+        self._restarts = 0
         self._ns = 0
         self._input_nodes: dict[ua.NodeId, tuple[str, Signal]] = {}
         self._output_nodes: dict[str, list[tuple[str, ua.NodeId]]] = {}
@@ -358,8 +250,9 @@ class OpcUaBridge(LoopThread):
         if len(set(security)) != len(security):
             raise ValueError(f"opcua.security: {security!r} lists a policy twice")
         streams = opcua.get("streams", ["main"])
-        if (not isinstance(streams, list) or not streams or len(set(streams)) != len(streams)
-                or any(not isinstance(s, str) or not 0 < len(s) <= MAX_NAME_LEN or "." in s for s in streams)):
+        if (not isinstance(streams, list) or not streams
+                or any(not isinstance(s, str) or not 0 < len(s) <= MAX_NAME_LEN or "." in s for s in streams)
+                or len(set(streams)) != len(streams)):
             raise ValueError(f"opcua.streams: {streams!r} must be a list of distinct stream names "
                              f"(1..{MAX_NAME_LEN} characters, no '.')")
         stats_ms = opcua.get("stats_ms", 1000)
@@ -385,16 +278,18 @@ class OpcUaBridge(LoopThread):
                 raise FileNotFoundError(f"opcua.{key}: {path}: no such {'directory' if kind == 'dir' else 'file'}")
             paths[key] = path
         if paths["trusted_clients"] is not None:
-            _check_trusted(paths["trusted_clients"])
+            check_trusted(paths["trusted_clients"])
         if paths["certificate"] is not None:
             try:
                 x509.load_der_x509_certificate(paths["certificate"].read_bytes())
             except ValueError as exc:
                 raise ValueError(f"opcua.certificate: {paths['certificate']}: not a DER certificate ({exc})") from None
-        users = None
         if paths["users"] is not None:
+            if not secured:
+                raise ValueError("opcua.users: user names and passwords travel only over secured channels; "
+                                 "list a secured policy in security (e.g. \"Basic256Sha256_SignAndEncrypt\")")
             try:
-                users = read_users(paths["users"])
+                read_users(paths["users"])
             except ValueError as exc:
                 raise ValueError(f"opcua.users: {exc}") from None
         for kind, signals in (("inputs", inputs), ("outputs", outputs)):
@@ -403,12 +298,14 @@ class OpcUaBridge(LoopThread):
                     raise ValueError(f"{kind} {s.name!r}: range [{s.min}, {s.max}] is not a finite interval")
         return cls(endpoint=endpoint, namespace=namespace, streams=streams, inputs=inputs, outputs=outputs,
                    security=security, certificate=paths["certificate"], private_key=paths["private_key"],
-                   trusted_clients=paths["trusted_clients"], users=users, stats_ms=float(stats_ms))
+                   trusted_clients=paths["trusted_clients"], users=paths["users"], stats_ms=float(stats_ms))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "OpcUaBridge":
         """Start the server thread; returns once the endpoint listens (building the standard
-        address space takes a few seconds). Raises ``RuntimeError`` if it cannot start."""
+        address space takes a few seconds). Raises ``RuntimeError`` if it cannot start.
+        Applies the bridge's log policy first (:func:`quiet_library_logs`)."""
+        quiet_library_logs()
         return self._start_thread("opcua-server")
 
     def _label(self) -> str:
@@ -461,21 +358,26 @@ class OpcUaBridge(LoopThread):
 
     def health(self) -> dict:
         """Endpoint, security, connected clients, writes and publishes, refused requests by
-        reason (``type_mismatch``, ``out_of_range``, ``not_writable``, ``unknown_user``,
-        ``bad_password``, ``untrusted_certificate``), errors, and the time in microseconds from
-        an input write's screening to its value being stored."""
+        reason (writes: ``type_mismatch``, ``out_of_range``, ``not_writable``, ``access_denied``;
+        sessions: see :class:`~plc_bridge.opcua_security.Admission`), errors by kind
+        (``server_failed`` counts restarts of the server), re-reads of the users file and the
+        trust list, and the time in microseconds from an input write's screening to its value
+        being stored. ``running`` is false while the server is down (restarting)."""
         server = self._server
         clients = len(server.bserver.clients) if server is not None and server.bserver is not None else 0
+        users = self.admission.users
         return {
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": self._thread is not None and self._thread.is_alive() and self._up,
             "endpoint": self.endpoint,
             "security": list(self.security),
-            "users": None if self.users is None else len(self.users),
+            "users": None if users is None else len(users.passwords),
             "connected": clients > 0,
             "clients": clients,
             "heartbeat_ok": True,
             "writes": self._n["writes"],
             "published": self._n["published"],
+            "restarts": self._restarts,
+            "reloads": self.admission.reloads.snapshot(),
             "bad": self.bad.snapshot(),
             "errors": self.errors.snapshot(),
             "io_us": self.io.percentiles(),
@@ -483,64 +385,97 @@ class OpcUaBridge(LoopThread):
 
     # ------------------------------------------------------------------ server thread
     async def _main(self) -> None:
+        """Serve; after a failure, log it (with its traceback the first time in a row), count it
+        in ``errors["server_failed"]`` and serve again after a back-off that doubles up to
+        ``BACKOFF_S[1]`` (and starts again from ``BACKOFF_S[0]`` after a minute of service).
+        A failure before the first start is ``start()``'s to report."""
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        server = Server(user_manager=_UserManager(self))
+        delay, in_a_row = self.BACKOFF_S[0], 0
+        while True:
+            t0 = time.monotonic()
+            try:
+                await self._serve()
+                return
+            except Exception as exc:
+                if not self._ready.is_set():
+                    raise
+                if time.monotonic() - t0 > 60.0:
+                    delay, in_a_row = self.BACKOFF_S[0], 0
+                in_a_row += 1
+                n = self.errors.inc("server_failed")
+                log.error("opcua: the server failed (%s: %s; %d so far); restarting in %.1f s", type(exc).__name__,
+                          exc, n, delay, exc_info=exc if in_a_row == 1 else None)
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+                return
+            except asyncio.TimeoutError:
+                delay = min(2 * delay, self.BACKOFF_S[1])
+            self._restarts += 1
+
+    async def _serve(self) -> None:
+        """Build and start the server, run its tasks until ``_stop``; raises what failed."""
+        server = GuardedServer(self.admission)
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("r1edge")
         server.set_security_policy([SECURITY_POLICIES[s] for s in self.security])
-        server.set_identity_tokens([ua.UserNameIdentityToken] if self.users is not None
-                                   else [ua.AnonymousIdentityToken])
+        users = self.admission.users
+        server.set_identity_tokens([ua.AnonymousIdentityToken] if users is None
+                                   else [ua.UserNameIdentityToken, ua.AnonymousIdentityToken])
         if self.certificate is not None:
             await server.load_certificate(str(self.certificate))
             await server.load_private_key(str(self.private_key))
-            uri = _certificate_uri(server.iserver.certificate)
+            uri = certificate_uri(server.iserver.certificate)
             if uri:                                       # clients check the two agree
                 await server.set_application_uri(uri)
+        await self.admission.load()
         if self.trusted_clients is not None:
-            store = TrustStore([self.trusted_clients], [])
-            await store.load()
-            self._trust = store
-            validator = CertificateValidator(CertificateValidatorOptions.TRUSTED_VALIDATION
-                                             | CertificateValidatorOptions.PEER_CLIENT, store)
-            server.set_certificate_validator(self._counting(validator))
+            server.set_certificate_validator(self.admission.validate)
         server.iserver.attribute_service = _ScreenedAttributes(server.iserver.aspace, self)
         self._ns = await server.register_namespace(self.namespace)
         await self._build(server)
         await server.start()
         self._server = server
-        log.info("opcua server listening on %s (security %s, %s)", self.endpoint, ", ".join(self.security),
-                 "user names" if self.users is not None else "anonymous sessions")
-        if "None" in self.security:
-            log.warning("opcua: security policy None is enabled: traffic on that endpoint is neither signed "
-                        "nor encrypted")
-        writer = asyncio.create_task(self._writer())
-        stats = asyncio.create_task(self._stats_loop())
-        self._ready.set()
+        tasks = [asyncio.create_task(coro) for coro in (self._writer(), self._stats_loop(), self._watch())]
+        stop = asyncio.create_task(self._stop.wait())
+        self._up = True
+        if not self._ready.is_set():
+            log.info("opcua server listening on %s (security %s, %s)", self.endpoint, ", ".join(self.security),
+                     "anonymous sessions" if users is None else "user names and mapped client certificates")
+            if "None" in self.security:
+                log.warning("opcua: security policy None is enabled: traffic on that endpoint is neither signed "
+                            "nor encrypted")
+            self.admission.warn_unroled()
+            self._ready.set()
+        else:
+            log.warning("opcua: the server serves again on %s", self.endpoint)
+        self._wake.set()                                  # (re)write the newest decisions
         try:
-            await self._stop.wait()
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task in done:
+                    task.result()                         # raises what the task failed with
+                    raise RuntimeError(f"task {task.get_coro().__name__} ended")
         finally:
-            for task in (writer, stats):
+            self._up = False
+            for task in (stop, *tasks):
                 task.cancel()
-            await asyncio.gather(writer, stats, return_exceptions=True)
+            await asyncio.gather(stop, *tasks, return_exceptions=True)
             self._server = None
             await server.stop()
 
-    def _counting(self, validator: CertificateValidator):
-        async def validate(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
-            try:
-                await validator(cert, app)
-            except ServiceError:
-                n = self.bad.inc("untrusted_certificate")
-                if worth_logging(n):
-                    log.warning("opcua: client certificate refused (%s; %d so far)", cert.subject.rfc4514_string(), n)
-                raise
-        return validate
+    async def _watch(self) -> None:
+        """Re-reads the users file and the trusted-client directory when they change."""
+        while True:
+            await asyncio.sleep(self.RELOAD_S)
+            await self.admission.refresh()
 
     async def _build(self, server: Server) -> None:
         """The address space of the module docstring."""
         ns = self._ns
+        for table in (self._input_nodes, self._output_nodes, self._status_nodes, self._written):
+            table.clear()
         nid = lambda s: ua.NodeId(s, ns)                  # noqa: E731
         root = await server.nodes.objects.add_object(nid("r1edge"), ua.QualifiedName("r1edge", ns))
         for stream in self.streams:
@@ -589,10 +524,9 @@ class OpcUaBridge(LoopThread):
                     await self._write(server, self._status_nodes[stream], ua.Variant(status, ua.VariantType.String), now)
                 if hb is not None:
                     await self._write(server, hb_node, ua.Variant(hb, ua.VariantType.UInt16), now)
-            except Exception as exc:                      # never let one bad value stop the writer
+            except (ua.UaError, ValueError, TypeError, OverflowError) as exc:   # one bad value: the next goes on
                 n = self.errors.inc("write_failed")
-                if worth_logging(n):
-                    log.exception("opcua: writing outputs failed (%d so far): %s", n, exc)
+                log.error("opcua: writing outputs failed (%d so far): %s", n, exc)
 
     async def _write(self, server: Server, node_id: ua.NodeId, variant: ua.Variant, now) -> None:
         if self._written.get(node_id) == variant.Value:   # unchanged: no data change to notify
@@ -615,10 +549,9 @@ class OpcUaBridge(LoopThread):
                             value = value[key]
                         value = value / 1e6 if vtype == ua.VariantType.Double else int(value)
                         await self._write(server, ua.NodeId(f"stats.{name}", self._ns), ua.Variant(value, vtype), now)
-                except Exception as exc:
+                except Exception as exc:                  # the provider is the controller's: never fatal here
                     n = self.errors.inc("stats_failed")
-                    if worth_logging(n):
-                        log.exception("opcua: refreshing the stats nodes failed (%d so far): %s", n, exc)
+                    log.error("opcua: refreshing the stats nodes failed (%d so far): %s", n, exc)
             await asyncio.sleep(self.stats_s)
 
     # ------------------------------------------------------------------ client writes
@@ -653,60 +586,32 @@ class OpcUaBridge(LoopThread):
 
     def _refuse(self, reason: str, code: int) -> ua.StatusCode:
         n = self.bad.inc(reason)
-        if worth_logging(n):
-            log.warning("opcua: write refused: %s (%d so far)", reason, n)
+        log.warning("opcua: write refused: %s (%d so far)", reason, n)
         return ua.StatusCode(code)
 
 
 class _ScreenedAttributes(AttributeService):
-    """asyncua's attribute service with the bridge's screening in front of every write."""
+    """asyncua's attribute service with the bridge's screening in front of every write: a
+    session whose role is not ``operator`` may write nothing (``BadUserAccessDenied``)."""
 
     def __init__(self, aspace, bridge: OpcUaBridge):
         super().__init__(aspace)
         self._bridge = bridge
 
     async def write(self, params: ua.WriteParameters, user: User = User(role=UserRole.Admin)) -> list[ua.StatusCode]:
+        bridge = self._bridge
+        if isinstance(user, Login) and user.access != "operator":
+            return [bridge._refuse("access_denied", ua.StatusCodes.BadUserAccessDenied) for _ in params.NodesToWrite]
         results = []
         for wv in params.NodesToWrite:
             t0 = time.monotonic_ns()
-            code = self._bridge._screen(wv)
+            code = bridge._screen(wv)
             if code is None:
                 [code] = await super().write(ua.WriteParameters(NodesToWrite=[wv]), user)
-                if code.is_good() and wv.NodeId in self._bridge._input_nodes:
-                    self._bridge._accepted(wv, t0)
+                if code.is_good() and wv.NodeId in bridge._input_nodes:
+                    bridge._accepted(wv, t0)
             results.append(code)
         return results
-
-
-class _UserManager:
-    """Sessions: the secure channel's client certificate must be trusted (secured endpoints),
-    and with a users file the user name and password must match."""
-
-    def __init__(self, bridge: OpcUaBridge):
-        self._bridge = bridge
-        # Checked against unknown names too, so that a refusal takes as long either way.
-        self._dummy = hash_password(secrets.token_hex(8))
-
-    def get_user(self, iserver, username: str | None = None, password: str | None = None,
-                 certificate=None) -> User | None:
-        bridge = self._bridge
-        if certificate is not None and bridge._trust is not None:
-            if isinstance(certificate, bytes):
-                certificate = x509.load_der_x509_certificate(certificate)
-            if not bridge._trust.validate(certificate):
-                bridge.bad.inc("untrusted_certificate")
-                raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
-        if bridge.users is None:
-            return User(role=UserRole.User, name=None)
-        stored = bridge.users.get(username or "")
-        ok = verify_password(stored or self._dummy, password or "")
-        if stored is None or not ok:
-            n = bridge.bad.inc("unknown_user" if stored is None else "bad_password")
-            if worth_logging(n):
-                log.warning("opcua: login refused for user %r (%s)", username,
-                            "unknown user" if stored is None else "wrong password")
-            return None
-        return User(role=UserRole.User, name=username)
 
 
 def _eu(unit: str, unit_id: int = -1) -> ua.EUInformation:

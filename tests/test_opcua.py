@@ -16,7 +16,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from plc_bridge.opcua import OpcUaBridge, Signal, hash_password, make_certificate, read_users, set_user, verify_password
+from plc_bridge.opcua import OpcUaBridge, Signal
+from plc_bridge.opcua_security import hash_password, make_certificate, read_users, set_user, verify_password
 from sdk.cli import main as cli
 from sdk.service.config import ConfigError, DeployConfig
 from sdk.service.controller import Controller
@@ -246,11 +247,11 @@ def test_passwords_are_salted_scrypt(tmp_path):
     set_user(users, "alice", "one")
     set_user(users, "bob", "two")
     set_user(users, "alice", "three")
-    got = read_users(users)
+    got = read_users(users).passwords
     assert sorted(got) == ["alice", "bob"] and verify_password(got["alice"], "three")
     assert oct(users.stat().st_mode & 0o777) == "0o600"
     set_user(users, "bob", None)
-    assert list(read_users(users)) == ["alice"]
+    assert list(read_users(users).passwords) == ["alice"]
 
 
 def test_opcua_user_command(tmp_path, monkeypatch, capsys):
@@ -259,7 +260,7 @@ def test_opcua_user_command(tmp_path, monkeypatch, capsys):
     users = tmp_path / "users.toml"
     monkeypatch.setattr("sys.stdin", io.StringIO("hunter2\n"))
     assert cli(["opcua-user", str(users), "eve", "--password-stdin"]) == 0
-    assert verify_password(read_users(users)["eve"], "hunter2")
+    assert verify_password(read_users(users).passwords["eve"], "hunter2")
     assert cli(["opcua-user", str(users), "nobody", "--delete"]) == 2
     assert "no user 'nobody'" in capsys.readouterr().err
 
