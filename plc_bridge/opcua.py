@@ -135,15 +135,16 @@ def quiet_library_logs() -> None:
     A deployment that configured the ``asyncua`` logger itself is left alone."""
     if _COLLAPSE not in log.filters:
         log.addFilter(_COLLAPSE)
-    lib = logging.getLogger("asyncua")
-    if lib.handlers or lib.level != logging.NOTSET or not lib.propagate:
-        return
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        lib.setLevel(logging.WARNING)
-    forward = _Forward()
-    forward.addFilter(_COLLAPSE)
-    lib.addHandler(forward)
-    lib.propagate = False
+    for name in ("asyncua", "asyncuagds"):                # asyncua's trust store logs as asyncuagds
+        lib = logging.getLogger(name)
+        if lib.handlers or lib.level != logging.NOTSET or not lib.propagate:
+            continue
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            lib.setLevel(logging.WARNING)
+        forward = _Forward()
+        forward.addFilter(_COLLAPSE)
+        lib.addHandler(forward)
+        lib.propagate = False
 
 
 class Signal(NamedTuple):
@@ -193,6 +194,7 @@ class OpcUaBridge(LoopThread):
         self._streams = frozenset(self.streams)
         self._values: dict[str, dict[str, tuple[float, int]]] = {s: {} for s in self.streams}
         self._pending: dict[str, tuple[dict[str, float], str]] = {}
+        self._last: dict[str, tuple[dict[str, float], str]] = {}     # written again after a restart
         self._heartbeat: int | None = None
         self._wake_pending = False
         self._n = {"writes": 0, "published": 0}
@@ -339,7 +341,7 @@ class OpcUaBridge(LoopThread):
         if stream not in self._streams:
             raise ValueError(f"opcua bridge does not serve stream {stream!r} (it serves {self.streams})")
         with self.lock:
-            self._pending[stream] = (outputs, status)
+            self._pending[stream] = self._last[stream] = (outputs, status)
             hb = outputs.get("_heartbeat")
             if hb is not None:
                 self._heartbeat = int(hb) & 0xFFFF
@@ -450,7 +452,9 @@ class OpcUaBridge(LoopThread):
             self._ready.set()
         else:
             log.warning("opcua: the server serves again on %s", self.endpoint)
-        self._wake.set()                                  # (re)write the newest decisions
+        with self.lock:                                   # (re)write the newest decisions
+            self._pending = dict(self._last)
+        self._wake.set()
         try:
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:

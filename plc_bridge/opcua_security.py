@@ -415,9 +415,9 @@ class Admission:
     def warn_unroled(self) -> None:
         """Warn about users whose entry names no role (they are operators)."""
         if self.users is not None and self.users.unroled:
-            log.warning("opcua: %s: %s without a role, so they may write inputs (operator); give each a role "
+            log.warning("opcua: %s: no role for %s, so they may write inputs (operator); give each a role "
                         "(viewer or operator) with `r1edge opcua-user --role`", self.users_file,
-                        ", ".join(self.users.unroled) + (" has" if len(self.users.unroled) == 1 else " have"))
+                        ", ".join(self.users.unroled))
 
     async def validate(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
         """The certificate check at CreateSession: trusted, and its application URI the one
