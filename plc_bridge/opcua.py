@@ -24,8 +24,8 @@ Double gets ``BadTypeMismatch``; NaN, +-inf or a value outside the input's confi
 gets ``BadOutOfRange``. A refused value does not change the node, but an out-of-range one
 does reach the controller as that input's latest value, so the controller's input guard
 fails the stream safe in its next cycle with the right reason (``nan``, ``inf`` or
-``range``), exactly as a bad register written over Modbus would. Writes to any other node
-of the namespace get ``BadNotWritable``. Every refusal is counted in
+``range``), exactly as a bad register written over Modbus would. Writes to any other node,
+in any namespace, get ``BadNotWritable``. Every refusal is counted in
 :meth:`OpcUaBridge.health` by reason.
 
 An input's value counts as received when it is written, so a client must write every input
@@ -561,12 +561,9 @@ class OpcUaBridge(LoopThread):
     # ------------------------------------------------------------------ client writes
     def _screen(self, wv: ua.WriteValue) -> ua.StatusCode | None:
         """The status code refusing a client's write, or None to let the library apply it."""
-        node_id = wv.NodeId
-        target = self._input_nodes.get(node_id)
-        if target is None:
-            if node_id.NamespaceIndex == self._ns and self._ns:
-                return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
-            return None
+        target = self._input_nodes.get(wv.NodeId)
+        if target is None:                                # clients write inputs only, in any namespace
+            return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
         if wv.AttributeId != ua.AttributeIds.Value:
             return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
         variant = wv.Value.Value if wv.Value is not None else None
@@ -595,8 +592,9 @@ class OpcUaBridge(LoopThread):
 
 
 class _ScreenedAttributes(AttributeService):
-    """asyncua's attribute service with the bridge's screening in front of every write: a
-    session whose role is not ``operator`` may write nothing (``BadUserAccessDenied``)."""
+    """asyncua's attribute service with the bridge's screening in front of every client's
+    write: a session whose role is not ``operator`` may write nothing (``BadUserAccessDenied``),
+    an operator only the inputs' values (anything else ``BadNotWritable``)."""
 
     def __init__(self, aspace, bridge: OpcUaBridge):
         super().__init__(aspace)
@@ -604,7 +602,9 @@ class _ScreenedAttributes(AttributeService):
 
     async def write(self, params: ua.WriteParameters, user: User = User(role=UserRole.Admin)) -> list[ua.StatusCode]:
         bridge = self._bridge
-        if isinstance(user, Login) and user.access != "operator":
+        if not isinstance(user, Login):                   # the server's own writes (its namespace array, ...)
+            return await super().write(params, user)
+        if user.access != "operator":
             return [bridge._refuse("access_denied", ua.StatusCodes.BadUserAccessDenied) for _ in params.NodesToWrite]
         results = []
         for wv in params.NodesToWrite:
@@ -614,6 +614,9 @@ class _ScreenedAttributes(AttributeService):
                 [code] = await super().write(ua.WriteParameters(NodesToWrite=[wv]), user)
                 if code.is_good() and wv.NodeId in bridge._input_nodes:
                     bridge._accepted(wv, t0)
+                elif not code.is_good():                  # refused by the library: counted all the same
+                    bridge._refuse("not_writable" if code.value == ua.StatusCodes.BadNotWritable else "rejected",
+                                   code.value)
             results.append(code)
         return results
 

@@ -5,6 +5,7 @@ password, an untrusted client certificate and a security policy that is not offe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -158,6 +159,30 @@ def test_browse_read_write_and_subscribe(plant):
     assert ok_sent and ok_sent[-1]["valve"] != 0.0                                            # not fail-safe
     cycles = stats[0]["value"]
     assert 0 < cycles <= ctrl.counters["cycles"] and stats[1]["data_type"] == "Double"
+
+
+@needs_node
+def test_one_client_at_50_hz_writes_next_to_nothing_to_the_log(plant, caplog):
+    """Issue target: with [opcua] and one client reading and writing at 50 Hz, at most 20 lines
+    a minute reach the operator's log (INFO and above) once the controller runs; asyncua's
+    per-request lines never do. ``R1EDGE_OPCUA_LOG_S`` sets the client's run (default 10 s;
+    the bound is proportional)."""
+    import math
+    import time
+
+    seconds = float(os.environ.get("R1EDGE_OPCUA_LOG_S", "10"))
+    caplog.set_level(logging.INFO)
+    t0 = time.time()
+    res = node_client(plant["work"], plant["endpoint"], [
+        {"op": "subscribe", "nodes": ["main.outputs.valve", "main.status", "heartbeat"], "ms": seconds * 1000,
+         "interval": 20, "writes": {"every_ms": 20, "nodes": inputs(GOOD)}},
+        {"op": "read", "nodes": ["main.outputs.valve", "main.inputs.level"]},
+    ])
+    lines = [r for r in caplog.records if r.created >= t0]
+    assert res["ok"] and res["results"][0]["refused"] == {}, res
+    assert res["results"][0]["writes"] > 5 * seconds, res["results"][0]     # it did write, at tens of Hz
+    assert not [r for r in lines if r.name.startswith("asyncua")], [r.getMessage() for r in lines][:20]
+    assert len(lines) <= math.ceil(20 * seconds / 60), [f"{r.name}: {r.getMessage()}" for r in lines][:40]
 
 
 @needs_node
