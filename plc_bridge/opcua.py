@@ -92,7 +92,8 @@ _UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 
 class _Collapse(logging.Filter):
-    """Lets the first of a run of like records (same logger, level and message template) pass,
+    """Lets the first of a run of like records (same logger, level, message template and, when
+    it is a string such as a refusal's reason, first argument) pass,
     drops the repeats for ``window_s``, and lets the next one after that pass marked with how
     many were dropped: ``... (x N more in the last 10 s)``. The counters keep exact counts."""
 
@@ -103,7 +104,8 @@ class _Collapse(logging.Filter):
         self._runs: dict[tuple, list] = {}       # key -> [start of the window, dropped in it]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        key = (record.name, record.levelno, str(record.msg), first if isinstance(first, str) else None)
         now = time.monotonic()
         with self._lock:
             run = self._runs.get(key)
