@@ -91,7 +91,7 @@ _UNECE_SECOND = (ord("S") << 16) | (ord("E") << 8) | ord("C")
 _UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 
-class _Collapse(logging.Filter):
+class RepeatCollapse(logging.Filter):
     """Lets the first of a run of like records (same logger, level, message template and, when
     it is a string such as a refusal's reason, first argument) pass,
     drops the repeats for ``window_s``, and lets the next one after that pass marked with how
@@ -127,13 +127,13 @@ class _Forward(logging.Handler):
         logging.getLogger().handle(record)
 
 
-_COLLAPSE = _Collapse()
+_COLLAPSE = RepeatCollapse()
 
 
 def quiet_library_logs() -> None:
     """The log policy of the OPC UA bridge (idempotent): asyncua's per-request lines (INFO)
     stay out of the operator's log unless the root logger is at DEBUG (``r1edge -v``); its
-    warnings and errors and this bridge's own repeated lines collapse (:class:`_Collapse`).
+    warnings and errors and this bridge's own repeated lines collapse (:class:`RepeatCollapse`).
     A deployment that configured the ``asyncua`` logger itself is left alone."""
     if _COLLAPSE not in log.filters:
         log.addFilter(_COLLAPSE)

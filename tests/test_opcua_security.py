@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from plc_bridge.opcua import OpcUaBridge, Signal, _Collapse
+from plc_bridge.metrics import Counters
+from plc_bridge.opcua import OpcUaBridge, RepeatCollapse, Signal
 from plc_bridge.opcua_security import (Admission, make_certificate, read_users, set_certificate, set_user,
                                        thumbprint)
-from plc_bridge.metrics import Counters
 from sdk.cli import main as cli
 from sdk.service.config import ConfigError, DeployConfig
 from tests.conftest import wait_for
@@ -273,7 +273,7 @@ def test_opcua_user_command_sets_roles_and_certificates(tmp_path, monkeypatch, c
 def test_repeated_lines_collapse():
     """The first of a run passes; repeats within the window are dropped; the next one after it
     says how many were dropped."""
-    collapse = _Collapse(window_s=0.2)
+    collapse = RepeatCollapse(window_s=0.2)
     record = lambda msg: logging.LogRecord("plc_bridge.opcua", logging.WARNING, __file__, 1, msg, (), None)  # noqa: E731
     assert collapse.filter(record("refused %s"))
     assert not any(collapse.filter(record("refused %s")) for _ in range(99))
