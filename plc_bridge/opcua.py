@@ -39,10 +39,10 @@ policies listed (``"None"`` only when listed); a channel asking for another gets
 anonymously with a client certificate mapped to a role in that file; without it, sessions
 are anonymous operators. The users file and the trust list are re-read when they change.
 
-Faults: the server runs supervised (:meth:`OpcUaBridge._main`): a failure is logged, counted
-and the server restarts after a capped back-off; ``health()["running"]`` is false meanwhile.
-Logs: asyncua's per-request lines stay out of the operator's log and repeated lines collapse
-(:func:`quiet_library_logs`).
+Faults: the bridge's tasks run supervised (:meth:`OpcUaBridge._main`): a failure is logged,
+counted and the task restarts after a capped back-off; ``health()["running"]`` is false
+meanwhile. Logs: asyncua's per-request lines stay out of the operator's log and repeated
+lines collapse (:func:`quiet_library_logs`).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ from cryptography import x509
 
 from .bridge import Inputs, LoopThread, Provider
 from .messages import MAX_NAME_LEN
-from .metrics import Counters, LatencyRing
+from .metrics import CollapsingLog, Counters, LatencyRing
 from .opcua_security import Admission, GuardedServer, Login, certificate_uri, check_trusted, read_users
 
 log = logging.getLogger(__name__)
@@ -91,61 +91,37 @@ _UNECE_SECOND = (ord("S") << 16) | (ord("E") << 8) | ord("C")
 _UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 
-class RepeatCollapse(logging.Filter):
-    """Lets the first of a run of like records (same logger, level, message template and, when
-    it is a string such as a refusal's reason, first argument) pass,
-    drops the repeats for ``window_s``, and lets the next one after that pass marked with how
-    many were dropped: ``... (x N more in the last 10 s)``. The counters keep exact counts."""
-
-    def __init__(self, window_s: float = 10.0):
-        super().__init__()
-        self.window_s = window_s
-        self._lock = threading.Lock()
-        self._runs: dict[tuple, list] = {}       # key -> [start of the window, dropped in it]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        first = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        key = (record.name, record.levelno, str(record.msg), first if isinstance(first, str) else None)
-        now = time.monotonic()
-        with self._lock:
-            run = self._runs.get(key)
-            if run is not None and now - run[0] < self.window_s:
-                run[1] += 1
-                return False
-            self._runs[key] = [now, 0]
-            if len(self._runs) > 4096:                    # many distinct messages: forget old runs
-                self._runs = {k: r for k, r in self._runs.items() if now - r[0] < self.window_s}
-        if run is not None and run[1]:
-            record.msg = f"{record.msg} (x{run[1]} more in the last {now - run[0]:.0f} s)"
-        return True
-
-
 class _Forward(logging.Handler):
-    """Hands asyncua's records, collapsed, to the root logger's handlers."""
+    """Hands asyncua's records (WARNING and above at the default level) to the operator's log
+    as ``plc_bridge.opcua.asyncua`` lines naming the library's logger, repeats collapsed per
+    message (and per first argument when it is a string, such as a status code's text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._say = CollapsingLog(logging.getLogger(f"{__name__}.asyncua"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger().handle(record)
-
-
-_COLLAPSE = RepeatCollapse()
+        try:
+            first = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            key = f"{record.name}|{record.msg}|{first if isinstance(first, str) else ''}"
+            self._say.log(record.levelno, key, "%s: %s", record.name, record.getMessage(), exc_info=record.exc_info)
+        except Exception:
+            self.handleError(record)
 
 
 def quiet_library_logs() -> None:
     """The log policy of the OPC UA bridge (idempotent): asyncua's per-request lines (INFO)
     stay out of the operator's log unless the root logger is at DEBUG (``r1edge -v``); its
-    warnings and errors and this bridge's own repeated lines collapse (:class:`RepeatCollapse`).
-    A deployment that configured the ``asyncua`` logger itself is left alone."""
-    if _COLLAPSE not in log.filters:
-        log.addFilter(_COLLAPSE)
+    warnings and errors reach it collapsed (:class:`_Forward`). A deployment that configured
+    the ``asyncua`` logger itself is left alone. The bridge's own repeated lines collapse
+    through its ``_say`` (:class:`~plc_bridge.metrics.CollapsingLog`)."""
     for name in ("asyncua", "asyncuagds"):                # asyncua's trust store logs as asyncuagds
         lib = logging.getLogger(name)
         if lib.handlers or lib.level != logging.NOTSET or not lib.propagate:
             continue
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             lib.setLevel(logging.WARNING)
-        forward = _Forward()
-        forward.addFilter(_COLLAPSE)
-        lib.addHandler(forward)
+        lib.addHandler(_Forward())
         lib.propagate = False
 
 
@@ -171,7 +147,6 @@ class OpcUaBridge(LoopThread):
 
     START_TIMEOUT_S = 60.0        # building the standard address space takes a few seconds
     JOIN_TIMEOUT_S = 10.0
-    BACKOFF_S = (0.5, 30.0)       # first and longest wait before serving again after a failure
     RELOAD_S = 1.0                # how often the users file and trust list are checked for changes
 
     name = "opcua"
@@ -189,8 +164,9 @@ class OpcUaBridge(LoopThread):
         self.certificate, self.private_key, self.trusted_clients = certificate, private_key, trusted_clients
         self.stats_s = stats_ms / 1e3
         self.bad = Counters()       # client requests refused, by reason
-        self.errors = Counters()    # our own trouble, by reason
-        self.admission = Admission(users, trusted_clients, self.bad, self.errors)
+        self.errors = Counters()    # our own trouble, by reason (a task's failures as "<task>_failed")
+        self._init_thread(log)
+        self.admission = Admission(users, trusted_clients, self.bad, self.errors, self._say)
         self.io = LatencyRing()     # an input write, from its screening to stored
         self.lock = threading.Lock()
         self._streams = frozenset(self.streams)
@@ -201,10 +177,7 @@ class OpcUaBridge(LoopThread):
         self._wake_pending = False
         self._n = {"writes": 0, "published": 0}
         self._stats_provider: Provider | None = None
-        self._init_thread()
         self._server: Server | None = None
-        self._up = False            # the server serves (False while it restarts after a failure)
-        self._restarts = 0
         self._ns = 0
         self._input_nodes: dict[ua.NodeId, tuple[str, Signal]] = {}
         self._output_nodes: dict[str, list[tuple[str, ua.NodeId]]] = {}
@@ -362,16 +335,18 @@ class OpcUaBridge(LoopThread):
 
     def health(self) -> dict:
         """Endpoint, security, connected clients, writes and publishes, refused requests by
-        reason (writes: ``type_mismatch``, ``out_of_range``, ``not_writable``, ``access_denied``;
-        sessions: see :class:`~plc_bridge.opcua_security.Admission`), errors by kind
-        (``server_failed`` counts restarts of the server), re-reads of the users file and the
-        trust list, and the time in microseconds from an input write's screening to its value
-        being stored. ``running`` is false while the server is down (restarting)."""
+        reason (writes: ``type_mismatch``, ``out_of_range``, ``not_writable``, ``access_denied``,
+        ``rejected``; sessions: see :class:`~plc_bridge.opcua_security.Admission`), errors by
+        kind (``writer_failed``, ``stats_failed``, ``watch_failed`` for a supervised task that
+        failed and was restarted), re-reads of the users file and the trust list, and the time
+        in microseconds from an input write's screening to its value being stored. ``running``
+        is false while any task is down (``down`` names them)."""
         server = self._server
         clients = len(server.bserver.clients) if server is not None and server.bserver is not None else 0
         users = self.admission.users
         return {
-            "running": self._thread is not None and self._thread.is_alive() and self._up,
+            "running": self._running(),
+            "down": list(self.down_tasks()),
             "endpoint": self.endpoint,
             "security": list(self.security),
             "users": None if users is None else len(users.passwords),
@@ -380,7 +355,6 @@ class OpcUaBridge(LoopThread):
             "heartbeat_ok": True,
             "writes": self._n["writes"],
             "published": self._n["published"],
-            "restarts": self._restarts,
             "reloads": self.admission.reloads.snapshot(),
             "bad": self.bad.snapshot(),
             "errors": self.errors.snapshot(),
@@ -389,43 +363,37 @@ class OpcUaBridge(LoopThread):
 
     # ------------------------------------------------------------------ server thread
     async def _main(self) -> None:
-        """Serve; after a failure, log it (with its traceback the first time in a row), count it
-        in ``errors["server_failed"]`` and serve again after a back-off that doubles up to
-        ``BACKOFF_S[1]`` (and starts again from ``BACKOFF_S[0]`` after a minute of service).
-        A failure before the first start is ``start()``'s to report."""
+        """Start the server (a failure here is ``start()``'s to report), then run the writer, the
+        stats refresh and the watch on the users file and trust list as supervised tasks
+        (:meth:`~plc_bridge.bridge.LoopThread._spawn`: a failure is logged, counted and the task
+        restarted after a capped back-off) until ``_stop``."""
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        delay, in_a_row = self.BACKOFF_S[0], 0
-        while True:
-            t0 = time.monotonic()
-            try:
-                await self._serve()
-                return
-            except Exception as exc:
-                if not self._ready.is_set():
-                    raise
-                if time.monotonic() - t0 > 60.0:
-                    delay, in_a_row = self.BACKOFF_S[0], 0
-                in_a_row += 1
-                n = self.errors.inc("server_failed")
-                log.error("opcua: the server failed (%s: %s; %d so far); restarting in %.1f s", type(exc).__name__,
-                          exc, n, delay, exc_info=exc if in_a_row == 1 else None)
-            try:
-                await asyncio.wait_for(self._stop.wait(), delay)
-                return
-            except asyncio.TimeoutError:
-                delay = min(2 * delay, self.BACKOFF_S[1])
-            self._restarts += 1
+        server = self._server = await self._open()
+        log.info("opcua server listening on %s (security %s, %s)", self.endpoint, ", ".join(self.security),
+                 "anonymous sessions" if self.admission.users is None else "user names and mapped client certificates")
+        if "None" in self.security:
+            log.warning("opcua: security policy None is enabled: traffic on that endpoint is neither signed "
+                        "nor encrypted")
+        self.admission.warn_unroled()
+        self._ready.set()
+        for name, task in (("writer", self._writer), ("stats", self._stats_loop), ("watch", self._watch)):
+            self._spawn(name, task)
+        try:
+            await self._stop.wait()
+        finally:
+            await self._cancel_tasks()
+            self._server = None
+            await server.stop()
 
-    async def _serve(self) -> None:
-        """Build and start the server, run its tasks until ``_stop``; raises what failed."""
+    async def _open(self) -> GuardedServer:
+        """Build the address space and start listening."""
         server = GuardedServer(self.admission)
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("r1edge")
         server.set_security_policy([SECURITY_POLICIES[s] for s in self.security])
-        users = self.admission.users
-        server.set_identity_tokens([ua.AnonymousIdentityToken] if users is None
+        server.set_identity_tokens([ua.AnonymousIdentityToken] if self.admission.users is None
                                    else [ua.UserNameIdentityToken, ua.AnonymousIdentityToken])
         if self.certificate is not None:
             await server.load_certificate(str(self.certificate))
@@ -440,36 +408,7 @@ class OpcUaBridge(LoopThread):
         self._ns = await server.register_namespace(self.namespace)
         await self._build(server)
         await server.start()
-        self._server = server
-        tasks = [asyncio.create_task(coro) for coro in (self._writer(), self._stats_loop(), self._watch())]
-        stop = asyncio.create_task(self._stop.wait())
-        self._up = True
-        if not self._ready.is_set():
-            log.info("opcua server listening on %s (security %s, %s)", self.endpoint, ", ".join(self.security),
-                     "anonymous sessions" if users is None else "user names and mapped client certificates")
-            if "None" in self.security:
-                log.warning("opcua: security policy None is enabled: traffic on that endpoint is neither signed "
-                            "nor encrypted")
-            self.admission.warn_unroled()
-            self._ready.set()
-        else:
-            log.warning("opcua: the server serves again on %s", self.endpoint)
-        with self.lock:                                   # (re)write the newest decisions
-            self._pending = dict(self._last)
-        self._wake.set()
-        try:
-            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                if task in done:
-                    task.result()                         # raises what the task failed with
-                    raise RuntimeError(f"task {task.get_coro().__name__} ended")
-        finally:
-            self._up = False
-            for task in (stop, *tasks):
-                task.cancel()
-            await asyncio.gather(stop, *tasks, return_exceptions=True)
-            self._server = None
-            await server.stop()
+        return server
 
     async def _watch(self) -> None:
         """Re-reads the users file and the trusted-client directory when they change."""
@@ -513,6 +452,9 @@ class OpcUaBridge(LoopThread):
         """Writes the newest decisions into the address space whenever publish() wakes it."""
         server, wake = self._server, self._wake
         hb_node = ua.NodeId("heartbeat", self._ns)
+        with self.lock:                                   # a restarted writer writes the newest decisions
+            self._pending = dict(self._last)
+        wake.set()
         while True:
             await wake.wait()
             wake.clear()
@@ -532,7 +474,7 @@ class OpcUaBridge(LoopThread):
                     await self._write(server, hb_node, ua.Variant(hb, ua.VariantType.UInt16), now)
             except (ua.UaError, ValueError, TypeError, OverflowError) as exc:   # one bad value: the next goes on
                 n = self.errors.inc("write_failed")
-                log.error("opcua: writing outputs failed (%d so far): %s", n, exc)
+                self._say.log(logging.ERROR, "write_failed", "opcua: writing outputs failed (%d so far): %s", n, exc)
 
     async def _write(self, server: Server, node_id: ua.NodeId, variant: ua.Variant, now) -> None:
         if self._written.get(node_id) == variant.Value:   # unchanged: no data change to notify
@@ -556,8 +498,9 @@ class OpcUaBridge(LoopThread):
                         value = value / 1e6 if vtype == ua.VariantType.Double else int(value)
                         await self._write(server, ua.NodeId(f"stats.{name}", self._ns), ua.Variant(value, vtype), now)
                 except Exception as exc:                  # the provider is the controller's: never fatal here
-                    n = self.errors.inc("stats_failed")
-                    log.error("opcua: refreshing the stats nodes failed (%d so far): %s", n, exc)
+                    n = self.errors.inc("stats_provider")
+                    self._say.log(logging.ERROR, "stats_provider", "opcua: the stats provider failed (%d so far): %s",
+                                  n, exc)
             await asyncio.sleep(self.stats_s)
 
     # ------------------------------------------------------------------ client writes
@@ -589,7 +532,7 @@ class OpcUaBridge(LoopThread):
 
     def _refuse(self, reason: str, code: int) -> ua.StatusCode:
         n = self.bad.inc(reason)
-        log.warning("opcua: write refused: %s (%d so far)", reason, n)
+        self._say.warning(reason, "opcua: write refused: %s (%d so far)", reason, n)
         return ua.StatusCode(code)
 
 

@@ -51,7 +51,7 @@ from asyncua.ua.ua_binary import uatcp_to_binary
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .metrics import Counters
+from .metrics import CollapsingLog, Counters
 
 try:
     import tomllib
@@ -355,12 +355,15 @@ class Admission:
 
     ``bad`` counts refusals by reason (``untrusted_certificate``, ``certificate_uri_invalid``,
     ``identity_rejected``, ``unknown_user``, ``bad_password``, ``security_policy_rejected``,
-    ``secure_channel_refused``); ``errors`` counts files that could not be re-read."""
+    ``secure_channel_refused``); ``errors`` counts files that could not be re-read. Repeated
+    lines collapse through ``say``."""
 
-    def __init__(self, users_file: Path | None, trusted_clients: Path | None, bad: Counters, errors: Counters):
+    def __init__(self, users_file: Path | None, trusted_clients: Path | None, bad: Counters, errors: Counters,
+                 say: CollapsingLog | None = None):
         self.users_file, self.trusted_clients = users_file, trusted_clients
         self.users = read_users(users_file) if users_file is not None else None
         self.bad, self.errors = bad, errors
+        self.say = say or CollapsingLog(log)
         self.reloads = Counters()
         self.trust: TrustStore | None = None
         self._validator: CertificateValidator | None = None
@@ -372,7 +375,8 @@ class Admission:
     def refuse(self, reason: str, code: int, detail: str) -> ServiceError:
         """Count and log a refused session; the error to raise towards the client."""
         n = self.bad.inc(reason)
-        log.warning("opcua: session refused: %s, %s (%s; %d so far)", reason, detail, ua.StatusCode(code).name, n)
+        self.say.warning(reason, "opcua: session refused: %s, %s (%s; %d so far)", reason, detail,
+                         ua.StatusCode(code).name, n)
         return ServiceError(code)
 
     async def load(self) -> None:
@@ -460,8 +464,8 @@ class Admission:
         ok = verify_password(stored or self._dummy, password or "")
         if stored is None or not ok:
             n = self.bad.inc("unknown_user" if stored is None else "bad_password")
-            log.warning("opcua: login refused for user %r (%s; %d so far)", username,
-                        "unknown user" if stored is None else "wrong password", n)
+            self.say.warning("login", "opcua: login refused for user %r (%s; %d so far)", username,
+                             "unknown user" if stored is None else "wrong password", n)
             return None                                   # asyncua answers BadUserAccessDenied
         return Login(role=UserRole.User, name=username, access=users.roles[username])
 
