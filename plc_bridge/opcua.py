@@ -419,8 +419,6 @@ class OpcUaBridge(LoopThread):
     async def _build(self, server: Server) -> None:
         """The address space of the module docstring."""
         ns = self._ns
-        for table in (self._input_nodes, self._output_nodes, self._status_nodes, self._written):
-            table.clear()
         nid = lambda s: ua.NodeId(s, ns)                  # noqa: E731
         root = await server.nodes.objects.add_object(nid("r1edge"), ua.QualifiedName("r1edge", ns))
         for stream in self.streams:
@@ -452,8 +450,9 @@ class OpcUaBridge(LoopThread):
         """Writes the newest decisions into the address space whenever publish() wakes it."""
         server, wake = self._server, self._wake
         hb_node = ua.NodeId("heartbeat", self._ns)
-        with self.lock:                                   # a restarted writer writes the newest decisions
-            self._pending = dict(self._last)
+        with self.lock:                                   # a restarted writer writes the newest decisions,
+            self._pending = dict(self._last)              # every node of them again
+        self._written.clear()
         wake.set()
         while True:
             await wake.wait()
