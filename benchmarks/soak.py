@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import logging
 import math
 import os
 import random
@@ -54,7 +56,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ROUND_S = 60.0                       # one round of every fault per minute
 LEAD_S, TAIL_S = 4.0, 4.0            # steady running before the first fault and after the last
 STABLE_CYCLES = 10                   # ok-in-auto cycles in a row that make a return
 GRACE_S = 0.5                        # a fail-safe this soon after a fault's end still counts for it
@@ -114,18 +115,11 @@ def cycles_from_recording(path: str | Path) -> dict:
             c["period_ns"] = rec["period_ns"]
             c["limits"] = [lim[:4] for lim in rec["output_limits"]]
         elif rec.get("type") == "cycle":
-            for st in rec["streams"]:
-                if st["s"] != "main":
-                    continue
-                why = st["why"]
-                if st.get("bad"):
-                    why += "(" + _bad_inputs(st["bad"]) + ")"
-                c["t_ns"].append(rec["t_ns"])
-                c["st"].append(st["st"])
-                c["why"].append(why)
-                c["mode"].append(st.get("mode", "auto"))
-                c["out"].append(st["out"])
-                c["y"].append(st.get("y"))
+            for st in (st for st in rec["streams"] if st["s"] == "main"):
+                why = st["why"] + (f"({_bad_inputs(st['bad'])})" if st.get("bad") else "")
+                for key, value in (("t_ns", rec["t_ns"]), ("st", st["st"]), ("why", why),
+                                   ("mode", st.get("mode", "auto")), ("out", st["out"]), ("y", st.get("y"))):
+                    c[key].append(value)
     return c
 
 
@@ -468,15 +462,21 @@ def soak_config(example: Path, proxy_port: int, zmq_ports: list[int], recording:
     return DeployConfig.from_dict(raw, base_dir=example, source=path)
 
 
-def say(line: str) -> None:
-    """Progress for people, on stderr (stdout carries the result)."""
-    print(line, file=sys.stderr, flush=True)
-
-
 def rss_bytes() -> int:
     """Resident set size of this process."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class LogCounter(logging.Handler):
+    """Counts the log records at WARNING and above, by logger: what an operator's log got."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.name] = self.counts.get(record.name, 0) + 1
 
 
 class Injector(threading.Thread):
@@ -487,8 +487,7 @@ class Injector(threading.Thread):
         super().__init__(name="soak-injector", daemon=True)
         self.plan, self.t0_ns, self.ctrl = plan, t0_ns, ctrl
         self.plant_factory, self.proxy, self.zmq_endpoint = plant_factory, proxy, zmq_endpoint
-        self.seed, self.workdir = seed, workdir
-        self.plant = None
+        self.seed, self.workdir, self.plant = seed, workdir, None
         self.done = threading.Event()
         self.injections: list[dict] = []
         self.flood: Child | None = None
@@ -504,7 +503,7 @@ class Injector(threading.Thread):
                            "failsafe_cycles": c.counters["failsafe_cycles"], "skipped_ticks": c.loop.skipped_ticks}}
 
     def run(self) -> None:
-        for k, item in enumerate(self.plan):
+        for item in self.plan:
             if not self._wait_until(item["at_s"]):
                 return
             inj = dict(item)
@@ -585,6 +584,7 @@ def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: 
     from sdk.service.replay import replay
 
     plan = [p for p in schedule(minutes, seed) if kinds is None or p["kind"] in kinds]
+    say = functools.partial(print, file=sys.stderr, flush=True)   # progress; stdout has the result
     duration_s = minutes * 60.0
     work = Path(workdir or tempfile.mkdtemp(prefix="r1edge-soak-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -602,7 +602,8 @@ def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: 
 
     def plant_factory():
         return PlantProcess(plc_port, seed, stderr_path=work / "plant.log")
-    plant, proxy, injector = plant_factory(), None, None
+    plant, proxy, injector, logs = plant_factory(), None, None, LogCounter()
+    logging.getLogger().addHandler(logs)
     rss: list[tuple[float, int]] = []
     bridges_seen: dict = {}
     try:
@@ -642,6 +643,7 @@ def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: 
         if proxy is not None:
             proxy.close()
         ctrl.close()
+        logging.getLogger().removeHandler(logs)
     cycles = cycles_from_recording(recording)
     rows = []
     injs = [i for i in injector.injections if "t_start_ns" in i]
@@ -670,6 +672,7 @@ def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: 
                 "growth_bytes": after_warm[-1] - after_warm[0] if after_warm else None},
         "replay": {k: rep[k] for k in ("identical", "cycles", "model_outputs_compared", "final_outputs_compared",
                                        "mismatches", "first_mismatch")},
+        "log_records": dict(sorted(logs.counts.items())),
         "seconds": {"controller_build": round(build_s, 1), "replay": round(replay_s, 1)},
         "modbus_at_end": {k: modbus.get(k) for k in ("running", "connected", "reconnects", "errors", "bad")},
         "faults_injected": len(rows), "faults_passed": sum(r["ok"] is True for r in rows),
@@ -691,8 +694,7 @@ def by_kind(rows: list[dict]) -> dict:
         if not rs:
             continue
         def worst(key):
-            vals = [r[key] for r in rs if r[key] is not None]
-            return max(vals) if vals else None
+            return max((r[key] for r in rs if r[key] is not None), default=None)
         out[kind] = {"n": len(rs), "passed": sum(r["ok"] is True for r in rs),
                      "detected": sum(r["detected"] for r in rs),
                      "reasons": sorted({x for r in rs for x in r["reasons"]}),
@@ -748,6 +750,7 @@ def render(s: dict) -> None:
           f"reconnects {m['reconnects']} errors {m['errors']}")
     print(f"replay {'bit-exact' if rep['identical'] else 'MISMATCH'}: {rep['cycles']} cycles, "
           f"{rep['model_outputs_compared']} model and {rep['final_outputs_compared']} final outputs compared")
+    print(f"log records at WARNING and above: {sum(o['log_records'].values())} {o['log_records']}")
     print(f"controller built in {o['seconds']['controller_build']:.0f} s, replay took {o['seconds']['replay']:.0f} s")
     print(f"not exercised: squat ({o['not_exercised']['squat']})")
     print(f"faults passed {o['faults_passed']}/{o['faults_injected']}, failed {o['faults_failed']}, "
@@ -783,7 +786,6 @@ def main(argv: list[str] | None = None) -> int:
         schedule(args.minutes, args.seed)
     except ValueError as exc:
         ap.error(str(exc))
-    import logging
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = run_soak(args.minutes, args.seed, realtime=args.realtime, workdir=args.out, kinds=kinds)
     if args.json:
