@@ -9,21 +9,13 @@ Modbus TCP fault proxy, a process of its own (``--role proxy``): it forwards eve
 to the PLC and, when told, answers short, with garbage, drops the connection, puts NaN or an
 out-of-range value into the measurements, answers late, or freezes the PLC's register image.
 The faults, spread over the N minutes in a schedule fixed by ``--seed`` (each round of 60 s
-runs every fault once, in a seeded order, with seeded durations):
-
-kill        the PLC process is SIGKILLed, stays down 1-2 s, and is started again
-pause       the PLC process is SIGSTOPped for 2 s, then SIGCONTinued
-short       every read is answered with one register (or bit) fewer than asked, the
-            byte count consistent with the data
-garbage     every answer is replaced by random bytes (framed with the request's
-            transaction id, a random function code, or unframed)
-drop        every connection is closed as soon as a request arrives
-nan         ``level`` reads as NaN
-range       ``temperature`` reads as 500 degC (its range is 0..100)
-slow        every answer is held back 150 ms: the inputs go stale (``stale_ms = 100``)
-frozen      the PLC's registers freeze (heartbeat included): its scan has stopped
-flood       a second process sends garbage and well-formed frames (for streams the
-            controller does not serve) at full speed into the ZeroMQ SUB endpoint
+runs every fault once, in a seeded order, with seeded durations): ``kill`` (the PLC process
+SIGKILLed and started again), ``pause`` (SIGSTOP for 2 s), ``short`` (reads answered one
+register or bit short, byte count consistent), ``garbage`` (random answers), ``drop``
+(connections closed at each request), ``nan`` / ``range`` (``level`` NaN, ``temperature``
+500 degC), ``slow`` (answers 150 ms late: stale inputs), ``frozen`` (the PLC's registers and
+heartbeat stop changing), ``flood`` (garbage and well-formed ZeroMQ frames at full speed
+from another process). docs/faults/soak.md describes each.
 
 Not exercised: the idle-connection squat. The demo polls its PLC (Modbus client mode), so
 r1edge has no Modbus server here for idle peers to hold; the lock-out is a server-mode fault.
@@ -132,6 +124,11 @@ def _bad_inputs(bad: dict) -> str:
                     for why, names in sorted(by_why.items()))
 
 
+def _gaps(t: list[int], ids: list[int], period: int | None) -> int:
+    """Ticks skipped between the consecutive cycles ``ids`` (times ``t``, period ``period`` ns)."""
+    return sum(max(0, round((t[i] - t[j]) / period) - 1) for j, i in zip(ids, ids[1:])) if period else 0
+
+
 def _ramp_done(out, y, limits) -> bool:
     """The outputs are the policy's own (clamped) outputs: the rate limit no longer binds."""
     if y is None:
@@ -158,19 +155,13 @@ def measure_fault(inj: dict, cycles: dict) -> dict:
     reasons = sorted({cycles["why"][i] for i in fs})
     row = {"kind": inj["kind"], "round": inj.get("round"), "at_s": inj.get("at_s"),
            "duration_s": round((t1 - t0) / 1e9, 3), "in_auto_at_start": in_auto, "cycles": len(idx),
-           "detected": bool(fs), "reasons": reasons,
-           "to_failsafe_ms": round((t[fs[0]] - t0) / 1e6, 1) if fs else None,
+           "detected": bool(fs) if in_auto else None, "reasons": reasons,      # None: already failed safe
+           "to_failsafe_ms": round((t[fs[0]] - t0) / 1e6, 1) if fs and in_auto else None,
            "back_to_auto_s": None, "ramp_s": None, "ramp_within_rate": None, "cycles_lost": None,
            "skipped_ticks": 0, "failsafe_cycles": sum(st[i] == "failsafe" for i in idx),
            "counted": inj.get("counted", {}), "bridges_at_end": inj.get("bridges_at_end", {}),
            "window": inj.get("window", {}), "plc": inj.get("plc", {})}
-    prev = before[-1] if before else None
-    skipped = 0
-    for i in idx:
-        if prev is not None and period:
-            skipped += max(0, round((t[i] - t[prev]) / period) - 1)
-        prev = i
-    row["skipped_ticks"] = skipped
+    row["skipped_ticks"] = _gaps(t, before[-1:] + idx, period)
     # back in auto: after the fault's end and its last fail-safe, the first ok-and-auto cycle
     # that STABLE_CYCLES more follow (a lone ok cycle amid fail-safes is not a return)
     good = [st[i] == "ok" and mode[i] == "auto" for i in range(len(t))]
@@ -186,9 +177,9 @@ def measure_fault(inj: dict, cycles: dict) -> dict:
     if back is not None:
         # cycles lost: not ok-in-auto between the fault's start and the return, plus ticks skipped
         upto = [i for i in idx if i <= back]
-        gaps = sum(max(0, round((t[i] - t[j]) / period) - 1) for j, i in zip(upto, upto[1:])) if period else 0
         row["back_to_auto_s"] = round(max(t[back] - t1, 0) / 1e9, 3)
-        row["cycles_lost"] = sum(st[i] != "ok" or mode[i] != "auto" for i in upto) + gaps
+        row["cycles_lost"] = (sum(st[i] != "ok" or mode[i] != "auto" for i in upto)
+                              + _gaps(t, before[-1:] + upto, period))
         limits = cycles["limits"]
         done = next((i for i in range(back, idx[-1] + 1)
                      if _ramp_done(cycles["out"][i], cycles["y"][i], limits)), None)
@@ -440,7 +431,7 @@ class Child:
             pass
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+        self.proc.wait(10)
         self.proc.stdout.close()
         if self._err is not subprocess.DEVNULL:
             self._err.close()
@@ -574,16 +565,17 @@ class Injector(threading.Thread):
 
 
 def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: Path | None = None,
-             kinds: list[str] | None = None) -> dict:
+             kinds: list[str] | None = None, plan: list[dict] | None = None) -> dict:
     """Run the soak (module docstring); returns the summary: ``faults`` (one row per injected
-    fault), ``by_kind``, ``overall`` and ``ok``. ``kinds``: only these faults (default all)."""
+    fault), ``by_kind``, ``overall`` and ``ok``. ``kinds``: only these faults (default all);
+    ``plan``: this schedule instead of :func:`schedule`'s (same items)."""
     sys.path.insert(0, str(ROOT))
     from runtime.control.loop import monotonic_ns
     from sdk.demo import PlantProcess, find_example, free_port, wait_for_plc
     from sdk.service.controller import Controller
     from sdk.service.replay import replay
 
-    plan = [p for p in schedule(minutes, seed) if kinds is None or p["kind"] in kinds]
+    plan = [p for p in plan or schedule(minutes, seed) if kinds is None or p["kind"] in kinds]
     say = functools.partial(print, file=sys.stderr, flush=True)   # progress; stdout has the result
     duration_s = minutes * 60.0
     work = Path(workdir or tempfile.mkdtemp(prefix="r1edge-soak-"))
@@ -667,7 +659,8 @@ def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: 
         "skipped_ticks": stats["skipped_ticks"], "failsafe_cycles": stats["failsafe_cycles"],
         "failsafe_cycles_by_reason": {k: v for k, v in stats["failsafe_cycles_by_reason"].items() if v},
         "latency_us": stats["latency_us"],
-        "rss": {"first_bytes": after_warm[0] if after_warm else None, "last_bytes": after_warm[-1] if after_warm else None,
+        "rss": {"first_bytes": after_warm[0] if after_warm else None,
+                "last_bytes": after_warm[-1] if after_warm else None,
                 "max_bytes": max(after_warm, default=None), "samples": len(after_warm),
                 "growth_bytes": after_warm[-1] - after_warm[0] if after_warm else None},
         "replay": {k: rep[k] for k in ("identical", "cycles", "model_outputs_compared", "final_outputs_compared",
@@ -696,7 +689,7 @@ def by_kind(rows: list[dict]) -> dict:
         def worst(key):
             return max((r[key] for r in rs if r[key] is not None), default=None)
         out[kind] = {"n": len(rs), "passed": sum(r["ok"] is True for r in rs),
-                     "detected": sum(r["detected"] for r in rs),
+                     "detected": sum(r["detected"] is True for r in rs),
                      "reasons": sorted({x for r in rs for x in r["reasons"]}),
                      "to_failsafe_ms_max": worst("to_failsafe_ms"), "back_to_auto_s_max": worst("back_to_auto_s"),
                      "ramp_s_max": worst("ramp_s"),
@@ -714,17 +707,20 @@ def render(s: dict) -> None:
     """Print the soak's tables for people."""
     o = s["overall"]
     print(f"r1edge soak: {o['minutes']:g} min, seed {o['seed']}, {o['faults_injected']} faults; "
-          f"{o['cpus']} CPUs, load average {o['load_avg_at_start'][0]:.2f} at start, {o['load_avg_at_end'][0]:.2f} at end")
+          f"{o['cpus']} CPUs, load average {o['load_avg_at_start'][0]:.2f} at start, "
+          f"{o['load_avg_at_end'][0]:.2f} at end")
     print(f"\n{'at s':>7} {'fault':8} {'dur s':>5} {'detected by':34} {'to fs ms':>8} {'auto s':>6} "
           f"{'ramp s':>6} {'lost':>5}  verdict")
     for r in s["faults"]:
         reasons = ",".join(r["reasons"]) or ("-" if r["kind"] == "flood" else "NOT DETECTED")
+        reasons = reasons if r["in_auto_at_start"] else "(before it) " + reasons
         verdict = {True: "ok", False: "FAIL", None: "n/a"}[r["ok"]] + (f" ({r['why']})" if r["why"] else "")
         print(f"{r['at_s']:7.1f} {r['kind']:8} {r['duration_s']:5.1f} {reasons[:34]:34} "
               f"{_f(r['to_failsafe_ms'], '8.0f'):>8} {_f(r['back_to_auto_s'], '6.2f'):>6} "
               f"{_f(r['ramp_s'], '6.2f'):>6} {_f(r['cycles_lost'], '5d'):>5}  {verdict}")
         down = [f"{b} {'not running' if not h['running'] else 'not connected'}"
-                for b, h in r["bridges_at_end"].items() if h["running"] is False or (b == "modbus" and not h["connected"])]
+                for b, h in r["bridges_at_end"].items()
+                if h["running"] is False or (b == "modbus" and not h["connected"])]
         if down:
             print(f"{'':16}at the slot's end: {', '.join(down)}")
         if r["counted"]:

@@ -148,6 +148,7 @@ def test_skipped_ticks_count_as_lost_and_a_fault_outside_auto_is_not_judged(tmp_
     cycles = _record(tmp_path / "b", [(1.0, "failsafe", "heartbeat", "auto")])
     row = soak.measure_fault(_inj(cycles, 2.0, 3.0, 8.0, "kill"), cycles)
     assert row["in_auto_at_start"] is False and row["ok"] is None
+    assert row["detected"] is None and row["to_failsafe_ms"] is None
 
 
 def test_a_flood_is_judged_by_what_it_costs_and_must_be_counted(tmp_path):
@@ -218,3 +219,21 @@ def test_the_fault_proxy_really_misbehaves():
         client.close()
         proxy.close()
         server.stop()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_a_short_soak_end_to_end(tmp_path):
+    """The real thing for 12 s: plant process, proxy process, controller with its recorder; one
+    NaN burst, seen in the recording, fail-safe values at the PLC, back in auto, and the
+    recording replayed bit for bit."""
+    plan = [{"kind": "nan", "round": 0, "at_s": 4.0, "duration_s": 0.5, "slot_s": 6.0}]
+    s = soak.run_soak(12 / 60, seed=2, workdir=tmp_path, plan=plan)
+    (row,) = s["faults"]
+    assert row["kind"] == "nan" and row["duration_s"] >= 0.5
+    assert "invalid_input(level:nan)" in row["reasons"]
+    assert row["back_to_auto_s"] is not None and row["cycles_lost"] > 0
+    assert row["plc"]["failsafe_writes"] > 0 and row["plc"]["writes_at_end"] > 0
+    o = s["overall"]
+    assert o["replay"]["identical"] and o["replay"]["cycles"] == o["cycles"] > 0
+    assert o["rss"]["samples"] > 0 and o["modbus_at_end"]["connected"] is True
