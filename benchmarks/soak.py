@@ -474,9 +474,9 @@ class Injector(threading.Thread):
     """Runs the schedule against the live loop: injects each fault, clears it, and notes what
     the bridges, the controller and the PLC (through the proxy) counted meanwhile."""
 
-    def __init__(self, plan, t0_ns, ctrl, plant_factory, proxy: Child, zmq_endpoint, seed, workdir):
+    def __init__(self, plan, ctrl, plant_factory, proxy: Child, zmq_endpoint, seed, workdir):
         super().__init__(name="soak-injector", daemon=True)
-        self.plan, self.t0_ns, self.ctrl = plan, t0_ns, ctrl
+        self.plan, self.ctrl, self.t0_ns = plan, ctrl, None       # t0: the loop's first cycle
         self.plant_factory, self.proxy, self.zmq_endpoint = plant_factory, proxy, zmq_endpoint
         self.seed, self.workdir, self.plant = seed, workdir, None
         self.done = threading.Event()
@@ -494,6 +494,10 @@ class Injector(threading.Thread):
                            "failsafe_cycles": c.counters["failsafe_cycles"], "skipped_ticks": c.loop.skipped_ticks}}
 
     def run(self) -> None:
+        while self.ctrl.counters["cycles"] == 0:      # the schedule counts from the loop's first cycle
+            if self.done.wait(0.005):
+                return
+        self.t0_ns = time.monotonic_ns()
         for item in self.plan:
             if not self._wait_until(item["at_s"]):
                 return
@@ -603,14 +607,14 @@ def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: 
         proxy = Child(["--role", "proxy", "--port", str(proxy_port), "--plc-port", str(plc_port),
                        "--seed", str(seed)], "proxy: listening", 20.0, work / "proxy.log")
         wait_for_plc(ctrl, 20.0)
-        t0 = monotonic_ns()
-        injector = Injector(plan, t0, ctrl, plant_factory, proxy, f"tcp://127.0.0.1:{zmq_ports[0]}", seed, work)
+        injector = Injector(plan, ctrl, plant_factory, proxy, f"tcp://127.0.0.1:{zmq_ports[0]}", seed, work)
         injector.plant = plant
         sampler_stop = threading.Event()
 
         def sample() -> None:
             while not sampler_stop.wait(1.0):
-                rss.append((round((monotonic_ns() - t0) / 1e9, 1), rss_bytes()))
+                if injector.t0_ns is not None:
+                    rss.append((round((monotonic_ns() - injector.t0_ns) / 1e9, 1), rss_bytes()))
                 bridges_seen.update({b.name: b.health() for b in ctrl.bridges})
         sampler = threading.Thread(target=sample, name="soak-rss", daemon=True)
         injector.start()
@@ -641,7 +645,7 @@ def run_soak(minutes: float, seed: int = 0, *, realtime: bool = False, workdir: 
     injs = [i for i in injector.injections if "t_start_ns" in i]
     for k, inj in enumerate(injs):
         inj["t_next_ns"] = injs[k + 1]["t_start_ns"] if k + 1 < len(injs) else t_end
-        inj["at_s"] = round((inj["t_start_ns"] - t0) / 1e9, 2)
+        inj["at_s"] = round((inj["t_start_ns"] - injector.t0_ns) / 1e9, 2)
         row = measure_fault(inj, cycles)
         if "error" in inj:
             row["ok"], row["why"] = False, f"injection failed: {inj['error']}"
