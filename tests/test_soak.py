@@ -10,14 +10,17 @@ The soak itself runs for minutes (a benchmark, run by hand); here, fast:
   steps past its rate limit on the way back, a fault that began outside auto (not judged),
   a flood that costs more than 1% of its cycles or is not counted;
 - the fault proxy between a real plant server and a real Modbus client really answers
-  short, with NaN and out-of-range values, drops connections, and counts the fail-safe
-  writes it forwards.
+  short, with NaN and out-of-range values, freezes the PLC's registers, drops connections,
+  and counts the fail-safe writes it forwards;
+- a 12 s soak of the real thing with one NaN burst: seen, fail-safe values at the PLC, back
+  in auto, the recording replayed bit for bit.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -202,6 +205,15 @@ def test_the_fault_proxy_really_misbehaves():
         client.write_registers(0, list(struct.unpack(">4H", struct.pack(">ff", 0.5, 0.0))), device_id=1)
         counts = proxy.ask("stats")
         assert counts["writes"] == 2 and counts["failsafe_writes"] == 1
+        hb = [client.read_holding_registers(P.HEARTBEAT_ADDRESS, count=1, device_id=1).registers[0]]
+        proxy.ask("mode frozen")                                     # the PLC's scan stops
+        for _ in range(3):
+            time.sleep(0.05)                                         # the plant ticks every 10 ms
+            hb.append(client.read_holding_registers(P.HEARTBEAT_ADDRESS, count=1, device_id=1).registers[0])
+        assert hb[1:] == [hb[0]] * 3
+        proxy.ask("mode pass")
+        time.sleep(0.05)
+        assert client.read_holding_registers(P.HEARTBEAT_ADDRESS, count=1, device_id=1).registers[0] != hb[0]
         proxy.ask("mode short")
         try:
             rr = client.read_input_registers(0, count=n_in, device_id=1)
