@@ -17,9 +17,7 @@ register or bit short, byte count consistent), ``garbage`` (random answers), ``d
 heartbeat stop changing), ``flood`` (garbage and well-formed ZeroMQ frames at full speed
 from another process). docs/faults/soak.md describes each.
 
-Not exercised: the idle-connection squat. The demo polls its PLC (Modbus client mode), so
-r1edge has no Modbus server here for idle peers to hold; the lock-out is a server-mode fault.
-
+Not exercised: the idle-connection squat (a server-mode fault; the demo polls its PLC).
 Per fault, from the flight recording: detected (the fail-safe reasons seen), time to
 fail-safe, time back to auto and the ramp at the rate limit, cycles lost, what the bridges
 counted; overall: misses, skipped ticks, RSS growth, the replay bit for bit. How to read the
@@ -440,8 +438,10 @@ class Child:
 def soak_config(example: Path, proxy_port: int, zmq_ports: list[int], recording: Path, realtime: bool):
     """The demo's deployment, polling the PLC through the proxy, with ``[zmq]`` and a recorder
     large enough to keep the whole run."""
-    import tomllib
-
+    try:
+        import tomllib
+    except ModuleNotFoundError:                               # Python 3.10
+        import tomli as tomllib
     from sdk.service.config import DeployConfig
 
     path = example / "deploy.toml"
@@ -736,10 +736,9 @@ def render(s: dict) -> None:
         print(f"{kind:8} {k['n']:3d} {k['passed']:4d} {k['detected']:4d} {_f(k['to_failsafe_ms_max'], '12.0f'):>12} "
               f"{_f(k['back_to_auto_s_max'], '10.2f'):>10} {k['never_back']:5d} {k['cycles_lost']:6d}  "
               f"{', '.join(k['reasons']) or '-'}")
-    rss, rep = o["rss"], o["replay"]
+    rss, rep, lat = o["rss"], o["replay"], o["latency_us"]
     print(f"\ncycles {o['cycles']}  deadline misses {o['deadline_misses']}  skipped ticks {o['skipped_ticks']}  "
           f"fail-safe cycles {o['failsafe_cycles']} {o['failsafe_cycles_by_reason']}")
-    lat = o["latency_us"]
     print(f"latency p50 {lat['p50']:.0f} us  p99 {lat['p99']:.0f} us  max {lat['max']:.0f} us")
     if rss["first_bytes"]:
         print(f"RSS {rss['first_bytes'] / 2**20:.1f} MiB -> {rss['last_bytes'] / 2**20:.1f} MiB "
