@@ -21,8 +21,8 @@ channel the client's application certificate must be in ``trusted_clients`` (che
 CreateSession and again, at ActivateSession, on the certificate the channel was opened with).
 Without a users file every such session is an operator. With one, a session logs in with a
 user name and password (refused over a channel without security, where the session could be
-taken over) or anonymously with a client certificate listed under ``[certificates]``. A
-secure channel asking for a policy or mode the endpoint does not offer is answered with
+taken over) or anonymously with a client certificate listed under ``[certificates]``; X.509
+user tokens are refused. A secure channel asking for a policy or mode the endpoint does not offer is answered with
 BadSecurityPolicyRejected at once (:class:`GuardedServer`). Every refusal is counted by reason.
 """
 from __future__ import annotations
@@ -47,6 +47,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
+from asyncua.server.internal_server import InternalServer
 from asyncua.ua.ua_binary import uatcp_to_binary
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -477,7 +478,7 @@ class GuardedServer(Server):
     the client waiting for its idle timeout."""
 
     def __init__(self, admission: Admission):
-        super().__init__(user_manager=admission)
+        super().__init__(iserver=_GuardedInternalServer(user_manager=admission))
         self.admission = admission
 
     async def start(self) -> None:
@@ -488,7 +489,7 @@ class GuardedServer(Server):
             uacrypto.check_certificate(self.iserver.certificate, self._application_uri, socket.gethostname())
         await self._setup_server_nodes()
         await self.iserver.start()
-        self.iserver.supported_tokens = (ua.AnonymousIdentityToken, ua.UserNameIdentityToken)
+        self.iserver.supported_tokens = (ua.AnonymousIdentityToken, ua.UserNameIdentityToken, ua.X509IdentityToken)
         try:
             host, port = self._get_bind_socket_info()
             self.bserver = _GuardedBinaryServer(self.admission, self.iserver, host, port, self.limits)
@@ -497,6 +498,14 @@ class GuardedServer(Server):
         except Exception:
             await self.iserver.stop()
             raise
+
+
+class _GuardedInternalServer(InternalServer):
+    """X.509 user identity tokens are not accepted: refused and counted like any identity."""
+
+    def verify_x509_token(self, isession, token, signature) -> bytes:
+        raise self.user_manager.refuse("identity_rejected", ua.StatusCodes.BadIdentityTokenRejected,
+                                       "X.509 user identity tokens are not accepted")
 
 
 class _GuardedBinaryServer(BinaryServer):

@@ -93,6 +93,33 @@ def test_a_policy_the_endpoint_does_not_offer_is_rejected_at_once(server, caplog
     assert 1 <= len(server_lines) <= 3, server_lines
 
 
+def test_an_x509_user_token_is_rejected_and_counted(server):
+    """X.509 user identity tokens are not offered; a client sending one anyway (asyncua's
+    client with a user certificate) gets BadIdentityTokenRejected, counted."""
+    from asyncua import Client, ua
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+    bridge, clients = server["bridge"], server["work"] / "clients"
+    before = bridge.health()["bad"]
+
+    async def connect():
+        client = Client(server["endpoint"], timeout=20)
+        client.application_uri = CLIENT_URI
+        await client.set_security(SecurityPolicyBasic256Sha256, str(clients / "client.der"), str(clients / "client.pem"),
+                                  server_certificate=str(server["work"] / "pki" / "server.der"))
+        await client.load_client_certificate(str(clients / "plc.der"))
+        await client.load_private_key(str(clients / "plc.pem"))
+        try:
+            await asyncio.wait_for(client.connect(), 20)
+        finally:
+            await client.disconnect()
+
+    with pytest.raises(ua.UaStatusCodeError) as err:
+        asyncio.run(connect())
+    assert err.value.code == ua.StatusCodes.BadIdentityTokenRejected
+    assert delta(bridge, before, "identity_rejected") == {"identity_rejected": 1}
+
+
 @needs_node
 def test_a_viewer_reads_an_operator_writes(server):
     bridge = server["bridge"]
