@@ -14,6 +14,9 @@ under ``Objects/r1edge``:
   configured ``[min, max]``) and ``EngineeringUnits`` (the signal's ``unit``, when given);
 - ``<stream>.outputs.<name>``: Double, read-only, the same properties;
 - ``<stream>.status``: String, ``"ok"``, ``"failsafe"`` or ``"hold"``;
+- ``<stream>.mode``: String, ``"manual"``, ``"auto"`` or ``"warmup"``; an operator may write
+  ``"manual"`` or ``"auto"`` (carried out by the controller's mode handler, as a ZeroMQ
+  ``mode`` command; ``BadNotSupported`` without a ``[mode]`` input);
 - ``heartbeat``: UInt16, the controller's output heartbeat (bumped every cycle, mod 65536);
 - ``stats.<counter>``: UInt64 counters and Double latencies in seconds, refreshed once a
   second from the controller's statistics.
@@ -62,7 +65,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
 
-from .bridge import Inputs, LoopThread, Provider
+from .bridge import Inputs, LoopThread, ModeHandler, Provider
 from .messages import MAX_NAME_LEN
 from .metrics import CollapsingLog, Counters, LatencyRing
 from .opcua_security import Admission, GuardedServer, Login, certificate_uri, check_trusted, read_users
@@ -86,6 +89,8 @@ STATS_NODES = {
     "latency_p99_seconds": (("latency_us", "p99"), ua.VariantType.Double),
     "latency_max_seconds": (("latency_us", "max"), ua.VariantType.Double),
 }
+#: ``<stream>.mode`` values by the controller's ``_mode`` output (0, 1, 2).
+MODE_NAMES = ("manual", "auto", "warmup")
 # UNECE common code of the second ("SEC"), as OPC UA packs it into EUInformation.UnitId.
 _UNECE_SECOND = (ord("S") << 16) | (ord("E") << 8) | ord("C")
 _UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
@@ -175,13 +180,15 @@ class OpcUaBridge(LoopThread):
         self._last: dict[str, tuple[dict[str, float], str]] = {}     # written again after a restart
         self._heartbeat: int | None = None
         self._wake_pending = False
-        self._n = {"writes": 0, "published": 0}
+        self._n = {"writes": 0, "published": 0, "mode_requests": 0}
         self._stats_provider: Provider | None = None
         self._server: Server | None = None
         self._ns = 0
         self._input_nodes: dict[ua.NodeId, tuple[str, Signal]] = {}
         self._output_nodes: dict[str, list[tuple[str, ua.NodeId]]] = {}
         self._status_nodes: dict[str, ua.NodeId] = {}
+        self._mode_nodes: dict[ua.NodeId, str] = {}                 # <stream>.mode -> stream
+        self._mode_handler: ModeHandler | None = None
         self._written: dict[ua.NodeId, object] = {}
 
     # ------------------------------------------------------------------ construction
@@ -330,6 +337,10 @@ class OpcUaBridge(LoopThread):
         """Register the callable whose ``stats()`` map feeds the ``stats.`` nodes."""
         self._stats_provider = fn
 
+    def set_mode_handler(self, fn: ModeHandler | None) -> None:
+        """Register the callable that carries out a client's write of ``<stream>.mode``."""
+        self._mode_handler = fn
+
     def set_status_provider(self, fn: Provider | None) -> None:
         """Accepted for the Reporter interface; stream status arrives with each publish."""
 
@@ -355,6 +366,7 @@ class OpcUaBridge(LoopThread):
             "heartbeat_ok": True,
             "writes": self._n["writes"],
             "published": self._n["published"],
+            "mode_requests": self._n["mode_requests"],
             "reloads": self.admission.reloads.snapshot(),
             "bad": self.bad.snapshot(),
             "errors": self.errors.snapshot(),
@@ -436,6 +448,10 @@ class OpcUaBridge(LoopThread):
             status = await obj.add_variable(nid(f"{stream}.status"), ua.QualifiedName("status", ns), "",
                                             varianttype=ua.VariantType.String)
             self._status_nodes[stream] = status.nodeid
+            mode = await obj.add_variable(nid(f"{stream}.mode"), ua.QualifiedName("mode", ns), "",
+                                          varianttype=ua.VariantType.String)
+            await mode.set_writable()
+            self._mode_nodes[mode.nodeid] = stream
         await root.add_variable(nid("heartbeat"), ua.QualifiedName("heartbeat", ns), 0,
                                 varianttype=ua.VariantType.UInt16)
         stats = await root.add_object(nid("stats"), ua.QualifiedName("stats", ns))
@@ -469,6 +485,10 @@ class OpcUaBridge(LoopThread):
                         if value is not None:
                             await self._write(server, node_id, ua.Variant(float(value), ua.VariantType.Double), now)
                     await self._write(server, self._status_nodes[stream], ua.Variant(status, ua.VariantType.String), now)
+                    mode = outputs.get("_mode")
+                    if mode is not None and 0 <= mode < len(MODE_NAMES):
+                        await self._write(server, ua.NodeId(f"{stream}.mode", self._ns),
+                                          ua.Variant(MODE_NAMES[int(mode)], ua.VariantType.String), now)
                 if hb is not None:
                     await self._write(server, hb_node, ua.Variant(hb, ua.VariantType.UInt16), now)
             except (ua.UaError, ValueError, TypeError, OverflowError) as exc:   # one bad value: the next goes on
@@ -506,6 +526,8 @@ class OpcUaBridge(LoopThread):
     def _screen(self, wv: ua.WriteValue) -> ua.StatusCode | None:
         """The status code refusing a client's write, or None to let the library apply it."""
         target = self._input_nodes.get(wv.NodeId)
+        if target is None and wv.NodeId in self._mode_nodes and wv.AttributeId == ua.AttributeIds.Value:
+            return self._switch_mode(self._mode_nodes[wv.NodeId], wv)
         if target is None:                                # clients write inputs only, in any namespace
             return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
         if wv.AttributeId != ua.AttributeIds.Value:
@@ -520,6 +542,27 @@ class OpcUaBridge(LoopThread):
         with self.lock:                                   # the controller sees it and fails safe
             self._values[stream][sig.name] = (value, time.monotonic_ns())
         return self._refuse("out_of_range", ua.StatusCodes.BadOutOfRange)
+
+    def _switch_mode(self, stream: str, wv: ua.WriteValue) -> ua.StatusCode:
+        """A client's write of ``<stream>.mode``: "manual" or "auto", carried out by the mode
+        handler (the node then shows the mode the controller publishes, ``warmup`` included)."""
+        variant = wv.Value.Value if wv.Value is not None else None
+        if variant is None or variant.VariantType != ua.VariantType.String or variant.is_array:
+            return self._refuse("type_mismatch", ua.StatusCodes.BadTypeMismatch)
+        if variant.Value not in ("manual", "auto"):
+            return self._refuse("out_of_range", ua.StatusCodes.BadOutOfRange)
+        handler = self._mode_handler
+        if handler is None:
+            return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
+        try:
+            handler(stream, variant.Value)
+        except ValueError:                                # no [mode] input configured
+            return self._refuse("mode_unsupported", ua.StatusCodes.BadNotSupported)
+        except KeyError:                                  # the stream has not run yet
+            return self._refuse("mode_too_early", ua.StatusCodes.BadWaitingForInitialData)
+        with self.lock:
+            self._n["mode_requests"] += 1
+        return ua.StatusCode(ua.StatusCodes.Good)
 
     def _accepted(self, wv: ua.WriteValue, t0: int) -> None:
         stream, sig = self._input_nodes[wv.NodeId]

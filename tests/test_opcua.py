@@ -124,7 +124,7 @@ def test_browse_read_write_and_subscribe(plant):
         {"op": "write", "nodes": inputs(GOOD)},
         {"op": "subscribe", "nodes": outs, "ms": 3000, "interval": 20,
          "writes": {"every_ms": 20, "nodes": inputs(GOOD)}},
-        {"op": "read", "nodes": ["stats.cycles", "stats.latency_p99_seconds"]},
+        {"op": "read", "nodes": ["stats.cycles", "stats.latency_p99_seconds", "main.mode"]},
     ])
     assert res["ok"], res
     browse, read, write, sub, stats = res["results"]
@@ -134,7 +134,7 @@ def test_browse_read_write_and_subscribe(plant):
         assert found[f"ns={ns};s=main.inputs.{name}"]["type_definition"] == "ns=0;i=2368"   # AnalogItemType
     for name in ctrl.output_names:
         assert found[f"ns={ns};s=main.outputs.{name}"]["node_class"] == "Variable"
-    for node in ("main.status", "heartbeat", "stats.cycles"):
+    for node in ("main.status", "main.mode", "heartbeat", "stats.cycles"):
         assert f"ns={ns};s={node}" in found
     by_id = {r["node_id"].split(";s=")[1]: r for r in read}
     assert by_id["main.inputs.level"]["data_type_attribute"] == "ns=0;i=11"                 # Double
@@ -158,6 +158,7 @@ def test_browse_read_write_and_subscribe(plant):
     ok_sent = [o for _, o, status in plant["sent"] if status == "ok"]
     assert ok_sent and ok_sent[-1]["valve"] != 0.0                                            # not fail-safe
     cycles = stats[0]["value"]
+    assert stats[2]["value"] == "auto"                                                       # <stream>.mode
     assert 0 < cycles <= ctrl.counters["cycles"] and stats[1]["data_type"] == "Double"
 
 

@@ -42,8 +42,10 @@ def server(tmp_path_factory):
          "certificate": "pki/server.der", "private_key": "pki/server.pem", "trusted_clients": "pki/trusted",
          "users": "pki/users.toml"},
         work, [Signal("level", 0.0, 2.0), Signal("auto", 0.0, 1.0)], [Signal("valve", 0.0, 1.0)])
+    modes = []
+    bridge.set_mode_handler(lambda stream, mode: modes.append((stream, mode)) or {"stream": stream, "mode": mode})
     with bridge:
-        yield {"bridge": bridge, "work": work, "endpoint": f"opc.tcp://127.0.0.1:{port}/r1edge"}
+        yield {"bridge": bridge, "work": work, "endpoint": f"opc.tcp://127.0.0.1:{port}/r1edge", "modes": modes}
 
 
 def delta(bridge, before: dict, *reasons) -> dict:
@@ -126,17 +128,21 @@ def test_a_viewer_reads_an_operator_writes(server):
     before = bridge.health()["bad"]
     steps = [{"op": "read", "nodes": [LEVEL]},
              {"op": "write", "nodes": [{"id": LEVEL, "value": 1.25, "type": "Double"},
-                                       {"id": "main.inputs.auto", "value": 0.0, "type": "Double"}]}]
+                                       {"id": "main.inputs.auto", "value": 0.0, "type": "Double"},
+                                       {"id": "main.mode", "value": "manual", "type": "String"}]}]
     viewer = node_client(server["work"], server["endpoint"], steps, user=("watcher", "look"))
     assert viewer["ok"], viewer
     assert viewer["results"][0][0]["status"] == "Good"
-    assert viewer["results"][1] == ["BadUserAccessDenied", "BadUserAccessDenied"]
-    assert "level" not in bridge.snapshot("main")
-    assert delta(bridge, before, "access_denied") == {"access_denied": 2}
+    assert viewer["results"][1] == ["BadUserAccessDenied"] * 3
+    assert "level" not in bridge.snapshot("main") and server["modes"] == []
+    assert delta(bridge, before, "access_denied") == {"access_denied": 3}
 
-    operator = node_client(server["work"], server["endpoint"], steps)
-    assert operator["ok"] and operator["results"][1] == ["Good", "Good"], operator
-    assert bridge.snapshot("main")["level"][0] == 1.25
+    operator = node_client(server["work"], server["endpoint"], steps + [
+        {"op": "write", "nodes": [{"id": "main.mode", "value": "sideways", "type": "String"},
+                                  {"id": "main.mode", "value": 1.0, "type": "Double"}]}])
+    assert operator["ok"] and operator["results"][1] == ["Good", "Good", "Good"], operator
+    assert operator["results"][2] == ["BadOutOfRange", "BadTypeMismatch"]
+    assert bridge.snapshot("main")["level"][0] == 1.25 and server["modes"] == [("main", "manual")]
 
 
 @needs_node

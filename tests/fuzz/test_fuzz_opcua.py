@@ -2,7 +2,8 @@
 and values, arrays) through a real asyncua client session to the OPC UA bridge.
 
 Promises checked on every input: Good only for a finite Double scalar within an input's range
-written to that input's Value; every other result is a refusal counted in ``health()["bad"]``;
+written to that input's Value (``main.mode`` is refused too: this bridge has no controller's
+mode handler); every other result is a refusal counted in ``health()["bad"]``;
 the server keeps serving (a read after each input) and never counts an error of its own.
 Kept inputs (``tests/fuzz/corpus/opcua/*.json``: lists of writes as :func:`decode` reads them)
 are replayed first."""
@@ -24,7 +25,7 @@ from tests.fuzz.budget import budget, corpus, tried
 INPUTS = [Signal("level", 0.0, 2.0), Signal("temperature", -10.0, 120.0)]
 OUTPUTS = [Signal("valve", 0.0, 1.0)]
 RANGES = {f"main.inputs.{s.name}": (s.min, s.max) for s in INPUTS}
-OURS = [*RANGES, "main.outputs.valve", "main.status", "heartbeat", "main.inputs.level.EURange", "r1edge",
+OURS = [*RANGES, "main.outputs.valve", "main.status", "main.mode", "heartbeat", "main.inputs.level.EURange", "r1edge",
         *(f"stats.{n}" for n in STATS_NODES)]
 TEXT = st.characters(blacklist_categories=("Cs",))       # any text UTF-8 can carry
 SCALARS = {
@@ -34,7 +35,7 @@ SCALARS = {
     "UInt16": st.integers(0, 65535),
     "Int64": st.integers(-2**63, 2**63 - 1),
     "Boolean": st.booleans(),
-    "String": st.text(TEXT, max_size=40),
+    "String": st.text(TEXT, max_size=40) | st.sampled_from(["manual", "auto"]),
     "ByteString": st.binary(max_size=40),
 }
 
