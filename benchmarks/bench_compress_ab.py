@@ -71,9 +71,9 @@ def main() -> None:
         for r in range(args.rounds):
             for name, tree in trees.items():
                 out = tmp / f"pkg-{name}"
-                res = subprocess.run([sys.executable, "-c", RUN, str(tmp / "src"), str(out), str(calib),
-                                      str(args.keep), args.quant], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
-                                     check=True, capture_output=True, text=True)
+                cmd = [sys.executable, "-c", RUN, str(tmp / "src"), str(out), str(calib), str(args.keep), args.quant]
+                res = subprocess.run(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, check=True,
+                                     capture_output=True, text=True)
                 times[name].append(json.loads(res.stdout.strip().splitlines()[-1])["seconds"])
                 digests[name] = digest(out)
             print(f"round {r + 1}/{args.rounds}: base {times['base'][-1]:.2f} s, new {times['new'][-1]:.2f} s",

@@ -454,39 +454,35 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
         # rows), prune, then the compressed layer on the held-out rows while writing it.
         ref_pass = StreamedWeights(source)
         for i in range(max(state["next"], 0), L):
+            # The feed-forward halves below run inside streamed.layer, within this iteration.
             moe = cfg.is_moe_layer(i)
+            stats = ExpertStats(cfg.n_routed_experts) if moe else None
+            router = {}
+
+            def tick(e, skipped=False):
+                credit = 0
+                if skipped:
+                    p = f"model.layers.{i}.mlp.experts.{e}."
+                    credit = sum(source.nbytes(p + k + ".weight") for k in ("gate_proj", "up_proj", "down_proj"))
+                track.update(credit, event=e % 16 == 15)
+
+            def reference_ff(h):
+                if not moe:
+                    track.phase("mlp", i)
+                    return streamed.mlp(ref_pass, i, h)
+                track.phase("experts", i)
+                out, router["gate"], router["bias"] = streamed.moe_reference(ref_pass, i, h, cfg, fit_s.tokens,
+                                                                             stats, tick)
+                return out
+
             track.phase("attention", i)
-            stats = None
+            x_ref = streamed.layer(ref_pass, i, x_ref, ref_s, cfg, window, reference_ff)
             if moe:
-                stats = ExpertStats(cfg.n_routed_experts)
-
-                def tick(e, skipped=False, layer=i):
-                    credit = 0
-                    if skipped:
-                        p = f"model.layers.{layer}.mlp.experts.{e}."
-                        credit = sum(source.nbytes(p + k + ".weight") for k in ("gate_proj", "up_proj", "down_proj"))
-                    track.update(credit, event=e % 16 == 15)
-
-                def reference_moe(h, layer=i, stats=stats, tick=tick):
-                    track.phase("experts", layer)
-                    out, *router = streamed.moe_reference(ref_pass, layer, h, cfg, fit_s.tokens, stats, tick)
-                    routers[layer] = router
-                    return out
-
-                routers = {}
-                x_ref = streamed.layer(ref_pass, i, x_ref, ref_s, cfg, window, reference_moe)
-                gate, bias = routers[i]
                 kept = select_experts(_expert_scores(stats, method, seed, i), n_keep, gplan, cfg.n_group)
                 orig = source.original_ids(i)
                 state["kept"][str(i)] = [orig[e] for e in kept]
                 state["layers"][str(i)] = {"experts": orig, "counts": [int(v) for v in stats.counts],
                                            "saliency": [round(float(v), 6) for v in stats.saliency]}
-            else:
-                def dense(h, layer=i):
-                    track.phase("mlp", layer)
-                    return streamed.mlp(ref_pass, layer, h)
-
-                x_ref = streamed.layer(ref_pass, i, x_ref, ref_s, cfg, window, dense)
             track.phase("compressed", i)
             with torch.device("meta"):
                 block = Block(pcfg, i)
@@ -495,14 +491,14 @@ def compress(src: str | Path, out: str | Path, *, calib: str | Path, keep_expert
             file_name = f"model-layer-{i:03d}.safetensors"
             f = _open_file(writer, file_name, [(block, f"model.layers.{i}.")], store)
             cmp_pass = StreamedWeights(source, f, quant, store)
-            if moe:
-                def compressed_moe(h, layer=i, p=cmp_pass, kept=kept, gate=gate, bias=bias):
-                    return streamed.moe_compressed(p, layer, h, cfg, pcfg, kept, gate, bias,
-                                                   lambda j: track.update(event=j % 16 == 15))
-            else:
-                def compressed_moe(h, layer=i, p=cmp_pass):
-                    return streamed.mlp(p, layer, h)
-            x_cmp = streamed.layer(cmp_pass, i, x_cmp, held_s, cfg, window, compressed_moe)
+
+            def compressed_ff(h):
+                if not moe:
+                    return streamed.mlp(cmp_pass, i, h)
+                return streamed.moe_compressed(cmp_pass, i, h, cfg, pcfg, kept, router["gate"], router["bias"],
+                                               lambda j: track.update(event=j % 16 == 15))
+
+            x_cmp = streamed.layer(cmp_pass, i, x_cmp, held_s, cfg, window, compressed_ff)
             writer.commit(file_name, f)
             _save_hidden(work, i + 1, x_ref, x_cmp)
             state.update(next=i + 1, files=writer.files)

@@ -247,10 +247,11 @@ class StreamedWeights:
                lead: tuple = (), col: int = 0) -> torch.Tensor:
         """``x @ W[rows].T`` for the source weight ``name`` (without ``.weight``), float32 [N, rows].
 
-        ``x`` is float; the int8 model quantizes it (:meth:`act`). The compressed model writes the rows to package
-        tensor ``key`` (default ``name``): an ``Int8Linear`` (``.qweight_t`` columns and
-        ``.scale``) or a float ``.weight``; for routed experts ``lead`` indexes the stacked
-        tensor and ``col`` is where these rows start in it (``w13_t``/``gate_up_proj``).
+        ``x`` is float; the int8 model quantizes it (:meth:`act`). The compressed model writes
+        the rows to package tensor ``key`` (default ``name``): an ``Int8Linear``
+        (``.qweight_t`` columns and ``.scale``) or a float ``.weight``; for routed experts
+        ``lead`` indexes the stacked tensor and ``col`` is where these rows start in it
+        (``w13_t``/``gate_up_proj``).
         """
         from runtime.model.quant import int8_matmul, quantize_weight
 
