@@ -639,6 +639,10 @@ def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec], outputs: li
     out_values = {**bridge_outputs(outputs), **(advisor.published(inputs) if advisor is not None else {})}
     if modbus is not None:
         _Table(modbus, "modbus", top.file)                # must be a table
+        tls = modbus.get("tls")
+        if isinstance(tls, dict):                         # resolve [modbus.tls] paths against the TOML file
+            modbus = {**modbus, "tls": {k: str(_resolve(base, v)) if k in ("cert", "key", "ca") and isinstance(v, str)
+                                        else v for k, v in tls.items()}}
         from plc_bridge.modbus import ModbusBridge
         try:
             ModbusBridge.from_config(modbus, in_names, out_values)
