@@ -50,7 +50,7 @@ from pymodbus.simulator import SimData, SimDevice
 from .bridge import Inputs, LoopThread
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing, worth_logging
-from .registers import ADDRESS_SPACE, BIT_TABLES, TABLES, MapEntry, RegisterMap, heartbeat_entry
+from .registers import ADDRESS_SPACE, BIT_TABLES, MAX_TIMEOUT_MS, TABLES, MapEntry, RegisterMap, heartbeat_entry
 
 log = logging.getLogger(__name__)
 
@@ -776,8 +776,9 @@ def _int_key(cfg: dict, key: str, default: int, lo: int, hi: int) -> int:
 
 def _ms_key(cfg: dict, key: str, default: float) -> float:
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"modbus.{key}: {value!r} is not a positive number of milliseconds")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 < value <= MAX_TIMEOUT_MS):
+        raise ValueError(f"modbus.{key}: {value!r} is not a number of milliseconds in (0, {MAX_TIMEOUT_MS}] (a day)")
     return float(value)
 
 
@@ -786,6 +787,9 @@ def _parse_allow(raw) -> list:
         raise ValueError("modbus.allow: must be a list of addresses or networks, e.g. [\"10.0.0.5\", \"10.0.1.0/24\"]")
     nets = []
     for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network (a string such as "
+                             "\"10.0.0.5\" or \"10.0.1.0/24\")")
         try:
             nets.append(ipaddress.ip_network(item, strict=False))
         except (TypeError, ValueError) as exc:

@@ -358,8 +358,9 @@ class OpcUaBridge(LoopThread):
         if len(set(security)) != len(security):
             raise ValueError(f"opcua.security: {security!r} lists a policy twice")
         streams = opcua.get("streams", ["main"])
-        if (not isinstance(streams, list) or not streams or len(set(streams)) != len(streams)
-                or any(not isinstance(s, str) or not 0 < len(s) <= MAX_NAME_LEN or "." in s for s in streams)):
+        if (not isinstance(streams, list) or not streams
+                or any(not isinstance(s, str) or not 0 < len(s) <= MAX_NAME_LEN or "." in s for s in streams)
+                or len(set(streams)) != len(streams)):
             raise ValueError(f"opcua.streams: {streams!r} must be a list of distinct stream names "
                              f"(1..{MAX_NAME_LEN} characters, no '.')")
         stats_ms = opcua.get("stats_ms", 1000)

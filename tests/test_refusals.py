@@ -1,0 +1,99 @@
+"""Clean refusals of hostile files: deployment configs give ConfigError naming the key and the
+reason (numbers bounded to what the loop can honour); see docs/faults/refusals.md."""
+from __future__ import annotations
+
+import pytest
+
+from sdk.service.config import ConfigError, DeployConfig
+
+BASE = """
+[model]
+path = "model"
+[loop]
+period_ms = 10
+[[inputs]]
+name = "level"
+min = 0.0
+max = 2.0
+[[outputs]]
+name = "valve"
+min = 0.0
+max = 1.0
+failsafe = 0.0
+"""
+
+MODBUS = """
+[modbus]
+mode = "server"
+port = 0
+heartbeat = { address = 100, timeout_ms = 500 }
+[[modbus.map]]
+signal = "level"
+table = "holding"
+address = 0
+type = "float32"
+[[modbus.map]]
+signal = "valve"
+table = "holding"
+address = 2
+type = "float32"
+"""
+
+OPCUA = """
+[opcua]
+endpoint = "opc.tcp://127.0.0.1:4840/r1edge"
+security = ["None"]
+"""
+
+
+@pytest.mark.parametrize("edit, message", [
+    # a table (or a number) where a table's values are expected: AttributeError before
+    (lambda t: "loop = 5\n" + t.replace("[loop]\nperiod_ms = 10", ""), "loop: must be a table, got int"),
+    (lambda t: "outputs = [3]\n" + t.split("[[outputs]]")[0], "outputs[0]: must be a table, got int"),
+    # unhashable values where a name is expected: TypeError in the bridges' parsers before
+    (lambda t: t + MODBUS.replace('type = "float32"', 'type = ["float32"]', 1),
+     "modbus.map[0] (signal 'level'): type = ['float32'] is not one of"),
+    (lambda t: t + OPCUA + "streams = [{ a = 1 }]\n", "opcua.streams: [{'a': 1}] must be a list of distinct"),
+    # numbers past what the loop can honour, with the bound in the message
+    (lambda t: t + MODBUS.replace("timeout_ms = 500", "timeout_ms = 1e308"),
+     "modbus.heartbeat: timeout_ms = 1e+308 must be > 0 and at most 86400000 (a day)"),
+    (lambda t: t + MODBUS.replace("port = 0", "port = 0\nrequest_timeout_ms = 1e9"),
+     "modbus.request_timeout_ms: 1000000000.0 is not a number of milliseconds in (0, 86400000] (a day)"),
+    (lambda t: t.replace("max = 2.0", "max = 2.0\nstale_ms = 5e-324"),
+     "inputs[0] 'level': stale_ms must be at least the loop period (10 ms)"),
+    (lambda t: t.replace("max = 2.0", "max = 2.0\nstale_ms = 5"),
+     "inputs[0] 'level': stale_ms must be at least the loop period (10 ms)"),
+    (lambda t: t.replace("max = 2.0", "max = 2.0\nstale_ms = 1e308"),
+     "inputs[0] 'level': stale_ms must be at most 86400000 (a day), got 1e+308"),
+    (lambda t: t.replace("period_ms = 10", "period_ms = 10\nspin_us = 1e308"),
+     "loop.spin_us must be below the period (10000 us)"),
+    (lambda t: t.replace("period_ms = 10", "period_ms = 5e-324"),
+     "loop.period_ms must be at least 0.1 (the shortest period the loop can honour)"),
+    (lambda t: t.replace("period_ms = 10", "period_ms = 1e308"), "loop.period_ms must be at most 86400000 (a day)"),
+    (lambda t: t.replace("period_ms = 10", "period_ms = 10\ndeadline_ms = 5e-324"),
+     "loop.deadline_ms must be at least 0.01 (the loop's clock resolution)"),
+    (lambda t: t.replace('path = "model"', 'path = "model"\nparallel = { world_size = 2, timeout_s = 1e9 }'),
+     "model.parallel.timeout_s must be at most 86400 (a day)"),
+    # integers are not addresses
+    (lambda t: t + MODBUS.replace("port = 0", "port = 0\nallow = [167772165]"),
+     "modbus.allow[0]: 167772165 is not an address or network (a string"),
+])
+def test_malformed_deploy_files_give_config_error(tmp_path, edit, message):
+    path = tmp_path / "deploy.toml"
+    path.write_text(edit(BASE))
+    with pytest.raises(ConfigError) as err:
+        DeployConfig.load(path)
+    assert type(err.value) is ConfigError
+    assert f"{path}: " in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_the_bounds_themselves_are_accepted(tmp_path):
+    """A stale limit of exactly one period, a heartbeat of a day and a 0.1 ms loop still load."""
+    path = tmp_path / "deploy.toml"
+    path.write_text(BASE.replace("max = 2.0", "max = 2.0\nstale_ms = 10")
+                    + MODBUS.replace("timeout_ms = 500", "timeout_ms = 86400000"))
+    cfg = DeployConfig.load(path)
+    assert cfg.inputs[0].stale_ms == 10.0 and cfg.loop.spin_us == 200.0
+    path.write_text(BASE.replace("period_ms = 10", "period_ms = 0.1"))
+    cfg = DeployConfig.load(path)
+    assert cfg.loop.period_ns == 100_000 and cfg.loop.spin_us == 50.0       # default spin: half a short period
