@@ -97,3 +97,95 @@ def test_the_bounds_themselves_are_accepted(tmp_path):
     path.write_text(BASE.replace("period_ms = 10", "period_ms = 0.1"))
     cfg = DeployConfig.load(path)
     assert cfg.loop.period_ns == 100_000 and cfg.loop.spin_us == 50.0       # default spin: half a short period
+
+
+# ---------------------------------------------------------------- packages and checkpoints
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import sdk
+from runtime.model.weights import CheckpointError, CheckpointReader
+from sdk.tools.package import PackageError, sha256_file
+
+DEMO = Path(sdk.__file__).resolve().parent / "demo" / "model"
+
+
+def _blob(header, data=b"", length=None) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length) + text + data
+
+
+GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+HOSTILE = {
+    "length-2**64-1": _blob(GOOD, b"\0" * 8, length=2**64 - 1),
+    "length-past-file": _blob(GOOD, b"\0" * 8, length=10_000),
+    "shorter-than-8-bytes": b"\x05\0\0",
+    "header-a-list": _blob([]),
+    "header-not-json": _blob(b"\xff\xfe{"),
+    "header-nested-deep": _blob(b"[" * 100_000),
+    "entry-not-a-table": _blob({"t": 5}),
+    "unknown-dtype": _blob({"t": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "shape-of-strings": _blob({"t": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "negative-dim": _blob({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "offsets-past-file": _blob({"t": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}, b"\0" * 8),
+    "offsets-reversed": _blob({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8),
+    "span-not-shape": _blob({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 16),
+    "overlapping": _blob({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+    "metadata-not-strings": _blob({**GOOD, "__metadata__": {"k": [1]}}, b"\0" * 8),
+}
+
+
+def _package_with(tmp_path: Path, file: str, blob: bytes) -> Path:
+    """The demo package with ``file`` replaced by ``blob`` and the manifest's hash updated
+    (what someone who can write the package can do)."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(DEMO, pkg)
+    (pkg / file).write_bytes(blob)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["files"][file] = {"sha256": sha256_file(pkg / file), "bytes": len(blob)}
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    return pkg
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_safetensors_headers_give_package_error(tmp_path, name, mmap):
+    pkg = _package_with(tmp_path, "model-head.safetensors", HOSTILE[name])
+    with pytest.raises(PackageError, match="model-head.safetensors"):
+        sdk.load_model(pkg, mmap=mmap)
+
+
+def test_tokenizer_files_are_not_read_as_weights(tmp_path):
+    pkg = _package_with(tmp_path, "tokenizer.json", json.dumps({"version": "1.0", "model": {}}).encode())
+    for mmap in (False, True):
+        model = sdk.load_model(pkg, mmap=mmap)
+        assert model(torch.zeros(1, 1, dtype=torch.long)).shape[:2] == (1, 1)
+
+
+def _checkpoint(tmp_path: Path, weight_map: dict) -> Path:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    manifest = json.loads((DEMO / "manifest.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(manifest["config"]))
+    save_file({"a": torch.zeros(2)}, str(ckpt / "w.safetensors"))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return ckpt
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "{outside}", "/dev/zero", "sub/w.safetensors"])
+def test_checkpoint_index_paths_stay_inside(tmp_path, target):
+    """An index naming a file outside the checkpoint is refused, naming the entry, before any
+    weight file is opened (the outside file is a valid safetensors file the old code read)."""
+    save_file({"b": torch.ones(2)}, str(tmp_path / "outside.safetensors"))
+    target = target.format(outside=tmp_path / "outside.safetensors")
+    ckpt = _checkpoint(tmp_path, {"a": "w.safetensors", "model.embed_tokens.weight": target})
+    with pytest.raises(CheckpointError, match=r"weight_map\['model.embed_tokens.weight'\].*not a plain"):
+        CheckpointReader(ckpt)
+    with pytest.raises(CheckpointError, match=r"weight_map\['model.embed_tokens.weight'\]"):
+        sdk.load_model(ckpt)
