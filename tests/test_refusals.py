@@ -141,11 +141,11 @@ HOSTILE = {
 }
 
 
-def _package_with(tmp_path: Path, file: str, blob: bytes) -> Path:
+def _package_with(tmp_path: Path, file: str, blob: bytes, src: Path = DEMO) -> Path:
     """The demo package with ``file`` replaced by ``blob`` and the manifest's hash updated
     (what someone who can write the package can do)."""
     pkg = tmp_path / "pkg"
-    shutil.copytree(DEMO, pkg)
+    shutil.copytree(src, pkg)
     (pkg / file).write_bytes(blob)
     manifest = json.loads((pkg / "manifest.json").read_text())
     manifest["files"][file] = {"sha256": sha256_file(pkg / file), "bytes": len(blob)}
@@ -189,3 +189,69 @@ def test_checkpoint_index_paths_stay_inside(tmp_path, target):
         CheckpointReader(ckpt)
     with pytest.raises(CheckpointError, match=r"weight_map\['model.embed_tokens.weight'\]"):
         sdk.load_model(ckpt)
+
+
+# ---------------------------------------------------------------- chat and prompt templates
+import threading
+
+from sdk.cli import main
+from sdk.service.advisor import PromptTemplate
+from sdk.tools.templates import TemplateRenderError
+from sdk.tools.text import load_tokenizer
+
+LM = Path(__file__).resolve().parents[1] / "examples" / "advisor" / "model"
+NESTED = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+HUGE = "{{ 'a' * 10**10 }}"
+
+
+def _with_chat_template(tmp_path: Path, template: str) -> Path:
+    config = json.loads((LM / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    return _package_with(tmp_path, "tokenizer_config.json", json.dumps(config).encode(), src=LM)
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a thread and return what it raised; a render that never ends (the old
+    behaviour) fails the test after five generous minutes instead of hanging the suite."""
+    box = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:                      # noqa: BLE001 (reported below)
+            box.append(exc)
+        else:
+            box.append(None)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(300)
+    assert box, "the render did not end"
+    return box[0]
+
+
+@pytest.mark.parametrize("template, reason", [(NESTED, "ran past its 1 s budget"),
+                                              (HUGE, "str * 10000000000 would hold")])
+def test_chat_templates_render_under_a_budget(tmp_path, template, reason):
+    tok = load_tokenizer(_with_chat_template(tmp_path, template))
+    exc = _in_thread(lambda: tok.render_chat([{"role": "user", "content": "hi"}]))
+    assert isinstance(exc, TemplateRenderError) and isinstance(exc, ValueError), repr(exc)
+    assert "tokenizer_config.json: chat_template" in str(exc) and reason in str(exc), str(exc)
+
+
+@pytest.mark.parametrize("template, reason", [(NESTED, "ran past its 1 s budget"),
+                                              (HUGE, "str * 10000000000 would hold")])
+def test_advisor_prompts_render_under_a_budget(template, reason):
+    prompt = PromptTemplate(template, "prompts/advice.j2")
+    exc = _in_thread(lambda: prompt.render({}))
+    assert isinstance(exc, TemplateRenderError), repr(exc)
+    assert str(exc).startswith("prompts/advice.j2: ") and reason in str(exc), str(exc)
+
+
+def test_generate_chat_with_a_runaway_template_exits_2(tmp_path, capsys):
+    pkg = _with_chat_template(tmp_path, NESTED)
+    box = []
+    exc = _in_thread(lambda: box.append(main(["generate", str(pkg), "--prompt", "hi", "--chat",
+                                              "--max-new-tokens", "4"])))
+    assert exc is None and box == [2]
+    err = capsys.readouterr().err
+    assert "chat_template" in err and "budget" in err, err
