@@ -8,7 +8,9 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   streams batched through the engine at once), ``parallel`` (optional, expert parallelism over
   torch.distributed: ``{ world_size = N, backend = "gloo" }``, plus ``master_addr =
   "127.0.0.1"``, ``master_port = 0`` (a free port; torchrun's environment wins when set) and
-  ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.service.controller``);
+  ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.service.controller``),
+  ``public_key`` (optional: a PEM public key file, or a list of them, relative to this file; the
+  package must then be signed by one of them and unchanged since: ``sdk.tools.signing``);
 - ``[loop]`` ``period_ms = 10``, ``deadline_ms`` = the period, ``realtime = false``,
   ``infer_budget_ms`` = 80% of the deadline (inference that has not answered by then gets
   the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU,
@@ -194,14 +196,16 @@ class ParallelSection:
 
 @dataclass
 class ModelSection:
-    """``[model]``: the package, its device, the history window, the stream slots and the
-    expert-parallel ranks (``parallel``, None for one process)."""
+    """``[model]``: the package, its device, the history window, the stream slots, the
+    expert-parallel ranks (``parallel``, None for one process) and the public keys one of
+    which must have signed the package (``public_key``, empty: signatures not required)."""
 
     path: Path
     device: str = "cpu"
     window: int = 32
     streams: int = 1
     parallel: ParallelSection | None = None
+    public_key: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -384,6 +388,15 @@ class DeployConfig:
                              window=t.int("window", 32, lo=1), streams=t.int("streams", 1, lo=1, hi=4096))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
             t.fail(f"must be 'cpu', 'cuda' or 'cuda:N', got {model.device!r}", "device")
+        keys = t.get("public_key", [])
+        keys = [keys] if isinstance(keys, str) else keys
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys) or "public_key" in t.data \
+                and not keys:
+            t.fail(f"must be a path or a non-empty list of paths to PEM public keys, got {keys!r}", "public_key")
+        model.public_key = [_resolve(base, k) for k in keys]
+        for key in model.public_key:
+            if not key.is_file():
+                t.fail(f"{key}: no such public key file", "public_key")
         p = t.sub("parallel")
         if p is not None:
             model.parallel = ParallelSection(

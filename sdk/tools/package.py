@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 FORMAT = "r1edge-package"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The package's signature (``sdk.tools.signing``): beside the manifest, not listed in it.
+SIGNATURE = "signature.json"
 SCHEMES = ("w8a8-int8", "none")
 REQUIRED_KEYS = ("format", "format_version", "config", "quantization", "experts", "files")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -334,7 +336,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def verify_package(path: str | Path) -> dict[str, Any]:
-    """Check every weight file's presence, size and sha256, and that no other file is there.
+    """Check every weight file's presence, size and sha256, and that no other file is there
+    (but the package's ``signature.json``, checked by ``sdk.tools.signing``).
 
     Returns the manifest. Raises PackageError naming the first file that is missing,
     truncated, resized, tampered with or not listed in the manifest.
@@ -343,7 +346,7 @@ def verify_package(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     files = manifest["files"]
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
-    extra = sorted(present - set(files) - {MANIFEST})
+    extra = sorted(present - set(files) - {MANIFEST, SIGNATURE})
     if extra:
         raise PackageError(f"{path / extra[0]}: not listed in manifest.json (packages are sealed; "
                            "remove it or rebuild the package)")
