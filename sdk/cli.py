@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from sdk.service.config import ConfigError, DeployConfig
-    from sdk.service.controller import Controller, recording_source, render_stats
+    from sdk.service.controller import Controller, render_stats
+    from sdk.service.replay import recording_source
     from runtime.control.recorder import RecordingReader
     from sdk.service.notify import ServiceMonitor
 
@@ -56,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"{args.inputs} (it has {', '.join(recorded)})")
     par = config.model.parallel
     if par is not None and par.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
-        from sdk.service.controller import ParallelRanks
+        from sdk.service.engines import ParallelRanks
 
         return ParallelRanks.join(config).serve(config)     # a torchrun rank that serves experts
     with Controller(config) as ctrl:
@@ -87,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``r1edge replay RECORDING``: re-run a flight recording; exit 1 unless bitwise identical."""
-    from sdk.service.controller import render_replay, replay
+    from sdk.service.replay import render_replay, replay
 
     report = replay(args.recording, package=args.package, advisor_package=args.advisor_package)
     _print_report(report, args.json, render_replay)

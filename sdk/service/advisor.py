@@ -529,7 +529,7 @@ class Advisor:
 
     def header(self) -> dict:
         """What a recording needs to replay the advice: package, template text, schema, settings."""
-        from sdk.service.controller import package_identity
+        from sdk.tools.package import package_identity
 
         s = self.section
         return {"package": package_identity(s.path), "template": self.template_text, "schema": self.schema.schema,

@@ -470,3 +470,11 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
         if t.is_meta:
             raise RuntimeError(f"{path}: {name!r} was not loaded (internal error)")
     return model.eval().to(device)
+
+
+def package_identity(path: str | Path) -> dict:
+    """``{"path", "manifest_sha256"}`` of a package (``None`` for a checkpoint without manifest)."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return {"path": str(path), "manifest_sha256": digest}
