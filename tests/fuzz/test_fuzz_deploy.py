@@ -145,7 +145,8 @@ def deploy_trees(draw):
             del parent[key]
         elif isinstance(parent, dict):
             parent[draw(st.sampled_from(["stale_ms", "spin_us", "timeout_ms", "type", "streams", "allow",
-                                         "period_ms", "deadline_ms", "x"]))] = draw(values)
+                                         "period_ms", "deadline_ms", "public_key", "idle_timeout_s",
+                                         "stream_idle_s", "x"]))] = draw(values)
         else:
             parent.append(draw(values))
     return tree
