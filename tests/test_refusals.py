@@ -255,3 +255,17 @@ def test_generate_chat_with_a_runaway_template_exits_2(tmp_path, capsys):
     assert exc is None and box == [2]
     err = capsys.readouterr().err
     assert "chat_template" in err and "budget" in err, err
+
+
+@pytest.mark.parametrize("key, value, reason", [("num_hidden_layers", 10**6, "num_hidden_layers = 1000000 is past 256"),
+                                                ("n_routed_experts", 10**7, "n_routed_experts = 10000000 is past")])
+def test_a_manifest_config_too_large_to_lay_out_is_refused(tmp_path, key, value, reason):
+    """A manifest (with matching hashes) describing a model of a million layers: refused before
+    its modules are laid out (the old code spent hours building them on the meta device)."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(DEMO, pkg)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["config"][key] = value
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    exc = _in_thread(lambda: sdk.load_model(pkg))
+    assert isinstance(exc, PackageError) and reason in str(exc), repr(exc)
