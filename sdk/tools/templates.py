@@ -191,13 +191,18 @@ def environment(*, filters: dict | None = None, globals: dict | None = None, **o
 
 
 def compile_template(env: BudgetedSandbox, text: str, where: str) -> jinja2.Template:
-    """Compile ``text``; a syntax error raises :class:`TemplateRenderError` naming ``where`` and the line."""
+    """Compile ``text``; a syntax error raises :class:`TemplateRenderError` naming ``where`` and the
+    line, as does any other failure while compiling (Jinja folds constant expressions then, so
+    ``StrictUndefined`` and the sandbox can already refuse some)."""
     try:
         return env.from_string(text)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateRenderError(f"{where}: line {exc.lineno}: {exc.message}") from None
-    except (RecursionError, MemoryError) as exc:
-        raise TemplateRenderError(f"{where}: cannot compile ({type(exc).__name__})") from None
+    except _OverBudget as exc:
+        raise TemplateRenderError(f"{where}: {exc}") from None
+    except (jinja2.TemplateError, RecursionError, MemoryError, ArithmeticError, TypeError, ValueError,
+            LookupError, AttributeError) as exc:
+        raise TemplateRenderError(f"{where}: cannot compile: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 def render(template: jinja2.Template, context: dict, where: str, *, seconds: float = RENDER_SECONDS) -> str:
