@@ -216,6 +216,27 @@ def cmd_opcua_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_modbus_cert(args: argparse.Namespace) -> int:
+    """``r1edge modbus-cert OUT_DIR``: a CA, a server certificate and client certificates with a
+    role, for Modbus/TCP Security (``[modbus.tls]``)."""
+    from plc_bridge.modbus_tls import make_certificates
+
+    hosts = [h.strip() for h in (args.server or "").split(",") if h.strip()]
+    clients = []
+    for item in args.client:
+        name, sep, role = item.partition("=")
+        if not sep or not name or not role:
+            raise ValueError(f"--client {item!r}: write NAME=ROLE, e.g. --client scada=operator")
+        clients.append((name, role))
+    if not hosts and not clients:
+        raise ValueError("nothing to make: give --server HOSTS and/or --client NAME=ROLE")
+    for path in make_certificates(args.out_dir, server_hosts=hosts, clients=clients, days=args.days):
+        print(f"{path}{' (keep private)' if path.suffix == '.key' else ''}")
+    print("Server: [modbus.tls] cert = \"server.pem\", key = \"server.key\", ca = \"ca.pem\", "
+          "write_roles = [\"operator\"]; give each client its NAME.pem, NAME.key and ca.pem")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """``r1edge plan CONFIG_OR_PATH``: memory footprint by part and whether it fits the GPU(s)."""
     from sdk.tools.plan import plan, render_plan
@@ -418,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", action="store_true", help="a client certificate (for trusted_clients)")
     p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
     p.set_defaults(func=cmd_opcua_cert)
+
+    p = sub.add_parser("modbus-cert", help="write a CA and Modbus/TCP Security certificates (server, clients with a role)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="directory for ca.pem/ca.key (made once, reused), server.pem/.key, NAME.pem/.key")
+    p.add_argument("--server", metavar="HOSTS", help="make server.pem for these comma-separated DNS names and IP addresses")
+    p.add_argument("--client", metavar="NAME=ROLE", action="append", default=[],
+                   help="make NAME.pem with ROLE in its role extension (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=cmd_modbus_cert)
 
     from sdk.tools import plan as _plan
     p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")

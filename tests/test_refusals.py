@@ -58,7 +58,7 @@ security = ["None"]
     (lambda t: t + MODBUS.replace("timeout_ms = 500", "timeout_ms = 1e308"),
      "modbus.heartbeat: timeout_ms = 1e+308 must be > 0 and at most 86400000 (a day)"),
     (lambda t: t + MODBUS.replace("port = 0", "port = 0\nrequest_timeout_ms = 1e9"),
-     "modbus.request_timeout_ms: 1000000000.0 is not a number of milliseconds in (0, 86400000] (a day)"),
+     "modbus.request_timeout_ms: 1000000000.0 is not a positive number of milliseconds (at most a day, 86400000)"),
     (lambda t: t.replace("max = 2.0", "max = 2.0\nstale_ms = 5e-324"),
      "inputs[0] 'level': stale_ms must be at least the loop period (10 ms)"),
     (lambda t: t.replace("max = 2.0", "max = 2.0\nstale_ms = 5"),

@@ -154,6 +154,8 @@ class _Table:
             return v
         if not isinstance(v, str) or not v:
             self.fail(f"must be a non-empty string, got {v!r}", key)
+        if "\0" in v:
+            self.fail(f"must not contain a NUL character, got {v!r}", key)
         if choices and v not in choices:
             self.fail(f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}", key)
         return v
@@ -388,15 +390,16 @@ class DeployConfig:
                              window=t.int("window", 32, lo=1), streams=t.int("streams", 1, lo=1, hi=4096))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
             t.fail(f"must be 'cpu', 'cuda' or 'cuda:N', got {model.device!r}", "device")
-        keys = t.get("public_key", [])
-        keys = [keys] if isinstance(keys, str) else keys
-        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys) or "public_key" in t.data \
-                and not keys:
-            t.fail(f"must be a path or a non-empty list of paths to PEM public keys, got {keys!r}", "public_key")
-        model.public_key = [_resolve(base, k) for k in keys]
-        for key in model.public_key:
-            if not key.is_file():
-                t.fail(f"{key}: no such public key file", "public_key")
+        keys = t.get("public_key", None)
+        if keys is not None:
+            keys = [keys] if isinstance(keys, str) else keys
+            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k and "\0" not in k
+                                                                 for k in keys):
+                t.fail(f"must be a path or a non-empty list of paths to PEM public keys, got {keys!r}", "public_key")
+            model.public_key = [_resolve(base, k) for k in keys]
+            for key in model.public_key:
+                if not key.is_file():
+                    t.fail(f"{key}: no such public key file", "public_key")
         p = t.sub("parallel")
         if p is not None:
             model.parallel = ParallelSection(
@@ -568,6 +571,8 @@ class DeployConfig:
 
 
 def _resolve(base: Path, p: str) -> Path:
+    if "\0" in p:                                       # not a path; left for its parser to refuse by name
+        return Path(p)
     path = Path(p).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
 
@@ -679,6 +684,10 @@ def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec], outputs: li
     out_values = {**bridge_outputs(outputs), **(advisor.published(inputs) if advisor is not None else {})}
     if modbus is not None:
         _Table(modbus, "modbus", top.file)                # must be a table
+        tls = modbus.get("tls")
+        if isinstance(tls, dict):                         # resolve [modbus.tls] paths against the TOML file
+            modbus = {**modbus, "tls": {k: str(_resolve(base, v)) if k in ("cert", "key", "ca") and isinstance(v, str)
+                                        else v for k, v in tls.items()}}
         from plc_bridge.modbus import ModbusBridge
         try:
             ModbusBridge.from_config(modbus, in_names, out_values)

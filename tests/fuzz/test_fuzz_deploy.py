@@ -109,7 +109,7 @@ scalars = st.one_of(
     st.sampled_from(HOSTILE_INTS), st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.sampled_from(HOSTILE_FLOATS), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.sampled_from(["", "main", "holding", "float32", "big", "server", "client",
-                                           "level", "valve", "auto", "../x", "/dev/zero", "None"]),
+                                           "level", "valve", "auto", "../x", "/dev/zero", "None", "a\x00b"]),
     st.datetimes(min_value=datetime.datetime(1970, 1, 1)), st.dates(), st.times(),
 )
 values = st.recursive(scalars, lambda inner: st.one_of(
