@@ -40,6 +40,9 @@ _CHECK_EVERY = 256                  # steps between clock reads
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(\*|\d{7,})|%[-#0 +]*\d*\.(\*|\d{7,})")
 _WIDE_SPEC = re.compile(r"\{[^{}]*:[^{}]*(\{|\d{7,})")
 _WIDTH_METHODS = {"ljust", "rjust", "center", "zfill"}
+#: What a hostile template can make Jinja or a filter raise (Jinja's own filters use ``assert``).
+_FAILURES = (jinja2.TemplateError, RecursionError, MemoryError, ArithmeticError, TypeError, AssertionError,
+             ValueError, LookupError, AttributeError)
 
 
 class TemplateRenderError(ValueError):
@@ -200,8 +203,7 @@ def compile_template(env: BudgetedSandbox, text: str, where: str) -> jinja2.Temp
         raise TemplateRenderError(f"{where}: line {exc.lineno}: {exc.message}") from None
     except _OverBudget as exc:
         raise TemplateRenderError(f"{where}: {exc}") from None
-    except (jinja2.TemplateError, RecursionError, MemoryError, ArithmeticError, TypeError, ValueError,
-            LookupError, AttributeError) as exc:
+    except _FAILURES as exc:
         raise TemplateRenderError(f"{where}: cannot compile: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
@@ -221,8 +223,7 @@ def render(template: jinja2.Template, context: dict, where: str, *, seconds: flo
             out.append(piece)
     except _OverBudget as exc:
         raise TemplateRenderError(f"{where}: {exc}") from None
-    except (jinja2.TemplateError, RecursionError, MemoryError, OverflowError, ArithmeticError, TypeError,
-            ValueError, LookupError, AttributeError) as exc:
+    except _FAILURES as exc:
         message = getattr(exc, "message", None) or str(exc)
         raise TemplateRenderError(f"{where}: {type(exc).__name__}: {str(message)[:300]}") from None
     finally:
