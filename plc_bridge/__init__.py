@@ -1,4 +1,4 @@
-"""Modbus TCP and ZeroMQ I/O for r1edge: register maps, codecs, servers and clients.
+"""Modbus TCP, ZeroMQ and OPC UA I/O for r1edge: register maps, codecs, servers and clients.
 
 This package never imports ``runtime`` or torch.
 
@@ -19,6 +19,11 @@ This package never imports ``runtime`` or torch.
 - :mod:`plc_bridge.zmq_bridge` — :class:`~plc_bridge.zmq_bridge.ZmqBridge` (SUB for sensor
   frames, XPUB for decisions, ROUTER for control, optional CURVE), the matching clients, and
   :func:`~plc_bridge.zmq_bridge.make_keys` behind ``r1edge keys``.
+- :mod:`plc_bridge.opcua` — :class:`~plc_bridge.opcua.OpcUaBridge`: an OPC UA server (asyncua)
+  for the streams it lists, with screened writes, supervised tasks and quiet library logs.
+- :mod:`plc_bridge.opcua_security` — who may talk to it: the users file (passwords, roles,
+  client certificates mapped to roles), sessions decided and counted, live trust, and the
+  certificates behind ``r1edge opcua-cert``.
 - :mod:`plc_bridge.metrics` — counters and latency rings behind each bridge's ``health()``, and
   :class:`~plc_bridge.metrics.CollapsingLog` for repeated warnings.
 """
