@@ -44,6 +44,13 @@ _V2_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 
                 "topk_method": "greedy", "n_group": 1, "topk_group": 1}
 
 
+
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``scale`` times: ``0.1 * m * ln(scale) + 1``
+    (1 when ``scale`` <= 1). It scales the rotary cos/sin (``runtime.model.transformer.rope_inv_freq``)
+    and, squared with ``m = mscale_all_dim``, the attention scores (:attr:`ModelConfig.softmax_scale`)."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of a DeepSeek-V3 or V2-architecture model (names as in HF ``config.json``)."""
@@ -105,9 +112,8 @@ class ModelConfig:
         rs = self.rope_scaling
         if rs and rs.get("type", "default") != "default":
             mscale_all_dim = rs.get("mscale_all_dim", 0) or 0
-            factor = rs.get("factor", 1.0)
-            if mscale_all_dim and factor > 1:
-                m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+            if mscale_all_dim:
+                m = yarn_mscale(rs.get("factor", 1.0), mscale_all_dim)
                 scale = scale * m * m
         return scale
 

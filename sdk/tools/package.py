@@ -53,6 +53,16 @@ class PackageError(ValueError):
     """A package is malformed, incomplete or tampered with; the message names the file or key."""
 
 
+def r1edge_version() -> str:
+    """The installed r1edge version (what a package's ``created_by`` names); "0.1.0" when running
+    from a source tree that is not installed."""
+    try:
+        from importlib.metadata import version
+        return version("r1edge")
+    except Exception:       # not installed (running from a source tree)
+        return "0.1.0"
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
