@@ -47,7 +47,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimData, SimDevice
 
-from .bridge import Inputs, LoopThread
+from .bridge import DecisionImage, InputImage, Inputs, LoopThread, Wiring, register
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing, worth_logging
 from .registers import ADDRESS_SPACE, BIT_TABLES, TABLES, MapEntry, RegisterMap, heartbeat_entry
@@ -76,9 +76,12 @@ class ModbusBridge(LoopThread):
     carry that stream's decision only.
 
     Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
-    Inputs come out of :meth:`snapshot` (and the optional ``on_input`` callback, called in
-    the I/O thread with ``{name: (value, rx_ns)}`` of the signals just received, after the
-    PLC's request has been answered; it must be quick); outputs go in through :meth:`publish`.
+    Inputs land in a preallocated :class:`~plc_bridge.bridge.InputImage` (one row, columns
+    ``columns``, default the mapped inputs) and come out of :meth:`read` (the controller's
+    cycle) or :meth:`snapshot`, and the optional ``on_input`` callback, called in the I/O
+    thread with ``{name: (value, rx_ns)}`` of the signals just received, after the PLC's
+    request has been answered (it must be quick); outputs go in through :meth:`write` (a
+    :class:`~plc_bridge.bridge.DecisionImage`) or :meth:`publish`.
 
     Start: server mode serves every output register at its fail-safe value until the first
     :meth:`publish`; client mode writes nothing to the PLC before the first publish it
@@ -91,7 +94,7 @@ class ModbusBridge(LoopThread):
     registers; client mode: to the PLC, again after each reconnection) until the heartbeat
     changes again; the next publish after that writes the controller's outputs.
     :meth:`failsafe_state` tells the controller, so that its rate limits start from what the
-    plant got (a :class:`~plc_bridge.bridge.FailsafeSource`).
+    plant got (and :meth:`read` marks the stream's row ``failsafe`` in the image).
 
     Stop: what was published last reaches the PLC before the connection closes. Client mode
     writes the outputs once more (when connected, within ``request_timeout_ms``); server mode
@@ -106,7 +109,8 @@ class ModbusBridge(LoopThread):
                  port: int, stream: str = "main", device_id: int = 1, allow: list | None = None,
                  max_clients: int = 8, poll_ms: float = 10.0, request_timeout_ms: float = 200.0,
                  reconnect_min_ms: float = 100.0, reconnect_max_ms: float = 5000.0,
-                 stop_linger_ms: float = 200.0, on_input: InputCallback | None = None):
+                 stop_linger_ms: float = 200.0, on_input: InputCallback | None = None,
+                 columns: list[str] | None = None):
         self.regmap = regmap
         self.mode = mode
         self.stream = stream
@@ -130,7 +134,9 @@ class ModbusBridge(LoopThread):
         self.errors = Counters()    # our own I/O trouble, by reason
         self.io = LatencyRing()
         self.lock = threading.Lock()
-        self._inputs: dict[str, tuple[float, int]] = {}
+        self.image = InputImage(columns if columns is not None else [e.signal for e in regmap.inputs], 1, self.lock)
+        self.image.row(stream)
+        self._write_cols: tuple[DecisionImage | None, list] = (None, [])
         # Server mode: the heartbeat register starts at 0 in our image. Client mode: the first
         # read only sets the baseline; only a change proves the PLC is alive.
         self._hb_value: int | None = 0 if mode == "server" else None
@@ -212,7 +218,7 @@ class ModbusBridge(LoopThread):
                 raise ValueError(f"{entry.name()}: failsafe value cannot be encoded: {exc}") from None
         return cls(regmap, {k: float(v) for k, v in outputs.items()}, mode=mode, host=host, port=port,
                    stream=stream, device_id=device_id, allow=allow, max_clients=max_clients,
-                   on_input=on_input, **times)
+                   on_input=on_input, columns=list(inputs), **times)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "ModbusBridge":
@@ -239,13 +245,46 @@ class ModbusBridge(LoopThread):
         silent PLC shows as missing inputs)."""
         return [self.stream]
 
+    def bound_streams(self) -> list[str]:
+        """This bridge's one stream (``[modbus] stream``)."""
+        return [self.stream]
+
+    def read(self) -> InputImage:
+        """The cycle's one read: the image's one row (this bridge's stream, every input the PLC
+        gave so far with its receive time), ``failsafe`` while the heartbeat is stale and
+        ``failsafe_entries`` (see :meth:`failsafe_state`), ``running`` while the I/O thread is."""
+        img = self.image
+        img.take()
+        now = time.monotonic_ns()
+        with self.lock:
+            img.failsafe[0] = not self._heartbeat_ok(now)
+            img.failsafe_entries[0] = self._failsafe_entries
+        img.running = self._thread is not None and self._thread.is_alive()
+        return img
+
+    def write(self, decisions: DecisionImage) -> None:
+        """The cycle's one write: this bridge's stream's row of ``decisions`` into the output
+        registers (see :meth:`publish` for the rules; NaN columns are not given)."""
+        d = decisions
+        for i in range(d.n):
+            if d.names[i] == self.stream:
+                break
+        else:
+            return
+        image, cols = self._write_cols
+        if image is not d:
+            cols = [(e, d.index[e.signal]) for e in self.regmap.outputs if e.signal in d.index]
+            self._write_cols = (d, cols)
+        row = d.values[i].tolist()
+        self._set_outputs([(e.signal, row[j]) for e, j in cols if row[j] == row[j]])
+
     def snapshot(self, stream: str | None = None) -> Inputs:
         """``{input name: (value, rx time.monotonic_ns())}`` for every input received so far
         (``stream``: this bridge's, the default; ``{}`` for any other). Never blocks on the network."""
         if stream is not None and stream != self.stream:
             return {}
         with self.lock:
-            return dict(self._inputs)
+            return self.image.received(0)
 
     def publish(self, outputs: dict[str, float], status: str = "ok", seq: int = 0,
                 latency_us: float = 0.0, stream: str | None = None) -> None:
@@ -263,6 +302,11 @@ class ModbusBridge(LoopThread):
         """
         if stream is not None and stream != self.stream:
             raise ValueError(f"modbus bridge serves stream {self.stream!r}, not {stream!r}")
+        self._set_outputs(outputs.items())
+
+    def _set_outputs(self, outputs) -> None:
+        """``(name, value)`` pairs of the controller's outputs into the registers or the
+        client's write queue (see :meth:`publish`)."""
         now = time.monotonic_ns()
         with self.lock:
             if not self._heartbeat_ok(now):
@@ -271,7 +315,7 @@ class ModbusBridge(LoopThread):
                 return
             self._failsafe_active = False
             self._published = True
-            for name, value in outputs.items():
+            for name, value in outputs:
                 entry = self.regmap.by_signal.get(name)
                 if entry is None or entry.direction != "output":
                     continue
@@ -336,13 +380,18 @@ class ModbusBridge(LoopThread):
         log.warning("modbus %s: outputs set to fail-safe (%s)", self.mode, why)
 
     def _record_inputs(self, updates: dict[str, tuple[float, int]]) -> None:
-        """Called by the I/O thread outside the lock, after ``_inputs`` was updated."""
+        """Called by the I/O thread outside the lock, after the image was updated."""
         if self.on_input is not None and updates:
             try:
                 self.on_input(updates)
             except Exception:  # a faulty callback must not stop the I/O loop
                 self.errors.inc("callback_error")
                 log.exception("modbus on_input callback failed")
+
+    def _store_locked(self, signal: str, value: float, now: int) -> None:
+        j = self.image.index.get(signal)
+        if j is not None:
+            self.image.put(0, j, value, now)
 
     def _note_heartbeat_locked(self, value: int, now: int) -> None:
         if self._hb_value is not None and value != self._hb_value:
@@ -421,7 +470,7 @@ class ModbusBridge(LoopThread):
                 self._note_heartbeat_locked(image.words["holding"][entry.address], now)
             elif entry.direction == "input":
                 value = image.get(entry)
-                self._inputs[entry.signal] = (value, now)
+                self._store_locked(entry.signal, value, now)
                 updates[entry.signal] = (value, now)
         return updates
 
@@ -490,7 +539,7 @@ class ModbusBridge(LoopThread):
                                 self._note_heartbeat_locked(raw[off], rx)
                                 continue
                             value = entry.decode(raw[off:off + entry.width])
-                            self._inputs[entry.signal] = (value, rx)
+                            self._store_locked(entry.signal, value, rx)
                             updates[entry.signal] = (value, rx)
                 self.io.add(time.perf_counter_ns() - t0)
                 self._record_inputs(updates)
@@ -791,3 +840,11 @@ def _parse_allow(raw) -> list:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network: {exc}") from None
     return nets
+
+
+def _from_deploy(table: dict, wiring: Wiring) -> ModbusBridge:
+    """``[modbus]`` -> bridge (the registry's factory)."""
+    return ModbusBridge.from_config(table, [s.name for s in wiring.inputs], {s.name: s.failsafe for s in wiring.outputs})
+
+
+register("modbus", _from_deploy)

@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from sdk.service.config import ConfigError, DeployConfig
-    from sdk.service.controller import Controller, render_stats
+    from sdk.service.controller import Controller
+    from sdk.service.metrics import render_stats
     from sdk.service.replay import recording_source
     from runtime.control.recorder import RecordingReader
     from sdk.service.notify import ServiceMonitor

@@ -33,9 +33,9 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BUSY, REASON_ERROR, REASON_HEARTBEAT,
-                            REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP, InputGuard,
-                            OutputLimiter)
+from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BRIDGE, REASON_BUSY, REASON_ERROR,
+                                    REASON_HEARTBEAT, REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP,
+                                    InputGuard, OutputLimiter)
 
 logger = logging.getLogger(__name__)
 
@@ -329,8 +329,8 @@ class ControlCycle:
     The caller fills ``values`` (float64 ``[capacity, F]``: the policy's inputs in its order,
     then any inputs only the cycle reads, such as tracking and mode inputs), ``stamps`` (int64
     monotonic ns of each value, ``MISSING_STAMP`` if never received), ``active`` (bool
-    ``[capacity]``) and ``forced`` (bool: a bridge is putting out the stream's fail-safe values
-    itself), then calls ``run``. Results: ``status``/``reason`` per slot, ``mode`` (auto,
+    ``[capacity]``), ``forced`` (bool: a bridge is putting out the stream's fail-safe values
+    itself) and ``down`` (bool: a bridge feeding the stream has a dead I/O task), then calls ``run``. Results: ``status``/``reason`` per slot, ``mode`` (auto,
     manual, warm-up), ``ran`` (the frame was handed to the policy), ``started`` (that frame
     began a warm-up), ``filled`` (copies of that frame put into the history before it),
     ``raw`` (model outputs, float64) and ``out`` (the outputs to send). Slot ``i`` here is
@@ -347,7 +347,8 @@ class ControlCycle:
     the model drives at once, ramping back from the fail-safe values. Mode (``mode_col``, the
     column of the mode input): below 0.5 the stream is manual and its outputs track; the model
     still steps every frame, so a switch to auto needs no warm-up. A ``forced`` stream fails
-    safe (reason ``heartbeat``) after its frame was stepped. The watchdog's other fail-safes
+    safe (reason ``heartbeat``) after its frame was stepped; a ``down`` one fails safe (reason
+    ``bridge``, whatever else was wrong) after its frame, if valid, was stepped. The watchdog's other fail-safes
     (timeout, busy, bad output) leave the history as it is: the outputs ramp back from the
     fail-safe values.
     """
@@ -366,6 +367,7 @@ class ControlCycle:
         self.stamps = np.zeros((capacity, n_in), dtype=np.int64)
         self.active = np.zeros(capacity, dtype=bool)
         self.forced = np.zeros(capacity, dtype=bool)
+        self.down = np.zeros(capacity, dtype=bool)
         self.status = np.zeros(capacity, dtype=np.int8)
         self.reason = np.zeros(capacity, dtype=np.int8)
         self.mode = np.full(capacity, AUTO, dtype=np.int8)
@@ -449,6 +451,9 @@ class ControlCycle:
             np.logical_and(eq, self.forced, out=eq)
             np.logical_and(eq, active, out=eq)
             self._fail(eq, REASON_HEARTBEAT)
+        if self.down.any():
+            np.logical_and(self.down, active, out=eq)
+            self._fail(eq, REASON_BRIDGE)
         self._decide_mode()
         self.limiter.apply(self.raw, status, active, self.out, self._tracking, self.values)
         np.equal(status, FAILSAFE, out=eq)

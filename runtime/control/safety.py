@@ -44,9 +44,11 @@ MODE_NAMES = ("manual", "auto", "warmup")
 
 # Why a stream did not get the model's output this cycle. ``heartbeat``: a bridge serving the
 # stream was putting out the fail-safe values itself (the PLC's heartbeat had stopped).
+# ``bridge``: a bridge feeding the stream had a dead I/O task. New reasons go at the end, so
+# recorded codes keep their meaning.
 (REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT,
- REASON_HEARTBEAT) = range(7)
-REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output", "heartbeat")
+ REASON_HEARTBEAT, REASON_BRIDGE) = range(8)
+REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output", "heartbeat", "bridge")
 
 # Why an input value is invalid (codes in ``InputGuard.codes``; 0 = valid).
 INVALID_NAMES = ("", "nan", "inf", "range", "stale", "missing")
