@@ -256,8 +256,9 @@ class ModbusBridge(LoopThread):
         img = self.image
         img.take()
         now = time.monotonic_ns()
-        with self.lock:
-            img.failsafe[0] = not self._heartbeat_ok(now)
+        with self.lock:                                   # _heartbeat_ok, inline: once a cycle
+            img.failsafe[0] = self.regmap.heartbeat is not None and (
+                self._hb_change_ns is None or now - self._hb_change_ns > self.hb_timeout_ns)
             img.failsafe_entries[0] = self._failsafe_entries
         img.running = self._thread is not None and self._thread.is_alive()
         return img
@@ -276,7 +277,11 @@ class ModbusBridge(LoopThread):
             cols = [(e, d.index[e.signal]) for e in self.regmap.outputs if e.signal in d.index]
             self._write_cols = (d, cols)
         row = d.values[i].tolist()
-        self._set_outputs([(e.signal, row[j]) for e, j in cols if row[j] == row[j]])
+        pairs = []
+        for entry, j in cols:
+            if row[j] == row[j]:                          # NaN: not given
+                pairs.append((entry.signal, row[j]))
+        self._set_outputs(pairs)
 
     def snapshot(self, stream: str | None = None) -> Inputs:
         """``{input name: (value, rx time.monotonic_ns())}`` for every input received so far
@@ -470,7 +475,9 @@ class ModbusBridge(LoopThread):
                 self._note_heartbeat_locked(image.words["holding"][entry.address], now)
             elif entry.direction == "input":
                 value = image.get(entry)
-                self._store_locked(entry.signal, value, now)
+                j = self.image.index.get(entry.signal)
+                if j is not None:
+                    self.image.put(0, j, value, now)
                 updates[entry.signal] = (value, now)
         return updates
 

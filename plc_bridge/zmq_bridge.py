@@ -12,7 +12,7 @@ neither waits on the network.
   streams get a row; frames naming another are counted (``unknown_stream``) and dropped. A
   stream that sent nothing for ``stream_idle_s`` (default 60) loses its row (and, in the
   controller, its slot), so a peer that stopped, or an intruder, does not hold one for ever.
-- Floods: sensor frames are received under a budget (``max_frames_per_s``, default 20,000,
+- Floods: sensor frames are received under a budget (``max_frames_per_s``, default 10,000,
   spent per 10 ms window); the rest wait in libzmq, outside the interpreter, where the SUB
   socket queues each publisher apart and serves them in turn, so one publisher's flood
   neither takes the control loop's time nor drowns another publisher's frames (the
@@ -171,7 +171,7 @@ class ZmqBridge:
                  max_message_bytes: int = messages.MAX_MESSAGE_BYTES, max_values: int = messages.MAX_VALUES,
                  max_streams: int = 64, hwm: int = 1000,
                  on_input: Callable[[str, dict], None] | None = None, streams: Sequence[str] | None = None,
-                 stream_idle_s: float = 60.0, insecure_control: bool = False, max_frames_per_s: int = 20_000):
+                 stream_idle_s: float = 60.0, insecure_control: bool = False, max_frames_per_s: int = 10_000):
         self.requested = {"sensors": sensors, "decisions": decisions, "control": control}
         self.endpoints: dict[str, str] = {}
         self.curve = curve
@@ -231,7 +231,8 @@ class ZmqBridge:
         Optional keys besides the design's: ``max_message_bytes`` (65536), ``max_values``
         (256), ``max_streams`` (64), ``hwm`` (1000 messages per socket), ``stream_idle_s`` (60:
         a stream silent this long loses its row), ``insecure_control`` (false: "mode" needs a
-        CURVE-authenticated client), ``max_frames_per_s`` (20,000: the sensor receive budget).
+        CURVE-authenticated client), ``max_frames_per_s`` (10,000: the sensor receive budget;
+        64 streams at 100 Hz send 6,400).
         ``streams`` (the deployment's stream names, or None for any) admits only those.
         Raises ``ValueError`` naming the offending key, ``FileNotFoundError`` for key paths.
         """
@@ -256,7 +257,7 @@ class ZmqBridge:
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"zmq.{key}: {value!r} is not an integer in {lo}..{hi}")
             limits[key] = value
-        limits["max_frames_per_s"] = zmq_cfg.get("max_frames_per_s", 20_000)
+        limits["max_frames_per_s"] = zmq_cfg.get("max_frames_per_s", 10_000)
         if (isinstance(limits["max_frames_per_s"], bool) or not isinstance(limits["max_frames_per_s"], int)
                 or not 100 <= limits["max_frames_per_s"] <= 10_000_000):
             raise ValueError(f"zmq.max_frames_per_s: {limits['max_frames_per_s']!r} is not an integer in 100..10000000")

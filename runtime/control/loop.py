@@ -11,6 +11,7 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
 - ``InferenceWorker`` runs inference in a dedicated thread, so the loop can stop waiting for it
   (the watchdog): on a timeout the cycle puts out the fail-safe values, and while the worker is
   still busy later cycles keep the fail-safe without queueing more work.
+- ``ModeSources``: which source's value of the mode input is in force (precedence by change).
 - ``ControlCycle`` is one cycle: validate inputs, run the policy under the watchdog, decide
   each stream's mode (auto, manual, warm-up), clamp and rate-limit or track outputs, bump the
   heartbeat. The policy has the engine's sensor interface (``input_names``, ``output_names``,
@@ -35,7 +36,7 @@ import numpy as np
 
 from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BRIDGE, REASON_BUSY, REASON_ERROR,
                                     REASON_HEARTBEAT, REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP,
-                                    InputGuard, OutputLimiter)
+                                    MISSING_STAMP, InputGuard, OutputLimiter)
 
 logger = logging.getLogger(__name__)
 
@@ -565,6 +566,63 @@ class ControlCycle:
             raise ValueError(f"step_sensor returned shape {getattr(y, 'shape', type(y))}, "
                              f"expected {(n, self._y.shape[1])}")
         np.copyto(self._y[:n], y)
+
+
+class ModeSources:
+    """Mode precedence by change: the ``[mode]`` input of each slot may come from ``sources``
+    numbered sources (each bridge, the caller's inputs) and from requests (``command``, from
+    any thread: an operator's ``set_mode``); a source counts when its value changes, and the
+    latest change is in force. A PLC rewriting the same coil value every scan therefore does
+    not undo an operator's request, while a PLC that flips its coil takes over."""
+
+    def __init__(self, sources: int, capacity: int):
+        self.value = np.full(capacity, np.nan)               # the value in force
+        self.stamp = np.full(capacity, MISSING_STAMP, np.int64)   # when it changed
+        self.seen = np.full((sources, capacity), np.nan)     # each source's last value
+        self.commands: dict[str, tuple[float, int]] = {}
+        self.lock = threading.Lock()
+
+    def reset(self, slot: int) -> None:
+        """A new stream in ``slot``: nothing seen yet."""
+        self.value[slot] = np.nan
+        self.stamp[slot] = MISSING_STAMP
+        self.seen[:, slot] = np.nan
+
+    def command(self, stream: str, value: float, stamp: int) -> None:
+        """A ``set_mode`` request: in force from the next cycle, until a source changes."""
+        with self.lock:
+            self.commands[stream] = (value, stamp)
+
+    def forget(self, stream: str) -> None:
+        """Drop ``stream``'s request (its slot was released)."""
+        with self.lock:
+            self.commands.pop(stream, None)
+
+    def source(self, source: int, slot: int, value: float, stamp: int) -> None:
+        """One source's value of a slot's mode input this cycle: it counts only when it changed."""
+        if stamp == MISSING_STAMP:
+            return
+        seen = self.seen[source, slot]
+        if value == seen or (value != value and seen != seen):
+            return
+        self.seen[source, slot] = value
+        if stamp >= self.stamp[slot]:
+            self.value[slot] = value
+            self.stamp[slot] = stamp
+
+    def resolve(self, slots: dict[str, int], values: np.ndarray, stamps: np.ndarray, active: np.ndarray) -> None:
+        """The mode in force (the latest change, requests included) into the active slots'
+        mode column (``values``/``stamps``: that column of the cycle's inputs)."""
+        if self.commands:
+            with self.lock:
+                commands = tuple(self.commands.items())
+            for stream, (value, stamp) in commands:
+                slot = slots.get(stream)
+                if slot is not None and stamp > self.stamp[slot]:
+                    self.value[slot] = value
+                    self.stamp[slot] = stamp
+        np.copyto(values, self.value, where=active)
+        np.copyto(stamps, self.stamp, where=active)
 
 
 # ---------------------------------------------------------------------------- the periodic loop

@@ -50,8 +50,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from plc_bridge.bridge import Bridge, DecisionImage, ModeSwitch, Reporter, build_bridge
-from runtime.control.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
-                                  monotonic_ns, set_compute_threads)
+from runtime.control.loop import (ControlCycle, InferenceWorker, LatencyHistogram, ModeSources, PeriodicLoop,
+                                  RealtimeOptions, monotonic_ns, set_compute_threads)
 from runtime.control.recorder import FlightRecorder
 from runtime.control.safety import (INVALID_NAMES, MISSING_STAMP, MODE_NAMES, REASON_INPUT, REASON_NAMES,
                                     STATUS_NAMES, InputGuard, OutputLimiter)
@@ -61,7 +61,7 @@ from sdk.service.metrics import (MetricsServer, SnapshotExchange, controller_sta
                                  verdict)
 from sdk.service.replay import cycle_record, recording_header
 from sdk.service.shadow import Shadow
-from sdk.service.streams import ModeSources, StreamTable
+from sdk.service.streams import StreamTable
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,8 @@ class Controller:
         except Exception as exc:                          # inputs keep ageing: staleness fails safe
             self._error("read_errors", exc)
         t1 = monotonic_ns()
-        self._advise_before(seq, t1)
+        if self.advisor is not None:
+            self._advise_before(seq, t1)
         infer_ns = self.cycle.run(t1, tick_ns + self._budget_ns)
         if self.ranks is not None and self.engine.failure is not None and not self._rank_failure_seen:
             self._rank_failure_seen = True               # this cycle's fail-safe still goes out, then the run stops
@@ -481,8 +482,8 @@ class Controller:
                 continue
             seen = self._failsafe_seen[b]
             for stream, r in img.taken:
-                slot = self._slot(stream)
-                if slot is None:
+                slot = self.slots.get(stream)
+                if slot is None and (slot := self._slot(stream)) is None:
                     continue
                 v, t = img.values[r], img.stamps[r]
                 if cycle.active[slot]:
@@ -492,7 +493,8 @@ class Controller:
                 else:
                     values[slot] = v[:n]
                     stamps[slot] = t[:n]
-                    self._activate(slot)
+                    cycle.active[slot] = True
+                    self.active.append(slot)
                 given[slot] = True
                 if col is not None:
                     self.modes.source(b, slot, v[col], t[col])

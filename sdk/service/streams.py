@@ -1,25 +1,16 @@
-"""Which stream runs in which engine slot, and which source's mode is in force.
+"""Which stream runs in which engine slot.
 
-- :class:`StreamTable`: admission. ``[model] streams`` as a list admits only those names (one
-  slot each); as a count, any name gets a free slot, except that the slots of the streams a
-  bridge is bound to by its configuration (``[modbus] stream``, OPC UA streams, the advised
-  stream) are reserved for them, so frames under other names (an intruder's) can never keep
-  a configured stream from running. A slot is released when no bridge has its stream any
-  more (a ZeroMQ stream silent for ``[zmq] stream_idle_s``); reserved streams keep theirs.
-- :class:`ModeSources`: mode precedence by change. The ``[mode]`` input may come from several
-  sources (each bridge, ``step``/``source`` inputs, ``Controller.set_mode``); a source counts
-  when its value changes, and the latest change is in force. A PLC rewriting the same coil
-  value every scan therefore does not undo an operator's command from another source, while
-  a PLC that flips its coil does take over.
+:class:`StreamTable`: admission. ``[model] streams`` as a list admits only those names (one
+slot each); as a count, any name gets a free slot, except that the slots of the streams a
+bridge is bound to by its configuration (``[modbus] stream``, OPC UA streams, the advised
+stream) are reserved for them, so frames under other names (an intruder's) can never keep a
+configured stream from running. A slot is released when no bridge has its stream any more (a
+ZeroMQ stream silent for ``[zmq] stream_idle_s``); reserved streams keep theirs. The mode in
+force per slot is ``runtime.control.loop.ModeSources`` (precedence by change).
 """
 from __future__ import annotations
 
 import logging
-import threading
-
-import numpy as np
-
-from runtime.control.safety import MISSING_STAMP
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +39,8 @@ class StreamTable:
         if self.admit is not None and stream not in self.admit:
             return "not one of [model] streams"
         if stream not in self.reserved and self.names.count(None) <= len(self.reserved.difference(self.slots)):
-            return f"all {len(self.names)} slots in use or reserved for {', '.join(sorted(self.reserved))}"
+            reserved = f" or reserved for {', '.join(sorted(self.reserved))}" if self.reserved else ""
+            return f"all {len(self.names)} stream slots are in use{reserved}"
         return None
 
     def take(self, stream: str) -> int | None:
@@ -73,57 +65,3 @@ class StreamTable:
         self._warned.discard(stream)
         logger.info("stream %r released slot %d", stream, slot)
         return stream
-
-
-class ModeSources:
-    """The mode input of each slot by change of its sources (see the module docstring):
-    ``sources`` numbered sources plus ``set_mode`` requests (``command``, from any thread)."""
-
-    def __init__(self, sources: int, capacity: int):
-        self.value = np.full(capacity, np.nan)               # the value in force
-        self.stamp = np.full(capacity, MISSING_STAMP, np.int64)   # when it changed
-        self.seen = np.full((sources, capacity), np.nan)     # each source's last value
-        self.commands: dict[str, tuple[float, int]] = {}
-        self.lock = threading.Lock()
-
-    def reset(self, slot: int) -> None:
-        """A new stream in ``slot``: nothing seen yet."""
-        self.value[slot] = np.nan
-        self.stamp[slot] = MISSING_STAMP
-        self.seen[:, slot] = np.nan
-
-    def command(self, stream: str, value: float, stamp: int) -> None:
-        """A ``set_mode`` request: in force from the next cycle, until a source changes."""
-        with self.lock:
-            self.commands[stream] = (value, stamp)
-
-    def forget(self, stream: str) -> None:
-        """Drop ``stream``'s request (its slot was released)."""
-        with self.lock:
-            self.commands.pop(stream, None)
-
-    def source(self, source: int, slot: int, value: float, stamp: int) -> None:
-        """One source's value of a slot's mode input this cycle: it counts only when it changed."""
-        if stamp == MISSING_STAMP:
-            return
-        seen = self.seen[source, slot]
-        if value == seen or (value != value and seen != seen):
-            return
-        self.seen[source, slot] = value
-        if stamp >= self.stamp[slot]:
-            self.value[slot] = value
-            self.stamp[slot] = stamp
-
-    def resolve(self, slots: dict[str, int], values: np.ndarray, stamps: np.ndarray, active: np.ndarray) -> None:
-        """The mode in force (the latest change, requests included) into the active slots'
-        mode column (``values``/``stamps``: that column of the cycle's inputs)."""
-        if self.commands:
-            with self.lock:
-                commands = tuple(self.commands.items())
-            for stream, (value, stamp) in commands:
-                slot = slots.get(stream)
-                if slot is not None and stamp > self.stamp[slot]:
-                    self.value[slot] = value
-                    self.stamp[slot] = stamp
-        np.copyto(values, self.value, where=active)
-        np.copyto(stamps, self.stamp, where=active)
