@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import urllib.request
@@ -122,7 +123,7 @@ def test_a_count_reserves_bound_streams_and_idle_zmq_streams_give_their_slot_bac
         assert ctrl.counters["dropped_streams"] > 0
 
 
-def test_mode_needs_curve_from_an_allowed_key_and_status_stays_open(tmp_path):
+def test_mode_needs_curve_from_an_allowed_key_and_status_stays_open(tmp_path, caplog):
     keys = tmp_path / "keys"
     server_pub, server_sec = make_keys(keys, "server")
     allowed = tmp_path / "allowed"
@@ -161,7 +162,8 @@ def test_mode_needs_curve_from_an_allowed_key_and_status_stays_open(tmp_path):
     # insecure_control = true lets a plain client switch (and r1edge run warns about it at start).
     open_ = ZmqBridge.from_config({"control": "tcp://127.0.0.1:*", "insecure_control": True}, tmp_path)
     open_.set_mode_handler(handler)
-    with open_:
+    with caplog.at_level(logging.WARNING, logger="plc_bridge.zmq_bridge"), open_:
+        assert any("insecure_control = true" in r.getMessage() for r in caplog.records)
         with ControlClient(open_.endpoints["control"]) as client:
             assert client.request("mode", stream="main", mode="auto")["ok"] is True
     assert calls[-1] == ("main", "auto")
@@ -185,9 +187,10 @@ def test_a_dead_zmq_loop_fails_its_streams_safe_as_bridge_and_shows_in_health_an
     bridge = FaultyZmq.from_config(cfg.zmq, cfg.base_dir, [s.name for s in cfg.wiring().inputs])
     with Running(Controller(cfg, bridges=[bridge])) as ctrl:
         eps = bridge.endpoints
-        with Feeder(eps["sensors"]) as feed:
+        with Feeder(eps["sensors"]), SensorPublisher(eps["sensors"]) as faulty:
+            assert faulty.wait_ready()
             assert wait_for(lambda: "main" in ctrl.slots and ctrl.status()["status"] == "ok", 20)
-            feed.pub.send("boom", 0, GOOD)
+            faulty.send("boom", 0, GOOD)
             assert wait_for(lambda: ctrl.status()["reason"] == "bridge", 5)
             assert bridge.health()["running"] is False
             port = ctrl.metrics.port
