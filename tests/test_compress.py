@@ -602,7 +602,7 @@ def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoin
     gives exactly the package of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    compress_module = importlib.import_module("sdk.tools.compress")    # the attribute sdk.tools.compress is the function
+    compress_module = importlib.import_module("sdk.tools.compress")    # the attribute sdk.compress is the function
 
     src = tmp_path / "src"
     src.mkdir()
