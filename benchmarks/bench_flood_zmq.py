@@ -81,7 +81,7 @@ def snapshot(ctrl) -> dict:
     z = s["bridges"]["zmq"]
     return {"cycles": s["cycles"], "deadline_misses": s["deadline_misses"], "skipped_ticks": s["skipped_ticks"],
             "failsafe_cycles": s["failsafe_cycles"], "frames": z["frames"], "refused": sum(z["bad"].values()),
-            "throttled_windows": z["throttled_windows"]}
+            "throttled_windows": z.get("throttled_windows", 0)}
 
 
 def main(argv=None) -> dict:
