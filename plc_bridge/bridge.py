@@ -128,6 +128,13 @@ class InputImage:
         self._values[row, column] = value
         self._stamps[row, column] = stamp
 
+    def put_named(self, row: int, name: str, value: float, stamp: int) -> None:
+        """Lock held: one received value of input ``name`` (ignored if not a column)."""
+        j = self.index.get(name)
+        if j is not None:
+            self._values[row, j] = value
+            self._stamps[row, j] = stamp
+
     def take(self) -> list[tuple[str, int]]:
         """The loop's read: copy the rows in use to the front buffer; returns ``[(stream, row)]``."""
         with self.lock:
@@ -156,9 +163,20 @@ class DecisionImage:
         self.seq = 0
         self.latency_us = 0.0
 
+    def row_of(self, stream: str) -> int | None:
+        """The row of ``stream`` this cycle, or None."""
+        for i in range(self.n):
+            if self.names[i] == stream:
+                return i
+        return None
+
+    def given(self, i: int) -> list[tuple[str, float]]:
+        """Row ``i`` as ``(output, value)`` pairs of the columns given for that stream."""
+        return [(k, v) for k, v in zip(self.columns, self.values[i].tolist()) if v == v]
+
     def outputs(self, i: int) -> dict[str, float]:
         """Row ``i`` as ``{output: value}`` (the columns given for that stream)."""
-        return {k: v for k, v in zip(self.columns, self.values[i].tolist()) if v == v}
+        return dict(self.given(i))
 
 
 # ---------------------------------------------------------------------------- the registry
@@ -267,8 +285,9 @@ class ModeSwitch(Protocol):
 class SnapshotBridge:
     """:meth:`Bridge.read`, :meth:`Bridge.write` and :meth:`Bridge.bound_streams` for a bridge
     that keeps its inputs per signal behind ``input_streams()``/``snapshot(stream)`` and takes
-    decisions through ``publish(outputs, status, seq, latency_us, stream)``. The bridge sets
-    ``image`` (an :class:`InputImage` over its wiring's inputs) when it is built."""
+    decisions through ``publish(outputs, status, seq, latency_us, stream)``, and says whether its
+    I/O is up with ``_io_running()`` (a :class:`LoopThread` does). The bridge sets ``image`` (an
+    :class:`InputImage` over its wiring's inputs) when it is built."""
 
     image: InputImage
 
@@ -293,8 +312,7 @@ class SnapshotBridge:
                     img.values[r, j] = value
                     img.stamps[r, j] = stamp
             taken.append((stream, r))
-        thread = getattr(self, "_thread", None)
-        img.running = thread is not None and thread.is_alive()
+        img.running = self._io_running()
         return img
 
     def write(self, decisions: DecisionImage) -> None:
@@ -328,6 +346,11 @@ class LoopThread:
 
     def _label(self) -> str:
         raise NotImplementedError
+
+    def _io_running(self) -> bool:
+        """Whether the bridge's I/O is up: ``health()["running"]`` and the image's ``running``
+        (False while a task of the bridge is dead)."""
+        return self._thread is not None and self._thread.is_alive()
 
     async def _main(self) -> None:
         raise NotImplementedError

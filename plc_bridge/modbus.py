@@ -47,10 +47,10 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimData, SimDevice
 
-from .bridge import DecisionImage, InputImage, Inputs, LoopThread, Wiring, register
+from .bridge import DecisionImage, InputImage, Inputs, LoopThread, register
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing, worth_logging
-from .registers import ADDRESS_SPACE, BIT_TABLES, TABLES, MapEntry, RegisterMap, heartbeat_entry
+from .registers import ADDRESS_SPACE, BIT_TABLES, NO_ACCESS, READ_ONLY, READ_WRITE, RegisterImage, RegisterMap
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ FC_TABLE = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 4: "input",
             3: "holding", 6: "holding", 16: "holding", 22: "holding", 23: "holding"}
 EXCEPTION_NAMES = {1: "illegal_function", 2: "illegal_address", 3: "illegal_value",
                    4: "device_failure", 0x0B: "unknown_unit"}
-_NONE, _READ, _WRITE = 0, 1, 2
 _MBAP = struct.Struct(">HHHB")
 _MODBUS_KEYS = frozenset((
     "mode", "stream", "host", "port", "device_id", "heartbeat", "map", "allow", "max_clients", "poll_ms",
@@ -76,12 +75,10 @@ class ModbusBridge(LoopThread):
     carry that stream's decision only.
 
     Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
-    Inputs land in a preallocated :class:`~plc_bridge.bridge.InputImage` (one row, columns
-    ``columns``, default the mapped inputs) and come out of :meth:`read` (the controller's
-    cycle) or :meth:`snapshot`, and the optional ``on_input`` callback, called in the I/O
-    thread with ``{name: (value, rx_ns)}`` of the signals just received, after the PLC's
-    request has been answered (it must be quick); outputs go in through :meth:`write` (a
-    :class:`~plc_bridge.bridge.DecisionImage`) or :meth:`publish`.
+    Inputs land in ``image`` (one row over ``columns``) and come out of :meth:`read` or
+    :meth:`snapshot` (and the optional ``on_input`` callback, called in the I/O thread with
+    ``{name: (value, rx_ns)}`` of the signals just received, after the PLC's request has been
+    answered; it must be quick); outputs go in through :meth:`write` or :meth:`publish`.
 
     Start: server mode serves every output register at its fail-safe value until the first
     :meth:`publish`; client mode writes nothing to the PLC before the first publish it
@@ -136,7 +133,6 @@ class ModbusBridge(LoopThread):
         self.lock = threading.Lock()
         self.image = InputImage(columns if columns is not None else [e.signal for e in regmap.inputs], 1, self.lock)
         self.image.row(stream)
-        self._write_cols: tuple[DecisionImage | None, list] = (None, [])
         # Server mode: the heartbeat register starts at 0 in our image. Client mode: the first
         # read only sets the baseline; only a change proves the PLC is alive.
         self._hb_value: int | None = 0 if mode == "server" else None
@@ -150,7 +146,7 @@ class ModbusBridge(LoopThread):
         self._clients = 0
         self._connected = False
         self._init_thread()
-        self._image = _RegisterImage(regmap) if mode == "server" else None
+        self._image = RegisterImage(regmap) if mode == "server" else None
         if self._image is not None:
             for entry in regmap.outputs:
                 self._image.put(entry, self.failsafe[entry.signal])
@@ -250,38 +246,21 @@ class ModbusBridge(LoopThread):
         return [self.stream]
 
     def read(self) -> InputImage:
-        """The cycle's one read: the image's one row (this bridge's stream, every input the PLC
-        gave so far with its receive time), ``failsafe`` while the heartbeat is stale and
-        ``failsafe_entries`` (see :meth:`failsafe_state`), ``running`` while the I/O thread is."""
+        """The cycle's one read (``failsafe``: the heartbeat is stale; see :meth:`failsafe_state`)."""
         img = self.image
         img.take()
         now = time.monotonic_ns()
-        with self.lock:                                   # _heartbeat_ok, inline: once a cycle
-            img.failsafe[0] = self.regmap.heartbeat is not None and (
-                self._hb_change_ns is None or now - self._hb_change_ns > self.hb_timeout_ns)
+        with self.lock:
+            img.failsafe[0] = not self._heartbeat_ok(now)
             img.failsafe_entries[0] = self._failsafe_entries
-        img.running = self._thread is not None and self._thread.is_alive()
+        img.running = self._io_running()
         return img
 
     def write(self, decisions: DecisionImage) -> None:
-        """The cycle's one write: this bridge's stream's row of ``decisions`` into the output
-        registers (see :meth:`publish` for the rules; NaN columns are not given)."""
-        d = decisions
-        for i in range(d.n):
-            if d.names[i] == self.stream:
-                break
-        else:
-            return
-        image, cols = self._write_cols
-        if image is not d:
-            cols = [(e, d.index[e.signal]) for e in self.regmap.outputs if e.signal in d.index]
-            self._write_cols = (d, cols)
-        row = d.values[i].tolist()
-        pairs = []
-        for entry, j in cols:
-            if row[j] == row[j]:                          # NaN: not given
-                pairs.append((entry.signal, row[j]))
-        self._set_outputs(pairs)
+        """The cycle's one write: this bridge's stream's row, as :meth:`publish` takes it."""
+        i = decisions.row_of(self.stream)
+        if i is not None:
+            self._set_outputs(decisions.given(i))
 
     def snapshot(self, stream: str | None = None) -> Inputs:
         """``{input name: (value, rx time.monotonic_ns())}`` for every input received so far
@@ -355,7 +334,7 @@ class ModbusBridge(LoopThread):
         return {
             "mode": self.mode,
             "address": [self.host, self.port],
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": self._io_running(),
             "connected": connected,
             "clients": self._clients if self.mode == "server" else int(self._connected),
             "heartbeat_ok": hb_ok,
@@ -392,11 +371,6 @@ class ModbusBridge(LoopThread):
             except Exception:  # a faulty callback must not stop the I/O loop
                 self.errors.inc("callback_error")
                 log.exception("modbus on_input callback failed")
-
-    def _store_locked(self, signal: str, value: float, now: int) -> None:
-        j = self.image.index.get(signal)
-        if j is not None:
-            self.image.put(0, j, value, now)
 
     def _note_heartbeat_locked(self, value: int, now: int) -> None:
         if self._hb_value is not None and value != self._hb_value:
@@ -475,9 +449,7 @@ class ModbusBridge(LoopThread):
                 self._note_heartbeat_locked(image.words["holding"][entry.address], now)
             elif entry.direction == "input":
                 value = image.get(entry)
-                j = self.image.index.get(entry.signal)
-                if j is not None:
-                    self.image.put(0, j, value, now)
+                self.image.put_named(0, entry.signal, value, now)
                 updates[entry.signal] = (value, now)
         return updates
 
@@ -546,7 +518,7 @@ class ModbusBridge(LoopThread):
                                 self._note_heartbeat_locked(raw[off], rx)
                                 continue
                             value = entry.decode(raw[off:off + entry.width])
-                            self._store_locked(entry.signal, value, rx)
+                            self.image.put_named(0, entry.signal, value, rx)
                             updates[entry.signal] = (value, rx)
                 self.io.add(time.perf_counter_ns() - t0)
                 self._record_inputs(updates)
@@ -594,50 +566,6 @@ class ModbusBridge(LoopThread):
             self.errors.inc(f"plc_{EXCEPTION_NAMES.get(rr.exception_code, f'exception_{rr.exception_code}')}")
 
 
-class _RegisterImage:
-    """Server mode: the four tables as preallocated arrays, with an access level per address
-    (none, read, read/write). Every method expects the bridge lock to be held."""
-
-    def __init__(self, regmap: RegisterMap):
-        self.words = {"holding": array("H", bytes(2 * ADDRESS_SPACE)), "input": array("H", bytes(2 * ADDRESS_SPACE))}
-        self.bits = {"coil": bytearray(ADDRESS_SPACE), "discrete": bytearray(ADDRESS_SPACE)}
-        self.access = {t: bytearray(ADDRESS_SPACE) for t in TABLES}
-        self.at: dict[str, dict[int, MapEntry]] = {t: {} for t in TABLES}
-        entries = list(regmap.entries)
-        if regmap.heartbeat is not None:
-            entries.append(heartbeat_entry(regmap.heartbeat))
-        for entry in entries:
-            level = _WRITE if entry.direction == "input" else _READ
-            for a in range(entry.address, entry.end):
-                self.access[entry.table][a] = level
-                self.at[entry.table][a] = entry
-
-    def put(self, entry: MapEntry, value: float) -> bool:
-        """Encode ``value`` into the entry's registers; returns True if it was clamped."""
-        raw, clamped = entry.encode(value)
-        if entry.is_bit:
-            self.bits[entry.table][entry.address] = raw[0]
-        else:
-            self.words[entry.table][entry.address:entry.end] = array("H", raw)
-        return clamped
-
-    def get(self, entry: MapEntry) -> float:
-        """Decode the entry's current registers."""
-        if entry.is_bit:
-            return entry.decode(self.bits[entry.table][entry.address:entry.end])
-        return entry.decode(self.words[entry.table][entry.address:entry.end])
-
-    def entries_in(self, table: str, address: int, count: int) -> list[MapEntry]:
-        """Entries overlapping ``address .. address+count-1``, each once, in address order."""
-        at = self.at[table]
-        found: list[MapEntry] = []
-        for a in range(address, address + count):
-            entry = at.get(a)
-            if entry is not None and (not found or found[-1] is not entry):
-                found.append(entry)
-        return found
-
-
 class _Store:
     """The datastore pymodbus' request PDUs call (``async_getValues``/``async_setValues``),
     backed by the bridge's register image. Nothing here awaits, so each PDU's
@@ -659,9 +587,9 @@ class _Store:
             return ExcCodes.ILLEGAL_ADDRESS
         bridge = self.bridge
         with bridge.lock:
-            if bridge._image.access[table].count(_NONE, address, end):
+            if bridge._image.access[table].count(NO_ACCESS, address, end):
                 return ExcCodes.ILLEGAL_ADDRESS
-            if bridge._image.access[table].count(_READ, address, end):
+            if bridge._image.access[table].count(READ_ONLY, address, end):
                 bridge._output_reads += 1
             if table in BIT_TABLES:
                 return [bool(b) for b in bridge._image.bits[table][address:end]]
@@ -677,7 +605,7 @@ class _Store:
         bridge = self.bridge
         with bridge.lock:
             image = bridge._image
-            if image.access[table].count(_WRITE, address, end) != count:
+            if image.access[table].count(READ_WRITE, address, end) != count:
                 return ExcCodes.ILLEGAL_ADDRESS
             if table in BIT_TABLES:
                 image.bits[table][address:end] = bytes(1 if v else 0 for v in values)
@@ -849,9 +777,5 @@ def _parse_allow(raw) -> list:
     return nets
 
 
-def _from_deploy(table: dict, wiring: Wiring) -> ModbusBridge:
-    """``[modbus]`` -> bridge (the registry's factory)."""
-    return ModbusBridge.from_config(table, [s.name for s in wiring.inputs], {s.name: s.failsafe for s in wiring.outputs})
-
-
-register("modbus", _from_deploy)
+register("modbus", lambda table, wiring: ModbusBridge.from_config(  # the registry's factory
+    table, [s.name for s in wiring.inputs], {s.name: s.failsafe for s in wiring.outputs}))

@@ -467,7 +467,7 @@ class OpcUaBridge(SnapshotBridge, LoopThread):
         server = self._server
         clients = len(server.bserver.clients) if server is not None and server.bserver is not None else 0
         return {
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": self._io_running(),
             "endpoint": self.endpoint,
             "security": list(self.security),
             "users": None if self.users is None else len(self.users),

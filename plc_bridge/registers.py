@@ -16,6 +16,7 @@ Everything here is pure data and arithmetic; the servers and clients live in
 from __future__ import annotations
 
 import math
+from array import array
 import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -343,3 +344,51 @@ def _check_overlaps(entries: list[MapEntry], hb: Heartbeat | None) -> None:
             b = "modbus.heartbeat" if second.index < 0 else second.name()
             raise ValueError(f"{b}: {second.table} address {second.address} overlaps {a} "
                              f"({first.table} {first.address}..{first.end - 1})")
+
+
+#: Access levels of a register image's addresses (a server's inputs are written by the PLC).
+NO_ACCESS, READ_ONLY, READ_WRITE = 0, 1, 2
+
+
+class RegisterImage:
+    """A Modbus server's register image: the four tables as preallocated arrays, with an access level per address
+    (``NO_ACCESS``, ``READ_ONLY``, ``READ_WRITE``). Not thread-safe: the caller holds its lock."""
+
+    def __init__(self, regmap: RegisterMap):
+        self.words = {"holding": array("H", bytes(2 * ADDRESS_SPACE)), "input": array("H", bytes(2 * ADDRESS_SPACE))}
+        self.bits = {"coil": bytearray(ADDRESS_SPACE), "discrete": bytearray(ADDRESS_SPACE)}
+        self.access = {t: bytearray(ADDRESS_SPACE) for t in TABLES}
+        self.at: dict[str, dict[int, MapEntry]] = {t: {} for t in TABLES}
+        entries = list(regmap.entries)
+        if regmap.heartbeat is not None:
+            entries.append(heartbeat_entry(regmap.heartbeat))
+        for entry in entries:
+            level = READ_WRITE if entry.direction == "input" else READ_ONLY
+            for a in range(entry.address, entry.end):
+                self.access[entry.table][a] = level
+                self.at[entry.table][a] = entry
+
+    def put(self, entry: MapEntry, value: float) -> bool:
+        """Encode ``value`` into the entry's registers; returns True if it was clamped."""
+        raw, clamped = entry.encode(value)
+        if entry.is_bit:
+            self.bits[entry.table][entry.address] = raw[0]
+        else:
+            self.words[entry.table][entry.address:entry.end] = array("H", raw)
+        return clamped
+
+    def get(self, entry: MapEntry) -> float:
+        """Decode the entry's current registers."""
+        if entry.is_bit:
+            return entry.decode(self.bits[entry.table][entry.address:entry.end])
+        return entry.decode(self.words[entry.table][entry.address:entry.end])
+
+    def entries_in(self, table: str, address: int, count: int) -> list[MapEntry]:
+        """Entries overlapping ``address .. address+count-1``, each once, in address order."""
+        at = self.at[table]
+        found: list[MapEntry] = []
+        for a in range(address, address + count):
+            entry = at.get(a)
+            if entry is not None and (not found or found[-1] is not entry):
+                found.append(entry)
+        return found

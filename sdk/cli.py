@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """``r1edge keys OUT_DIR [--name NAME]``: write a CURVE key pair for the ZeroMQ bridge."""
-    from plc_bridge.zmq_bridge import make_keys
+    from plc_bridge.zmq_clients import make_keys
 
     public, secret = make_keys(args.out_dir, args.name)
     print(f"public key: {public}\nsecret key: {secret} (keep private)")
