@@ -24,7 +24,12 @@ stream's fail-safe values on its own (the Modbus bridge, when the PLC's heartbea
 marks that stream's row ``failsafe`` and counts the switches in ``failsafe_entries``, so that
 the controller knows what the plant actually got.
 
-Bridges built on asyncio run their event loop in a thread of their own (:class:`LoopThread`).
+Bridges built on asyncio run their event loop in a thread of their own (:class:`LoopThread`),
+and every I/O task in that loop runs supervised (:meth:`LoopThread._supervise`): an unexpected
+exception is logged with its traceback, counted in ``health()["errors"]`` as
+``<task>_failed``, and the task restarts after a capped back-off. While a task is dead its
+name is in :meth:`Supervised.down_tasks` (and ``health()["down"]``) and ``health()["running"]``
+is false: the controller fails the bridge's streams safe (reason ``bridge``) meanwhile.
 """
 from __future__ import annotations
 
@@ -33,10 +38,13 @@ import importlib
 import logging
 import math
 import threading
+import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Awaitable, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from .metrics import CollapsingLog, Counters
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +205,16 @@ def register(section: str, factory: Callable[[dict, Wiring], "Bridge"],
     _FACTORIES[section] = (factory, normalise)
 
 
+def resolve_paths(table: dict, base_dir: Path, sub: str, keys: Sequence[str]) -> dict:
+    """``table`` with the paths ``keys`` of its sub-table ``sub`` resolved against ``base_dir``
+    (the TOML file's directory), for a bridge's ``normalise``."""
+    inner = table.get(sub)
+    if not isinstance(inner, dict):
+        return table
+    return {**table, sub: {k: str((Path(base_dir) / Path(v).expanduser()).resolve())
+                           if k in keys and isinstance(v, str) else v for k, v in inner.items()}}
+
+
 def _factory(section: str) -> tuple[Callable, Callable | None]:
     if section not in _FACTORIES:
         module = BRIDGE_MODULES[SECTIONS.index(section)]
@@ -282,18 +300,41 @@ class ModeSwitch(Protocol):
         ...
 
 
-class SnapshotBridge:
+class ImageBridge:
     """:meth:`Bridge.read`, :meth:`Bridge.write` and :meth:`Bridge.bound_streams` for a bridge
-    that keeps its inputs per signal behind ``input_streams()``/``snapshot(stream)`` and takes
-    decisions through ``publish(outputs, status, seq, latency_us, stream)``, and says whether its
-    I/O is up with ``_io_running()`` (a :class:`LoopThread` does). The bridge sets ``image`` (an
-    :class:`InputImage` over its wiring's inputs) when it is built."""
+    whose I/O thread fills ``image`` (an :class:`InputImage` over its wiring's inputs), which
+    takes decisions through ``publish(outputs, status, seq, latency_us, stream)`` and whose
+    ``input_streams()`` are the streams it is bound to. Where the bridge has
+    ``failsafe_state(stream)`` (it may put out fail-safe values itself) its rows say so; the
+    image's ``running`` is the bridge's ``_running()`` (a :class:`LoopThread`'s)."""
 
     image: InputImage
 
     def bound_streams(self) -> list[str]:
         """The streams it has inputs for by configuration."""
         return list(self.input_streams())
+
+    def read(self) -> InputImage:
+        """The cycle's one read: the image's rows in use, copied (see :class:`InputImage`)."""
+        img = self.image
+        state = getattr(self, "failsafe_state", None)
+        for stream, r in img.take():
+            if state is not None:
+                img.failsafe[r], img.failsafe_entries[r] = state(stream)
+        img.running = self._running()
+        return img
+
+    def write(self, decisions: DecisionImage) -> None:
+        """The cycle's one write: each served stream's row handed to ``publish``."""
+        d = decisions
+        for i in range(d.n):
+            if self.serves(d.names[i]):
+                self.publish(d.outputs(i), d.status[i], d.seq, d.latency_us, d.names[i])
+
+
+class SnapshotBridge(ImageBridge):
+    """An :class:`ImageBridge` whose inputs are kept per signal behind ``snapshot(stream)``:
+    :meth:`read` copies them into ``image``."""
 
     def read(self) -> InputImage:
         """Copy each stream's newest inputs into the image (see :meth:`Bridge.read`)."""
@@ -312,45 +353,131 @@ class SnapshotBridge:
                     img.values[r, j] = value
                     img.stamps[r, j] = stamp
             taken.append((stream, r))
-        img.running = self._io_running()
+        img.running = self._running()
         return img
 
-    def write(self, decisions: DecisionImage) -> None:
-        """Publish each served stream's row (see :meth:`Bridge.write`)."""
-        d = decisions
-        for i in range(d.n):
-            if self.serves(d.names[i]):
-                self.publish(d.outputs(i), d.status[i], d.seq, d.latency_us, d.names[i])
+
+@runtime_checkable
+class Supervised(Protocol):
+    """A bridge whose I/O tasks run supervised: the controller asks each cycle which are down."""
+
+    def down_tasks(self) -> tuple[str, ...]:
+        """Names of the bridge's I/O tasks that are dead now (failed and waiting to restart, or
+        the bridge's thread itself when it died); ``()`` while all run or before ``start()``.
+        Never blocks: a plain attribute read."""
+        ...
 
 
 class LoopThread:
-    """An asyncio event loop in a daemon thread of its own, running the subclass's ``_main()``.
+    """An asyncio event loop in a daemon thread of its own, running the subclass's ``_main()``,
+    with supervised I/O tasks.
 
     ``_main`` creates the loop's ``_stop`` and ``_wake`` events, calls ``_ready.set()`` once it
     serves and returns after ``_stop`` is set. ``start`` returns then, or raises
     ``RuntimeError`` with what ``_main`` failed with before it was ready (or after
     ``START_TIMEOUT_S``); ``stop`` sets ``_stop`` and ``_wake`` and joins (idempotent);
     ``_wakeup`` sets ``_wake`` from any thread. ``_label()`` names the bridge in messages.
+
+    ``_spawn(name, factory)`` (in the loop) runs ``await factory()`` supervised: see
+    :meth:`_supervise`. The subclass keeps its own error counters in ``self.errors``
+    (a :class:`~plc_bridge.metrics.Counters`), where task failures are counted too.
     """
 
     START_TIMEOUT_S = 10.0
     JOIN_TIMEOUT_S = 5.0          # after a failed start
+    RESTART_MIN_S = 0.1           # back-off before a failed task's first restart, doubling ...
+    RESTART_MAX_S = 5.0           # ... up to this; reset once a task ran this long without failing
 
-    def _init_thread(self) -> None:
+    def _init_thread(self, logger: logging.Logger | None = None) -> None:
+        """Set up the thread's state; ``logger``: where ``self._say`` (a
+        :class:`~plc_bridge.metrics.CollapsingLog` for the subclass's repeated warnings) and
+        task failures write (default: this module's)."""
+        self._log = logger or log
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._down: tuple[str, ...] = ()
+        self._tasks: list[asyncio.Task] = []
+        self._tracebacks_logged: set[tuple[str, str]] = set()
+        if not hasattr(self, "errors"):
+            self.errors = Counters()
+        self._say = CollapsingLog(self._log)
+
+    def down_tasks(self) -> tuple[str, ...]:
+        """Names of the I/O tasks that are dead now (see :class:`Supervised`); ``"thread"`` when
+        the bridge's thread died after it had started."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return self._down + ("thread",)
+        return self._down
+
+    def _running(self) -> bool:
+        """For ``health()["running"]``: the thread runs and no supervised task is down."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._down
+
+    def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        """Start ``factory()`` as a supervised task called ``name`` (call from the loop)."""
+        task = asyncio.get_running_loop().create_task(self._supervise(name, factory), name=name)
+        self._tasks.append(task)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every supervised task and wait for them (from ``_main``'s clean-up)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await factory()`` until ``_stop``; restart it after an unexpected exception.
+
+        The first failure of each exception type is logged with its traceback; later ones are
+        collapsed warnings (see :class:`~plc_bridge.metrics.CollapsingLog`). Each failure is
+        counted as ``errors["<name>_failed"]``; the task is in :meth:`down_tasks` from its failure
+        until it runs again after the back-off (``RESTART_MIN_S`` doubling to ``RESTART_MAX_S``,
+        back to the minimum after a run of ``RESTART_MAX_S`` without failure). A factory that
+        returns while the bridge is not stopping is restarted the same way, without a count.
+        """
+        delay = self.RESTART_MIN_S
+        while not self._stop.is_set():
+            began = time.monotonic()
+            failure: Exception | None = None
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failure = exc
+            if self._stop.is_set():
+                return
+            if time.monotonic() - began >= self.RESTART_MAX_S:
+                delay = self.RESTART_MIN_S
+            self._down = tuple(sorted(set(self._down) | {name}))
+            if failure is not None:
+                count = self.errors.inc(f"{name}_failed")
+                kind = type(failure).__name__
+                if (name, kind) not in self._tracebacks_logged:
+                    self._tracebacks_logged.add((name, kind))
+                    self._log.error("%s: task %s failed (%d so far); restarting in %.2g s", self._label(), name,
+                                    count, delay, exc_info=failure)
+                else:
+                    self._say.warning(f"{name}:{kind}", "%s: task %s failed again: %s: %s (%d so far)",
+                                      self._label(), name, kind, failure, count)
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+                return
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._down = tuple(task for task in self._down if task != name)
+            delay = min(delay * 2.0, self.RESTART_MAX_S)
 
     def _label(self) -> str:
         raise NotImplementedError
-
-    def _io_running(self) -> bool:
-        """Whether the bridge's I/O is up: ``health()["running"]`` and the image's ``running``
-        (False while a task of the bridge is dead)."""
-        return self._thread is not None and self._thread.is_alive()
 
     async def _main(self) -> None:
         raise NotImplementedError

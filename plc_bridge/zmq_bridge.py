@@ -64,7 +64,7 @@ from zmq.utils.monitor import recv_monitor_message
 import numpy as np
 
 from . import messages
-from .bridge import DecisionImage, InputImage, Inputs, ModeHandler, Provider, Wiring, register
+from .bridge import DecisionImage, InputImage, Inputs, ModeHandler, Provider, Wiring, register, resolve_paths
 from .messages import MessageError
 from .metrics import Counters, LatencyRing, worth_logging
 from .zmq_clients import (ZAP_DOMAIN, ControlClient, CurveClient, CurveServer, DecisionSubscriber,
@@ -321,6 +321,11 @@ class ZmqBridge:
             values = self._values.get(stream)
             return dict(values) if values else {}
 
+    def down_tasks(self) -> tuple[str, ...]:
+        """``("io_loop",)`` while the I/O loop is down after a failure (see the module docstring)."""
+        thread = self._thread
+        return ("io_loop",) if self._down or (thread is not None and not thread.is_alive()) else ()
+
     def read(self) -> InputImage:
         """The cycle's one read: every stream's newest values (a row a stream, see
         :class:`~plc_bridge.bridge.InputImage`); ``running`` false while the I/O loop is down.
@@ -329,7 +334,7 @@ class ZmqBridge:
         if img is None:
             raise RuntimeError("zmq bridge built without inputs has no image to read")
         img.take()
-        img.running = not self._down and self._thread is not None and self._thread.is_alive()
+        img.running = self._thread is not None and not self.down_tasks()
         return img
 
     def write(self, decisions: DecisionImage) -> None:
@@ -401,7 +406,8 @@ class ZmqBridge:
         with self._lock:
             streams = len(self._frames)
         return {
-            "running": not self._down and self._thread is not None and self._thread.is_alive(),
+            "running": self._thread is not None and not self.down_tasks(),
+            "down": list(self.down_tasks()),
             "endpoints": dict(self.endpoints),
             "curve": self.curve is not None,
             "connected": any(peers.values()),
@@ -780,19 +786,9 @@ class ZmqBridge:
                     log.warning("zmq.%s: %s from a peer (%d so far)", role, reason, n)
 
 
-def _normalise(table: dict, base_dir: Path) -> dict:
-    """``[zmq]`` as the config keeps it: CURVE key paths resolved against the TOML's directory."""
-    table = dict(table)
-    curve = table.get("curve")
-    if isinstance(curve, dict):
-        table["curve"] = {k: str((Path(base_dir) / Path(v).expanduser()).resolve()) if k in ("secret_key", "allowed") and isinstance(v, str)
-                          else v for k, v in curve.items()}
-    return table
-
-
 def _from_deploy(table: dict, wiring: Wiring) -> ZmqBridge:
     """``[zmq]`` -> bridge (the registry's factory)."""
     return ZmqBridge.from_config(table, wiring.base_dir, [s.name for s in wiring.inputs], streams=wiring.streams)
 
 
-register("zmq", _from_deploy, _normalise)
+register("zmq", _from_deploy, lambda table, base: resolve_paths(table, base, "curve", ("secret_key", "allowed")))

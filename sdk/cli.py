@@ -147,11 +147,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_opcua_user(args: argparse.Namespace) -> int:
-    """``r1edge opcua-user USERS.toml NAME``: add, replace or remove an OPC UA user."""
+    """``r1edge opcua-user USERS.toml NAME``: add, replace or remove an OPC UA user, or map a
+    client certificate to a role (``--certificate``)."""
     import getpass
 
-    from plc_bridge.opcua import set_user
+    from plc_bridge.opcua_security import set_certificate, set_user
 
+    if args.certificate is not None or (args.delete and args.certificate_entry):
+        set_certificate(args.users, args.name, None if args.delete else args.certificate, args.role)
+        print(f"{args.users}: certificate {args.name!r} " + ("removed" if args.delete else f"set ({args.role})"))
+        return 0
     if args.delete:
         set_user(args.users, args.name, None)
         print(f"{args.users}: removed {args.name!r}")
@@ -162,14 +167,14 @@ def cmd_opcua_user(args: argparse.Namespace) -> int:
         password = getpass.getpass(f"password for {args.name}: ")
         if getpass.getpass("again: ") != password:
             raise ValueError("the two passwords differ")
-    set_user(args.users, args.name, password)
+    set_user(args.users, args.name, password, role=args.role)
     print(f"{args.users}: {args.name!r} set (scrypt, own salt)")
     return 0
 
 
 def cmd_opcua_cert(args: argparse.Namespace) -> int:
     """``r1edge opcua-cert OUT_DIR``: a self-signed OPC UA application certificate and key."""
-    from plc_bridge.opcua import make_certificate
+    from plc_bridge.opcua_security import make_certificate
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     cert, key = make_certificate(args.out_dir, args.name, uri=args.uri, hosts=hosts, client=args.client,
@@ -179,6 +184,27 @@ def cmd_opcua_cert(args: argparse.Namespace) -> int:
         print("Copy the certificate into the server's [opcua] trusted_clients directory.")
     else:
         print("Server: [opcua] certificate = \"<path to the .der>\", private_key = \"<path to the .pem>\"")
+    return 0
+
+
+def cmd_modbus_cert(args: argparse.Namespace) -> int:
+    """``r1edge modbus-cert OUT_DIR``: a CA, a server certificate and client certificates with a
+    role, for Modbus/TCP Security (``[modbus.tls]``)."""
+    from plc_bridge.modbus_tls import make_certificates
+
+    hosts = [h.strip() for h in (args.server or "").split(",") if h.strip()]
+    clients = []
+    for item in args.client:
+        name, sep, role = item.partition("=")
+        if not sep or not name or not role:
+            raise ValueError(f"--client {item!r}: write NAME=ROLE, e.g. --client scada=operator")
+        clients.append((name, role))
+    if not hosts and not clients:
+        raise ValueError("nothing to make: give --server HOSTS and/or --client NAME=ROLE")
+    for path in make_certificates(args.out_dir, server_hosts=hosts, clients=clients, days=args.days):
+        print(f"{path}{' (keep private)' if path.suffix == '.key' else ''}")
+    print("Server: [modbus.tls] cert = \"server.pem\", key = \"server.key\", ca = \"ca.pem\", "
+          "write_roles = [\"operator\"]; give each client its NAME.pem, NAME.key and ca.pem")
     return 0
 
 
@@ -358,18 +384,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("users", metavar="USERS.toml", help="users file ([opcua] users); created if absent")
     p.add_argument("name", metavar="NAME", help="user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.add_argument("--role", choices=("viewer", "operator"), default=None,
+                   help="viewer: browse and read; operator: also write inputs and the mode (default: the "
+                        "user's present role, else operator; required with --certificate)")
+    p.add_argument("--certificate", metavar="CERT", default=None,
+                   help="map this client certificate (DER or PEM) to --role as certificates.NAME: an anonymous "
+                        "session on a channel secured with it gets that role")
+    p.add_argument("--certificate-entry", action="store_true",
+                   help="with --delete: remove certificates.NAME instead of the user NAME")
     p.add_argument("--delete", action="store_true", help="remove the user")
     p.set_defaults(func=cmd_opcua_user)
 
     p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.der (certificate) and NAME.pem (key)")
     p.add_argument("--name", default="server", help="file name and common name (default: %(default)s)")
-    p.add_argument("--uri", default=None, help="application URI (default: urn:r1edge:NAME)")
+    p.add_argument("--uri", default=None,
+                   help="application URI (default: urn:r1edge:NAME); a client's must be the URI its program "
+                        "announces (asyncua's tools: urn:example.org:FreeOpcUa:opcua-asyncio)")
     p.add_argument("--hosts", default="localhost,127.0.0.1",
                    help="comma-separated DNS names and IP addresses (default: %(default)s)")
     p.add_argument("--client", action="store_true", help="a client certificate (for trusted_clients)")
     p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
     p.set_defaults(func=cmd_opcua_cert)
+
+    p = sub.add_parser("modbus-cert", help="write a CA and Modbus/TCP Security certificates (server, clients with a role)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="directory for ca.pem/ca.key (made once, reused), server.pem/.key, NAME.pem/.key")
+    p.add_argument("--server", metavar="HOSTS", help="make server.pem for these comma-separated DNS names and IP addresses")
+    p.add_argument("--client", metavar="NAME=ROLE", action="append", default=[],
+                   help="make NAME.pem with ROLE in its role extension (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=cmd_modbus_cert)
 
     from sdk.tools import plan as _plan
     p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")
