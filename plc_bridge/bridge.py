@@ -184,7 +184,7 @@ class DecisionImage:
 
     def outputs(self, i: int) -> dict[str, float]:
         """Row ``i`` as ``{output: value}`` (the columns given for that stream)."""
-        return dict(self.given(i))
+        return {k: v for k, v in zip(self.columns, self.values[i].tolist()) if v == v}
 
 
 # ---------------------------------------------------------------------------- the registry
