@@ -149,6 +149,8 @@ class Controller:
                          "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
                          "sink_errors": 0, "record_errors": 0, "mode_changes": 0}
         self._logged_mode = np.full(capacity, -1, np.int16)      # each slot's mode as last logged
+        # status, reason and mode of the last finished cycle (status() never sees one half done)
+        self._shown = np.stack([self.cycle.status, self.cycle.reason, self.cycle.mode]).astype(np.int16)
         self._mode_diff = np.zeros(capacity, bool)
         self.failsafe_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
         self.held_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
@@ -282,10 +284,10 @@ class Controller:
         slot = self.slots.get(stream)
         if slot is None:
             raise KeyError(f"unknown stream {stream!r}")
-        reason = int(self.cycle.reason[slot])
-        return {"status": STATUS_NAMES[int(self.cycle.status[slot])], "reason": REASON_NAMES[reason],
+        status, reason, mode = self._shown[:, slot].tolist()
+        return {"status": STATUS_NAMES[status], "reason": REASON_NAMES[reason],
                 "invalid": self.cycle.guard.invalid_inputs(slot) if reason == REASON_INPUT else {},
-                "mode": MODE_NAMES[int(self.cycle.mode[slot])], "heartbeat": self.cycle.heartbeat}
+                "mode": MODE_NAMES[mode], "heartbeat": self.cycle.heartbeat}
 
     def set_mode(self, stream: str, mode: str) -> dict:
         """Switch ``stream`` to ``"manual"`` (its outputs track) or ``"auto"`` (the model drives),
@@ -652,7 +654,8 @@ class Controller:
 
     # ------------------------------------------------------------------ accounting and recording
     def _account(self, read_ns: int, infer_ns: int, write_ns: int, latency_ns: int) -> None:
-        c, cycle = self.counters, self.cycle
+        c, cycle, shown = self.counters, self.cycle, self._shown
+        shown[0], shown[1], shown[2] = cycle.status, cycle.reason, cycle.mode
         c["cycles"] += 1
         if latency_ns > self._deadline_ns:
             c["deadline_misses"] += 1
