@@ -7,34 +7,34 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
   burst. Before its first tick it collects garbage once, freezes what survives
   (``gc.freeze()``) and disables the automatic collector, so no cycle ever waits for a full
   collection; young generations are collected between cycles when there is slack. Where
-  permitted it applies SCHED_FIFO, CPU affinity and ``mlockall``, and says which were applied.
+  permitted it applies SCHED_FIFO, CPU affinity and ``mlockall`` (``runtime.control.realtime``,
+  whose names are re-exported here), and says which were applied.
 - ``InferenceWorker`` runs inference in a dedicated thread, so the loop can stop waiting for it
   (the watchdog): on a timeout the cycle puts out the fail-safe values, and while the worker is
   still busy later cycles keep the fail-safe without queueing more work.
 - ``ModeSources``: which source's value of the mode input is in force (precedence by change).
 - ``ControlCycle`` is one cycle: validate inputs, run the policy under the watchdog, decide
   each stream's mode (auto, manual, warm-up), clamp and rate-limit or track outputs, bump the
-  heartbeat. The policy has the engine's sensor interface (``input_names``, ``output_names``,
+  heartbeat. Its per-stream bookkeeping runs compiled (``runtime.control.kernels``); the NumPy
+  code beside it is the reference the kernels are tested against. The policy has the engine's sensor interface (``input_names``, ``output_names``,
   ``reset_slot``, ``step_sensor``; ``prefill`` where it has one: ``fill_history``).
 - ``LatencyHistogram``: fixed log-spaced bins, p50/p99/p99.9/max without allocation per sample.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import math
-import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from runtime.control import kernels
+from runtime.control.realtime import (RealtimeOptions, default_cpu, lock_memory,  # noqa: F401 (re-exported)
+                                      set_compute_threads, set_thread_realtime)
 from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BRIDGE, REASON_BUSY, REASON_ERROR,
                                     REASON_HEARTBEAT, REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP,
                                     MISSING_STAMP, InputGuard, OutputLimiter)
@@ -95,102 +95,6 @@ class LatencyHistogram:
                 "mean": self.total_us / self.count if self.count else 0.0,
                 "p50": self.percentile(0.50), "p99": self.percentile(0.99),
                 "p999": self.percentile(0.999), "max": self.max_us}
-
-
-# ---------------------------------------------------------------------------- real-time setup
-
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
-
-
-def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def set_thread_realtime(priority: int | None, cpus: Sequence[int] | None) -> tuple[dict, Callable[[], None]]:
-    """Give the calling thread SCHED_FIFO ``priority`` and pin it to ``cpus`` where permitted.
-
-    Returns ``({"sched_fifo": {...}, "affinity": {...}}, restore)``; each entry says whether it
-    was ``applied`` and a ``detail`` (or the reason it was not). ``restore()`` undoes what was
-    applied, and must be called from the same thread.
-    """
-    report, undo = {}, []
-    if priority is not None:
-        try:
-            old_policy, old_param = os.sched_getscheduler(0), os.sched_getparam(0)
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-            undo.append(lambda: os.sched_setscheduler(0, old_policy, old_param))
-            report["sched_fifo"] = {"applied": True, "detail": f"priority {priority}"}
-        except (OSError, AttributeError) as exc:
-            report["sched_fifo"] = {"applied": False, "detail": f"{type(exc).__name__}: {exc}"}
-    if cpus is not None:
-        try:
-            old = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, set(cpus))
-            undo.append(lambda: os.sched_setaffinity(0, old))
-            report["affinity"] = {"applied": True, "detail": f"cpus {sorted(cpus)}"}
-        except (OSError, AttributeError, ValueError) as exc:
-            report["affinity"] = {"applied": False, "detail": f"{type(exc).__name__}: {exc}"}
-
-    def restore() -> None:
-        for fn in reversed(undo):
-            try:
-                fn()
-            except OSError as exc:
-                logger.warning("could not restore thread scheduling: %s", exc)
-    return report, restore
-
-
-def lock_memory() -> tuple[dict, Callable[[], None]]:
-    """``mlockall`` (current and future pages, locked as they fault in where the kernel allows).
-
-    Returns ``({"applied": bool, "detail": str}, restore)``.
-    """
-    try:
-        libc = _libc()
-    except OSError as exc:
-        return {"applied": False, "detail": f"no libc: {exc}"}, lambda: None
-    for flags, detail in ((MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT, "MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT"),
-                          (MCL_CURRENT | MCL_FUTURE, "MCL_CURRENT|MCL_FUTURE")):
-        if libc.mlockall(flags) == 0:
-            return {"applied": True, "detail": detail}, lambda: libc.munlockall()
-        err = ctypes.get_errno()
-        if err != 22:                                   # EINVAL: MCL_ONFAULT unknown; retry without
-            break
-    return {"applied": False, "detail": os.strerror(err)}, lambda: None
-
-
-def default_cpu() -> int | None:
-    """The CPU the loop is pinned to by default: the last one this process may run on."""
-    try:
-        return max(os.sched_getaffinity(0))
-    except (OSError, AttributeError, ValueError):
-        return None
-
-
-def set_compute_threads(n: int) -> int:
-    """Threads for the parallel (Numba) kernels launched from the calling thread; returns the
-    count set. Numba's setting is per launching thread, so this is called in the inference
-    thread. One thread keeps a whole engine step inside that thread, the only one given
-    real-time priority: a parallel region waits for its slowest pool thread, and an ordinary
-    pool thread preempted by another process stalls the step (measured: p99 of a one-stream
-    step 8 ms with one thread, 155 ms with two, on two loaded cores)."""
-    import numba
-
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
-
-
-@dataclass
-class RealtimeOptions:
-    """What ``PeriodicLoop.run`` attempts: SCHED_FIFO at ``priority`` (helpers one below), pinning
-    to ``cpu`` (None: the last allowed CPU), ``mlockall``, and a shorter GIL switch interval so
-    that the loop thread gets the interpreter back quickly from a busy helper thread."""
-
-    priority: int = 80
-    cpu: int | None = None
-    lock_memory: bool = True
-    switch_interval_s: float = 0.0005
 
 
 # ---------------------------------------------------------------------------- watchdog worker
