@@ -315,6 +315,9 @@ class ControlCycle:
         self.compiled = bool(compiled)
         self._tally = np.zeros(kernels.TALLY_SIZE, dtype=np.int64)
         self._mode_col = -1 if mode_col is None else int(mode_col)
+        if self.compiled:                                # compiled here, not in the first cycle
+            self._pre = kernels.entry(kernels.cycle_pre, self._pre_args(0, False))
+            self._post = kernels.entry(kernels.cycle_post, self._post_args(False, 0))
 
     def reset_slot(self, slot: int) -> None:
         """Start ``slot`` afresh: policy history (before its next inference), output history,
@@ -379,14 +382,10 @@ class ControlCycle:
         return infer_ns
 
     def _run_compiled(self, now_ns: int, infer_deadline_ns: int) -> int:
-        guard, lim, tally = self.guard, self.limiter, self._tally
+        tally = self._tally
         tally.fill(0)
         busy = self.worker.busy
-        n = kernels.cycle_pre(self.values, self.stamps, self.active, now_ns, guard.lo, guard.hi, guard.stale_ns,
-                              guard.failsafe_on_invalid, guard.codes, guard.counts, guard.ever_valid,
-                              self.status, self.reason, self.ran, self.started, self.filled, busy,
-                              self.warmup_cycles, self.window, self.missed, self.cold, self.warmup_left,
-                              self._slots, self._feats, self._start, self._fill, tally)
+        n = self._pre(*self._pre_args(now_ns, busy))
         self.n_valid = int(tally[kernels.T_VALID])
         self.n_ran = n
         infer_ns = 0
@@ -397,16 +396,27 @@ class ControlCycle:
             infer_ns, collect = self._hand_off(n, infer_deadline_ns)
         elif busy and self.n_valid:
             self.counters["busy_cycles"] += 1
-        kernels.cycle_post(collect, self._slots, n, self._y, self.raw, self.status, self.reason, self.active,
-                           self.forced, self.down, self.ran, self.mode, self.warmup_left, self.values,
-                           self._mode_col, self._tracking, lim.track, lim.lo, lim.hi, lim.step, lim.failsafe,
-                           lim.jump, lim.last, lim.fresh, lim.after_failsafe, lim.caught, self.out, tally)
+        self._post(*self._post_args(collect, n))
         self.counters["bad_outputs"] += int(tally[kernels.T_BAD_OUTPUTS])
         self.n_failsafe = int(tally[kernels.T_FAILSAFE])
         self.n_hold = int(tally[kernels.T_HOLD])
         self.n_tracking = int(tally[kernels.T_TRACKING])
         self.heartbeat = (self.heartbeat + 1) & 0xFFFF
         return infer_ns
+
+    def _pre_args(self, now_ns: int, busy: bool) -> tuple:
+        guard = self.guard
+        return (self.values, self.stamps, self.active, now_ns, guard.lo, guard.hi, guard.stale_ns,
+                guard.failsafe_on_invalid, guard.codes, guard.counts, guard.ever_valid, self.status, self.reason,
+                self.ran, self.started, self.filled, busy, self.warmup_cycles, self.window, self.missed, self.cold,
+                self.warmup_left, self._slots, self._feats, self._start, self._fill, self._tally)
+
+    def _post_args(self, collect: bool, n: int) -> tuple:
+        lim = self.limiter
+        return (collect, self._slots, n, self._y, self.raw, self.status, self.reason, self.active, self.forced,
+                self.down, self.ran, self.mode, self.warmup_left, self.values, self._mode_col, self._tracking,
+                lim.track, lim.lo, lim.hi, lim.step, lim.failsafe, lim.jump, lim.last, lim.fresh,
+                lim.after_failsafe, lim.caught, self.out, self._tally)
 
     def _hand_off(self, n: int, deadline_ns: int) -> tuple[int, bool]:
         """Hand the planned frames to the worker and wait; ``(ns spent, outputs to collect)``.
