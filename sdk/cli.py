@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from sdk.service.config import ConfigError, DeployConfig
-    from sdk.service.controller import Controller, render_stats
+    from sdk.service.controller import Controller
+    from sdk.service.metrics import render_stats
     from sdk.service.replay import recording_source
     from runtime.control.recorder import RecordingReader
     from sdk.service.notify import ServiceMonitor
@@ -136,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """``r1edge keys OUT_DIR [--name NAME]``: write a CURVE key pair for the ZeroMQ bridge."""
-    from plc_bridge.zmq_bridge import make_keys
+    from plc_bridge.zmq_clients import make_keys
 
     public, secret = make_keys(args.out_dir, args.name)
     print(f"public key: {public}\nsecret key: {secret} (keep private)")
@@ -146,11 +147,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_opcua_user(args: argparse.Namespace) -> int:
-    """``r1edge opcua-user USERS.toml NAME``: add, replace or remove an OPC UA user."""
+    """``r1edge opcua-user USERS.toml NAME``: add, replace or remove an OPC UA user, or map a
+    client certificate to a role (``--certificate``)."""
     import getpass
 
-    from plc_bridge.opcua import set_user
+    from plc_bridge.opcua_security import set_certificate, set_user
 
+    if args.certificate is not None or (args.delete and args.certificate_entry):
+        set_certificate(args.users, args.name, None if args.delete else args.certificate, args.role)
+        print(f"{args.users}: certificate {args.name!r} " + ("removed" if args.delete else f"set ({args.role})"))
+        return 0
     if args.delete:
         set_user(args.users, args.name, None)
         print(f"{args.users}: removed {args.name!r}")
@@ -161,14 +167,14 @@ def cmd_opcua_user(args: argparse.Namespace) -> int:
         password = getpass.getpass(f"password for {args.name}: ")
         if getpass.getpass("again: ") != password:
             raise ValueError("the two passwords differ")
-    set_user(args.users, args.name, password)
+    set_user(args.users, args.name, password, role=args.role)
     print(f"{args.users}: {args.name!r} set (scrypt, own salt)")
     return 0
 
 
 def cmd_opcua_cert(args: argparse.Namespace) -> int:
     """``r1edge opcua-cert OUT_DIR``: a self-signed OPC UA application certificate and key."""
-    from plc_bridge.opcua import make_certificate
+    from plc_bridge.opcua_security import make_certificate
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     cert, key = make_certificate(args.out_dir, args.name, uri=args.uri, hosts=hosts, client=args.client,
@@ -378,13 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("users", metavar="USERS.toml", help="users file ([opcua] users); created if absent")
     p.add_argument("name", metavar="NAME", help="user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.add_argument("--role", choices=("viewer", "operator"), default=None,
+                   help="viewer: browse and read; operator: also write inputs and the mode (default: the "
+                        "user's present role, else operator; required with --certificate)")
+    p.add_argument("--certificate", metavar="CERT", default=None,
+                   help="map this client certificate (DER or PEM) to --role as certificates.NAME: an anonymous "
+                        "session on a channel secured with it gets that role")
+    p.add_argument("--certificate-entry", action="store_true",
+                   help="with --delete: remove certificates.NAME instead of the user NAME")
     p.add_argument("--delete", action="store_true", help="remove the user")
     p.set_defaults(func=cmd_opcua_user)
 
     p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.der (certificate) and NAME.pem (key)")
     p.add_argument("--name", default="server", help="file name and common name (default: %(default)s)")
-    p.add_argument("--uri", default=None, help="application URI (default: urn:r1edge:NAME)")
+    p.add_argument("--uri", default=None,
+                   help="application URI (default: urn:r1edge:NAME); a client's must be the URI its program "
+                        "announces (asyncua's tools: urn:example.org:FreeOpcUa:opcua-asyncio)")
     p.add_argument("--hosts", default="localhost,127.0.0.1",
                    help="comma-separated DNS names and IP addresses (default: %(default)s)")
     p.add_argument("--client", action="store_true", help="a client certificate (for trusted_clients)")

@@ -16,7 +16,8 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
 - ``ControlCycle`` is one cycle: validate inputs, run the policy under the watchdog, decide
   each stream's mode (auto, manual, warm-up), clamp and rate-limit or track outputs, bump the
   heartbeat. Its per-stream bookkeeping runs compiled (``runtime.control.kernels``); the NumPy
-  code beside it is the reference the kernels are tested against. The policy has the engine's sensor interface (``input_names``, ``output_names``,
+  code beside it is the reference the kernels are tested against. The policy has the engine's
+  sensor interface (``input_names``, ``output_names``,
   ``reset_slot``, ``step_sensor``; ``prefill`` where it has one: ``fill_history``).
 - ``LatencyHistogram``: fixed log-spaced bins, p50/p99/p99.9/max without allocation per sample.
 """
