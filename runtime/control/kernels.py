@@ -12,8 +12,10 @@ The executable reference is the NumPy code they replace, kept as it was:
 and ``ControlCycle(compiled=False)``; ``tests/test_cycle_kernels.py`` checks that both give the
 same outputs, statuses, reasons, modes and state, bit for bit, over random input sequences
 with faults. Comparisons follow NumPy's own rules so that the bits agree even for NaN and
-signed zeros: ``np.maximum(a, b)`` is ``a if (a > b or a is NaN) else b``, ``np.clip(x, lo,
-hi)`` keeps ``x`` unless ``x < lo`` (then ``lo``) or it is then ``> hi`` (then ``hi``).
+signed zeros: ``np.maximum(a, b)`` is ``a if (a > b or a is NaN) else b`` (so ``b`` when
+they are equal: ``np.maximum(-0.0, 0.0)`` is ``0.0``), ``np.minimum`` likewise, and ``np.clip``
+with array bounds, as the reference calls it, is ``np.minimum(np.maximum(x, lo), hi)`` (with a
+scalar bound NumPy keeps ``x`` when it equals the bound: not the same bits for signed zeros).
 """
 from __future__ import annotations
 
@@ -50,11 +52,7 @@ def _minimum(a, b):
 
 @njit(cache=True, nogil=True, inline="always")
 def _clip(x, lo, hi):
-    if x < lo:
-        x = lo
-    if x > hi:
-        x = hi
-    return x
+    return _minimum(_maximum(x, lo), hi)
 
 
 @njit(cache=True, nogil=True)
