@@ -171,20 +171,9 @@ class DecisionImage:
         self.seq = 0
         self.latency_us = 0.0
 
-    def row_of(self, stream: str) -> int | None:
-        """The row of ``stream`` this cycle, or None."""
-        for i in range(self.n):
-            if self.names[i] == stream:
-                return i
-        return None
-
-    def given(self, i: int) -> list[tuple[str, float]]:
-        """Row ``i`` as ``(output, value)`` pairs of the columns given for that stream."""
-        return [(k, v) for k, v in zip(self.columns, self.values[i].tolist()) if v == v]
-
     def outputs(self, i: int) -> dict[str, float]:
         """Row ``i`` as ``{output: value}`` (the columns given for that stream)."""
-        return dict(self.given(i))
+        return {k: v for k, v in zip(self.columns, self.values[i].tolist()) if v == v}
 
 
 # ---------------------------------------------------------------------------- the registry

@@ -784,6 +784,9 @@ def _parse_allow(raw) -> list:
         raise ValueError("modbus.allow: must be a list of addresses or networks, e.g. [\"10.0.0.5\", \"10.0.1.0/24\"]")
     nets = []
     for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network (a string such as "
+                             "\"10.0.0.5\" or \"10.0.1.0/24\")")
         try:
             nets.append(ipaddress.ip_network(item, strict=False))
         except (TypeError, ValueError) as exc:

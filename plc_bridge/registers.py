@@ -38,6 +38,8 @@ INT_RANGES = {
     "uint32": (0, (1 << 32) - 1),
 }
 WORD_ORDERS = ("big", "little")
+#: The longest timeout a map or bridge key may give, in ms (a day): past it a value is a typo.
+MAX_TIMEOUT_MS = 86_400_000
 FLOAT32_MAX = struct.unpack(">f", b"\x7f\x7f\xff\xff")[0]
 
 #: Protocol limits per request (Modbus application protocol V1.1b3, section 6).
@@ -345,7 +347,7 @@ def _parse_entry(i: int, raw, inputs: set, outputs: set, mode: str) -> MapEntry:
         typ, word_order, scale, offset = "bool", "big", 1.0, 0.0
     else:
         typ = raw.get("type")
-        if typ not in TYPES:
+        if not isinstance(typ, str) or typ not in TYPES:
             raise ValueError(f"{where}: type = {typ!r} is not one of {', '.join(TYPES)}")
         word_order = raw.get("word_order", "big")
         if word_order not in WORD_ORDERS:
@@ -377,8 +379,8 @@ def _parse_heartbeat(raw) -> Heartbeat | None:
     if not 0 <= address < ADDRESS_SPACE:
         raise ValueError(f"{where}: address {address} is outside 0..{ADDRESS_SPACE - 1}")
     timeout_ms = float(_number(where, "timeout_ms", raw["timeout_ms"]))
-    if timeout_ms <= 0:
-        raise ValueError(f"{where}: timeout_ms must be > 0")
+    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+        raise ValueError(f"{where}: timeout_ms = {timeout_ms:g} must be > 0 and at most {MAX_TIMEOUT_MS} (a day)")
     return Heartbeat(address, timeout_ms)
 
 

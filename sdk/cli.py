@@ -136,13 +136,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """``r1edge keys OUT_DIR [--name NAME]``: write a CURVE key pair for the ZeroMQ bridge."""
+    """``r1edge keys OUT_DIR [--name NAME] [--signing]``: write a CURVE key pair for the ZeroMQ
+    bridge, or with ``--signing`` an Ed25519 key pair for signing packages."""
+    if args.signing:
+        from sdk.tools.signing import fingerprint, load_public_key, make_signing_key
+
+        private, public = make_signing_key(args.out_dir, args.name or "signing")
+        print(f"private key: {private} (keep private: r1edge sign PKG --key {private})")
+        print(f"public key:  {public} ({fingerprint(load_public_key(public))}; deploy it as "
+              f"[model] public_key, check with r1edge verify PKG --key {public})")
+        return 0
     from plc_bridge.zmq_clients import make_keys
 
-    public, secret = make_keys(args.out_dir, args.name)
+    public, secret = make_keys(args.out_dir, args.name or "server")
     print(f"public key: {public}\nsecret key: {secret} (keep private)")
     print("Server: [zmq] curve = { secret_key = \"<path to NAME.key_secret>\", allowed = \"<dir of client .key files>\" }")
     print("Client: copy its NAME.key (public) into the server's 'allowed' directory.")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """``r1edge sign PKG --key PRIVATE [--identity TEXT]``: sign a package (writes signature.json)."""
+    from sdk.tools.signing import sign_package
+
+    record = sign_package(args.package, args.key, args.identity)
+    print(f"{args.package}: signed by {record['fingerprint']}"
+          + (f" ({record['identity']})" if record["identity"] else ""))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``r1edge verify PKG --key PUBLIC [--key ...]``: exit 0 when the package is signed by one
+    of the keys and unchanged since, 1 (with the reason) otherwise."""
+    from sdk.tools.package import PackageError
+    from sdk.tools.signing import verify_signed_package
+
+    try:
+        record = verify_signed_package(args.package, args.key)
+    except PackageError as exc:
+        print(f"INVALID: {exc}")
+        return 1
+    print(f"{args.package}: valid, signed by {record['fingerprint']}"
+          + (f" ({record['identity']})" if record["identity"] else ""))
     return 0
 
 
@@ -377,8 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="write a CURVE key pair for the ZeroMQ bridge")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.key and NAME.key_secret")
-    p.add_argument("--name", default="server", help="key file name (default: %(default)s)")
+    p.add_argument("--name", default=None, help="key file name (default: server, or signing with --signing)")
+    p.add_argument("--signing", action="store_true",
+                   help="an Ed25519 key pair for signing packages instead: NAME.pem (private) and NAME.pub")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("sign", help="sign a package with an Ed25519 private key (writes PKG/signature.json)")
+    p.add_argument("package", metavar="PKG", help="package directory")
+    p.add_argument("--key", required=True, metavar="PRIVATE", help="PEM private key (r1edge keys OUT --signing)")
+    p.add_argument("--identity", default=None, metavar="TEXT", help="who signs, e.g. 'ML team <ml@example.com>'")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("verify", help="check a package's signature and files: exit 0 valid, 1 invalid")
+    p.add_argument("package", metavar="PKG", help="package directory")
+    p.add_argument("--key", required=True, action="append", metavar="PUBLIC",
+                   help="trusted PEM public key (repeat for several)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("opcua-user", help="add, replace or remove a user of the OPC UA server's users file")
     p.add_argument("users", metavar="USERS.toml", help="users file ([opcua] users); created if absent")

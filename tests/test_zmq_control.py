@@ -198,7 +198,7 @@ def test_a_dead_zmq_loop_fails_its_streams_safe_as_bridge_and_shows_in_health_an
             assert 'r1edge_bridge_errors_total{bridge="zmq",kind="io_loop"} 1.0' in text
             assert wait_for(lambda: ctrl.status()["status"] == "ok", 15)      # restarted
         health = bridge.health()
-        assert health["running"] is True and health["restarts"] == 1 and health["errors"]["io_loop"] == 1
+        assert health["running"] is True and health["restarts"] == 1 and health["errors"]["io_loop"] == 1, health
         assert ctrl.stats()["failsafe_cycles_by_reason"]["bridge"] > 0
 
 

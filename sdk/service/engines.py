@@ -16,13 +16,15 @@ from sdk.service.config import ConfigError, DeployConfig
 logger = logging.getLogger(__name__)
 
 
-def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32, group=None):
+def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32, group=None,
+                 public_key: list[Path] | None = None):
     """The stream engine over a sensor-mode package (refuses an LM-only package): the Numba
     engine on the CPU, the graph-captured device engine on CUDA; with a process ``group``, this
-    rank's share of the expert-parallel engine (``runtime.cpu.parallel``)."""
+    rank's share of the expert-parallel engine (``runtime.cpu.parallel``). With ``public_key``
+    (``[model] public_key``) the package must be signed by one of those keys and unchanged."""
     from sdk.tools.loading import load_model
 
-    model = load_model(path)
+    model = load_model(path, public_key=public_key or None)
     if getattr(model, "adapter", None) is None:
         raise ValueError(f"{path}: the model has no I/O adapter; a controller needs a sensor-mode package")
     if group is not None:
@@ -81,7 +83,8 @@ def build_engine_logged(path: str | Path, cfg: DeployConfig, capacity: int, what
     logger.info("%sengine: loading %s and building the engine (its Numba kernels compile on a first run, "
                 "about 40 s on 2 cores; later runs load them from the on-disk cache) ...", what, path)
     t0 = time.perf_counter()
-    engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window, group=group)
+    engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window, group=group,
+                          public_key=cfg.model.public_key)
     logger.info("%sengine ready in %.1f s", what, time.perf_counter() - t0)
     return engine
 
@@ -134,7 +137,7 @@ class ParallelRanks:
         from runtime.cpu.parallel import RankFailure, leave_process_group
 
         engine = build_engine(cfg.model.path, device=cfg.model.device, capacity=cfg.model.streams,
-                              window=cfg.model.window, group=self.group)
+                              window=cfg.model.window, group=self.group, public_key=cfg.model.public_key)
         logger.info("expert parallel: rank %d serves routed experts %d..%d", self.rank, engine.experts[0],
                     engine.experts[1] - 1)
         try:
