@@ -179,7 +179,7 @@ class OutputLimiter:
 
     ``last`` ``[capacity, O]`` is the last output actually sent per slot (see the module
     docstring for its value before a slot's first cycle). The rate limit per cycle is
-    ``max_rate * period_s``. ``track[j]`` is the input column output ``j`` follows while
+    ``max_rate * period_s`` (``step``). ``track[j]`` is the input column output ``j`` follows while
     tracking (-1: none, it holds). ``caught[s, j]``: output ``j`` of slot ``s`` tracked its
     input last cycle and had reached it (so it follows exactly, not rate-limited).
     """
@@ -199,7 +199,8 @@ class OutputLimiter:
         self.step = rate * float(period_s)                     # inf where there is no rate limit
         self.failsafe = np.clip(np.array([lim.failsafe for lim in limits], dtype=np.float64),
                                 self.lo, self.hi)
-        self._jump = np.array([lim.jump for lim in limits], dtype=bool)[None, :]
+        self.jump = np.array([lim.jump for lim in limits], dtype=bool)
+        self._jump = self.jump[None, :]
         self.last = np.empty((capacity, len(limits)), dtype=np.float64)
         self.last[:] = self.failsafe
         self.fresh = np.ones(capacity, dtype=bool)             # nothing sent since the slot's reset
