@@ -1,0 +1,160 @@
+"""What pruning costs: held-out quality of a compressed package, measured the way it will run.
+
+Two uses:
+
+- :func:`evaluate_lm` scores a language model on rows of token ids by teacher forcing: at every
+  position the next-token loss (nats) of the true token and the greedy choice. An int8 (W8A8)
+  model on the CPU is run on the stream engine, token by token, exactly as ``model.generate``
+  and the advisor run it (the engine that ``sdk.load_model`` attaches to ``generate``: its logits
+  for a row's first t tokens are bitwise those ``generate`` chooses its next token from); a float
+  model through its reference forward ``model(input_ids)``. ``benchmarks/bench_pruning.py`` builds
+  its curve from it.
+- :func:`keep_slope` tells what the neighbouring keep ratios would cost: ``r1edge compress`` calls
+  it after writing a package and reports, on the same held-out rows of the calibration data,
+  the loss (LM) or output error (sensor) of the package compressed with half and with twice the
+  kept experts, beside the chosen one, each against the unpruned float model.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _engine_of(model):
+    """The stream engine ``model.generate`` runs on (an int8 model on the CPU), else None."""
+    from sdk.tools.loading import EngineGenerate
+
+    return model.generate if isinstance(getattr(model, "generate", None), EngineGenerate) else None
+
+
+def token_nll(logits: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the negative log-likelihood of ``target`` under ``logits`` [n, V] (float64) and the argmax."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(x - m).sum(-1))
+    return lse - x[np.arange(len(x)), target], logits.argmax(-1)
+
+
+def evaluate_lm(model, rows: Any, *, batch: int = 16) -> dict[str, Any]:
+    """Teacher-forced next-token evaluation of ``model`` on ``rows`` [N, T+1] of token ids.
+
+    Returns ``loss`` (mean nats per predicted token), ``nll`` (per token, float64 [N, T]),
+    ``tokens`` (N x T), ``argmax`` (the greedy choice at every position, int64 [N, T]) and ``path`` (``"engine"`` for an int8
+    model run on the stream engine, ``"reference"`` for the torch forward).
+    """
+    ids = np.asarray(rows, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
+        raise ValueError(f"rows must be token ids [N, T+1] with N >= 1 and T >= 1, got shape {ids.shape}")
+    vocab = model.config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"token ids must be in 0..{vocab - 1}, got {ids.min()}..{ids.max()}")
+    N, T = ids.shape[0], ids.shape[1] - 1
+    nll = np.zeros((N, T))
+    argmax = np.zeros((N, T), dtype=np.int64)
+    gen = _engine_of(model)
+    for a in range(0, N, batch):
+        chunk = ids[a:a + batch]
+        b = len(chunk)
+        if gen is not None:
+            engine = gen.engine_for(b, T)
+            slots = np.arange(b, dtype=np.int64)
+            for s in slots:
+                engine.reset_slot(int(s))
+            for t in range(T):
+                logits = engine.step_tokens(slots, chunk[:, t])
+                nll[a:a + b, t], argmax[a:a + b, t] = token_nll(logits, chunk[:, t + 1])
+        else:
+            logits = model(torch.from_numpy(chunk[:, :-1])).numpy()
+            for t in range(T):
+                nll[a:a + b, t], argmax[a:a + b, t] = token_nll(logits[:, t], chunk[:, t + 1])
+    return {"loss": float(nll.mean()), "nll": nll, "tokens": N * T, "argmax": argmax,
+            "path": "engine" if gen is not None else "reference"}
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of positions where two greedy choices [N, T] agree."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare greedy choices of shapes {a.shape} and {b.shape}")
+    return float((a == b).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# The slope around a chosen keep ratio
+# --------------------------------------------------------------------------------------------
+
+def neighbour_keeps(n_routed: int, top_k: int, n_keep: int) -> list[int]:
+    """The kept-expert counts beside ``n_keep``: half and twice it, within top-k..all (those
+    that differ from ``n_keep``), ascending."""
+    out = {max(top_k, n_keep // 2), min(n_routed, n_keep * 2)} - {n_keep}
+    return sorted(out)
+
+
+def quality_point(manifest: dict[str, Any]) -> dict[str, Any]:
+    """One point of the slope from a compressed package's manifest: kept experts, ratio, and
+    the quality report's figures (LM: the unpruned float model's loss and the package's, and
+    greedy agreement; sensor: the mean over outputs of the RMS error in fractions of range)."""
+    cfg, ex, q = manifest["config"], manifest["experts"], manifest["quality"]
+    n = cfg["n_routed_experts"]
+    point = {"keep_experts": n, "keep_ratio": n / ex["original_n_routed_experts"],
+             "quant": "int8" if manifest["quantization"]["scheme"] != "none" else "none"}
+    if q["mode"] == "lm":
+        point.update(loss_unpruned_float=q["nll_original"], loss=q["nll_compressed"],
+                     agreement=q["greedy_agreement"])
+    else:
+        outs = q["outputs"].values()
+        point.update(rms_frac_range=float(np.mean([o["rms_frac_range"] for o in outs])),
+                     max_frac_range=float(max(o["max_frac_range"] for o in outs)))
+    return point
+
+
+def keep_slope(src: str | Path, calib: str | Path, manifest: dict[str, Any], **compress_args) -> list[dict[str, Any]]:
+    """The quality of ``src`` compressed like ``manifest``'s package (same calibration, method,
+    quantization and held-out rows: ``compress_args`` as given to ``compress``) at the
+    neighbouring keep counts (:func:`neighbour_keeps`), and at the chosen one from ``manifest``;
+    ascending in kept experts. Each neighbour is a full compression into a temporary directory."""
+    from sdk.tools.compress import compress
+
+    n_keep = manifest["config"]["n_routed_experts"]
+    n_routed = manifest["experts"]["original_n_routed_experts"]
+    top_k = manifest["config"]["num_experts_per_tok"]
+    points = [dict(quality_point(manifest), chosen=True)]
+    args = {k: v for k, v in compress_args.items() if k not in ("keep_experts", "keep_ratio", "overwrite")}
+    args.setdefault("progress", False)
+    for k in neighbour_keeps(n_routed, top_k, n_keep):
+        with tempfile.TemporaryDirectory() as tmp:
+            log.info("keep slope: compressing %s with %d experts per layer", src, k)
+            m = compress(src, Path(tmp) / "pkg", calib=calib, keep_experts=k, **args)
+        points.append(dict(quality_point(m), chosen=False))
+    return sorted(points, key=lambda p: p["keep_experts"])
+
+
+def render_slope(points: Sequence[dict[str, Any]], out=None) -> None:
+    """Print the slope: one line per keep count, the chosen one marked."""
+    import sys
+    w = (out or sys.stdout).write
+    if not points:
+        return
+    lm = "loss" in points[0]
+    w("What the neighbouring keep ratios cost (same calibration, held-out rows; against the unpruned "
+      "float model):\n")
+    for p in points:
+        mark = "  <- this package" if p.get("chosen") else ""
+        if lm and p["loss"] is None:
+            w(f"  keep {p['keep_experts']:4d}: no next-token targets in the held-out rows{mark}\n")
+        elif lm:
+            base = p["loss_unpruned_float"]
+            delta = p["loss"] - base
+            w(f"  keep {p['keep_experts']:4d} ({100 * p['keep_ratio']:5.1f}%) {p['quant']}: loss "
+              f"{p['loss']:.4f} nats/token ({delta:+.4f} vs {base:.4f} unpruned float), greedy agreement "
+              f"{p['agreement']:.3f}{mark}\n")
+        else:
+            w(f"  keep {p['keep_experts']:4d} ({100 * p['keep_ratio']:5.1f}%) {p['quant']}: output RMS error "
+              f"{100 * p['rms_frac_range']:.2f}% of range (max {100 * p['max_frac_range']:.2f}%){mark}\n")
