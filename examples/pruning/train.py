@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=128, help="tokens per training row")
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="end after this many steps of the --steps schedule (learning rate not fully decayed)")
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                              seed=args.seed)
         report = fit_lm(model, train_rows, {d: r[:16] for d, r in held_rows.items()}, steps=args.steps,
                         batch=args.batch, lr=args.lr, seed=args.seed, checkpoint=args.checkpoint,
-                        resume=args.resume)
+                        resume=args.resume, stop_after=args.stop_after)
         save_checkpoint(model, ckpt)
         np.savez(data / "held_out.npz", **{d: r for d, r in held_rows.items()})
         for d, r in calib_rows.items():
