@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training")
     ap.add_argument("--out", default=str(HERE / "model"))
     ap.add_argument("--eval-only", action="store_true", help="score the existing package")
+    ap.add_argument("--keep-checkpoint", metavar="DIR", help="also keep the float checkpoint there")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -255,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             calib = Path(tmp) / "calib.jsonl"
             calib.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s, _ in encode(held[:64], tok)))
             train_s = time.perf_counter() - t0
-            compress = sdk.tools.compress(ckpt, out, calib=calib, quant="int8", overwrite=True)
+            if args.keep_checkpoint:                     # the float model, for another compression later
+                shutil.copytree(ckpt, args.keep_checkpoint, dirs_exist_ok=True)
+            compress = sdk.compress(ckpt, out, calib=calib, quant="int8", overwrite=True)
         report = {"train_states": args.train, "live_states": args.live, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                   "seed": args.seed, "vocab": tok.vocab_size, "config": CONFIG, "loss_every_100_steps": losses,
                   "train_seconds": train_s, "compress_quality": compress.get("quality")}

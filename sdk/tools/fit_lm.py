@@ -72,12 +72,14 @@ def fit_lm(model: Transformer, train: Mapping[str, Any], held_out: Mapping[str, 
            steps: int = 1000, batch: int = 16, lr: float = 3e-3, weight_decay: float = 0.01,
            seed: int = 0, balance_rate: float = 1e-3, grad_clip: float = 1.0, eval_every: int = 0,
            checkpoint: str | Path | None = None, resume: bool = False, progress: bool = True,
-           on_eval: Callable[[int, Transformer], None] | None = None) -> dict[str, Any]:
+           stop_after: int | None = None, on_eval: Callable[[int, Transformer], None] | None = None
+           ) -> dict[str, Any]:
     """Train ``model`` in place on ``train`` (``{domain: token ids [N, T+1]}``); returns a report
     with the loss curve, the held-out loss per domain at every evaluation, and the time taken.
 
-    ``batch`` rows per step (a multiple of the number of domains: equal shares). ``on_eval(step,
-    model)`` is called at each evaluation (e.g. to log routing statistics).
+    ``batch`` rows per step (a multiple of the number of domains: equal shares). ``stop_after``:
+    end after that many steps of the ``steps``-long schedule (the learning rate not yet fully
+    decayed), evaluating there. ``on_eval(step, model)`` is called at each evaluation.
     """
     vocab = model.config.vocab_size
     train = _check_rows(train, vocab, "train")
@@ -87,6 +89,9 @@ def fit_lm(model: Transformer, train: Mapping[str, Any], held_out: Mapping[str, 
         raise ValueError(f"batch {batch} is not a multiple of the {len(names)} domains")
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
+    end = steps if stop_after is None else stop_after
+    if not 1 <= end <= steps:
+        raise ValueError(f"stop_after must be in 1..steps={steps}, got {stop_after}")
     eval_every = eval_every or max(1, steps // 10)
     per = batch // len(names)
     rng = np.random.default_rng([seed, 0x1A])
@@ -116,7 +121,7 @@ def fit_lm(model: Transformer, train: Mapping[str, Any], held_out: Mapping[str, 
     t0 = time.perf_counter()
     seconds_before = history[-1]["seconds"] if history else 0.0
     try:
-        for step in range(start, steps):
+        for step in range(start, end):
             rows = torch.cat([train[n][torch.from_numpy(rng.integers(0, len(train[n]), per))] for n in names])
             loss = lm_loss(model, rows)
             opt.zero_grad(set_to_none=True)
@@ -131,7 +136,7 @@ def fit_lm(model: Transformer, train: Mapping[str, Any], held_out: Mapping[str, 
             if progress and done % 10 == 0:
                 log.info("step %d/%d loss %.4f (%.2f s/step)", done, steps, float(np.mean(losses[-10:])),
                          (time.perf_counter() - t0) / (done - start))
-            if done % eval_every == 0 or done == steps:
+            if done % eval_every == 0 or done == end:
                 balancer.close()
                 entry = {"step": done, "loss": float(np.mean(losses[-eval_every:])),
                          "held_out": {n: held_out_loss(model, r) for n, r in held.items()},
@@ -151,7 +156,7 @@ def fit_lm(model: Transformer, train: Mapping[str, Any], held_out: Mapping[str, 
         for p in params:
             p.requires_grad_(False)
         model.eval()
-    return {"steps": steps, "batch": batch, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+    return {"steps": steps, "stopped_after": end if end < steps else None, "batch": batch, "lr": lr, "weight_decay": weight_decay, "seed": seed,
             "balance_rate": balance_rate, "threads": torch.get_num_threads(), "domains": names,
             "rows": {n: int(len(train[n])) for n in names}, "tokens_per_row": int(train[names[0]].shape[1] - 1),
             "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, eval_every):])),
