@@ -6,7 +6,7 @@ experts is about 27 GB), then:
 
     python benchmarks/bench_compress_r1.py --src /work/r1shaped --out /work/r1shaped-22 --keep-experts 22
 
-It runs ``sdk.tools.compress`` in this process with random calibration token ids (``--rows`` rows of
+It runs ``sdk.compress`` in this process with random calibration token ids (``--rows`` rows of
 ``--tokens``), samples the process's resident memory every 20 ms (anonymous and file-backed, and
 the kernel's peak ``VmHWM``), and collects compress's phase events (source bytes read and
 seconds per phase and layer). The extrapolation scales the measured per-layer times to R1's

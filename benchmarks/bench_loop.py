@@ -1,18 +1,24 @@
 """Controller loop benchmark: timing of the periodic loop with a real package, memory under load.
 
-    python benchmarks/bench_loop.py [--package PKG] [--seconds 60] [--json FILE]
+    python benchmarks/bench_loop.py [--package PKG] [--seconds 60] [--rate-hz 1000] [--json FILE]
 
 Three parts, each printed as it finishes:
 
 1. ``handoff``: the watchdog's thread hand-off. One engine step for one stream called
    directly, and the same step submitted to the inference thread and waited for; the
    difference is what the watchdog costs per cycle.
-2. ``1khz``: one stream at 1 kHz (period = deadline = 1 ms) for ``--seconds``: wake-up
+2. ``one``: one stream at ``--rate-hz`` (default 1 kHz; period = deadline) for ``--seconds``: wake-up
    lateness and tick-to-outputs latency p50/p99/p99.9/max, per-phase times, deadline
    misses, skipped ticks, fail-safe cycles, and which real-time settings were applied.
 3. ``streams``: 64 streams batched at 100 Hz for ``--seconds``, with the flight recorder
    on: the same figures plus resident memory sampled every second after a warm-up, and
    its growth from the first sample to the last.
+
+Each loop part's JSON has ``rate_hz``, ``cycles``, ``deadline_misses``, ``skipped_ticks``,
+``failsafe_cycles``, ``latency_us``, ``phases_us`` (read/infer/write/record, p50/p99 among
+others), ``engine_step_us`` (the same package's engine step for the part's batch, called
+directly in the same process right after the loop ran: the model's own cost beside the
+loop's) and the load average at its start and end.
 
 Inputs come from a Python source (deterministic sine waves inside each input's range); no
 bridges, so the figures are the controller's own. Real-time settings are requested
@@ -35,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.control.loop import (InferenceWorker, LatencyHistogram, default_cpu, monotonic_ns,  # noqa: E402
                           set_compute_threads, set_thread_realtime)
-from sdk.service.controller import Controller, build_engine  # noqa: E402
+from sdk.service.controller import Controller  # noqa: E402
+from sdk.service.engines import build_engine  # noqa: E402
 from sdk.tools.package import read_manifest  # noqa: E402
 
 DEFAULT_PACKAGE = ROOT / "examples" / "factory_loop" / "model"
@@ -164,6 +171,33 @@ def bench_loop(package: Path, io: dict, *, period_ms: float, streams: int, secon
     return out
 
 
+def engine_step_us(package: Path, io: dict, streams: int, steps: int = 3000) -> dict:
+    """p50/p99 (and the rest) of one engine step for ``streams`` streams, called directly."""
+    engine = build_engine(package, capacity=streams, window=32)
+    set_compute_threads(1)
+    slots = np.arange(streams, dtype=np.int64)
+    feats = np.full((streams, len(io["inputs"])), 0.5, np.float32)
+    hist = LatencyHistogram()
+    for _ in range(200):
+        engine.step_sensor(slots, feats)
+    for _ in range(steps):
+        t0 = monotonic_ns()
+        engine.step_sensor(slots, feats)
+        hist.add_ns(monotonic_ns() - t0)
+    return hist.summary()
+
+
+def loop_part(package: Path, io: dict, *, rate_hz: float, streams: int, seconds: float, **common) -> dict:
+    """One loop part as the JSON reports it: the loop's figures, then the engine step alone."""
+    load0 = os.getloadavg()
+    r = bench_loop(package, io, period_ms=1000.0 / rate_hz, streams=streams, seconds=seconds, sample_rss=True,
+                   **common)
+    r["rate_hz"] = rate_hz
+    r["engine_step_us"] = engine_step_us(package, io, streams)
+    r["load_avg"] = {"start": load0, "end": os.getloadavg()}
+    return r
+
+
 def _row(h: dict) -> str:
     return f"p50 {h['p50']:8.1f}  p99 {h['p99']:8.1f}  p99.9 {h['p999']:8.1f}  max {h['max']:9.1f} us"
 
@@ -177,6 +211,10 @@ def print_loop(title: str, r: dict) -> None:
     print("latency    " + _row(r["latency_us"]))
     for k, h in r["phases_us"].items():
         print(f"{k:<10} " + _row(h))
+    if "engine_step_us" in r:
+        e, lat = r["engine_step_us"], r["latency_us"]
+        print("engine     " + _row(e) + f"   (latency / engine step: p50 {lat['p50'] / e['p50']:.1f}x, "
+              f"p99 {lat['p99'] / e['p99']:.1f}x)")
     print("real-time  " + ", ".join(f"{k}={'yes' if v.get('applied') else 'no'}"
                                     for k, v in r["rt_applied"].items() if "applied" in v))
     if "rss" in r:
@@ -193,7 +231,9 @@ def main() -> int:
     ap.add_argument("--package", type=Path, default=DEFAULT_PACKAGE,
                     help="sensor-mode package (default: the factory loop's bundled model)")
     ap.add_argument("--seconds", type=float, default=60.0, help="duration of each loop run (default 60)")
-    ap.add_argument("--parts", default="handoff,1khz,streams", help="comma-separated parts to run")
+    ap.add_argument("--parts", default="handoff,one,streams",
+                    help="comma-separated parts to run: handoff, one (also spelled 1khz), streams")
+    ap.add_argument("--rate-hz", type=float, default=1000.0, help="rate of the one-stream part (default 1000)")
     ap.add_argument("--no-realtime", action="store_true", help="do not request SCHED_FIFO/affinity/mlockall")
     ap.add_argument("--no-record", action="store_true", help="run without the flight recorder")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
@@ -207,7 +247,7 @@ def main() -> int:
     if not io:
         print(f"{args.package}: not a sensor-mode package (no I/O signature)", file=sys.stderr)
         return 2
-    parts = {p.strip() for p in args.parts.split(",")}
+    parts = {"one" if p.strip() == "1khz" else p.strip() for p in args.parts.split(",")}
     results = {"package": str(args.package), "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
     print(f"package {args.package}: {len(io['inputs'])} inputs -> {len(io['outputs'])} outputs; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
@@ -222,16 +262,14 @@ def main() -> int:
             print("empty job     " + _row(h["empty_job_round_trip_us"]))
             print(f"overhead      p50 {h['overhead_p50_us']:.1f} us, mean {h['overhead_mean_us']:.1f} us")
         common = dict(realtime=not args.no_realtime, record=not args.no_record, workdir=work)
-        if "1khz" in parts:
+        if "one" in parts:
             t0 = time.monotonic()
-            r = bench_loop(args.package, io, period_ms=1.0, streams=1, seconds=args.seconds,
-                           sample_rss=True, **common)
-            results["1khz"] = r
-            print_loop(f"1 stream at 1 kHz for {time.monotonic() - t0:.0f} s", r)
+            r = loop_part(args.package, io, rate_hz=args.rate_hz, streams=1, seconds=args.seconds, **common)
+            results["one"] = r
+            print_loop(f"1 stream at {args.rate_hz:g} Hz for {time.monotonic() - t0:.0f} s", r)
         if "streams" in parts:
             t0 = time.monotonic()
-            r = bench_loop(args.package, io, period_ms=10.0, streams=64, seconds=args.seconds,
-                           sample_rss=True, **common)
+            r = loop_part(args.package, io, rate_hz=100.0, streams=64, seconds=args.seconds, **common)
             results["streams"] = r
             print_loop(f"64 streams at 100 Hz for {time.monotonic() - t0:.0f} s", r)
     results["load_avg_at_end"] = os.getloadavg()

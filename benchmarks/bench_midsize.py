@@ -188,9 +188,9 @@ def main() -> None:
         pf["solo_steps_s_scaled"] = (time.perf_counter() - start) * args.streams / args.solo
         report["prefill"] = pf
     if args.reference:
-        from sdk.tools.bench import _time_reference, reference_model
+        from sdk.tools.bench import time_reference, reference_model
         ref = reference_model(model)
-        report["transformers_eager_b1_ms"] = float(np.median(_time_reference(ref, 1, args.steps, 5,
+        report["transformers_eager_b1_ms"] = float(np.median(time_reference(ref, 1, args.steps, 5,
                                                                               cfg.vocab_size))) * 1e3
     if args.compiled:
         report["transformers_compiled_b1"] = time_compiled(model, args.context, args.steps, rng)

@@ -12,14 +12,22 @@ peers may switch a stream between manual and auto is a :class:`ModeSwitch`. One 
 out a stream's fail-safe values on its own (the Modbus bridge, when the PLC's heartbeat stops)
 is a :class:`FailsafeSource`, so that the controller knows what the plant actually got.
 
-Bridges built on asyncio run their event loop in a thread of their own (:class:`LoopThread`).
+Bridges built on asyncio run their event loop in a thread of their own (:class:`LoopThread`),
+and every I/O task in that loop runs supervised (:meth:`LoopThread._supervise`): an unexpected
+exception is logged with its traceback, counted in ``health()["errors"]`` as
+``<task>_failed``, and the task restarts after a capped back-off. While a task is dead its
+name is in :meth:`Supervised.down_tasks` (and ``health()["down"]``) and ``health()["running"]``
+is false: the controller fails the bridge's streams safe (reason ``bridge``) meanwhile.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from typing import Callable, Protocol, runtime_checkable
+import time
+from typing import Awaitable, Callable, Protocol, runtime_checkable
+
+from .metrics import CollapsingLog, Counters
 
 log = logging.getLogger(__name__)
 
@@ -106,26 +114,124 @@ class FailsafeSource(Protocol):
         ...
 
 
+@runtime_checkable
+class Supervised(Protocol):
+    """A bridge whose I/O tasks run supervised: the controller asks each cycle which are down."""
+
+    def down_tasks(self) -> tuple[str, ...]:
+        """Names of the bridge's I/O tasks that are dead now (failed and waiting to restart, or
+        the bridge's thread itself when it died); ``()`` while all run or before ``start()``.
+        Never blocks: a plain attribute read."""
+        ...
+
+
 class LoopThread:
-    """An asyncio event loop in a daemon thread of its own, running the subclass's ``_main()``.
+    """An asyncio event loop in a daemon thread of its own, running the subclass's ``_main()``,
+    with supervised I/O tasks.
 
     ``_main`` creates the loop's ``_stop`` and ``_wake`` events, calls ``_ready.set()`` once it
     serves and returns after ``_stop`` is set. ``start`` returns then, or raises
     ``RuntimeError`` with what ``_main`` failed with before it was ready (or after
     ``START_TIMEOUT_S``); ``stop`` sets ``_stop`` and ``_wake`` and joins (idempotent);
     ``_wakeup`` sets ``_wake`` from any thread. ``_label()`` names the bridge in messages.
+
+    ``_spawn(name, factory)`` (in the loop) runs ``await factory()`` supervised: see
+    :meth:`_supervise`. The subclass keeps its own error counters in ``self.errors``
+    (a :class:`~plc_bridge.metrics.Counters`), where task failures are counted too.
     """
 
     START_TIMEOUT_S = 10.0
     JOIN_TIMEOUT_S = 5.0          # after a failed start
+    RESTART_MIN_S = 0.1           # back-off before a failed task's first restart, doubling ...
+    RESTART_MAX_S = 5.0           # ... up to this; reset once a task ran this long without failing
 
-    def _init_thread(self) -> None:
+    def _init_thread(self, logger: logging.Logger | None = None) -> None:
+        """Set up the thread's state; ``logger``: where ``self._say`` (a
+        :class:`~plc_bridge.metrics.CollapsingLog` for the subclass's repeated warnings) and
+        task failures write (default: this module's)."""
+        self._log = logger or log
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._down: tuple[str, ...] = ()
+        self._tasks: list[asyncio.Task] = []
+        self._tracebacks_logged: set[tuple[str, str]] = set()
+        if not hasattr(self, "errors"):
+            self.errors = Counters()
+        self._say = CollapsingLog(self._log)
+
+    def down_tasks(self) -> tuple[str, ...]:
+        """Names of the I/O tasks that are dead now (see :class:`Supervised`); ``"thread"`` when
+        the bridge's thread died after it had started."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return self._down + ("thread",)
+        return self._down
+
+    def _running(self) -> bool:
+        """For ``health()["running"]``: the thread runs and no supervised task is down."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._down
+
+    def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        """Start ``factory()`` as a supervised task called ``name`` (call from the loop)."""
+        task = asyncio.get_running_loop().create_task(self._supervise(name, factory), name=name)
+        self._tasks.append(task)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every supervised task and wait for them (from ``_main``'s clean-up)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await factory()`` until ``_stop``; restart it after an unexpected exception.
+
+        The first failure of each exception type is logged with its traceback; later ones are
+        collapsed warnings (see :class:`~plc_bridge.metrics.CollapsingLog`). Each failure is
+        counted as ``errors["<name>_failed"]``; the task is in :meth:`down_tasks` from its failure
+        until it runs again after the back-off (``RESTART_MIN_S`` doubling to ``RESTART_MAX_S``,
+        back to the minimum after a run of ``RESTART_MAX_S`` without failure). A factory that
+        returns while the bridge is not stopping is restarted the same way, without a count.
+        """
+        delay = self.RESTART_MIN_S
+        while not self._stop.is_set():
+            began = time.monotonic()
+            failure: Exception | None = None
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failure = exc
+            if self._stop.is_set():
+                return
+            if time.monotonic() - began >= self.RESTART_MAX_S:
+                delay = self.RESTART_MIN_S
+            self._down = tuple(sorted(set(self._down) | {name}))
+            if failure is not None:
+                count = self.errors.inc(f"{name}_failed")
+                kind = type(failure).__name__
+                if (name, kind) not in self._tracebacks_logged:
+                    self._tracebacks_logged.add((name, kind))
+                    self._log.error("%s: task %s failed (%d so far); restarting in %.2g s", self._label(), name,
+                                    count, delay, exc_info=failure)
+                else:
+                    self._say.warning(f"{name}:{kind}", "%s: task %s failed again: %s: %s (%d so far)",
+                                      self._label(), name, kind, failure, count)
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+                return
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._down = tuple(task for task in self._down if task != name)
+            delay = min(delay * 2.0, self.RESTART_MAX_S)
 
     def _label(self) -> str:
         raise NotImplementedError

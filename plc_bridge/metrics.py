@@ -1,7 +1,10 @@
-"""Counters and a latency ring shared by the bridges' I/O threads and their ``health()``."""
+"""Counters, a latency ring and rate-limited logging shared by the bridges' I/O threads and
+their ``health()``."""
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from array import array
 from collections import Counter
 
@@ -63,5 +66,49 @@ class Counters:
 
 def worth_logging(count: int) -> bool:
     """True for the 1st, 2nd, 4th, 8th, ... occurrence: warnings about hostile traffic stay
-    visible without letting a flood of it flood the log (the counters keep the exact count)."""
+    visible without letting a flood of it flood the log (the counters keep the exact count).
+    :class:`CollapsingLog` is the time-based form, for warnings that may repeat all day."""
     return count & (count - 1) == 0
+
+
+class CollapsingLog:
+    """Repeated log lines collapsed per key: the first occurrence of a key is logged at once;
+    further ones within ``window_s`` are only counted, and the first one after the window is
+    logged with ``" (x N in the last 10 s)"`` appended, N counting every occurrence since the
+    last line (itself included). So a flood of the same warning costs one line per key per
+    window, and the operator still sees how many there were. Thread-safe; ``clock`` (seconds)
+    may be injected for tests.
+
+    ``log(level, key, msg, *args, exc_info=...)``; ``warning(key, msg, *args)`` and
+    ``exception(key, msg, *args)`` (an error with the current traceback) are shorthands.
+    """
+
+    def __init__(self, logger: logging.Logger, window_s: float = 10.0, clock=time.monotonic):
+        self.logger = logger
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, list] = {}      # key -> [start of the window, occurrences since the last line]
+
+    def log(self, level: int, key: str, msg: str, *args, exc_info=None) -> bool:
+        """Log ``msg % args`` now or count it under ``key``; returns whether a line was written."""
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.window_s:
+                seen[1] += 1
+                return False
+            repeated = 0 if seen is None else seen[1] + 1
+            self._seen[key] = [now, 0]
+        if repeated > 1:
+            msg = f"{msg} (x {repeated} in the last {self.window_s:g} s)"
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def warning(self, key: str, msg: str, *args) -> bool:
+        """:meth:`log` at WARNING."""
+        return self.log(logging.WARNING, key, msg, *args)
+
+    def exception(self, key: str, msg: str, *args) -> bool:
+        """:meth:`log` at ERROR with the exception being handled (its traceback)."""
+        return self.log(logging.ERROR, key, msg, *args, exc_info=True)

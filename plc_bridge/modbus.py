@@ -1,10 +1,11 @@
-"""Modbus TCP bridge on pymodbus 3.16 asyncio: server mode (the PLC writes inputs and reads
-outputs) and client mode (we poll the PLC and write outputs back).
+"""Modbus TCP bridge: server mode (the PLC writes inputs and reads outputs) and client mode
+(we poll the PLC and write outputs back), optionally over Modbus/TCP Security (TLS, port 802).
 
 The bridge serves one stream (``[modbus] stream``, default "main") and runs its own asyncio
 loop in a background thread. The controller's cycle talks to it only through the
 :class:`~plc_bridge.bridge.Bridge` methods, which take a lock for microseconds and never touch
-the network.
+the network. The wire format (MBAP frames, PDUs) is :mod:`plc_bridge.mbap`; TLS contexts and
+roles are :mod:`plc_bridge.modbus_tls`.
 
 Server mode serves a register image built from the map, with these rules (Modbus
 application protocol V1.1b3, section 7):
@@ -12,20 +13,23 @@ application protocol V1.1b3, section 7):
 - only function codes 1, 2, 3, 4, 5, 6, 15, 16, 22 and 23 are served; any other gets
   exception 01 (ILLEGAL FUNCTION);
 - a quantity outside the limits of the function (e.g. a read of 0 or more than 125
-  registers) gets 03 (ILLEGAL DATA VALUE);
+  registers), or a body whose length does not match it, gets 03 (ILLEGAL DATA VALUE);
 - a read touching any address that is not in the map gets 02 (ILLEGAL DATA ADDRESS);
 - a write touching an output, or any address not in the map, gets 02: an output is a valid
   address for reading only, and 02 is the code the protocol defines for "address not
-  allowable" (pymodbus' own read-only registers answer the same way);
+  allowable";
 - a request for another unit id than ``device_id`` (0 and 255, the Modbus/TCP "unit not
   used" values, are accepted too) gets 0B (GATEWAY TARGET DEVICE FAILED TO RESPOND);
+- with ``[modbus.tls]``, a write from a client whose certificate role is not in
+  ``write_roles`` gets 01 (the Modbus/TCP Security specification's answer);
 - a frame with a bad MBAP header (protocol id not 0, length outside 2..254) cannot be
   re-synchronised on a TCP stream: it is counted and that connection is closed;
-- peers outside ``allow`` (addresses or networks) are counted and disconnected at once.
-
-pymodbus handles the sockets, the framing and the PDU codecs; the request loop here replaces
-its per-connection handler so that each complete frame in the buffer is answered in order,
-and its datastore with the register image above.
+- peers outside ``allow`` (addresses or networks) are counted and disconnected at once;
+- a connection without a complete request for ``idle_timeout_s`` is closed, and a new
+  connection while ``max_clients`` are held evicts the longest-idle one, so idle peers can
+  never lock the PLC out;
+- each connection is answered at most ``max_request_rate`` requests per second (a flooding
+  peer waits, TCP pushes back): a flood cannot take the controller's CPU.
 """
 from __future__ import annotations
 
@@ -33,37 +37,28 @@ import asyncio
 import ipaddress
 import logging
 import math
-import struct
+import ssl
 import threading
 import time
 from array import array
 from typing import Callable
 
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.constants import ExcCodes
-from pymodbus.exceptions import ModbusException
-from pymodbus.pdu import ExceptionResponse
-from pymodbus.server import ModbusTcpServer
-from pymodbus.server.requesthandler import ServerRequestHandler
-from pymodbus.simulator import SimData, SimDevice
-
+from . import mbap
 from .bridge import Inputs, LoopThread
+from .mbap import BadReply, ModbusError, PlcConnection
 from .messages import MAX_NAME_LEN
-from .metrics import Counters, LatencyRing, worth_logging
-from .registers import ADDRESS_SPACE, BIT_TABLES, TABLES, MapEntry, RegisterMap, heartbeat_entry
+from .metrics import Counters, LatencyRing
+from .modbus_tls import TlsSettings, peer_role
+from .registers import ADDRESS_SPACE, BIT_TABLES, READABLE, UNMAPPED, WRITABLE, RegisterImage, RegisterMap
 
 log = logging.getLogger(__name__)
 
-#: function code -> table it addresses
-FC_TABLE = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 4: "input",
-            3: "holding", 6: "holding", 16: "holding", 22: "holding", 23: "holding"}
-EXCEPTION_NAMES = {1: "illegal_function", 2: "illegal_address", 3: "illegal_value",
-                   4: "device_failure", 0x0B: "unknown_unit"}
-_NONE, _READ, _WRITE = 0, 1, 2
-_MBAP = struct.Struct(">HHHB")
 _MODBUS_KEYS = frozenset((
     "mode", "stream", "host", "port", "device_id", "heartbeat", "map", "allow", "max_clients", "poll_ms",
-    "request_timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "max_read", "stop_linger_ms"))
+    "request_timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "max_read", "stop_linger_ms",
+    "idle_timeout_s", "max_request_rate", "tls"))
+_READ_FN = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+_RATE_WINDOW_S = 0.01            # a connection's request budget is spent per window of this length
 
 InputCallback = Callable[[dict], None]
 
@@ -106,7 +101,9 @@ class ModbusBridge(LoopThread):
                  port: int, stream: str = "main", device_id: int = 1, allow: list | None = None,
                  max_clients: int = 8, poll_ms: float = 10.0, request_timeout_ms: float = 200.0,
                  reconnect_min_ms: float = 100.0, reconnect_max_ms: float = 5000.0,
-                 stop_linger_ms: float = 200.0, on_input: InputCallback | None = None):
+                 stop_linger_ms: float = 200.0, idle_timeout_s: float = 10.0,
+                 max_request_rate: float = 1000.0, tls: TlsSettings | None = None,
+                 on_input: InputCallback | None = None):
         self.regmap = regmap
         self.mode = mode
         self.stream = stream
@@ -121,6 +118,12 @@ class ModbusBridge(LoopThread):
         self.reconnect_min_s = reconnect_min_ms / 1e3
         self.reconnect_max_s = reconnect_max_ms / 1e3
         self.stop_linger_s = stop_linger_ms / 1e3
+        self.idle_timeout_s = idle_timeout_s
+        self.request_burst = max(1, round(max_request_rate * _RATE_WINDOW_S))
+        self.tls = tls
+        self._ssl: ssl.SSLContext | None = None
+        self._conns: dict[asyncio.StreamWriter, _Conn] = {}
+        self._listener: asyncio.AbstractServer | None = None
         self.on_input = on_input
         self._output_reads = 0      # server mode: read requests that covered an output register
         self.failsafe = {e.signal: float(failsafe[e.signal]) for e in regmap.outputs}
@@ -141,10 +144,10 @@ class ModbusBridge(LoopThread):
         self._out_values = dict(self.failsafe)
         self._reconnects = 0
         self._backoff_s = 0.0
-        self._clients = 0
+        self._throttled = 0         # server mode: times a connection waited for its request budget
         self._connected = False
-        self._init_thread()
-        self._image = _RegisterImage(regmap) if mode == "server" else None
+        self._init_thread(log)
+        self._image = RegisterImage(regmap) if mode == "server" else None
         if self._image is not None:
             for entry in regmap.outputs:
                 self._image.put(entry, self.failsafe[entry.signal])
@@ -161,7 +164,11 @@ class ModbusBridge(LoopThread):
         networks), ``max_clients`` (server, default 8), ``poll_ms`` (client, default 10),
         ``request_timeout_ms`` (client, 200), ``reconnect_min_ms``/``reconnect_max_ms``
         (client backoff, 100/5000), ``max_read`` (registers per read, 125), ``stop_linger_ms``
-        (server: how long a stop waits for a connected PLC to read the outputs once more, 200). ``port = 0``
+        (server: how long a stop waits for a connected PLC to read the outputs once more, 200),
+        ``idle_timeout_s`` (server: a connection without a request this long is closed, 10;
+        0.1..86400), ``max_request_rate`` (server: requests answered per second and connection,
+        1000; 10..1000000), ``tls`` (the ``[modbus.tls]`` table: Modbus/TCP Security, see
+        :class:`~plc_bridge.modbus_tls.TlsSettings`; the port defaults to 802 then). ``port = 0``
         binds an ephemeral port (see :attr:`port` after ``start()``).
         Raises ``ValueError`` naming the offending key or map entry.
         """
@@ -180,13 +187,16 @@ class ModbusBridge(LoopThread):
         host = modbus.get("host", "127.0.0.1")
         if not isinstance(host, str) or not host:
             raise ValueError(f"modbus.host: {host!r} is not a host name or address")
-        port = _int_key(modbus, "port", 502, 0 if mode == "server" else 1, 65535)
+        tls = TlsSettings.from_config(modbus["tls"], mode) if "tls" in modbus else None
+        port = _int_key(modbus, "port", 502 if tls is None else 802, 0 if mode == "server" else 1, 65535)
         device_id = _int_key(modbus, "device_id", 1, 0, 255)
         max_clients = _int_key(modbus, "max_clients", 8, 1, 1024)
         max_read = _int_key(modbus, "max_read", 125, 1, 125)
         times = {k: _ms_key(modbus, k, d) for k, d in (("poll_ms", 10.0), ("request_timeout_ms", 200.0),
                                                        ("reconnect_min_ms", 100.0), ("reconnect_max_ms", 5000.0),
                                                        ("stop_linger_ms", 200.0))}
+        idle_timeout_s = _number_key(modbus, "idle_timeout_s", 10.0, 0.1, 86400.0, "seconds")
+        max_request_rate = _number_key(modbus, "max_request_rate", 1000.0, 10.0, 1e6, "requests per second")
         if times["reconnect_min_ms"] > times["reconnect_max_ms"]:
             raise ValueError("modbus.reconnect_min_ms: must not exceed modbus.reconnect_max_ms")
         allow = None
@@ -212,6 +222,7 @@ class ModbusBridge(LoopThread):
                 raise ValueError(f"{entry.name()}: failsafe value cannot be encoded: {exc}") from None
         return cls(regmap, {k: float(v) for k, v in outputs.items()}, mode=mode, host=host, port=port,
                    stream=stream, device_id=device_id, allow=allow, max_clients=max_clients,
+                   idle_timeout_s=idle_timeout_s, max_request_rate=max_request_rate, tls=tls,
                    on_input=on_input, **times)
 
     # ------------------------------------------------------------------ lifecycle
@@ -294,25 +305,34 @@ class ModbusBridge(LoopThread):
             return not self._heartbeat_ok(now), self._failsafe_entries
 
     def health(self) -> dict:
-        """Connection, heartbeat and fail-safe state, bad traffic by reason, errors, reconnects
-        (client: the current backoff delay too, 0 while connected), and the bridge's own I/O
-        time in microseconds (server: per request; client: per poll of every block)."""
+        """Connection, heartbeat and fail-safe state, bad traffic by reason, errors by kind,
+        reconnects (client: the current backoff delay too, 0 while connected), and the bridge's
+        own I/O time in microseconds (server: per request; client: per poll of every block).
+
+        ``running`` is false while any I/O task is dead; ``down`` names those tasks
+        (``server``, ``idle``, ``poller``, ``watchdog``, or ``thread``), see
+        :meth:`~plc_bridge.bridge.LoopThread.down_tasks`. ``errors`` counts, among others,
+        ``<task>_failed`` (a task's unexpected exception) and ``plc_<fault>`` (client: a PLC
+        answer that was refused: ``plc_short_response``, ``plc_timeout``, ...)."""
         now = time.monotonic_ns()
         with self.lock:
             hb_ok = self._heartbeat_ok(now)
             failsafe = self._failsafe_active
             hb_age = None if self._hb_change_ns is None else (now - self._hb_change_ns) / 1e6
-        connected = self._clients > 0 if self.mode == "server" else self._connected
+        connected = bool(self._conns) if self.mode == "server" else self._connected
         return {
             "mode": self.mode,
             "address": [self.host, self.port],
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": self._running(),
+            "down": list(self.down_tasks()),
+            "tls": self.tls is not None,
             "connected": connected,
-            "clients": self._clients if self.mode == "server" else int(self._connected),
+            "clients": len(self._conns) if self.mode == "server" else int(self._connected),
             "heartbeat_ok": hb_ok,
             "heartbeat_age_ms": hb_age,
             "failsafe": failsafe,
             "reconnects": self._reconnects,
+            "throttled": self._throttled,
             "reconnect_delay_ms": self._backoff_s * 1e3 if self.mode == "client" else None,
             "bad": self.bad.snapshot(),
             "errors": self.errors.snapshot(),
@@ -333,7 +353,7 @@ class ModbusBridge(LoopThread):
         if self._image is not None:
             for entry in self.regmap.outputs:
                 self._image.put(entry, self.failsafe[entry.signal])
-        log.warning("modbus %s: outputs set to fail-safe (%s)", self.mode, why)
+        self._say.warning("failsafe", "modbus %s: outputs set to fail-safe (%s)", self.mode, why)
 
     def _record_inputs(self, updates: dict[str, tuple[float, int]]) -> None:
         """Called by the I/O thread outside the lock, after ``_inputs`` was updated."""
@@ -342,7 +362,7 @@ class ModbusBridge(LoopThread):
                 self.on_input(updates)
             except Exception:  # a faulty callback must not stop the I/O loop
                 self.errors.inc("callback_error")
-                log.exception("modbus on_input callback failed")
+                self._say.exception("callback", "modbus on_input callback failed")
 
     def _note_heartbeat_locked(self, value: int, now: int) -> None:
         if self._hb_value is not None and value != self._hb_value:
@@ -352,34 +372,41 @@ class ModbusBridge(LoopThread):
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        if self.tls is not None:
+            self._ssl = self.tls.server_context() if self.mode == "server" else self.tls.client_context()
         if self.mode == "server":
-            server = _Server(self, (self.host, self.port))
-            await server.serve_forever(background=True)
-            self.port = server.transport.sockets[0].getsockname()[1]
-            tasks = []
-            log.info("modbus server listening on %s:%d (unit %d)", self.host, self.port, self.device_id)
+            self._listener = await self._bind()        # a bind error fails start()
+            self.port = self._listener.sockets[0].getsockname()[1]
+            log.info("modbus server listening on %s:%d (unit %d%s)", self.host, self.port, self.device_id,
+                     ", Modbus/TCP Security" if self.tls else "")
+            self._spawn("server", self._serve)
+            self._spawn("idle", self._close_idle)
         else:
-            server = None
-            tasks = [asyncio.create_task(self._client_loop())]
+            poller = self._spawn("poller", self._client_loop)
         if self.regmap.heartbeat is not None:
-            tasks.append(asyncio.create_task(self._watchdog()))
+            self._spawn("watchdog", self._watchdog)
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
-            if server is None:
+            if self.mode == "client":
                 # The client loop writes the outputs once more and returns (bounded wait).
-                await asyncio.wait(tasks[:1], timeout=2 * self.request_timeout_s + self.poll_s)
-            elif self._clients:
+                await asyncio.wait([poller], timeout=2 * self.request_timeout_s + self.poll_s)
+            elif self._conns:
                 reads = self._output_reads
                 deadline = time.monotonic() + self.stop_linger_s
-                while self._clients and self._output_reads == reads and time.monotonic() < deadline:
+                while self._conns and self._output_reads == reads and time.monotonic() < deadline:
                     await asyncio.sleep(0.002)
-            for task in tasks:
+            await self._cancel_tasks()
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            handlers = [conn.task for conn in self._conns.values()]
+            for writer in list(self._conns):
+                writer.transport.abort()
+            for task in handlers:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if server is not None:
-                await server.shutdown()
+            await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _watchdog(self) -> None:
         """Trips fail-safe when the heartbeat stops, even if nobody publishes (client mode: also
@@ -398,6 +425,163 @@ class ModbusBridge(LoopThread):
                 await asyncio.sleep(idle_s)
 
     # ------------------------------------------------------------------ server mode
+    async def _bind(self) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._connection, self.host, self.port, limit=1 << 16)
+
+    async def _serve(self) -> None:
+        """The listener (bound by ``_main`` first; bound again if it ever has to restart)."""
+        if self._listener is None:
+            self._listener = await self._bind()
+        try:
+            await self._stop.wait()
+        finally:
+            if self._listener is not None and not self._stop.is_set():
+                self._listener.close()
+                self._listener = None
+
+    async def _close_idle(self) -> None:
+        """Closes connections without a complete request for ``idle_timeout_s``."""
+        every = min(1.0, self.idle_timeout_s / 4)
+        while not self._stop.is_set():
+            await asyncio.sleep(every)
+            limit = time.monotonic() - self.idle_timeout_s
+            for writer, conn in list(self._conns.items()):
+                if conn.last < limit:
+                    self._close_conn(writer, conn, "idle_timeout")
+
+    def _close_conn(self, writer: asyncio.StreamWriter, conn: "_Conn", why: str) -> None:
+        conn.closed_by_us = True
+        self.bad.inc(why)
+        self._say.warning(why, "modbus server: closed %s (%s)", conn.peer, why.replace("_", " "))
+        writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One peer: allow-list, eviction at ``max_clients``, TLS handshake and role, requests."""
+        peer = writer.get_extra_info("peername")
+        host = peer[0] if peer else None
+        if not self._client_allowed(host):
+            n = self.bad.inc("rejected_client")
+            self._say.warning("allow", "modbus server: refused %s (not in modbus.allow; %d refused so far)", host, n)
+            writer.transport.abort()
+            return
+        if len(self._conns) >= self.max_clients:
+            idlest = min(self._conns.items(), key=lambda item: item[1].last)
+            self._close_conn(*idlest, "evicted")
+            del self._conns[idlest[0]]
+        conn = _Conn(host, time.monotonic(), asyncio.current_task())
+        self._conns[writer] = conn
+        try:
+            if self._ssl is not None:
+                try:
+                    await writer.start_tls(self._ssl, ssl_handshake_timeout=min(self.idle_timeout_s, 10.0))
+                except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                    if not conn.closed_by_us:
+                        self.bad.inc("tls_handshake_failed")
+                        self._say.warning("tls", "modbus server: TLS handshake with %s failed: %s", host, exc)
+                    return
+                conn.role = peer_role(writer.get_extra_info("ssl_object"))
+                conn.may_write = conn.role in self.tls.write_roles
+            else:
+                conn.may_write = True
+            self._say.log(logging.INFO, "connect", "modbus server: client %s connected%s", host,
+                          "" if self.tls is None else f" (role {conn.role!r})")
+            await self._requests(reader, writer, conn)
+        except (ConnectionError, OSError):
+            pass
+        except Exception:                                 # never let one peer's bytes reach the loop
+            self.bad.inc("handler_error")
+            self._say.exception("handler", "modbus server: request handling failed; closing that connection")
+        finally:
+            if self._conns.get(writer) is conn:
+                del self._conns[writer]
+            writer.transport.abort()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: "_Conn") -> None:
+        window_end, budget = 0.0, self.request_burst
+        while True:
+            head = b""
+            try:
+                head = await reader.readexactly(mbap.HEADER_SIZE)
+                tid, size, unit = mbap.check_header(head)
+                body = await reader.readexactly(size - mbap.HEADER_SIZE)
+            except asyncio.IncompleteReadError as exc:     # the peer left, maybe mid-frame
+                if (head or exc.partial) and not conn.closed_by_us:
+                    self.bad.inc("truncated")
+                return
+            except BadReply:
+                self.bad.inc("bad_frame")
+                return
+            t0 = time.perf_counter_ns()
+            conn.last = time.monotonic()
+            reply, updates = self._answer(body, unit, conn.may_write)
+            if writer.transport.is_closing():             # the peer left with requests still buffered
+                return
+            writer.write(mbap.frame(tid, unit, reply))
+            self.io.add(time.perf_counter_ns() - t0)
+            self._record_inputs(updates)
+            if writer.transport.get_write_buffer_size() > 1 << 16:
+                await writer.drain()                      # a peer that does not read waits
+            budget -= 1
+            if budget <= 0:                               # flood control: see max_request_rate
+                now = time.monotonic()
+                if now < window_end:
+                    self._throttled += 1
+                    await asyncio.sleep(window_end - now)
+                    now = time.monotonic()
+                window_end, budget = now + _RATE_WINDOW_S, self.request_burst
+
+    def _answer(self, pdu: bytes, unit: int, may_write: bool) -> tuple[bytes, dict]:
+        """The answer PDU to one request and the inputs it wrote (``{}`` for none)."""
+        fc = pdu[0]
+        try:
+            if unit not in self.units:
+                raise ModbusError(mbap.GATEWAY_NO_RESPONSE)
+            req = mbap.parse_request(pdu)
+            if req.write is not None and not may_write:
+                self.bad.inc("write_refused")
+                return mbap.exception_reply(fc, mbap.ILLEGAL_FUNCTION), {}
+            with self.lock:
+                values, updates = self._apply_locked(req)
+        except ModbusError as exc:
+            self.bad.inc(exc.kind)
+            return mbap.exception_reply(fc, exc.code), {}
+        if values is None:
+            return mbap.write_reply(pdu), updates
+        return mbap.read_reply(fc, values), updates
+
+    def _apply_locked(self, req: mbap.Request) -> tuple[list[int] | None, dict]:
+        """Carry out a request on the register image (lock held): ``(values read or None,
+        inputs written)``; ``ModbusError`` 02 when an address is not allowed, before any change."""
+        image, table = self._image, req.table
+        access = image.access[table]
+        if req.write is not None:
+            address, values = req.write
+            end = address + len(values)
+            if end > ADDRESS_SPACE or access.count(WRITABLE, address, end) != len(values):
+                raise ModbusError(mbap.ILLEGAL_ADDRESS)
+        if req.read is not None:
+            raddr, rcount = req.read
+            rend = raddr + rcount
+            if rend > ADDRESS_SPACE or access.count(UNMAPPED, raddr, rend):
+                raise ModbusError(mbap.ILLEGAL_ADDRESS)
+        updates: dict = {}
+        if req.write is not None:
+            if table in BIT_TABLES:
+                image.bits[table][address:end] = bytes(values)
+            else:
+                if req.masks is not None:
+                    and_mask, or_mask = req.masks
+                    values = [(image.words[table][address] & and_mask) | (or_mask & ~and_mask & 0xFFFF)]
+                image.words[table][address:end] = array("H", values)
+            updates = self._written(table, address, len(values))
+        if req.read is None:
+            return None, updates
+        if access.count(READABLE, raddr, rend):
+            self._output_reads += 1
+        if table in BIT_TABLES:
+            return list(image.bits[table][raddr:rend]), updates
+        return image.words[table][raddr:rend].tolist(), updates
+
     def _client_allowed(self, host: str | None) -> bool:
         if self.allow is None:
             return True
@@ -427,21 +611,20 @@ class ModbusBridge(LoopThread):
 
     # ------------------------------------------------------------------ client mode
     async def _client_loop(self) -> None:
+        """Connect, poll until the connection fails, reconnect with a capped back-off. A PLC's
+        bad answer is counted (``plc_<fault>``) and the poll goes on; a connection that can no
+        longer be trusted (closed, timed out, garbage on the stream) is closed and made again."""
         delay = self.reconnect_min_s
         ever_connected = False
         # Loops test the stop flag as well as being cancelled: on Python 3.11,
         # asyncio.wait_for can swallow a cancellation that races with its own wake-up.
         while not self._stop.is_set():
-            client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.request_timeout_s,
-                                          retries=0, reconnect_delay=0, name="r1edge-plc")
             try:
-                ok = await client.connect()
-            except (OSError, ModbusException) as exc:
-                log.debug("modbus client connect error: %s", exc)
-                ok = False
-            if not ok:
-                client.close()
+                plc = await PlcConnection.open(self.host, self.port, self.device_id, self.request_timeout_s,
+                                               self._ssl, on_stray=lambda: self._plc_fault("wrong_transaction"))
+            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
                 self.errors.inc("connect_failures")
+                self._say.warning("connect", "modbus client cannot connect to %s:%d: %s", self.host, self.port, exc)
                 self._backoff_s = delay
                 await asyncio.sleep(delay)
                 delay = min(delay * 2.0, self.reconnect_max_s)
@@ -452,23 +635,29 @@ class ModbusBridge(LoopThread):
             delay = self.reconnect_min_s
             self._backoff_s = 0.0
             self._connected = True
-            log.info("modbus client connected to %s:%d", self.host, self.port)
+            self._say.log(logging.INFO, "connect", "modbus client connected to %s:%d", self.host, self.port)
             try:
-                await self._poll_connected(client)
-            except (ModbusException, OSError, asyncio.TimeoutError) as exc:
+                await self._poll_connected(plc)
+            except (OSError, asyncio.TimeoutError, BadReply) as exc:
+                kind = getattr(exc, "kind", "timeout" if isinstance(exc, asyncio.TimeoutError) else "disconnected")
+                self._plc_fault(kind)
                 self.errors.inc("io_errors")
-                log.warning("modbus client lost %s:%d: %s", self.host, self.port, exc)
+                self._say.warning("lost", "modbus client lost %s:%d: %s", self.host, self.port,
+                                  exc or type(exc).__name__)
             finally:
                 self._connected = False
-                client.close()
+                plc.close()
             await asyncio.sleep(self.reconnect_min_s)
 
-    async def _poll_connected(self, client: AsyncModbusTcpClient) -> None:
+    def _plc_fault(self, kind: str) -> None:
+        n = self.errors.inc(f"plc_{kind}")
+        self._say.warning(f"plc_{kind}", "modbus client: PLC %s:%d: %s (%d so far)", self.host, self.port,
+                          kind.replace("_", " "), n)
+
+    async def _poll_connected(self, plc: PlcConnection) -> None:
         regmap = self.regmap
         reads = regmap.read_blocks(regmap.inputs, include_heartbeat=True)
         writes = regmap.write_blocks(regmap.outputs)
-        read_fn = {"holding": client.read_holding_registers, "input": client.read_input_registers,
-                   "coil": client.read_coils, "discrete": client.read_discrete_inputs}
         dirty = True  # write the current outputs as soon as we (re)connect (once there are any)
         next_poll = time.monotonic()
         while not self._stop.is_set():
@@ -477,21 +666,7 @@ class ModbusBridge(LoopThread):
                 t0 = time.perf_counter_ns()
                 updates = {}
                 for block in reads:
-                    rr = await read_fn[block.table](block.address, count=block.count, device_id=self.device_id)
-                    if rr.isError():
-                        self.errors.inc(f"plc_{EXCEPTION_NAMES.get(rr.exception_code, f'exception_{rr.exception_code}')}")
-                        continue
-                    raw = rr.bits if block.table in BIT_TABLES else rr.registers
-                    rx = time.monotonic_ns()
-                    with self.lock:
-                        for entry in block.entries:
-                            off = entry.address - block.address
-                            if entry.index < 0:
-                                self._note_heartbeat_locked(raw[off], rx)
-                                continue
-                            value = entry.decode(raw[off:off + entry.width])
-                            self._inputs[entry.signal] = (value, rx)
-                            updates[entry.signal] = (value, rx)
+                    updates.update(await self._read_block(plc, block))
                 self.io.add(time.perf_counter_ns() - t0)
                 self._record_inputs(updates)
                 with self.lock:
@@ -506,7 +681,7 @@ class ModbusBridge(LoopThread):
                 self._wake.clear()
                 dirty = True
             if dirty and writes and self._published:    # nothing before the first accepted publish
-                await self._write_outputs(client, writes)
+                await self._write_outputs(plc, writes)
                 dirty = False
             timeout = next_poll - time.monotonic()
             if timeout > 0 and not self._wake.is_set():
@@ -515,256 +690,69 @@ class ModbusBridge(LoopThread):
                 except asyncio.TimeoutError:
                     pass
         if writes and self._published:  # a clean stop: the last published outputs reach the PLC
-            await self._write_outputs(client, writes)
+            await self._write_outputs(plc, writes)
 
-    async def _write_outputs(self, client: AsyncModbusTcpClient, writes) -> None:
+    async def _read_block(self, plc: PlcConnection, block) -> dict:
+        """One read of ``block``: its inputs (and the heartbeat) stored; ``{}`` when the PLC's
+        answer was refused (counted)."""
+        fc = _READ_FN[block.table]
+        try:
+            raw = mbap.parse_read_reply(fc, block.count, await plc.request(mbap.read_request(fc, block.address,
+                                                                                             block.count)))
+        except ModbusError as exc:
+            self._plc_fault(exc.kind)
+            return {}
+        except BadReply as exc:
+            if exc.resync:
+                raise
+            self._plc_fault(exc.kind)
+            return {}
+        rx = time.monotonic_ns()
+        updates = {}
+        with self.lock:
+            for entry in block.entries:
+                off = entry.address - block.address
+                if entry.index < 0:
+                    self._note_heartbeat_locked(raw[off], rx)
+                    continue
+                value = entry.decode(raw[off:off + entry.width])
+                self._inputs[entry.signal] = (value, rx)
+                updates[entry.signal] = (value, rx)
+        return updates
+
+    async def _write_outputs(self, plc: PlcConnection, writes) -> None:
         with self.lock:
             values = dict(self._out_values)
         for block in writes:
-            await self._write_block(client, block, values)
-
-    async def _write_block(self, client: AsyncModbusTcpClient, block, values: dict[str, float]) -> None:
-        raw: list[int] = []
-        for entry in block.entries:
-            words, clamped = entry.encode(values[entry.signal])
-            if clamped:
-                self.errors.inc("clamped_output")
-            raw.extend(words)
-        if block.table == "coil":
-            rr = await client.write_coils(block.address, [bool(b) for b in raw], device_id=self.device_id)
-        else:
-            rr = await client.write_registers(block.address, raw, device_id=self.device_id)
-        if rr.isError():
-            self.errors.inc(f"plc_{EXCEPTION_NAMES.get(rr.exception_code, f'exception_{rr.exception_code}')}")
-
-
-class _RegisterImage:
-    """Server mode: the four tables as preallocated arrays, with an access level per address
-    (none, read, read/write). Every method expects the bridge lock to be held."""
-
-    def __init__(self, regmap: RegisterMap):
-        self.words = {"holding": array("H", bytes(2 * ADDRESS_SPACE)), "input": array("H", bytes(2 * ADDRESS_SPACE))}
-        self.bits = {"coil": bytearray(ADDRESS_SPACE), "discrete": bytearray(ADDRESS_SPACE)}
-        self.access = {t: bytearray(ADDRESS_SPACE) for t in TABLES}
-        self.at: dict[str, dict[int, MapEntry]] = {t: {} for t in TABLES}
-        entries = list(regmap.entries)
-        if regmap.heartbeat is not None:
-            entries.append(heartbeat_entry(regmap.heartbeat))
-        for entry in entries:
-            level = _WRITE if entry.direction == "input" else _READ
-            for a in range(entry.address, entry.end):
-                self.access[entry.table][a] = level
-                self.at[entry.table][a] = entry
-
-    def put(self, entry: MapEntry, value: float) -> bool:
-        """Encode ``value`` into the entry's registers; returns True if it was clamped."""
-        raw, clamped = entry.encode(value)
-        if entry.is_bit:
-            self.bits[entry.table][entry.address] = raw[0]
-        else:
-            self.words[entry.table][entry.address:entry.end] = array("H", raw)
-        return clamped
-
-    def get(self, entry: MapEntry) -> float:
-        """Decode the entry's current registers."""
-        if entry.is_bit:
-            return entry.decode(self.bits[entry.table][entry.address:entry.end])
-        return entry.decode(self.words[entry.table][entry.address:entry.end])
-
-    def entries_in(self, table: str, address: int, count: int) -> list[MapEntry]:
-        """Entries overlapping ``address .. address+count-1``, each once, in address order."""
-        at = self.at[table]
-        found: list[MapEntry] = []
-        for a in range(address, address + count):
-            entry = at.get(a)
-            if entry is not None and (not found or found[-1] is not entry):
-                found.append(entry)
-        return found
+            raw: list[int] = []
+            for entry in block.entries:
+                words, clamped = entry.encode(values[entry.signal])
+                if clamped:
+                    self.errors.inc("clamped_output")
+                raw.extend(words)
+            request = mbap.write_request(block.table, block.address, raw)
+            try:
+                mbap.check_write_reply(request, await plc.request(request))
+            except ModbusError as exc:
+                self._plc_fault(exc.kind)
+            except BadReply as exc:
+                if exc.resync:
+                    raise
+                self._plc_fault(exc.kind)
 
 
-class _Store:
-    """The datastore pymodbus' request PDUs call (``async_getValues``/``async_setValues``),
-    backed by the bridge's register image. Nothing here awaits, so each PDU's
-    ``datastore_update`` coroutine completes in one step (see ``_Handler._answer``)."""
+class _Conn:
+    """Server mode: what the bridge keeps of one peer's connection."""
 
-    def __init__(self, bridge: ModbusBridge):
-        self.bridge = bridge
-        self.updates: dict[str, tuple[float, int]] = {}
+    __slots__ = ("peer", "last", "task", "role", "may_write", "closed_by_us")
 
-    def device_ids(self) -> list[int]:
-        """Unit ids served."""
-        return sorted(self.bridge.units)
-
-    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):
-        """Read ``count`` values, or exception 02 if any address is not readable."""
-        table = FC_TABLE[func_code]
-        end = address + count
-        if end > ADDRESS_SPACE:
-            return ExcCodes.ILLEGAL_ADDRESS
-        bridge = self.bridge
-        with bridge.lock:
-            if bridge._image.access[table].count(_NONE, address, end):
-                return ExcCodes.ILLEGAL_ADDRESS
-            if bridge._image.access[table].count(_READ, address, end):
-                bridge._output_reads += 1
-            if table in BIT_TABLES:
-                return [bool(b) for b in bridge._image.bits[table][address:end]]
-            return bridge._image.words[table][address:end].tolist()
-
-    async def async_setValues(self, device_id: int, func_code: int, address: int, values):
-        """Write values, or exception 02 if any address is not writable (outputs, unmapped)."""
-        table = FC_TABLE[func_code]
-        count = len(values)
-        end = address + count
-        if end > ADDRESS_SPACE:
-            return ExcCodes.ILLEGAL_ADDRESS
-        bridge = self.bridge
-        with bridge.lock:
-            image = bridge._image
-            if image.access[table].count(_WRITE, address, end) != count:
-                return ExcCodes.ILLEGAL_ADDRESS
-            if table in BIT_TABLES:
-                image.bits[table][address:end] = bytes(1 if v else 0 for v in values)
-            else:
-                image.words[table][address:end] = array("H", values)
-            self.updates.update(bridge._written(table, address, count))
-        return None
-
-
-class _Handler(ServerRequestHandler):
-    """One PLC connection: allow-list, MBAP checks, in-order answers, counters, timing."""
-
-    def __init__(self, server: "_Server"):
-        super().__init__(server, None, None, None)
-        self.bridge = server.bridge
-        self.store = server.store
-        # Frames are parsed here, so the buffer only bounds a flood of pipelined requests.
-        self.max_buffer_size = 1 << 20
-        self._accepted = False
-        self._pending = 0
-
-    def connection_made(self, transport) -> None:
-        """A PLC connected: apply the allow-list and ``max_clients``."""
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        host = peer[0] if peer else None
-        bridge = self.bridge
-        if not bridge._client_allowed(host):
-            n = bridge.bad.inc("rejected_client")
-            if worth_logging(n):
-                log.warning("modbus server: refused %s (not in modbus.allow; %d refused so far)", host, n)
-            self.close()
-            return
-        if bridge._clients >= bridge.max_clients:
-            bridge.bad.inc("too_many_clients")
-            log.debug("modbus server: refused %s (max_clients = %d reached)", host, bridge.max_clients)
-            self.close()
-            return
-        self._accepted = True
-        bridge._clients += 1
-        log.info("modbus server: client %s connected", host)
-
-    def _forget(self) -> None:
-        if self._accepted:
-            self._accepted = False
-            self.bridge._clients -= 1
-        if self._pending:
-            self.bridge.bad.inc("truncated")
-            self._pending = 0
-
-    def _drop(self) -> None:
-        self._forget()
-        self.close()
-
-    def callback_disconnected(self, exc: Exception | None) -> None:
-        """The peer went away (a frame left half-sent counts as ``truncated``)."""
-        self._forget()
-        super().callback_disconnected(exc)
-
-    def send(self, data: bytes, addr: tuple | None = None) -> None:
-        """Write a response frame."""
-        # The base class clears its receive buffer on every send, which would lose the
-        # start of a pipelined request; we only write.
-        if self.transport:
-            self.transport.write(data)
-
-    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
-        """Answer every complete frame in ``data``; returns the bytes consumed."""
-        n = len(data)
-        used = 0
-        try:
-            while n - used >= 8:
-                tid, pid, length, unit = _MBAP.unpack_from(data, used)
-                if pid != 0 or not 2 <= length <= 254:
-                    self.bridge.bad.inc("bad_frame")
-                    self._pending = 0
-                    self._drop()
-                    return n
-                end = used + 6 + length
-                if end > n:
-                    break
-                t0 = time.perf_counter_ns()
-                self._answer(tid, unit, data[used + 7:end])
-                self.bridge.io.add(time.perf_counter_ns() - t0)
-                used = end
-        except Exception:  # never let one connection's bytes reach the loop
-            if worth_logging(self.bridge.bad.inc("handler_error")):
-                log.exception("modbus server: request handling failed; closing that connection")
-            self._pending = 0
-            self._drop()
-            return n
-        self._pending = n - used
-        return used
-
-    def _reply_exception(self, fc: int, code: int, tid: int, unit: int) -> None:
-        self.bridge.bad.inc(EXCEPTION_NAMES.get(code, f"exception_{code}"))
-        self.pdu_send(ExceptionResponse(fc & 0x7F, code, device_id=unit, transaction=tid))
-
-    def _answer(self, tid: int, unit: int, pdu_bytes: bytes) -> None:
-        fc = pdu_bytes[0]
-        if unit not in self.bridge.units:
-            self._reply_exception(fc, 0x0B, tid, unit)
-            return
-        if fc not in FC_TABLE:
-            self._reply_exception(fc, 0x01, tid, unit)
-            return
-        if fc == 5 and pdu_bytes[3:5] not in (b"\xff\x00", b"\x00\x00"):
-            self._reply_exception(fc, 0x03, tid, unit)  # a coil is written with FF00 or 0000 only
-            return
-        pdu = self.server.decoder.decode(pdu_bytes)
-        if pdu is None or (fc == 15 and not 1 <= pdu.count <= 1968):
-            self._reply_exception(fc, 0x03, tid, unit)  # quantity or layout refused
-            return
-        coro = pdu.datastore_update(self.store, unit)
-        try:
-            coro.send(None)
-        except StopIteration as done:
-            response = done.value
-        else:
-            coro.close()
-            raise RuntimeError(f"datastore for function {fc} suspended")
-        updates, self.store.updates = self.store.updates, {}
-        if isinstance(response, ExceptionResponse):
-            self._reply_exception(fc, response.exception_code, tid, unit)
-        else:
-            response.transaction_id = tid
-            response.dev_id = unit
-            self.pdu_send(response)
-        self.bridge._record_inputs(updates)
-
-
-class _Server(ModbusTcpServer):
-    """pymodbus' TCP listener with our handler per connection."""
-
-    def __init__(self, bridge: ModbusBridge, address: tuple[str, int]):
-        # pymodbus requires a device description; requests never reach it (see _Handler).
-        super().__init__(SimDevice(0, simdata=[SimData(0)]), address=address)
-        self.bridge = bridge
-        self.store = _Store(bridge)
-
-    def callback_new_connection(self) -> _Handler:
-        """A handler for each accepted connection."""
-        return _Handler(self)
+    def __init__(self, peer: str | None, now: float, task: asyncio.Task):
+        self.peer = peer
+        self.task = task              # the connection's handler, cancelled at stop
+        self.last = now               # time.monotonic() of the last complete request (or the connect)
+        self.role: str | None = None  # the role in the peer's certificate (Modbus/TCP Security)
+        self.may_write = False
+        self.closed_by_us = False
 
 
 def _int_key(cfg: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -776,8 +764,15 @@ def _int_key(cfg: dict, key: str, default: int, lo: int, hi: int) -> int:
 
 def _ms_key(cfg: dict, key: str, default: float) -> float:
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"modbus.{key}: {value!r} is not a positive number of milliseconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86_400_000:
+        raise ValueError(f"modbus.{key}: {value!r} is not a positive number of milliseconds (at most a day, 86400000)")
+    return float(value)
+
+
+def _number_key(cfg: dict, key: str, default: float, lo: float, hi: float, unit: str) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"modbus.{key}: {value!r} is not a number of {unit} in {lo:g}..{hi:g}")
     return float(value)
 
 
@@ -786,6 +781,9 @@ def _parse_allow(raw) -> list:
         raise ValueError("modbus.allow: must be a list of addresses or networks, e.g. [\"10.0.0.5\", \"10.0.1.0/24\"]")
     nets = []
     for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network (a string such as "
+                             "\"10.0.0.5\" or \"10.0.1.0/24\")")
         try:
             nets.append(ipaddress.ip_network(item, strict=False))
         except (TypeError, ValueError) as exc:

@@ -14,41 +14,46 @@ under ``Objects/r1edge``:
   configured ``[min, max]``) and ``EngineeringUnits`` (the signal's ``unit``, when given);
 - ``<stream>.outputs.<name>``: Double, read-only, the same properties;
 - ``<stream>.status``: String, ``"ok"``, ``"failsafe"`` or ``"hold"``;
+- ``<stream>.mode``: String, ``"manual"``, ``"auto"`` or ``"warmup"``; an operator may write
+  ``"manual"`` or ``"auto"`` (carried out by the controller's mode handler, as a ZeroMQ
+  ``mode`` command; ``BadNotSupported`` without a ``[mode]`` input);
 - ``heartbeat``: UInt16, the controller's output heartbeat (bumped every cycle, mod 65536);
 - ``stats.<counter>``: UInt64 counters and Double latencies in seconds, refreshed once a
   second from the controller's statistics.
 
-Writes to an input are screened before the library sees them: a value of another type than
+Writes to an input are screened before the library sees them: a session whose role is not
+``operator`` gets ``BadUserAccessDenied`` for any write; a value of another type than
 Double gets ``BadTypeMismatch``; NaN, +-inf or a value outside the input's configured range
-gets ``BadOutOfRange``. A refused value does not change the node, but it does reach the
-controller as that input's latest value, so the controller's input guard fails the stream
-safe in its next cycle with the right reason (``nan``, ``inf`` or ``range``), exactly as a
-bad register written over Modbus would. Writes to any other node of the namespace get
-``BadNotWritable``. Every refusal is counted in :meth:`OpcUaBridge.health` by reason.
+gets ``BadOutOfRange``. A refused value does not change the node, but an out-of-range one
+does reach the controller as that input's latest value, so the controller's input guard
+fails the stream safe in its next cycle with the right reason (``nan``, ``inf`` or
+``range``), exactly as a bad register written over Modbus would. Writes to any other node,
+in any namespace, get ``BadNotWritable``. Every refusal is counted in
+:meth:`OpcUaBridge.health` by reason.
 
 An input's value counts as received when it is written, so a client must write every input
 at least every ``stale_ms`` (rewriting an unchanged value), as a PLC does over Modbus.
 
-Security: the endpoint offers exactly the ``security`` policies listed (``"None"`` only when
-listed). For secured policies the server presents ``certificate``/``private_key`` and accepts
-only client application certificates found in ``trusted_clients`` (a directory of DER or PEM
-files): the check runs on the certificate sent in CreateSession and again, at ActivateSession,
-on the one the secure channel was opened with. With ``users`` (a TOML file, see
-:func:`hash_password`), sessions must log in with a user name and password; without it,
-sessions are anonymous (still limited to trusted client certificates on secured endpoints).
+Security (:mod:`plc_bridge.opcua_security`): the endpoint offers exactly the ``security``
+policies listed (``"None"`` only when listed); a channel asking for another gets
+``BadSecurityPolicyRejected``. For secured policies the server presents
+``certificate``/``private_key`` and accepts only client application certificates found in
+``trusted_clients``. With ``users`` sessions log in with a user name and password, or
+anonymously with a client certificate mapped to a role in that file; without it, sessions
+are anonymous operators. The users file and the trust list are re-read when they change.
+
+Faults: the bridge's tasks run supervised (:meth:`OpcUaBridge._main`): a failure is logged,
+counted and the task restarts after a capped back-off; ``health()["running"]`` is false
+meanwhile. Logs: asyncua's per-request lines stay out of the operator's log and repeated
+lines collapse (:func:`quiet_library_logs`).
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as _dt
-import hashlib
-import hmac
 import logging
 import math
 import os
-import re
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -56,23 +61,14 @@ from typing import NamedTuple, Sequence
 from urllib.parse import urlparse
 
 from asyncua import Server, ua
-from asyncua.common.utils import ServiceError
-from asyncua.crypto import cert_gen, uacrypto
 from asyncua.crypto.permission_rules import User, UserRole
-from asyncua.crypto.truststore import TrustStore
-from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .bridge import Inputs, LoopThread, Provider
+from .bridge import Inputs, LoopThread, ModeHandler, Provider
 from .messages import MAX_NAME_LEN
-from .metrics import Counters, LatencyRing, worth_logging
-
-try:
-    import tomllib
-except ModuleNotFoundError:                               # Python 3.10
-    import tomli as tomllib
+from .metrics import CollapsingLog, Counters, LatencyRing
+from .opcua_security import Admission, GuardedServer, Login, certificate_uri, check_trusted, read_users
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +78,6 @@ _OPCUA_KEYS = frozenset(("endpoint", "namespace", "security", "certificate", "pr
 #: The deprecated Basic128Rsa15 and Basic256 policies (SHA-1) are left out.
 SECURITY_POLICIES = {"None": ua.SecurityPolicyType.NoSecurity,
                      **{t.name: t for t in ua.SecurityPolicyType if t.name.startswith(("Basic256Sha256", "Aes"))}}
-_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
-#: scrypt cost of new password hashes: 16 MiB and about 50 ms per check.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 #: The statistics published under ``stats.``: node name -> (path into ``stats()``, variant type).
 STATS_NODES = {
     "cycles": (("cycles",), ua.VariantType.UInt64),
@@ -96,9 +89,45 @@ STATS_NODES = {
     "latency_p99_seconds": (("latency_us", "p99"), ua.VariantType.Double),
     "latency_max_seconds": (("latency_us", "max"), ua.VariantType.Double),
 }
+#: ``<stream>.mode`` values by the controller's ``_mode`` output (0, 1, 2).
+MODE_NAMES = ("manual", "auto", "warmup")
 # UNECE common code of the second ("SEC"), as OPC UA packs it into EUInformation.UnitId.
 _UNECE_SECOND = (ord("S") << 16) | (ord("E") << 8) | ord("C")
 _UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
+
+
+class _Forward(logging.Handler):
+    """Hands asyncua's records (WARNING and above at the default level) to the operator's log
+    as ``plc_bridge.opcua.asyncua`` lines naming the library's logger, repeats collapsed per
+    message (and per first argument when it is a string, such as a status code's text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._say = CollapsingLog(logging.getLogger(f"{__name__}.asyncua"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            first = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            key = f"{record.name}|{record.msg}|{first if isinstance(first, str) else ''}"
+            self._say.log(record.levelno, key, "%s: %s", record.name, record.getMessage(), exc_info=record.exc_info)
+        except Exception:
+            self.handleError(record)
+
+
+def quiet_library_logs() -> None:
+    """The log policy of the OPC UA bridge (idempotent): asyncua's per-request lines (INFO)
+    stay out of the operator's log unless the root logger is at DEBUG (``r1edge -v``); its
+    warnings and errors reach it collapsed (:class:`_Forward`). A deployment that configured
+    the ``asyncua`` logger itself is left alone. The bridge's own repeated lines collapse
+    through its ``_say`` (:class:`~plc_bridge.metrics.CollapsingLog`)."""
+    for name in ("asyncua", "asyncuagds"):                # asyncua's trust store logs as asyncuagds
+        lib = logging.getLogger(name)
+        if lib.handlers or lib.level != logging.NOTSET or not lib.propagate:
+            continue
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            lib.setLevel(logging.WARNING)
+        lib.addHandler(_Forward())
+        lib.propagate = False
 
 
 class Signal(NamedTuple):
@@ -108,162 +137,6 @@ class Signal(NamedTuple):
     min: float
     max: float
     unit: str | None = None
-
-
-# ---------------------------------------------------------------------------- users and passwords
-
-def hash_password(password: str, *, salt: bytes | None = None) -> str:
-    """A salted scrypt hash of ``password`` as stored in the users file:
-    ``scrypt$N$r$p$<salt, base64>$<key, base64>`` (16 random salt bytes per hash, 32-byte key)."""
-    if not password:
-        raise ValueError("the password is empty")
-    salt = secrets.token_bytes(16) if salt is None else salt
-    key = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
-    b64 = lambda b: base64.b64encode(b).decode()              # noqa: E731
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt)}${b64(key)}"
-
-
-def verify_password(stored: str, password: str) -> bool:
-    """Whether ``password`` matches a hash made by :func:`hash_password` (constant-time compare)."""
-    n, r, p, salt, key = _parse_hash(stored)
-    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(key), maxmem=256 * r * n + (1 << 20))
-    return hmac.compare_digest(got, key)
-
-
-def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
-    parts = stored.split("$") if isinstance(stored, str) else []
-    try:
-        if len(parts) != 6 or parts[0] != "scrypt":
-            raise ValueError
-        n, r, p = (int(x) for x in parts[1:4])
-        salt, key = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
-    except ValueError:
-        raise ValueError("not a password hash of the form scrypt$N$r$p$SALT$KEY") from None
-    if not (1 < n <= 1 << 20 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16 and len(salt) >= 8
-            and len(key) >= 16):
-        raise ValueError(f"scrypt parameters out of bounds (N={n}, r={r}, p={p}, salt {len(salt)} B, "
-                         f"key {len(key)} B)")
-    return n, r, p, salt, key
-
-
-def read_users(path: str | os.PathLike) -> dict[str, str]:
-    """``{user name: password hash}`` from a users file::
-
-        [users.operator]
-        password = "scrypt$16384$8$1$...$..."
-
-    Raises ``ValueError`` naming the file and the entry at fault."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such users file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: invalid TOML: {exc}") from None
-    unknown = sorted(set(raw) - {"users"})
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; expected [users.NAME] tables")
-    users = raw.get("users", {})
-    if not isinstance(users, dict):
-        raise ValueError(f"{path}: users must be a table of [users.NAME] entries")
-    out = {}
-    for name, entry in users.items():
-        if not _USER_RE.match(name):
-            raise ValueError(f"{path}: users.{name}: not a user name (letters, digits, '_', '.', '@', '-')")
-        if not isinstance(entry, dict) or set(entry) != {"password"}:
-            raise ValueError(f"{path}: users.{name}: must hold exactly one key, password")
-        try:
-            _parse_hash(entry["password"])
-        except ValueError as exc:
-            raise ValueError(f"{path}: users.{name}.password: {exc}") from None
-        out[name] = entry["password"]
-    return out
-
-
-def set_user(path: str | os.PathLike, name: str, password: str | None) -> None:
-    """Add or replace user ``name`` in a users file (created if absent), or remove it with
-    ``password=None``. The file is rewritten whole and made readable by its owner only."""
-    path = Path(path)
-    if not _USER_RE.match(name):
-        raise ValueError(f"{name!r} is not a user name (letters, digits, '_', '.', '@', '-'; at most 64)")
-    users = read_users(path) if path.exists() else {}
-    if password is None:
-        if name not in users:
-            raise ValueError(f"{path}: no user {name!r}")
-        del users[name]
-    else:
-        users[name] = hash_password(password)
-    lines = ["# r1edge OPC UA users: scrypt$N$r$p$salt$key, written by `r1edge opcua-user`\n"]
-    for user, stored in sorted(users.items()):
-        lines.append(f'\n[users."{user}"]\npassword = "{stored}"\n')
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(lines))
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------- certificates
-
-def make_certificate(out_dir: str | os.PathLike, name: str = "server", *, uri: str | None = None,
-                     hosts: Sequence[str] = ("localhost", "127.0.0.1"), client: bool = False,
-                     days: int = 365) -> tuple[Path, Path]:
-    """Write a self-signed OPC UA application certificate ``NAME.der`` and its private key
-    ``NAME.pem`` (owner-only) into ``out_dir``; refuses to overwrite. ``uri`` is the
-    application URI put in the certificate (default ``urn:r1edge:NAME``); ``hosts`` go into
-    its subject alternative names as DNS names or IP addresses. A server certificate is
-    for server and client authentication, ``client=True`` for client authentication only."""
-    import ipaddress
-
-    out = Path(out_dir)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"certificate name {name!r} must be a plain file name")
-    cert_file, key_file = out / f"{name}.der", out / f"{name}.pem"
-    for path in (cert_file, key_file):
-        if path.exists():
-            raise FileExistsError(f"{path} exists; not overwriting")
-    uri = uri or f"urn:r1edge:{name}"
-    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
-    for host in hosts:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            alt.append(x509.DNSName(host))
-    usage = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH,
-                                                              ExtendedKeyUsageOID.CLIENT_AUTH]
-    key = cert_gen.generate_private_key()
-    cert = cert_gen.generate_self_signed_app_certificate(key, name, {}, alt, extended=usage, days=days)
-    out.mkdir(parents=True, exist_ok=True)
-    cert_file.write_bytes(uacrypto.der_from_x509(cert))
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(cert_gen.dump_private_key_as_pem(key))
-    return cert_file, key_file
-
-
-def _check_trusted(folder: Path) -> None:
-    """Every ``*.der``/``*.pem`` file in ``folder`` must be a certificate (the trust store reads
-    them all): a private key left there would otherwise stop the server at start."""
-    for path in sorted(folder.iterdir()):
-        if not re.match(r".*(der|pem)$", path.name.lower()):
-            continue
-        data = path.read_bytes()
-        try:
-            if path.name.lower().endswith("pem"):
-                x509.load_pem_x509_certificate(data)
-            else:
-                x509.load_der_x509_certificate(data)
-        except ValueError as exc:
-            raise ValueError(f"opcua.trusted_clients: {path}: not a certificate ({exc})") from None
-
-
-def _certificate_uri(cert: x509.Certificate) -> str | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if uris else None
 
 
 # ---------------------------------------------------------------------------- the bridge
@@ -279,13 +152,14 @@ class OpcUaBridge(LoopThread):
 
     START_TIMEOUT_S = 60.0        # building the standard address space takes a few seconds
     JOIN_TIMEOUT_S = 10.0
+    RELOAD_S = 1.0                # how often the users file and trust list are checked for changes
 
     name = "opcua"
 
     def __init__(self, *, endpoint: str, namespace: str, streams: Sequence[str], inputs: Sequence[Signal],
                  outputs: Sequence[Signal], security: Sequence[str], certificate: Path | None = None,
                  private_key: Path | None = None, trusted_clients: Path | None = None,
-                 users: dict[str, str] | None = None, stats_ms: float = 1000.0):
+                 users: Path | None = None, stats_ms: float = 1000.0):
         self.endpoint = endpoint
         self.namespace = namespace
         self.streams = list(streams)
@@ -293,26 +167,28 @@ class OpcUaBridge(LoopThread):
         self.outputs = list(outputs)
         self.security = list(security)
         self.certificate, self.private_key, self.trusted_clients = certificate, private_key, trusted_clients
-        self.users = users
         self.stats_s = stats_ms / 1e3
         self.bad = Counters()       # client requests refused, by reason
-        self.errors = Counters()    # our own trouble, by reason
+        self.errors = Counters()    # our own trouble, by reason (a task's failures as "<task>_failed")
+        self._init_thread(log)
+        self.admission = Admission(users, trusted_clients, self.bad, self.errors, self._say)
         self.io = LatencyRing()     # an input write, from its screening to stored
         self.lock = threading.Lock()
         self._streams = frozenset(self.streams)
         self._values: dict[str, dict[str, tuple[float, int]]] = {s: {} for s in self.streams}
         self._pending: dict[str, tuple[dict[str, float], str]] = {}
+        self._last: dict[str, tuple[dict[str, float], str]] = {}     # written again after a restart
         self._heartbeat: int | None = None
         self._wake_pending = False
-        self._n = {"writes": 0, "published": 0}
+        self._n = {"writes": 0, "published": 0, "mode_requests": 0}
         self._stats_provider: Provider | None = None
-        self._trust: TrustStore | None = None
-        self._init_thread()
         self._server: Server | None = None
         self._ns = 0
         self._input_nodes: dict[ua.NodeId, tuple[str, Signal]] = {}
         self._output_nodes: dict[str, list[tuple[str, ua.NodeId]]] = {}
         self._status_nodes: dict[str, ua.NodeId] = {}
+        self._mode_nodes: dict[ua.NodeId, str] = {}                 # <stream>.mode -> stream
+        self._mode_handler: ModeHandler | None = None
         self._written: dict[ua.NodeId, object] = {}
 
     # ------------------------------------------------------------------ construction
@@ -358,8 +234,9 @@ class OpcUaBridge(LoopThread):
         if len(set(security)) != len(security):
             raise ValueError(f"opcua.security: {security!r} lists a policy twice")
         streams = opcua.get("streams", ["main"])
-        if (not isinstance(streams, list) or not streams or len(set(streams)) != len(streams)
-                or any(not isinstance(s, str) or not 0 < len(s) <= MAX_NAME_LEN or "." in s for s in streams)):
+        if (not isinstance(streams, list) or not streams
+                or any(not isinstance(s, str) or not 0 < len(s) <= MAX_NAME_LEN or "." in s for s in streams)
+                or len(set(streams)) != len(streams)):
             raise ValueError(f"opcua.streams: {streams!r} must be a list of distinct stream names "
                              f"(1..{MAX_NAME_LEN} characters, no '.')")
         stats_ms = opcua.get("stats_ms", 1000)
@@ -385,16 +262,18 @@ class OpcUaBridge(LoopThread):
                 raise FileNotFoundError(f"opcua.{key}: {path}: no such {'directory' if kind == 'dir' else 'file'}")
             paths[key] = path
         if paths["trusted_clients"] is not None:
-            _check_trusted(paths["trusted_clients"])
+            check_trusted(paths["trusted_clients"])
         if paths["certificate"] is not None:
             try:
                 x509.load_der_x509_certificate(paths["certificate"].read_bytes())
             except ValueError as exc:
                 raise ValueError(f"opcua.certificate: {paths['certificate']}: not a DER certificate ({exc})") from None
-        users = None
         if paths["users"] is not None:
+            if not secured:
+                raise ValueError("opcua.users: user names and passwords travel only over secured channels; "
+                                 "list a secured policy in security (e.g. \"Basic256Sha256_SignAndEncrypt\")")
             try:
-                users = read_users(paths["users"])
+                read_users(paths["users"])
             except ValueError as exc:
                 raise ValueError(f"opcua.users: {exc}") from None
         for kind, signals in (("inputs", inputs), ("outputs", outputs)):
@@ -403,12 +282,14 @@ class OpcUaBridge(LoopThread):
                     raise ValueError(f"{kind} {s.name!r}: range [{s.min}, {s.max}] is not a finite interval")
         return cls(endpoint=endpoint, namespace=namespace, streams=streams, inputs=inputs, outputs=outputs,
                    security=security, certificate=paths["certificate"], private_key=paths["private_key"],
-                   trusted_clients=paths["trusted_clients"], users=users, stats_ms=float(stats_ms))
+                   trusted_clients=paths["trusted_clients"], users=paths["users"], stats_ms=float(stats_ms))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "OpcUaBridge":
         """Start the server thread; returns once the endpoint listens (building the standard
-        address space takes a few seconds). Raises ``RuntimeError`` if it cannot start."""
+        address space takes a few seconds). Raises ``RuntimeError`` if it cannot start.
+        Applies the bridge's log policy first (:func:`quiet_library_logs`)."""
+        quiet_library_logs()
         return self._start_thread("opcua-server")
 
     def _label(self) -> str:
@@ -442,7 +323,7 @@ class OpcUaBridge(LoopThread):
         if stream not in self._streams:
             raise ValueError(f"opcua bridge does not serve stream {stream!r} (it serves {self.streams})")
         with self.lock:
-            self._pending[stream] = (outputs, status)
+            self._pending[stream] = self._last[stream] = (outputs, status)
             hb = outputs.get("_heartbeat")
             if hb is not None:
                 self._heartbeat = int(hb) & 0xFFFF
@@ -456,26 +337,37 @@ class OpcUaBridge(LoopThread):
         """Register the callable whose ``stats()`` map feeds the ``stats.`` nodes."""
         self._stats_provider = fn
 
+    def set_mode_handler(self, fn: ModeHandler | None) -> None:
+        """Register the callable that carries out a client's write of ``<stream>.mode``."""
+        self._mode_handler = fn
+
     def set_status_provider(self, fn: Provider | None) -> None:
         """Accepted for the Reporter interface; stream status arrives with each publish."""
 
     def health(self) -> dict:
         """Endpoint, security, connected clients, writes and publishes, refused requests by
-        reason (``type_mismatch``, ``out_of_range``, ``not_writable``, ``unknown_user``,
-        ``bad_password``, ``untrusted_certificate``), errors, and the time in microseconds from
-        an input write's screening to its value being stored."""
+        reason (writes: ``type_mismatch``, ``out_of_range``, ``not_writable``, ``access_denied``,
+        ``rejected``; sessions: see :class:`~plc_bridge.opcua_security.Admission`), errors by
+        kind (``writer_failed``, ``stats_failed``, ``watch_failed`` for a supervised task that
+        failed and was restarted), re-reads of the users file and the trust list, and the time
+        in microseconds from an input write's screening to its value being stored. ``running``
+        is false while any task is down (``down`` names them)."""
         server = self._server
         clients = len(server.bserver.clients) if server is not None and server.bserver is not None else 0
+        users = self.admission.users
         return {
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": self._running(),
+            "down": list(self.down_tasks()),
             "endpoint": self.endpoint,
             "security": list(self.security),
-            "users": None if self.users is None else len(self.users),
+            "users": None if users is None else len(users.passwords),
             "connected": clients > 0,
             "clients": clients,
             "heartbeat_ok": True,
             "writes": self._n["writes"],
             "published": self._n["published"],
+            "mode_requests": self._n["mode_requests"],
+            "reloads": self.admission.reloads.snapshot(),
             "bad": self.bad.snapshot(),
             "errors": self.errors.snapshot(),
             "io_us": self.io.percentiles(),
@@ -483,60 +375,58 @@ class OpcUaBridge(LoopThread):
 
     # ------------------------------------------------------------------ server thread
     async def _main(self) -> None:
+        """Start the server (a failure here is ``start()``'s to report), then run the writer, the
+        stats refresh and the watch on the users file and trust list as supervised tasks
+        (:meth:`~plc_bridge.bridge.LoopThread._spawn`: a failure is logged, counted and the task
+        restarted after a capped back-off) until ``_stop``."""
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        server = Server(user_manager=_UserManager(self))
+        server = self._server = await self._open()
+        log.info("opcua server listening on %s (security %s, %s)", self.endpoint, ", ".join(self.security),
+                 "anonymous sessions" if self.admission.users is None else "user names and mapped client certificates")
+        if "None" in self.security:
+            log.warning("opcua: security policy None is enabled: traffic on that endpoint is neither signed "
+                        "nor encrypted")
+        self.admission.warn_unroled()
+        self._ready.set()
+        for name, task in (("writer", self._writer), ("stats", self._stats_loop), ("watch", self._watch)):
+            self._spawn(name, task)
+        try:
+            await self._stop.wait()
+        finally:
+            await self._cancel_tasks()
+            self._server = None
+            await server.stop()
+
+    async def _open(self) -> GuardedServer:
+        """Build the address space and start listening."""
+        server = GuardedServer(self.admission)
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("r1edge")
         server.set_security_policy([SECURITY_POLICIES[s] for s in self.security])
-        server.set_identity_tokens([ua.UserNameIdentityToken] if self.users is not None
-                                   else [ua.AnonymousIdentityToken])
+        server.set_identity_tokens([ua.AnonymousIdentityToken] if self.admission.users is None
+                                   else [ua.UserNameIdentityToken, ua.AnonymousIdentityToken])
         if self.certificate is not None:
             await server.load_certificate(str(self.certificate))
             await server.load_private_key(str(self.private_key))
-            uri = _certificate_uri(server.iserver.certificate)
+            uri = certificate_uri(server.iserver.certificate)
             if uri:                                       # clients check the two agree
                 await server.set_application_uri(uri)
+        await self.admission.load()
         if self.trusted_clients is not None:
-            store = TrustStore([self.trusted_clients], [])
-            await store.load()
-            self._trust = store
-            validator = CertificateValidator(CertificateValidatorOptions.TRUSTED_VALIDATION
-                                             | CertificateValidatorOptions.PEER_CLIENT, store)
-            server.set_certificate_validator(self._counting(validator))
+            server.set_certificate_validator(self.admission.validate)
         server.iserver.attribute_service = _ScreenedAttributes(server.iserver.aspace, self)
         self._ns = await server.register_namespace(self.namespace)
         await self._build(server)
         await server.start()
-        self._server = server
-        log.info("opcua server listening on %s (security %s, %s)", self.endpoint, ", ".join(self.security),
-                 "user names" if self.users is not None else "anonymous sessions")
-        if "None" in self.security:
-            log.warning("opcua: security policy None is enabled: traffic on that endpoint is neither signed "
-                        "nor encrypted")
-        writer = asyncio.create_task(self._writer())
-        stats = asyncio.create_task(self._stats_loop())
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            for task in (writer, stats):
-                task.cancel()
-            await asyncio.gather(writer, stats, return_exceptions=True)
-            self._server = None
-            await server.stop()
+        return server
 
-    def _counting(self, validator: CertificateValidator):
-        async def validate(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
-            try:
-                await validator(cert, app)
-            except ServiceError:
-                n = self.bad.inc("untrusted_certificate")
-                if worth_logging(n):
-                    log.warning("opcua: client certificate refused (%s; %d so far)", cert.subject.rfc4514_string(), n)
-                raise
-        return validate
+    async def _watch(self) -> None:
+        """Re-reads the users file and the trusted-client directory when they change."""
+        while True:
+            await asyncio.sleep(self.RELOAD_S)
+            await self.admission.refresh()
 
     async def _build(self, server: Server) -> None:
         """The address space of the module docstring."""
@@ -558,6 +448,10 @@ class OpcUaBridge(LoopThread):
             status = await obj.add_variable(nid(f"{stream}.status"), ua.QualifiedName("status", ns), "",
                                             varianttype=ua.VariantType.String)
             self._status_nodes[stream] = status.nodeid
+            mode = await obj.add_variable(nid(f"{stream}.mode"), ua.QualifiedName("mode", ns), "",
+                                          varianttype=ua.VariantType.String)
+            await mode.set_writable()
+            self._mode_nodes[mode.nodeid] = stream
         await root.add_variable(nid("heartbeat"), ua.QualifiedName("heartbeat", ns), 0,
                                 varianttype=ua.VariantType.UInt16)
         stats = await root.add_object(nid("stats"), ua.QualifiedName("stats", ns))
@@ -572,6 +466,10 @@ class OpcUaBridge(LoopThread):
         """Writes the newest decisions into the address space whenever publish() wakes it."""
         server, wake = self._server, self._wake
         hb_node = ua.NodeId("heartbeat", self._ns)
+        with self.lock:                                   # a restarted writer writes the newest decisions,
+            self._pending = dict(self._last)              # every node of them again
+        self._written.clear()
+        wake.set()
         while True:
             await wake.wait()
             wake.clear()
@@ -587,12 +485,15 @@ class OpcUaBridge(LoopThread):
                         if value is not None:
                             await self._write(server, node_id, ua.Variant(float(value), ua.VariantType.Double), now)
                     await self._write(server, self._status_nodes[stream], ua.Variant(status, ua.VariantType.String), now)
+                    mode = outputs.get("_mode")
+                    if mode is not None and 0 <= mode < len(MODE_NAMES):
+                        await self._write(server, ua.NodeId(f"{stream}.mode", self._ns),
+                                          ua.Variant(MODE_NAMES[int(mode)], ua.VariantType.String), now)
                 if hb is not None:
                     await self._write(server, hb_node, ua.Variant(hb, ua.VariantType.UInt16), now)
-            except Exception as exc:                      # never let one bad value stop the writer
+            except (ua.UaError, ValueError, TypeError, OverflowError) as exc:   # one bad value: the next goes on
                 n = self.errors.inc("write_failed")
-                if worth_logging(n):
-                    log.exception("opcua: writing outputs failed (%d so far): %s", n, exc)
+                self._say.log(logging.ERROR, "write_failed", "opcua: writing outputs failed (%d so far): %s", n, exc)
 
     async def _write(self, server: Server, node_id: ua.NodeId, variant: ua.Variant, now) -> None:
         if self._written.get(node_id) == variant.Value:   # unchanged: no data change to notify
@@ -615,21 +516,20 @@ class OpcUaBridge(LoopThread):
                             value = value[key]
                         value = value / 1e6 if vtype == ua.VariantType.Double else int(value)
                         await self._write(server, ua.NodeId(f"stats.{name}", self._ns), ua.Variant(value, vtype), now)
-                except Exception as exc:
-                    n = self.errors.inc("stats_failed")
-                    if worth_logging(n):
-                        log.exception("opcua: refreshing the stats nodes failed (%d so far): %s", n, exc)
+                except Exception as exc:                  # the provider is the controller's: never fatal here
+                    n = self.errors.inc("stats_provider")
+                    self._say.log(logging.ERROR, "stats_provider", "opcua: the stats provider failed (%d so far): %s",
+                                  n, exc)
             await asyncio.sleep(self.stats_s)
 
     # ------------------------------------------------------------------ client writes
     def _screen(self, wv: ua.WriteValue) -> ua.StatusCode | None:
         """The status code refusing a client's write, or None to let the library apply it."""
-        node_id = wv.NodeId
-        target = self._input_nodes.get(node_id)
-        if target is None:
-            if node_id.NamespaceIndex == self._ns and self._ns:
-                return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
-            return None
+        target = self._input_nodes.get(wv.NodeId)
+        if target is None and wv.NodeId in self._mode_nodes and wv.AttributeId == ua.AttributeIds.Value:
+            return self._switch_mode(self._mode_nodes[wv.NodeId], wv)
+        if target is None:                                # clients write inputs only, in any namespace
+            return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
         if wv.AttributeId != ua.AttributeIds.Value:
             return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
         variant = wv.Value.Value if wv.Value is not None else None
@@ -643,6 +543,27 @@ class OpcUaBridge(LoopThread):
             self._values[stream][sig.name] = (value, time.monotonic_ns())
         return self._refuse("out_of_range", ua.StatusCodes.BadOutOfRange)
 
+    def _switch_mode(self, stream: str, wv: ua.WriteValue) -> ua.StatusCode:
+        """A client's write of ``<stream>.mode``: "manual" or "auto", carried out by the mode
+        handler (the node then shows the mode the controller publishes, ``warmup`` included)."""
+        variant = wv.Value.Value if wv.Value is not None else None
+        if variant is None or variant.VariantType != ua.VariantType.String or variant.is_array:
+            return self._refuse("type_mismatch", ua.StatusCodes.BadTypeMismatch)
+        if variant.Value not in ("manual", "auto"):
+            return self._refuse("out_of_range", ua.StatusCodes.BadOutOfRange)
+        handler = self._mode_handler
+        if handler is None:
+            return self._refuse("not_writable", ua.StatusCodes.BadNotWritable)
+        try:
+            handler(stream, variant.Value)
+        except ValueError:                                # no [mode] input configured
+            return self._refuse("mode_unsupported", ua.StatusCodes.BadNotSupported)
+        except KeyError:                                  # the stream has not run yet
+            return self._refuse("mode_too_early", ua.StatusCodes.BadWaitingForInitialData)
+        with self.lock:
+            self._n["mode_requests"] += 1
+        return ua.StatusCode(ua.StatusCodes.Good)
+
     def _accepted(self, wv: ua.WriteValue, t0: int) -> None:
         stream, sig = self._input_nodes[wv.NodeId]
         now = time.monotonic_ns()
@@ -653,60 +574,38 @@ class OpcUaBridge(LoopThread):
 
     def _refuse(self, reason: str, code: int) -> ua.StatusCode:
         n = self.bad.inc(reason)
-        if worth_logging(n):
-            log.warning("opcua: write refused: %s (%d so far)", reason, n)
+        self._say.warning(reason, "opcua: write refused: %s (%d so far)", reason, n)
         return ua.StatusCode(code)
 
 
 class _ScreenedAttributes(AttributeService):
-    """asyncua's attribute service with the bridge's screening in front of every write."""
+    """asyncua's attribute service with the bridge's screening in front of every client's
+    write: a session whose role is not ``operator`` may write nothing (``BadUserAccessDenied``),
+    an operator only the inputs' values (anything else ``BadNotWritable``)."""
 
     def __init__(self, aspace, bridge: OpcUaBridge):
         super().__init__(aspace)
         self._bridge = bridge
 
     async def write(self, params: ua.WriteParameters, user: User = User(role=UserRole.Admin)) -> list[ua.StatusCode]:
+        bridge = self._bridge
+        if not isinstance(user, Login):                   # the server's own writes (its namespace array, ...)
+            return await super().write(params, user)
+        if user.access != "operator":
+            return [bridge._refuse("access_denied", ua.StatusCodes.BadUserAccessDenied) for _ in params.NodesToWrite]
         results = []
         for wv in params.NodesToWrite:
             t0 = time.monotonic_ns()
-            code = self._bridge._screen(wv)
+            code = bridge._screen(wv)
             if code is None:
                 [code] = await super().write(ua.WriteParameters(NodesToWrite=[wv]), user)
-                if code.is_good() and wv.NodeId in self._bridge._input_nodes:
-                    self._bridge._accepted(wv, t0)
+                if code.is_good() and wv.NodeId in bridge._input_nodes:
+                    bridge._accepted(wv, t0)
+                elif not code.is_good():                  # refused by the library: counted all the same
+                    bridge._refuse("not_writable" if code.value == ua.StatusCodes.BadNotWritable else "rejected",
+                                   code.value)
             results.append(code)
         return results
-
-
-class _UserManager:
-    """Sessions: the secure channel's client certificate must be trusted (secured endpoints),
-    and with a users file the user name and password must match."""
-
-    def __init__(self, bridge: OpcUaBridge):
-        self._bridge = bridge
-        # Checked against unknown names too, so that a refusal takes as long either way.
-        self._dummy = hash_password(secrets.token_hex(8))
-
-    def get_user(self, iserver, username: str | None = None, password: str | None = None,
-                 certificate=None) -> User | None:
-        bridge = self._bridge
-        if certificate is not None and bridge._trust is not None:
-            if isinstance(certificate, bytes):
-                certificate = x509.load_der_x509_certificate(certificate)
-            if not bridge._trust.validate(certificate):
-                bridge.bad.inc("untrusted_certificate")
-                raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
-        if bridge.users is None:
-            return User(role=UserRole.User, name=None)
-        stored = bridge.users.get(username or "")
-        ok = verify_password(stored or self._dummy, password or "")
-        if stored is None or not ok:
-            n = bridge.bad.inc("unknown_user" if stored is None else "bad_password")
-            if worth_logging(n):
-                log.warning("opcua: login refused for user %r (%s)", username,
-                            "unknown user" if stored is None else "wrong password")
-            return None
-        return User(role=UserRole.User, name=username)
 
 
 def _eu(unit: str, unit_id: int = -1) -> ua.EUInformation:

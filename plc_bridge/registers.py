@@ -10,13 +10,14 @@ Registers are 16-bit words sent big-endian on the wire (Modbus application proto
 first (ABCD, what ``mbpoll -B`` expects), ``"little"`` puts the low word first (CDAB,
 ``mbpoll`` without ``-B``). Coils and discrete inputs carry 0.0 or 1.0.
 
-Everything here is pure data and arithmetic; the servers and clients live in
-:mod:`plc_bridge.modbus`.
+Everything here is pure data and arithmetic, the server's register image
+(:class:`RegisterImage`) included; the servers and clients live in :mod:`plc_bridge.modbus`.
 """
 from __future__ import annotations
 
 import math
 import struct
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -37,6 +38,8 @@ INT_RANGES = {
     "uint32": (0, (1 << 32) - 1),
 }
 WORD_ORDERS = ("big", "little")
+#: The longest timeout a map or bridge key may give, in ms (a day): past it a value is a typo.
+MAX_TIMEOUT_MS = 86_400_000
 FLOAT32_MAX = struct.unpack(">f", b"\x7f\x7f\xff\xff")[0]
 
 #: Protocol limits per request (Modbus application protocol V1.1b3, section 6).
@@ -45,6 +48,9 @@ MAX_READ_BITS = 2000
 MAX_WRITE_REGISTERS = 123
 MAX_WRITE_BITS = 1968
 ADDRESS_SPACE = 65536
+
+#: Access levels of an address in a :class:`RegisterImage`.
+UNMAPPED, READABLE, WRITABLE = 0, 1, 2
 
 _ENTRY_KEYS = frozenset(("signal", "table", "address", "type", "word_order", "scale", "offset"))
 
@@ -225,6 +231,51 @@ class RegisterMap:
         return _group(list(entries), limit)
 
 
+class RegisterImage:
+    """A server's register image: the four tables as preallocated arrays, with an access level
+    per address (:data:`UNMAPPED`, :data:`READABLE`: an output, :data:`WRITABLE`: an input or
+    the heartbeat). Not thread-safe: the Modbus bridge calls it under its lock."""
+
+    def __init__(self, regmap: RegisterMap):
+        self.words = {"holding": array("H", bytes(2 * ADDRESS_SPACE)), "input": array("H", bytes(2 * ADDRESS_SPACE))}
+        self.bits = {"coil": bytearray(ADDRESS_SPACE), "discrete": bytearray(ADDRESS_SPACE)}
+        self.access = {t: bytearray(ADDRESS_SPACE) for t in TABLES}
+        self.at: dict[str, dict[int, MapEntry]] = {t: {} for t in TABLES}
+        entries = list(regmap.entries)
+        if regmap.heartbeat is not None:
+            entries.append(heartbeat_entry(regmap.heartbeat))
+        for entry in entries:
+            level = WRITABLE if entry.direction == "input" else READABLE
+            for a in range(entry.address, entry.end):
+                self.access[entry.table][a] = level
+                self.at[entry.table][a] = entry
+
+    def put(self, entry: MapEntry, value: float) -> bool:
+        """Encode ``value`` into the entry's registers; returns True if it was clamped."""
+        raw, clamped = entry.encode(value)
+        if entry.is_bit:
+            self.bits[entry.table][entry.address] = raw[0]
+        else:
+            self.words[entry.table][entry.address:entry.end] = array("H", raw)
+        return clamped
+
+    def get(self, entry: MapEntry) -> float:
+        """Decode the entry's current registers."""
+        if entry.is_bit:
+            return entry.decode(self.bits[entry.table][entry.address:entry.end])
+        return entry.decode(self.words[entry.table][entry.address:entry.end])
+
+    def entries_in(self, table: str, address: int, count: int) -> list[MapEntry]:
+        """Entries overlapping ``address .. address+count-1``, each once, in address order."""
+        at = self.at[table]
+        found: list[MapEntry] = []
+        for a in range(address, address + count):
+            entry = at.get(a)
+            if entry is not None and (not found or found[-1] is not entry):
+                found.append(entry)
+        return found
+
+
 def heartbeat_entry(hb: Heartbeat) -> MapEntry:
     """The heartbeat as a uint16 holding-register entry (index -1), for reads and decoding."""
     return MapEntry(-1, "<heartbeat>", "holding", hb.address, "uint16", "big", 1.0, 0.0, "input")
@@ -296,7 +347,7 @@ def _parse_entry(i: int, raw, inputs: set, outputs: set, mode: str) -> MapEntry:
         typ, word_order, scale, offset = "bool", "big", 1.0, 0.0
     else:
         typ = raw.get("type")
-        if typ not in TYPES:
+        if not isinstance(typ, str) or typ not in TYPES:
             raise ValueError(f"{where}: type = {typ!r} is not one of {', '.join(TYPES)}")
         word_order = raw.get("word_order", "big")
         if word_order not in WORD_ORDERS:
@@ -328,8 +379,8 @@ def _parse_heartbeat(raw) -> Heartbeat | None:
     if not 0 <= address < ADDRESS_SPACE:
         raise ValueError(f"{where}: address {address} is outside 0..{ADDRESS_SPACE - 1}")
     timeout_ms = float(_number(where, "timeout_ms", raw["timeout_ms"]))
-    if timeout_ms <= 0:
-        raise ValueError(f"{where}: timeout_ms must be > 0")
+    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+        raise ValueError(f"{where}: timeout_ms = {timeout_ms:g} must be > 0 and at most {MAX_TIMEOUT_MS} (a day)")
     return Heartbeat(address, timeout_ms)
 
 

@@ -6,9 +6,9 @@
 # tests use it as a client independent of the server's library (they skip without node).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v mbpoll >/dev/null 2>&1; then
+if ! command -v mbpoll >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mbpoll >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mbpoll openssl >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from sdk.service.config import ConfigError, DeployConfig
-    from sdk.service.controller import Controller, recording_source, render_stats
+    from sdk.service.controller import Controller, render_stats
+    from sdk.service.replay import recording_source
     from runtime.control.recorder import RecordingReader
     from sdk.service.notify import ServiceMonitor
 
@@ -56,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"{args.inputs} (it has {', '.join(recorded)})")
     par = config.model.parallel
     if par is not None and par.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
-        from sdk.service.controller import ParallelRanks
+        from sdk.service.engines import ParallelRanks
 
         return ParallelRanks.join(config).serve(config)     # a torchrun rank that serves experts
     with Controller(config) as ctrl:
@@ -87,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``r1edge replay RECORDING``: re-run a flight recording; exit 1 unless bitwise identical."""
-    from sdk.service.controller import render_replay, replay
+    from sdk.service.replay import render_replay, replay
 
     report = replay(args.recording, package=args.package, advisor_package=args.advisor_package)
     _print_report(report, args.json, render_replay)
@@ -134,22 +135,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """``r1edge keys OUT_DIR [--name NAME]``: write a CURVE key pair for the ZeroMQ bridge."""
+    """``r1edge keys OUT_DIR [--name NAME] [--signing]``: write a CURVE key pair for the ZeroMQ
+    bridge, or with ``--signing`` an Ed25519 key pair for signing packages."""
+    if args.signing:
+        from sdk.tools.signing import fingerprint, load_public_key, make_signing_key
+
+        private, public = make_signing_key(args.out_dir, args.name or "signing")
+        print(f"private key: {private} (keep private: r1edge sign PKG --key {private})")
+        print(f"public key:  {public} ({fingerprint(load_public_key(public))}; deploy it as "
+              f"[model] public_key, check with r1edge verify PKG --key {public})")
+        return 0
     from plc_bridge.zmq_bridge import make_keys
 
-    public, secret = make_keys(args.out_dir, args.name)
+    public, secret = make_keys(args.out_dir, args.name or "server")
     print(f"public key: {public}\nsecret key: {secret} (keep private)")
     print("Server: [zmq] curve = { secret_key = \"<path to NAME.key_secret>\", allowed = \"<dir of client .key files>\" }")
     print("Client: copy its NAME.key (public) into the server's 'allowed' directory.")
     return 0
 
 
+def cmd_sign(args: argparse.Namespace) -> int:
+    """``r1edge sign PKG --key PRIVATE [--identity TEXT]``: sign a package (writes signature.json)."""
+    from sdk.tools.signing import sign_package
+
+    record = sign_package(args.package, args.key, args.identity)
+    print(f"{args.package}: signed by {record['fingerprint']}"
+          + (f" ({record['identity']})" if record["identity"] else ""))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``r1edge verify PKG --key PUBLIC [--key ...]``: exit 0 when the package is signed by one
+    of the keys and unchanged since, 1 (with the reason) otherwise."""
+    from sdk.tools.package import PackageError
+    from sdk.tools.signing import verify_signed_package
+
+    try:
+        record = verify_signed_package(args.package, args.key)
+    except PackageError as exc:
+        print(f"INVALID: {exc}")
+        return 1
+    print(f"{args.package}: valid, signed by {record['fingerprint']}"
+          + (f" ({record['identity']})" if record["identity"] else ""))
+    return 0
+
+
 def cmd_opcua_user(args: argparse.Namespace) -> int:
-    """``r1edge opcua-user USERS.toml NAME``: add, replace or remove an OPC UA user."""
+    """``r1edge opcua-user USERS.toml NAME``: add, replace or remove an OPC UA user, or map a
+    client certificate to a role (``--certificate``)."""
     import getpass
 
-    from plc_bridge.opcua import set_user
+    from plc_bridge.opcua_security import set_certificate, set_user
 
+    if args.certificate is not None or (args.delete and args.certificate_entry):
+        set_certificate(args.users, args.name, None if args.delete else args.certificate, args.role)
+        print(f"{args.users}: certificate {args.name!r} " + ("removed" if args.delete else f"set ({args.role})"))
+        return 0
     if args.delete:
         set_user(args.users, args.name, None)
         print(f"{args.users}: removed {args.name!r}")
@@ -160,14 +201,14 @@ def cmd_opcua_user(args: argparse.Namespace) -> int:
         password = getpass.getpass(f"password for {args.name}: ")
         if getpass.getpass("again: ") != password:
             raise ValueError("the two passwords differ")
-    set_user(args.users, args.name, password)
+    set_user(args.users, args.name, password, role=args.role)
     print(f"{args.users}: {args.name!r} set (scrypt, own salt)")
     return 0
 
 
 def cmd_opcua_cert(args: argparse.Namespace) -> int:
     """``r1edge opcua-cert OUT_DIR``: a self-signed OPC UA application certificate and key."""
-    from plc_bridge.opcua import make_certificate
+    from plc_bridge.opcua_security import make_certificate
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     cert, key = make_certificate(args.out_dir, args.name, uri=args.uri, hosts=hosts, client=args.client,
@@ -177,6 +218,27 @@ def cmd_opcua_cert(args: argparse.Namespace) -> int:
         print("Copy the certificate into the server's [opcua] trusted_clients directory.")
     else:
         print("Server: [opcua] certificate = \"<path to the .der>\", private_key = \"<path to the .pem>\"")
+    return 0
+
+
+def cmd_modbus_cert(args: argparse.Namespace) -> int:
+    """``r1edge modbus-cert OUT_DIR``: a CA, a server certificate and client certificates with a
+    role, for Modbus/TCP Security (``[modbus.tls]``)."""
+    from plc_bridge.modbus_tls import make_certificates
+
+    hosts = [h.strip() for h in (args.server or "").split(",") if h.strip()]
+    clients = []
+    for item in args.client:
+        name, sep, role = item.partition("=")
+        if not sep or not name or not role:
+            raise ValueError(f"--client {item!r}: write NAME=ROLE, e.g. --client scada=operator")
+        clients.append((name, role))
+    if not hosts and not clients:
+        raise ValueError("nothing to make: give --server HOSTS and/or --client NAME=ROLE")
+    for path in make_certificates(args.out_dir, server_hosts=hosts, clients=clients, days=args.days):
+        print(f"{path}{' (keep private)' if path.suffix == '.key' else ''}")
+    print("Server: [modbus.tls] cert = \"server.pem\", key = \"server.key\", ca = \"ca.pem\", "
+          "write_roles = [\"operator\"]; give each client its NAME.pem, NAME.key and ca.pem")
     return 0
 
 
@@ -362,25 +424,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="write a CURVE key pair for the ZeroMQ bridge")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.key and NAME.key_secret")
-    p.add_argument("--name", default="server", help="key file name (default: %(default)s)")
+    p.add_argument("--name", default=None, help="key file name (default: server, or signing with --signing)")
+    p.add_argument("--signing", action="store_true",
+                   help="an Ed25519 key pair for signing packages instead: NAME.pem (private) and NAME.pub")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("sign", help="sign a package with an Ed25519 private key (writes PKG/signature.json)")
+    p.add_argument("package", metavar="PKG", help="package directory")
+    p.add_argument("--key", required=True, metavar="PRIVATE", help="PEM private key (r1edge keys OUT --signing)")
+    p.add_argument("--identity", default=None, metavar="TEXT", help="who signs, e.g. 'ML team <ml@example.com>'")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("verify", help="check a package's signature and files: exit 0 valid, 1 invalid")
+    p.add_argument("package", metavar="PKG", help="package directory")
+    p.add_argument("--key", required=True, action="append", metavar="PUBLIC",
+                   help="trusted PEM public key (repeat for several)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("opcua-user", help="add, replace or remove a user of the OPC UA server's users file")
     p.add_argument("users", metavar="USERS.toml", help="users file ([opcua] users); created if absent")
     p.add_argument("name", metavar="NAME", help="user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.add_argument("--role", choices=("viewer", "operator"), default=None,
+                   help="viewer: browse and read; operator: also write inputs and the mode (default: the "
+                        "user's present role, else operator; required with --certificate)")
+    p.add_argument("--certificate", metavar="CERT", default=None,
+                   help="map this client certificate (DER or PEM) to --role as certificates.NAME: an anonymous "
+                        "session on a channel secured with it gets that role")
+    p.add_argument("--certificate-entry", action="store_true",
+                   help="with --delete: remove certificates.NAME instead of the user NAME")
     p.add_argument("--delete", action="store_true", help="remove the user")
     p.set_defaults(func=cmd_opcua_user)
 
     p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.der (certificate) and NAME.pem (key)")
     p.add_argument("--name", default="server", help="file name and common name (default: %(default)s)")
-    p.add_argument("--uri", default=None, help="application URI (default: urn:r1edge:NAME)")
+    p.add_argument("--uri", default=None,
+                   help="application URI (default: urn:r1edge:NAME); a client's must be the URI its program "
+                        "announces (asyncua's tools: urn:example.org:FreeOpcUa:opcua-asyncio)")
     p.add_argument("--hosts", default="localhost,127.0.0.1",
                    help="comma-separated DNS names and IP addresses (default: %(default)s)")
     p.add_argument("--client", action="store_true", help="a client certificate (for trusted_clients)")
     p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
     p.set_defaults(func=cmd_opcua_cert)
+
+    p = sub.add_parser("modbus-cert", help="write a CA and Modbus/TCP Security certificates (server, clients with a role)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="directory for ca.pem/ca.key (made once, reused), server.pem/.key, NAME.pem/.key")
+    p.add_argument("--server", metavar="HOSTS", help="make server.pem for these comma-separated DNS names and IP addresses")
+    p.add_argument("--client", metavar="NAME=ROLE", action="append", default=[],
+                   help="make NAME.pem with ROLE in its role extension (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=cmd_modbus_cert)
 
     from sdk.tools import plan as _plan
     p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")

@@ -15,7 +15,8 @@ import pytest
 from runtime.control.recorder import RecordingReader
 from sdk.service.advisor import AdviceReplay, PromptTemplate, SetpointOverride, decision_schema
 from sdk.service.config import ConfigError, DeployConfig
-from sdk.service.controller import Controller, replay
+from sdk.service.controller import Controller
+from sdk.service.replay import replay
 from sdk.tools.text import TextGenerator
 from tests.test_text import save_text_checkpoint
 

@@ -30,7 +30,9 @@ from plc_bridge.zmq_bridge import ControlClient
 from runtime.cpu.engine import Engine
 from runtime.control.recorder import RecordingReader
 from sdk.service.config import ConfigError, DeployConfig
-from sdk.service.controller import Controller, build_engine, replay
+from sdk.service.controller import Controller
+from sdk.service.engines import build_engine
+from sdk.service.replay import replay
 from sdk.demo import MAX_RATIO, demo_config, output_steps, simulate_policy, wait_for_plc
 from sdk.demo import expert as E
 from sdk.demo import plant as P

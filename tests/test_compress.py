@@ -602,7 +602,7 @@ def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoin
     gives exactly the package of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    compress_module = importlib.import_module("sdk.tools.compress")    # the attribute sdk.tools.compress is the function
+    streamed = importlib.import_module("sdk.tools.streamed")
 
     src = tmp_path / "src"
     src.mkdir()
@@ -614,14 +614,14 @@ def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoin
         compress(src, tmp_path / "pkg", calib=tiny_calib)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
-    real = compress_module._moe_compressed
+    real = streamed.moe_compressed
 
     def failing_at_layer_2(p, i, *args):
         if i == 2:
             raise RuntimeError("disk full")
         return real(p, i, *args)
 
-    monkeypatch.setattr(compress_module, "_moe_compressed", failing_at_layer_2)
+    monkeypatch.setattr(streamed, "moe_compressed", failing_at_layer_2)
     with pytest.raises(RuntimeError, match="disk full"):
         compress(tiny_checkpoint[0], tmp_path / "pkg", calib=tiny_calib, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".pkg.partial", "src"]
@@ -635,3 +635,37 @@ def test_bad_source_or_failure_midway_leaves_no_package(tmp_path, tiny_checkpoin
     assert resumed == whole
     for name in list(whole["files"]) + ["manifest.json"]:
         assert (tmp_path / "pkg" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("family", ["v3", "v2"])
+def test_balanced_groups_follow_the_routing_rules_one_check(family):
+    """Pruning keeps the groups balanced exactly when the routing rule accepts the pruned router
+    (``RoutingRule.check``, the one validity check). A group_limited_greedy group scores its
+    largest expert, so one kept expert per group is a valid balanced router; a noaux_tc group
+    scores the sum of its top two, so it needs two."""
+    from tests.conftest import TINY, TINY_V2
+    from runtime.model.routing import RoutingRule
+    from sdk.tools.compress import group_plan
+
+    raw = {**(TINY_V2 if family == "v2" else TINY), "model_type": f"deepseek_{family}"}
+    cfg = ModelConfig.from_dict(raw)
+    rule = RoutingRule.from_config(cfg)
+    for keep in range(cfg.num_experts_per_tok, cfg.n_routed_experts + 1):
+        try:
+            RoutingRule.from_config(cfg, n_experts=keep)
+            accepted = True
+        except ValueError:
+            accepted = False
+        plan = group_plan(cfg, keep)
+        assert (plan["rule"] == "balanced") == accepted, (keep, plan)
+        if accepted:
+            assert (plan["n_group"], plan["topk_group"], plan["per_group"]) == (
+                rule.n_group, rule.topk_group, keep // rule.n_group)
+    one_per_group = group_plan(cfg, cfg.n_group, "auto")
+    if family == "v2":      # group_limited_greedy: 4 groups of 1 kept, top-2 of 2 kept groups
+        assert one_per_group == {"rule": "balanced", "n_group": 4, "topk_group": 2, "per_group": 1}
+        assert group_plan(cfg, 4, "balanced")["per_group"] == 1
+    else:
+        assert one_per_group["rule"] == "global"
+        with pytest.raises(ValueError, match="cannot keep 2 experts in 2 equal groups"):
+            group_plan(cfg, 2, "balanced")

@@ -22,7 +22,8 @@ from runtime.model.transformer import IOAdapter
 from runtime.control.recorder import RecordingReader, encode_record, recording_segments
 from sdk.cli import main as cli
 from sdk.service.config import ConfigError
-from sdk.service.controller import Controller, recorded_inputs, replay
+from sdk.service.controller import Controller
+from sdk.service.replay import recorded_inputs, replay
 from sdk.tools.package import FORMAT, FORMAT_VERSION, write_package
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ import pytest
 from runtime.control.recorder import RecordingReader
 from sdk import cli
 from sdk.service.config import DeployConfig
-from sdk.service.controller import Controller, replay
+from sdk.service.controller import Controller
+from sdk.service.replay import replay
 from sdk.demo import (EXAMPLE, MAX_FAILSAFE_FRACTION, MAX_RATIO, MAX_VS_NO_CONTROL, PlantProcess, demo_config,
                       find_example, free_port, output_steps, run_demo, wait_for_plc)
 

@@ -215,7 +215,7 @@ def test_engine_activation_quantization_is_the_runtime_quant_rule():
     """The engine's inlined per-token int8 (plain, and offset by 128 as its GEMMs read it) gives
     the same bits as runtime.model.quant's."""
     from runtime.cpu.int8 import quantize_row_u8
-    from runtime.cpu.engine import _quantize_row
+    from runtime.cpu.kernels import quantize_row
     from runtime.model.quant import quantize_activation
 
     x = np.random.default_rng(3).standard_normal((64, 200)).astype(np.float32)
@@ -226,7 +226,7 @@ def test_engine_activation_quantization_is_the_runtime_quant_rule():
     mine_q, mine_s = np.zeros_like(x, dtype=np.int8), np.zeros(64, np.float32)
     offset_q, offset_s = np.zeros_like(x, dtype=np.uint8), np.zeros(64, np.float32)
     for i in range(64):
-        mine_s[i] = _quantize_row(x[i], mine_q[i])
+        mine_s[i] = quantize_row(x[i], mine_q[i])
         offset_s[i] = quantize_row_u8(x[i], offset_q[i])
     assert np.array_equal(mine_q, q.numpy()) and np.array_equal(mine_s, s.numpy()[:, 0])
     assert np.array_equal(offset_q.astype(np.int16) - 128, q.numpy()) and np.array_equal(offset_s, mine_s)
@@ -357,11 +357,11 @@ def test_engine_exp_is_within_two_ulp_and_keeps_nan():
     """The engine's vectorised exp (softmax and SiLU) against float64 exp rounded to float32."""
     from numba import njit
 
-    from runtime.cpu.engine import _exp_row
+    from runtime.cpu.kernels import exp_row
 
     @njit
     def run(x, out, bits):
-        _exp_row(x, np.float32(1.0), np.float32(0.5), out, x.shape[0], bits, bits.view(np.float32))
+        exp_row(x, np.float32(1.0), np.float32(0.5), out, x.shape[0], bits, bits.view(np.float32))
 
     x = np.concatenate([np.linspace(-86, 87, 400_001), RNG.normal(0, 3, 10_000)]).astype(np.float32)
     x = np.concatenate([x, [np.nan]]).astype(np.float32)

@@ -67,7 +67,7 @@ def test_int8_package_generate_runs_on_the_engine(tiny_checkpoint, tmp_path):
     path, _ = tiny_checkpoint
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"input_ids": RNG.integers(0, 97, 12).tolist()}) + "\n" for _ in range(8)))
-    sdk.tools.compress(path, tmp_path / "pkg", calib=calib, keep_ratio=0.5, progress=False)
+    sdk.compress(path, tmp_path / "pkg", calib=calib, keep_ratio=0.5, progress=False)
     package = sdk.load_model(tmp_path / "pkg")
     assert isinstance(package.generate, EngineGenerate)
     ids = torch.tensor([[5, 9, 2, 7]])

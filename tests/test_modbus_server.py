@@ -346,3 +346,37 @@ def test_on_input_callback_and_a_faulty_one():
         mbpoll_write(b.port, "-t", "4:float", "-B", "-r", "0", values=[3.5])
         assert b.snapshot()["level"][0] == 3.5
         assert wait_for(lambda: b.health()["errors"].get("callback_error") == 2)
+
+
+def test_every_served_function_with_pymodbus_as_the_independent_client():
+    """Functions 1-6, 15, 16, 22 and 23 as pymodbus' client encodes and decodes them."""
+    cfg = {"mode": "server", "host": "127.0.0.1", "port": 0, "map": [
+        {"signal": "a", "table": "holding", "address": 0, "type": "uint16"},
+        {"signal": "b", "table": "holding", "address": 1, "type": "uint16"},
+        {"signal": "c0", "table": "coil", "address": 8}, {"signal": "c1", "table": "coil", "address": 9},
+        {"signal": "y", "table": "holding", "address": 10, "type": "uint16"},
+        {"signal": "z", "table": "coil", "address": 0},
+        {"signal": "d", "table": "discrete", "address": 2},
+        {"signal": "r", "table": "input", "address": 4, "type": "int16"}]}
+    with ModbusBridge.from_config(cfg, ["a", "b", "c0", "c1"], {"y": 7.0, "z": 1.0, "d": 1.0, "r": -5.0}) as b:
+        c = ModbusTcpClient("127.0.0.1", port=b.port, timeout=2)
+        assert c.connect()
+        try:
+            assert c.read_coils(0, count=1, device_id=1).bits[0] is True                       # FC1
+            assert c.read_discrete_inputs(2, count=1, device_id=1).bits[0] is True             # FC2
+            assert c.read_holding_registers(10, count=1, device_id=1).registers == [7]         # FC3
+            assert c.read_input_registers(4, count=1, device_id=1).registers == [0xFFFB]       # FC4
+            assert not c.write_coil(9, True, device_id=1).isError()                            # FC5
+            assert not c.write_register(0, 0x1234, device_id=1).isError()                      # FC6
+            assert not c.write_coils(8, [True, False], device_id=1).isError()                  # FC15
+            assert not c.write_registers(0, [0x00F0, 3], device_id=1).isError()                # FC16
+            assert {k: v for k, (v, _) in b.snapshot().items()} == {"a": 0xF0, "b": 3, "c0": 1.0, "c1": 0.0}
+            # FC22: (current AND and_mask) OR (or_mask AND NOT and_mask), the specification's example
+            assert not c.write_register(0, 0x12, device_id=1).isError()
+            rr = c.mask_write_register(address=0, and_mask=0x00F2, or_mask=0x0025, device_id=1)
+            assert not rr.isError() and b.snapshot()["a"][0] == 0x17
+            rr = c.readwrite_registers(read_address=0, read_count=2, write_address=1, values=[9], device_id=1)  # FC23
+            assert rr.registers == [0x17, 9]                                                   # written first
+            assert c.write_register(10, 1, device_id=1).isError()                              # an output
+        finally:
+            c.close()

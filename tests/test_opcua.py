@@ -5,6 +5,7 @@ password, an untrusted client certificate and a security policy that is not offe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -16,7 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from plc_bridge.opcua import OpcUaBridge, Signal, hash_password, make_certificate, read_users, set_user, verify_password
+from plc_bridge.opcua import OpcUaBridge, Signal
+from plc_bridge.opcua_security import hash_password, make_certificate, read_users, set_user, verify_password
 from sdk.cli import main as cli
 from sdk.service.config import ConfigError, DeployConfig
 from sdk.service.controller import Controller
@@ -122,7 +124,7 @@ def test_browse_read_write_and_subscribe(plant):
         {"op": "write", "nodes": inputs(GOOD)},
         {"op": "subscribe", "nodes": outs, "ms": 3000, "interval": 20,
          "writes": {"every_ms": 20, "nodes": inputs(GOOD)}},
-        {"op": "read", "nodes": ["stats.cycles", "stats.latency_p99_seconds"]},
+        {"op": "read", "nodes": ["stats.cycles", "stats.latency_p99_seconds", "main.mode"]},
     ])
     assert res["ok"], res
     browse, read, write, sub, stats = res["results"]
@@ -132,7 +134,7 @@ def test_browse_read_write_and_subscribe(plant):
         assert found[f"ns={ns};s=main.inputs.{name}"]["type_definition"] == "ns=0;i=2368"   # AnalogItemType
     for name in ctrl.output_names:
         assert found[f"ns={ns};s=main.outputs.{name}"]["node_class"] == "Variable"
-    for node in ("main.status", "heartbeat", "stats.cycles"):
+    for node in ("main.status", "main.mode", "heartbeat", "stats.cycles"):
         assert f"ns={ns};s={node}" in found
     by_id = {r["node_id"].split(";s=")[1]: r for r in read}
     assert by_id["main.inputs.level"]["data_type_attribute"] == "ns=0;i=11"                 # Double
@@ -156,7 +158,33 @@ def test_browse_read_write_and_subscribe(plant):
     ok_sent = [o for _, o, status in plant["sent"] if status == "ok"]
     assert ok_sent and ok_sent[-1]["valve"] != 0.0                                            # not fail-safe
     cycles = stats[0]["value"]
+    assert stats[2]["value"] == "auto"                                                       # <stream>.mode
     assert 0 < cycles <= ctrl.counters["cycles"] and stats[1]["data_type"] == "Double"
+
+
+@needs_node
+def test_one_client_at_50_hz_writes_next_to_nothing_to_the_log(plant, caplog):
+    """Issue target: with [opcua] and one client reading and writing at 50 Hz, at most 20 lines
+    a minute reach the operator's log (INFO and above) once the controller runs; asyncua's
+    per-request lines never do. ``R1EDGE_OPCUA_LOG_S`` sets the client's run (default 10 s;
+    the bound is proportional)."""
+    import math
+    import time
+
+    seconds = float(os.environ.get("R1EDGE_OPCUA_LOG_S", "10"))
+    caplog.set_level(logging.INFO)
+    t0 = time.time()
+    res = node_client(plant["work"], plant["endpoint"], [
+        {"op": "subscribe", "nodes": ["main.outputs.valve", "main.status", "heartbeat"], "ms": seconds * 1000,
+         "interval": 20, "writes": {"every_ms": 20, "nodes": inputs(GOOD)}},
+        {"op": "read", "nodes": ["main.outputs.valve", "main.inputs.level"]},
+    ])
+    lines = [r for r in caplog.records if r.created >= t0]
+    assert res["ok"] and res["results"][0]["refused"] == {}, res
+    assert res["results"][0]["writes"] > 5 * seconds, res["results"][0]     # it did write, at tens of Hz
+    library = [r for r in lines if r.name.startswith("asyncua") or r.getMessage().startswith("asyncua")]
+    assert not library, [r.getMessage() for r in library][:20]
+    assert len(lines) <= math.ceil(20 * seconds / 60), [f"{r.name}: {r.getMessage()}" for r in lines][:40]
 
 
 @needs_node
@@ -246,11 +274,11 @@ def test_passwords_are_salted_scrypt(tmp_path):
     set_user(users, "alice", "one")
     set_user(users, "bob", "two")
     set_user(users, "alice", "three")
-    got = read_users(users)
+    got = read_users(users).passwords
     assert sorted(got) == ["alice", "bob"] and verify_password(got["alice"], "three")
     assert oct(users.stat().st_mode & 0o777) == "0o600"
     set_user(users, "bob", None)
-    assert list(read_users(users)) == ["alice"]
+    assert list(read_users(users).passwords) == ["alice"]
 
 
 def test_opcua_user_command(tmp_path, monkeypatch, capsys):
@@ -259,7 +287,7 @@ def test_opcua_user_command(tmp_path, monkeypatch, capsys):
     users = tmp_path / "users.toml"
     monkeypatch.setattr("sys.stdin", io.StringIO("hunter2\n"))
     assert cli(["opcua-user", str(users), "eve", "--password-stdin"]) == 0
-    assert verify_password(read_users(users)["eve"], "hunter2")
+    assert verify_password(read_users(users).passwords["eve"], "hunter2")
     assert cli(["opcua-user", str(users), "nobody", "--delete"]) == 2
     assert "no user 'nobody'" in capsys.readouterr().err
 

@@ -214,7 +214,8 @@ def _frames(seed: int = 5, cycles: int = 30):
 
 
 def test_parallel_controller_matches_one_process_and_replays_bitwise(tmp_path, sensor_package):
-    from sdk.service.controller import Controller, replay
+    from sdk.service.controller import Controller
+    from sdk.service.replay import replay
 
     (tmp_path / "one").mkdir()
     with Controller.from_config(_deploy(tmp_path / "one", sensor_package, parallel=False), bridges=False) as ctrl:

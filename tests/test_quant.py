@@ -213,7 +213,7 @@ def test_pack_int8_reads_float_and_int8_models_alike(tiny_checkpoint):
     """pack_int8 quantizes a float model with the rule quantize_model uses, so a float model
     and its int8 twin pack to the same codes."""
     import sdk
-    from runtime.model.quant import pack_int8
+    from runtime.model.packing import pack_int8
 
     path, _ = tiny_checkpoint
     a, b = pack_int8(sdk.load_model(path)), pack_int8(sdk.load_model(path, quant="int8"))

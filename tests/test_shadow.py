@@ -8,7 +8,8 @@ import sdk
 from runtime.control.loop import monotonic_ns
 from runtime.control.recorder import RecordingReader
 from sdk.service.config import ConfigError
-from sdk.service.controller import Controller, replay
+from sdk.service.controller import Controller
+from sdk.service.replay import replay
 from tests.test_controller import INPUTS, attach_adapter, frames_for, write_deploy, write_sensor_package
 
 

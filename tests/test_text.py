@@ -222,7 +222,7 @@ def test_compress_copies_the_text_files_and_the_package_seals_them(text_ckpt, tm
     calib.write_text("".join(json.dumps({"input_ids": [rng.randrange(500) for _ in range(16)]}) + "\n"
                              for _ in range(8)))
     pkg = tmp_path / "pkg"
-    sdk.tools.compress(text_ckpt, pkg, calib=calib, keep_ratio=0.5, progress=False)
+    sdk.compress(text_ckpt, pkg, calib=calib, keep_ratio=0.5, progress=False)
     files = read_manifest(pkg)["files"]
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert name in files and (pkg / name).read_bytes() == (text_ckpt / name).read_bytes()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from runtime.control.recorder import RecordingReader
 from sdk.service.config import DeployConfig, RecorderSection
-from sdk.service.controller import Controller, replay
+from sdk.service.controller import Controller
+from sdk.service.replay import replay
 from sdk.demo.plant import Plant
 
 HERE = Path(__file__).resolve().parent

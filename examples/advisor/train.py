@@ -15,7 +15,7 @@ here on generated plant states, compressed to an int8 package, and its advice sc
 3. A DeepSeek-V3-architecture model (MLA, one dense layer, then MoE layers of 8 routed experts,
    top-2 ``noaux_tc`` routing, one shared expert) from a seeded random start, trained on the
    replies' tokens only (cross-entropy), single-threaded torch.
-4. ``sdk.tools.compress`` to W8A8 int8 with every expert kept, calibrated on held-out rows.
+4. ``sdk.compress`` to W8A8 int8 with every expert kept, calibrated on held-out rows.
 5. Scoring: the int8 package on the stream engine through ``sdk.TextGenerator``, the decision
    constrained by the grammar the controller derives from ``deploy.toml`` (``sdk.service.advisor``), the
    think budget and token limit of ``deploy.toml``; per held-out state the decision is right
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.keep_checkpoint:                     # the float model, for another compression later
                 shutil.copytree(ckpt, args.keep_checkpoint, dirs_exist_ok=True)
             compress = sdk.compress(ckpt, out, calib=calib, quant="int8", overwrite=True)
-        report = {"train_states": args.train, "live_states": args.live, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        report = {"train_states": args.train, "live_states": args.live, "steps": args.steps, "batch": args.batch,
+                  "lr": args.lr,
                   "seed": args.seed, "vocab": tok.vocab_size, "config": CONFIG, "loss_every_100_steps": losses,
                   "train_seconds": train_s, "compress_quality": compress.get("quality")}
     result = score(out, held, schema, cfg.advisor)

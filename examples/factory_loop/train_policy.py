@@ -16,7 +16,7 @@ runs. Seeded end to end; the figures it prints are the ones quoted in the README
    rate limits) running the int8 stream engine, on held-out plant seeds, against the expert on
    the same disturbances. Training stops once the policy is within ``--target`` of the
    expert (or after ``--steps``).
-4. ``sdk.tools.compress``: half the routed experts pruned by REAP saliency, int8 (W8A8), calibrated
+4. ``sdk.compress``: half the routed experts pruned by REAP saliency, int8 (W8A8), calibrated
    on held-out frames; the package is scored in closed loop again.
 
 It needs only the project's own dependencies. Single-threaded torch, so the result does not

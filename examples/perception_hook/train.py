@@ -5,7 +5,7 @@ initialised from a seed, given an I/O adapter from (distance, closing speed) to 
 and fitted (``sdk.tools.fit``, the whole model) to reproduce the time-to-collision rule
 (``perception.brake_reference`` of the true gap and closing speed) from noisy 50 Hz
 detections with frames missing here and there, as the controller sees them
-(``perception.dataset``). The float package is then compressed (``sdk.tools.compress``) to W8A8
+(``perception.dataset``). The float package is then compressed (``sdk.compress``) to W8A8
 int8, all experts kept, calibrated on held-out rows.
 
 ``python -m examples.perception_hook.train`` rewrites ``examples/perception_hook/model``

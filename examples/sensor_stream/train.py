@@ -5,7 +5,7 @@ initialised from a seed, given an I/O adapter from the vibration features to one
 fault kind, and fitted (``sdk.tools.fit``, the whole model) on simulated machines as the
 controller sees them: one frame per 5 ms cycle with the bridge's keep-the-newest jitter
 (``machines.dataset``). Targets are 1 for the machine's fault kind from its onset on and 0
-otherwise. The float package is then compressed (``sdk.tools.compress``) to W8A8 int8, all
+otherwise. The float package is then compressed (``sdk.compress``) to W8A8 int8, all
 experts kept, calibrated on held-out sequences.
 
 ``python -m examples.sensor_stream.train`` rewrites ``examples/sensor_stream/model``

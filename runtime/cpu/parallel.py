@@ -14,8 +14,8 @@ across ranks, so no reduction order can depend on the world size.
 
 Rank 0 (the leader) owns the inputs: every step, prefill or reset is first broadcast to the
 other ranks (followers, in :meth:`ParallelEngine.serve`) as a fixed-size command, then every
-rank runs the same pass stage by stage (``runtime.cpu.engine``: ``_begin``, per layer
-``_layer_front`` / exchange / ``_layer_back``, ``_end``); only the leader computes the head.
+rank runs the same pass stage by stage (``runtime.cpu.kernels``: ``begin_pass``, per layer
+``layer_front`` / exchange / ``layer_back``, ``end_pass``); only the leader computes the head.
 
 Failure: a collective with a dead peer raises at once (gloo sees the closed connection); a
 stalled one raises after the process group's timeout. Either way the engine is broken from
@@ -30,8 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime.cpu.engine import (_OK, _PREFILL_SENSOR, _STEP_SENSOR, _STEP_TOKENS, F32,
-                            PREFILL_ROWS, Engine, _begin, _check, _end, _layer_back, _layer_front)
+from runtime.cpu.engine import PREFILL_ROWS, Engine
+from runtime.cpu.kernels import (OK, PREFILL_SENSOR, STEP_SENSOR, STEP_TOKENS, begin_pass, check_pass,
+                                 end_pass, layer_back, layer_front)
+from runtime.cpu.state import F32
 from runtime.model.transformer import Transformer
 
 _RESET_SLOT, _RESET_ALL, _STOP = 10, 11, 12
@@ -124,11 +126,11 @@ class ParallelEngine(Engine):
     def _warmup_staged(self) -> None:
         """Compile (or load) the staged pass's kernels without touching any state or peer: one
         pass per input kind over slot 0, its expert rows left partly unset, then every state cleared."""
-        self._pass_local(_STEP_TOKENS, np.zeros(1, np.int64), np.zeros(1, np.int64), self._no_feats, 0,
+        self._pass_local(STEP_TOKENS, np.zeros(1, np.int64), np.zeros(1, np.int64), self._no_feats, 0,
                          True, exchange=False, head=self.rank == 0)
-        _check(self.state, _STEP_TOKENS, np.zeros(1, np.int64), np.zeros(1, np.int64), self._no_feats)
+        check_pass(self.state, STEP_TOKENS, np.zeros(1, np.int64), np.zeros(1, np.int64), self._no_feats)
         if self.adapter is not None:
-            self._pass_local(_STEP_SENSOR, np.zeros(1, np.int64), self._no_tokens,
+            self._pass_local(STEP_SENSOR, np.zeros(1, np.int64), self._no_tokens,
                              np.zeros((1, len(self.input_names)), F32), 0, True, exchange=False, head=self.rank == 0)
         Engine.reset_all(self)
         self.exchanged_bytes = self.payload_bytes = 0
@@ -137,14 +139,14 @@ class ParallelEngine(Engine):
     def _pass_local(self, mode, slots, tokens, feats, t0, last, *, exchange=True, head=True) -> int:
         """One pass of this rank: the stages, with the expert exchange after each MoE layer's front."""
         st = self.state
-        n = _begin(st, mode, slots, tokens, feats, t0)
+        n = begin_pass(st, mode, slots, tokens, feats, t0)
         for layer, moe in enumerate(self._moe):
-            _layer_front(st, layer, n)
+            layer_front(st, layer, n)
             if moe:
                 if exchange and self.world_size > 1:
                     self._exchange()
-                _layer_back(st, layer, n)
-        _end(st, mode, n, last, head)
+                layer_back(st, layer, n)
+        end_pass(st, mode, n, last, head)
         return n
 
     def _exchange(self) -> None:
@@ -203,8 +205,8 @@ class ParallelEngine(Engine):
         """The leader's step or prefill: checked, then each pass broadcast and run on every rank."""
         if self.rank != 0:
             raise RuntimeError(f"rank {self.rank} serves experts: only rank 0 steps")
-        err = _check(self.state, mode, slots, tokens, feats)
-        if err != _OK:
+        err = check_pass(self.state, mode, slots, tokens, feats)
+        if err != OK:
             return err
         self._check_alive()
         try:
@@ -215,14 +217,14 @@ class ParallelEngine(Engine):
             raise self._broken(e) from e
 
     def _staged(self, mode, slots, tokens, feats) -> int:
-        sensor = mode in (_STEP_SENSOR, _PREFILL_SENSOR)
-        if mode in (_STEP_TOKENS, _STEP_SENSOR):
+        sensor = mode in (STEP_SENSOR, PREFILL_SENSOR)
+        if mode in (STEP_TOKENS, STEP_SENSOR):
             n = len(slots)
             if self.world_size > 1:
                 self._command(mode, n, ints=(slots, tokens) if not sensor else (slots,),
                               feats=feats if sensor else None)
             self._pass_local(mode, slots, tokens, feats, 0, True)
-            return _OK
+            return OK
         T = len(feats) if sensor else len(tokens)
         t0 = 0
         while t0 < T:
@@ -233,7 +235,7 @@ class ParallelEngine(Engine):
                               feats=feats[t0:t0 + n] if sensor else None)
             self._pass_local(mode, slots, tokens, feats, t0, last)
             t0 += n
-        return _OK
+        return OK
 
     # -- state ---------------------------------------------------------------------------
     def reset_slot(self, slot: int) -> None:
@@ -266,11 +268,11 @@ class ParallelEngine(Engine):
             if op == _RESET_ALL:
                 super().reset_all()
                 continue
-            sensor = op in (_STEP_SENSOR, _PREFILL_SENSOR)
+            sensor = op in (STEP_SENSOR, PREFILL_SENSOR)
             if sensor:
                 self._collective(self._broadcast, self._t_cmd_feats)
             feats = self._cmd_feats[:n] if sensor else self._no_feats
-            if op in (_STEP_TOKENS, _STEP_SENSOR):
+            if op in (STEP_TOKENS, STEP_SENSOR):
                 slots = cmd[_HEADER:_HEADER + n]
                 tokens = self._no_tokens if sensor else cmd[_HEADER + n:_HEADER + 2 * n]
             else:

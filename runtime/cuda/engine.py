@@ -2,12 +2,14 @@
 CUDA graph replay.
 
 ``DeviceEngine`` has the CPU engine's slots, latent ring buffers and API (``step_tokens``,
-``step_sensor``, ``reset_slot``...). Its step composes the torch definitions of every rule
-(``runtime.model.transformer``: norms, rotary; ``runtime.model.quant``: int8 GEMMs and SwiGLU;
-``runtime.model.routing.route_torch``), with weights from ``runtime.model.quant.pack_int8``, at static
-shapes: every step runs all slot rows (inactive ones are masked), every buffer is
-preallocated, and nothing inside the step reads a value back to the host, so on CUDA the
-whole step is captured once as a ``torch.cuda.CUDAGraph`` and each control cycle is one
+``step_sensor``, ``reset_slot``...). Its step calls the model's torch definitions
+(``runtime.model.transformer``: the decoder layer's composition, norms, rotary, the absorbed
+attention, the router; ``runtime.model.quant``: int8 GEMMs, SwiGLU, the MoE combine), with
+weights from ``runtime.model.packing.pack_int8``, at static shapes; what is its own is the
+layout (fused projections, ring buffers, masked slot rows) and the routed-expert kernels.
+Every step runs all slot rows (inactive ones are masked), every buffer is preallocated,
+and nothing inside the step reads a value back to the host, so on CUDA the whole step is
+captured once as a ``torch.cuda.CUDAGraph`` and each control cycle is one
 replay. On the CPU the same step runs eagerly through the same code, which is how it is
 tested here.
 
@@ -34,6 +36,7 @@ Routed experts, three ways (the same bits):
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -43,10 +46,11 @@ import torch.nn.functional as F
 from runtime.model.config import LORA_NORM_EPS
 from runtime.cuda.expert_store import ExpertStore
 from runtime.cuda.grouped_int8 import compile_kernel, grouped_int8_mm, triton_available
-from runtime.model.transformer import Transformer, apply_rope, rms_norm, rope_cos_sin
-from runtime.model.quant import (CUDA_MIN_ROWS, PackedAttention, PackedMLP, QWeight, int8_linear, int8_mm, pack_int8,
-                           qlinear, quantize_activation, swiglu_int8, swiglu_requant)
-from runtime.model.routing import route_torch
+from runtime.model.transformer import (Transformer, absorbed_attention, apply_rope, decoder_layer, gate_route,
+                                       rms_norm, rope_cos_sin)
+from runtime.model.packing import PackedAttention, PackedMLP, pack_int8
+from runtime.model.quant import (CUDA_MIN_ROWS, QWeight, combine_experts, int8_linear, int8_mm, qlinear,
+                                 quantize_activation, swiglu_int8, swiglu_requant)
 
 log = logging.getLogger(__name__)
 
@@ -400,13 +404,8 @@ class DeviceEngine:
         mask = torch.zeros(self.rows, self.window, device=self.device).masked_fill_(
             self.win[None, :] >= n_valid[:, None], float("-inf"))
         for li, layer in enumerate(self.layers):
-            x = x + self._attention(li, layer, rms_norm(x, layer.input_norm, eps), cos, sin, widx, mask)
-            h = rms_norm(x, layer.post_norm, eps)
-            if layer.moe is None:
-                hq, hs = quantize_activation(h)
-                x = x + swiglu_int8(hq, hs, layer.mlp.w13, layer.mlp.w2)
-            else:
-                x = x + self._moe(li, layer, x, h)
+            x = decoder_layer(x, partial(self._attention, li, layer, cos=cos, sin=sin, widx=widx, mask=mask),
+                              partial(self._feed_forward, li, layer), layer.input_norm, layer.post_norm, eps)
         h = rms_norm(x, self.norm, eps)
         if kind == "tokens":
             self.logits.copy_(int8_linear(h, self.head))
@@ -414,10 +413,18 @@ class DeviceEngine:
             self.outputs.copy_(F.linear(h, self.out_w, self.out_b) * self.out_std + self.out_mean)
         self.pos.add_(self.act.long())
 
+    def _feed_forward(self, li: int, layer: _Layer, h, x):
+        """The dense MLP, or the MoE, of rows ``h`` (post-norm of ``x``)."""
+        if layer.moe is None:
+            hq, hs = quantize_activation(h)
+            return swiglu_int8(hq, hs, layer.mlp.w13, layer.mlp.w2)
+        return self._moe(li, layer, x, h)
+
     def _attention(self, li: int, layer: _Layer, h, cos, sin, widx, mask):
+        """MLA of rows ``h``: the projections (the first q projection and kv_a fused in one GEMM),
+        the new cache entries written into the ring buffers, then the model's absorbed form."""
         cfg, a = self.config, layer.attn
-        nh, nope, rope, vd, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                                 cfg.v_head_dim, cfg.kv_lora_rank)
+        nh, nope, rope, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         R = self.rows
         hq, hs = quantize_activation(h)
         y = qlinear(hq, hs, layer.w_in)
@@ -436,20 +443,14 @@ class DeviceEngine:
         # Inactive rows write their old entry back: their ring buffers never change.
         lat[self.ar, widx] = torch.where(act, latent, lat[self.ar, widx])
         pe[self.ar, widx] = torch.where(act, k_pe, pe[self.ar, widx])
-        q_abs = torch.einsum("rhd,hdc->rhc", q_nope, a.w_uk)
-        scores = (torch.einsum("rhc,rwc->rhw", q_abs, lat) + torch.einsum("rhp,rwp->rhw", q_pe, pe)) \
-            * cfg.softmax_scale
-        probs = (scores + mask[:, None, :]).softmax(dim=-1)
-        ctx = torch.einsum("rhw,rwc->rhc", probs, lat)
-        out = torch.einsum("rhc,hvc->rhv", ctx, a.w_uv).reshape(R, nh * vd)
-        return int8_linear(out, a.o)
+        return int8_linear(absorbed_attention(q_nope, q_pe, a.w_uk, a.w_uv, lat, pe, mask, cfg.softmax_scale), a.o)
 
     def _moe(self, li: int, layer: _Layer, x, h):
         """The MoE output for rows ``h`` (post-norm of ``x``): routed sum, then shared experts."""
-        m, k, H = layer.moe, self.rule.top_k, self.config.hidden_size
+        m, H = layer.moe, self.config.hidden_size
         hq, hs = quantize_activation(h)
         hq = _pad_cols(hq, self.h8)
-        ids, wts = route_torch(F.linear(h, layer.gate), layer.bias, self.rule)
+        ids, wts = gate_route(h, layer.gate, layer.bias, self.rule)
         # Inactive rows are routed to the null expert E: they activate no expert.
         ids_null = torch.where(self.act[:, None], ids, self.E)
         counts = torch.zeros(self.E + 1, dtype=torch.int32, device=self.device).scatter_add_(
@@ -462,9 +463,7 @@ class DeviceEngine:
                                       self.ident_slots)
         else:
             y = self._experts_all(m, hq, hs, ids)
-        out = torch.zeros_like(x)
-        for j in range(k):
-            out = out + wts[:, j:j + 1] * y[:, j, :H]
+        out = combine_experts(y[:, :, :H], wts)
         if layer.mlp is not None:
             out = out + swiglu_int8(hq, hs, layer.mlp.w13, layer.mlp.w2)
         return out
@@ -504,8 +503,7 @@ class DeviceEngine:
         nxt = m + 1 < self.n_moe
         if nxt:    # pre-gating: the next MoE layer's router on the current hidden state
             nl = self.layers[li + 1]
-            guess, _ = route_torch(F.linear(rms_norm(x, nl.post_norm, self.config.rms_norm_eps), nl.gate),
-                                   nl.bias, self.rule)
+            guess, _ = gate_route(rms_norm(x, nl.post_norm, self.config.rms_norm_eps), nl.gate, nl.bias, self.rule)
             both = torch.cat([ids_null, guess]).cpu().numpy()
             cur, guess = both[:self.rows], both[self.rows:][self._rows_np]
         else:

@@ -25,6 +25,17 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 #: reference implementations build them with RMSNorm's default, not ``rms_norm_eps``.
 LORA_NORM_EPS = 1e-6
 
+#: Upper bounds of a config's sizes, far above any DeepSeek release (R1: 61 layers, hidden 7168,
+#: 128 heads, 256 routed experts over 58 MoE layers, vocab 129,280). A config past them is corrupt
+#: or hostile: laying out its modules would take hours before a single weight could be checked.
+MAX_SIZES = {"num_hidden_layers": 256, "hidden_size": 1 << 16, "num_attention_heads": 1024,
+             "n_routed_experts": 4096, "n_shared_experts": 64, "vocab_size": 1 << 22,
+             "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 18, "q_lora_rank": 1 << 16,
+             "kv_lora_rank": 1 << 14, "qk_rope_head_dim": 1 << 12, "qk_nope_head_dim": 1 << 12,
+             "v_head_dim": 1 << 12}
+#: Routed experts summed over the MoE layers (R1: 14,848).
+MAX_EXPERT_MODULES = 1 << 16
+
 #: What a ``deepseek_v2`` config means when it leaves a key out (transformers' DeepseekV2Config).
 _V2_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008,
                 "moe_intermediate_size": 1407, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -32,6 +43,13 @@ _V2_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 
                 "first_k_dense_replace": 0, "norm_topk_prob": False, "max_position_embeddings": 2048,
                 "topk_method": "greedy", "n_group": 1, "topk_group": 1}
 
+
+
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``scale`` times: ``0.1 * m * ln(scale) + 1``
+    (1 when ``scale`` <= 1). It scales the rotary cos/sin (``runtime.model.transformer.rope_inv_freq``)
+    and, squared with ``m = mscale_all_dim``, the attention scores (:attr:`ModelConfig.softmax_scale`)."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 @dataclass
 class ModelConfig:
@@ -94,9 +112,8 @@ class ModelConfig:
         rs = self.rope_scaling
         if rs and rs.get("type", "default") != "default":
             mscale_all_dim = rs.get("mscale_all_dim", 0) or 0
-            factor = rs.get("factor", 1.0)
-            if mscale_all_dim and factor > 1:
-                m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+            if mscale_all_dim:
+                m = yarn_mscale(rs.get("factor", 1.0), mscale_all_dim)
                 scale = scale * m * m
         return scale
 
@@ -172,6 +189,13 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{source}: {name} must be a positive integer, got {value!r}")
+        for name, cap in MAX_SIZES.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value > cap:
+                raise ValueError(f"{source}: {name} = {value} is past {cap} (far above any DeepSeek model)")
+        if isinstance(self.n_routed_experts, int) and self.n_routed_experts * self.n_moe_layers > MAX_EXPERT_MODULES:
+            raise ValueError(f"{source}: {self.n_routed_experts} routed experts in each of {self.n_moe_layers} MoE "
+                             f"layers is past {MAX_EXPERT_MODULES} in all")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"{source}: qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.hidden_act != "silu":

@@ -6,6 +6,13 @@ Parameter names follow the Hugging Face layout (``model.layers.N.self_attn.q_a_p
 except routed experts, which are stacked per layer as ``mlp.experts.gate_up_proj`` [E, 2I, H]
 and ``mlp.experts.down_proj`` [E, H, I] (the transformers-5 in-memory layout).
 
+The blocks take their weights through one seam, :class:`Weights` (``linear(name, x, rows)``
+and ``vector(name)``): a module serves its own parameters (:class:`ModuleWeights`), and the
+compression pass serves weights streamed from a checkpoint, so the functions below
+(:func:`decoder_layer`, :func:`mla_inputs` / :func:`mla_heads` / :func:`mla_attend`,
+:func:`absorbed_attention`, :func:`gate_route`, :func:`reference_experts`, :func:`swiglu`) are
+the one composition of the layer that every torch path runs.
+
 Two attention forms: the naive one expands the latent into per-head keys and values (used
 for full-sequence forward and prefill); the absorbed one folds ``kv_b_proj`` into the query
 and the output, so decode reads only the cached latent (``kv_lora_rank``) and the shared
@@ -15,12 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.model.config import LORA_NORM_EPS, ModelConfig
+from runtime.model.config import LORA_NORM_EPS, ModelConfig, yarn_mscale
 from runtime.model.quant import RoutedExperts, silu_mul
 from runtime.model.routing import RoutingRule, route_torch
 
@@ -68,13 +76,11 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
     attention_factor = rs.get("attention_factor")
     if attention_factor is None:
-        attention_factor = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+        attention_factor = (yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if (m and m_all)
+                            else yarn_mscale(factor))
     return inv_freq, float(attention_factor)
 
 
@@ -104,6 +110,144 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class Weights(Protocol):
+    """The one seam through which the model's blocks get their weights: ``linear(name, x,
+    rows)`` is ``x @ W[rows].T`` (+ bias) for the weight called ``name`` (float32 or the int8
+    rule, as the weight is stored), ``vector(name)`` a norm weight. :class:`ModuleWeights`
+    serves a module's own parameters; ``sdk.tools.streamed`` serves weights streamed from a
+    checkpoint, so the calibration pass runs these very functions."""
+
+    def linear(self, name: str, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
+
+    def vector(self, name: str) -> torch.Tensor: ...
+
+
+class ModuleWeights:
+    """:class:`Weights` of an ``nn.Module``: ``linear(name, x)`` runs its submodule ``name``
+    (``rows`` slices the output rows of a float ``nn.Linear``); ``vector(name)`` is the
+    parameter ``name``."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def linear(self, name: str, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        m = self.module.get_submodule(name)
+        if rows is None:
+            return m(x)
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"{name}: only a float linear layer serves a slice of its output rows")
+        bias = None if m.bias is None else m.bias[rows[0]:rows[1]]
+        return F.linear(x, m.weight[rows[0]:rows[1]], bias)
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self.module.get_parameter(name)
+
+
+def swiglu(w: Weights, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
+    """The SwiGLU block (dense MLP, shared or routed expert): ``down(silu(gate(x)) * up(x))``,
+    with ``silu_mul`` (its bits do not depend on where a row sits in the batch)."""
+    return w.linear(prefix + "down_proj", silu_mul(w.linear(prefix + "gate_proj", x), w.linear(prefix + "up_proj", x)))
+
+
+def decoder_layer(x: torch.Tensor, attention, feed_forward, input_norm: torch.Tensor, post_norm: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """The decoder layer, composed here once for every torch path (the model, the device engine,
+    the calibration pass): pre-norm attention, then pre-norm feed-forward, each added to the
+    residual stream. ``attention(h)`` gets the normed rows; ``feed_forward(h, x)`` the normed rows
+    and the residual rows ``x`` they were normed from (the streamed device engine pre-gates the
+    next layer with them)."""
+    x = x + attention(rms_norm(x, input_norm, eps))
+    return x + feed_forward(rms_norm(x, post_norm, eps), x)
+
+
+def mla_inputs(w: Weights, cfg: ModelConfig, x: torch.Tensor):
+    """MLA's low-rank step for rows ``x`` [..., H]: the input of the query's head projection
+    (``q_a_proj`` then ``q_a_layernorm``, or ``x`` itself without a q low rank), the normed
+    latent [..., kv_lora_rank] and the rotary key before rotation [..., qk_rope_head_dim]."""
+    if cfg.q_lora_rank is None:
+        q_in = x
+    else:
+        q_in = rms_norm(w.linear("q_a_proj", x), w.vector("q_a_layernorm.weight"), LORA_NORM_EPS)
+    latent, k_pe = w.linear("kv_a_proj_with_mqa", x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+    return q_in, rms_norm(latent, w.vector("kv_a_layernorm.weight"), LORA_NORM_EPS), k_pe
+
+
+def mla_queries(w: Weights, cfg: ModelConfig, q_in: torch.Tensor, heads: tuple[int, int] | None = None):
+    """Queries [..., g, qk_head_dim] of heads ``heads[0]..heads[1]-1`` (all by default)."""
+    qk = cfg.qk_head_dim
+    h0, h1 = heads or (0, cfg.num_attention_heads)
+    rows = None if heads is None else (h0 * qk, h1 * qk)
+    q = w.linear("q_proj" if cfg.q_lora_rank is None else "q_b_proj", q_in, rows)
+    return q.unflatten(-1, (h1 - h0, qk))
+
+
+def mla_heads(w: Weights, cfg: ModelConfig, q_in: torch.Tensor, latent: torch.Tensor,
+              heads: tuple[int, int] | None = None):
+    """Queries [..., g, qk_head_dim] and expanded keys/values [..., g, qk_nope + v_head_dim] of
+    heads ``heads[0]..heads[1]-1`` (all by default: g = num_attention_heads)."""
+    kvd = cfg.qk_nope_head_dim + cfg.v_head_dim
+    h0, h1 = heads or (0, cfg.num_attention_heads)
+    kv = w.linear("kv_b_proj", latent, None if heads is None else (h0 * kvd, h1 * kvd))
+    return mla_queries(w, cfg, q_in, heads), kv.unflatten(-1, (h1 - h0, kvd))
+
+
+def mla_attend(cfg: ModelConfig, q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MLA's naive form for a batch of sequences: queries [B,T,g,qk] (rotated here with cos/sin
+    [T or B,T, rope/2]) against expanded keys/values [B,T,g,nope+v] and the rotated rotary key
+    [B,T,rope]; ``mask`` additive [T,T]. Returns the heads' context [B,T,g*v]."""
+    nope = cfg.qk_nope_head_dim
+    q_nope, q_pe = q.split([nope, cfg.qk_rope_head_dim], dim=-1)
+    q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), cfg.rope_interleave)
+    k_nope, v = kv.split([nope, cfg.v_head_dim], dim=-1)
+    scores = (torch.einsum("bshd,bthd->bhst", q_nope, k_nope)
+              + torch.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale
+    if mask is not None:
+        scores = scores + mask
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.einsum("bhst,bthd->bshd", probs, v).flatten(-2)
+
+
+def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
+                       cache_latent: torch.Tensor, cache_pe: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """MLA's absorbed form for one new token per sequence: ``q_nope`` [B,h,nope] and the rotated
+    ``q_pe`` [B,h,rope] against a latent cache [B,L,C] and rotary keys [B,L,rope], ``kv_b_proj``
+    folded in as ``w_uk`` [h,nope,C] and ``w_uv`` [h,v,C]; ``mask`` [B,L] additive. Returns the
+    heads' context [B, h*v] (the input of ``o_proj``)."""
+    q_abs = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)
+    scores = (torch.einsum("bhc,blc->bhl", q_abs, cache_latent)
+              + torch.einsum("bhr,blr->bhl", q_pe, cache_pe)) * scale
+    if mask is not None:
+        scores = scores + mask.unsqueeze(1)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
+    ctx = torch.einsum("bhl,blc->bhc", probs, cache_latent)
+    return torch.einsum("bhc,hvc->bhv", ctx, w_uv).flatten(1)
+
+
+def gate_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               rule: RoutingRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router of a MoE layer on rows x [N,H]: float32 logits ``x @ W.T``, then the routing
+    rule in torch ops -> (expert ids [N,k] ascending, weights [N,k] float32)."""
+    return route_torch(F.linear(x.float(), weight.float()), bias, rule)
+
+
+def reference_experts(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                      norms: torch.Tensor | None = None, experts: list[int] | None = None) -> torch.Tensor:
+    """The float routed-expert rule: each expert that got tokens (or every one of ``experts``)
+    runs once over them (``expert(e, rows)``, in ascending id) and its outputs, times the
+    routing weights, are added to its tokens' rows. ``norms`` [N,k], when given, receives each
+    chosen expert's output norm (REAP calibration)."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(idx).tolist() if experts is None else experts:
+        token, slot = torch.where(idx == e)
+        y = expert(e, x[token])
+        if norms is not None:
+            norms[token, slot] = y.float().norm(dim=-1)
+        out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+    return out
+
+
 class MLA(nn.Module):
     """Multi-head latent attention with a naive (prefill) and an absorbed (decode) form."""
 
@@ -126,14 +270,11 @@ class MLA(nn.Module):
         self.scale = cfg.softmax_scale
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Queries [B,T,nh,nope], [B,T,nh,rope] and the new cache entries: latent [B,T,C], rotary key [B,T,rope]."""
-        B, T, _ = x.shape
-        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)
-        latent, k_pe = kv.split([self.kv_rank, self.rope], dim=-1)
-        latent = self.kv_a_layernorm(latent)
+        """Queries [B,T,nh,nope], [B,T,nh,rope] (rotated) and the new cache entries: latent
+        [B,T,C], rotary key [B,T,rope] (rotated)."""
+        w = ModuleWeights(self)
+        q_in, latent, k_pe = mla_inputs(w, self.cfg, x)
+        q_nope, q_pe = mla_queries(w, self.cfg, q_in).split([self.nope, self.rope], dim=-1)
         interleave = self.cfg.rope_interleave
         q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), interleave)
         k_pe = apply_rope(k_pe, cos, sin, interleave)
@@ -141,17 +282,11 @@ class MLA(nn.Module):
 
     def forward_naive(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
         """Full-sequence attention over the expanded keys/values; returns (output, latent, k_pe)."""
-        B, T, _ = x.shape
-        q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
-        kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        scores = (torch.einsum("bshd,bthd->bhst", q_nope, k_nope)
-                  + torch.einsum("bshr,btr->bhst", q_pe, k_pe)) * self.scale
-        if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        out = torch.einsum("bhst,bthd->bshd", probs, v).reshape(B, T, -1)
-        return self.o_proj(out), latent, k_pe
+        w = ModuleWeights(self)
+        q_in, latent, k_pe = mla_inputs(w, self.cfg, x)
+        k_pe = apply_rope(k_pe, cos, sin, self.cfg.rope_interleave)
+        q, kv = mla_heads(w, self.cfg, q_in, latent)
+        return self.o_proj(mla_attend(self.cfg, q, kv, k_pe, cos, sin, mask)), latent, k_pe
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [nh, nope, C] and W_UV [nh, v, C] (float)."""
@@ -172,15 +307,8 @@ class MLA(nn.Module):
         cache_latent[rows, write_index] = latent[:, 0]
         cache_pe[rows, write_index] = k_pe[:, 0]
         w_uk, w_uv = self.absorbed_weights()
-        q_abs = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)
-        scores = (torch.einsum("bhc,blc->bhl", q_abs, cache_latent)
-                  + torch.einsum("bhr,blr->bhl", q_pe[:, 0], cache_pe)) * self.scale
-        if mask is not None:
-            scores = scores + mask.unsqueeze(1)
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        ctx = torch.einsum("bhl,blc->bhc", probs, cache_latent)
-        out = torch.einsum("bhc,hvc->bhv", ctx, w_uv).reshape(B, 1, -1)
-        return self.o_proj(out)
+        ctx = absorbed_attention(q_nope[:, 0], q_pe[:, 0], w_uk, w_uv, cache_latent, cache_pe, mask, self.scale)
+        return self.o_proj(ctx.view(B, 1, -1))
 
 
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:
@@ -200,8 +328,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # silu_mul, not F.silu: its bits do not depend on where a row sits in the batch.
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return swiglu(ModuleWeights(self), x)
 
 
 class Gate(nn.Module):
@@ -220,7 +347,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N,H] -> (top-k expert ids [N,k] int64 ascending, weights [N,k] float32)."""
-        return route_torch(F.linear(x.float(), self.weight.float()), self.e_score_correction_bias, self.rule)
+        return gate_route(x, self.weight, self.e_score_correction_bias, self.rule)
 
 
 def cast_keeping_router_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -245,7 +372,7 @@ class Experts(nn.Module):
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows x [n,H] -> [n,H]."""
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return F.linear(silu_mul(gate, up), self.down_proj[e])
 
 
 @dataclass
@@ -288,14 +415,8 @@ class MoE(nn.Module):
         return out.view(shape)
 
     def _reference_experts(self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(flat)
         norms = torch.zeros_like(weights) if self.observer else None
-        for e in torch.unique(idx).tolist():
-            token, slot = torch.where(idx == e)
-            y = self.experts.forward_expert(e, flat[token])
-            if norms is not None:
-                norms[token, slot] = y.float().norm(dim=-1)
-            out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        out = reference_experts(self.experts.forward_expert, flat, idx, weights, norms)
         if self.observer:
             self.observer(RoutingRecord(self.layer, idx, weights, norms))
         return out
@@ -313,15 +434,23 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask):
         """Full-sequence step; returns (x, latent, k_pe) so callers can fill a cache."""
-        attn, latent, k_pe = self.self_attn.forward_naive(self.input_layernorm(x), cos, sin, mask)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), latent, k_pe
+        entries = []
+
+        def attention(h):
+            out, latent, k_pe = self.self_attn.forward_naive(h, cos, sin, mask)
+            entries.extend((latent, k_pe))
+            return out
+
+        return (self._layer(x, attention), *entries)
 
     def decode(self, x, cos, sin, cache_latent, cache_pe, write_index, mask):
         """One-token step against this layer's latent cache."""
-        x = x + self.self_attn.forward_absorbed(self.input_layernorm(x), cos, sin,
-                                                cache_latent, cache_pe, write_index, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self._layer(x, lambda h: self.self_attn.forward_absorbed(h, cos, sin, cache_latent, cache_pe,
+                                                                         write_index, mask))
+
+    def _layer(self, x, attention):
+        return decoder_layer(x, attention, lambda h, _: self.mlp(h), self.input_layernorm.weight,
+                             self.post_attention_layernorm.weight, self.input_layernorm.eps)
 
 
 class Backbone(nn.Module):

@@ -65,19 +65,96 @@ _FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.fl
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_ELEMENT_SIZE = {k: torch.empty((), dtype=v).element_size() for k, v in _DTYPES.items()}
+
+
+#: The largest safetensors header read (safetensors' own limit): a bigger length is hostile.
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """The validated header of safetensors file ``path``: ``({tensor name: {"dtype", "shape",
+    "data_offsets"}}, data start)``, ``__metadata__`` left out.
+
+    Checked before anything is mapped or allocated, the same for every reader (the package's
+    read and mmap paths and the checkpoint reader): the 8-byte length is within the file and
+    100 MiB; the header is a JSON object; each tensor has a known dtype, a list of
+    non-negative integer dims and ``[begin, end]`` offsets inside the file whose length is the
+    shape's bytes; no two tensors overlap. Raises ``CheckpointError`` naming the file (and the
+    tensor), never anything else for bad bytes.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its "
+                                      "8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path}: header length {n} runs past the file ({size} bytes) or "
+                                      f"{MAX_HEADER_BYTES} bytes; truncated or corrupt?")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
+    data = size - 8 - n
+    spans = []
+    for name, e in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(f"{where}: entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {str(dtype)[:40]!r} (one of {', '.join(_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {str(shape)[:80]} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data):
+            raise CheckpointError(f"{where}: data_offsets {str(offsets)[:80]} are not [begin, end] within the "
+                                  f"file's {data} data bytes")
+        nbytes = math.prod(shape) * _ELEMENT_SIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes, its dtype and "
+                                  f"shape need {nbytes}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensor {b!r} overlaps tensor {a!r}")
+    return header, 8 + n
+
+
+def check_weight_file_name(name, where: str) -> None:
+    """Refuse a weight file name that is not a plain ``*.safetensors`` name in its directory
+    (an index naming ``../x``, ``/dev/zero`` or a sub-directory), naming ``where``."""
+    if (not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name
+            or name.startswith(".") or "\0" in name):
+        raise CheckpointError(f"{where}: {str(name)[:200]!r} is not a plain *.safetensors file name in the "
+                              "checkpoint directory")
 
 
 class MappedFile:
-    """A safetensors file's header and a private read-only view of its data (memory-mapped)."""
+    """A safetensors file's header (validated by :func:`read_header`) and a private read-only
+    view of its data (memory-mapped)."""
 
     def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        header.pop("__metadata__", None)
-        self.start = 8 + n
-        self.entries = header
+        self.entries, self.start = read_header(path)
+        try:
+            with open(path, "rb") as f:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot be mapped ({exc})") from None
 
     def view(self, name: str, first: int, count: int) -> tuple[torch.Tensor, int, int]:
         """Rows ``first..first+count`` (along dim 0) of tensor ``name`` as a tensor over the
@@ -115,8 +192,12 @@ class CheckpointReader:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            except (UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({str(exc)[:200]})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+            for tensor, name in weight_map.items():       # before any file is opened
+                check_weight_file_name(name, f"{index}: weight_map[{tensor[:200]!r}]")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
@@ -134,6 +215,9 @@ class CheckpointReader:
             file = self.path / name
             if not file.exists():
                 raise CheckpointError(f"{file}: listed in model.safetensors.index.json but missing")
+            if not file.is_file():
+                raise CheckpointError(f"{file}: not a regular file")
+            read_header(file)
             try:
                 handle = safe_open(str(file), framework="pt")      # validates the header and offsets
             except (SafetensorError, OSError, ValueError) as exc:

@@ -375,7 +375,8 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
 
     ``status``: a stream for the live status line (None: none), refreshed in place if ``inplace``.
     """
-    from sdk.service.controller import Controller, replay
+    from sdk.service.controller import Controller
+    from sdk.service.replay import replay
     from sdk.demo import expert as E
     from sdk.demo import plant as P
 

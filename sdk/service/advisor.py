@@ -91,19 +91,19 @@ class PromptTemplate:
 
     def __init__(self, text: str, where: str = "advisor prompt"):
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from sdk.tools.templates import compile_template, environment
 
         self.text, self.where = text, where
-        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, trim_blocks=True,
-                                            lstrip_blocks=True, keep_trailing_newline=False)
-        try:
-            self._template = env.from_string(text)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ValueError(f"{where}: line {exc.lineno}: {exc.message}") from None
+        env = environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                          keep_trailing_newline=False)
+        self._template = compile_template(env, text, where)
 
     def render(self, context: dict) -> str:
-        """The prompt text for ``context`` (see ``build_context``)."""
-        return self._template.render(**context)
+        """The prompt text for ``context`` (see ``build_context``), under the template budget."""
+        from sdk.tools.templates import render
+
+        return render(self._template, context, self.where)
 
 
 def build_context(request: dict, init: dict) -> dict:
@@ -529,7 +529,7 @@ class Advisor:
 
     def header(self) -> dict:
         """What a recording needs to replay the advice: package, template text, schema, settings."""
-        from sdk.service.controller import package_identity
+        from sdk.tools.package import package_identity
 
         s = self.section
         return {"package": package_identity(s.path), "template": self.template_text, "schema": self.schema.schema,

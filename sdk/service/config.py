@@ -8,7 +8,9 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
   streams batched through the engine at once), ``parallel`` (optional, expert parallelism over
   torch.distributed: ``{ world_size = N, backend = "gloo" }``, plus ``master_addr =
   "127.0.0.1"``, ``master_port = 0`` (a free port; torchrun's environment wins when set) and
-  ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.service.controller``);
+  ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.service.controller``),
+  ``public_key`` (optional: a PEM public key file, or a list of them, relative to this file; the
+  package must then be signed by one of them and unchanged since: ``sdk.tools.signing``);
 - ``[loop]`` ``period_ms = 10``, ``deadline_ms`` = the period, ``realtime = false``,
   ``infer_budget_ms`` = 80% of the deadline (inference that has not answered by then gets
   the fail-safe out), ``spin_us = 200``, ``priority = 80``, ``cpu`` = the last allowed CPU,
@@ -72,6 +74,13 @@ HEARTBEAT = "_heartbeat"
 #: The stream's mode, published next to the outputs: 0 manual, 1 auto, 2 warm-up
 #: (``runtime.control.safety.MODE_NAMES``); 0 in a bridge's own fail-safe.
 MODE = "_mode"
+#: The longest duration any key may give (one day, in ms): periods, staleness, timeouts. Past
+#: it a value is a typo, and its nanoseconds would overflow the loop's int64 clocks sooner or later.
+DAY_MS = 86_400_000.0
+#: The shortest loop period the loop can honour (it sleeps, then spins, every period).
+MIN_PERIOD_MS = 0.1
+#: The shortest deadline or inference budget (the resolution of the loop's clock reads).
+MIN_TIME_MS = 0.01
 
 
 class ConfigError(ValueError):
@@ -83,10 +92,10 @@ class _Table:
 
     def __init__(self, data: Any, where: str, file: str):
         self.file, self.where = file, where
+        self.label = ""                                  # e.g. "'valve'" once the name is known
         if not isinstance(data, dict):
             self.fail(f"must be a table, got {type(data).__name__}")
         self.data, self.seen = data, set()
-        self.label = ""                                  # e.g. "'valve'" once the name is known
 
     def fail(self, msg: str, key: str | None = None):
         if self.label:
@@ -105,17 +114,26 @@ class _Table:
             return default
         return self.data[key]
 
-    def num(self, key: str, default: Any = _REQUIRED, *, positive=False, finite=True) -> float | None:
+    def num(self, key: str, default: Any = _REQUIRED, *, positive=False, finite=True,
+            lo: float | None = None, hi: float | None = None, why: str = "") -> float | None:
+        """A number; ``lo``/``hi`` bound it (inclusive), ``why`` says where a bound comes from."""
         v = self.get(key, default)
         if v is None or (v is default and default is not _REQUIRED):
             return v
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(f"must be a number, got {v!r}", key)
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:
+            self.fail(f"must be finite, got {v}", key)
         if finite and not math.isfinite(v):
             self.fail(f"must be finite, got {v}", key)
         if positive and not v > 0:
             self.fail(f"must be positive, got {v}", key)
+        if lo is not None and not v >= lo:
+            self.fail(f"must be at least {lo:.15g}{why}, got {v:.15g}", key)
+        if hi is not None and not v <= hi:
+            self.fail(f"must be at most {hi:.15g}{why}, got {v:.15g}", key)
         return v
 
     def int(self, key: str, default: Any = _REQUIRED, *, lo: int | None = None, hi: int | None = None):
@@ -136,6 +154,8 @@ class _Table:
             return v
         if not isinstance(v, str) or not v:
             self.fail(f"must be a non-empty string, got {v!r}", key)
+        if "\0" in v:
+            self.fail(f"must not contain a NUL character, got {v!r}", key)
         if choices and v not in choices:
             self.fail(f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}", key)
         return v
@@ -178,14 +198,16 @@ class ParallelSection:
 
 @dataclass
 class ModelSection:
-    """``[model]``: the package, its device, the history window, the stream slots and the
-    expert-parallel ranks (``parallel``, None for one process)."""
+    """``[model]``: the package, its device, the history window, the stream slots, the
+    expert-parallel ranks (``parallel``, None for one process) and the public keys one of
+    which must have signed the package (``public_key``, empty: signatures not required)."""
 
     path: Path
     device: str = "cpu"
     window: int = 32
     streams: int = 1
     parallel: ParallelSection | None = None
+    public_key: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -368,12 +390,22 @@ class DeployConfig:
                              window=t.int("window", 32, lo=1), streams=t.int("streams", 1, lo=1, hi=4096))
         if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
             t.fail(f"must be 'cpu', 'cuda' or 'cuda:N', got {model.device!r}", "device")
+        keys = t.get("public_key", None)
+        if keys is not None:
+            keys = [keys] if isinstance(keys, str) else keys
+            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k and "\0" not in k
+                                                                 for k in keys):
+                t.fail(f"must be a path or a non-empty list of paths to PEM public keys, got {keys!r}", "public_key")
+            model.public_key = [_resolve(base, k) for k in keys]
+            for key in model.public_key:
+                if not key.is_file():
+                    t.fail(f"{key}: no such public key file", "public_key")
         p = t.sub("parallel")
         if p is not None:
             model.parallel = ParallelSection(
                 world_size=p.int("world_size", lo=1, hi=1024), backend=p.str("backend", "gloo", ("gloo", "nccl")),
                 master_addr=p.str("master_addr", "127.0.0.1"), master_port=p.int("master_port", 0, lo=0, hi=65535),
-                timeout_s=p.num("timeout_s", 10.0, positive=True))
+                timeout_s=p.num("timeout_s", 10.0, positive=True, hi=DAY_MS / 1e3, why=" (a day)"))
             if model.parallel.backend == "nccl" or model.device != "cpu":
                 p.fail("the expert-parallel engine runs on the CPU over gloo (device = 'cpu', backend = 'gloo'); "
                        "an nccl path over GPUs is not built", "backend")
@@ -381,21 +413,27 @@ class DeployConfig:
         t.done()
 
         t = top.sub("loop") or _Table({}, "loop", file)
-        period = t.num("period_ms", 10.0, positive=True)
-        deadline = t.num("deadline_ms", period, positive=True)
+        period = t.num("period_ms", 10.0, positive=True, hi=DAY_MS, why=" (a day)")
+        if period < MIN_PERIOD_MS:
+            t.fail(f"must be at least {MIN_PERIOD_MS:g} (the shortest period the loop can honour), got {period:g}",
+                   "period_ms")
+        deadline = t.num("deadline_ms", period, positive=True, lo=MIN_TIME_MS, why=" (the loop's clock resolution)")
         if deadline > period:
             t.fail(f"must not exceed period_ms ({period}), got {deadline}", "deadline_ms")
-        budget = t.num("infer_budget_ms", 0.8 * deadline, positive=True)
+        budget = t.num("infer_budget_ms", 0.8 * deadline, positive=True, lo=MIN_TIME_MS,
+                       why=" (the loop's clock resolution)")
         if budget > deadline:
             t.fail(f"must not exceed deadline_ms ({deadline}), got {budget}", "infer_budget_ms")
+        spin = t.num("spin_us", min(200.0, 500.0 * period), lo=0.0)
+        if spin >= 1000.0 * period:
+            t.fail(f"must be below the period ({1000.0 * period:g} us): the loop sleeps part of every period, "
+                   f"got {spin:g}", "spin_us")
         loop = LoopSection(period_ms=period, deadline_ms=deadline, infer_budget_ms=budget,
                            realtime=t.bool("realtime", False),
-                           spin_us=t.num("spin_us", 200.0), priority=t.int("priority", 80, lo=1, hi=99),
+                           spin_us=spin, priority=t.int("priority", 80, lo=1, hi=99),
                            cpu=t.int("cpu", None, lo=0), threads=t.int("threads", 1, lo=1, hi=1024),
                            max_failsafe_fraction=t.num("max_failsafe_fraction", 0.5),
                            warmup_cycles=t.int("warmup_cycles", 0, lo=0, hi=1_000_000))
-        if loop.spin_us < 0:
-            t.fail(f"must not be negative, got {loop.spin_us}", "spin_us")
         if not 0.0 <= loop.max_failsafe_fraction <= 1.0:
             t.fail(f"must lie in [0, 1], got {loop.max_failsafe_fraction}", "max_failsafe_fraction")
         t.done()
@@ -414,7 +452,11 @@ class DeployConfig:
             if not lo < hi:
                 t.fail(f"min ({lo}) must be below max ({hi})")
             never = mode is not None and name == mode.input
-            stale = t.num("stale_ms", math.inf if never else max(200.0, 3 * period), positive=True)
+            stale = t.num("stale_ms", math.inf if never else max(200.0, 3 * period), positive=True,
+                          hi=DAY_MS, why=" (a day)")
+            if stale < period:
+                t.fail(f"must be at least the loop period ({period:g} ms): an input is read once a period, so "
+                       f"a shorter limit makes it stale every cycle, got {stale:g}", "stale_ms")
             inputs.append(InputSpec(name, lo, hi, stale, t.str("on_invalid", "failsafe", ("failsafe", "hold")),
                                     t.str("unit", None)))
             t.done()
@@ -529,6 +571,8 @@ class DeployConfig:
 
 
 def _resolve(base: Path, p: str) -> Path:
+    if "\0" in p:                                       # not a path; left for its parser to refuse by name
+        return Path(p)
     path = Path(p).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
 
@@ -553,7 +597,7 @@ def _listen(t: _Table, listen: str) -> MetricsSection:
 
 def _advisor(t: _Table, base: Path, loop: LoopSection, inputs: list[InputSpec], outputs: list[OutputSpec],
              names: dict[str, str]) -> AdvisorSection:
-    every = t.num("every_ms", 1000.0, positive=True)
+    every = t.num("every_ms", 1000.0, positive=True, hi=DAY_MS, why=" (a day)")
     if every < loop.period_ms:
         t.fail(f"must be at least the loop period ({loop.period_ms:g} ms), got {every:g}", "every_ms")
     deadline = t.num("deadline_ms", 0.8 * every, positive=True)
@@ -614,7 +658,8 @@ def _advisor(t: _Table, base: Path, loop: LoopSection, inputs: list[InputSpec], 
         deadline_ms=deadline, max_tokens=t.int("max_tokens", 256, lo=1),
         max_think_tokens=t.int("max_think_tokens", 64, lo=0), sets=list(sets), diagnoses=list(diagnoses),
         step=step, max_rate=per_set("max_rate"), enable=enable,
-        enable_stale_ms=t.num("enable_stale_ms", max(200.0, 3 * loop.period_ms), positive=True),
+        enable_stale_ms=t.num("enable_stale_ms", max(200.0, 3 * loop.period_ms), lo=loop.period_ms, hi=DAY_MS,
+                              why=" (from the loop period to a day)"),
         stream=t.str("stream", "main"), history=t.int("history", 50, lo=1, hi=100_000),
         on_failure=t.str("on_failure", "keep", ("keep", "failsafe")), window=t.int("window", 1024, lo=2),
         nice=t.int("nice", 10, lo=0, hi=19))
@@ -639,6 +684,10 @@ def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec], outputs: li
     out_values = {**bridge_outputs(outputs), **(advisor.published(inputs) if advisor is not None else {})}
     if modbus is not None:
         _Table(modbus, "modbus", top.file)                # must be a table
+        tls = modbus.get("tls")
+        if isinstance(tls, dict):                         # resolve [modbus.tls] paths against the TOML file
+            modbus = {**modbus, "tls": {k: str(_resolve(base, v)) if k in ("cert", "key", "ca") and isinstance(v, str)
+                                        else v for k, v in tls.items()}}
         from plc_bridge.modbus import ModbusBridge
         try:
             ModbusBridge.from_config(modbus, in_names, out_values)

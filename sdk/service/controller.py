@@ -14,7 +14,7 @@ under the watchdog, then clamps and rate-limits the outputs (``runtime.control.s
 - ``stats()``: counters and latency histograms; ``close()`` or a ``with`` block to finish.
 
 With ``[recorder]`` every cycle is appended to a flight recording (``runtime.control.recorder``);
-``replay()`` re-runs one and checks every output bit for bit.
+``sdk.service.replay.replay()`` re-runs one and checks every output bit for bit.
 
 One-off work happens before the first live cycle: building the engine (Numba compiles its
 kernels on a first run, later runs load them from the on-disk cache), the first engine steps
@@ -26,10 +26,10 @@ where an output says ``on_stop = "hold"``) and reach the bridges before they clo
 ``verdict()`` says whether a run was healthy (``r1edge run``'s exit status).
 
 With ``[shadow]`` a candidate package runs on the frames the live model got, in its own
-thread, after the live outputs went out (``Shadow``); it is never applied.
+thread, after the live outputs went out (``sdk.service.shadow``); it is never applied.
 
 With ``[model] parallel = { world_size = N }`` the routed experts are split across N processes
-(``runtime.cpu.parallel``, bitwise the one-process outputs; ``ParallelRanks``). Rank 0 runs the
+(``runtime.cpu.parallel``, bitwise the one-process outputs; ``sdk.service.engines.ParallelRanks``). Rank 0 runs the
 controller: loop, bridges, recorder; the other ranks only serve their experts. Under torchrun
 every rank runs ``r1edge run`` and takes its rank from the environment; otherwise rank 0 starts
 the others itself as local processes. The watchdog covers the whole step, exchange included:
@@ -54,27 +54,26 @@ after a PLC heartbeat loss) fails its streams safe in the controller too (reason
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import multiprocessing
-import os
-import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from plc_bridge.bridge import Bridge, FailsafeSource, ModeSwitch, Reporter
 from runtime.control.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
-                          fill_gaps, fill_history, monotonic_ns, set_compute_threads)
-from runtime.control.recorder import RecordingReader, FlightRecorder
-from runtime.control.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE_NAMES, OK, REASON_ERROR, REASON_HEARTBEAT,
-                            REASON_INPUT, REASON_NAMES, REASON_NONE, REASON_OUTPUT, STATUS_NAMES, InputGuard,
-                            OutputLimit, OutputLimiter)
-from sdk.service.config import HEARTBEAT, MODE, ConfigError, DeployConfig, bridge_outputs, opcua_signals
+                                  fill_history, monotonic_ns, set_compute_threads)
+from runtime.control.recorder import FlightRecorder
+from runtime.control.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE_NAMES, OK, REASON_ERROR,
+                                    REASON_HEARTBEAT, REASON_INPUT, REASON_NAMES, REASON_NONE, REASON_OUTPUT,
+                                    STATUS_NAMES, InputGuard, OutputLimiter)
+from sdk.service.config import HEARTBEAT, MODE, ConfigError, DeployConfig, opcua_signals
+from sdk.service.engines import ParallelRanks, build_engine_logged
 from sdk.service.metrics import MetricsServer, SnapshotExchange, take_snapshot
+from sdk.service.shadow import Shadow
+from sdk.tools.package import package_identity
 
 logger = logging.getLogger(__name__)
 
@@ -82,145 +81,6 @@ logger = logging.getLogger(__name__)
 Source = Callable[[int, int], Mapping[str, Any]]
 #: ``sink(stream, outputs, status, seq, latency_us)``, called per stream after each cycle.
 Sink = Callable[[str, dict, str, int, float], None]
-
-
-def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, window: int = 32, group=None):
-    """The stream engine over a sensor-mode package (refuses an LM-only package): the Numba
-    engine on the CPU, the graph-captured device engine on CUDA; with a process ``group``, this
-    rank's share of the expert-parallel engine (``runtime.cpu.parallel``)."""
-    from sdk.tools.loading import load_model
-
-    model = load_model(path)
-    if getattr(model, "adapter", None) is None:
-        raise ValueError(f"{path}: the model has no I/O adapter; a controller needs a sensor-mode package")
-    if group is not None:
-        from runtime.cpu.parallel import ParallelEngine
-
-        return ParallelEngine(model, capacity=capacity, window=window, group=group)
-    if str(device).startswith("cuda"):
-        from runtime.cuda.engine import DeviceEngine
-
-        return DeviceEngine(model, capacity=capacity, window=window, device=device)
-    from runtime.cpu.engine import Engine
-
-    return Engine(model, capacity=capacity, window=window)
-
-
-def _build_logged(path: str | Path, cfg: DeployConfig, capacity: int, what: str, group=None):
-    """``build_engine`` for a controller, saying what it does first (a first run compiles)."""
-    logger.info("%sengine: loading %s and building the engine (its Numba kernels compile on a first run, "
-                "about 40 s on 2 cores; later runs load them from the on-disk cache) ...", what, path)
-    t0 = time.perf_counter()
-    engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window, group=group)
-    logger.info("%sengine ready in %.1f s", what, time.perf_counter() - t0)
-    return engine
-
-
-class ParallelRanks:
-    """This process's place among the ranks of ``[model] parallel``: its ``rank``, the process
-    ``group`` the engine exchanges over, and the ranks it started (``procs``, local ones).
-
-    :meth:`join` takes the rank from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) when set, else makes this process rank 0 and starts
-    ranks 1..N-1 here (each re-reads the deployment file, ``cfg.source``, and loads the package
-    itself). A rank other than 0 calls :meth:`serve` (the controller runs on rank 0).
-    """
-
-    def __init__(self, rank: int, group, procs: list):
-        self.rank, self.group, self.procs = rank, group, procs
-
-    @classmethod
-    def join(cls, cfg: DeployConfig) -> "ParallelRanks":
-        """Join (or, without torchrun, start and join) the ranks of ``cfg.model.parallel``."""
-        from runtime.cpu.parallel import init_process_group
-
-        par = cfg.model.parallel
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            if int(os.environ["WORLD_SIZE"]) != par.world_size:
-                raise ConfigError(f"{cfg.source}: model.parallel.world_size ({par.world_size}) differs from "
-                                  f"torchrun's WORLD_SIZE ({os.environ['WORLD_SIZE']})")
-            rank = int(os.environ["RANK"])
-            logger.info("expert parallel: rank %d of %d (torchrun)", rank, par.world_size)
-            return cls(rank, init_process_group(par.backend, timeout_s=par.timeout_s), [])
-        port = par.master_port or _free_port(par.master_addr)
-        ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_serve_rank, args=(cfg.source, rank, port), name=f"r1edge-rank{rank}",
-                             daemon=True) for rank in range(1, par.world_size)]
-        for p in procs:
-            p.start()
-        logger.info("expert parallel: rank 0 of %d, ranks 1..%d started here (pids %s), %s:%d", par.world_size,
-                    par.world_size - 1, [p.pid for p in procs], par.master_addr, port)
-        try:
-            group = init_process_group(par.backend, rank=0, world_size=par.world_size,
-                                       master_addr=par.master_addr, master_port=port, timeout_s=par.timeout_s)
-        except BaseException:
-            cls(0, None, procs).close(None)
-            raise
-        return cls(0, group, procs)
-
-    def serve(self, cfg: DeployConfig) -> int:
-        """A rank other than 0: build its share of the engine and serve rank 0 until it stops;
-        the exit status (0 when rank 0 stopped it, 1 when a rank or the leader failed)."""
-        from runtime.cpu.parallel import RankFailure, leave_process_group
-
-        engine = build_engine(cfg.model.path, device=cfg.model.device, capacity=cfg.model.streams,
-                              window=cfg.model.window, group=self.group)
-        logger.info("expert parallel: rank %d serves routed experts %d..%d", self.rank, engine.experts[0],
-                    engine.experts[1] - 1)
-        try:
-            engine.serve()
-        except RankFailure as e:
-            logger.error("%s", e)
-            return 1
-        finally:
-            leave_process_group()
-        return 0
-
-    def close(self, engine) -> None:
-        """Rank 0 at the end: stop the other ranks (when the engine still works), wait for the
-        local ones (killing any still there after 10 s), leave the group."""
-        from runtime.cpu.parallel import leave_process_group
-
-        if engine is not None and engine.failure is None:
-            try:
-                engine.close()
-            except Exception as e:                       # a rank died between the last step and now
-                logger.error("stopping the other ranks: %s", e)
-        for p in self.procs:
-            p.join(timeout=10.0)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        leave_process_group()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _serve_rank(config_path: str, rank: int, port: int) -> None:
-    """Entry of a rank started by :meth:`ParallelRanks.join` (a spawned process)."""
-    import sys
-
-    from runtime.cpu.parallel import init_process_group
-
-    logging.basicConfig(level=logging.INFO, format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
-    cfg = DeployConfig.load(config_path, check_sources=False)
-    par = cfg.model.parallel
-    group = init_process_group(par.backend, rank=rank, world_size=par.world_size, master_addr=par.master_addr,
-                               master_port=port, timeout_s=par.timeout_s)
-    sys.exit(ParallelRanks(rank, group, []).serve(cfg))
-
-
-def package_identity(path: str | Path) -> dict:
-    """``{"path", "manifest_sha256"}`` of a package (``None`` for a checkpoint without manifest)."""
-    path = Path(path)
-    manifest = path / "manifest.json"
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    return {"path": str(path), "manifest_sha256": digest}
-
 
 class Controller:
     """Runs a policy over named streams with input validation, output limits, a watchdog,
@@ -243,12 +103,12 @@ class Controller:
                 raise ConfigError(f"{cfg.source}: rank {self.ranks.rank} of model.parallel serves experts; the "
                                   "controller runs on rank 0 (`r1edge run` does this by itself)")
             try:
-                engine = _build_logged(cfg.model.path, cfg, capacity, "", group=self.ranks.group)
+                engine = build_engine_logged(cfg.model.path, cfg, capacity, "", group=self.ranks.group)
             except BaseException:
                 self.ranks.close(None)
                 raise
         elif engine is None:
-            engine = _build_logged(cfg.model.path, cfg, capacity, "")
+            engine = build_engine_logged(cfg.model.path, cfg, capacity, "")
         self.engine = engine
         self._rank_failure_seen = False
         if getattr(engine, "capacity", capacity) < capacity:
@@ -317,7 +177,7 @@ class Controller:
         try:
             self._warm_up(engine, self.worker, "")
             if cfg.shadow is not None:
-                shadow_engine = _build_logged(cfg.shadow.path, cfg, capacity, "shadow ")
+                shadow_engine = build_engine_logged(cfg.shadow.path, cfg, capacity, "shadow ")
                 theirs = (list(shadow_engine.input_names), list(shadow_engine.output_names))
                 if theirs != (self.model_inputs, self.output_names):
                     raise ConfigError(f"{cfg.source}: shadow.path: {cfg.shadow.path} maps {theirs[0]} -> {theirs[1]}, "
@@ -1039,145 +899,6 @@ class Controller:
                 "streams": {s: self.status(s) for s in list(self.slots)}}
 
 
-class Shadow:
-    """A candidate package run on the live frames every cycle, never applied (``[shadow]``).
-
-    After a cycle's outputs went out, the frames the live model got in that cycle (same
-    slots, same features) go to the shadow's own engine in its own thread; its answer is
-    collected at the next cycle and never waited for, so the live cycle never waits on it.
-    The shadow's outputs are compared with the live model's outputs of the same frames, both
-    clamped to each output's ``[min, max]`` (what each would command, before rate limits and
-    fail-safes): ``stats()`` gives per output the RMS and largest difference, in the output's
-    units and as a fraction of its range, and the flight recording gets a ``shadow`` record per
-    cycle with the shadow's outputs. A step starts only if the shadow is idle and its slowest
-    recent step fits in the time left before the next tick (else the frames are ``skipped``,
-    and the shadow's history of those streams restarts at their next frame, counted in
-    ``resyncs``): the CPU engine holds Python's GIL while it steps, so an overlong shadow step
-    would otherwise delay the next live cycle.
-    """
-
-    def __init__(self, engine, path: str | Path, limits: list[OutputLimit], capacity: int, threads: int):
-        self.engine, self.path = engine, Path(path)
-        self.identity = package_identity(path)
-        self.names = list(engine.output_names)
-        self.lo = np.array([lim.min for lim in limits], dtype=np.float64)
-        self.hi = np.array([lim.max for lim in limits], dtype=np.float64)
-        n_in, n_out = len(engine.input_names), len(self.names)
-        self.worker = InferenceWorker("r1edge-shadow")
-        self.worker.run_sync(lambda: set_compute_threads(threads))
-        self._slots = np.zeros(capacity, dtype=np.int64)
-        self._feats = np.zeros((capacity, n_in), dtype=np.float32)
-        self._live = np.zeros((capacity, n_out), dtype=np.float64)
-        self._compare = np.zeros(capacity, dtype=bool)
-        self._start = np.zeros(capacity, dtype=bool)
-        self._fill = np.zeros(capacity, dtype=np.int64)
-        self._history = np.zeros((max(int(getattr(engine, "window", 1)) - 1, 0), n_in), dtype=np.float32)
-        self._y = np.zeros((capacity, n_out), dtype=np.float64)
-        self._n = 0
-        self._seq = -1
-        self._resets: list[int] = []
-        self._pending_resets: list[int] = []
-        self._reason = np.zeros(capacity, dtype=np.int8)
-        self._step_ns = 0
-        self.recent_step_ns = np.zeros(8, dtype=np.int64)  # the last step times, for the slack check
-        self._k = 0
-        self.step_hist = LatencyHistogram()
-        self.sq = np.zeros(n_out, dtype=np.float64)
-        self.max_abs = np.zeros(n_out, dtype=np.float64)
-        self.counters = {"steps": 0, "compared": 0, "skipped": 0, "resyncs": 0, "errors": 0}
-        self.last_error: str | None = None
-
-    def reset_slot(self, slot: int) -> None:
-        """A new stream in ``slot``: forget its history before the shadow's next step."""
-        self._pending_resets.append(slot)
-
-    def submit(self, seq: int, cycle: ControlCycle, slack_ns: int | None) -> None:
-        """Hand the frames the live model got in this cycle to the shadow (``slack_ns``: time
-        left before the next tick, None when there is no tick)."""
-        slots, feats = cycle.frames()
-        n = len(slots)
-        if not n:
-            return
-        if self.worker.busy or self._n or (slack_ns is not None and int(self.recent_step_ns.max()) > slack_ns):
-            self.counters["skipped"] += 1
-            self.counters["resyncs"] += n
-            self._pending_resets.extend(slots.tolist())
-            return
-        self._slots[:n] = slots
-        self._feats[:n] = feats
-        np.take(cycle.reason, slots, out=self._reason[:n])
-        np.equal(self._reason[:n], REASON_NONE, out=self._compare[:n])
-        np.take(cycle.raw, slots, axis=0, out=self._live[:n])
-        np.take(cycle.started, slots, out=self._start[:n])
-        np.take(cycle.filled, slots, out=self._fill[:n])
-        np.copyto(self._fill[:n], 0, where=self._start[:n])
-        self._n, self._seq = n, seq
-        self._resets, self._pending_resets = self._pending_resets, []
-        self.worker.submit(self._job)
-
-    def _job(self) -> None:
-        for slot in self._resets:
-            self.engine.reset_slot(slot)
-        n = self._n
-        t0 = monotonic_ns()
-        # the live stream's warm-ups and filled gaps, from the same frames
-        fill_gaps(self.engine, self._slots[:n], self._feats[:n], self._start[:n], self._fill[:n], self._history)
-        y = self.engine.step_sensor(self._slots[:n], self._feats[:n])
-        self._step_ns = monotonic_ns() - t0
-        np.copyto(self._y[:n], y)
-
-    def collect(self, slot_names: list[str | None]) -> dict | None:
-        """The shadow record of the last submitted cycle if its step has finished (else None;
-        it is collected later), accounted into the divergence."""
-        n = self._n
-        if not n or self.worker.busy:
-            return None
-        self._n = 0
-        entries = []
-        if self.worker.error is not None:
-            self.counters["errors"] += 1
-            self.last_error = f"{type(self.worker.error).__name__}: {self.worker.error}"
-            self._pending_resets.extend(self._slots[:n].tolist())
-            return {"type": "shadow", "seq": self._seq, "error": self.last_error, "streams": []}
-        self.counters["steps"] += 1
-        self.step_hist.add_ns(self._step_ns)
-        self.recent_step_ns[self._k % len(self.recent_step_ns)] = self._step_ns
-        self._k += 1
-        for i in range(n):
-            slot = int(self._slots[i])
-            y = self._y[i]
-            entry = {"s": slot_names[slot], "slot": slot, "y": y.tolist(), "d": None}
-            if self._compare[i]:
-                d = np.clip(y, self.lo, self.hi) - np.clip(self._live[i], self.lo, self.hi)
-                self.sq += d * d
-                np.maximum(self.max_abs, np.abs(d), out=self.max_abs)
-                self.counters["compared"] += 1
-                entry["d"] = d.tolist()
-            entries.append(entry)
-        return {"type": "shadow", "seq": self._seq, "streams": entries}
-
-    def finish(self, slot_names: list[str | None], timeout_s: float = 1.0) -> dict | None:
-        """Wait (up to ``timeout_s``) for a pending step and collect it."""
-        if self._n:
-            self.worker.wait(monotonic_ns() + int(timeout_s * 1e9))
-        return self.collect(slot_names)
-
-    def stats(self) -> dict:
-        """Package, counters, step time (us) and per-output divergence from the live outputs."""
-        k = self.counters["compared"]
-        span = self.hi - self.lo
-        rms = np.sqrt(self.sq / k) if k else np.zeros_like(self.sq)
-        return {"path": str(self.path), "manifest_sha256": self.identity["manifest_sha256"], **self.counters,
-                "last_error": self.last_error, "step_us": self.step_hist.summary(),
-                "divergence": {name: {"rms": float(rms[j]), "max_abs": float(self.max_abs[j]),
-                                      "rms_frac_range": float(rms[j] / span[j])}
-                               for j, name in enumerate(self.names)}}
-
-    def close(self) -> None:
-        """Stop the shadow's thread."""
-        self.worker.close()
-
-
 def _match(source, what: str, configured: list[str], model: list[str]) -> None:
     missing = [n for n in model if n not in configured]
     extra = [n for n in configured if n not in model]
@@ -1235,198 +956,3 @@ def render_stats(stats: dict) -> None:
 
 def _row(h: dict) -> str:
     return f"p50 {h['p50']:9.1f}  p99 {h['p99']:9.1f}  p99.9 {h['p999']:9.1f}  max {h['max']:9.1f}"
-
-
-def render_replay(report: dict) -> None:
-    """Print a replay report for people."""
-    print(f"recording  {report['recording']} ({len(report['segments'])} segment(s))")
-    print(f"package    {report['package']}" + ("" if report["package_match"] is None else
-                                               "  (matches the recording)" if report["package_match"]
-                                               else "  (DIFFERS from the recorded package)"))
-    print(f"cycles {report['cycles']}  model steps {report['stream_steps']}  model outputs compared "
-          f"{report['model_outputs_compared']}  final outputs compared {report['final_outputs_compared']}")
-    adv = report.get("advisor")
-    if adv:
-        print(f"advisor    {adv['advice_records']} answers: {adv['prompts_compared']} prompts, "
-              f"{adv['advice_tokens_compared']} tokens, {adv['decisions_compared']} decisions and "
-              f"{adv['setpoint_cycles_compared']} cycles of setpoints compared")
-    stop = report["stop"]
-    if stop and stop["reason"] != "end":
-        print(f"stopped at {stop['file']}:{stop['offset']} ({stop['reason']}): the last record is incomplete")
-    if report["identical"]:
-        print("IDENTICAL: every output is bitwise identical")
-    else:
-        m = report["first_mismatch"]
-        print(f"DIFFERENT: {report['mismatches']} mismatches; first at seq {m['seq']} stream {m['stream']!r} "
-              f"({m['what']}): recorded {m['recorded']} replayed {m['replayed']}")
-
-
-# ---------------------------------------------------------------------------- recordings
-
-def recorded_inputs(path: str | Path) -> Iterator[dict[str, dict[str, float]]]:
-    """The inputs of a flight recording, cycle by cycle: ``{stream: {input: value}}``.
-
-    Inputs that were missing when recorded are left out, so they are missing again.
-    """
-    reader = RecordingReader(path)
-    names: list[str] = []
-    for rec in reader:
-        if rec.get("type") == "header":
-            names = rec["inputs"] + rec.get("aux_inputs", [])
-            continue
-        if rec.get("type") != "cycle":
-            continue
-        frames = {}
-        for e in rec["streams"]:
-            missing = {k for k, why in (e.get("bad") or {}).items() if why == "missing"}
-            frames[e["s"]] = {n: v for n, v in zip(names, e["x"]) if n not in missing}
-        yield frames
-
-
-def recording_source(path: str | Path, *, loop: bool = False) -> Source:
-    """A ``run(source=...)`` callable feeding a recording's inputs, one recorded cycle per tick
-    (restarting at the end with ``loop``; else the inputs stop and go stale)."""
-    it = iter(recorded_inputs(path))
-
-    def source(seq: int, t_ns: int):
-        nonlocal it
-        try:
-            return next(it)
-        except StopIteration:
-            if not loop:
-                return {}
-            it = iter(recorded_inputs(path))
-            return next(it, {})
-    return source
-
-
-def replay(recording: str | Path, *, package: str | Path | None = None, engine=None,
-           advisor_package: str | Path | None = None) -> dict:
-    """Re-run a flight recording and compare every output bit for bit.
-
-    The engine is rebuilt from the package named in the header (or ``package``; or the given
-    ``engine``). Each recorded cycle's inputs go in, in the recorded stream order and slots;
-    the model's outputs are compared with the recorded ones wherever the model answered, and
-    the final outputs are recomputed through the recorded output limits and statuses and
-    compared too. With an advisor, each answer's prompt is re-rendered and its tokens and
-    decision regenerated on the advisor's language model (the recorded one, or
-    ``advisor_package``), and the setpoints the model saw are recomputed
-    (``sdk.service.advisor.AdviceReplay``). Warm-ups and filled gaps are replayed where recorded (the
-    slot's history reset and filled from that frame, or the gap filled with copies of it), and
-    tracking outputs follow their recorded tracking inputs. Reading stops at the first
-    incomplete record (a killed process). Returns a report with ``identical``, counts and
-    ``first_mismatch``.
-    """
-    reader = RecordingReader(recording)
-    records = iter(reader)
-    header = next(records, None)
-    if header is None or header.get("type") != "header":
-        raise ValueError(f"{recording}: not a flight recording (no header record)")
-    if header.get("segment", 0) != 0:
-        raise ValueError(f"{reader.segments[0]}: recording starts at segment {header['segment']}; "
-                         "replay needs segment 0 to rebuild the model state")
-    recorded_pkg = header.get("package") or {}
-    pkg = package if package is not None else recorded_pkg.get("path")
-    pkg_path = Path(pkg) if pkg else None
-    package_match = None
-    if engine is None:
-        if pkg_path is None:
-            raise ValueError(f"{recording}: the header names no package; pass package=")
-        engine = build_engine(pkg_path, device=header["config"]["model"]["device"],
-                              capacity=header["capacity"], window=header["window"])
-    if pkg_path is not None and (pkg_path / "manifest.json").is_file():
-        package_match = package_identity(pkg_path)["manifest_sha256"] == recorded_pkg.get("manifest_sha256")
-    if list(engine.input_names) != header["inputs"] or list(engine.output_names) != header["outputs"]:
-        raise ValueError(f"{recording}: recorded signals {header['inputs']} -> {header['outputs']} do not "
-                         f"match the model's {engine.input_names} -> {engine.output_names}")
-    capacity = header["capacity"]
-    n_feat = len(header["inputs"])
-    all_inputs = header["inputs"] + header.get("aux_inputs", [])
-    track = header.get("track") or [None] * len(header["outputs"])
-    limiter = OutputLimiter([OutputLimit(*lim) for lim in header["output_limits"]], capacity,
-                            header["period_ns"] / 1e9, [all_inputs.index(t) if t else -1 for t in track])
-    history = np.zeros((max(header["window"] - 1, 0), n_feat), np.float32)
-    raw = np.full((capacity, len(header["outputs"])), np.nan)
-    out = np.empty_like(raw)
-    values = np.zeros((capacity, len(all_inputs)))
-    status = np.zeros(capacity, np.int8)
-    active = np.zeros(capacity, bool)
-    tracking = np.zeros(capacity, bool)
-    seen: set[int] = set()
-    codes = {name: i for i, name in enumerate(STATUS_NAMES)}
-    report = {"recording": str(recording), "segments": [str(p) for p in reader.segments],
-              "package": None if pkg_path is None else str(pkg_path), "package_match": package_match,
-              "cycles": 0, "stream_steps": 0, "model_outputs_compared": 0, "final_outputs_compared": 0,
-              "mismatches": 0, "first_mismatch": None}
-
-    advice = None
-    if header.get("advisor"):
-        from sdk.service.advisor import AdviceReplay
-
-        advice = AdviceReplay(header, header["inputs"], package=advisor_package)
-
-    def mismatch(rec, e, what, recorded, replayed):
-        report["mismatches"] += 1
-        if report["first_mismatch"] is None:
-            report["first_mismatch"] = {"seq": rec["seq"], "stream": e["s"], "what": what,
-                                        "recorded": recorded, "replayed": replayed}
-
-    for rec in records:
-        if rec.get("type") == "advice" and advice is not None:
-            for what, recorded, replayed in advice.advice(rec):
-                mismatch(rec, {"s": advice.h["stream"]}, what, recorded, replayed)
-            continue
-        if rec.get("type") != "cycle":
-            continue
-        report["cycles"] += 1
-        entries = rec["streams"]
-        if advice is not None:
-            for e in entries:
-                for what, recorded, replayed in advice.entry(e):
-                    mismatch(rec, e, what, recorded, replayed)
-        for e in entries:
-            if e["slot"] not in seen:
-                seen.add(e["slot"])
-                engine.reset_slot(e["slot"])
-                limiter.reset(e["slot"])
-        # A step that raised is taken not to have advanced the engine (its checks come first).
-        ran = [e for e in entries if e["ran"] and e["why"] != "error"]
-        y = None
-        if ran:
-            report["stream_steps"] += len(ran)
-            slots = np.array([e["slot"] for e in ran], dtype=np.int64)
-            feats = np.array([e["x"][:n_feat] for e in ran], dtype=np.float64).astype(np.float32)
-            try:
-                fill_gaps(engine, slots, feats, np.array([bool(e.get("pre")) for e in ran]),
-                          np.array([e.get("fill", 0) for e in ran], dtype=np.int64), history)
-                y = np.array(engine.step_sensor(slots, feats), dtype=np.float64)
-            except Exception as exc:                          # compared below like any output
-                y = exc
-        active.fill(False)
-        for i, e in enumerate(ran):
-            if e["y"] is None:
-                continue
-            report["model_outputs_compared"] += 1
-            if isinstance(y, Exception):
-                mismatch(rec, e, "model raised", e["y"], f"{type(y).__name__}: {y}")
-                continue
-            raw[e["slot"]] = y[i]
-            if np.array(e["y"], dtype=np.float64).tobytes() != y[i].tobytes():
-                mismatch(rec, e, "model outputs", e["y"], y[i].tolist())
-        tracking.fill(False)
-        for e in entries:
-            active[e["slot"]] = True
-            status[e["slot"]] = codes[e["st"]]
-            tracking[e["slot"]] = e.get("mode", "auto") != "auto"
-            values[e["slot"]] = e["x"]
-        limiter.apply(raw, status, active, out, tracking, values)
-        for e in entries:
-            report["final_outputs_compared"] += 1
-            if np.array(e["out"], dtype=np.float64).tobytes() != out[e["slot"]].tobytes():
-                mismatch(rec, e, "final outputs", e["out"], out[e["slot"]].tolist())
-    if advice is not None:
-        report["advisor"] = dict(advice.counts)
-    stop = reader.stop
-    report["stop"] = None if stop is None else {"file": stop.file, "offset": stop.offset, "reason": stop.reason}
-    report["identical"] = report["mismatches"] == 0
-    return report

@@ -85,7 +85,9 @@ def time_steps(engine, batch: int, steps: int, warmup: int, seed: int = 0) -> li
 
 
 @torch.inference_mode()
-def _time_reference(ref, batch: int, steps: int, warmup: int, vocab: int) -> list[float]:
+def time_reference(ref, batch: int, steps: int, warmup: int, vocab: int) -> list[float]:
+    """Seconds per one-token decode step of a transformers model ``ref`` at ``batch`` streams
+    (random tokens, its own KV cache), ``steps`` timed after ``warmup``."""
     gen = torch.Generator().manual_seed(batch)
     tokens = torch.randint(0, vocab, (warmup + steps, batch, 1), generator=gen)
     cache = None
@@ -135,7 +137,7 @@ def bench(path: str | Path, *, batches=(1, 8, 64), device: str = "cpu", steps: i
         entry = {"engine": _percentiles(time_steps(engine, b, steps, warmup, seed=b))}
         entry["engine"]["tokens_per_s"] = b / (entry["engine"]["mean_us"] * 1e-6)
         if ref is not None:
-            entry["reference"] = _percentiles(_time_reference(ref, b, steps, warmup, vocab))
+            entry["reference"] = _percentiles(time_reference(ref, b, steps, warmup, vocab))
             entry["reference"]["tokens_per_s"] = b / (entry["reference"]["mean_us"] * 1e-6)
             entry["speedup_p50"] = entry["reference"]["p50_us"] / entry["engine"]["p50_us"]
         report["batches"][str(b)] = entry

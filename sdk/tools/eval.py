@@ -19,24 +19,13 @@ on the same frames, e.g. an int8 package with the float one it was compressed fr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from sdk.tools.quality import output_errors
+
 ENGINES = ("auto", "stream", "float")
-
-
-def output_errors(pred: np.ndarray, ref: np.ndarray, names: Sequence[str], lo: np.ndarray,
-                  hi: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per output: RMS and largest absolute difference of ``pred`` from ``ref`` (any shape
-    ending in [O]), in the output's units and as a fraction of its range ``hi - lo``."""
-    err = (np.asarray(pred, np.float64) - np.asarray(ref, np.float64)).reshape(-1, len(names))
-    span = np.maximum(np.asarray(hi, np.float64) - np.asarray(lo, np.float64), 1e-12)
-    rms = np.sqrt(np.mean(err ** 2, axis=0))
-    worst = np.max(np.abs(err), axis=0)
-    return {name: {"rms": float(rms[j]), "rms_frac_range": float(rms[j] / span[j]),
-                   "max_abs": float(worst[j]), "max_frac_range": float(worst[j] / span[j])}
-            for j, name in enumerate(names)}
 
 
 def run_package(path: str | Path, frames: np.ndarray, window: int, engine: str = "auto",

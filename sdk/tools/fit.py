@@ -605,14 +605,13 @@ def _load_checkpoint(path: Path, identity: dict, model: Transformer, opt, rng, b
 def save_package(model: Transformer, out: str | Path, *, report: dict[str, Any] | None = None,
                  overwrite: bool = False) -> dict[str, Any]:
     """Write ``model`` (float, with its adapter) as an unquantized r1edge package; returns the manifest."""
-    from sdk.tools.compress import _version
-    from sdk.tools.package import FORMAT, FORMAT_VERSION, write_package
+    from sdk.tools.package import FORMAT, FORMAT_VERSION, r1edge_version, write_package
 
     if model.adapter is None:
         raise ValueError("the model has no I/O adapter; a fitted package is a sensor-mode package")
     cfg = model.config
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"r1edge {_version()}",
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"r1edge {r1edge_version()}",
         "config": cfg.to_dict(),
         "quantization": {"scheme": "none"},
         "experts": {"kept": {}, "original_n_routed_experts": cfg.n_routed_experts},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -16,7 +17,8 @@ QUANT_MODES = (None, "int8", "w8")
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               quant: str | None = None, mmap: bool = False) -> Transformer:
+               quant: str | None = None, mmap: bool = False,
+               public_key: str | Path | Sequence[str | Path] | None = None) -> Transformer:
     """Load an HF DeepSeek-V3 checkpoint directory or an r1edge package.
 
     ``quant="int8"`` quantizes a float checkpoint on load (W8A8: per-output-channel int8
@@ -29,12 +31,26 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     stream engine (:class:`EngineGenerate`): greedy, bitwise what stepping ``Engine`` by hand
     gives, and a row's tokens are the same alone or in any batch. ``model(input_ids)`` stays
     the reference forward (torch ops), as does ``generate`` of float and ``"w8"`` models.
+
+    ``public_key`` (a PEM file or a list of them) requires a package signed by one of those
+    keys whose manifest and files are unchanged since signing (``sdk.tools.signing``); an
+    unsigned, untrusted or changed package, or a plain checkpoint, raises ``PackageError``
+    naming the package and what failed.
     """
     path = Path(path)
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or package")
+    if public_key is not None:
+        from sdk.tools.package import PackageError
+        from sdk.tools.signing import verify_signature
+
+        if not (path / "manifest.json").exists():
+            raise PackageError(f"{path}: a signed package is required (a public key is given) but this is a "
+                               "checkpoint; only r1edge packages carry signatures")
+        # The files are then checked against the signed manifest by load_package.
+        verify_signature(path, [public_key] if isinstance(public_key, (str, Path)) else public_key)
     if (path / "manifest.json").exists():
         from sdk.tools.package import load_package
 
@@ -135,7 +151,11 @@ def describe(path: str | Path) -> dict:
                    range(cfg.first_k_dense_replace, cfg.num_hidden_layers)]
         io = manifest.get("io")
         original_experts = manifest.get("experts", {}).get("original_n_routed_experts", cfg.n_routed_experts)
+        from sdk.tools.signing import signer
+
+        signed = signer(path)
     else:
+        signed = None
         quant = _checkpoint_quant(CheckpointReader(path))
         experts = [cfg.n_routed_experts] * cfg.n_moe_layers
         io = None
@@ -163,6 +183,7 @@ def describe(path: str | Path) -> dict:
         "quant": quant,
         "size_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         "io": io,
+        "signed_by": signed,
     }
 
 
@@ -188,6 +209,12 @@ def render_description(d: dict) -> None:
     print(f"  parameters        {human(d['params_total'])} total, {human(d['params_active'])} active per token")
     print(f"  quantization      {d['quant']}")
     print(f"  size on disk      {human(d['size_bytes'], 'B')}")
+    signed = d.get("signed_by")
+    if d["kind"] == "package":
+        print("  signed by         " + ("nobody (unsigned)" if signed is None else
+                                        f"{signed['fingerprint']}"
+                                        + (f" ({signed['identity']})" if signed["identity"] else "")
+                                        + ("" if signed["intact"] else ", BROKEN: changed after signing")))
     if d["io"]:
         print(f"  inputs            {', '.join(d['io']['inputs'])}")
         print(f"  outputs           {', '.join(d['io']['outputs'])}")

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 FORMAT = "r1edge-package"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The package's signature (``sdk.tools.signing``): beside the manifest, not listed in it.
+SIGNATURE = "signature.json"
 SCHEMES = ("w8a8-int8", "none")
 REQUIRED_KEYS = ("format", "format_version", "config", "quantization", "experts", "files")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -49,6 +51,16 @@ _CHUNK = 1 << 22
 
 class PackageError(ValueError):
     """A package is malformed, incomplete or tampered with; the message names the file or key."""
+
+
+def r1edge_version() -> str:
+    """The installed r1edge version (what a package's ``created_by`` names); "0.1.0" when running
+    from a source tree that is not installed."""
+    try:
+        from importlib.metadata import version
+        return version("r1edge")
+    except Exception:       # not installed (running from a source tree)
+        return "0.1.0"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -334,7 +346,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def verify_package(path: str | Path) -> dict[str, Any]:
-    """Check every weight file's presence, size and sha256, and that no other file is there.
+    """Check every weight file's presence, size and sha256, and that no other file is there
+    (but the package's ``signature.json``, checked by ``sdk.tools.signing``).
 
     Returns the manifest. Raises PackageError naming the first file that is missing,
     truncated, resized, tampered with or not listed in the manifest.
@@ -343,7 +356,7 @@ def verify_package(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     files = manifest["files"]
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
-    extra = sorted(present - set(files) - {MANIFEST})
+    extra = sorted(present - set(files) - {MANIFEST, SIGNATURE})
     if extra:
         raise PackageError(f"{path / extra[0]}: not listed in manifest.json (packages are sealed; "
                            "remove it or rebuild the package)")
@@ -368,31 +381,41 @@ def verify_file(path: str | Path, name: str, entry: dict[str, Any]) -> Path:
     return file
 
 
+def weight_files(manifest: dict[str, Any]) -> list[str]:
+    """The weight files a manifest lists (its ``*.safetensors``; tokenizer files are not weights)."""
+    return [name for name in manifest["files"] if name.endswith(".safetensors")]
+
+
 def iter_tensors(path: str | Path, manifest: dict[str, Any], device: str | torch.device = "cpu"
                  ) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield ``(file_name, tensor_name, tensor)`` for every tensor of a (verified) package."""
+    """Yield ``(file_name, tensor_name, tensor)`` for every tensor of a (verified) package.
+    Each file's header is validated first (``runtime.model.weights.read_header``, as the mmap
+    path does); raises PackageError naming the file and tensor."""
+    from runtime.model.weights import read_header
+
     path = Path(path)
-    for name in manifest["files"]:
-        if not name.endswith(".safetensors"):
-            continue
+    for name in weight_files(manifest):
         try:
+            read_header(path / name)
             with safe_open(str(path / name), framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     yield name, key, f.get_tensor(key)
-        except SafetensorError as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise PackageError(f"{path / name}: unreadable safetensors file ({exc})") from None
 
 
-def _mapped_tensors(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Like :func:`iter_tensors`, but every tensor is a view of its memory-mapped file."""
+def mapped_tensors(path: str | Path, manifest: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Like :func:`iter_tensors`, but every tensor is a view of its memory-mapped file (the
+    same header validation); raises PackageError naming the file and tensor."""
     from runtime.model.weights import MappedFile
 
-    for name in manifest["files"]:
+    path = Path(path)
+    for name in weight_files(manifest):
         try:
             mapped = MappedFile(path / name)
             for key in sorted(mapped.entries):
                 yield name, key, mapped.tensor(key)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             raise PackageError(f"{path / name}: unreadable safetensors file ({exc})") from None
 
 
@@ -433,7 +456,7 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     seen: dict[str, str] = {}
     if mmap and torch.device(device).type != "cpu":
         raise ValueError("mmap=True maps a package into host memory: load it on the CPU")
-    for file, name, tensor in _mapped_tensors(path, manifest) if mmap else iter_tensors(path, manifest):
+    for file, name, tensor in mapped_tensors(path, manifest) if mmap else iter_tensors(path, manifest):
         where = path / file
         if name in seen:
             raise PackageError(f"{where}: tensor {name!r} also in {seen[name]}")
@@ -457,3 +480,11 @@ def load_package(path: str | Path, *, device: str | torch.device = "cpu", dtype:
         if t.is_meta:
             raise RuntimeError(f"{path}: {name!r} was not loaded (internal error)")
     return model.eval().to(device)
+
+
+def package_identity(path: str | Path) -> dict:
+    """``{"path", "manifest_sha256"}`` of a package (``None`` for a checkpoint without manifest)."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return {"path": str(path), "manifest_sha256": digest}

@@ -135,12 +135,16 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to ``messages`` ([{"role", "content"}, ...])."""
+        """The chat template applied to ``messages`` ([{"role", "content"}, ...]), rendered in a
+        sandbox under a time and size budget (``sdk.tools.templates``); a template that fails or
+        runs past it raises ``TemplateRenderError`` (a ValueError) naming the file."""
         if self.chat_template is None:
             raise ValueError(f"{self.path / 'tokenizer_config.json'}: no chat_template")
+        where = f"{self.path / 'tokenizer_config.json'}: chat_template"
         if self._compiled is None:
             import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            from sdk.tools.templates import compile_template, environment
 
             def raise_exception(message):
                 raise jinja2.exceptions.TemplateError(message)
@@ -149,18 +153,14 @@ class Tokenizer:
                 return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                                   sort_keys=sort_keys)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            try:
-                self._compiled = env.from_string(self.chat_template)
-            except jinja2.TemplateSyntaxError as exc:
-                raise ValueError(f"{self.path / 'tokenizer_config.json'}: chat_template line {exc.lineno}: "
-                                 f"{exc.message}") from None
+            env = environment(filters={"tojson": tojson}, globals={"raise_exception": raise_exception},
+                              trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            self._compiled = compile_template(env, self.chat_template, where)
+        from sdk.tools.templates import render
+
         specials = {k: v for k, v in self.special.items() if v is not None}
-        return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     **specials)
+        return render(self._compiled, {"messages": list(messages), "add_generation_prompt": add_generation_prompt,
+                                       **specials}, where)
 
     def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat (the template writes BOS itself)."""
