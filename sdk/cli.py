@@ -257,7 +257,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     """``r1edge compress SRC --out PKG --calib FILE``: calibrate, prune, quantize, write a package."""
     from sdk.tools.compress import compress, render_report
-    from sdk.tools.quality import render_slope
+    from sdk.tools.slope import render_slope
 
     def progress_line(event: dict) -> None:
         print(json.dumps(event), file=sys.stderr, flush=True)
@@ -271,7 +271,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "layers"}
     report["package"] = args.out
     if not args.no_slope:
-        from sdk.tools.quality import keep_slope
+        from sdk.tools.slope import keep_slope
 
         report["keep_slope"] = keep_slope(args.src, args.calib, manifest, quant=args.quant, method=args.method,
                                           groups=args.groups, held_out=args.held_out, seed=args.seed,

@@ -20,8 +20,8 @@ def test_a_heater_fault_in_the_closed_loop_is_labelled_from_its_onset():
         assert "over a sound element" in template.render(context)
     truths = [t for _, t in got]
     assert "heater_fault" in truths and truths.index("heater_fault") > 0       # none before the onset
-    late = [c for c, t in got[-4:] if t == "heater_fault"]
-    assert late and all(S.heater_excess(c) > 0.2 for c in late)               # the element works at its limit
+    # seconds after the onset the element works at its limit (whatever else happens, e.g. a leak)
+    assert all(S.heater_excess(c) > 0.3 and c["stats"]["heater"]["mean"] > 0.95 for c, _ in got[-5:])
 
 
 def test_an_unsaturated_heater_fault_keeps_the_setpoints_a_saturated_one_lowers_temp_sp():
@@ -45,5 +45,5 @@ def test_episode_refuses_unknown_events():
 
     from examples.advisor import live as L
 
-    with pytest.raises(ValueError, match="unknown episode events.*'capacity'"):
+    with pytest.raises(ValueError, match="unknown episode events \\['capcity'\\]; known: advise_from, capacity"):
         L.episode(0, np.random.default_rng(0), 5.0, capcity=0.3)

@@ -85,7 +85,7 @@ def test_evaluation_refuses_bad_rows(packages):
 
 
 def test_neighbour_keeps():
-    from sdk.tools.quality import neighbour_keeps
+    from sdk.tools.slope import neighbour_keeps
 
     assert neighbour_keeps(48, 4, 12) == [6, 24]
     assert neighbour_keeps(48, 4, 4) == [8]
@@ -99,7 +99,7 @@ def test_compress_reports_the_slope_around_the_chosen_keep(packages, capsys):
     neighbour's figures are those of a package compressed at that count."""
     from sdk.cli import main
     from sdk.tools.compress import compress
-    from sdk.tools.quality import render_slope
+    from sdk.tools.slope import render_slope
 
     out = packages["tmp"] / "cli-4"
     rc = main(["compress", str(packages["src"]), "--out", str(out), "--calib", str(packages["calib"]),

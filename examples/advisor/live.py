@@ -61,12 +61,12 @@ def episode(seed: int, rng: np.random.Generator, duration_s: float, every_s: flo
     advice), each drawn unless given in ``events``. Returns its sampled (context, condition)s."""
     from sdk.demo.plant import Plant
 
-    drawn = {"kind": str(rng.choice(["heater", "level_sensor", "none"], p=[0.6, 0.15, 0.25])),
-             "fault_at": float(rng.uniform(3.0, duration_s / 2)), "capacity": float(rng.uniform(0.2, 0.95)),
-             "advise_from": float(rng.uniform(1.0, 4.0)) if rng.random() < 0.75 else math.inf}
-    unknown = set(events) - set(drawn)
+    unknown = set(events) - {"kind", "fault_at", "capacity", "advise_from"}
     if unknown:
-        raise ValueError(f"unknown episode events {sorted(unknown)}; known: {sorted(drawn)}")
+        raise ValueError(f"unknown episode events {sorted(unknown)}; known: advise_from, capacity, fault_at, kind")
+    drawn = {"kind": str(rng.choice(["heater", "level_sensor", "none"], p=[0.6, 0.15, 0.25])),
+             "fault_at": float(rng.uniform(3.0, max(3.0, duration_s / 2))), "capacity": float(rng.uniform(0.2, 0.95)),
+             "advise_from": float(rng.uniform(1.0, 4.0)) if rng.random() < 0.75 else math.inf}
     ctrl, period_s = _controller()
     try:
         return _run(ctrl, period_s, Plant(seed), rng, duration_s, every_s, **{**drawn, **events})
