@@ -128,6 +128,8 @@ def test_plan_points_to_the_quality_report(tiny_checkpoint, capsys):
 
     assert main(["plan", str(tiny_checkpoint[0]), "--json"]) == 0
     assert "r1edge compress reports the held-out loss" in json.loads(capsys.readouterr().out)["quality"]
+    assert main(["plan", str(tiny_checkpoint[0])]) == 0
+    assert "r1edge compress reports the held-out loss" in capsys.readouterr().out
 
 
 def test_fit_lm_learns_balances_and_is_seeded():

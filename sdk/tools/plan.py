@@ -669,7 +669,8 @@ def render_plan(report: dict[str, Any], out=None) -> None:
         w(f"  no kept-expert count >= num_experts_per_tok={report['num_experts_per_tok']} fits {where}\n")
     else:
         w(f"  largest --keep-experts that fits {where}: {mk}\n")
-        w(f"  {QUALITY_HINT}\n")
+        if report["kind"] in ("checkpoint", "package"):    # something one can compress
+            w(f"  {QUALITY_HINT}\n")
     if report["n_moe_layers"] and (n_dev > 1 or not report["fits"]):
         kept = f"{report['keep_experts']} experts per layer"
         if md is None:
