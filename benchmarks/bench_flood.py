@@ -15,7 +15,16 @@ bridge answers them, with the bridge's default per-connection budget,
 to 1,000,000/s, to show what the budget buys). Flooder and PLC are separate processes, so
 only the bridge competes with the loop for the controller's GIL and cores.
 
-Usage: ``.venv/bin/python benchmarks/bench_flood.py [--seconds 20] [--floods modbus] [--json OUT]``
+ZeroMQ (:func:`flood_zmq`): the same model and loop with the ZeroMQ bridge. A feeder process
+sends the stream ``main`` one valid frame a period; a flood process sends garbage sensor
+frames (undecodable bytes, wrong schema, an unknown signal, a list) as fast as one publisher
+can. Runs: ``baseline`` (the feeder alone); ``flood`` (with the bridge's default receive
+budget, ``[zmq] max_frames_per_s = 10000``); ``flood_unlimited`` (the budget lifted to
+10,000,000/s). ``flood/s`` is the frames the bridge took and refused a second; ``throttled``
+the 10 ms windows whose budget ran out. The feeder's frames the bridge accepted are in
+``good_frames``: a flood must not drown them.
+
+Usage: ``.venv/bin/python benchmarks/bench_flood.py [--seconds 20] [--floods modbus,zmq] [--json OUT]``
 """
 from __future__ import annotations
 
@@ -184,7 +193,106 @@ def flood_modbus(seconds: float, warmup_s: float = 3.0) -> dict:
             "flood_unlimited": _run_modbus(1e6, seconds, warmup_s, flood=True)}
 
 
-FLOODS = {"modbus": flood_modbus}
+# --------------------------------------------------------------------------------------- ZeroMQ
+GOOD = {"level": 0.5, "temperature": 40.0, "level_sp": 0.55, "temp_sp": 42.0, "level_err": 0.05,
+        "temp_err": 2.0, "inflow_temp": 20.0, "valve_pos": 0.5, "heater_pos": 0.3, "auto": 1.0}
+
+
+def zmq_feeder_process(endpoint: str, period_s: float) -> None:
+    """One valid frame for ``main`` each period."""
+    sys.path.insert(0, str(ROOT))
+    from plc_bridge.zmq_clients import SensorPublisher
+
+    with SensorPublisher(endpoint) as pub:
+        pub.wait_ready(10)
+        seq, nxt = 0, time.monotonic()
+        while True:
+            pub.send("main", seq, GOOD)
+            seq += 1
+            nxt += period_s
+            time.sleep(max(0.0, nxt - time.monotonic()))
+
+
+def zmq_flooder_process(endpoint: str) -> None:
+    """Garbage sensor frames at a publisher's full speed (dropped at the high-water mark when
+    the bridge does not take them)."""
+    sys.path.insert(0, str(ROOT))
+    import msgpack
+
+    from plc_bridge.zmq_clients import SensorPublisher
+
+    junk = [os.urandom(48), b"\xc1" * 16, msgpack.packb({"v": 1, "stream": "main", "seq": "x"}),
+            msgpack.packb({"v": 1, "stream": "flood", "seq": 1, "t_ns": 1, "values": {"nope": 1.0}}),
+            msgpack.packb([1, 2, 3])]
+    with SensorPublisher(endpoint, hwm=100_000) as pub:
+        pub.wait_ready(10)
+        while True:
+            for data in junk:
+                pub.send_bytes(data)
+
+
+def demo_zmq_config(folder: Path, max_frames_per_s: int) -> Path:
+    """The demo deployment with its ``[modbus]`` section replaced by a ``[zmq]`` one."""
+    text = (DEMO / "deploy.toml").read_text()
+    text = text[:text.index("\n[modbus]")].replace('path = "model"', f'path = "{DEMO / "model"}"')
+    text += ('\n[zmq]\nsensors = "tcp://127.0.0.1:*"\ndecisions = "tcp://127.0.0.1:*"\n'
+             f'control = "tcp://127.0.0.1:*"\nmax_frames_per_s = {max_frames_per_s}\n')
+    path = folder / "deploy.toml"
+    path.write_text(text)
+    return path
+
+
+def _run_zmq(max_frames_per_s: int, seconds: float, warmup_s: float, flood: bool) -> dict:
+    from sdk.service.controller import Controller
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctrl = Controller.from_config(demo_zmq_config(Path(tmp), max_frames_per_s))
+        runner = threading.Thread(target=ctrl.run, daemon=True)
+        runner.start()
+        try:
+            bridge = ctrl.bridge("zmq")
+            _wait(lambda: len(bridge.endpoints) == 3, "the ZeroMQ bridge")
+            endpoint = bridge.endpoints["sensors"]
+            procs.append(ctx.Process(target=zmq_feeder_process, args=(endpoint, PERIOD_S), daemon=True))
+            procs[-1].start()
+            _wait(lambda: "main" in ctrl.slots and ctrl.status()["status"] == "ok", "the stream main")
+            if flood:
+                procs.append(ctx.Process(target=zmq_flooder_process, args=(endpoint,), daemon=True))
+                procs[-1].start()
+                _wait(lambda: sum(bridge.health()["bad"].values()) > 0, "the flood's first frames")
+            time.sleep(warmup_s)
+            before, h0 = ctrl.stats(), bridge.health()
+            time.sleep(seconds)
+            after, h1 = ctrl.stats(), bridge.health()
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.join(10)
+            ctrl.stop()
+            runner.join(30)
+            ctrl.close()
+    keys = ("cycles", "deadline_misses", "skipped_ticks", "failsafe_cycles")
+    out = {k: after[k] - before[k] for k in keys}
+    out["failsafe_by_reason"] = {k: v - before["failsafe_cycles_by_reason"].get(k, 0)
+                                 for k, v in after["failsafe_cycles_by_reason"].items()
+                                 if v - before["failsafe_cycles_by_reason"].get(k, 0)}
+    out["latency_us"] = {k: after["latency_us"].get(k) for k in ("p50", "p99", "max")}
+    out["flood_answers_per_s"] = round((sum(h1["bad"].values()) - sum(h0["bad"].values())) / seconds)
+    out["good_frames"] = h1["frames"] - h0["frames"]
+    out["bridge_throttled"] = h1["throttled_windows"] - h0["throttled_windows"]
+    return out
+
+
+def flood_zmq(seconds: float, warmup_s: float = 3.0) -> dict:
+    """The ZeroMQ flood: ``baseline``, ``flood`` (default budget), ``flood_unlimited``."""
+    return {"baseline": _run_zmq(10_000, seconds, warmup_s, flood=False),
+            "flood": _run_zmq(10_000, seconds, warmup_s, flood=True),
+            "flood_unlimited": _run_zmq(10_000_000, seconds, warmup_s, flood=True)}
+
+
+FLOODS = {"modbus": flood_modbus, "zmq": flood_zmq}
 
 
 def main() -> int:

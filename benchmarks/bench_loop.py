@@ -1,6 +1,7 @@
 """Controller loop benchmark: timing of the periodic loop with a real package, memory under load.
 
     python benchmarks/bench_loop.py [--package PKG] [--seconds 60] [--rate-hz 1000] [--json FILE]
+                                    [--reference-cycle]
 
 Three parts, each printed as it finishes:
 
@@ -21,7 +22,9 @@ directly in the same process right after the loop ran: the model's own cost besi
 loop's) and the load average at its start and end.
 
 Inputs come from a Python source (deterministic sine waves inside each input's range); no
-bridges, so the figures are the controller's own. Real-time settings are requested
+bridges, so the figures are the controller's own. ``--reference-cycle`` runs the cycle's
+bookkeeping as its NumPy reference instead of the compiled kernels (the same code otherwise),
+for a side-by-side measure of what compiling it saves. Real-time settings are requested
 (``--no-realtime`` to run without); what the OS granted is reported.
 """
 from __future__ import annotations
@@ -137,8 +140,9 @@ def bench_handoff(package: Path, io: dict, n: int = 20000, realtime: bool = True
 
 
 def bench_loop(package: Path, io: dict, *, period_ms: float, streams: int, seconds: float,
-               realtime: bool, record: bool, workdir: Path, sample_rss: bool) -> dict:
-    """Run the controller's periodic loop for ``seconds`` and return its stats (+ RSS)."""
+               realtime: bool, record: bool, workdir: Path, sample_rss: bool, reference_cycle: bool = False) -> dict:
+    """Run the controller's periodic loop for ``seconds`` and return its stats (+ RSS).
+    ``reference_cycle``: the cycle's bookkeeping as the NumPy reference, not compiled."""
     rec = workdir / f"rec-{streams}x{period_ms}" if record else None
     deploy = workdir / f"deploy-{streams}x{period_ms}.toml"
     deploy.write_text(deploy_text(package, io, period_ms=period_ms, streams=streams, window=32,
@@ -155,13 +159,14 @@ def bench_loop(package: Path, io: dict, *, period_ms: float, streams: int, secon
         return inner(seq, t_ns)
 
     with Controller.from_config(deploy) as ctrl:
+        ctrl.cycle.compiled = not reference_cycle
         stats = ctrl.run(seconds, source=source)
     out = {k: stats[k] for k in ("cycles", "deadline_misses", "skipped_ticks", "failsafe_cycles",
                                  "latency_us", "lateness_us", "phases_us", "watchdog", "rt_applied",
                                  "gc_collections", "loop_cycle_errors", "read_errors", "write_errors",
                                  "record_errors", "recorder")}
     out["config"] = {"period_ms": period_ms, "streams": streams, "seconds": seconds, "realtime": realtime,
-                     "record": record}
+                     "record": record, "compiled_cycle": not reference_cycle}
     if samples:
         t, r = np.array(samples, dtype=np.float64).T
         slope = float(np.polyfit(t, r, 1)[0]) if len(t) > 2 else 0.0
@@ -236,6 +241,8 @@ def main() -> int:
     ap.add_argument("--rate-hz", type=float, default=1000.0, help="rate of the one-stream part (default 1000)")
     ap.add_argument("--no-realtime", action="store_true", help="do not request SCHED_FIFO/affinity/mlockall")
     ap.add_argument("--no-record", action="store_true", help="run without the flight recorder")
+    ap.add_argument("--reference-cycle", action="store_true",
+                    help="run the cycle's bookkeeping as its NumPy reference (ControlCycle compiled=False)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args()
     args.package = args.package.resolve()
@@ -261,7 +268,8 @@ def main() -> int:
             print("via thread    " + _row(h["via_thread_us"]))
             print("empty job     " + _row(h["empty_job_round_trip_us"]))
             print(f"overhead      p50 {h['overhead_p50_us']:.1f} us, mean {h['overhead_mean_us']:.1f} us")
-        common = dict(realtime=not args.no_realtime, record=not args.no_record, workdir=work)
+        common = dict(realtime=not args.no_realtime, record=not args.no_record, workdir=work,
+                      reference_cycle=args.reference_cycle)
         if "one" in parts:
             t0 = time.monotonic()
             r = loop_part(args.package, io, rate_hz=args.rate_hz, streams=1, seconds=args.seconds, **common)

@@ -3,8 +3,10 @@
 This package never imports ``runtime`` or torch.
 
 - :mod:`plc_bridge.bridge` — :class:`~plc_bridge.bridge.Bridge`, the one interface the
-  controller sees (start, stop, input streams, snapshot, serves, publish, health), and the
-  optional :class:`~plc_bridge.bridge.Reporter` for bridges that answer status requests.
+  controller sees (start, stop, serves, bound streams, one ``read`` and one ``write`` a cycle
+  through preallocated images, health), the optional :class:`~plc_bridge.bridge.Reporter`
+  and :class:`~plc_bridge.bridge.ModeSwitch`, and the registry that builds each bridge from
+  its deployment section (:func:`~plc_bridge.bridge.build_bridge`).
 - :mod:`plc_bridge.registers` — register map entries, value codecs (int16/uint16/int32/uint32/
   float32, ABCD/CDAB word order, scale and offset), validation at load, read/write planning.
 - :mod:`plc_bridge.modbus` — :class:`~plc_bridge.modbus.ModbusBridge`: one stream; server mode (the

@@ -1,16 +1,28 @@
-"""The one interface every bridge offers the controller, whatever its protocol.
+"""The one interface every bridge offers the controller, whatever its protocol, and the
+registry that builds bridges from their deployment tables.
 
 A bridge carries the inputs of the streams it serves from the plant to the controller and
 their decisions back. The controller holds a list of bridges and treats them alike: each
-cycle it reads :meth:`Bridge.snapshot` of every stream in :meth:`Bridge.input_streams`, and
-hands each stream's decision to every bridge that :meth:`Bridge.serves` that stream. None
-of these calls waits on the network.
+cycle it makes one :meth:`Bridge.read` of every bridge (an :class:`InputImage`: per stream a
+row of values and receive times over the deployment's inputs, copied out of the image the
+bridge's I/O thread fills) and one :meth:`Bridge.write` (a :class:`DecisionImage`: per stream
+a row of outputs, which the bridge's I/O thread drains to the plant). Both images are
+preallocated arrays; neither call waits on the network.
+
+Bridges are built by one registry: each bridge module calls :func:`register` with its
+deployment section name (``[modbus]``, ``[zmq]``, ``[opcua]``) and a factory
+``(table, Wiring) -> Bridge``; :func:`build_bridge` and :func:`validate_table` find it there,
+so neither the config nor the controller has a branch per protocol.
 
 A bridge whose peers may ask for the controller's status and statistics (the ZeroMQ control
 socket) is also a :class:`Reporter`; the controller registers its providers with it. One whose
-peers may switch a stream between manual and auto is a :class:`ModeSwitch`. One that may put
-out a stream's fail-safe values on its own (the Modbus bridge, when the PLC's heartbeat stops)
-is a :class:`FailsafeSource`, so that the controller knows what the plant actually got.
+peers may switch a stream between manual and auto is a :class:`ModeSwitch`.
+
+A bridge whose I/O task is dead says so in its image (``InputImage.running`` False); the
+controller then fails the streams it feeds safe (reason ``bridge``). One that puts out a
+stream's fail-safe values on its own (the Modbus bridge, when the PLC's heartbeat stops)
+marks that stream's row ``failsafe`` and counts the switches in ``failsafe_entries``, so that
+the controller knows what the plant actually got.
 
 Bridges built on asyncio run their event loop in a thread of their own (:class:`LoopThread`),
 and every I/O task in that loop runs supervised (:meth:`LoopThread._supervise`): an unexpected
@@ -22,10 +34,15 @@ is false: the controller fails the bridge's streams safe (reason ``bridge``) mea
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import math
 import threading
 import time
-from typing import Awaitable, Callable, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Awaitable, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+
+import numpy as np
 
 from .metrics import CollapsingLog, Counters
 
@@ -38,6 +55,175 @@ Provider = Callable[[], dict]
 #: ``handler(stream, "manual" | "auto") -> map``: switches a stream (raises ``KeyError`` for an
 #: unknown stream, ``ValueError`` when the controller has no mode input).
 ModeHandler = Callable[[str, str], dict]
+#: Receive time of a value never received (the same as ``runtime.control.safety.MISSING_STAMP``).
+MISSING = np.iinfo(np.int64).min
+
+
+class Signal(NamedTuple):
+    """One signal as the bridges see it: name, range, engineering unit, and (outputs) the
+    value the bridges put out before the first decision and on their own fail-safe."""
+
+    name: str
+    min: float = -math.inf
+    max: float = math.inf
+    unit: str | None = None
+    failsafe: float = 0.0
+
+
+class Wiring(NamedTuple):
+    """What a bridge is built for besides its own table: the directory relative paths resolve
+    against, the input and output columns of the images (in the controller's order), and the
+    stream names the deployment admits (None: any, up to ``capacity`` slots)."""
+
+    base_dir: Path
+    inputs: tuple[Signal, ...]
+    outputs: tuple[Signal, ...]
+    streams: tuple[str, ...] | None = None
+    capacity: int = 1
+
+
+class InputImage:
+    """What a bridge received, as preallocated arrays: rows are streams, columns the wiring's inputs.
+
+    The I/O thread writes into the back buffer (:meth:`put`, under ``lock``); the loop's one
+    read a cycle (:meth:`take`) copies the rows in use into the front buffer ``values``
+    (float64) / ``stamps`` (int64 ``time.monotonic_ns()``, :data:`MISSING` where nothing was
+    received) and returns those rows, so the loop never sees a half-written row. ``failsafe``
+    and ``failsafe_entries`` (per row) and ``running`` are set by the bridge at each take.
+    """
+
+    def __init__(self, columns: Sequence[str], rows: int, lock: threading.Lock | None = None):
+        self.columns = list(columns)
+        self.index = {n: j for j, n in enumerate(self.columns)}
+        self.lock = lock or threading.Lock()
+        shape = (rows, len(self.columns))
+        self._values, self._stamps = np.full(shape, np.nan), np.full(shape, MISSING, np.int64)
+        self.values, self.stamps = np.full(shape, np.nan), np.full(shape, MISSING, np.int64)
+        self.names: list[str | None] = [None] * rows
+        self.rows: dict[str, int] = {}
+        self.taken: list[tuple[str, int]] = []
+        self.failsafe = np.zeros(rows, bool)
+        self.failsafe_entries = np.zeros(rows, np.int64)
+        self.running = True
+
+    def row(self, stream: str) -> int | None:
+        """Lock held: the row of ``stream``, given one if a row is free (None when all are taken)."""
+        r = self.rows.get(stream)
+        if r is None:
+            try:
+                r = self.names.index(None)
+            except ValueError:
+                return None
+            self.names[r] = stream
+            self.rows[stream] = r
+        return r
+
+    def release(self, stream: str) -> None:
+        """Lock held: forget ``stream`` (its row is free again, with nothing received)."""
+        r = self.rows.pop(stream, None)
+        if r is not None:
+            self.names[r] = None
+            self._values[r] = np.nan
+            self._stamps[r] = MISSING
+
+    def received(self, row: int) -> Inputs:
+        """Lock held: ``{input: (value, stamp)}`` of what ``row`` received so far (I/O side)."""
+        return {name: (float(v), int(t)) for name, v, t in zip(self.columns, self._values[row].tolist(),
+                                                                self._stamps[row].tolist()) if t != MISSING}
+
+    def put(self, row: int, column: int, value: float, stamp: int) -> None:
+        """Lock held: one received value."""
+        self._values[row, column] = value
+        self._stamps[row, column] = stamp
+
+    def put_named(self, row: int, name: str, value: float, stamp: int) -> None:
+        """Lock held: one received value of input ``name`` (ignored if not a column)."""
+        j = self.index.get(name)
+        if j is not None:
+            self._values[row, j] = value
+            self._stamps[row, j] = stamp
+
+    def take(self) -> list[tuple[str, int]]:
+        """The loop's read: copy the rows in use to the front buffer; returns ``[(stream, row)]``."""
+        with self.lock:
+            taken = self.taken
+            taken.clear()
+            for stream, r in self.rows.items():
+                self.values[r] = self._values[r]
+                self.stamps[r] = self._stamps[r]
+                taken.append((stream, r))
+        return taken
+
+
+class DecisionImage:
+    """One cycle's decisions, as preallocated arrays: row ``i < n`` is stream ``names[i]``,
+    ``values[i]`` its outputs over ``columns`` (NaN: not given for that stream, the bridges
+    leave it out), ``status[i]`` "ok" | "failsafe" | "hold"; ``seq`` and ``latency_us`` of the
+    cycle. Bridges read it in :meth:`Bridge.write` and copy what they keep."""
+
+    def __init__(self, columns: Sequence[str], rows: int):
+        self.columns = list(columns)
+        self.index = {n: j for j, n in enumerate(self.columns)}
+        self.values = np.full((rows, len(self.columns)), np.nan)
+        self.names: list[str] = [""] * rows
+        self.status: list[str] = ["failsafe"] * rows
+        self.n = 0
+        self.seq = 0
+        self.latency_us = 0.0
+
+    def outputs(self, i: int) -> dict[str, float]:
+        """Row ``i`` as ``{output: value}`` (the columns given for that stream)."""
+        return {k: v for k, v in zip(self.columns, self.values[i].tolist()) if v == v}
+
+
+# ---------------------------------------------------------------------------- the registry
+
+#: Bridge modules imported on demand (each registers its section when imported), in the
+#: order the controller builds and reads them.
+BRIDGE_MODULES = ("plc_bridge.modbus", "plc_bridge.zmq_bridge", "plc_bridge.opcua")
+#: Sections in the configuration that are bridges.
+SECTIONS = ("modbus", "zmq", "opcua")
+_FACTORIES: dict[str, tuple[Callable, Callable | None]] = {}
+
+
+def register(section: str, factory: Callable[[dict, Wiring], "Bridge"],
+             normalise: Callable[[dict, Path], dict] | None = None) -> None:
+    """Register a bridge: ``factory(table, wiring)`` builds it from its deployment section
+    (raising ``ValueError``/``FileNotFoundError`` naming the key), ``normalise(table,
+    base_dir)`` returns the table as kept in the config (relative paths resolved)."""
+    _FACTORIES[section] = (factory, normalise)
+
+
+def resolve_paths(table: dict, base_dir: Path, sub: str, keys: Sequence[str]) -> dict:
+    """``table`` with the paths ``keys`` of its sub-table ``sub`` resolved against ``base_dir``
+    (the TOML file's directory), for a bridge's ``normalise``."""
+    inner = table.get(sub)
+    if not isinstance(inner, dict):
+        return table
+    return {**table, sub: {k: str((Path(base_dir) / Path(v).expanduser()).resolve())
+                           if k in keys and isinstance(v, str) else v for k, v in inner.items()}}
+
+
+def _factory(section: str) -> tuple[Callable, Callable | None]:
+    if section not in _FACTORIES:
+        module = BRIDGE_MODULES[SECTIONS.index(section)]
+        importlib.import_module(module)
+    return _FACTORIES[section]
+
+
+def build_bridge(section: str, table: dict, wiring: Wiring) -> "Bridge":
+    """Build the bridge of ``[section]`` (nothing is bound or started)."""
+    return _factory(section)[0](table, wiring)
+
+
+def validate_table(section: str, table: dict, wiring: Wiring) -> dict:
+    """Check ``[section]`` by building its bridge (nothing is bound or started); returns the
+    table as the config keeps it."""
+    factory, normalise = _factory(section)
+    if normalise is not None:
+        table = normalise(table, wiring.base_dir)
+    factory(table, wiring)
+    return table
 
 
 @runtime_checkable
@@ -61,18 +247,19 @@ class Bridge(Protocol):
         """Whether this bridge carries ``stream``'s decisions to the plant."""
         ...
 
-    def input_streams(self) -> list[str]:
-        """The streams this bridge has inputs for, to read with :meth:`snapshot` this cycle."""
+    def bound_streams(self) -> list[str]:
+        """The streams this bridge is bound to by its configuration (their slots are reserved);
+        ``[]`` for a bridge whose peers name any stream."""
         ...
 
-    def snapshot(self, stream: str) -> Inputs:
-        """The newest value of each input of ``stream`` received so far, with its receive
-        time (``{}`` for a stream this bridge has no inputs of)."""
+    def read(self) -> InputImage:
+        """The cycle's one read: the image with the rows of every stream this bridge has
+        inputs of (``InputImage.taken``), copied from what its I/O thread received."""
         ...
 
-    def publish(self, outputs: dict[str, float], status: str, seq: int, latency_us: float,
-                stream: str) -> None:
-        """Hand one stream's decision over (a stream this bridge serves), without blocking."""
+    def write(self, decisions: DecisionImage) -> None:
+        """The cycle's one write: the decisions of the streams this bridge serves, handed to
+        its I/O thread without blocking."""
         ...
 
     def health(self) -> dict:
@@ -102,16 +289,61 @@ class ModeSwitch(Protocol):
         ...
 
 
-@runtime_checkable
-class FailsafeSource(Protocol):
-    """A bridge that may put out a stream's fail-safe values itself, ignoring ``publish``."""
+class ImageBridge:
+    """:meth:`Bridge.read`, :meth:`Bridge.write` and :meth:`Bridge.bound_streams` for a bridge
+    whose I/O thread fills ``image`` (an :class:`InputImage` over its wiring's inputs), which
+    takes decisions through ``publish(outputs, status, seq, latency_us, stream)`` and whose
+    ``input_streams()`` are the streams it is bound to. Where the bridge has
+    ``failsafe_state(stream)`` (it may put out fail-safe values itself) its rows say so; the
+    image's ``running`` is the bridge's ``_running()`` (a :class:`LoopThread`'s)."""
 
-    def failsafe_state(self, stream: str) -> tuple[bool, int]:
-        """``(overriding, entries)``: whether the next ``publish`` of ``stream`` would be
-        ignored (the bridge holds the fail-safe values), and how many times the bridge has
-        switched to its fail-safe values so far (a change between two calls means the plant
-        got them in between). Never blocks on the network."""
-        ...
+    image: InputImage
+
+    def bound_streams(self) -> list[str]:
+        """The streams it has inputs for by configuration."""
+        return list(self.input_streams())
+
+    def read(self) -> InputImage:
+        """The cycle's one read: the image's rows in use, copied (see :class:`InputImage`)."""
+        img = self.image
+        state = getattr(self, "failsafe_state", None)
+        for stream, r in img.take():
+            if state is not None:
+                img.failsafe[r], img.failsafe_entries[r] = state(stream)
+        img.running = self._running()
+        return img
+
+    def write(self, decisions: DecisionImage) -> None:
+        """The cycle's one write: each served stream's row handed to ``publish``."""
+        d = decisions
+        for i in range(d.n):
+            if self.serves(d.names[i]):
+                self.publish(d.outputs(i), d.status[i], d.seq, d.latency_us, d.names[i])
+
+
+class SnapshotBridge(ImageBridge):
+    """An :class:`ImageBridge` whose inputs are kept per signal behind ``snapshot(stream)``:
+    :meth:`read` copies them into ``image``."""
+
+    def read(self) -> InputImage:
+        """Copy each stream's newest inputs into the image (see :meth:`Bridge.read`)."""
+        img = self.image
+        taken = img.taken
+        taken.clear()
+        for stream in self.input_streams():
+            r = img.row(stream)
+            if r is None:
+                continue
+            img.values[r] = np.nan
+            img.stamps[r] = MISSING
+            for name, (value, stamp) in self.snapshot(stream).items():
+                j = img.index.get(name)
+                if j is not None:
+                    img.values[r, j] = value
+                    img.stamps[r, j] = stamp
+            taken.append((stream, r))
+        img.running = self._running()
+        return img
 
 
 @runtime_checkable

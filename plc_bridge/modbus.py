@@ -44,7 +44,7 @@ from array import array
 from typing import Callable
 
 from . import mbap
-from .bridge import Inputs, LoopThread
+from .bridge import ImageBridge, InputImage, Inputs, LoopThread, register, resolve_paths
 from .mbap import BadReply, ModbusError, PlcConnection
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing
@@ -63,7 +63,7 @@ _RATE_WINDOW_S = 0.01            # a connection's request budget is spent per wi
 InputCallback = Callable[[dict], None]
 
 
-class ModbusBridge(LoopThread):
+class ModbusBridge(ImageBridge, LoopThread):
     """Modbus TCP I/O for one PLC, in server or client mode, in a background thread.
 
     A :class:`~plc_bridge.bridge.Bridge` serving exactly one stream (``stream``, default
@@ -71,9 +71,10 @@ class ModbusBridge(LoopThread):
     carry that stream's decision only.
 
     Build it with :meth:`from_config`; ``start()``/``stop()`` or use it as a context manager.
-    Inputs come out of :meth:`snapshot` (and the optional ``on_input`` callback, called in
-    the I/O thread with ``{name: (value, rx_ns)}`` of the signals just received, after the
-    PLC's request has been answered; it must be quick); outputs go in through :meth:`publish`.
+    Inputs come out of :meth:`read` (the cycle's image) or :meth:`snapshot` (and ``on_input``,
+    called in the I/O thread with ``{name: (value, rx_ns)}`` of the signals just received, after
+    the PLC's request has been answered; it must be quick); outputs go in through
+    :meth:`write` or :meth:`publish`.
 
     Start: server mode serves every output register at its fail-safe value until the first
     :meth:`publish`; client mode writes nothing to the PLC before the first publish it
@@ -103,7 +104,7 @@ class ModbusBridge(LoopThread):
                  reconnect_min_ms: float = 100.0, reconnect_max_ms: float = 5000.0,
                  stop_linger_ms: float = 200.0, idle_timeout_s: float = 10.0,
                  max_request_rate: float = 1000.0, tls: TlsSettings | None = None,
-                 on_input: InputCallback | None = None):
+                 on_input: InputCallback | None = None, columns: list[str] | None = None):
         self.regmap = regmap
         self.mode = mode
         self.stream = stream
@@ -133,7 +134,9 @@ class ModbusBridge(LoopThread):
         self.errors = Counters()    # our own I/O trouble, by reason
         self.io = LatencyRing()
         self.lock = threading.Lock()
-        self._inputs: dict[str, tuple[float, int]] = {}
+        # Inputs as the controller reads them (read()): one row over ``columns`` (default: mapped inputs).
+        self.image = InputImage(columns if columns is not None else [e.signal for e in regmap.inputs], 1, self.lock)
+        self.image.row(stream)
         # Server mode: the heartbeat register starts at 0 in our image. Client mode: the first
         # read only sets the baseline; only a change proves the PLC is alive.
         self._hb_value: int | None = 0 if mode == "server" else None
@@ -223,7 +226,7 @@ class ModbusBridge(LoopThread):
         return cls(regmap, {k: float(v) for k, v in outputs.items()}, mode=mode, host=host, port=port,
                    stream=stream, device_id=device_id, allow=allow, max_clients=max_clients,
                    idle_timeout_s=idle_timeout_s, max_request_rate=max_request_rate, tls=tls,
-                   on_input=on_input, **times)
+                   on_input=on_input, columns=list(inputs), **times)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "ModbusBridge":
@@ -256,7 +259,7 @@ class ModbusBridge(LoopThread):
         if stream is not None and stream != self.stream:
             return {}
         with self.lock:
-            return dict(self._inputs)
+            return self.image.received(0)
 
     def publish(self, outputs: dict[str, float], status: str = "ok", seq: int = 0,
                 latency_us: float = 0.0, stream: str | None = None) -> None:
@@ -356,7 +359,7 @@ class ModbusBridge(LoopThread):
         self._say.warning("failsafe", "modbus %s: outputs set to fail-safe (%s)", self.mode, why)
 
     def _record_inputs(self, updates: dict[str, tuple[float, int]]) -> None:
-        """Called by the I/O thread outside the lock, after ``_inputs`` was updated."""
+        """Called by the I/O thread outside the lock, after the image was updated."""
         if self.on_input is not None and updates:
             try:
                 self.on_input(updates)
@@ -605,7 +608,7 @@ class ModbusBridge(LoopThread):
                 self._note_heartbeat_locked(image.words["holding"][entry.address], now)
             elif entry.direction == "input":
                 value = image.get(entry)
-                self._inputs[entry.signal] = (value, now)
+                self.image.put_named(0, entry.signal, value, now)
                 updates[entry.signal] = (value, now)
         return updates
 
@@ -716,7 +719,7 @@ class ModbusBridge(LoopThread):
                     self._note_heartbeat_locked(raw[off], rx)
                     continue
                 value = entry.decode(raw[off:off + entry.width])
-                self._inputs[entry.signal] = (value, rx)
+                self.image.put_named(0, entry.signal, value, rx)
                 updates[entry.signal] = (value, rx)
         return updates
 
@@ -789,3 +792,8 @@ def _parse_allow(raw) -> list:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network: {exc}") from None
     return nets
+
+
+register("modbus", lambda table, wiring: ModbusBridge.from_config(  # the registry's factory and [modbus.tls] paths
+    table, [s.name for s in wiring.inputs], {s.name: s.failsafe for s in wiring.outputs}),
+    lambda table, base: resolve_paths(table, base, "tls", ("cert", "key", "ca")))

@@ -65,7 +65,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
 
-from .bridge import Inputs, LoopThread, ModeHandler, Provider
+from .bridge import InputImage, Inputs, LoopThread, ModeHandler, Provider, SnapshotBridge, Wiring, register
 from .messages import MAX_NAME_LEN
 from .metrics import CollapsingLog, Counters, LatencyRing
 from .opcua_security import Admission, GuardedServer, Login, certificate_uri, check_trusted, read_users
@@ -141,7 +141,7 @@ class Signal(NamedTuple):
 
 # ---------------------------------------------------------------------------- the bridge
 
-class OpcUaBridge(LoopThread):
+class OpcUaBridge(SnapshotBridge, LoopThread):
     """An OPC UA server for the streams listed in ``[opcua] streams`` (default ``["main"]``).
 
     A :class:`~plc_bridge.bridge.Bridge` (inputs of its streams come from client writes; it
@@ -638,3 +638,16 @@ async def _add_analog(server: Server, parent: ua.NodeId, node_id: ua.NodeId, bna
         await var.add_property(ua.NodeId(f"{node_id.Identifier}.EngineeringUnits", ns),
                                ua.QualifiedName("EngineeringUnits", 0), _eu(sig.unit),
                                datatype=ua.NodeId(ua.ObjectIds.EUInformation))
+
+
+def _from_deploy(table: dict, wiring: Wiring) -> OpcUaBridge:
+    """``[opcua]`` -> bridge (the registry's factory): every input is a writable node, every
+    output but the internal ``_heartbeat``/``_mode`` a read-only one."""
+    bridge = OpcUaBridge.from_config(
+        table, wiring.base_dir, [Signal(s.name, s.min, s.max, s.unit) for s in wiring.inputs],
+        [Signal(s.name, s.min, s.max, s.unit) for s in wiring.outputs if not s.name.startswith("_")])
+    bridge.image = InputImage([s.name for s in wiring.inputs], len(bridge.streams))
+    return bridge
+
+
+register("opcua", _from_deploy)

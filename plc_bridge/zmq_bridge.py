@@ -2,8 +2,27 @@
 
 The bridge binds all three endpoints so a plant has one well-known address; sensor
 publishers, decision subscribers and control clients connect to it. One I/O thread owns
-every socket. The controller's thread hands decisions over through an inproc pipe and reads
-the latest sensor values from a dict under a lock; neither waits on the network.
+every socket. The controller's cycle makes one :meth:`ZmqBridge.read` (the newest values of
+every stream, copied out of a preallocated :class:`~plc_bridge.bridge.InputImage` the I/O
+thread fills) and one :meth:`ZmqBridge.write` (the cycle's decisions, handed to the I/O
+thread through an inproc pipe as one frame of arrays; the I/O thread packs and sends them);
+neither waits on the network.
+
+- Admission: with ``streams`` (the deployment's ``[model] streams`` as a list) only those
+  streams get a row; frames naming another are counted (``unknown_stream``) and dropped. A
+  stream that sent nothing for ``stream_idle_s`` (default 60) loses its row (and, in the
+  controller, its slot), so a peer that stopped, or an intruder, does not hold one for ever.
+- Floods: sensor frames are received under a budget (``max_frames_per_s``, default 10,000,
+  spent per 10 ms window); the rest wait in libzmq, outside the interpreter, where the SUB
+  socket queues each publisher apart and serves them in turn, so one publisher's flood
+  neither takes the control loop's time nor drowns another publisher's frames (the
+  flooding peer's excess is dropped at the high-water mark). Windows that ran out are
+  counted (``throttled_windows`` in :meth:`health`).
+- Supervision: an unexpected exception in the I/O loop is logged with its traceback (the
+  first, then rarely), counted (``errors["io_loop"]``) and the loop restarts on the same
+  sockets after a capped back-off (0.5 s doubling to 5 s); ``health()["running"]`` and the
+  image's ``running`` are false meanwhile, so the controller fails the streams this bridge
+  feeds safe (reason ``bridge``).
 
 - Sensors: every frame is decoded and validated (:mod:`plc_bridge.messages`); a bad one is
   counted by reason and dropped. The bridge keeps the newest frame per stream (its own
@@ -18,7 +37,11 @@ the latest sensor values from a dict under a lock; neither waits on the network.
   clients with a msgpack map; "status" and "stats" come from providers the controller
   registers. ``{"v":1,"cmd":"mode","stream":s,"mode":"manual"|"auto"}`` switches a stream
   through the mode handler the controller registers (a :class:`~plc_bridge.bridge.ModeSwitch`).
-- CURVE (optional): the three sockets are CURVE servers with the key from
+  Commands that change behaviour ("mode", and any later one: :data:`CHANGING_COMMANDS`) are
+  carried out only for CURVE-authenticated clients, i.e. when the control socket has
+  ``curve.allowed`` (the handshake admits no one else); otherwise they are refused
+  (``ok: false``, counted as ``control_unauthenticated``) unless ``insecure_control = true``.
+- CURVE (optional, keys and clients in :mod:`plc_bridge.zmq_clients`): the three sockets are CURVE servers with the key from
   ``curve.secret_key``; with ``curve.allowed`` (a directory of client public key files,
   as written by ``r1edge keys``) only those clients get through, the rest fail the
   handshake and are counted. Without ``allowed`` any client key is accepted (encrypted but
@@ -32,89 +55,48 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
-import msgpack
 import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
+import numpy as np
+
 from . import messages
-from .bridge import Inputs, ModeHandler, Provider
+from .bridge import DecisionImage, InputImage, Inputs, ModeHandler, Provider, Wiring, register, resolve_paths
 from .messages import MessageError
 from .metrics import Counters, LatencyRing, worth_logging
+from .zmq_clients import (ZAP_DOMAIN, ControlClient, CurveClient, CurveServer, DecisionSubscriber,
+                          SensorPublisher, curve_from_config, load_client_curve, make_keys)
+
+# The clients and keys live in zmq_clients; importing them from here keeps working.
+__all__ = ["ZmqBridge", "CHANGING_COMMANDS", "ControlClient", "CurveClient", "CurveServer", "DecisionSubscriber",
+           "SensorPublisher", "load_client_curve", "make_keys"]
 
 log = logging.getLogger(__name__)
 
 _ZMQ_KEYS = frozenset(("sensors", "decisions", "control", "curve", "max_message_bytes", "max_values",
-                       "max_streams", "hwm"))
-_CURVE_KEYS = frozenset(("secret_key", "allowed"))
+                       "max_streams", "hwm", "stream_idle_s", "insecure_control", "max_frames_per_s"))
+#: Control commands that change behaviour: CURVE-authenticated clients only (or ``insecure_control``).
+CHANGING_COMMANDS = frozenset(("mode",))
+#: The receive budget is spent per window of this many nanoseconds.
+BUDGET_WINDOW_NS = 10_000_000
 _MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_denied",
                        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_protocol",
                        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed"}
-_KIND_DECISION, _KIND_STOP = b"d", b"s"
-_ZAP_DOMAIN = "r1edge"
+_KIND_DECISION, _KIND_STOP, _KIND_CYCLE = b"d", b"s", b"c"
 # Hand-off frame from publish() to the I/O thread: kind, publish time (perf_counter_ns),
 # stream name length, then the stream name and the packed decision. One frame, so one send
 # (each send lets the I/O thread take the GIL from the caller).
 _HANDOFF = struct.Struct("<cqH")
-
-
-class CurveServer(NamedTuple):
-    """The bridge's CURVE identity and who may connect (``allowed`` None: any client key)."""
-
-    public: bytes
-    secret: bytes
-    allowed: Path | None
-
-
-class CurveClient(NamedTuple):
-    """A client's CURVE keys and the server public key it expects."""
-
-    server_public: bytes
-    public: bytes
-    secret: bytes
-
-
-def make_keys(out_dir: str | os.PathLike, name: str = "server") -> tuple[Path, Path]:
-    """Write a CURVE key pair ``NAME.key`` (public) and ``NAME.key_secret`` into ``out_dir``.
-
-    Refuses to overwrite an existing pair. The secret file is made readable by its owner only.
-    Returns (public file, secret file).
-    """
-    out = Path(out_dir)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"key name {name!r} must be a plain file name")
-    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
-    for path in (public, secret):
-        if path.exists():
-            raise FileExistsError(f"{path} exists; not overwriting a key")
-    out.mkdir(parents=True, exist_ok=True)
-    pub_file, sec_file = zmq.auth.create_certificates(out, name)
-    os.chmod(sec_file, 0o600)
-    return Path(pub_file), Path(sec_file)
-
-
-def load_client_curve(server_public_file: str | os.PathLike, client_secret_file: str | os.PathLike) -> CurveClient:
-    """Keys for a client: the server's public key file and the client's ``.key_secret`` file."""
-    server_public, _ = zmq.auth.load_certificate(server_public_file)
-    public, secret = zmq.auth.load_certificate(client_secret_file)
-    if secret is None:
-        raise ValueError(f"{client_secret_file}: no secret key in this file")
-    return CurveClient(server_public, public, secret)
-
-
-def _client_socket(ctx: zmq.Context, kind: int, curve: CurveClient | None) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    sock.linger = 0
-    if curve is not None:
-        sock.curve_serverkey = curve.server_public
-        sock.curve_publickey = curve.public
-        sock.curve_secretkey = curve.secret
-    return sock
+# A cycle's decisions from write(): kind, write time (perf_counter_ns), seq, t_ns, latency_us,
+# rows; then the stream names (NUL-separated), one status byte a row, the float64 values.
+_CYCLE = struct.Struct("<cqqqdH")
+_STATUS_CODES = ("ok", "failsafe", "hold")
 
 
 class ZmqBridge:
@@ -137,7 +119,8 @@ class ZmqBridge:
                  curve: CurveServer | None = None, inputs: Sequence[str] | None = None,
                  max_message_bytes: int = messages.MAX_MESSAGE_BYTES, max_values: int = messages.MAX_VALUES,
                  max_streams: int = 64, hwm: int = 1000,
-                 on_input: Callable[[str, dict], None] | None = None):
+                 on_input: Callable[[str, dict], None] | None = None, streams: Sequence[str] | None = None,
+                 stream_idle_s: float = 60.0, insecure_control: bool = False, max_frames_per_s: int = 10_000):
         self.requested = {"sensors": sensors, "decisions": decisions, "control": control}
         self.endpoints: dict[str, str] = {}
         self.curve = curve
@@ -147,6 +130,16 @@ class ZmqBridge:
         self.max_streams = max_streams
         self.hwm = hwm
         self.on_input = on_input
+        self.streams = frozenset(streams) if streams is not None else None
+        self.stream_idle_ns = int(stream_idle_s * 1e9)
+        self.insecure_control = insecure_control
+        self.frames_per_window = max(1, max_frames_per_s * BUDGET_WINDOW_NS // 1_000_000_000)
+        self.authenticated_control = curve is not None and curve.allowed is not None
+        # With known inputs the newest values live in a preallocated image (one row a stream).
+        self.image = None if inputs is None else InputImage(
+            list(inputs), len(self.streams) if self.streams is not None else max_streams)
+        self._dcols: list[str] = []
+        self._down = False
         self.bad = Counters()
         self.errors = Counters()
         self.io = LatencyRing()
@@ -156,7 +149,8 @@ class ZmqBridge:
         self._frames: dict[str, dict] = {}
         self._values: dict[str, dict[str, tuple[float, int]]] = {}
         self._last_seq: dict[str, int] = {}
-        self._n = {"frames": 0, "published": 0, "requests": 0}
+        self._n = {"frames": 0, "published": 0, "requests": 0, "throttled_windows": 0, "released_streams": 0,
+                   "restarts": 0}
         self._peers = {k: set() for k in self.requested}
         self._reconnects = 0
         self._status_provider: Provider | None = None
@@ -177,13 +171,18 @@ class ZmqBridge:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, zmq_cfg: dict, base_dir: str | os.PathLike, inputs: Sequence[str] | None = None, *,
-                    on_input: Callable[[str, dict], None] | None = None) -> "ZmqBridge":
+                    on_input: Callable[[str, dict], None] | None = None,
+                    streams: Sequence[str] | None = None) -> "ZmqBridge":
         """Build from the deployment TOML's ``[zmq]`` table; ``base_dir`` resolves relative key
         paths (the directory of the TOML file). ``inputs``, if given, are the signal names
         kept from sensor frames (others are counted as ``unknown_signal`` and dropped).
 
         Optional keys besides the design's: ``max_message_bytes`` (65536), ``max_values``
-        (256), ``max_streams`` (64), ``hwm`` (1000 messages per socket).
+        (256), ``max_streams`` (64), ``hwm`` (1000 messages per socket), ``stream_idle_s`` (60:
+        a stream silent this long loses its row), ``insecure_control`` (false: "mode" needs a
+        CURVE-authenticated client), ``max_frames_per_s`` (10,000: the sensor receive budget;
+        64 streams at 100 Hz send 6,400).
+        ``streams`` (the deployment's stream names, or None for any) admits only those.
         Raises ``ValueError`` naming the offending key, ``FileNotFoundError`` for key paths.
         """
         if not isinstance(zmq_cfg, dict):
@@ -207,10 +206,21 @@ class ZmqBridge:
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"zmq.{key}: {value!r} is not an integer in {lo}..{hi}")
             limits[key] = value
+        limits["max_frames_per_s"] = zmq_cfg.get("max_frames_per_s", 10_000)
+        if (isinstance(limits["max_frames_per_s"], bool) or not isinstance(limits["max_frames_per_s"], int)
+                or not 100 <= limits["max_frames_per_s"] <= 10_000_000):
+            raise ValueError(f"zmq.max_frames_per_s: {limits['max_frames_per_s']!r} is not an integer in 100..10000000")
+        idle = zmq_cfg.get("stream_idle_s", 60.0)
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0.01 <= idle <= 86400:
+            raise ValueError(f"zmq.stream_idle_s: {idle!r} is not a number of seconds in 0.01..86400")
+        insecure = zmq_cfg.get("insecure_control", False)
+        if not isinstance(insecure, bool):
+            raise ValueError(f"zmq.insecure_control: {insecure!r} is not true or false")
         curve = None
         if "curve" in zmq_cfg:
-            curve = _curve_from_config(zmq_cfg["curve"], Path(base_dir))
-        return cls(**eps, curve=curve, inputs=inputs, on_input=on_input, **limits)
+            curve = curve_from_config(zmq_cfg["curve"], Path(base_dir))
+        return cls(**eps, curve=curve, inputs=inputs, on_input=on_input, streams=streams,
+                   stream_idle_s=float(idle), insecure_control=insecure, **limits)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "ZmqBridge":
@@ -226,7 +236,7 @@ class ZmqBridge:
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".auth"))
             self._auth.start()
             location = str(self.curve.allowed) if self.curve.allowed is not None else zmq.auth.CURVE_ALLOW_ANY
-            self._auth.configure_curve(domain=_ZAP_DOMAIN, location=location)
+            self._auth.configure_curve(domain=ZAP_DOMAIN, location=location)
         self._running = True
         self._thread = threading.Thread(target=self._run, name="zmq-bridge", daemon=True)
         self._thread.start()
@@ -235,6 +245,9 @@ class ZmqBridge:
             error = self._error or TimeoutError("I/O thread did not start within 10 s")
             self.stop()
             raise RuntimeError(f"zmq bridge: {error}") from error
+        if self.insecure_control and "control" in self.endpoints:
+            log.warning("zmq: [zmq] insecure_control = true: any client that reaches %s may switch streams between "
+                        "manual and auto; use CURVE with curve.allowed instead (r1edge keys)", self.endpoints["control"])
         sender = self._ctx.socket(zmq.PAIR)
         sender.linger = 0
         sender.sndhwm = self.hwm
@@ -290,16 +303,62 @@ class ZmqBridge:
         return True
 
     def input_streams(self) -> list[str]:
-        """The streams that have sent an accepted sensor frame."""
+        """The streams that have sent an accepted sensor frame (and not gone idle since)."""
         with self._lock:
             return list(self._frames)
+
+    def bound_streams(self) -> list[str]:
+        """None by configuration: peers name their streams."""
+        return []
 
     def snapshot(self, stream: str = "main") -> Inputs:
         """``{input name: (value, rx_ns)}``: the newest value of each signal of ``stream``
         (a frame may carry a subset of the signals)."""
         with self._lock:
+            if self.image is not None:
+                r = self.image.rows.get(stream)
+                return {} if r is None else self.image.received(r)
             values = self._values.get(stream)
             return dict(values) if values else {}
+
+    def down_tasks(self) -> tuple[str, ...]:
+        """``("io_loop",)`` while the I/O loop is down after a failure (see the module docstring)."""
+        thread = self._thread
+        return ("io_loop",) if self._down or (thread is not None and not thread.is_alive()) else ()
+
+    def read(self) -> InputImage:
+        """The cycle's one read: every stream's newest values (a row a stream, see
+        :class:`~plc_bridge.bridge.InputImage`); ``running`` false while the I/O loop is down.
+        Needs ``inputs`` (the image's columns)."""
+        img = self.image
+        if img is None:
+            raise RuntimeError("zmq bridge built without inputs has no image to read")
+        img.take()
+        img.running = self._thread is not None and not self.down_tasks()
+        return img
+
+    def write(self, decisions: DecisionImage) -> None:
+        """The cycle's one write: every row of ``decisions`` as one frame to the I/O thread,
+        which packs each stream's decision and sends it (never blocks; a full hand-over queue
+        drops the cycle's decisions, counted as ``publish_dropped``)."""
+        d = decisions
+        if d.n == 0:
+            return
+        if self._dcols is not d.columns:
+            self._dcols = d.columns
+        t0 = time.perf_counter_ns()
+        names = "\0".join(d.names[:d.n]).encode()
+        status = bytes(_STATUS_CODES.index(st) for st in d.status[:d.n])
+        msg = b"".join((_CYCLE.pack(_KIND_CYCLE, t0, d.seq, time.time_ns(), d.latency_us, d.n), status,
+                        d.values[:d.n].tobytes(), names))
+        with self._pub_lock:
+            if self._sender is None:
+                self.errors.inc("publish_not_running")
+                return
+            try:
+                self._sender.send(msg, zmq.NOBLOCK)
+            except zmq.Again:
+                self.errors.inc("publish_dropped")
 
     def publish(self, outputs: dict[str, float], status: str, seq: int, latency_us: float,
                 stream: str = "main", t_ns: int | None = None) -> None:
@@ -347,7 +406,8 @@ class ZmqBridge:
         with self._lock:
             streams = len(self._frames)
         return {
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": self._thread is not None and not self.down_tasks(),
+            "down": list(self.down_tasks()),
             "endpoints": dict(self.endpoints),
             "curve": self.curve is not None,
             "connected": any(peers.values()),
@@ -358,6 +418,9 @@ class ZmqBridge:
             "published": self._n["published"],
             "requests": self._n["requests"],
             "reconnects": self._reconnects,
+            "throttled_windows": self._n["throttled_windows"],
+            "released_streams": self._n["released_streams"],
+            "restarts": self._n["restarts"],
             "bad": self.bad.snapshot(),
             "errors": self.errors.snapshot(),
             "io_us": self.io.percentiles(),
@@ -395,7 +458,7 @@ class ZmqBridge:
                     sock.curve_secretkey = self.curve.secret
                     sock.curve_publickey = self.curve.public
                     sock.curve_server = True
-                    sock.zap_domain = _ZAP_DOMAIN.encode()
+                    sock.zap_domain = ZAP_DOMAIN.encode()
                 monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
                 socks.extend((sock, monitor))
                 try:
@@ -413,11 +476,9 @@ class ZmqBridge:
             self._ready.set()
             return
         self._ready.set()
+        self._last_decision.clear()
         try:
-            self._loop(pipe, roles)
-        except Exception:
-            log.exception("zmq bridge I/O thread failed")
-            self.errors.inc("io_thread_failed")
+            self._supervise(pipe, roles)
         finally:
             self._xpub = None
             self._io_ident = None
@@ -431,37 +492,74 @@ class ZmqBridge:
                 # Decisions already queued (the controller's on-stop outputs) get a moment to leave.
                 sock.close(linger=200 if sock is xpub else 0)
 
+    RESTART_MIN_S = 0.5
+    RESTART_MAX_S = 5.0
+
+    def _supervise(self, pipe: zmq.Socket, roles: dict) -> None:
+        """Run the I/O loop; after an unexpected exception log it (the first with its
+        traceback, then rarely), count it, stay down for a capped back-off and run it again on
+        the same sockets. Returns when the bridge stops."""
+        delay = self.RESTART_MIN_S
+        while self._running:
+            try:
+                self._loop(pipe, roles)
+                return
+            except Exception as exc:
+                n = self.errors.inc("io_loop")
+                if worth_logging(n):
+                    log.error("zmq bridge: the I/O loop failed (%d so far); the streams it feeds fail safe, "
+                              "restarting in %.1f s", n, delay, exc_info=exc)
+            self._down = True
+            deadline = time.monotonic() + delay
+            while self._running and time.monotonic() < deadline:
+                if pipe.poll(50, zmq.POLLIN) and pipe.recv()[:1] == _KIND_STOP:
+                    return                                # decisions meanwhile are dropped: we are down
+            delay = min(2 * delay, self.RESTART_MAX_S)
+            self._n["restarts"] += 1
+            self._down = False
+
     def _loop(self, pipe: zmq.Socket, roles: dict) -> None:
-        poller = zmq.Poller()
-        poller.register(pipe, zmq.POLLIN)
         sub = roles.get("sensors", (None, None))[0]
         xpub = roles.get("decisions", (None, None))[0]
         router = roles.get("control", (None, None))[0]
+        poller, throttled = zmq.Poller(), zmq.Poller()   # throttled: the sensor socket left out
         monitors = {}
-        for role, (sock, monitor) in roles.items():
-            poller.register(sock, zmq.POLLIN)
-            poller.register(monitor, zmq.POLLIN)
-            monitors[monitor] = role
+        for p in (poller, throttled):
+            p.register(pipe, zmq.POLLIN)
+            for role, (sock, monitor) in roles.items():
+                if sock is not sub:
+                    p.register(sock, zmq.POLLIN)
+                p.register(monitor, zmq.POLLIN)
+                monitors[monitor] = role
+        if sub is not None:
+            poller.register(sub, zmq.POLLIN)
         self._xpub = xpub
-        self._last_decision.clear()
         disconnected = {role: 0 for role in roles}
+        budget, window_end, next_idle = self.frames_per_window, 0, 0
         while self._running:
-            events = dict(poller.poll(1000))
-            if sub is not None and sub in events:
-                for _ in range(1000):
-                    try:
-                        frames = sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_sensor(frames)
+            now = time.monotonic_ns()
+            if now >= window_end:
+                window_end, budget = now + BUDGET_WINDOW_NS, self.frames_per_window
+            if budget > 0:
+                events = dict(poller.poll(1000))
+            else:                                          # budget spent: wait for the next window
+                events = dict(throttled.poll(max(1, (window_end - now) // 1_000_000)))
+            if sub is not None and sub in events and budget > 0:
+                budget = self._receive_sensors(sub, budget)
+                if budget == 0:
+                    self._n["throttled_windows"] += 1
             if pipe in events:
                 for _ in range(1000):
                     try:
                         msg = pipe.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if msg[:1] == _KIND_STOP:
+                    kind = msg[:1]
+                    if kind == _KIND_STOP:
                         return
+                    if kind == _KIND_CYCLE:
+                        self._send_cycle(msg)
+                        continue
                     _, t0, n = _HANDOFF.unpack_from(msg)
                     start = _HANDOFF.size + n
                     self._send_decision(msg[_HANDOFF.size:start], msg[start:], t0)
@@ -487,6 +585,58 @@ class ZmqBridge:
             for monitor, role in monitors.items():
                 if monitor in events:
                     self._on_monitor(monitor, role, disconnected)
+            if now >= next_idle:
+                next_idle = now + 1_000_000_000
+                self._release_idle(now)
+
+    def _receive_sensors(self, sub: zmq.Socket, budget: int) -> int:
+        """Take up to ``budget`` sensor frames; returns what is left of it. Every 32 frames the
+        interpreter is handed to any thread waiting for it (the control loop), so a burst never
+        holds it for long."""
+        while budget > 0:
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            budget -= 1
+            self._on_sensor(frames)
+            if budget & 31 == 0:
+                time.sleep(0)
+        return budget
+
+    def _release_idle(self, now: int) -> None:
+        """Forget the streams that sent nothing for ``stream_idle_s``."""
+        with self._lock:
+            idle = [s for s, f in self._frames.items() if now - f["rx_ns"] > self.stream_idle_ns]
+            for stream in idle:
+                del self._frames[stream]
+                self._values.pop(stream, None)
+                self._last_seq.pop(stream, None)
+                if self.image is not None:
+                    self.image.release(stream)
+        for stream in idle:
+            self._n["released_streams"] += 1
+            log.info("zmq: stream %r released after %.0f s without frames", stream, self.stream_idle_ns / 1e9)
+
+    def _send_cycle(self, msg: bytes) -> None:
+        """I/O thread: a cycle's decisions from :meth:`write`, packed and sent stream by stream."""
+        _, t0, seq, t_ns, latency_us, n = _CYCLE.unpack_from(msg)
+        at = _CYCLE.size
+        status = msg[at:at + n]
+        cols = self._dcols
+        k = len(cols)
+        values = np.frombuffer(msg, np.float64, n * k, at + n).reshape(n, k).tolist()
+        names = msg[at + n + 8 * n * k:].split(b"\0")
+        for i in range(n):
+            outputs = {c: v for c, v in zip(cols, values[i]) if v == v}
+            try:
+                data = messages.encode_decision(names[i].decode(), seq, t_ns, outputs, _STATUS_CODES[status[i]],
+                                                latency_us, max_values=self.max_values)
+            except ValueError as exc:
+                if worth_logging(self.errors.inc("encode_failed")):
+                    log.warning("zmq: a decision could not be packed: %s", exc)
+                continue
+            self._send_decision(names[i], data, t0)
 
     def _send_decision(self, stream: bytes, data: bytes, t0: int) -> None:
         """I/O thread: send a packed decision and keep it for late joiners."""
@@ -513,6 +663,11 @@ class ZmqBridge:
             return
         stream = frame["stream"]
         values = frame["values"]
+        if self.streams is not None and stream not in self.streams:
+            n = self.bad.inc("unknown_stream")
+            if worth_logging(n):
+                log.warning("zmq: frames for stream %r dropped: not one of [model] streams (%d so far)", stream, n)
+            return
         if self.inputs is not None:
             unknown = [name for name in values if name not in self.inputs]
             if unknown:
@@ -524,15 +679,25 @@ class ZmqBridge:
         rx = time.monotonic_ns()
         frame["rx_ns"] = rx
         with self._lock:
-            per_stream = self._values.get(stream)
-            if per_stream is None:
-                if len(self._frames) >= self.max_streams:
+            image = self.image
+            if image is not None:
+                r = image.row(stream)
+                if r is None:
                     self.bad.inc("too_many_streams")
                     return
-                per_stream = self._values[stream] = {}
+                index = image.index
+                for name, value in values.items():
+                    image.put(r, index[name], value, rx)
+            else:
+                per_stream = self._values.get(stream)
+                if per_stream is None:
+                    if len(self._frames) >= self.max_streams:
+                        self.bad.inc("too_many_streams")
+                        return
+                    per_stream = self._values[stream] = {}
+                for name, value in values.items():
+                    per_stream[name] = (value, rx)
             self._frames[stream] = frame
-            for name, value in values.items():
-                per_stream[name] = (value, rx)
         last = self._last_seq.get(stream)
         if last is not None and frame["seq"] != last + 1:
             self.errors.inc("seq_gaps")
@@ -570,6 +735,14 @@ class ZmqBridge:
 
     def _answer(self, request: dict) -> dict:
         cmd = request["cmd"]
+        if cmd in CHANGING_COMMANDS and not (self.authenticated_control or self.insecure_control):
+            n = self.bad.inc("control_unauthenticated")
+            if worth_logging(n):
+                log.warning("zmq: %r refused from a client that is not CURVE-authenticated (%d so far)", cmd, n)
+            return {"v": 1, "ok": False, "cmd": cmd,
+                    "error": f"{cmd!r} changes behaviour: it is accepted only from CURVE-authenticated clients "
+                             "([zmq] curve with allowed = a directory of client keys, see `r1edge keys`), or "
+                             "over a plain socket with [zmq] insecure_control = true"}
         if cmd == "health":
             return {"v": 1, "ok": True, "cmd": cmd, "result": self.health()}
         if cmd == "mode":
@@ -613,148 +786,9 @@ class ZmqBridge:
                     log.warning("zmq.%s: %s from a peer (%d so far)", role, reason, n)
 
 
-def _curve_from_config(raw, base_dir: Path) -> CurveServer:
-    if not isinstance(raw, dict):
-        raise ValueError("zmq.curve: must be a table { secret_key = ..., allowed = ... }")
-    unknown = sorted(set(raw) - _CURVE_KEYS)
-    if unknown:
-        raise ValueError(f"zmq.curve: unknown key(s) {', '.join(unknown)}; allowed: secret_key, allowed")
-    if not isinstance(raw.get("secret_key"), str):
-        raise ValueError("zmq.curve.secret_key: missing; the server's .key_secret file (r1edge keys)")
-    secret_path = base_dir / raw["secret_key"]
-    if not secret_path.is_file():
-        raise FileNotFoundError(f"zmq.curve.secret_key: {secret_path} does not exist")
-    try:
-        public, secret = zmq.auth.load_certificate(secret_path)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"zmq.curve.secret_key: {secret_path}: {exc}") from None
-    if secret is None:
-        raise ValueError(f"zmq.curve.secret_key: {secret_path} holds no secret key (use the .key_secret file)")
-    allowed = None
-    if "allowed" in raw:
-        if not isinstance(raw["allowed"], str):
-            raise ValueError("zmq.curve.allowed: must be a directory of client public key files")
-        allowed = base_dir / raw["allowed"]
-        if not allowed.is_dir():
-            raise FileNotFoundError(f"zmq.curve.allowed: {allowed} is not a directory")
-        if not any(allowed.glob("*.key")):
-            log.warning("zmq.curve.allowed: %s holds no *.key file; no client will be accepted", allowed)
-    return CurveServer(public, secret, allowed)
+def _from_deploy(table: dict, wiring: Wiring) -> ZmqBridge:
+    """``[zmq]`` -> bridge (the registry's factory)."""
+    return ZmqBridge.from_config(table, wiring.base_dir, [s.name for s in wiring.inputs], streams=wiring.streams)
 
 
-class SensorPublisher:
-    """Sends sensor frames to a bridge's ``sensors`` endpoint.
-
-    It connects an XPUB socket and :meth:`wait_ready` blocks until the bridge's subscription
-    has arrived, after which nothing sent is lost to the slow-joiner window.
-    """
-
-    def __init__(self, endpoint: str, *, curve: CurveClient | None = None, context: zmq.Context | None = None,
-                 hwm: int = 1000):
-        self._own_ctx = context is None
-        self._ctx = context or zmq.Context()
-        self._sock = _client_socket(self._ctx, zmq.XPUB, curve)
-        self._sock.sndhwm = hwm
-        self._sock.connect(endpoint)
-        self._ready = False
-
-    def wait_ready(self, timeout_s: float = 5.0) -> bool:
-        """Wait for the bridge's subscription; True once it has arrived."""
-        if self._ready:
-            return True
-        if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            self._sock.recv()
-            self._ready = True
-        return self._ready
-
-    def send(self, stream: str, seq: int, values: dict[str, float], t_ns: int | None = None) -> None:
-        """Send one frame (``t_ns`` defaults to ``time.time_ns()``); never blocks."""
-        self.send_bytes(messages.encode_sensor(stream, seq, time.time_ns() if t_ns is None else t_ns, values))
-
-    def send_bytes(self, data: bytes) -> None:
-        """Send an already packed message as one frame (tools and tests); never blocks."""
-        try:
-            self._sock.send(data, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # XPUB drops above the high-water mark rather than block
-
-    def close(self) -> None:
-        """Close the socket (and the context if this object created it)."""
-        self._sock.close(linger=0)
-        if self._own_ctx:
-            self._ctx.term()
-
-    def __enter__(self) -> "SensorPublisher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class DecisionSubscriber:
-    """Receives decisions from a bridge's ``decisions`` endpoint, validated."""
-
-    def __init__(self, endpoint: str, *, curve: CurveClient | None = None, context: zmq.Context | None = None):
-        self._own_ctx = context is None
-        self._ctx = context or zmq.Context()
-        self._sock = _client_socket(self._ctx, zmq.SUB, curve)
-        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sock.connect(endpoint)
-        self.bad = Counters()
-
-    def recv(self, timeout_ms: int = 1000) -> dict | None:
-        """The next valid decision, or None after ``timeout_ms`` (invalid ones are counted)."""
-        deadline = time.monotonic() + timeout_ms / 1e3
-        while True:
-            left = int((deadline - time.monotonic()) * 1000)
-            if left < 0 or not self._sock.poll(max(left, 0), zmq.POLLIN):
-                return None
-            try:
-                return messages.decode_decision(self._sock.recv())
-            except MessageError as exc:
-                self.bad.inc(exc.reason)
-
-    def close(self) -> None:
-        """Close the socket (and the context if this object created it)."""
-        self._sock.close(linger=0)
-        if self._own_ctx:
-            self._ctx.term()
-
-    def __enter__(self) -> "DecisionSubscriber":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class ControlClient:
-    """Asks a bridge's ``control`` endpoint for status, stats or health, or switches a stream's
-    mode (DEALER socket)."""
-
-    def __init__(self, endpoint: str, *, curve: CurveClient | None = None, context: zmq.Context | None = None):
-        self._own_ctx = context is None
-        self._ctx = context or zmq.Context()
-        self._sock = _client_socket(self._ctx, zmq.DEALER, curve)
-        self._sock.connect(endpoint)
-
-    def request(self, cmd: str, timeout_ms: int = 2000, **args) -> dict:
-        """Send ``{"v":1,"cmd":cmd, **args}`` and return the reply map; ``TimeoutError`` if none
-        comes. ``request("mode", stream="main", mode="manual")`` switches a stream."""
-        while self._sock.poll(0, zmq.POLLIN):  # a late reply to an earlier, timed-out request
-            self._sock.recv()
-        self._sock.send(messages.encode_control(cmd, **args))
-        if not self._sock.poll(timeout_ms, zmq.POLLIN):
-            raise TimeoutError(f"no reply to {cmd!r} within {timeout_ms} ms")
-        return msgpack.unpackb(self._sock.recv(), raw=False, strict_map_key=False)
-
-    def close(self) -> None:
-        """Close the socket (and the context if this object created it)."""
-        self._sock.close(linger=0)
-        if self._own_ctx:
-            self._ctx.term()
-
-    def __enter__(self) -> "ControlClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+register("zmq", _from_deploy, lambda table, base: resolve_paths(table, base, "curve", ("secret_key", "allowed")))

@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from sdk.service.config import ConfigError, DeployConfig
-    from sdk.service.controller import Controller, render_stats
+    from sdk.service.controller import Controller
+    from sdk.service.metrics import render_stats
     from sdk.service.replay import recording_source
     from runtime.control.recorder import RecordingReader
     from sdk.service.notify import ServiceMonitor
@@ -145,7 +146,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"public key:  {public} ({fingerprint(load_public_key(public))}; deploy it as "
               f"[model] public_key, check with r1edge verify PKG --key {public})")
         return 0
-    from plc_bridge.zmq_bridge import make_keys
+    from plc_bridge.zmq_clients import make_keys
 
     public, secret = make_keys(args.out_dir, args.name or "server")
     print(f"public key: {public}\nsecret key: {secret} (keep private)")

@@ -223,7 +223,9 @@ def test_manual_auto_is_bumpless_both_ways_and_the_model_keeps_stepping(tmp_path
 
 def test_set_mode_and_the_zmq_control_command_switch_a_stream(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="sdk.service.controller")
-    zmq = '[zmq]\nsensors = "tcp://127.0.0.1:*"\ndecisions = "tcp://127.0.0.1:*"\ncontrol = "tcp://127.0.0.1:*"\n'
+    # "mode" over a plain control socket needs the deployment to say so (else only CURVE clients in curve.allowed)
+    zmq = ('[zmq]\nsensors = "tcp://127.0.0.1:*"\ndecisions = "tcp://127.0.0.1:*"\ncontrol = "tcp://127.0.0.1:*"\n'
+           'insecure_control = true\n')
     deploy = factory_deploy(tmp_path)
     no_mode = {k: v for k, v in GOOD.items() if k != "auto"}
     with stepped(deploy) as ctrl:

@@ -7,35 +7,38 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
   burst. Before its first tick it collects garbage once, freezes what survives
   (``gc.freeze()``) and disables the automatic collector, so no cycle ever waits for a full
   collection; young generations are collected between cycles when there is slack. Where
-  permitted it applies SCHED_FIFO, CPU affinity and ``mlockall``, and says which were applied.
+  permitted it applies SCHED_FIFO, CPU affinity and ``mlockall`` (``runtime.control.realtime``,
+  whose names are re-exported here), and says which were applied.
 - ``InferenceWorker`` runs inference in a dedicated thread, so the loop can stop waiting for it
   (the watchdog): on a timeout the cycle puts out the fail-safe values, and while the worker is
   still busy later cycles keep the fail-safe without queueing more work.
+- ``ModeSources``: which source's value of the mode input is in force (precedence by change).
 - ``ControlCycle`` is one cycle: validate inputs, run the policy under the watchdog, decide
   each stream's mode (auto, manual, warm-up), clamp and rate-limit or track outputs, bump the
-  heartbeat. The policy has the engine's sensor interface (``input_names``, ``output_names``,
+  heartbeat. Its per-stream bookkeeping runs compiled (``runtime.control.kernels``); the NumPy
+  code beside it is the reference the kernels are tested against. The policy has the engine's
+  sensor interface (``input_names``, ``output_names``,
   ``reset_slot``, ``step_sensor``; ``prefill`` where it has one: ``fill_history``).
 - ``LatencyHistogram``: fixed log-spaced bins, p50/p99/p99.9/max without allocation per sample.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import math
-import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BUSY, REASON_ERROR, REASON_HEARTBEAT,
-                            REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP, InputGuard,
-                            OutputLimiter)
+from runtime.control import kernels
+from runtime.control.realtime import (RealtimeOptions, default_cpu, lock_memory,  # noqa: F401 (re-exported)
+                                      set_compute_threads, set_thread_realtime)
+from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, OK, REASON_BRIDGE, REASON_BUSY, REASON_ERROR,
+                                    REASON_HEARTBEAT, REASON_INPUT, REASON_NONE, REASON_OUTPUT, REASON_TIMEOUT, WARMUP,
+                                    MISSING_STAMP, InputGuard, OutputLimiter)
 
 logger = logging.getLogger(__name__)
 
@@ -93,102 +96,6 @@ class LatencyHistogram:
                 "mean": self.total_us / self.count if self.count else 0.0,
                 "p50": self.percentile(0.50), "p99": self.percentile(0.99),
                 "p999": self.percentile(0.999), "max": self.max_us}
-
-
-# ---------------------------------------------------------------------------- real-time setup
-
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
-
-
-def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def set_thread_realtime(priority: int | None, cpus: Sequence[int] | None) -> tuple[dict, Callable[[], None]]:
-    """Give the calling thread SCHED_FIFO ``priority`` and pin it to ``cpus`` where permitted.
-
-    Returns ``({"sched_fifo": {...}, "affinity": {...}}, restore)``; each entry says whether it
-    was ``applied`` and a ``detail`` (or the reason it was not). ``restore()`` undoes what was
-    applied, and must be called from the same thread.
-    """
-    report, undo = {}, []
-    if priority is not None:
-        try:
-            old_policy, old_param = os.sched_getscheduler(0), os.sched_getparam(0)
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-            undo.append(lambda: os.sched_setscheduler(0, old_policy, old_param))
-            report["sched_fifo"] = {"applied": True, "detail": f"priority {priority}"}
-        except (OSError, AttributeError) as exc:
-            report["sched_fifo"] = {"applied": False, "detail": f"{type(exc).__name__}: {exc}"}
-    if cpus is not None:
-        try:
-            old = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, set(cpus))
-            undo.append(lambda: os.sched_setaffinity(0, old))
-            report["affinity"] = {"applied": True, "detail": f"cpus {sorted(cpus)}"}
-        except (OSError, AttributeError, ValueError) as exc:
-            report["affinity"] = {"applied": False, "detail": f"{type(exc).__name__}: {exc}"}
-
-    def restore() -> None:
-        for fn in reversed(undo):
-            try:
-                fn()
-            except OSError as exc:
-                logger.warning("could not restore thread scheduling: %s", exc)
-    return report, restore
-
-
-def lock_memory() -> tuple[dict, Callable[[], None]]:
-    """``mlockall`` (current and future pages, locked as they fault in where the kernel allows).
-
-    Returns ``({"applied": bool, "detail": str}, restore)``.
-    """
-    try:
-        libc = _libc()
-    except OSError as exc:
-        return {"applied": False, "detail": f"no libc: {exc}"}, lambda: None
-    for flags, detail in ((MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT, "MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT"),
-                          (MCL_CURRENT | MCL_FUTURE, "MCL_CURRENT|MCL_FUTURE")):
-        if libc.mlockall(flags) == 0:
-            return {"applied": True, "detail": detail}, lambda: libc.munlockall()
-        err = ctypes.get_errno()
-        if err != 22:                                   # EINVAL: MCL_ONFAULT unknown; retry without
-            break
-    return {"applied": False, "detail": os.strerror(err)}, lambda: None
-
-
-def default_cpu() -> int | None:
-    """The CPU the loop is pinned to by default: the last one this process may run on."""
-    try:
-        return max(os.sched_getaffinity(0))
-    except (OSError, AttributeError, ValueError):
-        return None
-
-
-def set_compute_threads(n: int) -> int:
-    """Threads for the parallel (Numba) kernels launched from the calling thread; returns the
-    count set. Numba's setting is per launching thread, so this is called in the inference
-    thread. One thread keeps a whole engine step inside that thread, the only one given
-    real-time priority: a parallel region waits for its slowest pool thread, and an ordinary
-    pool thread preempted by another process stalls the step (measured: p99 of a one-stream
-    step 8 ms with one thread, 155 ms with two, on two loaded cores)."""
-    import numba
-
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
-
-
-@dataclass
-class RealtimeOptions:
-    """What ``PeriodicLoop.run`` attempts: SCHED_FIFO at ``priority`` (helpers one below), pinning
-    to ``cpu`` (None: the last allowed CPU), ``mlockall``, and a shorter GIL switch interval so
-    that the loop thread gets the interpreter back quickly from a busy helper thread."""
-
-    priority: int = 80
-    cpu: int | None = None
-    lock_memory: bool = True
-    switch_interval_s: float = 0.0005
 
 
 # ---------------------------------------------------------------------------- watchdog worker
@@ -329,8 +236,8 @@ class ControlCycle:
     The caller fills ``values`` (float64 ``[capacity, F]``: the policy's inputs in its order,
     then any inputs only the cycle reads, such as tracking and mode inputs), ``stamps`` (int64
     monotonic ns of each value, ``MISSING_STAMP`` if never received), ``active`` (bool
-    ``[capacity]``) and ``forced`` (bool: a bridge is putting out the stream's fail-safe values
-    itself), then calls ``run``. Results: ``status``/``reason`` per slot, ``mode`` (auto,
+    ``[capacity]``), ``forced`` (bool: a bridge is putting out the stream's fail-safe values
+    itself) and ``down`` (bool: a bridge feeding the stream has a dead I/O task), then calls ``run``. Results: ``status``/``reason`` per slot, ``mode`` (auto,
     manual, warm-up), ``ran`` (the frame was handed to the policy), ``started`` (that frame
     began a warm-up), ``filled`` (copies of that frame put into the history before it),
     ``raw`` (model outputs, float64) and ``out`` (the outputs to send). Slot ``i`` here is
@@ -347,14 +254,15 @@ class ControlCycle:
     the model drives at once, ramping back from the fail-safe values. Mode (``mode_col``, the
     column of the mode input): below 0.5 the stream is manual and its outputs track; the model
     still steps every frame, so a switch to auto needs no warm-up. A ``forced`` stream fails
-    safe (reason ``heartbeat``) after its frame was stepped. The watchdog's other fail-safes
+    safe (reason ``heartbeat``) after its frame was stepped; a ``down`` one fails safe (reason
+    ``bridge``, whatever else was wrong) after its frame, if valid, was stepped. The watchdog's other fail-safes
     (timeout, busy, bad output) leave the history as it is: the outputs ramp back from the
     fail-safe values.
     """
 
     def __init__(self, policy: SensorPolicy, guard: InputGuard, limiter: OutputLimiter, *,
                  capacity: int, worker: InferenceWorker, window: int = 1, warmup_cycles: int = 0,
-                 mode_col: int | None = None):
+                 mode_col: int | None = None, compiled: bool = True):
         n_feat, n_out = len(policy.input_names), len(policy.output_names)
         n_in = len(guard.names)
         if n_in < n_feat:
@@ -366,6 +274,7 @@ class ControlCycle:
         self.stamps = np.zeros((capacity, n_in), dtype=np.int64)
         self.active = np.zeros(capacity, dtype=bool)
         self.forced = np.zeros(capacity, dtype=bool)
+        self.down = np.zeros(capacity, dtype=bool)
         self.status = np.zeros(capacity, dtype=np.int8)
         self.reason = np.zeros(capacity, dtype=np.int8)
         self.mode = np.full(capacity, AUTO, dtype=np.int8)
@@ -404,6 +313,12 @@ class ControlCycle:
                          "gaps_filled": 0}
         self.last_error: str | None = None
         self._error_run = False
+        self.compiled = bool(compiled)
+        self._tally = np.zeros(kernels.TALLY_SIZE, dtype=np.int64)
+        self._mode_col = -1 if mode_col is None else int(mode_col)
+        if self.compiled:                                # compiled here, not in the first cycle
+            self._pre = kernels.entry(kernels.cycle_pre, self._pre_args(0, False))
+            self._post = kernels.entry(kernels.cycle_post, self._post_args(False, 0))
 
     def reset_slot(self, slot: int) -> None:
         """Start ``slot`` afresh: policy history (before its next inference), output history,
@@ -418,8 +333,12 @@ class ControlCycle:
     def run(self, now_ns: int, infer_deadline_ns: int) -> int:
         """Run one cycle at ``now_ns``; inference must finish by ``infer_deadline_ns``.
 
-        Returns the nanoseconds spent handing off to and waiting for inference.
+        Returns the nanoseconds spent handing off to and waiting for inference. With
+        ``compiled`` (the default) the bookkeeping runs as the kernels of
+        :mod:`runtime.control.kernels`; without, as the NumPy reference they are checked against.
         """
+        if self.compiled:
+            return self._run_compiled(now_ns, infer_deadline_ns)
         status, reason, active = self.status, self.reason, self.active
         status.fill(OK)
         reason.fill(REASON_NONE)
@@ -449,6 +368,9 @@ class ControlCycle:
             np.logical_and(eq, self.forced, out=eq)
             np.logical_and(eq, active, out=eq)
             self._fail(eq, REASON_HEARTBEAT)
+        if self.down.any():
+            np.logical_and(self.down, active, out=eq)
+            self._fail(eq, REASON_BRIDGE)
         self._decide_mode()
         self.limiter.apply(self.raw, status, active, self.out, self._tracking, self.values)
         np.equal(status, FAILSAFE, out=eq)
@@ -459,6 +381,76 @@ class ControlCycle:
         self.n_hold = int(np.count_nonzero(eq))
         self.heartbeat = (self.heartbeat + 1) & 0xFFFF
         return infer_ns
+
+    def _run_compiled(self, now_ns: int, infer_deadline_ns: int) -> int:
+        tally = self._tally
+        tally.fill(0)
+        busy = self.worker.busy
+        n = self._pre(*self._pre_args(now_ns, busy))
+        self.n_valid = int(tally[kernels.T_VALID])
+        self.n_ran = n
+        infer_ns = 0
+        collect = False
+        if n:
+            self.counters["warmups"] += int(tally[kernels.T_WARMUPS])
+            self.counters["gaps_filled"] += int(tally[kernels.T_GAPS])
+            infer_ns, collect = self._hand_off(n, infer_deadline_ns)
+        elif busy and self.n_valid:
+            self.counters["busy_cycles"] += 1
+        self._post(*self._post_args(collect, n))
+        self.counters["bad_outputs"] += int(tally[kernels.T_BAD_OUTPUTS])
+        self.n_failsafe = int(tally[kernels.T_FAILSAFE])
+        self.n_hold = int(tally[kernels.T_HOLD])
+        self.n_tracking = int(tally[kernels.T_TRACKING])
+        self.heartbeat = (self.heartbeat + 1) & 0xFFFF
+        return infer_ns
+
+    def _pre_args(self, now_ns: int, busy: bool) -> tuple:
+        guard = self.guard
+        return (self.values, self.stamps, self.active, now_ns, guard.lo, guard.hi, guard.stale_ns,
+                guard.failsafe_on_invalid, guard.codes, guard.counts, guard.ever_valid, self.status, self.reason,
+                self.ran, self.started, self.filled, busy, self.warmup_cycles, self.window, self.missed, self.cold,
+                self.warmup_left, self._slots, self._feats, self._start, self._fill, self._tally)
+
+    def _post_args(self, collect: bool, n: int) -> tuple:
+        lim = self.limiter
+        return (collect, self._slots, n, self._y, self.raw, self.status, self.reason, self.active, self.forced,
+                self.down, self.ran, self.mode, self.warmup_left, self.values, self._mode_col, self._tracking,
+                lim.track, lim.lo, lim.hi, lim.step, lim.failsafe, lim.jump, lim.last, lim.fresh,
+                lim.after_failsafe, lim.caught, self.out, self._tally)
+
+    def _hand_off(self, n: int, deadline_ns: int) -> tuple[int, bool]:
+        """Hand the planned frames to the worker and wait; ``(ns spent, outputs to collect)``.
+        A timeout or an error fails the frames' streams safe here (rare); the outputs of a
+        finished step are collected by the post-inference kernel."""
+        self._n = n
+        self._resets, self._pending_resets = self._pending_resets, []
+        t0 = monotonic_ns()
+        self.worker.submit(self._job)
+        finished = self.worker.wait(deadline_ns)
+        t1 = monotonic_ns()
+        if finished and self.worker.error is None:
+            self._error_run = False
+            return t1 - t0, True
+        ok = self._eq
+        np.copyto(ok, self.ran)
+        if not finished:
+            self._fail(ok, REASON_TIMEOUT)
+            self.counters["timeouts"] += 1
+            self._error_run = False
+        else:
+            self._fail(ok, REASON_ERROR)
+            if self.warmup_cycles:
+                np.logical_or(self.cold, ok, out=self.cold)
+            self._note_error()
+        return t1 - t0, False
+
+    def _note_error(self) -> None:
+        self.counters["errors"] += 1
+        self.last_error = f"{type(self.worker.error).__name__}: {self.worker.error}"
+        if not self._error_run:
+            logger.error("inference raised (fail-safe out): %s", self.last_error, exc_info=self.worker.error)
+        self._error_run = True
 
     def _decide_mode(self) -> None:
         """Each active stream's mode this cycle, the warm-up count of the frames that ran, and
@@ -520,12 +512,7 @@ class ControlCycle:
             self._fail(ok, REASON_ERROR)
             if self.warmup_cycles:                       # the history is unknown: warm up again
                 np.logical_or(self.cold, ok, out=self.cold)
-            self.counters["errors"] += 1
-            self.last_error = f"{type(self.worker.error).__name__}: {self.worker.error}"
-            if not self._error_run:
-                logger.error("inference raised (fail-safe out): %s", self.last_error,
-                             exc_info=self.worker.error)
-            self._error_run = True
+            self._note_error()
             return t1 - t0
         else:
             self.raw[idx] = self._y[:n]
@@ -560,6 +547,63 @@ class ControlCycle:
             raise ValueError(f"step_sensor returned shape {getattr(y, 'shape', type(y))}, "
                              f"expected {(n, self._y.shape[1])}")
         np.copyto(self._y[:n], y)
+
+
+class ModeSources:
+    """Mode precedence by change: the ``[mode]`` input of each slot may come from ``sources``
+    numbered sources (each bridge, the caller's inputs) and from requests (``command``, from
+    any thread: an operator's ``set_mode``); a source counts when its value changes, and the
+    latest change is in force. A PLC rewriting the same coil value every scan therefore does
+    not undo an operator's request, while a PLC that flips its coil takes over."""
+
+    def __init__(self, sources: int, capacity: int):
+        self.value = np.full(capacity, np.nan)               # the value in force
+        self.stamp = np.full(capacity, MISSING_STAMP, np.int64)   # when it changed
+        self.seen = np.full((sources, capacity), np.nan)     # each source's last value
+        self.commands: dict[str, tuple[float, int]] = {}
+        self.lock = threading.Lock()
+
+    def reset(self, slot: int) -> None:
+        """A new stream in ``slot``: nothing seen yet."""
+        self.value[slot] = np.nan
+        self.stamp[slot] = MISSING_STAMP
+        self.seen[:, slot] = np.nan
+
+    def command(self, stream: str, value: float, stamp: int) -> None:
+        """A ``set_mode`` request: in force from the next cycle, until a source changes."""
+        with self.lock:
+            self.commands[stream] = (value, stamp)
+
+    def forget(self, stream: str) -> None:
+        """Drop ``stream``'s request (its slot was released)."""
+        with self.lock:
+            self.commands.pop(stream, None)
+
+    def source(self, source: int, slot: int, value: float, stamp: int) -> None:
+        """One source's value of a slot's mode input this cycle: it counts only when it changed."""
+        if stamp == MISSING_STAMP:
+            return
+        seen = self.seen[source, slot]
+        if value == seen or (value != value and seen != seen):
+            return
+        self.seen[source, slot] = value
+        if stamp >= self.stamp[slot]:
+            self.value[slot] = value
+            self.stamp[slot] = stamp
+
+    def resolve(self, slots: dict[str, int], values: np.ndarray, stamps: np.ndarray, active: np.ndarray) -> None:
+        """The mode in force (the latest change, requests included) into the active slots'
+        mode column (``values``/``stamps``: that column of the cycle's inputs)."""
+        if self.commands:
+            with self.lock:
+                commands = tuple(self.commands.items())
+            for stream, (value, stamp) in commands:
+                slot = slots.get(stream)
+                if slot is not None and stamp > self.stamp[slot]:
+                    self.value[slot] = value
+                    self.stamp[slot] = stamp
+        np.copyto(values, self.value, where=active)
+        np.copyto(stamps, self.stamp, where=active)
 
 
 # ---------------------------------------------------------------------------- the periodic loop

@@ -44,9 +44,11 @@ MODE_NAMES = ("manual", "auto", "warmup")
 
 # Why a stream did not get the model's output this cycle. ``heartbeat``: a bridge serving the
 # stream was putting out the fail-safe values itself (the PLC's heartbeat had stopped).
+# ``bridge``: a bridge feeding the stream had a dead I/O task. New reasons go at the end, so
+# recorded codes keep their meaning.
 (REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT,
- REASON_HEARTBEAT) = range(7)
-REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output", "heartbeat")
+ REASON_HEARTBEAT, REASON_BRIDGE) = range(8)
+REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output", "heartbeat", "bridge")
 
 # Why an input value is invalid (codes in ``InputGuard.codes``; 0 = valid).
 INVALID_NAMES = ("", "nan", "inf", "range", "stale", "missing")
@@ -177,7 +179,7 @@ class OutputLimiter:
 
     ``last`` ``[capacity, O]`` is the last output actually sent per slot (see the module
     docstring for its value before a slot's first cycle). The rate limit per cycle is
-    ``max_rate * period_s``. ``track[j]`` is the input column output ``j`` follows while
+    ``max_rate * period_s`` (``step``). ``track[j]`` is the input column output ``j`` follows while
     tracking (-1: none, it holds). ``caught[s, j]``: output ``j`` of slot ``s`` tracked its
     input last cycle and had reached it (so it follows exactly, not rate-limited).
     """
@@ -197,7 +199,8 @@ class OutputLimiter:
         self.step = rate * float(period_s)                     # inf where there is no rate limit
         self.failsafe = np.clip(np.array([lim.failsafe for lim in limits], dtype=np.float64),
                                 self.lo, self.hi)
-        self._jump = np.array([lim.jump for lim in limits], dtype=bool)[None, :]
+        self.jump = np.array([lim.jump for lim in limits], dtype=bool)
+        self._jump = self.jump[None, :]
         self.last = np.empty((capacity, len(limits)), dtype=np.float64)
         self.last[:] = self.failsafe
         self.fresh = np.ones(capacity, dtype=bool)             # nothing sent since the slot's reset

@@ -5,7 +5,8 @@ Every field is checked; an error names the file and the field, e.g.
 rejected by name. Paths are resolved relative to the TOML file. Defaults:
 
 - ``[model]`` ``device = "cpu"``, ``window = 32``, ``streams = 1`` (stream slots, the most
-  streams batched through the engine at once), ``parallel`` (optional, expert parallelism over
+  streams batched through the engine at once; or a list of stream names: one slot each, and
+  only those streams are admitted), ``parallel`` (optional, expert parallelism over
   torch.distributed: ``{ world_size = N, backend = "gloo" }``, plus ``master_addr =
   "127.0.0.1"``, ``master_port = 0`` (a free port; torchrun's environment wins when set) and
   ``timeout_s = 10`` (how long a collective waits for a stalled rank); see ``sdk.service.controller``),
@@ -43,8 +44,9 @@ rejected by name. Paths are resolved relative to the TOML file. Defaults:
 ``[[inputs]]`` and ``[[outputs]]`` may name their engineering ``unit`` (free text such as
 ``"m"`` or ``"degC"``), shown by the OPC UA bridge.
 
-``[modbus]``, ``[zmq]`` and ``[opcua]`` are validated here by the bridges' own parsers (their optional
-keys are documented in ``plc_bridge``) and handed to the bridges as plain dicts; a register
+``[modbus]``, ``[zmq]`` and ``[opcua]`` (the sections in ``plc_bridge.bridge.SECTIONS``) are
+validated here by the bridges' own parsers, found through the bridge registry (their optional
+keys are documented in ``plc_bridge``), and handed to the bridges as plain dicts; a register
 map may also publish ``_heartbeat``, the counter the controller bumps every cycle, and
 ``_mode``, the stream's mode (0 manual, 1 auto, 2 warm-up). When a
 bridge is configured, every declared input must have a source: a ``[[modbus.map]]`` entry of
@@ -60,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plc_bridge.bridge import SECTIONS, Signal, Wiring, validate_table
 from runtime.control.safety import NEVER_STALE_NS, InputLimit, OutputLimit
 
 try:
@@ -199,14 +202,16 @@ class ParallelSection:
 @dataclass
 class ModelSection:
     """``[model]``: the package, its device, the history window, the stream slots, the
-    expert-parallel ranks (``parallel``, None for one process) and the public keys one of
-    which must have signed the package (``public_key``, empty: signatures not required)."""
+    expert-parallel ranks (``parallel``, None for one process), the stream names admitted
+    (``names``: None for any, when ``streams`` was a count) and the public keys one of which
+    must have signed the package (``public_key``, empty: signatures not required)."""
 
     path: Path
     device: str = "cpu"
     window: int = 32
     streams: int = 1
     parallel: ParallelSection | None = None
+    names: list[str] | None = None
     public_key: list[Path] = field(default_factory=list)
 
 
@@ -386,8 +391,20 @@ class DeployConfig:
         top = _Table(raw, "", file)
 
         t = top.sub("model", required=True)
+        streams = t.get("streams", 1)
+        names = None
+        if isinstance(streams, list):
+            names = streams
+            if not 1 <= len(names) <= 4096 or not all(isinstance(n, str) and 0 < len(n) <= 64 for n in names):
+                t.fail(f"a list must name 1..4096 streams, each a string of 1..64 characters, got {streams!r}",
+                       "streams")
+            if len(set(names)) != len(names):
+                t.fail(f"names a stream twice: {streams!r}", "streams")
+            streams = len(names)
+        else:
+            streams = t.int("streams", 1, lo=1, hi=4096)
         model = ModelSection(path=_resolve(base, t.str("path")), device=t.str("device", "cpu"),
-                             window=t.int("window", 32, lo=1), streams=t.int("streams", 1, lo=1, hi=4096))
+                             window=t.int("window", 32, lo=1), streams=streams, names=names)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
             t.fail(f"must be 'cpu', 'cuda' or 'cuda:N', got {model.device!r}", "device")
         keys = t.get("public_key", None)
@@ -513,11 +530,20 @@ class DeployConfig:
             metrics = _listen(t, t.str("listen", "127.0.0.1:9108"))
             t.done()
 
-        modbus, zmq, opcua = _bridge_tables(top, base, inputs, outputs, advisor)
-        top.done()
         config = cls(source=Path(source), model=model, loop=loop, inputs=inputs, outputs=outputs,
-                     recorder=recorder, shadow=shadow, advisor=advisor, modbus=modbus, zmq=zmq, opcua=opcua,
-                     metrics=metrics, mode=mode, base_dir=base, raw=raw)
+                     recorder=recorder, shadow=shadow, advisor=advisor, metrics=metrics, mode=mode, base_dir=base,
+                     raw=raw)
+        wiring = config.wiring()
+        for section in SECTIONS:                          # each bridge's own parser, from the registry
+            table = top.get(section, None)
+            if table is None:
+                continue
+            t = _Table(table, section, file)              # must be a table
+            try:
+                setattr(config, section, validate_table(section, table, wiring))
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(f"{t.file}: {exc}") from None
+        top.done()
         if check_sources and config.has_bridges:
             missing = config.unsourced_inputs()
             if missing:
@@ -530,7 +556,34 @@ class DeployConfig:
     @property
     def has_bridges(self) -> bool:
         """Whether any bridge ([modbus], [zmq], [opcua]) is configured: an input source for ``r1edge run``."""
-        return self.modbus is not None or self.zmq is not None or self.opcua is not None
+        return bool(self.bridge_tables())
+
+    def bridge_tables(self) -> dict[str, dict]:
+        """``{section: table}`` of the configured bridges, in the registry's order."""
+        return {s: getattr(self, s) for s in SECTIONS if getattr(self, s) is not None}
+
+    def wiring(self, inputs: list[str] | None = None, outputs: list[str] | None = None) -> Wiring:
+        """What the bridges are built for (``plc_bridge.bridge.Wiring``): the input columns
+        (``inputs``' order, default the config's, then the advisor's switch) and the output
+        columns (``outputs``' order, then ``_heartbeat``, ``_mode`` and what the advisor
+        publishes), with ranges, units and the values before the first decision."""
+        ins = {i.name: i for i in self.inputs}
+        outs = {o.name: o for o in self.outputs}
+        cols_in = [ins[n] for n in (inputs or list(ins)) if n in ins]
+        sig_in = [Signal(i.name, i.min, i.max, i.unit) for i in cols_in]
+        sig_out = [Signal(o.name, o.min, o.max, o.unit, o.failsafe) for o in
+                   (outs[n] for n in (outputs or list(outs)))]
+        sig_out += [Signal(HEARTBEAT, 0.0, 65535.0, None, 0.0), Signal(MODE, 0.0, 2.0, None, 0.0)]
+        adv = self.advisor
+        if adv is not None:
+            if adv.enable:
+                sig_in.append(Signal(adv.enable, 0.0, 1.0, None))
+            ranges = {f"advice.{n}": (ins[n].min, ins[n].max, ins[n].unit) for n in adv.sets}
+            ranges.update({"advice.diagnosis": (0.0, float(len(adv.diagnoses)), None),
+                           "advice.state": (0.0, 2.0, None), "advice.count": (0.0, 65535.0, None)})
+            sig_out += [Signal(n, *ranges[n], v) for n, v in adv.published(self.inputs).items()]
+        return Wiring(self.base_dir, tuple(sig_in), tuple(sig_out),
+                      tuple(self.model.names) if self.model.names is not None else None, self.model.streams)
 
     def unsourced_inputs(self) -> list[str]:
         """The declared inputs that no configured bridge provides: not in ``[[modbus.map]]``
@@ -567,6 +620,8 @@ class DeployConfig:
             return v
         d = asdict(self)
         d.pop("raw")
+        if d["model"]["names"] is None:                   # recording headers as before lists of names
+            del d["model"]["names"]
         return conv(d)
 
 
@@ -672,67 +727,6 @@ def _advisor(t: _Table, base: Path, loop: LoopSection, inputs: list[InputSpec], 
     if not sec.path.is_dir():
         t.fail(f"{sec.path}: no such language model (a package or checkpoint directory with its tokenizer)", "path")
     return sec
-
-
-def _bridge_tables(top: _Table, base: Path, inputs: list[InputSpec], outputs: list[OutputSpec],
-                   advisor: AdvisorSection | None = None) -> tuple[dict | None, dict | None, dict | None]:
-    """``[modbus]``, ``[zmq]`` and ``[opcua]``, validated by the bridges' own parsers (one
-    source of truth for their keys), with the file named in any error. Nothing is bound or
-    started here."""
-    modbus, zmq, opcua = top.get("modbus", None), top.get("zmq", None), top.get("opcua", None)
-    in_names = [i.name for i in inputs] + ([advisor.enable] if advisor is not None and advisor.enable else [])
-    out_values = {**bridge_outputs(outputs), **(advisor.published(inputs) if advisor is not None else {})}
-    if modbus is not None:
-        _Table(modbus, "modbus", top.file)                # must be a table
-        tls = modbus.get("tls")
-        if isinstance(tls, dict):                         # resolve [modbus.tls] paths against the TOML file
-            modbus = {**modbus, "tls": {k: str(_resolve(base, v)) if k in ("cert", "key", "ca") and isinstance(v, str)
-                                        else v for k, v in tls.items()}}
-        from plc_bridge.modbus import ModbusBridge
-        try:
-            ModbusBridge.from_config(modbus, in_names, out_values)
-        except ValueError as exc:
-            raise ConfigError(f"{top.file}: {exc}") from None
-    if zmq is not None:
-        t = _Table(zmq, "zmq", top.file)
-        zmq = dict(zmq)
-        curve = zmq.get("curve")
-        if isinstance(curve, dict):                       # resolve key paths against the TOML file
-            zmq["curve"] = {k: str(_resolve(base, v)) if k in ("secret_key", "allowed") and isinstance(v, str)
-                            else v for k, v in curve.items()}
-        from plc_bridge.zmq_bridge import ZmqBridge
-        try:
-            ZmqBridge.from_config(zmq, base, in_names)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"{t.file}: {exc}") from None
-    if opcua is not None:
-        t = _Table(opcua, "opcua", top.file)
-        from plc_bridge.opcua import OpcUaBridge
-        try:
-            OpcUaBridge.from_config(opcua, base, *opcua_signals(inputs, outputs, advisor))
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"{t.file}: {exc}") from None
-    return modbus, zmq, opcua
-
-
-def opcua_signals(inputs: list[InputSpec], outputs: list[OutputSpec],
-                  advisor: AdvisorSection | None = None) -> tuple[list, list]:
-    """The inputs and outputs as the OPC UA bridge shows them (``plc_bridge.opcua.Signal``:
-    name, range, unit), with the advisor's switch and published signals."""
-    from plc_bridge.opcua import Signal
-
-    ins = [Signal(i.name, i.min, i.max, i.unit) for i in inputs]
-    outs = [Signal(o.name, o.min, o.max, o.unit) for o in outputs]
-    if advisor is not None:
-        if advisor.enable:
-            ins.append(Signal(advisor.enable, 0.0, 1.0, None))
-        spec = {i.name: i for i in inputs}
-        for name in advisor.sets:
-            outs.append(Signal(f"advice.{name}", spec[name].min, spec[name].max, spec[name].unit))
-        if advisor.diagnoses:
-            outs.append(Signal("advice.diagnosis", 0.0, float(len(advisor.diagnoses)), None))
-        outs += [Signal("advice.state", 0.0, 2.0, None), Signal("advice.count", 0.0, 65535.0, None)]
-    return ins, outs
 
 
 def bridge_outputs(outputs: list[OutputSpec]) -> dict[str, float]:

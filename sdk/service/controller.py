@@ -1,56 +1,43 @@
 """``sdk.Controller``: the one place that wires engine, loop, safety, recorder and bridges.
 
-A controller is built from a deployment TOML (``sdk.service.config``). It serves named streams from
-a fixed set of engine slots (``[model] streams``); a stream gets a slot the first time it is
-seen and keeps it. Each cycle batches every stream with valid inputs into one engine step
-(the engine's outputs are batch-invariant, so batching never changes a stream's decision),
-under the watchdog, then clamps and rate-limits the outputs (``runtime.control.safety``).
+A controller is built from a deployment TOML (``sdk.service.config``). It serves named streams
+from a fixed set of engine slots (``[model] streams``; admission in ``sdk.service.streams``).
+Each cycle batches every stream with valid inputs into one engine step (batch-invariant, so
+batching never changes a stream's decision), under the watchdog, then clamps and rate-limits
+the outputs (``runtime.control.safety``).
+
+The cycle (``_loop_cycle``; ``step_many`` is the same without bridges) is, in order: one
+``read()`` of each bridge (``plc_bridge.bridge``: an image of every stream's inputs, filled by
+the bridge's I/O thread) merged into the cycle's arrays, the mode in force (precedence by
+change), ``ControlCycle.run`` (``runtime.control.loop``: validity, inference under the
+watchdog, mode, limits), one ``write()`` of the decision image to each bridge (drained by its
+I/O thread), the counters, the shadow and the flight record. Bridges are built by the
+registry in ``plc_bridge.bridge`` from their sections; the controller has no case per protocol.
 
 - ``step(inputs, stream="main")``: one synchronous cycle, for use inside someone else's loop.
-- ``run(duration_s=None)``: the periodic loop (``runtime.control.loop``), inputs from the configured
-  bridges or a ``source`` callable, outputs to the bridges and/or a ``sink`` callable.
-  Bridges (``plc_bridge.bridge.Bridge``) are alike to the controller: each gives the inputs
-  of the streams it has and gets the decisions of the streams it serves.
-- ``stats()``: counters and latency histograms; ``close()`` or a ``with`` block to finish.
+- ``run(duration_s=None)``: the periodic loop, inputs from the bridges or a ``source``
+  callable, outputs to the bridges and/or a ``sink`` callable.
+- ``stats()``: counters and latency histograms; ``verdict()``: whether a run was healthy
+  (``r1edge run``'s exit status); ``close()`` or a ``with`` block to finish.
 
-With ``[recorder]`` every cycle is appended to a flight recording (``runtime.control.recorder``);
-``sdk.service.replay.replay()`` re-runs one and checks every output bit for bit.
+One-off work happens before the first live cycle and is logged stage by stage: building the
+engine (Numba compiles on a first run), warm-up steps in the inference thread (then
+forgotten), and a full garbage collection with ``gc.freeze()``. When ``run()`` stops, every
+stream's outputs go to their fail-safe values (or the last value sent, ``on_stop = "hold"``)
+and reach the bridges before they close.
 
-One-off work happens before the first live cycle: building the engine (Numba compiles its
-kernels on a first run, later runs load them from the on-disk cache), the first engine steps
-in the inference thread (then forgotten), and, in the periodic loop, a full garbage
-collection with ``gc.freeze()``. Each stage is logged as it starts, so a long first start
-is never silent. When ``run()`` stops (duration, ``stop()``, SIGINT/SIGTERM in ``r1edge
-run``), every stream's outputs go to their fail-safe values (or stay at the last value sent
-where an output says ``on_stop = "hold"``) and reach the bridges before they close.
-``verdict()`` says whether a run was healthy (``r1edge run``'s exit status).
+Fail-safe reasons set here: ``heartbeat`` while a bridge puts out a stream's fail-safe values
+itself (the Modbus bridge after a PLC heartbeat loss; the outputs then ramp back from what the
+plant actually got), and ``bridge`` while a bridge feeding the stream has a dead I/O task.
 
-With ``[shadow]`` a candidate package runs on the frames the live model got, in its own
-thread, after the live outputs went out (``sdk.service.shadow``); it is never applied.
-
-With ``[model] parallel = { world_size = N }`` the routed experts are split across N processes
-(``runtime.cpu.parallel``, bitwise the one-process outputs; ``sdk.service.engines.ParallelRanks``). Rank 0 runs the
-controller: loop, bridges, recorder; the other ranks only serve their experts. Under torchrun
-every rank runs ``r1edge run`` and takes its rank from the environment; otherwise rank 0 starts
-the others itself as local processes. The watchdog covers the whole step, exchange included:
-a slow rank gives the fail-safe in that cycle, and a dead one (a failed collective) also stops
-the run, which then reports failure (``r1edge run`` exits 1) for its supervisor to restart
-it. The recording's header names the split; it replays bit for bit on one process.
-
-With ``[advisor]`` a language model in its own process reads the advised stream's state as text
-and proposes setpoints and/or a diagnosis (``sdk.service.advisor``); advice reaches the model only
-through the PLC's switch, the inputs' ranges and the advisor's rate limits, and the model's
-outputs through the outputs' limits as always.
-
-Bumpless start and transfer (``runtime.control.loop.ControlCycle``): with ``[loop] warmup_cycles`` a
-stream's history is filled from its first valid frame and its outputs track their ``track``
-inputs for that many cycles, at start and after a window-long gap of invalid inputs (a
-shorter gap is filled with copies of the frame after it); with ``[mode]
-input`` a stream is manual (outputs track) while that input is 0. ``set_mode()`` (also the
-ZeroMQ control command "mode") writes the mode input as one more source of it. A bridge that
-puts out fail-safe values itself (``plc_bridge.bridge.FailsafeSource``: the Modbus bridge
-after a PLC heartbeat loss) fails its streams safe in the controller too (reason
-``heartbeat``), so the outputs ramp back from what the plant actually got.
+With ``[recorder]`` every cycle is appended to a flight recording (``sdk.service.replay``
+writes and replays it bit for bit). ``[shadow]``: a candidate package on the same frames, never
+applied (``sdk.service.shadow``). ``[model] parallel``: the routed experts split across
+processes (``sdk.service.engines.ParallelRanks``; a dead rank stops the run). ``[advisor]``: a
+language model proposing setpoints through the PLC's switch (``sdk.service.advisor``).
+``[loop] warmup_cycles`` and ``[mode] input``: bumpless start and transfer
+(``runtime.control.loop.ControlCycle``); ``set_mode()`` (also the ZeroMQ command "mode") is one
+more source of the mode input.
 """
 from __future__ import annotations
 
@@ -62,18 +49,19 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from plc_bridge.bridge import Bridge, FailsafeSource, ModeSwitch, Reporter
-from runtime.control.loop import (ControlCycle, InferenceWorker, LatencyHistogram, PeriodicLoop, RealtimeOptions,
-                                  fill_history, monotonic_ns, set_compute_threads)
+from plc_bridge.bridge import Bridge, DecisionImage, ModeSwitch, Reporter, build_bridge
+from runtime.control.loop import (ControlCycle, InferenceWorker, LatencyHistogram, ModeSources, PeriodicLoop,
+                                  RealtimeOptions, monotonic_ns, set_compute_threads)
 from runtime.control.recorder import FlightRecorder
-from runtime.control.safety import (FAILSAFE, INVALID_NAMES, MISSING_STAMP, MODE_NAMES, OK, REASON_ERROR,
-                                    REASON_HEARTBEAT, REASON_INPUT, REASON_NAMES, REASON_NONE, REASON_OUTPUT,
+from runtime.control.safety import (INVALID_NAMES, MISSING_STAMP, MODE_NAMES, REASON_INPUT, REASON_NAMES,
                                     STATUS_NAMES, InputGuard, OutputLimiter)
-from sdk.service.config import HEARTBEAT, MODE, ConfigError, DeployConfig, opcua_signals
-from sdk.service.engines import ParallelRanks, build_engine_logged
-from sdk.service.metrics import MetricsServer, SnapshotExchange, take_snapshot
+from sdk.service.config import HEARTBEAT, ConfigError, DeployConfig
+from sdk.service.engines import ParallelRanks, build_engine_logged, match_signals, warm_up
+from sdk.service.metrics import (MetricsServer, SnapshotExchange, controller_stats, count_failures, take_snapshot,
+                                 verdict)
+from sdk.service.replay import cycle_record, recording_header
 from sdk.service.shadow import Shadow
-from sdk.tools.package import package_identity
+from sdk.service.streams import StreamTable
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +75,12 @@ class Controller:
     a flight recorder and the configured bridges. See the module docstring.
 
     ``engine`` (optional) is anything with the engine's sensor interface; by default the
-    engine is built from ``[model]``. ``bridges=False`` leaves ``[modbus]``/``[zmq]`` unused.
-    The configured bridges are in ``bridges``; ``bridge(name)`` finds one by its name.
+    engine is built from ``[model]``. ``bridges=False`` leaves ``[modbus]``/``[zmq]`` unused;
+    a list of bridges (``plc_bridge.bridge.Bridge``) is used instead of the configured ones.
+    The bridges are in ``bridges``; ``bridge(name)`` finds one by its name.
     """
 
-    def __init__(self, config: DeployConfig, *, engine=None, bridges: bool = True):
+    def __init__(self, config: DeployConfig, *, engine=None, bridges: bool | list = True):
         self.config = cfg = config
         capacity = cfg.model.streams
         t_start = time.perf_counter()
@@ -118,9 +107,9 @@ class Controller:
         # Inputs only the controller reads (tracking and mode inputs) follow the model's.
         own = {o.track for o in cfg.outputs if o.track} | ({cfg.mode.input} if cfg.mode else set())
         self.aux_inputs = [i.name for i in cfg.inputs if i.name in own and i.name not in self.model_inputs]
-        _match(cfg.source, "inputs", [i.name for i in cfg.inputs if i.name not in self.aux_inputs],
+        match_signals(cfg.source, "inputs", [i.name for i in cfg.inputs if i.name not in self.aux_inputs],
                self.model_inputs)
-        _match(cfg.source, "outputs", [o.name for o in cfg.outputs], self.output_names)
+        match_signals(cfg.source, "outputs", [o.name for o in cfg.outputs], self.output_names)
         #: Every input: the model's, in its order, then ``aux_inputs`` (the columns of ``cycle.values``).
         self.input_names = self.model_inputs + self.aux_inputs
         ins = {i.name: i for i in cfg.inputs}
@@ -141,16 +130,18 @@ class Controller:
         self.cycle = ControlCycle(engine, guard, limiter, capacity=capacity, worker=self.worker, window=self.window,
                                   warmup_cycles=cfg.loop.warmup_cycles,
                                   mode_col=self._in_index[cfg.mode.input] if cfg.mode else None)
-        self._mode_commands: dict[str, tuple[float, int]] = {}
-        self._mode_lock = threading.Lock()
-        self._failsafe_seen: dict[tuple[int, str], int] = {}
+        self.streams = StreamTable(capacity, cfg.model.names, {cfg.advisor.stream} if cfg.advisor else None)
+        self.modes = ModeSources(1, capacity)             # sources: each bridge, then step/source inputs
+        self._failsafe_seen = np.zeros((0, capacity), np.int64)
+        self._given = np.zeros(capacity, bool)            # slots a bridge gave inputs for this cycle
+        self.decisions: DecisionImage | None = None
+        self._extra_cols: list[tuple[int, str]] = []
         self.shadow: Shadow | None = None
         self.advisor = None
         self.loop = PeriodicLoop(cfg.loop.period_ns, self._deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
         self._in_keys = self._in_index.keys()
-        self.slots: dict[str, int] = {}
-        self._slot_names: list[str | None] = [None] * capacity
-        self._active: list[int] = []                      # slots active this cycle, in input order
+        self.slots, self._slot_names = self.streams.slots, self.streams.names
+        self.active: list[int] = []                      # slots active this cycle, in input order
         self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "record", "latency")}
         self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "tracking_cycles": 0,
@@ -158,6 +149,8 @@ class Controller:
                          "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
                          "sink_errors": 0, "record_errors": 0, "mode_changes": 0}
         self._logged_mode = np.full(capacity, -1, np.int16)      # each slot's mode as last logged
+        # status, reason and mode of the last finished cycle (status() never sees one half done)
+        self._shown = np.stack([self.cycle.status, self.cycle.reason, self.cycle.mode]).astype(np.int16)
         self._mode_diff = np.zeros(capacity, bool)
         self.failsafe_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
         self.held_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
@@ -175,7 +168,7 @@ class Controller:
         self.bridges: list[Bridge] = []
         self.recorder: FlightRecorder | None = None
         try:
-            self._warm_up(engine, self.worker, "")
+            warm_up(engine, self.worker, capacity, self.window if cfg.loop.warmup_cycles else 1)
             if cfg.shadow is not None:
                 shadow_engine = build_engine_logged(cfg.shadow.path, cfg, capacity, "shadow ")
                 theirs = (list(shadow_engine.input_names), list(shadow_engine.output_names))
@@ -184,16 +177,17 @@ class Controller:
                                       f"the live package {self.model_inputs} -> {self.output_names}; a shadow "
                                       "needs the same signals in the same order")
                 self.shadow = Shadow(shadow_engine, cfg.shadow.path, self.output_limits, capacity, cfg.loop.threads)
-                self._warm_up(shadow_engine, self.shadow.worker, "shadow ")
+                self.shadow.recent_step_ns.fill(warm_up(shadow_engine, self.shadow.worker, capacity,
+                                                        self.window if cfg.loop.warmup_cycles else 1, "shadow "))
             if cfg.advisor is not None:
                 from sdk.service.advisor import Advisor
 
                 self.advisor = Advisor(cfg.advisor, cfg.inputs, self.input_names, self.output_names, self.period_s)
             logger.info("controller ready in %.1f s", time.perf_counter() - t_start)
             if bridges:
-                self._make_bridges()
+                self._make_bridges(bridges if isinstance(bridges, list) else None)
             if cfg.recorder is not None and cfg.recorder.enabled:
-                self.recorder = FlightRecorder(cfg.recorder.path, self._header(),
+                self.recorder = FlightRecorder(cfg.recorder.path, recording_header(self),
                                                max_bytes=cfg.recorder.max_bytes, keep=cfg.recorder.keep)
             if cfg.metrics is not None:
                 self.metrics = MetricsServer(self, cfg.metrics.host, cfg.metrics.port).start()
@@ -215,30 +209,6 @@ class Controller:
         have a configured source: see ``sdk.service.config``)."""
         return cls(DeployConfig.load(path, check_sources=bridges), engine=engine, bridges=bridges)
 
-    def _warm_up(self, engine, worker: InferenceWorker, what: str, steps: int = 3) -> None:
-        """The first engine steps, in the thread that will run them (its thread pool starts,
-        caches and pages warm up), at full batch and at one stream, and a history fill where
-        streams warm up; then every slot is reset, so no stream ever sees them."""
-        cap = self.cycle.capacity
-        slots = np.arange(cap, dtype=np.int64)
-        feats = np.zeros((cap, len(self.model_inputs)), dtype=np.float32)
-        history = np.zeros((self.window - 1 if self.config.loop.warmup_cycles else 0, feats.shape[1]), np.float32)
-
-        def job() -> int:
-            fill_history(engine, 0, history)
-            t0 = monotonic_ns()
-            for n in (cap, 1):
-                for _ in range(steps):
-                    engine.step_sensor(slots[:n], feats[:n])
-            t1 = monotonic_ns()
-            for slot in range(cap):
-                engine.reset_slot(slot)
-            return (t1 - t0) // (2 * steps)
-        logger.info("%swarm-up: %d engine steps in the %s thread", what, 2 * steps, worker.name)
-        step_ns = worker.run_sync(job, timeout_s=600.0)
-        if self.shadow is not None and worker is self.shadow.worker:
-            self.shadow.recent_step_ns.fill(step_ns)
-
     # ------------------------------------------------------------------ synchronous use
     def step(self, inputs: Mapping[str, float], stream: str = "main") -> dict[str, float]:
         """One cycle for one stream: ``{input: value}`` in, ``{output: value}`` out.
@@ -253,7 +223,8 @@ class Controller:
 
     def step_many(self, frames: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
         """One cycle for several streams batched together: ``{stream: {input: value}}`` in,
-        ``{stream: {output: value}}`` out. Raises ``ValueError`` if a new stream finds no free slot."""
+        ``{stream: {output: value}}`` out. Raises ``ValueError`` if a new stream finds no free
+        slot (or is not one of ``[model] streams``)."""
         with self._lock:
             if self._running:
                 raise RuntimeError("the controller is running its periodic loop; step() is not available")
@@ -262,10 +233,9 @@ class Controller:
             for stream, values in frames.items():
                 slot = self._slot(stream)
                 if slot is None:
-                    raise ValueError(f"stream {stream!r}: all {len(self._slot_names)} stream slots are in use "
-                                     "(raise [model] streams)")
+                    raise ValueError(f"stream {stream!r}: {self.streams.why_not(stream)} (raise [model] streams)")
                 self._fill(slot, values, t0)
-            self._merge_mode_commands()
+            self._resolve_mode()
             t1 = monotonic_ns()
             self._advise_before(self.counters["cycles"], t1)
             infer_ns = self.cycle.run(t1, t0 + self._budget_ns)
@@ -314,41 +284,34 @@ class Controller:
         slot = self.slots.get(stream)
         if slot is None:
             raise KeyError(f"unknown stream {stream!r}")
-        reason = int(self.cycle.reason[slot])
-        return {"status": STATUS_NAMES[int(self.cycle.status[slot])], "reason": REASON_NAMES[reason],
+        status, reason, mode = self._shown[:, slot].tolist()
+        return {"status": STATUS_NAMES[status], "reason": REASON_NAMES[reason],
                 "invalid": self.cycle.guard.invalid_inputs(slot) if reason == REASON_INPUT else {},
-                "mode": MODE_NAMES[int(self.cycle.mode[slot])], "heartbeat": self.cycle.heartbeat}
+                "mode": MODE_NAMES[mode], "heartbeat": self.cycle.heartbeat}
 
     def set_mode(self, stream: str, mode: str) -> dict:
         """Switch ``stream`` to ``"manual"`` (its outputs track) or ``"auto"`` (the model drives),
-        as if its ``[mode]`` input had just been written with 0 or 1: from any thread, applied
-        at the next cycle, both ways bumpless. Where a bridge also gives the mode input, the
-        newer value wins (a Modbus client's poll counts as new every time). Raises
-        ``ValueError`` without ``[mode]`` or for another mode, ``KeyError`` for a stream that
-        has not been seen."""
+        as if its ``[mode]`` input had just been changed to 0 or 1: from any thread, applied
+        at the next cycle, both ways bumpless. Precedence is by change: each source of the mode
+        (this call, each bridge, ``step``/``source`` inputs) counts when its value changes, and
+        the latest change is in force; a PLC rewriting the same coil value every scan does not
+        undo a request. Raises ``ValueError`` without ``[mode]`` or for another mode,
+        ``KeyError`` for a stream that has not been seen."""
         if self.config.mode is None:
             raise ValueError(f"{self.config.source}: no [mode] input configured; add [mode] input = \"...\"")
         if mode not in ("manual", "auto"):
             raise ValueError(f"mode must be 'manual' or 'auto', got {mode!r}")
         if stream not in self.slots:
             raise KeyError(f"unknown stream {stream!r} (streams: {', '.join(self.slots) or 'none yet'})")
-        with self._mode_lock:
-            self._mode_commands[stream] = (1.0 if mode == "auto" else 0.0, monotonic_ns())
+        self.modes.command(stream, 1.0 if mode == "auto" else 0.0, monotonic_ns())
         logger.info("stream %r: %s requested", stream, mode)
         return {"stream": stream, "mode": mode}
 
-    def _merge_mode_commands(self) -> None:
-        """``set_mode`` requests into this cycle's inputs, where newer than the mode input's value."""
-        if not self._mode_commands:
-            return
-        col, cycle = self.cycle.mode_col, self.cycle
-        with self._mode_lock:
-            commands = tuple(self._mode_commands.items())
-        for stream, (value, stamp) in commands:
-            slot = self.slots.get(stream)
-            if slot is not None and cycle.active[slot] and stamp > cycle.stamps[slot, col]:
-                cycle.values[slot, col] = value
-                cycle.stamps[slot, col] = stamp
+    def _resolve_mode(self) -> None:
+        col = self.cycle.mode_col
+        if col is not None:
+            c = self.cycle
+            self.modes.resolve(self.slots, c.values[:, col], c.stamps[:, col], c.active)
 
     @property
     def heartbeat(self) -> int:
@@ -408,14 +371,15 @@ class Controller:
         except Exception as exc:                          # inputs keep ageing: staleness fails safe
             self._error("read_errors", exc)
         t1 = monotonic_ns()
-        self._advise_before(seq, t1)
+        if self.advisor is not None:
+            self._advise_before(seq, t1)
         infer_ns = self.cycle.run(t1, tick_ns + self._budget_ns)
         if self.ranks is not None and self.engine.failure is not None and not self._rank_failure_seen:
             self._rank_failure_seen = True               # this cycle's fail-safe still goes out, then the run stops
             logger.error("the expert-parallel engine failed, stopping: %s", self.engine.failure)
             self.loop.stop()
         t2 = monotonic_ns()
-        self._write(seq, tick_ns, (t2 - tick_ns) / 1e3)
+        self._write(seq, (t2 - tick_ns) / 1e3)
         t3 = monotonic_ns()
         self._account(t1 - t0, infer_ns, t3 - t2, t3 - tick_ns)
         if self.advisor is not None:
@@ -455,25 +419,33 @@ class Controller:
         limiter, names, hold = self.cycle.limiter, self.output_names, self._hold_on_stop
         streams = list(self.slots)
         for bridge in self.bridges:
-            streams += [s for s in bridge.input_streams() if s not in streams]
+            streams += [s for s in bridge.bound_streams() if s not in streams]
         status = "hold" if hold.all() else "failsafe"
         seq, hb, entries = self.loop.cycles, float(self.cycle.heartbeat), []
-        for stream in streams:
+        d = self.decisions
+        if d is not None:
+            d.values.fill(np.nan)                          # _mode and advice: not given on stop
+            d.n, d.seq, d.latency_us = 0, seq, 0.0
+        for stream in streams[:len(self._slot_names)]:
             slot = self.slots.get(stream)
             values = np.where(hold, limiter.last[slot] if slot is not None else limiter.failsafe, limiter.failsafe)
-            outputs = dict(zip(names, values.tolist()))
             entries.append({"s": stream, "out": values.tolist(), "st": status})
             if self._sink is not None:
                 try:
-                    self._sink(stream, outputs, status, seq, 0.0)
+                    self._sink(stream, dict(zip(names, values.tolist())), status, seq, 0.0)
                 except Exception as exc:
                     self._error("sink_errors", exc)
+            if d is not None:
+                d.names[d.n], d.status[d.n] = stream, status
+                d.values[d.n, :len(names)] = values
+                d.values[d.n, d.index[HEARTBEAT]] = hb
+                d.n += 1
+        if d is not None:
             for bridge in self.bridges:
-                if bridge.serves(stream):
-                    try:
-                        bridge.publish({**outputs, HEARTBEAT: hb}, status, seq, 0.0, stream)
-                    except Exception as exc:
-                        self._error("write_errors", exc)
+                try:
+                    bridge.write(d)
+                except Exception as exc:
+                    self._error("write_errors", exc)
         if streams:
             logger.info("stopped: outputs of %s set to %s", ", ".join(map(repr, streams)),
                         "their last values (on_stop = hold)" if hold.all() else
@@ -481,6 +453,7 @@ class Controller:
         self._append({"type": "stop", "seq": seq, "t_ns": monotonic_ns(), "streams": entries})
 
     def _read(self, now: int) -> None:
+        """The cycle's inputs: one read of each bridge (or the ``source``), the mode in force."""
         self._clear_active()
         if self._source is not None:
             frames = self._source(self.loop.cycles, now)
@@ -491,51 +464,88 @@ class Controller:
                 if slot is not None:
                     self._fill(slot, values, now)
         else:
-            for bridge in self.bridges:
-                for stream in bridge.input_streams():
-                    slot = self._slot(stream)
-                    if slot is not None:
-                        self._fill_stamped(slot, bridge.snapshot(stream))
-        self._merge_mode_commands()
-        for i, bridge in enumerate(self.bridges):
-            if isinstance(bridge, FailsafeSource):
-                self._check_failsafe(i, bridge)
+            self._read_bridges()
+        self._resolve_mode()
 
-    def _check_failsafe(self, i: int, bridge: FailsafeSource) -> None:
-        """Fail a stream safe while a bridge serving it puts out its fail-safe values itself, and
-        for one cycle after it did so since the last check (the plant got them meanwhile)."""
-        forced, seen = self.cycle.forced, self._failsafe_seen
-        for slot in self._active:
-            stream = self._slot_names[slot]
-            if not bridge.serves(stream):
+    def _read_bridges(self) -> None:
+        """Each bridge's image into the cycle's inputs: the first bridge to give a stream a row
+        this cycle sets it, the others merge signal by signal, the newer receive time winning.
+        A stream a bridge puts out fail-safe values for (or did since the last read) is
+        ``forced``; one a bridge with a dead task feeds is ``down``. A slot no bridge gave
+        anything for is released, unless its stream is reserved (``streams.reserved``)."""
+        cycle, n, col = self.cycle, len(self.input_names), self.cycle.mode_col
+        values, stamps, given = cycle.values, cycle.stamps, self._given
+        given.fill(False)
+        for b, bridge in enumerate(self.bridges):
+            try:
+                img = bridge.read()
+            except Exception as exc:                      # inputs keep ageing: staleness fails safe
+                self._error("read_errors", exc)
                 continue
-            overriding, entries = bridge.failsafe_state(stream)
-            if overriding or entries != seen.get((i, stream), 0):
-                forced[slot] = True
-            seen[i, stream] = entries
+            seen = self._failsafe_seen[b]
+            for stream, r in img.taken:
+                slot = self.slots.get(stream)
+                if slot is None and (slot := self._slot(stream)) is None:
+                    continue
+                v, t = img.values[r], img.stamps[r]
+                if cycle.active[slot]:
+                    newer = t[:n] > stamps[slot]
+                    np.copyto(values[slot], v[:n], where=newer)
+                    np.copyto(stamps[slot], t[:n], where=newer)
+                else:
+                    values[slot] = v[:n]
+                    stamps[slot] = t[:n]
+                    cycle.active[slot] = True
+                    self.active.append(slot)
+                given[slot] = True
+                if col is not None:
+                    self.modes.source(b, slot, v[col], t[col])
+                for j, name in self._extra_cols:
+                    if t[j] != MISSING_STAMP:
+                        self.advisor.capture(slot, name, v[j], t[j])
+                entries = img.failsafe_entries[r]
+                if img.failsafe[r] or entries != seen[slot]:
+                    cycle.forced[slot] = True
+                seen[slot] = entries
+                if not img.running:
+                    cycle.down[slot] = True
+        for slot, stream in enumerate(self._slot_names):
+            if stream is not None and not given[slot] and stream not in self.streams.reserved:
+                self.modes.forget(self.streams.release(slot))
 
-    def _write(self, seq: int, tick_ns: int, latency_us: float) -> None:
-        cycle, names, hb = self.cycle, self.output_names, float(self.cycle.heartbeat)
-        for slot in self._active:
-            stream = self._slot_names[slot]
-            outputs = dict(zip(names, cycle.out[slot].tolist()))
-            status = STATUS_NAMES[int(cycle.status[slot])]
-            if self._sink is not None:
+    def _write(self, seq: int, latency_us: float) -> None:
+        """The cycle's outputs: to the ``sink`` per stream, and one write of the decision image
+        (outputs, ``_heartbeat``, ``_mode``, the advisor's signals) to each bridge."""
+        cycle, names = self.cycle, self.output_names
+        if self._sink is not None:
+            for slot in self.active:
                 try:
-                    self._sink(stream, outputs, status, seq, latency_us)
+                    self._sink(self._slot_names[slot], dict(zip(names, cycle.out[slot].tolist())),
+                               STATUS_NAMES[int(cycle.status[slot])], seq, latency_us)
                 except Exception as exc:
                     self._error("sink_errors", exc)
-            if not self.bridges:
-                continue
-            outputs = {**outputs, HEARTBEAT: hb, MODE: float(cycle.mode[slot])}
-            if self.advisor is not None and slot == self.advisor.slot:
-                outputs.update(self.advisor.published())
-            for bridge in self.bridges:
-                if bridge.serves(stream):
-                    try:
-                        bridge.publish(outputs, status, seq, latency_us, stream)
-                    except Exception as exc:
-                        self._error("write_errors", exc)
+        d = self.decisions
+        if d is None:
+            return
+        n_out, hb, adv = len(names), float(cycle.heartbeat), self.advisor
+        for i, slot in enumerate(self.active):
+            d.names[i] = self._slot_names[slot]
+            d.status[i] = STATUS_NAMES[int(cycle.status[slot])]
+            row = d.values[i]
+            row[:n_out] = cycle.out[slot]
+            row[n_out] = hb
+            row[n_out + 1] = cycle.mode[slot]
+            if adv is not None:
+                row[n_out + 2:] = np.nan
+                if slot == adv.slot:
+                    for name, value in adv.published().items():
+                        row[d.index[name]] = value
+        d.n, d.seq, d.latency_us = len(self.active), seq, latency_us
+        for bridge in self.bridges:
+            try:
+                bridge.write(d)
+            except Exception as exc:
+                self._error("write_errors", exc)
 
     def _mode_changed(self, slot: int, mode: int) -> None:
         """Log a stream's change of mode (auto, manual, warm-up): the first 1,000 of a run; the
@@ -557,17 +567,13 @@ class Controller:
         slot = self.slots.get(stream)
         if slot is not None:
             return slot
-        try:
-            slot = self._slot_names.index(None)
-        except ValueError:
+        slot = self.streams.take(stream)
+        if slot is None:
             self.counters["dropped_streams"] += 1
-            if f"stream:{stream}" not in self._warned and len(self._warned) < 1000:
-                self._warned.add(f"stream:{stream}")
-                logger.warning("stream %r dropped: all %d slots in use", stream, len(self._slot_names))
             return None
-        self.slots[stream] = slot
-        self._slot_names[slot] = stream
         self._logged_mode[slot] = -1
+        self.modes.reset(slot)
+        self._failsafe_seen[:, slot] = 0
         self.cycle.reset_slot(slot)
         if self.shadow is not None:
             self.shadow.reset_slot(slot)
@@ -590,6 +596,7 @@ class Controller:
                 else:
                     stamps.fill(now)
                     self._activate(slot)
+                    self._mode_source(slot)
                     return
         row.fill(np.nan)
         stamps.fill(MISSING_STAMP)
@@ -612,37 +619,26 @@ class Controller:
                 row[j] = np.nan                           # not a number: invalid ("nan")
                 stamps[j] = now
         self._activate(slot)
+        self._mode_source(slot)
 
-    def _fill_stamped(self, slot: int, snapshot: Mapping[str, tuple[float, int]]) -> None:
-        """Inputs from a bridge, each with its receive time. The first bridge to give a stream
-        inputs in a cycle starts from an empty row; the others merge into it signal by signal,
-        the newer receive time winning, so two bridges feeding one stream never wipe each other."""
-        row, stamps = self.cycle.values[slot], self.cycle.stamps[slot]
-        if not self.cycle.active[slot]:
-            row.fill(np.nan)
-            stamps.fill(MISSING_STAMP)
-            self._activate(slot)
-        for name, (value, rx_ns) in snapshot.items():
-            j = self._in_index.get(name)
-            if j is None:
-                if self.advisor is None or not self.advisor.capture(slot, name, value, rx_ns):
-                    self._unknown(name)
-                continue
-            if rx_ns > stamps[j]:
-                row[j] = value
-                stamps[j] = rx_ns
+    def _mode_source(self, slot: int) -> None:
+        """The mode input as ``step``/``source`` gave it: one more source of the mode."""
+        col = self.cycle.mode_col
+        if col is not None:
+            self.modes.source(len(self.bridges), slot, self.cycle.values[slot, col], self.cycle.stamps[slot, col])
 
     def _clear_active(self) -> None:
         self.cycle.active.fill(False)
         self.cycle.forced.fill(False)
-        self._active.clear()
+        self.cycle.down.fill(False)
+        self.active.clear()
         if self.advisor is not None:
             self.advisor.clear_enable()
 
     def _activate(self, slot: int) -> None:
         if not self.cycle.active[slot]:
             self.cycle.active[slot] = True
-            self._active.append(slot)
+            self.active.append(slot)
 
     def _unknown(self, name: str) -> None:
         self.counters["unknown_inputs"] += 1
@@ -658,7 +654,8 @@ class Controller:
 
     # ------------------------------------------------------------------ accounting and recording
     def _account(self, read_ns: int, infer_ns: int, write_ns: int, latency_ns: int) -> None:
-        c, cycle = self.counters, self.cycle
+        c, cycle, shown = self.counters, self.cycle, self._shown
+        shown[0], shown[1], shown[2] = cycle.status, cycle.reason, cycle.mode
         c["cycles"] += 1
         if latency_ns > self._deadline_ns:
             c["deadline_misses"] += 1
@@ -680,7 +677,7 @@ class Controller:
             c["tracking_cycles"] += 1
             c["tracking_stream_cycles"] += cycle.n_tracking
         if n_fs or n_hold:
-            self._count_failures()
+            count_failures(self)
         diff = self._mode_diff
         np.not_equal(cycle.mode, self._logged_mode, out=diff)
         np.logical_and(diff, cycle.active, out=diff)
@@ -688,71 +685,11 @@ class Controller:
             for slot in np.flatnonzero(diff):
                 self._mode_changed(int(slot), int(cycle.mode[slot]))
 
-    def _count_failures(self) -> None:
-        """Fail-safe and held cycles by reason (once per reason per cycle) and invalid input
-        values by signal and reason; runs only in cycles where some stream did not get the
-        model's outputs."""
-        c = self.cycle
-        failsafe, held = set(), set()
-        for slot in self._active:
-            status = int(c.status[slot])
-            if status == OK:
-                continue
-            reason = int(c.reason[slot])
-            (failsafe if status == FAILSAFE else held).add(REASON_NAMES[reason])
-            if reason == REASON_INPUT:
-                row = c.guard.codes[slot]
-                for j in np.flatnonzero(row).tolist():
-                    self.invalid_by_signal[j, row[j]] += 1
-        for reason in failsafe:
-            self.failsafe_by_reason[reason] += 1
-        for reason in held:
-            self.held_by_reason[reason] += 1
-
-    def _header(self) -> dict:
-        cfg = self.config
-        return {"package": package_identity(cfg.model.path), "config": cfg.to_dict(),
-                "inputs": self.model_inputs, "outputs": self.output_names,
-                "capacity": len(self._slot_names), "window": self.window,
-                "period_ns": cfg.loop.period_ns,
-                "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe, o.jump] for o in self.output_limits],
-                "aux_inputs": self.aux_inputs, "track": self.track, "warmup_cycles": cfg.loop.warmup_cycles,
-                "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path),
-                "parallel": None if self.ranks is None else {
-                    "world_size": self.engine.world_size, "backend": cfg.model.parallel.backend,
-                    "split": [list(s) for s in self.engine.split]},
-                "advisor": None if self.advisor is None else self.advisor.header()}
-
     def _record(self, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -> None:
-        """One cycle record: per active stream the inputs as given, model outputs (when the
-        model answered), final outputs, status; timings [read, infer, write, lateness] ns."""
-        if self.recorder is None:
-            return
-        t0 = monotonic_ns()
-        c = self.cycle
-        streams = []
-        for slot in self._active:
-            reason = int(c.reason[slot])
-            ran = bool(c.ran[slot])
-            entry = {"s": self._slot_names[slot], "slot": slot, "x": c.values[slot].tolist(),
-                     "st": STATUS_NAMES[int(c.status[slot])], "why": REASON_NAMES[reason], "ran": ran,
-                     "y": c.raw[slot].tolist() if ran and reason in (REASON_NONE, REASON_OUTPUT, REASON_HEARTBEAT)
-                     else None,
-                     "out": c.out[slot].tolist(), "mode": MODE_NAMES[int(c.mode[slot])]}
-            if c.started[slot]:
-                entry["pre"] = True                       # history reset and filled from this frame
-            elif c.filled[slot]:
-                entry["fill"] = int(c.filled[slot])       # copies of this frame filled a gap first
-            if reason == REASON_INPUT:
-                entry["bad"] = c.guard.invalid_inputs(slot)
-            elif reason == REASON_ERROR:
-                entry["error"] = c.last_error
-            if self.advisor is not None and slot == self.advisor.slot:
-                entry["adv"] = self.advisor.entry()
-            streams.append(entry)
-        self._append({"type": "cycle", "seq": seq, "t_ns": t_ns, "hb": c.heartbeat,
-                      "streams": streams, "timing": list(timing)})
-        self.hist["record"].add_ns(monotonic_ns() - t0)
+        if self.recorder is not None:
+            t0 = monotonic_ns()
+            self._append(cycle_record(self, seq, t_ns, timing))
+            self.hist["record"].add_ns(monotonic_ns() - t0)
 
     def _append(self, record: dict) -> None:
         if self.recorder is None:
@@ -764,70 +701,14 @@ class Controller:
 
     # ------------------------------------------------------------------ stats and lifecycle
     def stats(self) -> dict:
-        """Counters, latency histograms (us) and what real-time settings were applied.
-
-        ``latency_us``: tick (or call) to outputs ready; ``phases_us``: read/infer/write, and
-        record (the flight record, appended after the outputs went out);
-        ``lateness_us``: wake-up minus tick in the periodic loop.
-        """
-        loop = self.loop.stats()
-        c = self.cycle
-        out = dict(self.counters)
-        out.update({
-            "never_valid_inputs": c.guard.never_valid(),
-            "latency_us": self.hist["latency"].summary(),
-            "phases_us": {k: self.hist[k].summary() for k in ("read", "infer", "write", "record")},
-            "lateness_us": loop["lateness_us"],
-            "skipped_ticks": loop["skipped_ticks"],
-            "loop_cycle_errors": loop["cycle_errors"],
-            "gc_collections": loop["gc_collections"],
-            "rt_applied": loop["rt_applied"],
-            "invalid_inputs": c.guard.counts_by_reason(),
-            "failsafe_cycles_by_reason": dict(self.failsafe_by_reason),
-            "held_cycles_by_reason": dict(self.held_by_reason),
-            "invalid_inputs_by_signal": {
-                name: {INVALID_NAMES[k]: int(row[k]) for k in range(1, len(INVALID_NAMES))}
-                for name, row in zip(self.input_names, self.invalid_by_signal)},
-            "watchdog": {**c.counters, "last_error": c.last_error},
-            "heartbeat": c.heartbeat,
-            "streams": {"capacity": len(self._slot_names), "names": list(self.slots)},
-            "compute_threads": self.compute_threads,
-            "recorder": None if self.recorder is None else {
-                "path": str(self.recorder.path), "records": self.recorder.records,
-                "bytes": self.recorder.bytes_written},
-            "bridges": {b.name: b.health() for b in self.bridges},
-            "shadow": None if self.shadow is None else self.shadow.stats(),
-            "advisor": None if self.advisor is None else self.advisor.stats(),
-        })
-        return out
+        """Counters, latency histograms (us) and what real-time settings were applied
+        (``sdk.service.metrics.controller_stats`` lists them)."""
+        return controller_stats(self)
 
     def verdict(self) -> dict:
         """Whether the run so far was healthy, as ``r1edge run``'s exit status says:
-        ``{"ok": bool, "why": str}``. Not healthy: no cycle ran, no valid input ever arrived
-        (no cycle had a stream whose inputs were all valid), or more than ``[loop]
-        max_failsafe_fraction`` of the cycles failed safe."""
-        c = self.counters
-        cycles, fs = c["cycles"], c["failsafe_cycles"]
-        limit = self.config.loop.max_failsafe_fraction
-        if self.ranks is not None and self.engine.failure is not None:
-            return {"ok": False, "why": f"the expert-parallel engine failed: {self.engine.failure}"}
-        if not cycles:
-            return {"ok": False, "why": "no control cycle ran"}
-        links = "; ".join(f"{b.name} bridge {'connected' if b.health().get('connected') else 'not connected'}"
-                          for b in self.bridges)
-        invalid = {k: v for k, v in self.cycle.guard.counts_by_reason().items() if v}
-        if not c["valid_input_cycles"]:
-            never = self.cycle.guard.never_valid()
-            return {"ok": False, "why": f"no valid input ever arrived in {cycles} cycles (never valid: "
-                                        f"{', '.join(never)}; invalid values by reason {invalid})"
-                                        + (f"; {links}" if links else "")}
-        frac = fs / cycles
-        reasons = {k: v for k, v in self.failsafe_by_reason.items() if v}
-        if frac > limit:
-            return {"ok": False, "why": f"fail-safe in {fs} of {cycles} cycles ({frac:.1%}), above [loop] "
-                                        f"max_failsafe_fraction = {limit:g} (stream-cycles by reason {reasons}; "
-                                        f"invalid values by reason {invalid})" + (f"; {links}" if links else "")}
-        return {"ok": True, "why": f"{cycles} cycles, fail-safe in {fs} ({frac:.1%}, limit {limit:g})"}
+        ``{"ok": bool, "why": str}`` (``sdk.service.metrics.verdict``)."""
+        return verdict(self)
 
     def close(self) -> None:
         """Stop the loop (waiting up to 10 s for ``run()`` to return), the bridges, the
@@ -873,86 +754,37 @@ class Controller:
                 return bridge
         raise KeyError(f"no {name!r} bridge configured (configured: {[b.name for b in self.bridges]})")
 
-    def _make_bridges(self) -> None:
+    def _make_bridges(self, given: list | None) -> None:
+        """The bridges, built by the registry from their sections (or ``given``), their images'
+        columns checked against the cycle's, the decision image, and the providers registered."""
         cfg = self.config
-        extra_inputs = cfg.extra_inputs()
-        _, outputs = cfg.bridge_signals()
-        if cfg.modbus is not None:
-            from plc_bridge.modbus import ModbusBridge
-            self.bridges.append(ModbusBridge.from_config(cfg.modbus, self.input_names + extra_inputs, outputs))
-        if cfg.zmq is not None:
-            from plc_bridge.zmq_bridge import ZmqBridge
-            self.bridges.append(ZmqBridge.from_config(cfg.zmq, cfg.base_dir, self.input_names + extra_inputs))
-        if cfg.opcua is not None:
-            from plc_bridge.opcua import OpcUaBridge
-            self.bridges.append(OpcUaBridge.from_config(cfg.opcua, cfg.base_dir,
-                                                        *opcua_signals(cfg.inputs, cfg.outputs, cfg.advisor)))
+        wiring = cfg.wiring(self.input_names, self.output_names)
+        if given is None:
+            given = [build_bridge(section, table, wiring) for section, table in cfg.bridge_tables().items()]
+        self.bridges = list(given)
+        columns = [sig.name for sig in wiring.inputs]
         for bridge in self.bridges:
+            image = getattr(bridge, "image", None)
+            if image is None or image.columns != columns:
+                raise ConfigError(f"{cfg.source}: the {bridge.name} bridge's inputs "
+                                  f"{None if image is None else image.columns} are not the controller's {columns}")
+            try:
+                self.streams.reserve(bridge.bound_streams())
+            except ValueError as exc:
+                raise ConfigError(f"{cfg.source}: {exc}") from None
             if isinstance(bridge, Reporter):
                 bridge.set_stats_provider(self.stats)
                 bridge.set_status_provider(self._status_all)
             if isinstance(bridge, ModeSwitch):
                 bridge.set_mode_handler(self.set_mode)
+        n = len(self.input_names)
+        self._extra_cols = [(j, name) for j, name in enumerate(columns) if j >= n]
+        capacity = len(self._slot_names)
+        self.modes = ModeSources(len(self.bridges) + 1, capacity)
+        self._failsafe_seen = np.zeros((len(self.bridges), capacity), np.int64)
+        self.decisions = DecisionImage([sig.name for sig in wiring.outputs], capacity)
 
     def _status_all(self) -> dict:
         return {"running": self._running, "cycles": self.counters["cycles"], "heartbeat": self.cycle.heartbeat,
                 "streams": {s: self.status(s) for s in list(self.slots)}}
 
-
-def _match(source, what: str, configured: list[str], model: list[str]) -> None:
-    missing = [n for n in model if n not in configured]
-    extra = [n for n in configured if n not in model]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"the model's {', '.join(map(repr, missing))} not configured")
-        if extra:
-            parts.append(f"{', '.join(map(repr, extra))} not in the model (model {what}: {', '.join(model)})")
-        raise ConfigError(f"{source}: {what}: " + "; ".join(parts))
-
-
-def render_stats(stats: dict) -> None:
-    """Print a controller's stats for people."""
-    lat = stats["latency_us"]
-    print(f"cycles {stats['cycles']}  deadline misses {stats['deadline_misses']}  "
-          f"skipped ticks {stats['skipped_ticks']}  fail-safe cycles {stats['failsafe_cycles']}  "
-          f"held cycles {stats['held_cycles']}")
-    print("latency us      " + _row(lat))
-    print("lateness us     " + _row(stats["lateness_us"]))
-    for phase, h in stats["phases_us"].items():
-        print(f"{phase + ' us':<16}" + _row(h))
-    bad = {k: v for k, v in stats["invalid_inputs"].items() if v}
-    print(f"invalid inputs  {bad or 'none'}" + (f"  never valid: {', '.join(stats['never_valid_inputs'])}"
-                                                if stats["never_valid_inputs"] else ""))
-    reasons = {k: v for k, v in stats["failsafe_cycles_by_reason"].items() if v}
-    if reasons:
-        print(f"fail-safe by    {reasons} (stream-cycles)")
-    wd = stats["watchdog"]
-    print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
-          f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))
-    print(f"bumpless        tracking cycles {stats['tracking_cycles']}  mode changes {stats['mode_changes']}  "
-          f"warm-ups {wd['warmups']}  gaps filled {wd['gaps_filled']}")
-    rt = ", ".join(f"{k} {'yes' if v.get('applied') else 'no'}" for k, v in stats["rt_applied"].items()
-                   if "applied" in v)
-    print(f"real-time       {rt or 'not requested'}")
-    if stats["recorder"]:
-        r = stats["recorder"]
-        print(f"recording       {r['path']} ({r['records']} records, {r['bytes']} bytes)")
-    sh = stats.get("shadow")
-    if sh:
-        print(f"shadow          {sh['path']}: {sh['compared']} frames compared, {sh['skipped']} skipped, "
-              f"{sh['errors']} errors; step us p50 {sh['step_us']['p50']:.1f} max {sh['step_us']['max']:.1f}")
-        for name, d in sh["divergence"].items():
-            print(f"  {name:<14}rms {d['rms']:.6g}  max {d['max_abs']:.6g}  ({d['rms_frac_range']:.3%} of range)")
-    adv = stats.get("advisor")
-    if adv:
-        print(f"advisor         {adv['requests']} requests, {adv['good']} good answers, {adv['timeouts']} timeouts, "
-              f"{adv['invalid']} invalid, {adv['budget_exhausted']} out of tokens, {adv['errors']} errors; "
-              f"in force {adv['in_force_cycles']} cycles; advice {adv['advice']} diagnosis {adv['diagnosis']}")
-    if "verdict" in stats:
-        v = stats["verdict"]
-        print(f"{'healthy' if v['ok'] else 'FAILED':<16}{v['why']}")
-
-
-def _row(h: dict) -> str:
-    return f"p50 {h['p50']:9.1f}  p99 {h['p99']:9.1f}  p99.9 {h['p999']:9.1f}  max {h['max']:9.1f}"

@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sdk.service.config import ConfigError, DeployConfig
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,44 @@ def build_engine(path: str | Path, *, device: str = "cpu", capacity: int = 1, wi
     from runtime.cpu.engine import Engine
 
     return Engine(model, capacity=capacity, window=window)
+
+
+def warm_up(engine, worker, capacity: int, window: int, what: str = "", steps: int = 3) -> int:
+    """The first engine steps, in the thread that will run them (``worker``, an
+    ``InferenceWorker``: its thread pool starts, caches and pages warm up), at full batch and at
+    one stream, and a history fill of ``window - 1`` frames; then every slot is reset, so no
+    stream ever sees them. Returns the mean step time in ns."""
+    from runtime.control.loop import fill_history
+
+    slots = np.arange(capacity, dtype=np.int64)
+    feats = np.zeros((capacity, len(engine.input_names)), dtype=np.float32)
+    history = np.zeros((window - 1, feats.shape[1]), np.float32)
+
+    def job() -> int:
+        fill_history(engine, 0, history)
+        t0 = time.monotonic_ns()
+        for n in (capacity, 1):
+            for _ in range(steps):
+                engine.step_sensor(slots[:n], feats[:n])
+        t1 = time.monotonic_ns()
+        for slot in range(capacity):
+            engine.reset_slot(slot)
+        return (t1 - t0) // (2 * steps)
+    logger.info("%swarm-up: %d engine steps in the %s thread", what, 2 * steps, worker.name)
+    return worker.run_sync(job, timeout_s=600.0)
+
+
+def match_signals(source, what: str, configured: list[str], model: list[str]) -> None:
+    """Refuse (``ConfigError``) a config whose ``what`` ("inputs"/"outputs") are not the model's."""
+    missing = [n for n in model if n not in configured]
+    extra = [n for n in configured if n not in model]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"the model's {', '.join(map(repr, missing))} not configured")
+        if extra:
+            parts.append(f"{', '.join(map(repr, extra))} not in the model (model {what}: {', '.join(model)})")
+        raise ConfigError(f"{source}: {what}: " + "; ".join(parts))
 
 
 def build_engine_logged(path: str | Path, cfg: DeployConfig, capacity: int, what: str, group=None):

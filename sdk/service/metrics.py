@@ -15,7 +15,7 @@ service watchdog (``sdk.service.notify``) uses the same exchange.
 - ``r1edge_cycles_total``, ``r1edge_deadline_misses_total``, ``r1edge_skipped_ticks_total``;
 - ``r1edge_failsafe_cycles_total{reason}`` and ``r1edge_held_cycles_total{reason}``: cycles in
   which at least one stream failed safe (held) for that reason (``invalid_input``,
-  ``timeout``, ``error``, ``busy``, ``bad_output``); a cycle with two reasons counts under
+  ``timeout``, ``error``, ``busy``, ``bad_output``, ``heartbeat``, ``bridge``); a cycle with two reasons counts under
   both;
 - ``r1edge_invalid_inputs_total{signal,reason}``: invalid input values (``nan``, ``inf``,
   ``range``, ``stale``, ``missing``);
@@ -24,7 +24,8 @@ service watchdog (``sdk.service.notify``) uses the same exchange.
   bin edges of the controller's own histograms;
 - ``r1edge_output{stream,name}``, ``r1edge_stream_status{stream,status}`` (1 for the
   stream's status in the last cycle), ``r1edge_heartbeat``;
-- ``r1edge_bridge_bad_messages_total{bridge,reason}``, ``r1edge_bridge_errors_total{bridge,reason}``,
+- ``r1edge_bridge_bad_messages_total{bridge,reason}``, ``r1edge_bridge_errors_total{bridge,kind}``
+  (``health()["errors"]``: the bridge's own trouble by kind, a task that died included),
   ``r1edge_bridge_io_total{bridge}`` (the bridge's own I/O count: Modbus requests served or
   poll rounds, ZeroMQ sensor frames, OPC UA input writes), ``r1edge_bridge_connected{bridge}``,
   ``r1edge_bridge_heartbeat_ok{bridge}``; bridge figures come from each bridge's ``health()``
@@ -45,7 +46,9 @@ import threading
 import time
 from typing import Callable
 
-from runtime.control.safety import INVALID_NAMES, REASON_NAMES, STATUS_NAMES
+import numpy as np
+
+from runtime.control.safety import FAILSAFE, INVALID_NAMES, OK, REASON_INPUT, REASON_NAMES, STATUS_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +227,139 @@ def _bridge_health(bridges) -> dict:
                             "io": h.get("io_us", {}).get("n", 0), "connected": bool(h.get("connected")),
                             "heartbeat_ok": bool(h.get("heartbeat_ok", True))}
     return out
+
+
+def count_failures(ctrl) -> None:
+    """A controller's fail-safe and held cycles by reason (once per reason per cycle) and invalid input
+    values by signal and reason; runs only in cycles where some stream did not get the
+    model's outputs."""
+    c = ctrl.cycle
+    failsafe, held = set(), set()
+    for slot in ctrl.active:
+        status = int(c.status[slot])
+        if status == OK:
+            continue
+        reason = int(c.reason[slot])
+        (failsafe if status == FAILSAFE else held).add(REASON_NAMES[reason])
+        if reason == REASON_INPUT:
+            row = c.guard.codes[slot]
+            for j in np.flatnonzero(row).tolist():
+                ctrl.invalid_by_signal[j, row[j]] += 1
+    for reason in failsafe:
+        ctrl.failsafe_by_reason[reason] += 1
+    for reason in held:
+        ctrl.held_by_reason[reason] += 1
+
+
+def controller_stats(ctrl) -> dict:
+    """A controller's (``sdk.Controller``) ``stats()``: counters, latency histograms (us) and what real-time settings were applied.
+
+    ``latency_us``: tick (or call) to outputs ready; ``phases_us``: read/infer/write, and
+    record (the flight record, appended after the outputs went out);
+    ``lateness_us``: wake-up minus tick in the periodic loop.
+    """
+    loop = ctrl.loop.stats()
+    c = ctrl.cycle
+    out = dict(ctrl.counters)
+    out.update({
+        "never_valid_inputs": c.guard.never_valid(),
+        "latency_us": ctrl.hist["latency"].summary(),
+        "phases_us": {k: ctrl.hist[k].summary() for k in ("read", "infer", "write", "record")},
+        "lateness_us": loop["lateness_us"],
+        "skipped_ticks": loop["skipped_ticks"],
+        "loop_cycle_errors": loop["cycle_errors"],
+        "gc_collections": loop["gc_collections"],
+        "rt_applied": loop["rt_applied"],
+        "invalid_inputs": c.guard.counts_by_reason(),
+        "failsafe_cycles_by_reason": dict(ctrl.failsafe_by_reason),
+        "held_cycles_by_reason": dict(ctrl.held_by_reason),
+        "invalid_inputs_by_signal": {
+            name: {INVALID_NAMES[k]: int(row[k]) for k in range(1, len(INVALID_NAMES))}
+            for name, row in zip(ctrl.input_names, ctrl.invalid_by_signal)},
+        "watchdog": {**c.counters, "last_error": c.last_error},
+        "heartbeat": c.heartbeat,
+        "streams": {"capacity": ctrl.cycle.capacity, "names": list(ctrl.slots)},
+        "compute_threads": ctrl.compute_threads,
+        "recorder": None if ctrl.recorder is None else {
+            "path": str(ctrl.recorder.path), "records": ctrl.recorder.records,
+            "bytes": ctrl.recorder.bytes_written},
+        "bridges": {b.name: b.health() for b in ctrl.bridges},
+        "shadow": None if ctrl.shadow is None else ctrl.shadow.stats(),
+        "advisor": None if ctrl.advisor is None else ctrl.advisor.stats(),
+    })
+    return out
+
+def verdict(ctrl) -> dict:
+    """Whether a controller's run so far was healthy, as ``r1edge run``'s exit status says:
+    ``{"ok": bool, "why": str}``. Not healthy: no cycle ran, no valid input ever arrived
+    (no cycle had a stream whose inputs were all valid), or more than ``[loop]
+    max_failsafe_fraction`` of the cycles failed safe."""
+    c = ctrl.counters
+    cycles, fs = c["cycles"], c["failsafe_cycles"]
+    limit = ctrl.config.loop.max_failsafe_fraction
+    if ctrl.ranks is not None and ctrl.engine.failure is not None:
+        return {"ok": False, "why": f"the expert-parallel engine failed: {ctrl.engine.failure}"}
+    if not cycles:
+        return {"ok": False, "why": "no control cycle ran"}
+    links = "; ".join(f"{b.name} bridge {'connected' if b.health().get('connected') else 'not connected'}"
+                      for b in ctrl.bridges)
+    invalid = {k: v for k, v in ctrl.cycle.guard.counts_by_reason().items() if v}
+    if not c["valid_input_cycles"]:
+        never = ctrl.cycle.guard.never_valid()
+        return {"ok": False, "why": f"no valid input ever arrived in {cycles} cycles (never valid: "
+                                    f"{', '.join(never)}; invalid values by reason {invalid})"
+                                    + (f"; {links}" if links else "")}
+    frac = fs / cycles
+    reasons = {k: v for k, v in ctrl.failsafe_by_reason.items() if v}
+    if frac > limit:
+        return {"ok": False, "why": f"fail-safe in {fs} of {cycles} cycles ({frac:.1%}), above [loop] "
+                                    f"max_failsafe_fraction = {limit:g} (stream-cycles by reason {reasons}; "
+                                    f"invalid values by reason {invalid})" + (f"; {links}" if links else "")}
+    return {"ok": True, "why": f"{cycles} cycles, fail-safe in {fs} ({frac:.1%}, limit {limit:g})"}
+
+
+def render_stats(stats: dict) -> None:
+    """Print a controller's stats for people."""
+    lat = stats["latency_us"]
+    print(f"cycles {stats['cycles']}  deadline misses {stats['deadline_misses']}  "
+          f"skipped ticks {stats['skipped_ticks']}  fail-safe cycles {stats['failsafe_cycles']}  "
+          f"held cycles {stats['held_cycles']}")
+    print("latency us      " + _row(lat))
+    print("lateness us     " + _row(stats["lateness_us"]))
+    for phase, h in stats["phases_us"].items():
+        print(f"{phase + ' us':<16}" + _row(h))
+    bad = {k: v for k, v in stats["invalid_inputs"].items() if v}
+    print(f"invalid inputs  {bad or 'none'}" + (f"  never valid: {', '.join(stats['never_valid_inputs'])}"
+                                                if stats["never_valid_inputs"] else ""))
+    reasons = {k: v for k, v in stats["failsafe_cycles_by_reason"].items() if v}
+    if reasons:
+        print(f"fail-safe by    {reasons} (stream-cycles)")
+    wd = stats["watchdog"]
+    print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
+          f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))
+    print(f"bumpless        tracking cycles {stats['tracking_cycles']}  mode changes {stats['mode_changes']}  "
+          f"warm-ups {wd['warmups']}  gaps filled {wd['gaps_filled']}")
+    rt = ", ".join(f"{k} {'yes' if v.get('applied') else 'no'}" for k, v in stats["rt_applied"].items()
+                   if "applied" in v)
+    print(f"real-time       {rt or 'not requested'}")
+    if stats["recorder"]:
+        r = stats["recorder"]
+        print(f"recording       {r['path']} ({r['records']} records, {r['bytes']} bytes)")
+    sh = stats.get("shadow")
+    if sh:
+        print(f"shadow          {sh['path']}: {sh['compared']} frames compared, {sh['skipped']} skipped, "
+              f"{sh['errors']} errors; step us p50 {sh['step_us']['p50']:.1f} max {sh['step_us']['max']:.1f}")
+        for name, d in sh["divergence"].items():
+            print(f"  {name:<14}rms {d['rms']:.6g}  max {d['max_abs']:.6g}  ({d['rms_frac_range']:.3%} of range)")
+    adv = stats.get("advisor")
+    if adv:
+        print(f"advisor         {adv['requests']} requests, {adv['good']} good answers, {adv['timeouts']} timeouts, "
+              f"{adv['invalid']} invalid, {adv['budget_exhausted']} out of tokens, {adv['errors']} errors; "
+              f"in force {adv['in_force_cycles']} cycles; advice {adv['advice']} diagnosis {adv['diagnosis']}")
+    if "verdict" in stats:
+        v = stats["verdict"]
+        print(f"{'healthy' if v['ok'] else 'FAILED':<16}{v['why']}")
+
+
+def _row(h: dict) -> str:
+    return f"p50 {h['p50']:9.1f}  p99 {h['p99']:9.1f}  p99.9 {h['p999']:9.1f}  max {h['max']:9.1f}"

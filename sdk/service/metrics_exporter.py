@@ -157,8 +157,8 @@ def _buckets(edges_us: list[float], counts: list[int], count: int) -> list[tuple
 def _bridge_families(bridges: dict) -> list:
     bad = CounterMetricFamily("r1edge_bridge_bad_messages", "Traffic a bridge refused, by reason",
                               labels=["bridge", "reason"])
-    errors = CounterMetricFamily("r1edge_bridge_errors", "A bridge's own I/O trouble, by reason",
-                                 labels=["bridge", "reason"])
+    errors = CounterMetricFamily("r1edge_bridge_errors", "A bridge's own I/O trouble (a dead task included), by kind",
+                                 labels=["bridge", "kind"])
     io = CounterMetricFamily("r1edge_bridge_io", "A bridge's I/O operations as it counts them", labels=["bridge"])
     connected = GaugeMetricFamily("r1edge_bridge_connected", "1 while a bridge has a peer", labels=["bridge"])
     hb = GaugeMetricFamily("r1edge_bridge_heartbeat_ok", "1 while a bridge's PLC heartbeat moves (1 without one)",
@@ -166,8 +166,8 @@ def _bridge_families(bridges: dict) -> list:
     for name, h in bridges.items():
         for reason, n in sorted(h["bad"].items()):
             bad.add_metric([name, reason], n)
-        for reason, n in sorted(h["errors"].items()):
-            errors.add_metric([name, reason], n)
+        for kind, n in sorted(h["errors"].items()):
+            errors.add_metric([name, kind], n)
         io.add_metric([name], h["io"])
         connected.add_metric([name], float(h["connected"]))
         hb.add_metric([name], float(h["heartbeat_ok"]))

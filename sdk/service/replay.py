@@ -1,5 +1,6 @@
-"""Flight recordings read back: their inputs as a source for ``Controller.run``, and ``replay``,
-which re-runs one and checks every output bit for bit."""
+"""Flight recordings: what the controller writes (``recording_header``, ``cycle_record``), their
+inputs read back as a source for ``Controller.run``, and ``replay``, which re-runs one and
+checks every output bit for bit."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,53 @@ import numpy as np
 
 from runtime.control.loop import fill_gaps
 from runtime.control.recorder import RecordingReader
-from runtime.control.safety import STATUS_NAMES, OutputLimit, OutputLimiter
+from runtime.control.safety import (MODE_NAMES, REASON_BRIDGE, REASON_ERROR, REASON_HEARTBEAT, REASON_INPUT,
+                                    REASON_NAMES, REASON_NONE, REASON_OUTPUT, STATUS_NAMES, OutputLimit, OutputLimiter)
 from sdk.service.engines import build_engine
 from sdk.tools.package import package_identity
+
+def recording_header(ctrl) -> dict:
+    """The header record of a controller's (``sdk.Controller``) flight recording."""
+    cfg = ctrl.config
+    return {"package": package_identity(cfg.model.path), "config": cfg.to_dict(),
+            "inputs": ctrl.model_inputs, "outputs": ctrl.output_names,
+            "capacity": ctrl.cycle.capacity, "window": ctrl.window,
+            "period_ns": cfg.loop.period_ns,
+            "output_limits": [[o.name, o.min, o.max, o.max_rate, o.failsafe, o.jump] for o in ctrl.output_limits],
+            "aux_inputs": ctrl.aux_inputs, "track": ctrl.track, "warmup_cycles": cfg.loop.warmup_cycles,
+            "shadow": None if cfg.shadow is None else package_identity(cfg.shadow.path),
+            "parallel": None if ctrl.ranks is None else {
+                "world_size": ctrl.engine.world_size, "backend": cfg.model.parallel.backend,
+                "split": [list(s) for s in ctrl.engine.split]},
+            "advisor": None if ctrl.advisor is None else ctrl.advisor.header()}
+
+
+def cycle_record(ctrl, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -> dict:
+    """One cycle's record: per active stream the inputs as given, model outputs (when the
+    model answered), final outputs, status; timings [read, infer, write, lateness] ns."""
+    c, names, advisor = ctrl.cycle, ctrl.streams.names, ctrl.advisor
+    streams = []
+    for slot in ctrl.active:
+        reason = int(c.reason[slot])
+        ran = bool(c.ran[slot])
+        entry = {"s": names[slot], "slot": slot, "x": c.values[slot].tolist(),
+                 "st": STATUS_NAMES[int(c.status[slot])], "why": REASON_NAMES[reason], "ran": ran,
+                 "y": c.raw[slot].tolist() if ran and reason in (REASON_NONE, REASON_OUTPUT, REASON_HEARTBEAT,
+                                                                REASON_BRIDGE) else None,
+                 "out": c.out[slot].tolist(), "mode": MODE_NAMES[int(c.mode[slot])]}
+        if c.started[slot]:
+            entry["pre"] = True                       # history reset and filled from this frame
+        elif c.filled[slot]:
+            entry["fill"] = int(c.filled[slot])       # copies of this frame filled a gap first
+        if reason == REASON_INPUT:
+            entry["bad"] = c.guard.invalid_inputs(slot)
+        elif reason == REASON_ERROR:
+            entry["error"] = c.last_error
+        if advisor is not None and slot == advisor.slot:
+            entry["adv"] = advisor.entry()
+        streams.append(entry)
+    return {"type": "cycle", "seq": seq, "t_ns": t_ns, "hb": c.heartbeat, "streams": streams, "timing": list(timing)}
+
 
 def render_replay(report: dict) -> None:
     """Print a replay report for people."""
