@@ -273,6 +273,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     """``r1edge compress SRC --out PKG --calib FILE``: calibrate, prune, quantize, write a package."""
     from sdk.tools.compress import compress, render_report
+    from sdk.tools.slope import render_slope
 
     def progress_line(event: dict) -> None:
         print(json.dumps(event), file=sys.stderr, flush=True)
@@ -285,7 +286,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report = {k: v for k, v in manifest.items() if k not in ("files", "calibration")}
     report["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "layers"}
     report["package"] = args.out
-    _print_report(report, args.json, render_report)
+    if not args.no_slope:
+        from sdk.tools.slope import keep_slope
+
+        report["keep_slope"] = keep_slope(args.src, args.calib, manifest, quant=args.quant, method=args.method,
+                                          groups=args.groups, held_out=args.held_out, seed=args.seed,
+                                          window=args.window)
+
+    def render(r: dict) -> None:
+        render_report(r)
+        if r.get("keep_slope"):
+            render_slope(r["keep_slope"])
+
+    _print_report(report, args.json, render)
     return 0
 
 
@@ -545,8 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate with the deployment's sliding attention window of W tokens "
                         "(default: causal over each whole row)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at --out")
+    p.add_argument("--no-slope", action="store_true",
+                   help="skip the neighbouring keep ratios (by default the source is also compressed with half "
+                        "and twice the kept experts, to report what each costs on the held-out rows)")
     p.add_argument("--json", action="store_true",
-                   help="print the report as JSON; progress as one JSON object a line on stderr (no bar)")
+                   help="print the report as JSON (with keep_slope); progress as one JSON object a line on "
+                        "stderr (no bar)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("fit", help="fit a sensor-mode policy on recorded frames: from a checkpoint or from nothing",

@@ -1,6 +1,7 @@
 """Run the advisor live beside the demo's policy on the simulated heated tank, with a fault.
 
-``python -m examples.advisor.run --duration 30 --fault-at 10`` (from the repository root).
+``python -m examples.advisor.run --duration 30 --fault-at 10`` (from the repository root);
+``--fault level_sensor`` freezes the level reading at ``--fault-at`` instead (the plant goes on).
 
 The plant (``sdk.demo.plant.Plant``) runs in real time in this process: every 20 ms cycle the
 controller's ``source`` reads the PLC's measurements and setpoints, and its ``sink`` applies the
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of real time")
     ap.add_argument("--seed", type=int, default=0, help="plant scenario seed")
-    ap.add_argument("--fault-at", type=float, default=10.0, help="when the heater loses power (s)")
+    ap.add_argument("--fault", choices=("heater", "level_sensor"), default="heater",
+                    help="the fault at --fault-at: the heater loses power, or the level reading sticks")
+    ap.add_argument("--fault-at", type=float, default=10.0, help="when the fault starts (s)")
     ap.add_argument("--capacity", type=float, default=0.3, help="the heater's power after the fault (fraction)")
     ap.add_argument("--advise-after", type=float, default=2.0, help="when the PLC turns the switch on (s)")
     ap.add_argument("--out", default="r1edge-advisor", help="directory for the flight recording")
@@ -49,13 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     ctrl = Controller(cfg, bridges=False)
     adv = ctrl.advisor
 
+    heater_fault = args.fault == "heater"
+    frozen: list[float] = []
+
     def truth(t: float) -> str:
+        if not heater_fault and t >= args.fault_at:
+            return "level_sensor"
         if plant.scenario.at(t)[2] > 0.0:
             return "leak"
         return "heater_fault" if t >= args.fault_at else "normal"
 
     def source(seq: int, t_ns: int) -> dict:
         m = plant.measure()
+        if not heater_fault and plant.t >= args.fault_at:   # the level reading sticks
+            frozen[:] = frozen or [m["level"]]
+            m["level"], m["level_err"] = frozen[0], m["level_sp"] - frozen[0]
         pub = adv.published()
         if pub["advice.state"] == 2.0:                    # remote setpoints: the advice in force
             m["level_sp"], m["temp_sp"] = pub["advice.level_sp"], pub["advice.temp_sp"]
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return {**{k: m[k] for k in ctrl.input_names}, "advisor_enable": float(plant.t >= args.advise_after)}
 
     def sink(stream: str, outputs: dict, status: str, seq: int, latency_us: float) -> None:
-        heater = outputs["heater"] * (args.capacity if plant.t >= args.fault_at else 1.0)
+        heater = outputs["heater"] * (args.capacity if heater_fault and plant.t >= args.fault_at else 1.0)
         plant.step(period, outputs["valve"], heater)
 
     try:
@@ -79,10 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     report = replay(out / "recording")
     judged = [a for a in answers if a["decision"] is not None]
     right = sum(a["decision"]["diagnosis"] == a["truth"] for a in judged)
+    by_truth: dict[str, dict] = {}
+    for a in answers:                                     # an answer without a decision counts as wrong
+        entry = by_truth.setdefault(a["truth"], {"answers": 0, "right": 0, "said": {}})
+        said = a["decision"]["diagnosis"] if a["decision"] is not None else a["status"]
+        entry["answers"] += 1
+        entry["right"] += int(said == a["truth"])
+        entry["said"][said] = entry["said"].get(said, 0) + 1
     summary = {"cycles": stats["cycles"], "deadline_misses": stats["deadline_misses"],
                "failsafe_cycles": stats["failsafe_cycles"], "advisor": {k: stats["advisor"][k] for k in (
                    "requests", "good", "timeouts", "invalid", "budget_exhausted", "errors", "in_force_cycles")},
-               "answers": answers, "diagnosis_right": right, "diagnosis_judged": len(judged),
+               "answers": answers, "right": sum(e["right"] for e in by_truth.values()), "by_truth": by_truth,
+               "diagnosis_right": right, "diagnosis_judged": len(judged),
                "replay_identical": report["identical"], "replay": report.get("advisor")}
     if args.json:
         print(json.dumps(summary, indent=1))

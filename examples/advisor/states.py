@@ -23,6 +23,9 @@ The conditions and the advice an operator would give:
 - ``heater_fault`` (the element gives 25-60% of its power): the heater is at its limit and the
   temperature stays below setpoint. Set the temperature setpoint to the whole degree below the
   temperature the tank holds (as the prompt shows it), so the loop stops pushing a saturated heater.
+  The prompt also shows the heater's excess over what a sound element needs (:func:`heater_excess`);
+  an element that lost power but still holds the temperature (within 0.5 K, seen live in
+  ``live.py``'s closed-loop states) keeps the setpoints: the diagnosis is the news.
 - ``level_sensor`` (the level reading is stuck): the level does not move at all (its spread
   over the history is 0) while the valve moves. Keep the setpoints; the diagnosis is the news.
 
@@ -37,7 +40,7 @@ import math
 
 import numpy as np
 
-from sdk.demo.plant import C_OUT, K_HEAT, NOISE_SIGMA, Q_MAX, UA
+from sdk.demo.plant import C_OUT, K_HEAT, NOISE_SIGMA, Q_MAX, T_AMBIENT_NOMINAL, UA
 
 DIAGNOSES = ("normal", "leak", "heater_fault", "level_sensor")
 HISTORY = 50                    # cycles of history the prompt summarises ([advisor] history)
@@ -120,13 +123,16 @@ def draw_state(rng: np.random.Generator, diagnosis: str | None = None) -> tuple[
 
 def right_answer(context: dict, diagnosis: str) -> dict:
     """The advice for a state: the decision as the schema has it (from the figures as the prompt
-    shows them)."""
+    shows them). A heater fault lowers the temperature setpoint only when the element can no
+    longer hold it (the temperature more than 0.5 K below the setpoint); one that still holds it
+    keeps the setpoints (the diagnosis is the news)."""
     level_sp = float(f'{context["plc"]["level_sp"]:.2f}')
     temp_sp = float(f'{context["plc"]["temp_sp"]:.1f}')
+    temp = float(f'{context["stats"]["temperature"]["mean"]:.1f}')
     if diagnosis == "leak":
         level_sp = round(max(0.30, level_sp - 0.10), 2)
-    elif diagnosis == "heater_fault":
-        temp_sp = float(math.floor(float(f'{context["stats"]["temperature"]["mean"]:.1f}')))
+    elif diagnosis == "heater_fault" and temp_sp - temp > 0.5:
+        temp_sp = float(math.floor(temp))
     return {"diagnosis": diagnosis, "level_sp": level_sp, "temp_sp": temp_sp}
 
 
@@ -137,17 +143,28 @@ def valve_excess(context: dict) -> float:
     return s["valve"]["mean"] - sound_valve(s["level"]["mean"])
 
 
+def heater_excess(context: dict) -> float:
+    """How far the heater stands above what a sound element needs for the flow and temperatures
+    (the heat balance, with the nominal ambient; the prompt shows it in percent of the range)."""
+    s = context["stats"]
+    need = (Q_MAX * s["valve"]["mean"] * (s["temperature"]["mean"] - s["inflow_temp"]["mean"])
+            + UA * (s["temperature"]["mean"] - T_AMBIENT_NOMINAL)) / K_HEAT
+    return s["heater"]["mean"] - need
+
+
 def reasoning(context: dict, answer: dict) -> str:
     """A short reasoning that leads to ``answer``: the figures it rests on, the condition, the advice."""
     s, plc = context["stats"], context["plc"]
-    facts = (f"spread {s['level']['max'] - s['level']['min']:.3f}, valve {100 * valve_excess(context):+.0f}%, "
-             f"heater {s['heater']['mean']:.2f}: ")
+    facts = (f"spread {s['level']['max'] - s['level']['min']:.3f}, error {s['level_err']['mean']:+.2f}, "
+             f"valve {100 * valve_excess(context):+.0f}%, heater {100 * heater_excess(context):+.0f}%: ")
     d = answer["diagnosis"]
     if d == "leak":
         return facts + f"leak. lower level {plc['level_sp']:.2f} to {answer['level_sp']:.2f}."
-    if d == "heater_fault":
+    if d == "heater_fault" and f"{answer['temp_sp']:.1f}" != f"{plc['temp_sp']:.1f}":
         return facts + (f"heater fault. temperature {s['temperature']['mean']:.1f} below {plc['temp_sp']:.1f}, "
                         f"set {answer['temp_sp']:.0f}.")
+    if d == "heater_fault":
+        return facts + f"heater fault, holding. keep {plc['level_sp']:.2f} and {plc['temp_sp']:.1f}."
     if d == "level_sensor":
         return facts + f"level sensor stuck. keep {plc['level_sp']:.2f} and {plc['temp_sp']:.1f}."
     return facts + f"normal. keep {plc['level_sp']:.2f} and {plc['temp_sp']:.1f}."

@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -77,15 +78,21 @@ def load_deploy():
     return cfg, PromptTemplate(adv.prompt.read_text(), str(adv.prompt)), decision_schema(adv, cfg.inputs)
 
 
-def make_rows(n: int, seed: int, template) -> list[dict]:
-    """``n`` states (conditions in turn) with their prompt, reasoning and answer."""
+def make_rows(n: int, seed: int, template, live: int = 0) -> list[dict]:
+    """``n`` states with their prompt, reasoning and answer: ``n - live`` steady states (the
+    conditions in turn) and ``live`` sampled from the closed loop (``live.py``)."""
+    from examples.advisor.live import closed_loop_states
+
     rng = np.random.default_rng(seed)
+    states = [S.draw_state(rng, S.DIAGNOSES[i % len(S.DIAGNOSES)]) for i in range(n - live)]
+    if live:
+        states += closed_loop_states(live, seed)
     rows = []
-    for i in range(n):
-        context, diagnosis = S.draw_state(rng, S.DIAGNOSES[i % len(S.DIAGNOSES)])
+    for context, diagnosis in states:
         answer = S.right_answer(context, diagnosis)
         rows.append({"prompt": template.render(context), "answer": answer,
-                     "reply": S.reasoning(context, answer) + "</think>" + S.answer_text(answer)})
+                     "reply": S.reasoning(context, answer) + "</think>" + S.answer_text(answer),
+                     "source": "live" if len(rows) >= n - live else "steady"})
     return rows
 
 
@@ -177,6 +184,7 @@ def score(package: Path, rows: list[dict], schema, adv, batch: int = 8) -> dict:
     right = Counter()
     by_cond = Counter()
     n_cond = Counter()
+    by_src, n_src = Counter(), Counter()
     statuses = Counter()
     think, seconds, examples = [], 0.0, []
     t0 = time.perf_counter()
@@ -190,6 +198,8 @@ def score(package: Path, rows: list[dict], schema, adv, batch: int = 8) -> dict:
             cond = r["answer"]["diagnosis"]
             n_cond[cond] += 1
             by_cond[cond] += int(ok["all"])
+            n_src[r["source"], cond] += 1
+            by_src[r["source"], cond] += int(ok["all"])
             statuses[g.status] += 1
             think.append(g.think_tokens)
             if not ok["all"] and len(examples) < 5:
@@ -198,7 +208,8 @@ def score(package: Path, rows: list[dict], schema, adv, batch: int = 8) -> dict:
     n = len(rows)
     return {"held_out_states": n, "right": right["all"] / n,
             "fields": {k: right[k] / n for k in ("diagnosis", "level_sp", "temp_sp")},
-            "by_condition": {c: by_cond[c] / n_cond[c] for c in S.DIAGNOSES},
+            "by_condition": {c: by_cond[c] / n_cond[c] for c in S.DIAGNOSES if n_cond[c]},
+            "by_source": {f"{src}/{c}": by_src[src, c] / n_src[src, c] for src, c in sorted(n_src)},
             "statuses": dict(statuses), "think_tokens_mean": float(np.mean(think)),
             "seconds": seconds, "batch": batch, "wrong_examples": examples}
 
@@ -207,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     """Build (or with ``--eval-only`` just score) the example's advisor package."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=12000, help="training states")
+    ap.add_argument("--live", type=int, default=4000, help="of the training states, those from the closed loop")
     ap.add_argument("--held-out", type=int, default=1000, help="held-out states to score")
+    ap.add_argument("--held-out-live", type=int, default=400, help="of the held-out states, those from the closed loop")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -216,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training")
     ap.add_argument("--out", default=str(HERE / "model"))
     ap.add_argument("--eval-only", action="store_true", help="score the existing package")
+    ap.add_argument("--keep-checkpoint", metavar="DIR", help="also keep the float checkpoint there")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -223,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     from sdk.tools.text import Tokenizer
 
     cfg, template, schema = load_deploy()
-    rows = make_rows(args.train, args.seed, template)
+    rows = make_rows(args.train, args.seed, template, args.live)
     seen = {r["prompt"] for r in rows}
-    held = [r for r in make_rows(args.held_out, args.seed + 1_000_003, template) if r["prompt"] not in seen]
+    held = [r for r in make_rows(args.held_out, args.seed + 1_000_003, template, args.held_out_live)
+            if r["prompt"] not in seen]
     out = Path(args.out)
     report: dict = {}
     if not args.eval_only:
@@ -242,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             calib = Path(tmp) / "calib.jsonl"
             calib.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s, _ in encode(held[:64], tok)))
             train_s = time.perf_counter() - t0
+            if args.keep_checkpoint:                     # the float model, for another compression later
+                shutil.copytree(ckpt, args.keep_checkpoint, dirs_exist_ok=True)
             compress = sdk.compress(ckpt, out, calib=calib, quant="int8", overwrite=True)
-        report = {"train_states": args.train, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        report = {"train_states": args.train, "live_states": args.live, "steps": args.steps, "batch": args.batch,
+                  "lr": args.lr,
                   "seed": args.seed, "vocab": tok.vocab_size, "config": CONFIG, "loss_every_100_steps": losses,
                   "train_seconds": train_s, "compress_quality": compress.get("quality")}
     result = score(out, held, schema, cfg.advisor)

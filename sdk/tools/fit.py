@@ -269,15 +269,40 @@ def attach_adapter(model: Transformer, inputs: Sequence[str], outputs: Sequence[
     return model.adapter
 
 
-class _LoadCounter:
-    """MoE observer counting the tokens routed to each expert (for bias balancing)."""
+class BiasBalancer:
+    """DeepSeek-V3 auxiliary-loss-free load balancing of a model's ``noaux_tc`` routers.
 
-    def __init__(self, n_experts: int):
-        self.counts = torch.zeros(n_experts)
+    While installed it counts, per MoE layer, the tokens routed to each expert (as the layer's
+    observer); :meth:`step` then moves each expert's ``e_score_correction_bias`` by ``rate``
+    towards equal load (up for under-loaded experts, down for over-loaded ones) and clears the
+    counts. Routers without a correction bias (the DeepSeek-V2 family) are left to their loss.
+    """
 
-    def __call__(self, record) -> None:
-        self.counts += torch.bincount(record.expert_ids.detach().reshape(-1).cpu(),
-                                      minlength=self.counts.numel()).float()
+    def __init__(self, model: Transformer, rate: float):
+        self.rate = rate
+        self.moes = [m for m in model.modules() if isinstance(m, MoE) and m.gate.e_score_correction_bias is not None
+                     ] if rate > 0 else []
+        self.counts = [torch.zeros(m.gate.weight.shape[0]) for m in self.moes]
+        for m, c in zip(self.moes, self.counts):
+            m.observer = lambda record, c=c: c.add_(torch.bincount(
+                record.expert_ids.detach().reshape(-1).cpu(), minlength=c.numel()).float())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Move the biases by the load counted since the last step, then clear the counts."""
+        for m, c in zip(self.moes, self.counts):
+            m.gate.e_score_correction_bias += self.rate * torch.sign(c.mean() - c)
+            c.zero_()
+
+    def reset(self) -> None:
+        """Forget the counts (routing seen while evaluating is not training load)."""
+        for c in self.counts:
+            c.zero_()
+
+    def close(self) -> None:
+        """Remove the observers."""
+        for m in self.moes:
+            m.observer = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,11 +403,6 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
-    # Aux-loss-free balancing moves a router's correction bias; routers without one (the
-    # DeepSeek-V2 family's softmax rules) are trained by their loss alone.
-    moes = [m for m in model.modules() if isinstance(m, MoE) and m.gate.e_score_correction_bias is not None
-            ] if train == "all" and balance_rate > 0 else []
-    counters = [_LoadCounter(m.gate.weight.shape[0]) for m in moes]
 
     rng = np.random.default_rng([seed, 0x5EED])
     identity = {"train": train, "window": window, "steps": steps, "lr": lr, "batch": batch, "seq_len": L,
@@ -407,8 +427,7 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
         log.info("resuming the fit from %s at step %d of %d", ckpt, start, steps)
     elif resume:
         raise ValueError(f"{ckpt}: no checkpoint to resume from")
-    for m, c in zip(moes, counters):
-        m.observer = c
+    balancer = BiasBalancer(model, balance_rate if train == "all" else 0.0)
 
     held_x, held_y = frames[held_rows], targets[held_rows]
     device, dtype = adapter.in_mean.device, adapter.in_mean.dtype
@@ -446,12 +465,7 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             sched.step()
-            if moes:
-                with torch.no_grad():
-                    for m, c in zip(moes, counters):
-                        # aux-loss-free balancing: raise the bias of under-loaded experts
-                        m.gate.e_score_correction_bias += balance_rate * torch.sign(c.counts.mean() - c.counts)
-                        c.counts.zero_()
+            balancer.step()
             losses.append(float(loss.detach()))
             done = step + 1
             if progress:
@@ -463,8 +477,7 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
             if at_eval and keep_best:
                 _evaluate_best(model, held_x, held_y, window, done, best, history, losses)
                 model.train()
-                for c in counters:                  # routing seen while evaluating is not training load
-                    c.counts.zero_()
+                balancer.reset()
                 if progress:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", held_out=f"{history[-1]['held_out_mse']:.4g}",
                                     refresh=False)
@@ -481,8 +494,7 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
         bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
-        for m in moes:
-            m.observer = None
+        balancer.close()
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -496,7 +508,7 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
     tail = losses[-max(1, len(losses) // 10):]
     report: dict[str, Any] = {
         "train": train, "window": window, "steps": stopped_at, "batch": batch, "seq_len": L, "lr": lr,
-        "seed": seed, "balance_rate": balance_rate if moes else 0.0,
+        "seed": seed, "balance_rate": balance_rate if balancer.moes else 0.0,
         "rows": {"train": len(train_rows), "held_out": len(held_rows)},
         "loss": {"first": losses[0], "last": float(np.mean(tail))},
         "seconds": round(seconds, 2), "threads": torch.get_num_threads(),

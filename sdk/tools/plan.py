@@ -60,6 +60,11 @@ ENGINE_PARTS = ("embeddings", "lm_head", "attention", "attention_absorbed", "den
 CUDA_MIN_ROWS = 17          # the device engine runs at least 17 rows (runtime.model.quant.CUDA_MIN_ROWS)
 
 
+#: What a plan cannot say: the quality a keep count costs. ``r1edge compress`` measures it.
+QUALITY_HINT = ("what a keep count costs in quality: r1edge compress reports the held-out loss (or output "
+                "error) at that count and at half and twice it (docs/pruning.md)")
+
+
 def resolve_config(source: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The config behind ``source``: a built-in name, a ``config.json``, a checkpoint or a package.
 
@@ -535,6 +540,7 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
         "fits": max(d["total"] for d in devs) <= budget,
         "headroom_bytes": budget - max(d["total"] for d in devs),
         "max_keep_experts": max_keep,
+        "quality": QUALITY_HINT if cfg.n_routed_experts else None,
         "devices": devices,
         "per_device": [{"rank": rank, "experts": [start, stop], "bytes": d, "fits": d["total"] <= budget,
                         "headroom_bytes": budget - d["total"]}
@@ -663,6 +669,8 @@ def render_plan(report: dict[str, Any], out=None) -> None:
         w(f"  no kept-expert count >= num_experts_per_tok={report['num_experts_per_tok']} fits {where}\n")
     else:
         w(f"  largest --keep-experts that fits {where}: {mk}\n")
+        if report["kind"] in ("checkpoint", "package"):    # something one can compress
+            w(f"  {QUALITY_HINT}\n")
     if report["n_moe_layers"] and (n_dev > 1 or not report["fits"]):
         kept = f"{report['keep_experts']} experts per layer"
         if md is None:
