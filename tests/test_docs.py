@@ -26,9 +26,10 @@ TESTED = {
         "tests/test_plan.py::test_readme_shows_what_the_planner_prints",
     "r1edge plan deepseek-r1 --devices 8 --gpu-mem-gb 80 --quant int8":
         "tests/test_plan.py::test_readme_shows_what_the_planner_prints",
-    "r1edge generate examples/advisor/model --chat --schema examples/advisor/decision.json --max-think-tokens 48 "
-    "--max-new-tokens 96 --window 512 --prompt \"level 0.41 m, spread 0.010, setpoint 0.41; valve 0.61, +10% over "
-    "a sound tank; temperature 48.7 C, setpoint 48.7; heater 0.53; inflow 12.0 C.\"":
+    "r1edge generate examples/advisor/model --chat --schema examples/advisor/decision.json --max-think-tokens 64 "
+    "--max-new-tokens 112 --window 512 --prompt \"level 0.41 m, spread 0.010, setpoint 0.41, error +0.00; valve 0.61, "
+    "+10% over a sound tank; temperature 48.7 C, setpoint 48.7, error +0.0; heater 0.49, +0% over a sound element; "
+    "inflow 12.0 C.\"":
         "tests/test_docs.py::test_generate_with_a_schema_file_as_documented",
     "python -m examples.sensor_stream.run": "tests/test_examples.py::test_sensor_stream_detects_injected_faults",
     "python -m examples.perception_hook.hook": "tests/test_examples.py::test_perception_hook_runs_as_documented",
@@ -41,6 +42,22 @@ TESTED = {
     "python feeder.py --seconds 20 &": "tests/test_ops_example.py::test_the_ops_example_runs_on_a_laptop_as_documented",
     "r1edge run deploy.toml --duration 15": "tests/test_ops_example.py::test_the_ops_example_runs_on_a_laptop_as_documented",
     "wait": "tests/test_ops_example.py::test_the_ops_example_runs_on_a_laptop_as_documented",
+    'cp -rL model signed-model':
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
+    'r1edge keys keys --signing --name release':
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
+    'r1edge sign signed-model --key keys/release.pem --identity "release 2026-12"':
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
+    'r1edge modbus-cert tls --server localhost,127.0.0.1 --client plc=operator --client hmi=viewer':
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
+    'r1edge keys zmq && r1edge keys zmq-clients --name console && mkdir -p zmq/allowed && cp zmq-clients/console.key zmq/allowed/':
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
+    'r1edge opcua-cert pki && r1edge opcua-cert clients --name scada --client && mkdir -p pki/trusted && cp clients/scada.der pki/trusted/':
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
+    "printf 'scada-password\\n' | r1edge opcua-user users.toml scada --role viewer --password-stdin":
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
+    'r1edge run locked-down.toml --duration 30':
+        "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
 }
 SHELL = ("bash", "sh", "shell", "console")
 
