@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the controller loop of a deployment config with its bridges",
                        description="Run the controller's periodic loop with the bridges of DEPLOY.toml. Before the "
-                       "first cycle it builds the engine (a first run compiles its Numba kernels, about 40 s), warms "
+                       "first cycle it builds the engine (a first run compiles its Numba kernels, about 50 s on 2 cores), warms "
                        "it up and collects garbage, logging each stage. On stop (--duration, SIGINT, SIGTERM) the "
                        "outputs go to their fail-safe values (or hold, per output: on_stop = \"hold\") before "
                        "the bridges close. Exit status: 0 healthy; 1 when no valid input ever arrived or the "

@@ -42,7 +42,7 @@ TESTED = {
     "python feeder.py --seconds 20 &": "tests/test_ops_example.py::test_the_ops_example_runs_on_a_laptop_as_documented",
     "r1edge run deploy.toml --duration 15": "tests/test_ops_example.py::test_the_ops_example_runs_on_a_laptop_as_documented",
     "wait": "tests/test_ops_example.py::test_the_ops_example_runs_on_a_laptop_as_documented",
-    'cp -rL model signed-model':
+    'rm -rf signed-model && cp -rL model signed-model':
         "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",
     'r1edge keys keys --signing --name release':
         "tests/test_ops_example.py::test_the_locked_down_deployment_runs_as_documented",

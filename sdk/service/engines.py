@@ -111,7 +111,7 @@ def build_engine_logged(path: str | Path, cfg: DeployConfig, capacity: int, what
     """``build_engine`` for a controller, saying what it does first (a first run compiles) and,
     every ``every_s`` seconds until it is built, how long it has been at it."""
     logger.info("%sengine: loading %s and building the engine (its Numba kernels compile on a first run, "
-                "about a minute on 2 cores; later runs load them from the on-disk cache) ...", what, path)
+                "about 50 s on 2 cores; later runs load them from the on-disk cache) ...", what, path)
     t0 = time.perf_counter()
     with progress(f"{what}engine: building", every_s=every_s):
         engine = build_engine(path, device=cfg.model.device, capacity=capacity, window=cfg.model.window,
