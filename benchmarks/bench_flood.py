@@ -167,14 +167,20 @@ def _run_modbus(max_request_rate: float, seconds: float, warmup_s: float, flood:
             ctrl.stop()
             runner.join(30)
             ctrl.close()
-    keys = ("cycles", "deadline_misses", "skipped_ticks", "failsafe_cycles")
-    out = {k: after[k] - before[k] for k in keys}
+    out = loop_delta(before, after)
+    out["flood_answers_per_s"] = round(answered / seconds)
+    out["bridge_throttled"] = after["bridges"]["modbus"]["throttled"] - before["bridges"]["modbus"]["throttled"]
+    return out
+
+
+def loop_delta(before: dict, after: dict) -> dict:
+    """The loop's figures between two ``Controller.stats()`` snapshots: cycles, misses, skipped
+    ticks and fail-safe cycles (with their reasons) counted in between, and the latency after."""
+    out = {k: after[k] - before[k] for k in ("cycles", "deadline_misses", "skipped_ticks", "failsafe_cycles")}
     out["failsafe_by_reason"] = {k: v - before["failsafe_cycles_by_reason"].get(k, 0)
                                  for k, v in after["failsafe_cycles_by_reason"].items()
                                  if v - before["failsafe_cycles_by_reason"].get(k, 0)}
     out["latency_us"] = {k: after["latency_us"].get(k) for k in ("p50", "p99", "max")}
-    out["flood_answers_per_s"] = round(answered / seconds)
-    out["bridge_throttled"] = after["bridges"]["modbus"]["throttled"] - before["bridges"]["modbus"]["throttled"]
     return out
 
 
@@ -273,12 +279,7 @@ def _run_zmq(max_frames_per_s: int, seconds: float, warmup_s: float, flood: bool
             ctrl.stop()
             runner.join(30)
             ctrl.close()
-    keys = ("cycles", "deadline_misses", "skipped_ticks", "failsafe_cycles")
-    out = {k: after[k] - before[k] for k in keys}
-    out["failsafe_by_reason"] = {k: v - before["failsafe_cycles_by_reason"].get(k, 0)
-                                 for k, v in after["failsafe_cycles_by_reason"].items()
-                                 if v - before["failsafe_cycles_by_reason"].get(k, 0)}
-    out["latency_us"] = {k: after["latency_us"].get(k) for k in ("p50", "p99", "max")}
+    out = loop_delta(before, after)
     out["flood_answers_per_s"] = round((sum(h1["bad"].values()) - sum(h0["bad"].values())) / seconds)
     out["good_frames"] = h1["frames"] - h0["frames"]
     out["bridge_throttled"] = h1["throttled_windows"] - h0["throttled_windows"]
