@@ -49,3 +49,15 @@ def corpus(target: str) -> list[Path]:
     """The kept inputs of ``target`` (files under ``tests/fuzz/corpus/<target>/``), sorted."""
     folder = CORPUS / target
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def tree_paths(tree: dict | list, prefix: tuple = ()) -> list[tuple]:
+    """Every path (the keys and indices from the root) to a value in a parsed TOML or JSON tree,
+    the places a fuzz target may mutate."""
+    out = []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for k, v in items:
+        out.append(prefix + (k,))
+        if isinstance(v, (dict, list)):
+            out += tree_paths(v, prefix + (k,))
+    return out

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from sdk.service.config import ConfigError, DeployConfig
-from tests.fuzz.budget import budget, corpus, tried
+from tests.fuzz.budget import budget, corpus, tree_paths, tried
 
 try:
     import tomllib
@@ -116,23 +116,13 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=8)
 
 
-def _paths(tree, prefix=()):
-    """Every (container path, key) in a parsed TOML tree."""
-    out = []
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for k, v in items:
-        out.append(prefix + (k,))
-        if isinstance(v, (dict, list)):
-            out += _paths(v, prefix + (k,))
-    return out
-
 
 @st.composite
 def deploy_trees(draw):
     """A seed deployment with one to four mutations anywhere in its tree."""
     tree = copy.deepcopy(draw(st.sampled_from(SEED_TREES)))
     for _ in range(draw(st.integers(1, 4))):
-        paths = _paths(tree)
+        paths = tree_paths(tree)
         path = draw(st.sampled_from(paths))
         parent = tree
         for k in path[:-1]:

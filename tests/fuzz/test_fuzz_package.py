@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from runtime.model.weights import CheckpointError, CheckpointReader
 from sdk.tools.package import PackageError, iter_tensors, mapped_tensors, read_manifest, verify_package
-from tests.fuzz.budget import budget, corpus, tried
+from tests.fuzz.budget import budget, corpus, tree_paths, tried
 
 DEMO = Path(__file__).resolve().parents[2] / "sdk" / "demo" / "model"
 REFUSED = (PackageError, CheckpointError)
@@ -123,22 +123,13 @@ JSON_VALUES = st.recursive(
     max_leaves=6)
 
 
-def _paths(tree, prefix=()):
-    out = []
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for k, v in items:
-        out.append(prefix + (k,))
-        if isinstance(v, (dict, list)):
-            out += _paths(v, prefix + (k,))
-    return out
-
 
 @st.composite
 def manifests(draw):
     """The demo package's manifest with one to three values replaced, deleted or added."""
     tree = copy.deepcopy(MANIFEST)
     for _ in range(draw(st.integers(1, 3))):
-        paths = _paths(tree)
+        paths = tree_paths(tree)
         if not paths:
             break
         path = draw(st.sampled_from(paths))
