@@ -116,7 +116,6 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=8)
 
 
-
 @st.composite
 def deploy_trees(draw):
     """A seed deployment with one to four mutations anywhere in its tree."""

@@ -123,7 +123,6 @@ JSON_VALUES = st.recursive(
     max_leaves=6)
 
 
-
 @st.composite
 def manifests(draw):
     """The demo package's manifest with one to three values replaced, deleted or added."""
