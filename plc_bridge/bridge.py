@@ -59,6 +59,14 @@ ModeHandler = Callable[[str, str], dict]
 MISSING = np.iinfo(np.int64).min
 
 
+
+def refuse_unknown_keys(table: dict, allowed, where: str) -> None:
+    """``ValueError`` naming the keys of a config ``table`` that are not in ``allowed``, and
+    what is allowed (every bridge's section and sub-table is checked this one way)."""
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
 class Signal(NamedTuple):
     """One signal as the bridges see it: name, range, engineering unit, and (outputs) the
     value the bridges put out before the first decision and on their own fail-safe."""

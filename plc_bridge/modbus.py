@@ -44,7 +44,7 @@ from array import array
 from typing import Callable
 
 from . import mbap
-from .bridge import ImageBridge, InputImage, Inputs, LoopThread, register, resolve_paths
+from .bridge import ImageBridge, InputImage, Inputs, LoopThread, refuse_unknown_keys, register, resolve_paths
 from .mbap import BadReply, ModbusError, PlcConnection
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing
@@ -177,9 +177,7 @@ class ModbusBridge(ImageBridge, LoopThread):
         """
         if not isinstance(modbus, dict):
             raise ValueError("modbus: must be a table")
-        unknown = sorted(set(modbus) - _MODBUS_KEYS)
-        if unknown:
-            raise ValueError(f"modbus: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_MODBUS_KEYS))}")
+        refuse_unknown_keys(modbus, _MODBUS_KEYS, "modbus")
         mode = modbus.get("mode")
         if mode not in ("server", "client"):
             raise ValueError(f"modbus.mode: {mode!r} is not 'server' or 'client'")

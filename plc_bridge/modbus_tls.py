@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .bridge import refuse_unknown_keys
+
 ROLE_OID = "1.3.6.1.4.1.50316.802.1"
 _TLS_KEYS = frozenset(("cert", "key", "ca", "write_roles"))
 
@@ -37,9 +39,7 @@ class TlsSettings:
         """Validate the table and load the files once (``ValueError`` naming the key)."""
         if not isinstance(raw, dict):
             raise ValueError("modbus.tls: must be a table with cert, key, ca (and write_roles in server mode)")
-        unknown = sorted(set(raw) - _TLS_KEYS)
-        if unknown:
-            raise ValueError(f"modbus.tls: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TLS_KEYS))}")
+        refuse_unknown_keys(raw, _TLS_KEYS, "modbus.tls")
         paths = {}
         for key in ("cert", "key", "ca"):
             value = raw.get(key)

@@ -65,7 +65,8 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
 
-from .bridge import InputImage, Inputs, LoopThread, ModeHandler, Provider, SnapshotBridge, Wiring, register
+from .bridge import (InputImage, Inputs, LoopThread, ModeHandler, Provider, SnapshotBridge, Wiring, refuse_unknown_keys,
+                     register)
 from .messages import MAX_NAME_LEN
 from .metrics import CollapsingLog, Counters, LatencyRing
 from .opcua_security import Admission, GuardedServer, Login, certificate_uri, check_trusted, read_users
@@ -211,9 +212,7 @@ class OpcUaBridge(SnapshotBridge, LoopThread):
         """
         if not isinstance(opcua, dict):
             raise ValueError("opcua: must be a table")
-        unknown = sorted(set(opcua) - _OPCUA_KEYS)
-        if unknown:
-            raise ValueError(f"opcua: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_OPCUA_KEYS))}")
+        refuse_unknown_keys(opcua, _OPCUA_KEYS, "opcua")
         endpoint = opcua.get("endpoint")
         url = urlparse(endpoint) if isinstance(endpoint, str) else None
         try:

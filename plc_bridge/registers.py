@@ -21,6 +21,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from .bridge import refuse_unknown_keys
+
 TABLES = ("holding", "input", "coil", "discrete")
 BIT_TABLES = frozenset(("coil", "discrete"))
 #: type name -> (struct format of the big-endian value, number of registers)
@@ -317,9 +319,7 @@ def _parse_entry(i: int, raw, inputs: set, outputs: set, mode: str) -> MapEntry:
     if not isinstance(signal, str) or not signal:
         raise ValueError(f"{where}: 'signal' is missing or not a non-empty string")
     where = f"{where} (signal {signal!r})"
-    unknown = sorted(set(raw) - _ENTRY_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ENTRY_KEYS))}")
+    refuse_unknown_keys(raw, _ENTRY_KEYS, where)
     if signal in inputs and signal in outputs:
         raise ValueError(f"{where}: signal is declared both as an input and as an output")
     if signal in inputs:

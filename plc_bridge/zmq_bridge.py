@@ -64,7 +64,8 @@ from zmq.utils.monitor import recv_monitor_message
 import numpy as np
 
 from . import messages
-from .bridge import DecisionImage, InputImage, Inputs, ModeHandler, Provider, Wiring, register, resolve_paths
+from .bridge import (DecisionImage, InputImage, Inputs, ModeHandler, Provider, Wiring, refuse_unknown_keys, register,
+                     resolve_paths)
 from .messages import MessageError
 from .metrics import Counters, LatencyRing, worth_logging
 from .zmq_clients import (ZAP_DOMAIN, ControlClient, CurveClient, CurveServer, DecisionSubscriber,
@@ -187,9 +188,7 @@ class ZmqBridge:
         """
         if not isinstance(zmq_cfg, dict):
             raise ValueError("zmq: must be a table")
-        unknown = sorted(set(zmq_cfg) - _ZMQ_KEYS)
-        if unknown:
-            raise ValueError(f"zmq: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ZMQ_KEYS))}")
+        refuse_unknown_keys(zmq_cfg, _ZMQ_KEYS, "zmq")
         eps = {}
         for key in ("sensors", "decisions", "control"):
             value = zmq_cfg.get(key)
