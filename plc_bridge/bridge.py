@@ -67,6 +67,19 @@ def refuse_unknown_keys(table: dict, allowed, where: str) -> None:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
+
+def number_key(table: dict, key: str, default, lo, hi, where: str, *, integer: bool = False,
+               unit: str = "") -> int | float:
+    """``table[key]`` (``default`` when absent) if it is an integer (``integer``) or a number of
+    ``unit`` in ``lo..hi``; else ``ValueError`` naming ``where.key``, the value and the range."""
+    value = table.get(key, default)
+    kind = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not kind or not lo <= value <= hi:
+        what = f"an integer in {lo}..{hi}" if integer else f"a number of {unit} in {lo:g}..{hi:g}"
+        raise ValueError(f"{where}.{key}: {value!r} is not {what}")
+    return value if integer else float(value)
+
+
 class Signal(NamedTuple):
     """One signal as the bridges see it: name, range, engineering unit, and (outputs) the
     value the bridges put out before the first decision and on their own fail-safe."""
@@ -143,13 +156,6 @@ class InputImage:
         """Lock held: one received value."""
         self._values[row, column] = value
         self._stamps[row, column] = stamp
-
-    def put_named(self, row: int, name: str, value: float, stamp: int) -> None:
-        """Lock held: one received value of input ``name`` (ignored if not a column)."""
-        j = self.index.get(name)
-        if j is not None:
-            self._values[row, j] = value
-            self._stamps[row, j] = stamp
 
     def take(self) -> list[tuple[str, int]]:
         """The loop's read: copy the rows in use to the front buffer; returns ``[(stream, row)]``."""
@@ -297,13 +303,13 @@ class ModeSwitch(Protocol):
         ...
 
 
-class ImageBridge:
+class SnapshotBridge:
     """:meth:`Bridge.read`, :meth:`Bridge.write` and :meth:`Bridge.bound_streams` for a bridge
-    whose I/O thread fills ``image`` (an :class:`InputImage` over its wiring's inputs), which
-    takes decisions through ``publish(outputs, status, seq, latency_us, stream)`` and whose
-    ``input_streams()`` are the streams it is bound to. Where the bridge has
-    ``failsafe_state(stream)`` (it may put out fail-safe values itself) its rows say so; the
-    image's ``running`` is the bridge's ``_running()`` (a :class:`LoopThread`'s)."""
+    whose inputs are kept per signal behind ``snapshot(stream)`` (:meth:`read` copies them into
+    ``image``, an :class:`InputImage` over its wiring's inputs), which takes decisions through
+    ``publish(outputs, status, seq, latency_us, stream)`` and whose ``input_streams()`` are the
+    streams it is bound to; the image's ``running`` is the bridge's ``_running()`` (a
+    :class:`LoopThread`'s)."""
 
     image: InputImage
 
@@ -311,27 +317,12 @@ class ImageBridge:
         """The streams it has inputs for by configuration."""
         return list(self.input_streams())
 
-    def read(self) -> InputImage:
-        """The cycle's one read: the image's rows in use, copied (see :class:`InputImage`)."""
-        img = self.image
-        state = getattr(self, "failsafe_state", None)
-        for stream, r in img.take():
-            if state is not None:
-                img.failsafe[r], img.failsafe_entries[r] = state(stream)
-        img.running = self._running()
-        return img
-
     def write(self, decisions: DecisionImage) -> None:
         """The cycle's one write: each served stream's row handed to ``publish``."""
         d = decisions
         for i in range(d.n):
             if self.serves(d.names[i]):
                 self.publish(d.outputs(i), d.status[i], d.seq, d.latency_us, d.names[i])
-
-
-class SnapshotBridge(ImageBridge):
-    """An :class:`ImageBridge` whose inputs are kept per signal behind ``snapshot(stream)``:
-    :meth:`read` copies them into ``image``."""
 
     def read(self) -> InputImage:
         """Copy each stream's newest inputs into the image (see :meth:`Bridge.read`)."""
@@ -397,6 +388,7 @@ class LoopThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._down: tuple[str, ...] = ()
+        self._alive = False          # the thread runs its loop (set and cleared by the thread itself)
         self._tasks: list[asyncio.Task] = []
         self._tracebacks_logged: set[tuple[str, str]] = set()
         if not hasattr(self, "errors"):
@@ -413,8 +405,7 @@ class LoopThread:
 
     def _running(self) -> bool:
         """For ``health()["running"]``: the thread runs and no supervised task is down."""
-        thread = self._thread
-        return thread is not None and thread.is_alive() and not self._down
+        return self._alive and not self._down
 
     def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> asyncio.Task:
         """Start ``factory()`` as a supervised task called ``name`` (call from the loop)."""
@@ -524,6 +515,7 @@ class LoopThread:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._alive = True
         try:
             loop.run_until_complete(self._main())
         except BaseException as exc:                      # reported by start(), or logged later
@@ -531,6 +523,7 @@ class LoopThread:
                 log.exception("%s: thread failed", self._label())
             self._error = exc
         finally:
+            self._alive = False
             self._ready.set()
             try:
                 loop.run_until_complete(loop.shutdown_asyncgens())

@@ -34,7 +34,6 @@ application protocol V1.1b3, section 7):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 import ssl
@@ -44,12 +43,15 @@ from array import array
 from typing import Callable
 
 from . import mbap
-from .bridge import ImageBridge, InputImage, Inputs, LoopThread, refuse_unknown_keys, register, resolve_paths
+import numpy as np
+
+from .bridge import (MISSING, DecisionImage, InputImage, Inputs, LoopThread, number_key, refuse_unknown_keys,
+                     register, resolve_paths)
 from .mbap import BadReply, ModbusError, PlcConnection
 from .messages import MAX_NAME_LEN
 from .metrics import Counters, LatencyRing
-from .modbus_tls import TlsSettings, peer_role
-from .registers import ADDRESS_SPACE, BIT_TABLES, READABLE, UNMAPPED, WRITABLE, RegisterImage, RegisterMap
+from .modbus_tls import TlsSettings, parse_allow, peer_allowed, peer_role
+from .registers import ADDRESS_SPACE, BIT_TABLES, READABLE, UNMAPPED, WRITABLE, MapEntry, RegisterImage, RegisterMap
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ _RATE_WINDOW_S = 0.01            # a connection's request budget is spent per wi
 InputCallback = Callable[[dict], None]
 
 
-class ModbusBridge(ImageBridge, LoopThread):
+class ModbusBridge(LoopThread):
     """Modbus TCP I/O for one PLC, in server or client mode, in a background thread.
 
     A :class:`~plc_bridge.bridge.Bridge` serving exactly one stream (``stream``, default
@@ -86,8 +88,8 @@ class ModbusBridge(ImageBridge, LoopThread):
     published, it writes every output's fail-safe value itself (server mode: into the served
     registers; client mode: to the PLC, again after each reconnection) until the heartbeat
     changes again; the next publish after that writes the controller's outputs.
-    :meth:`failsafe_state` tells the controller, so that its rate limits start from what the
-    plant got (a :class:`~plc_bridge.bridge.FailsafeSource`).
+    :meth:`read` tells the controller (the image's ``failsafe`` row), so that its rate limits
+    start from what the plant got.
 
     Stop: what was published last reaches the PLC before the connection closes. Client mode
     writes the outputs once more (when connected, within ``request_timeout_ms``); server mode
@@ -134,13 +136,19 @@ class ModbusBridge(ImageBridge, LoopThread):
         self.errors = Counters()    # our own I/O trouble, by reason
         self.io = LatencyRing()
         self.lock = threading.Lock()
-        # Inputs as the controller reads them (read()): one row over ``columns`` (default: mapped inputs).
+        # Inputs as the controller reads them (read()): one row over ``columns`` (default: mapped
+        # inputs), copied from what the I/O thread received (``_rx_values``/``_rx_stamps``, lock held).
         self.image = InputImage(columns if columns is not None else [e.signal for e in regmap.inputs], 1, self.lock)
-        self.image.row(stream)
+        self.image.taken.append((stream, self.image.row(stream)))
+        self._column = {name: j for j, name in enumerate(self.image.columns)}
+        self._rx_values = np.full(len(self.image.columns), np.nan)
+        self._rx_stamps = np.full(len(self.image.columns), MISSING, np.int64)
         # Server mode: the heartbeat register starts at 0 in our image. Client mode: the first
         # read only sets the baseline; only a change proves the PLC is alive.
         self._hb_value: int | None = 0 if mode == "server" else None
         self._hb_change_ns: int | None = None
+        # The heartbeat is fresh until this time.monotonic_ns() (no heartbeat configured: always).
+        self._hb_fresh_until = -1 if regmap.heartbeat is not None else 1 << 62
         self._failsafe_active = regmap.heartbeat is not None
         self._failsafe_entries = 0
         self._published = False     # client mode writes nothing before the first accepted publish
@@ -189,22 +197,25 @@ class ModbusBridge(ImageBridge, LoopThread):
         if not isinstance(host, str) or not host:
             raise ValueError(f"modbus.host: {host!r} is not a host name or address")
         tls = TlsSettings.from_config(modbus["tls"], mode) if "tls" in modbus else None
-        port = _int_key(modbus, "port", 502 if tls is None else 802, 0 if mode == "server" else 1, 65535)
-        device_id = _int_key(modbus, "device_id", 1, 0, 255)
-        max_clients = _int_key(modbus, "max_clients", 8, 1, 1024)
-        max_read = _int_key(modbus, "max_read", 125, 1, 125)
+        port = number_key(modbus, "port", 502 if tls is None else 802, 0 if mode == "server" else 1, 65535, "modbus",
+                          integer=True)
+        device_id, max_clients, max_read = (number_key(modbus, key, default, lo, hi, "modbus", integer=True)
+                                            for key, default, lo, hi in (("device_id", 1, 0, 255),
+                                                                         ("max_clients", 8, 1, 1024),
+                                                                         ("max_read", 125, 1, 125)))
         times = {k: _ms_key(modbus, k, d) for k, d in (("poll_ms", 10.0), ("request_timeout_ms", 200.0),
                                                        ("reconnect_min_ms", 100.0), ("reconnect_max_ms", 5000.0),
                                                        ("stop_linger_ms", 200.0))}
-        idle_timeout_s = _number_key(modbus, "idle_timeout_s", 10.0, 0.1, 86400.0, "seconds")
-        max_request_rate = _number_key(modbus, "max_request_rate", 1000.0, 10.0, 1e6, "requests per second")
+        idle_timeout_s = number_key(modbus, "idle_timeout_s", 10.0, 0.1, 86400.0, "modbus", unit="seconds")
+        max_request_rate = number_key(modbus, "max_request_rate", 1000.0, 10.0, 1e6, "modbus",
+                                      unit="requests per second")
         if times["reconnect_min_ms"] > times["reconnect_max_ms"]:
             raise ValueError("modbus.reconnect_min_ms: must not exceed modbus.reconnect_max_ms")
         allow = None
         if "allow" in modbus:
             if mode != "server":
                 raise ValueError("modbus.allow: only applies to server mode")
-            allow = _parse_allow(modbus["allow"])
+            allow = parse_allow(modbus["allow"])
         if not isinstance(outputs, dict):
             raise ValueError("outputs: must map each output name to its failsafe value")
         for name, value in outputs.items():
@@ -251,13 +262,44 @@ class ModbusBridge(ImageBridge, LoopThread):
         silent PLC shows as missing inputs)."""
         return [self.stream]
 
+    bound_streams = input_streams
+
     def snapshot(self, stream: str | None = None) -> Inputs:
         """``{input name: (value, rx time.monotonic_ns())}`` for every input received so far
         (``stream``: this bridge's, the default; ``{}`` for any other). Never blocks on the network."""
         if stream is not None and stream != self.stream:
             return {}
         with self.lock:
-            return self.image.received(0)
+            return {name: (float(v), int(t)) for name, v, t in zip(self.image.columns, self._rx_values.tolist(),
+                                                                    self._rx_stamps.tolist()) if t != MISSING}
+
+    def read(self) -> InputImage:
+        """The cycle's one read (see :meth:`~plc_bridge.bridge.Bridge.read`): the inputs received
+        so far; ``failsafe`` while the heartbeat is stale (the bridge then puts out its fail-safe
+        values) and how often it switched to them; whether the I/O thread and its tasks live."""
+        img = self.image
+        now = time.monotonic_ns()
+        with self.lock:
+            img.values[0] = self._rx_values
+            img.stamps[0] = self._rx_stamps
+            img.failsafe[0] = now > self._hb_fresh_until
+            img.failsafe_entries[0] = self._failsafe_entries
+        img.running = self._alive and not self._down
+        return img
+
+    def write(self, decisions: DecisionImage) -> None:
+        """The cycle's one write (see :meth:`~plc_bridge.bridge.Bridge.write`): this bridge's
+        stream's outputs, as :meth:`publish` puts them out, straight from its row of the image."""
+        d = decisions
+        for i in range(d.n):
+            if d.names[i] == self.stream:
+                row, index, given = d.values[i], d.index, []
+                for entry in self.regmap.outputs:
+                    j = index.get(entry.signal)
+                    if j is not None and row[j] == row[j]:      # NaN: not given for this stream
+                        given.append((entry, row[j]))
+                self._put_outputs(given)
+                return
 
     def publish(self, outputs: dict[str, float], status: str = "ok", seq: int = 0,
                 latency_us: float = 0.0, stream: str | None = None) -> None:
@@ -275,35 +317,31 @@ class ModbusBridge(ImageBridge, LoopThread):
         """
         if stream is not None and stream != self.stream:
             raise ValueError(f"modbus bridge serves stream {self.stream!r}, not {stream!r}")
+        by_signal = self.regmap.by_signal
+        self._put_outputs([(entry, value) for name, value in outputs.items()
+                           if (entry := by_signal.get(name)) is not None and entry.direction == "output"])
+
+    def _put_outputs(self, outputs: list[tuple[MapEntry, float]]) -> None:
+        """Mapped outputs with their values into the served registers or the client's queue
+        (the rules are :meth:`publish`'s)."""
         now = time.monotonic_ns()
         with self.lock:
-            if not self._heartbeat_ok(now):
+            if now > self._hb_fresh_until:
                 if not self._failsafe_active:
                     self._enter_failsafe_locked("heartbeat stale at publish")
                 return
             self._failsafe_active = False
             self._published = True
-            for name, value in outputs.items():
-                entry = self.regmap.by_signal.get(name)
-                if entry is None or entry.direction != "output":
-                    continue
+            for entry, value in outputs:
                 value = float(value)
                 if not math.isfinite(value):
                     self.errors.inc("nonfinite_output")
-                    value = self.failsafe[name]
-                self._out_values[name] = value
-                if self._image is not None:
-                    if self._image.put(entry, value):
-                        self.errors.inc("clamped_output")
+                    value = self.failsafe[entry.signal]
+                self._out_values[entry.signal] = value
+                if self._image is not None and self._image.put(entry, value):
+                    self.errors.inc("clamped_output")
         if self.mode == "client":
             self._wakeup()
-
-    def failsafe_state(self, stream: str | None = None) -> tuple[bool, int]:
-        """``(overriding, entries)``: whether the heartbeat is stale now (a publish would be
-        ignored), and how many times the bridge has switched to its fail-safe values."""
-        now = time.monotonic_ns()
-        with self.lock:
-            return not self._heartbeat_ok(now), self._failsafe_entries
 
     def health(self) -> dict:
         """Connection, heartbeat and fail-safe state, bad traffic by reason, errors by kind,
@@ -317,7 +355,7 @@ class ModbusBridge(ImageBridge, LoopThread):
         answer that was refused: ``plc_short_response``, ``plc_timeout``, ...)."""
         now = time.monotonic_ns()
         with self.lock:
-            hb_ok = self._heartbeat_ok(now)
+            hb_ok = now <= self._hb_fresh_until
             failsafe = self._failsafe_active
             hb_age = None if self._hb_change_ns is None else (now - self._hb_change_ns) / 1e6
         connected = bool(self._conns) if self.mode == "server" else self._connected
@@ -341,11 +379,6 @@ class ModbusBridge(ImageBridge, LoopThread):
         }
 
     # ------------------------------------------------------------------ shared internals
-    def _heartbeat_ok(self, now: int) -> bool:
-        if self.regmap.heartbeat is None:
-            return True
-        return self._hb_change_ns is not None and now - self._hb_change_ns <= self.hb_timeout_ns
-
     def _enter_failsafe_locked(self, why: str) -> None:
         self._failsafe_active = True
         self._failsafe_entries += 1
@@ -357,7 +390,8 @@ class ModbusBridge(ImageBridge, LoopThread):
         self._say.warning("failsafe", "modbus %s: outputs set to fail-safe (%s)", self.mode, why)
 
     def _record_inputs(self, updates: dict[str, tuple[float, int]]) -> None:
-        """Called by the I/O thread outside the lock, after the image was updated."""
+        """``on_input(updates)``, called by the I/O thread outside the lock, after the inputs
+        were stored."""
         if self.on_input is not None and updates:
             try:
                 self.on_input(updates)
@@ -368,6 +402,7 @@ class ModbusBridge(ImageBridge, LoopThread):
     def _note_heartbeat_locked(self, value: int, now: int) -> None:
         if self._hb_value is not None and value != self._hb_value:
             self._hb_change_ns = now
+            self._hb_fresh_until = now + self.hb_timeout_ns
         self._hb_value = value
 
     async def _main(self) -> None:
@@ -416,7 +451,7 @@ class ModbusBridge(ImageBridge, LoopThread):
         while not self._stop.is_set():
             now = time.monotonic_ns()
             with self.lock:
-                ok = self._heartbeat_ok(now)
+                ok = now <= self._hb_fresh_until
                 if not ok and not self._failsafe_active:
                     self._enter_failsafe_locked("heartbeat stopped")
                 last = self._hb_change_ns
@@ -460,7 +495,7 @@ class ModbusBridge(ImageBridge, LoopThread):
         """One peer: allow-list, eviction at ``max_clients``, TLS handshake and role, requests."""
         peer = writer.get_extra_info("peername")
         host = peer[0] if peer else None
-        if not self._client_allowed(host):
+        if not peer_allowed(self.allow, host):
             n = self.bad.inc("rejected_client")
             self._say.warning("allow", "modbus server: refused %s (not in modbus.allow; %d refused so far)", host, n)
             writer.transport.abort()
@@ -519,7 +554,8 @@ class ModbusBridge(ImageBridge, LoopThread):
                 return
             writer.write(mbap.frame(tid, unit, reply))
             self.io.add(time.perf_counter_ns() - t0)
-            self._record_inputs(updates)
+            if updates and self.on_input is not None:
+                self._record_inputs(updates)
             if writer.transport.get_write_buffer_size() > 1 << 16:
                 await writer.drain()                      # a peer that does not read waits
             budget -= 1
@@ -574,7 +610,13 @@ class ModbusBridge(ImageBridge, LoopThread):
                     and_mask, or_mask = req.masks
                     values = [(image.words[table][address] & and_mask) | (or_mask & ~and_mask & 0xFFFF)]
                 image.words[table][address:end] = array("H", values)
-            updates = self._written(table, address, len(values))
+            now = time.monotonic_ns()
+            for entry, value in image.decoded(table, address, len(values)):
+                if entry.index < 0:
+                    self._note_heartbeat_locked(int(value), now)
+                elif (j := self._column.get(entry.signal)) is not None:
+                    self._rx_values[j], self._rx_stamps[j] = value, now
+                    updates[entry.signal] = (value, now)
         if req.read is None:
             return None, updates
         if access.count(READABLE, raddr, rend):
@@ -582,33 +624,6 @@ class ModbusBridge(ImageBridge, LoopThread):
         if table in BIT_TABLES:
             return list(image.bits[table][raddr:rend]), updates
         return image.words[table][raddr:rend].tolist(), updates
-
-    def _client_allowed(self, host: str | None) -> bool:
-        if self.allow is None:
-            return True
-        try:
-            addr = ipaddress.ip_address(host.split("%")[0]) if host else None
-        except ValueError:
-            return False
-        if addr is None:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.allow)
-
-    def _written(self, table: str, address: int, count: int) -> dict[str, tuple[float, int]]:
-        """Server mode, lock held: the PLC wrote ``count`` values at ``address``."""
-        now = time.monotonic_ns()
-        image = self._image
-        updates = {}
-        for entry in image.entries_in(table, address, count):
-            if entry.index < 0:
-                self._note_heartbeat_locked(image.words["holding"][entry.address], now)
-            elif entry.direction == "input":
-                value = image.get(entry)
-                self.image.put_named(0, entry.signal, value, now)
-                updates[entry.signal] = (value, now)
-        return updates
 
     # ------------------------------------------------------------------ client mode
     async def _client_loop(self) -> None:
@@ -671,7 +686,7 @@ class ModbusBridge(ImageBridge, LoopThread):
                 self.io.add(time.perf_counter_ns() - t0)
                 self._record_inputs(updates)
                 with self.lock:
-                    if not self._heartbeat_ok(time.monotonic_ns()):
+                    if time.monotonic_ns() > self._hb_fresh_until:
                         if not self._failsafe_active:
                             self._enter_failsafe_locked("heartbeat stopped")
                         dirty = True  # keep asserting fail-safe while the heartbeat is stale
@@ -717,7 +732,8 @@ class ModbusBridge(ImageBridge, LoopThread):
                     self._note_heartbeat_locked(raw[off], rx)
                     continue
                 value = entry.decode(raw[off:off + entry.width])
-                self.image.put_named(0, entry.signal, value, rx)
+                if (j := self._column.get(entry.signal)) is not None:
+                    self._rx_values[j], self._rx_stamps[j] = value, rx
                 updates[entry.signal] = (value, rx)
         return updates
 
@@ -756,40 +772,11 @@ class _Conn:
         self.closed_by_us = False
 
 
-def _int_key(cfg: dict, key: str, default: int, lo: int, hi: int) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"modbus.{key}: {value!r} is not an integer in {lo}..{hi}")
-    return value
-
-
 def _ms_key(cfg: dict, key: str, default: float) -> float:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86_400_000:
         raise ValueError(f"modbus.{key}: {value!r} is not a positive number of milliseconds (at most a day, 86400000)")
     return float(value)
-
-
-def _number_key(cfg: dict, key: str, default: float, lo: float, hi: float, unit: str) -> float:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ValueError(f"modbus.{key}: {value!r} is not a number of {unit} in {lo:g}..{hi:g}")
-    return float(value)
-
-
-def _parse_allow(raw) -> list:
-    if isinstance(raw, str) or not isinstance(raw, (list, tuple)):
-        raise ValueError("modbus.allow: must be a list of addresses or networks, e.g. [\"10.0.0.5\", \"10.0.1.0/24\"]")
-    nets = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, str):
-            raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network (a string such as "
-                             "\"10.0.0.5\" or \"10.0.1.0/24\")")
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network: {exc}") from None
-    return nets
 
 
 register("modbus", lambda table, wiring: ModbusBridge.from_config(  # the registry's factory and [modbus.tls] paths

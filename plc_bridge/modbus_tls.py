@@ -1,5 +1,6 @@
 """Modbus/TCP Security (the Modbus Organization's TLS profile of Modbus TCP): settings, TLS
-contexts, the role in a client certificate, and the certificates behind ``r1edge modbus-cert``.
+contexts, the role in a client certificate, and the certificates behind ``r1edge modbus-cert``;
+and, TLS or not, the server's ``allow`` list of the peers that may connect at all.
 
 Both ends authenticate with X.509 certificates signed by a CA both trust (mutual TLS, TLS 1.2
 at least, port 802 by default). A client certificate may carry a role in the extension
@@ -20,6 +21,7 @@ from typing import Sequence
 from .bridge import refuse_unknown_keys
 
 ROLE_OID = "1.3.6.1.4.1.50316.802.1"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _TLS_KEYS = frozenset(("cert", "key", "ca", "write_roles"))
 
 
@@ -197,3 +199,35 @@ def make_certificates(out_dir: str | os.PathLike, *, server_hosts: Sequence[str]
         role_ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(ROLE_OID), _der_utf8(role))
         issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, [role_ext])
     return written
+
+
+def parse_allow(raw) -> list[Network]:
+    """``[modbus] allow``: a list of addresses or networks (``ValueError`` naming the item)."""
+    if isinstance(raw, str) or not isinstance(raw, (list, tuple)):
+        raise ValueError("modbus.allow: must be a list of addresses or networks, e.g. [\"10.0.0.5\", \"10.0.1.0/24\"]")
+    nets = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network (a string such as "
+                             "\"10.0.0.5\" or \"10.0.1.0/24\")")
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"modbus.allow[{i}]: {item!r} is not an address or network: {exc}") from None
+    return nets
+
+
+def peer_allowed(allow: list[Network] | None, host: str | None) -> bool:
+    """Whether a peer at ``host`` may connect (``allow`` None: everyone; an IPv4-mapped IPv6
+    address counts as its IPv4 address)."""
+    if allow is None:
+        return True
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0]) if host else None
+    except ValueError:
+        return False
+    if addr is None:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in allow)

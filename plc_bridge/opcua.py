@@ -65,8 +65,8 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
 
-from .bridge import (InputImage, Inputs, LoopThread, ModeHandler, Provider, SnapshotBridge, Wiring, refuse_unknown_keys,
-                     register)
+from .bridge import (InputImage, Inputs, LoopThread, ModeHandler, Provider, SnapshotBridge, Wiring, number_key,
+                     refuse_unknown_keys, register)
 from .messages import MAX_NAME_LEN
 from .metrics import CollapsingLog, Counters, LatencyRing
 from .opcua_security import Admission, GuardedServer, Login, certificate_uri, check_trusted, read_users
@@ -238,9 +238,7 @@ class OpcUaBridge(SnapshotBridge, LoopThread):
                 or len(set(streams)) != len(streams)):
             raise ValueError(f"opcua.streams: {streams!r} must be a list of distinct stream names "
                              f"(1..{MAX_NAME_LEN} characters, no '.')")
-        stats_ms = opcua.get("stats_ms", 1000)
-        if isinstance(stats_ms, bool) or not isinstance(stats_ms, (int, float)) or not 10 <= stats_ms <= 3_600_000:
-            raise ValueError(f"opcua.stats_ms: {stats_ms!r} is not a number of milliseconds in 10..3600000")
+        stats_ms = number_key(opcua, "stats_ms", 1000, 10, 3_600_000, "opcua", unit="milliseconds")
         base = Path(base_dir)
         paths: dict[str, Path | None] = {}
         secured = security != ["None"]

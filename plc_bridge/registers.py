@@ -75,28 +75,19 @@ class MapEntry:
     scale: float
     offset: float
     direction: str
+    #: Registers (or bits, for coils and discrete inputs) the entry spans; one past its last
+    #: address; whether it is a coil or discrete input (plain fields: read on every request).
+    width: int = field(init=False, repr=False, compare=False)
+    end: int = field(init=False, repr=False, compare=False)
+    is_bit: bool = field(init=False, repr=False, compare=False)
     _fmt: str = field(init=False, repr=False, compare=False)
-    _width: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         fmt, width = ("?", 1) if self.table in BIT_TABLES else TYPES[self.type]
         object.__setattr__(self, "_fmt", ">" + fmt)
-        object.__setattr__(self, "_width", width)
-
-    @property
-    def width(self) -> int:
-        """Number of registers (or bits, for coils and discrete inputs) the entry spans."""
-        return self._width
-
-    @property
-    def end(self) -> int:
-        """One past the last address the entry uses."""
-        return self.address + self._width
-
-    @property
-    def is_bit(self) -> bool:
-        """True for coils and discrete inputs."""
-        return self.table in BIT_TABLES
+        object.__setattr__(self, "width", width)
+        object.__setattr__(self, "end", self.address + width)
+        object.__setattr__(self, "is_bit", self.table in BIT_TABLES)
 
     def name(self) -> str:
         """How errors and logs refer to this entry."""
@@ -127,7 +118,7 @@ class MapEntry:
             else:
                 raw = round(raw)
         data = struct.pack(self._fmt, raw)
-        if self._width == 1:
+        if self.width == 1:
             return [int.from_bytes(data, "big")], clamped
         hi_word, lo_word = int.from_bytes(data[:2], "big"), int.from_bytes(data[2:], "big")
         return ([hi_word, lo_word] if self.word_order == "big" else [lo_word, hi_word]), clamped
@@ -136,7 +127,7 @@ class MapEntry:
         """Raw registers (or bits) -> engineering value."""
         if self.table in BIT_TABLES:
             return 1.0 if raw[0] else 0.0
-        if self._width == 1:
+        if self.width == 1:
             value = struct.unpack(self._fmt, raw[0].to_bytes(2, "big"))[0]
         else:
             first, second = raw[0], raw[1]
@@ -261,20 +252,18 @@ class RegisterImage:
             self.words[entry.table][entry.address:entry.end] = array("H", raw)
         return clamped
 
-    def get(self, entry: MapEntry) -> float:
-        """Decode the entry's current registers."""
-        if entry.is_bit:
-            return entry.decode(self.bits[entry.table][entry.address:entry.end])
-        return entry.decode(self.words[entry.table][entry.address:entry.end])
-
-    def entries_in(self, table: str, address: int, count: int) -> list[MapEntry]:
-        """Entries overlapping ``address .. address+count-1``, each once, in address order."""
+    def decoded(self, table: str, address: int, count: int) -> list[tuple[MapEntry, float]]:
+        """The entries overlapping ``address .. address+count-1`` (each once, in address order),
+        each with its value decoded from the image as it is now."""
         at = self.at[table]
-        found: list[MapEntry] = []
+        regs = self.bits[table] if table in BIT_TABLES else self.words[table]
+        found: list[tuple[MapEntry, float]] = []
+        last = None
         for a in range(address, address + count):
             entry = at.get(a)
-            if entry is not None and (not found or found[-1] is not entry):
-                found.append(entry)
+            if entry is not None and entry is not last:
+                last = entry
+                found.append((entry, entry.decode(regs[entry.address:entry.end])))
         return found
 
 

@@ -64,8 +64,8 @@ from zmq.utils.monitor import recv_monitor_message
 import numpy as np
 
 from . import messages
-from .bridge import (DecisionImage, InputImage, Inputs, ModeHandler, Provider, Wiring, refuse_unknown_keys, register,
-                     resolve_paths)
+from .bridge import (DecisionImage, InputImage, Inputs, ModeHandler, Provider, Wiring, number_key,
+                     refuse_unknown_keys, register, resolve_paths)
 from .messages import MessageError
 from .metrics import Counters, LatencyRing, worth_logging
 from .zmq_clients import (ZAP_DOMAIN, ControlClient, CurveClient, CurveServer, DecisionSubscriber,
@@ -201,17 +201,10 @@ class ZmqBridge:
         for key, default, lo, hi in (("max_message_bytes", messages.MAX_MESSAGE_BYTES, 64, 1 << 24),
                                      ("max_values", messages.MAX_VALUES, 1, 65536),
                                      ("max_streams", 64, 1, 65536), ("hwm", 1000, 1, 1 << 20)):
-            value = zmq_cfg.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"zmq.{key}: {value!r} is not an integer in {lo}..{hi}")
-            limits[key] = value
-        limits["max_frames_per_s"] = zmq_cfg.get("max_frames_per_s", 10_000)
-        if (isinstance(limits["max_frames_per_s"], bool) or not isinstance(limits["max_frames_per_s"], int)
-                or not 100 <= limits["max_frames_per_s"] <= 10_000_000):
-            raise ValueError(f"zmq.max_frames_per_s: {limits['max_frames_per_s']!r} is not an integer in 100..10000000")
-        idle = zmq_cfg.get("stream_idle_s", 60.0)
-        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0.01 <= idle <= 86400:
-            raise ValueError(f"zmq.stream_idle_s: {idle!r} is not a number of seconds in 0.01..86400")
+            limits[key] = number_key(zmq_cfg, key, default, lo, hi, "zmq", integer=True)
+        limits["max_frames_per_s"] = number_key(zmq_cfg, "max_frames_per_s", 10_000, 100, 10_000_000, "zmq",
+                                                integer=True)
+        idle = number_key(zmq_cfg, "stream_idle_s", 60.0, 0.01, 86400, "zmq", unit="seconds")
         insecure = zmq_cfg.get("insecure_control", False)
         if not isinstance(insecure, bool):
             raise ValueError(f"zmq.insecure_control: {insecure!r} is not true or false")

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -19,11 +21,11 @@ import torch
 import sdk
 from runtime.cpu.engine import Engine
 from runtime.model.transformer import IOAdapter
-from runtime.control.recorder import RecordingReader, encode_record, recording_segments
+from runtime.control.recorder import RecordingReader, iter_segment, recording_segments
 from sdk.cli import main as cli
 from sdk.service.config import ConfigError
 from sdk.service.controller import Controller
-from sdk.service.replay import recorded_inputs, replay
+from sdk.service.replay import cycle_record, recorded_inputs, replay
 from sdk.tools.package import FORMAT, FORMAT_VERSION, write_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,6 +243,46 @@ def test_recording_replays_bit_exactly_and_a_different_model_does_not(tmp_path, 
     assert bad["first_mismatch"]["seq"] == 0
 
 
+def test_packed_cycles_read_back_as_the_maps_they_stand_for(tmp_path, model, controllers):
+    """Each cycle goes into the recording packed (one compiled call), and reads back as the very
+    map ``cycle_record`` gives for it, bit for bit: streams joining and leaving, NaN, missing
+    and out-of-range inputs, a held stream; a cycle whose inference raised is a msgpack map
+    (it carries the message)."""
+    rec = tmp_path / "rec"
+    ctrl = controllers(write_deploy(tmp_path, recorder=rec), Engine(model, capacity=4, window=8))
+    rng, expected, step = np.random.default_rng(11), [], ctrl.engine.step_sensor
+    for t in range(60):
+        names = ["a", "b"] + (["c"] if t >= 10 else []) + (["d"] if t % 7 else [])
+        frames = frames_for(rng, names, bad_fraction=0.2)
+        if t == 5:
+            frames["a"]["temp"] = 1e9                       # out of range: hold
+        if t % 9 == 4:
+            del frames["b"]["flow"]                         # missing
+        ctrl.engine.step_sensor = step if t != 20 else lambda slots, feats: 1 / 0
+        ctrl.step_many(frames)
+        expected.append(cycle_record(ctrl, t, 0, (0, 0, 0, 0)))
+    ctrl.close()
+    raw = [r for seg in recording_segments(rec) for r in iter_segment(seg)[0]]
+    packed = [r for r in raw if isinstance(r, bytes)]
+    assert len(packed) == 59 and [r["seq"] for r in raw if isinstance(r, dict) and r["type"] == "cycle"] == [20]
+    got = [r for r in RecordingReader(rec) if r["type"] == "cycle"]
+    assert len(got) == len(expected) == 60
+    for want, have in zip(expected, got):
+        assert (have["seq"], have["hb"]) == (want["seq"], want["hb"])
+        streams = [sorted(r["streams"], key=lambda e: e["slot"]) for r in (want, have)]
+        assert msgpack.packb(streams[0]) == msgpack.packb(streams[1])   # bitwise, NaN included
+    assert any(e["why"] == "error" for e in got[20]["streams"])
+    assert {why for r in got for e in r["streams"] for why in e.get("bad", {}).values()} == {"nan", "missing", "range"}
+
+
+def test_a_recording_made_before_packed_cycles_still_replays_bit_exactly():
+    """A format-1 recording (msgpack cycles only) made by the factory-loop package before the
+    packed layout existed: NaN and out-of-range inputs, a missing input, a manual period."""
+    report = replay(ROOT / "tests" / "data" / "recording-format1", package=ROOT / "examples" / "factory_loop" / "model")
+    assert report["identical"] and report["package_match"] and report["stop"]["reason"] == "end"
+    assert (report["cycles"], report["model_outputs_compared"], report["final_outputs_compared"]) == (160, 153, 160)
+
+
 KILLED = r"""
 import sys, numpy as np
 sys.path.insert(0, "tests")
@@ -282,11 +324,12 @@ def test_a_recording_cut_by_sigkill_replays_up_to_its_last_complete_record(tmp_p
     cut = tmp_path / "cut"
     shutil.copytree(rec, cut)
     last = recording_segments(cut)[-1]
-    reader = RecordingReader(last)
-    records = list(reader)
-    size = sum(len(encode_record(r)) for r in records)
-    data = last.read_bytes()[:size]
-    last.write_bytes(data[:size - len(encode_record(records[-1])) // 2])
+    records = list(RecordingReader(last))
+    data, ends = last.read_bytes(), [0]                    # where each complete frame ends
+    while ends[-1] + 8 <= len(data) and ends[-1] + 8 + int.from_bytes(data[ends[-1]:ends[-1] + 4], "little") <= len(data):
+        ends.append(ends[-1] + 8 + int.from_bytes(data[ends[-1]:ends[-1] + 4], "little"))
+    assert len(ends) - 1 == len(records)
+    last.write_bytes(data[:(ends[-2] + ends[-1]) // 2])
     cut_report = replay(cut, engine=Engine(model, capacity=4, window=8))
     assert cut_report["identical"] and cut_report["stop"]["reason"] == "truncated"
     assert cut_report["cycles"] == report["cycles"] - (records[-1]["type"] == "cycle")
@@ -321,7 +364,9 @@ def test_cli_run_and_replay_with_packages(tmp_path, model, tiny_checkpoint, caps
         first = ctrl.recorder.segment_path(0)
     assert cli(["run", str(deploy), "--duration", "0.4", "--inputs", str(first), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["cycles"] > 0 and stats["recorder"]["records"] == stats["cycles"] + 1   # and the stop record
+    kinds = Counter(r["type"] for r in RecordingReader(rec))              # the directory's latest run: the CLI's
+    assert stats["cycles"] > 0 and kinds["cycle"] == stats["cycles"] and kinds["stop"] == 1
+    assert kinds["slots"] >= 1 and stats["recorder"]["records"] >= stats["cycles"] + 1
     assert "p999" in stats["latency_us"] and "gc_freeze" in stats["rt_applied"]
     # The directory's latest run (the CLI's), then the first one by its segment.
     for target in (rec, first):

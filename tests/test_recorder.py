@@ -155,3 +155,11 @@ def test_sigkill_leaves_every_complete_record_readable(tmp_path):
     size = (tmp_path / "kill-0000.r1rec").stat().st_size
     assert reader.stop.reason in ("end", "truncated")
     assert (reader.stop.reason == "end") == (reader.stop.offset == size)
+
+
+def test_a_recording_in_a_newer_format_is_refused_naming_the_formats_read(tmp_path):
+    path = tmp_path / "rec-x-0000.r1rec"
+    path.write_bytes(encode_record({"type": "header", "format": 3, "segment": 0}))
+    with pytest.raises(ValueError, match=r"rec-x-0000.r1rec: flight recording format 3; this r1edge reads "
+                                         r"formats 1, 2 \(a newer r1edge wrote it"):
+        list(RecordingReader(path))

@@ -5,7 +5,8 @@ inference hand-off: :func:`cycle_pre` (input validation and staleness, the fail-
 decision, the frames handed to the policy, warm-up and gap-fill planning) and
 :func:`cycle_post` (the policy's outputs collected and checked, the heartbeat fail-safe, a dead
 bridge's fail-safe, the mode, tracking, and the output limiter: clamps, rate limits, fail-safe
-and held values). They allocate nothing and never call Python.
+and held values). They allocate nothing and never call Python. :func:`pack_cycle` writes the
+cycle's flight record in the recorder's packed layout.
 
 The executable reference is the NumPy code they replace, kept as it was:
 :meth:`runtime.control.safety.InputGuard.check`, :meth:`runtime.control.safety.OutputLimiter.apply`
@@ -23,7 +24,7 @@ import numpy as np
 from numba import njit
 
 from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, MISSING_STAMP, OK, REASON_BRIDGE, REASON_BUSY,
-                                    REASON_HEARTBEAT, REASON_INPUT, REASON_NONE, REASON_OUTPUT, WARMUP)
+                                    REASON_ERROR, REASON_HEARTBEAT, REASON_INPUT, REASON_NONE, REASON_OUTPUT, WARMUP)
 
 # Invalid-input codes (runtime.control.safety.INVALID_NAMES).
 _NAN, _INF, _RANGE, _STALE, _MISSING = 1, 2, 3, 4, 5
@@ -31,6 +32,11 @@ _NAN, _INF, _RANGE, _STALE, _MISSING = 1, 2, 3, 4, 5
 # Slots of the ``tally`` array the kernels fill (int64).
 T_VALID, T_WARMUPS, T_GAPS, T_BAD_OUTPUTS, T_FAILSAFE, T_HOLD, T_TRACKING, T_INVALID = range(8)
 TALLY_SIZE = 8
+# Slots of the ``ctl`` array (int64) through which the cycle passes what changes every cycle, so
+# that the kernels' argument tuples are built once: the time, whether the worker is still busy,
+# whether the policy answered in time (its outputs are collected) and how many frames it got.
+CTL_NOW, CTL_BUSY, CTL_COLLECT, CTL_N = range(4)
+CTL_SIZE = 4
 
 
 def entry(kernel, args: tuple):
@@ -56,15 +62,20 @@ def _clip(x, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def cycle_pre(values, stamps, active, now_ns, lo, hi, stale_ns, fs_on_invalid, codes, counts, ever_valid,
-              status, reason, ran, started, filled, busy, warmup_cycles, window, missed, cold, warmup_left,
+def cycle_pre(values, stamps, active, ctl, lo, hi, stale_ns, fs_on_invalid, codes, counts, ever_valid,
+              status, reason, ran, started, filled, warmup_cycles, window, missed, cold, warmup_left,
               slots, feats, start, fill, tally):
     """Validate the active streams' inputs, decide who fails safe or holds, and plan the
     policy's frames; returns how many frames go to the policy (0 when busy or none valid).
 
     What :meth:`InputGuard.check` and the part of ``ControlCycle.run`` before the inference
-    hand-off do, on the same arrays. ``busy``: the worker still runs an earlier frame, so the
-    valid streams fail safe (reason ``busy``) and nothing is planned."""
+    hand-off do, on the same arrays, at ``ctl[CTL_NOW]``; resets ``tally`` first. ``ctl[CTL_BUSY]``:
+    the worker still runs an earlier frame, so the valid streams fail safe (reason ``busy``) and
+    nothing is planned."""
+    now_ns = ctl[CTL_NOW]
+    busy = ctl[CTL_BUSY] != 0
+    for t in range(TALLY_SIZE):
+        tally[t] = 0
     cap, n_in = values.shape
     n_feat = feats.shape[1]
     any_invalid = False
@@ -160,16 +171,18 @@ def cycle_pre(values, stamps, active, now_ns, lo, hi, stale_ns, fs_on_invalid, c
 
 
 @njit(cache=True, nogil=True)
-def cycle_post(collect, slots, n, y, raw, status, reason, active, forced, down, ran, mode, warmup_left, values,
+def cycle_post(ctl, slots, y, raw, status, reason, active, forced, down, ran, mode, warmup_left, values,
                mode_col, tracking, track, lo, hi, step, failsafe, jump, last, fresh, after_failsafe, caught,
                out, tally):
-    """Collect the policy's outputs (``collect``: it answered in time), then the heartbeat and
-    bridge fail-safes, each stream's mode, tracking, and the output limiter.
+    """Collect the policy's ``ctl[CTL_N]`` outputs (where ``ctl[CTL_COLLECT]``: it answered in
+    time), then the heartbeat and bridge fail-safes, each stream's mode, tracking, and the
+    output limiter.
 
     What the rest of ``ControlCycle.run`` and :meth:`OutputLimiter.apply` do, on the same
     arrays. ``mode_col`` < 0: no mode input; ``track[j]`` < 0: output ``j`` has no tracking input."""
     cap, n_out = out.shape
-    if collect:
+    n = ctl[CTL_N]
+    if ctl[CTL_COLLECT]:
         for k in range(n):
             i = slots[k]
             finite = True
@@ -263,3 +276,57 @@ def cycle_post(collect, slots, n, y, raw, status, reason, active, forced, down, 
     tally[T_FAILSAFE] = n_fs
     tally[T_HOLD] = n_hold
     tally[T_TRACKING] = n_trk
+
+
+@njit(cache=True, nogil=True)
+def pack_cycle(b8, b16, b32, i64, f64, meta, layout, active, status, reason, mode, ran, started, filled, values,
+               raw, out, codes, crc_table):
+    """One cycle's record in the flight recorder's packed layout
+    (:func:`runtime.control.recorder.packed_cycle_dtypes`), framed: the payload at byte 8 of the
+    buffer (viewed as ``b8``/``b16``/``b32``/``i64``/``f64``), its length at byte 4 and its
+    CRC-32 after it; returns the frame's length (from byte 4), or -1 when an active stream
+    failed with an inference error (its message needs the msgpack record).
+
+    ``meta``: seq, t_ns, heartbeat and the four timings; ``layout``: the head's size, the row's
+    size and the byte offsets in a row of filled, x, y, out, slot, status, reason, mode, flags
+    and codes. Streams go in slot order."""
+    head, row = layout[0], layout[1]
+    n_in, n_out = values.shape[1], out.shape[1]
+    k = 0
+    for i in range(active.shape[0]):
+        if not active[i]:
+            continue
+        if reason[i] == REASON_ERROR:
+            return -1
+        at = 8 + head + k * row
+        i64[(at + layout[2]) // 8] = filled[i]
+        for j in range(n_in):
+            f64[(at + layout[3]) // 8 + j] = values[i, j]
+        given = ran[i] and (reason[i] == REASON_NONE or reason[i] == REASON_OUTPUT
+                            or reason[i] == REASON_HEARTBEAT or reason[i] == REASON_BRIDGE)
+        for o in range(n_out):
+            f64[(at + layout[4]) // 8 + o] = raw[i, o] if given else np.nan
+            f64[(at + layout[5]) // 8 + o] = out[i, o]
+        b16[(at + layout[6]) // 2] = i
+        b8[at + layout[7]] = status[i]
+        b8[at + layout[8]] = reason[i]
+        b8[at + layout[9]] = mode[i]
+        b8[at + layout[10]] = (1 if ran[i] else 0) | (2 if given else 0) | (4 if started[i] else 0)
+        for j in range(n_in):
+            b8[at + layout[11] + j] = codes[i, j]
+        k += 1
+    size = head + k * row
+    b8[8] = 0xC1
+    b8[9] = 1
+    b16[5] = k
+    b32[3] = meta[2]
+    i64[2] = meta[0]
+    i64[3] = meta[1]
+    for t in range(4):
+        i64[4 + t] = meta[3 + t]
+    b32[1] = size
+    crc = np.uint32(0xFFFFFFFF)
+    for p in range(8, 8 + size):
+        crc = crc_table[(crc ^ b8[p]) & 0xFF] ^ (crc >> np.uint32(8))
+    b32[(8 + size) // 4] = crc ^ np.uint32(0xFFFFFFFF)
+    return size + 8

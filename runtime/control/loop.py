@@ -121,23 +121,21 @@ class InferenceWorker:
         self._closing = False
         self.result: object = None
         self.error: BaseException | None = None
+        #: Whether the last submitted job is still running (set by ``submit``, cleared by the worker).
+        self.busy = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
-    @property
-    def busy(self) -> bool:
-        """Whether the last submitted job is still running."""
-        return self._finished != self._submitted
-
     def submit(self, job: Callable[[], object]) -> bool:
         """Start ``job`` in the worker thread; False (and nothing started) while busy or closed."""
-        if self._finished != self._submitted or self._closing:
+        if self.busy or self._closing:
             return False
         self._done.acquire(blocking=False)              # drop the wake-up of an abandoned job
         self._job = job
         self.error = None
         self.result = None
         self._submitted += 1
+        self.busy = True
         self._go.release()
         return True
 
@@ -179,6 +177,7 @@ class InferenceWorker:
             except BaseException as exc:                # reported to the loop, never fatal here
                 self.error = exc
             self._finished = self._submitted
+            self.busy = False
             try:
                 self._done.release()
             except RuntimeError:                        # a wake-up is already pending
@@ -315,10 +314,22 @@ class ControlCycle:
         self._error_run = False
         self.compiled = bool(compiled)
         self._tally = np.zeros(kernels.TALLY_SIZE, dtype=np.int64)
-        self._mode_col = -1 if mode_col is None else int(mode_col)
+        self._ctl = np.zeros(kernels.CTL_SIZE, dtype=np.int64)
+        self._gaps = False                               # the frames handed over start warm-ups or fill gaps
         if self.compiled:                                # compiled here, not in the first cycle
-            self._pre = kernels.entry(kernels.cycle_pre, self._pre_args(0, False))
-            self._post = kernels.entry(kernels.cycle_post, self._post_args(False, 0))
+            guard, lim = self.guard, self.limiter
+            self._pre_args = (self.values, self.stamps, self.active, self._ctl, guard.lo, guard.hi, guard.stale_ns,
+                              guard.failsafe_on_invalid, guard.codes, guard.counts, guard.ever_valid, self.status,
+                              self.reason, self.ran, self.started, self.filled, self.warmup_cycles, self.window,
+                              self.missed, self.cold, self.warmup_left, self._slots, self._feats, self._start,
+                              self._fill, self._tally)
+            self._post_args = (self._ctl, self._slots, self._y, self.raw, self.status, self.reason, self.active,
+                               self.forced, self.down, self.ran, self.mode, self.warmup_left, self.values,
+                               -1 if mode_col is None else int(mode_col), self._tracking, lim.track, lim.lo,
+                               lim.hi, lim.step, lim.failsafe, lim.jump, lim.last, lim.fresh, lim.after_failsafe,
+                               lim.caught, self.out, self._tally)
+            self._pre = kernels.entry(kernels.cycle_pre, self._pre_args)
+            self._post = kernels.entry(kernels.cycle_post, self._post_args)
 
     def reset_slot(self, slot: int) -> None:
         """Start ``slot`` afresh: policy history (before its next inference), output history,
@@ -335,10 +346,55 @@ class ControlCycle:
 
         Returns the nanoseconds spent handing off to and waiting for inference. With
         ``compiled`` (the default) the bookkeeping runs as the kernels of
-        :mod:`runtime.control.kernels`; without, as the NumPy reference they are checked against.
+        :mod:`runtime.control.kernels` around the hand-off; without, as the NumPy reference
+        they are checked against (:meth:`_run_reference`). A timeout or an error of the policy
+        fails its frames' streams safe here (rare); the outputs of a finished step are
+        collected by the post-inference kernel.
         """
-        if self.compiled:
-            return self._run_compiled(now_ns, infer_deadline_ns)
+        if not self.compiled:
+            return self._run_reference(now_ns, infer_deadline_ns)
+        ctl, tally, worker = self._ctl, self._tally, self.worker
+        ctl[kernels.CTL_NOW] = now_ns
+        ctl[kernels.CTL_BUSY] = busy = worker.busy
+        n = ctl[kernels.CTL_N] = self._pre(*self._pre_args)
+        self.n_valid = int(tally[kernels.T_VALID])
+        self.n_ran = n
+        infer_ns, collect = 0, False
+        if n:
+            self.counters["warmups"] += int(tally[kernels.T_WARMUPS])
+            self.counters["gaps_filled"] += int(tally[kernels.T_GAPS])
+            self._n, self._gaps = n, bool(tally[kernels.T_WARMUPS] or tally[kernels.T_GAPS])
+            self._resets, self._pending_resets = self._pending_resets, []
+            t0 = monotonic_ns()
+            worker.submit(self._job)
+            finished = worker.wait(infer_deadline_ns)
+            infer_ns = monotonic_ns() - t0
+            collect = finished and worker.error is None
+            if collect:
+                self._error_run = False
+            else:
+                np.copyto(self._eq, self.ran)
+                self._fail(self._eq, REASON_TIMEOUT if not finished else REASON_ERROR)
+                if not finished:
+                    self.counters["timeouts"] += 1
+                    self._error_run = False
+                else:
+                    if self.warmup_cycles:                       # the history is unknown: warm up again
+                        np.logical_or(self.cold, self._eq, out=self.cold)
+                    self._note_error()
+        elif busy and self.n_valid:
+            self.counters["busy_cycles"] += 1
+        ctl[kernels.CTL_COLLECT] = collect
+        self._post(*self._post_args)
+        self.counters["bad_outputs"] += int(tally[kernels.T_BAD_OUTPUTS])
+        self.n_failsafe = int(tally[kernels.T_FAILSAFE])
+        self.n_hold = int(tally[kernels.T_HOLD])
+        self.n_tracking = int(tally[kernels.T_TRACKING])
+        self.heartbeat = (self.heartbeat + 1) & 0xFFFF
+        return infer_ns
+
+    def _run_reference(self, now_ns: int, infer_deadline_ns: int) -> int:
+        """The cycle's bookkeeping in NumPy: the executable reference of the compiled kernels."""
         status, reason, active = self.status, self.reason, self.active
         status.fill(OK)
         reason.fill(REASON_NONE)
@@ -381,69 +437,6 @@ class ControlCycle:
         self.n_hold = int(np.count_nonzero(eq))
         self.heartbeat = (self.heartbeat + 1) & 0xFFFF
         return infer_ns
-
-    def _run_compiled(self, now_ns: int, infer_deadline_ns: int) -> int:
-        tally = self._tally
-        tally.fill(0)
-        busy = self.worker.busy
-        n = self._pre(*self._pre_args(now_ns, busy))
-        self.n_valid = int(tally[kernels.T_VALID])
-        self.n_ran = n
-        infer_ns = 0
-        collect = False
-        if n:
-            self.counters["warmups"] += int(tally[kernels.T_WARMUPS])
-            self.counters["gaps_filled"] += int(tally[kernels.T_GAPS])
-            infer_ns, collect = self._hand_off(n, infer_deadline_ns)
-        elif busy and self.n_valid:
-            self.counters["busy_cycles"] += 1
-        self._post(*self._post_args(collect, n))
-        self.counters["bad_outputs"] += int(tally[kernels.T_BAD_OUTPUTS])
-        self.n_failsafe = int(tally[kernels.T_FAILSAFE])
-        self.n_hold = int(tally[kernels.T_HOLD])
-        self.n_tracking = int(tally[kernels.T_TRACKING])
-        self.heartbeat = (self.heartbeat + 1) & 0xFFFF
-        return infer_ns
-
-    def _pre_args(self, now_ns: int, busy: bool) -> tuple:
-        guard = self.guard
-        return (self.values, self.stamps, self.active, now_ns, guard.lo, guard.hi, guard.stale_ns,
-                guard.failsafe_on_invalid, guard.codes, guard.counts, guard.ever_valid, self.status, self.reason,
-                self.ran, self.started, self.filled, busy, self.warmup_cycles, self.window, self.missed, self.cold,
-                self.warmup_left, self._slots, self._feats, self._start, self._fill, self._tally)
-
-    def _post_args(self, collect: bool, n: int) -> tuple:
-        lim = self.limiter
-        return (collect, self._slots, n, self._y, self.raw, self.status, self.reason, self.active, self.forced,
-                self.down, self.ran, self.mode, self.warmup_left, self.values, self._mode_col, self._tracking,
-                lim.track, lim.lo, lim.hi, lim.step, lim.failsafe, lim.jump, lim.last, lim.fresh,
-                lim.after_failsafe, lim.caught, self.out, self._tally)
-
-    def _hand_off(self, n: int, deadline_ns: int) -> tuple[int, bool]:
-        """Hand the planned frames to the worker and wait; ``(ns spent, outputs to collect)``.
-        A timeout or an error fails the frames' streams safe here (rare); the outputs of a
-        finished step are collected by the post-inference kernel."""
-        self._n = n
-        self._resets, self._pending_resets = self._pending_resets, []
-        t0 = monotonic_ns()
-        self.worker.submit(self._job)
-        finished = self.worker.wait(deadline_ns)
-        t1 = monotonic_ns()
-        if finished and self.worker.error is None:
-            self._error_run = False
-            return t1 - t0, True
-        ok = self._eq
-        np.copyto(ok, self.ran)
-        if not finished:
-            self._fail(ok, REASON_TIMEOUT)
-            self.counters["timeouts"] += 1
-            self._error_run = False
-        else:
-            self._fail(ok, REASON_ERROR)
-            if self.warmup_cycles:
-                np.logical_or(self.cold, ok, out=self.cold)
-            self._note_error()
-        return t1 - t0, False
 
     def _note_error(self) -> None:
         self.counters["errors"] += 1
@@ -497,7 +490,7 @@ class ControlCycle:
                 self.counters["gaps_filled"] += int(np.count_nonzero(fill))
             np.copyto(self.filled, self.window - 1, where=self.started)
             np.copyto(self.missed, 0, where=ok)
-        self._n = n
+        self._n, self._gaps = n, bool(self.warmup_cycles)
         self._resets, self._pending_resets = self._pending_resets, []
         t0 = monotonic_ns()
         self.worker.submit(self._job)
@@ -540,7 +533,7 @@ class ControlCycle:
             self.policy.reset_slot(slot)
         self._resets = []
         n = self._n
-        if self.warmup_cycles:
+        if self._gaps:
             fill_gaps(self.policy, self._slots[:n], self._feats[:n], self._start[:n], self._fill[:n], self._history)
         y = self.policy.step_sensor(self._slots[:n], self._feats[:n])
         if getattr(y, "shape", None) != (n, self._y.shape[1]):

@@ -3,14 +3,27 @@
 A recording is a run of numbered segment files ``<run>-0000.r1rec``, ``<run>-0001.r1rec``, ...
 in one directory; ``<run>`` is ``rec-<UTC time>-<pid>``, so runs sort by start time. Each file is a sequence of records (little-endian)::
 
-    uint32 N | N bytes of msgpack | uint32 CRC-32 of those N bytes
+    uint32 N | N bytes of payload | uint32 CRC-32 of those N bytes
 
-The first record of every segment is a header map (``"type": "header"``, ``"format"``,
-``"segment"``, and whatever the writer adds: package identity, deploy config, signal names).
-The others are whatever the controller appends (``"type": "cycle"``). Floats are msgpack
-float64, so values read back are bitwise those written.
+A payload is a msgpack map, or (format 2) a packed cycle: its first byte is 0xC1, the one byte
+msgpack never uses. The first record of every segment is a header map (``"type": "header"``,
+``"format"``, ``"segment"``, and whatever the writer adds: package identity, deploy config,
+signal names). The others are whatever the controller appends: maps (``"type": "cycle"``,
+``"advice"``, ``"stop"``, ...) and packed cycles.
 
-Each record goes out in one ``write`` followed by ``flush`` (no fsync per record; fsync on
+A packed cycle (:func:`packed_cycle_dtypes`, written by one compiled call,
+:class:`CyclePacker`) is a fixed head (tag, layout version, stream count, heartbeat, seq,
+time, timings) and one fixed-size row per active stream in slot order (slot, status, reason,
+mode, flags, gap frames filled, inputs, model outputs, outputs, invalid-input codes); the
+header's ``"packed_cycles"`` names its inputs and outputs, and a ``"slots"`` map (written when
+the streams' slots change, and after each segment's header) names each slot's stream. The
+reader turns a packed cycle back into the very map a ``"cycle"`` record holds. Floats are
+float64 either way, so values read back are bitwise those written.
+
+Format 1 (msgpack only) is read as before; a format this module does not know is refused,
+naming the formats it reads.
+
+Each record goes out in one ``write(2)`` (the file is unbuffered; no fsync per record; fsync on
 rotation and close), so a killed process leaves every complete record readable; the reader
 stops at the first incomplete or corrupt record and says where and why. Rotation starts a new
 segment when the current one would exceed ``max_bytes``; the oldest segments in the directory
@@ -26,17 +39,114 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import msgpack
+import numpy as np
+
+from runtime.control.safety import INVALID_NAMES, MODE_NAMES, REASON_INPUT, REASON_NAMES, STATUS_NAMES
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Recording formats this module reads.
+READS_FORMATS = (1, 2)
+#: First payload byte of a packed cycle (never the first byte of a msgpack value).
+PACKED_TAG = 0xC1
+PACKED_LAYOUT = 1
 SUFFIX = ".r1rec"
 MAX_RECORD_BYTES = 1 << 28
 _SEGMENT_RE = re.compile(r"^(?P<run>.+)-(?P<seg>\d{4,})" + re.escape(SUFFIX) + "$")
 _U32 = struct.Struct("<I")
+
+
+def packed_cycle_dtypes(n_in: int, n_out: int) -> tuple[np.dtype, np.dtype]:
+    """The packed cycle's head and per-stream row (little-endian, every 8-byte field 8-aligned)."""
+    head = np.dtype([("tag", "u1"), ("layout", "u1"), ("n", "<u2"), ("hb", "<u4"), ("seq", "<i8"),
+                     ("t_ns", "<i8"), ("timing", "<i8", (4,))])
+    fields = [("filled", "<i8"), ("x", "<f8", (n_in,)), ("y", "<f8", (n_out,)), ("out", "<f8", (n_out,)),
+              ("slot", "<u2"), ("status", "i1"), ("reason", "i1"), ("mode", "i1"), ("flags", "u1"),
+              ("codes", "i1", (n_in,))]
+    pad = -np.dtype(fields).itemsize % 8
+    return head, np.dtype(fields + ([("pad", "u1", (pad,))] if pad else []))
+
+
+_RAN, _Y_GIVEN, _STARTED = 1, 2, 4
+
+
+class CyclePacker:
+    """A control cycle's record in the packed layout, framed in a preallocated buffer by one
+    compiled call (:func:`runtime.control.kernels.pack_cycle`) over the cycle's own arrays.
+
+    ``cycle`` is a :class:`runtime.control.loop.ControlCycle`; ``inputs`` and ``outputs`` name
+    its value and output columns. :meth:`frame` returns a view of the framed record (valid until
+    the next call), or None for a cycle in which a stream failed with an inference error (the
+    caller writes that one as a msgpack map, with the message)."""
+
+    def __init__(self, cycle, inputs: Sequence[str], outputs: Sequence[str]):
+        from runtime.control import kernels
+
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        head, row = packed_cycle_dtypes(len(self.inputs), len(self.outputs))
+        size = 8 + head.itemsize + cycle.capacity * row.itemsize + 8
+        self._buf = np.zeros(size // 8, np.int64).view(np.uint8)          # 8-byte aligned
+        self._meta = np.zeros(7, np.int64)
+        names = ("filled", "x", "y", "out", "slot", "status", "reason", "mode", "flags", "codes")
+        layout = np.array([head.itemsize, row.itemsize] + [row.fields[n][1] for n in names], np.int64)
+        table = np.array([_crc_entry(b) for b in range(256)], np.uint32)
+        buf = self._buf
+        self._args = (buf, buf.view(np.uint16), buf.view(np.uint32), buf.view(np.int64), buf.view(np.float64),
+                      self._meta, layout, cycle.active, cycle.status, cycle.reason, cycle.mode, cycle.ran,
+                      cycle.started, cycle.filled, cycle.values, cycle.raw, cycle.out, cycle.guard.codes, table)
+        self._pack = kernels.entry(kernels.pack_cycle, self._args)
+        self._cycle = cycle
+        self._view = memoryview(buf)
+
+    def layout(self) -> dict:
+        """What the header's ``"packed_cycles"`` holds."""
+        return {"layout": PACKED_LAYOUT, "inputs": self.inputs, "outputs": self.outputs}
+
+    def frame(self, seq: int, t_ns: int, timing: Sequence[int]) -> memoryview | None:
+        """The framed record of the cycle that just ran (see the class docstring)."""
+        meta = self._meta
+        meta[0], meta[1], meta[2] = seq, t_ns, self._cycle.heartbeat
+        meta[3], meta[4], meta[5], meta[6] = timing
+        n = self._pack(*self._args)
+        return None if n < 0 else self._view[4:4 + n]
+
+
+def _crc_entry(byte: int) -> int:
+    c = byte
+    for _ in range(8):
+        c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+    return c
+
+
+def unpack_cycle(payload: bytes, layout: dict, slots: Sequence[str | None]) -> dict:
+    """A packed cycle as the ``"cycle"`` map it stands for (``layout``: the header's
+    ``"packed_cycles"``; ``slots``: the latest ``"slots"`` record's names)."""
+    inputs, outputs = layout["inputs"], layout["outputs"]
+    head_t, row_t = packed_cycle_dtypes(len(inputs), len(outputs))
+    head = np.frombuffer(payload, head_t, count=1)[0]
+    if head["layout"] != PACKED_LAYOUT:
+        raise ValueError(f"packed cycle layout {head['layout']} (this r1edge reads layout {PACKED_LAYOUT})")
+    rows = np.frombuffer(payload, row_t, count=int(head["n"]), offset=head_t.itemsize)
+    streams = []
+    for r in rows:
+        slot, reason, flags = int(r["slot"]), int(r["reason"]), int(r["flags"])
+        entry = {"s": slots[slot] if slot < len(slots) else None, "slot": slot, "x": r["x"].tolist(),
+                 "st": STATUS_NAMES[r["status"]], "why": REASON_NAMES[reason], "ran": bool(flags & _RAN),
+                 "y": r["y"].tolist() if flags & _Y_GIVEN else None, "out": r["out"].tolist(),
+                 "mode": MODE_NAMES[r["mode"]]}
+        if flags & _STARTED:
+            entry["pre"] = True
+        elif r["filled"]:
+            entry["fill"] = int(r["filled"])
+        if reason == REASON_INPUT:
+            entry["bad"] = {name: INVALID_NAMES[c] for name, c in zip(inputs, r["codes"].tolist()) if c}
+        streams.append(entry)
+    return {"type": "cycle", "seq": int(head["seq"]), "t_ns": int(head["t_ns"]), "hb": int(head["hb"]),
+            "streams": streams, "timing": head["timing"].tolist()}
 
 
 def encode_record(record: dict) -> bytes:
@@ -49,7 +159,7 @@ class FlightRecorder:
     """Appends records to a recording in ``directory``, rotating segments by size.
 
     ``header`` (a msgpack-able dict) is written at the start of every segment, with ``type``,
-    ``format``, ``run`` and ``segment`` added.
+    ``format``, ``run`` and ``segment`` added, followed by the latest :meth:`set_slots` record.
     """
 
     def __init__(self, directory: str | Path, header: dict, *, max_bytes: int = 64 << 20,
@@ -63,6 +173,7 @@ class FlightRecorder:
         self.run_name = run_name or self._new_run_name()
         self.max_bytes, self.keep = int(max_bytes), int(keep)
         self._header = dict(header)
+        self._slots: dict | None = None
         self.segment = -1
         self.records = 0
         self.bytes_written = 0
@@ -91,7 +202,10 @@ class FlightRecorder:
 
     def append(self, record: dict) -> int:
         """Append one record (flushed to the OS before returning); returns its size in bytes."""
-        data = encode_record(record)
+        return self.append_framed(encode_record(record))
+
+    def append_framed(self, data: bytes | memoryview) -> int:
+        """Append one record already framed (a :meth:`CyclePacker.frame`); returns its size."""
         if self._in_segment and self._size + len(data) > self.max_bytes:
             self._open_segment(self.segment + 1)
         self._write(data)
@@ -99,10 +213,15 @@ class FlightRecorder:
         self.records += 1
         return len(data)
 
+    def set_slots(self, names: Sequence[str | None]) -> None:
+        """Record which stream holds each slot (packed cycles name streams by slot): now, and
+        after the header of every later segment."""
+        self._slots = {"type": "slots", "names": list(names)}
+        self.append(self._slots)
+
     def close(self) -> None:
         """Flush, fsync and close the current segment."""
         if self._file is not None:
-            self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
@@ -113,21 +232,24 @@ class FlightRecorder:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._file.flush()
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:                                       # a regular file takes it whole but for errors
+            view = view[self._file.write(view):]
         self._size += len(data)
         self.bytes_written += len(data)
 
     def _open_segment(self, index: int) -> None:
         self.close()
         self.segment = index
-        self._file = open(self.segment_path(index), "xb")
+        self._file = open(self.segment_path(index), "xb", buffering=0)   # one write(2) per record
         self._size = 0
         self._in_segment = 0
         header = {**self._header, "type": "header", "format": FORMAT_VERSION,
                   "run": self.run_name, "segment": index}
         self._write(encode_record(header))
+        if self._slots is not None:
+            self._write(encode_record(self._slots))
         if index:
             self._prune()
 
@@ -162,8 +284,9 @@ class ReadStop:
         return self.reason == "end"
 
 
-def iter_segment(path: str | Path) -> tuple[Iterator[dict], list]:
-    """Records of one segment file, and a one-element list that receives its ``ReadStop``."""
+def iter_segment(path: str | Path) -> tuple[Iterator[dict | bytes], list]:
+    """Records of one segment file (msgpack maps as dicts, packed cycles as their payload
+    bytes: see :func:`unpack_cycle`), and a one-element list that receives its ``ReadStop``."""
     stop: list[ReadStop] = []
 
     def gen():
@@ -189,6 +312,10 @@ def iter_segment(path: str | Path) -> tuple[Iterator[dict], list]:
             if zlib.crc32(payload) != crc:
                 stop.append(ReadStop(str(path), pos, "crc mismatch"))
                 return
+            if payload[:1] == b"\xc1":                     # a packed cycle: the reader unpacks it
+                yield payload
+                pos = end
+                continue
             try:
                 record = msgpack.unpackb(payload, raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException) as exc:
@@ -249,7 +376,9 @@ class RecordingReader:
     """Iterates every record of a recording, segment after segment (headers included).
 
     Reading stops at the first incomplete or corrupt record; ``stop`` then says where and why
-    (``stop.clean`` when everything was read). ``header`` is the first segment's header.
+    (``stop.clean`` when everything was read). ``header`` is the first segment's header. Packed
+    cycles come out as the ``"cycle"`` maps they stand for. A recording in a format this module
+    does not read raises ``ValueError`` naming the formats it reads.
     """
 
     def __init__(self, path: str | Path):
@@ -259,14 +388,27 @@ class RecordingReader:
         self.records = 0
 
     def __iter__(self) -> Iterator[dict]:
+        slots: list = []
         for i, seg in enumerate(self.segments):
             records, stop = iter_segment(seg)
             for record in records:
                 if self.header is None:
-                    if record.get("type") != "header":
+                    if not isinstance(record, dict) or record.get("type") != "header":
                         self.stop = ReadStop(str(seg), 0, "no header")
                         return
+                    if record.get("format") not in READS_FORMATS:
+                        raise ValueError(f"{seg}: flight recording format {record.get('format')!r}; this r1edge "
+                                         f"reads formats {', '.join(map(str, READS_FORMATS))} (a newer r1edge "
+                                         "wrote it: read it with that one)")
                     self.header = record
+                if isinstance(record, bytes):
+                    layout = self.header.get("packed_cycles")
+                    if layout is None:
+                        self.stop = ReadStop(str(seg), 0, "packed cycle without a layout in the header")
+                        return
+                    record = unpack_cycle(record, layout, slots)
+                elif record.get("type") == "slots":
+                    slots = record["names"]
                 self.records += 1
                 yield record
             self.stop = stop[0]

@@ -247,7 +247,7 @@ class Engine:
         units); returns outputs [n, O] in ``output_names`` order (a view)."""
         if self.adapter is None:
             raise ValueError("this model has no I/O adapter: sensor steps need a sensor-mode package")
-        slots, features = _i64(slots), np.ascontiguousarray(features, dtype=F32)
+        slots, features = np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(features, dtype=F32)
         if slots.ndim != 1 or features.ndim != 2:
             raise ValueError(f"features must be [{len(slots)}, {len(self.input_names)}], got {features.shape}")
         err = self._run(STEP_SENSOR, slots, self._no_tokens, features)

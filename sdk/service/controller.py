@@ -52,12 +52,12 @@ import numpy as np
 from plc_bridge.bridge import Bridge, DecisionImage, ModeSwitch, Reporter, build_bridge
 from runtime.control.loop import (ControlCycle, InferenceWorker, LatencyHistogram, ModeSources, PeriodicLoop,
                                   RealtimeOptions, monotonic_ns, set_compute_threads)
-from runtime.control.recorder import FlightRecorder
+from runtime.control.recorder import CyclePacker, FlightRecorder
 from runtime.control.safety import (INVALID_NAMES, MISSING_STAMP, MODE_NAMES, REASON_INPUT, REASON_NAMES,
                                     STATUS_NAMES, InputGuard, OutputLimiter)
 from sdk.service.config import HEARTBEAT, ConfigError, DeployConfig
 from sdk.service.engines import ParallelRanks, build_engine_logged, match_signals, warm_up
-from sdk.service.metrics import (MetricsServer, SnapshotExchange, controller_stats, count_failures, take_snapshot,
+from sdk.service.metrics import (MetricsServer, SnapshotExchange, account_cycle, controller_stats, take_snapshot,
                                  verdict)
 from sdk.service.replay import cycle_record, recording_header
 from sdk.service.shadow import Shadow
@@ -117,7 +117,7 @@ class Controller:
         self._in_index = {n: j for j, n in enumerate(self.input_names)}
         self.period_s = cfg.loop.period_ms / 1e3
         self._budget_ns = int(cfg.loop.infer_budget_ms * 1e6)
-        self._deadline_ns = int(cfg.loop.deadline_ms * 1e6)
+        self.deadline_ns = int(cfg.loop.deadline_ms * 1e6)
         guard = InputGuard([ins[n].limit() for n in self.input_names], capacity)
         self.output_limits = [outs[n].limit() for n in self.output_names]
         self.track = [outs[n].track for n in self.output_names]
@@ -138,20 +138,22 @@ class Controller:
         self._extra_cols: list[tuple[int, str]] = []
         self.shadow: Shadow | None = None
         self.advisor = None
-        self.loop = PeriodicLoop(cfg.loop.period_ns, self._deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
+        self.loop = PeriodicLoop(cfg.loop.period_ns, self.deadline_ns, spin_ns=int(cfg.loop.spin_us * 1e3))
         self._in_keys = self._in_index.keys()
         self.slots, self._slot_names = self.streams.slots, self.streams.names
         self.active: list[int] = []                      # slots active this cycle, in input order
+        self._plain: list[int] = []                      # slots whose frame gave every input as a number
+        self._block = np.zeros((capacity, len(self.input_names)))
         self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "record", "latency")}
         self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "tracking_cycles": 0,
                          "tracking_stream_cycles": 0, "valid_input_cycles": 0,
                          "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
                          "sink_errors": 0, "record_errors": 0, "mode_changes": 0}
-        self._logged_mode = np.full(capacity, -1, np.int16)      # each slot's mode as last logged
+        self.logged_mode = np.full(capacity, -1, np.int16)       # each slot's mode as last logged
         # status, reason and mode of the last finished cycle (status() never sees one half done)
-        self._shown = np.stack([self.cycle.status, self.cycle.reason, self.cycle.mode]).astype(np.int16)
-        self._mode_diff = np.zeros(capacity, bool)
+        self.shown = np.stack([self.cycle.status, self.cycle.reason, self.cycle.mode]).astype(np.int16)
+        self.mode_diff = np.zeros(capacity, bool)
         self.failsafe_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
         self.held_by_reason = dict.fromkeys(REASON_NAMES[1:], 0)
         self.invalid_by_signal = np.zeros((len(self.input_names), len(INVALID_NAMES)), dtype=np.int64)
@@ -167,6 +169,8 @@ class Controller:
         self._sink: Sink | None = None
         self.bridges: list[Bridge] = []
         self.recorder: FlightRecorder | None = None
+        self._packer: CyclePacker | None = None
+        self._slots_recorded = -1                        # StreamTable.changes when the slots were last recorded
         try:
             warm_up(engine, self.worker, capacity, self.window if cfg.loop.warmup_cycles else 1)
             if cfg.shadow is not None:
@@ -187,8 +191,12 @@ class Controller:
             if bridges:
                 self._make_bridges(bridges if isinstance(bridges, list) else None)
             if cfg.recorder is not None and cfg.recorder.enabled:
-                self.recorder = FlightRecorder(cfg.recorder.path, recording_header(self),
-                                               max_bytes=cfg.recorder.max_bytes, keep=cfg.recorder.keep)
+                header = recording_header(self)
+                if self.advisor is None:                 # the advisor's entries need the msgpack record
+                    self._packer = CyclePacker(self.cycle, self.cycle.guard.names, self.output_names)
+                    header["packed_cycles"] = self._packer.layout()
+                self.recorder = FlightRecorder(cfg.recorder.path, header, max_bytes=cfg.recorder.max_bytes,
+                                               keep=cfg.recorder.keep)
             if cfg.metrics is not None:
                 self.metrics = MetricsServer(self, cfg.metrics.host, cfg.metrics.port).start()
         except BaseException:
@@ -229,18 +237,12 @@ class Controller:
             if self._running:
                 raise RuntimeError("the controller is running its periodic loop; step() is not available")
             t0 = monotonic_ns()
-            self._clear_active()
-            for stream, values in frames.items():
-                slot = self._slot(stream)
-                if slot is None:
-                    raise ValueError(f"stream {stream!r}: {self.streams.why_not(stream)} (raise [model] streams)")
-                self._fill(slot, values, t0)
-            self._resolve_mode()
+            self._read(t0, frames, strict=True)
             t1 = monotonic_ns()
             self._advise_before(self.counters["cycles"], t1)
             infer_ns = self.cycle.run(t1, t0 + self._budget_ns)
             t2 = monotonic_ns()
-            self._account(t1 - t0, infer_ns, 0, t2 - t0)
+            account_cycle(self, t1 - t0, infer_ns, 0, t2 - t0)
             seq = self.counters["cycles"] - 1
             if self.advisor is not None:
                 self.advisor.after_cycle(self.cycle.values, self.cycle.out, self.cycle.status, self.cycle.active, t2)
@@ -284,7 +286,7 @@ class Controller:
         slot = self.slots.get(stream)
         if slot is None:
             raise KeyError(f"unknown stream {stream!r}")
-        status, reason, mode = self._shown[:, slot].tolist()
+        status, reason, mode = self.shown[:, slot].tolist()
         return {"status": STATUS_NAMES[status], "reason": REASON_NAMES[reason],
                 "invalid": self.cycle.guard.invalid_inputs(slot) if reason == REASON_INPUT else {},
                 "mode": MODE_NAMES[mode], "heartbeat": self.cycle.heartbeat}
@@ -306,12 +308,6 @@ class Controller:
         self.modes.command(stream, 1.0 if mode == "auto" else 0.0, monotonic_ns())
         logger.info("stream %r: %s requested", stream, mode)
         return {"stream": stream, "mode": mode}
-
-    def _resolve_mode(self) -> None:
-        col = self.cycle.mode_col
-        if col is not None:
-            c = self.cycle
-            self.modes.resolve(self.slots, c.values[:, col], c.stamps[:, col], c.active)
 
     @property
     def heartbeat(self) -> int:
@@ -381,7 +377,7 @@ class Controller:
         t2 = monotonic_ns()
         self._write(seq, (t2 - tick_ns) / 1e3)
         t3 = monotonic_ns()
-        self._account(t1 - t0, infer_ns, t3 - t2, t3 - tick_ns)
+        account_cycle(self, t1 - t0, infer_ns, t3 - t2, t3 - tick_ns)
         if self.advisor is not None:
             self.advisor.after_cycle(self.cycle.values, self.cycle.out, self.cycle.status, self.cycle.active, t3)
         if self.shadow is not None:
@@ -452,20 +448,29 @@ class Controller:
                         "fail-safe" + (" (held where on_stop = hold)" if hold.any() else ""))
         self._append({"type": "stop", "seq": seq, "t_ns": monotonic_ns(), "streams": entries})
 
-    def _read(self, now: int) -> None:
-        """The cycle's inputs: one read of each bridge (or the ``source``), the mode in force."""
-        self._clear_active()
-        if self._source is not None:
-            frames = self._source(self.loop.cycles, now)
+    def _read(self, now: int, frames: Mapping[str, Mapping[str, float]] | None = None, *,
+              strict: bool = False) -> None:
+        """The cycle's inputs: ``frames`` (``{stream: {input: value}}``: ``step_many``'s; with
+        ``strict`` a stream that finds no slot raises), else the ``source``'s, else one read of
+        each bridge; then the mode in force."""
+        cycle = self.cycle
+        cycle.active.fill(False)
+        cycle.forced.fill(False)
+        cycle.down.fill(False)
+        self.active.clear()
+        if self.advisor is not None:
+            self.advisor.clear_enable()
+        if frames is None and self._source is not None:
+            frames = self._source(self.loop.cycles, now) or {}
             if frames and not isinstance(next(iter(frames.values())), Mapping):
                 frames = {"main": frames}
-            for stream, values in (frames or {}).items():
-                slot = self._slot(stream)
-                if slot is not None:
-                    self._fill(slot, values, now)
-        else:
+        if frames is None:
             self._read_bridges()
-        self._resolve_mode()
+        elif frames:
+            self._fill_frames(frames, now, strict)
+        col = cycle.mode_col
+        if col is not None:
+            self.modes.resolve(self.slots, cycle.values[:, col], cycle.stamps[:, col], cycle.active)
 
     def _read_bridges(self) -> None:
         """Each bridge's image into the cycle's inputs: the first bridge to give a stream a row
@@ -547,21 +552,6 @@ class Controller:
             except Exception as exc:
                 self._error("write_errors", exc)
 
-    def _mode_changed(self, slot: int, mode: int) -> None:
-        """Log a stream's change of mode (auto, manual, warm-up): the first 1,000 of a run; the
-        rest are counted in ``mode_changes`` only (a flapping mode input must not flood the log)."""
-        before = int(self._logged_mode[slot])
-        self._logged_mode[slot] = mode
-        stream = self._slot_names[slot]
-        if before < 0:
-            return
-        self.counters["mode_changes"] += 1
-        n = self.counters["mode_changes"]
-        if n <= 1000:
-            logger.info("stream %r: %s -> %s", stream, MODE_NAMES[before], MODE_NAMES[mode])
-        if n == 1000:
-            logger.warning("1,000 mode changes logged: further ones are counted in mode_changes only")
-
     # ------------------------------------------------------------------ streams and inputs
     def _slot(self, stream: str) -> int | None:
         slot = self.slots.get(stream)
@@ -571,7 +561,7 @@ class Controller:
         if slot is None:
             self.counters["dropped_streams"] += 1
             return None
-        self._logged_mode[slot] = -1
+        self.logged_mode[slot] = -1
         self.modes.reset(slot)
         self._failsafe_seen[:, slot] = 0
         self.cycle.reset_slot(slot)
@@ -581,6 +571,39 @@ class Controller:
             self.advisor.slot = slot
         logger.info("stream %r -> slot %d", stream, slot)
         return slot
+
+    def _fill_frames(self, frames: Mapping[str, Mapping[str, Any]], now: int, strict: bool) -> None:
+        """Each stream's inputs (see :meth:`_fill`); the streams that give every input as a plain
+        number (the usual case) go into the cycle's arrays in one block."""
+        cycle, names, plain, rows = self.cycle, self.input_names, self._plain, []
+        plain.clear()
+        for stream, values in frames.items():
+            slot = self.slots.get(stream)
+            if slot is None and (slot := self._slot(stream)) is None:
+                if strict:
+                    raise ValueError(f"stream {stream!r}: {self.streams.why_not(stream)} (raise [model] streams)")
+                continue
+            if values.keys() == self._in_keys:
+                rows.append([values[n] for n in names])
+                plain.append(slot)
+            else:
+                self._fill(slot, values, now)
+        if not plain:
+            return
+        block = self._block[:len(plain)]
+        try:
+            block[:] = rows
+        except (TypeError, ValueError):                   # a (value, t_ns) pair, None or a non-number
+            for slot in plain:
+                self._fill(slot, frames[self._slot_names[slot]], now)
+            return
+        cycle.values[plain] = block
+        cycle.stamps[plain] = now
+        cycle.active[plain] = True
+        self.active.extend(plain)
+        if cycle.mode_col is not None:
+            for slot in plain:
+                self._mode_source(slot)
 
     def _fill(self, slot: int, values: Mapping[str, Any], now: int) -> None:
         """One stream's inputs: a value, or ``(value, t_monotonic_ns)`` to say when it was
@@ -627,14 +650,6 @@ class Controller:
         if col is not None:
             self.modes.source(len(self.bridges), slot, self.cycle.values[slot, col], self.cycle.stamps[slot, col])
 
-    def _clear_active(self) -> None:
-        self.cycle.active.fill(False)
-        self.cycle.forced.fill(False)
-        self.cycle.down.fill(False)
-        self.active.clear()
-        if self.advisor is not None:
-            self.advisor.clear_enable()
-
     def _activate(self, slot: int) -> None:
         if not self.cycle.active[slot]:
             self.cycle.active[slot] = True
@@ -653,43 +668,25 @@ class Controller:
             logger.error("%s (%d so far): %s", counter, n, exc, exc_info=exc)
 
     # ------------------------------------------------------------------ accounting and recording
-    def _account(self, read_ns: int, infer_ns: int, write_ns: int, latency_ns: int) -> None:
-        c, cycle, shown = self.counters, self.cycle, self._shown
-        shown[0], shown[1], shown[2] = cycle.status, cycle.reason, cycle.mode
-        c["cycles"] += 1
-        if latency_ns > self._deadline_ns:
-            c["deadline_misses"] += 1
-        h = self.hist
-        h["read"].add_ns(read_ns)
-        h["infer"].add_ns(infer_ns)
-        h["write"].add_ns(write_ns)
-        h["latency"].add_ns(latency_ns)
-        n_fs, n_hold = cycle.n_failsafe, cycle.n_hold
-        if cycle.n_valid:
-            c["valid_input_cycles"] += 1
-        if n_fs:
-            c["failsafe_cycles"] += 1
-            c["failsafe_stream_cycles"] += n_fs
-        if n_hold:
-            c["held_cycles"] += 1
-            c["held_stream_cycles"] += n_hold
-        if cycle.n_tracking:
-            c["tracking_cycles"] += 1
-            c["tracking_stream_cycles"] += cycle.n_tracking
-        if n_fs or n_hold:
-            count_failures(self)
-        diff = self._mode_diff
-        np.not_equal(cycle.mode, self._logged_mode, out=diff)
-        np.logical_and(diff, cycle.active, out=diff)
-        if diff.any():
-            for slot in np.flatnonzero(diff):
-                self._mode_changed(int(slot), int(cycle.mode[slot]))
-
     def _record(self, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -> None:
-        if self.recorder is not None:
-            t0 = monotonic_ns()
-            self._append(cycle_record(self, seq, t_ns, timing))
-            self.hist["record"].add_ns(monotonic_ns() - t0)
+        """The cycle's flight record: packed (one compiled call and one write), or as a msgpack
+        map where the packed layout cannot say it all (an advisor, an inference error)."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        t0 = monotonic_ns()
+        try:
+            if self.streams.changes != self._slots_recorded:
+                self._slots_recorded = self.streams.changes
+                recorder.set_slots(self.streams.names)
+            frame = None if self._packer is None else self._packer.frame(seq, t_ns, timing)
+            if frame is not None:
+                recorder.append_framed(frame)
+            else:
+                recorder.append(cycle_record(self, seq, t_ns, timing))
+        except (OSError, ValueError) as exc:
+            self._error("record_errors", exc)
+        self.hist["record"].add_ns(monotonic_ns() - t0)
 
     def _append(self, record: dict) -> None:
         if self.recorder is None:
@@ -782,7 +779,7 @@ class Controller:
         capacity = len(self._slot_names)
         self.modes = ModeSources(len(self.bridges) + 1, capacity)
         self._failsafe_seen = np.zeros((len(self.bridges), capacity), np.int64)
-        self.decisions = DecisionImage([sig.name for sig in wiring.outputs], capacity)
+        self.decisions = DecisionImage([sig.name for sig in wiring.outputs], capacity) if self.bridges else None
 
     def _status_all(self) -> dict:
         return {"running": self._running, "cycles": self.counters["cycles"], "heartbeat": self.cycle.heartbeat,

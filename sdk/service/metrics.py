@@ -48,9 +48,11 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.control.safety import FAILSAFE, INVALID_NAMES, OK, REASON_INPUT, REASON_NAMES, STATUS_NAMES
+from runtime.control.safety import FAILSAFE, INVALID_NAMES, MODE_NAMES, OK, REASON_INPUT, REASON_NAMES, STATUS_NAMES
 
 logger = logging.getLogger(__name__)
+#: A stream's changes of mode are the controller's own events, logged under its name.
+controller_log = logging.getLogger("sdk.service.controller")
 
 
 class SnapshotExchange:
@@ -227,6 +229,56 @@ def _bridge_health(bridges) -> dict:
                             "io": h.get("io_us", {}).get("n", 0), "connected": bool(h.get("connected")),
                             "heartbeat_ok": bool(h.get("heartbeat_ok", True))}
     return out
+
+
+def account_cycle(ctrl, read_ns: int, infer_ns: int, write_ns: int, latency_ns: int) -> None:
+    """A controller's bookkeeping after a cycle: the statuses ``status()`` shows, counters,
+    phase histograms, failures by reason (:func:`count_failures`) and changes of mode."""
+    c, cycle, shown = ctrl.counters, ctrl.cycle, ctrl.shown
+    shown[0], shown[1], shown[2] = cycle.status, cycle.reason, cycle.mode
+    c["cycles"] += 1
+    if latency_ns > ctrl.deadline_ns:
+        c["deadline_misses"] += 1
+    h = ctrl.hist
+    h["read"].add_ns(read_ns)
+    h["infer"].add_ns(infer_ns)
+    h["write"].add_ns(write_ns)
+    h["latency"].add_ns(latency_ns)
+    n_fs, n_hold = cycle.n_failsafe, cycle.n_hold
+    if cycle.n_valid:
+        c["valid_input_cycles"] += 1
+    if n_fs:
+        c["failsafe_cycles"] += 1
+        c["failsafe_stream_cycles"] += n_fs
+    if n_hold:
+        c["held_cycles"] += 1
+        c["held_stream_cycles"] += n_hold
+    if cycle.n_tracking:
+        c["tracking_cycles"] += 1
+        c["tracking_stream_cycles"] += cycle.n_tracking
+    if n_fs or n_hold:
+        count_failures(ctrl)
+    diff = ctrl.mode_diff
+    np.not_equal(cycle.mode, ctrl.logged_mode, out=diff)
+    np.logical_and(diff, cycle.active, out=diff)
+    if diff.any():
+        for slot in np.flatnonzero(diff).tolist():
+            log_mode_change(ctrl, slot, int(cycle.mode[slot]))
+
+
+def log_mode_change(ctrl, slot: int, mode: int) -> None:
+    """Log a stream's change of mode (auto, manual, warm-up): the first 1,000 of a run; the
+    rest are counted in ``mode_changes`` only (a flapping mode input must not flood the log)."""
+    before = int(ctrl.logged_mode[slot])
+    ctrl.logged_mode[slot] = mode
+    if before < 0:
+        return
+    ctrl.counters["mode_changes"] += 1
+    n = ctrl.counters["mode_changes"]
+    if n <= 1000:
+        controller_log.info("stream %r: %s -> %s", ctrl.streams.names[slot], MODE_NAMES[before], MODE_NAMES[mode])
+    if n == 1000:
+        controller_log.warning("1,000 mode changes logged: further ones are counted in mode_changes only")
 
 
 def count_failures(ctrl) -> None:

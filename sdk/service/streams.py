@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 class StreamTable:
     """Stream names to slots (``slots``, and ``names`` per slot, None where free), with the
-    admission rules in the module docstring. ``refused`` counts refused lookups."""
+    admission rules in the module docstring. ``refused`` counts refused lookups; ``changes``
+    counts slots taken and released (the flight recorder notes the names when it moves)."""
 
     def __init__(self, capacity: int, admit: list[str] | None = None, reserved: set[str] | None = None):
         self.slots: dict[str, int] = {}
@@ -25,6 +26,7 @@ class StreamTable:
         self.admit = set(admit) if admit is not None else None
         self.reserved: set[str] = set(self.admit or ()) | set(reserved or ())
         self.refused = 0
+        self.changes = 0
         self._warned: set[str] = set()
 
     def reserve(self, streams) -> None:
@@ -55,6 +57,7 @@ class StreamTable:
         slot = self.names.index(None)
         self.slots[stream] = slot
         self.names[slot] = stream
+        self.changes += 1
         return slot
 
     def release(self, slot: int) -> str:
@@ -62,6 +65,7 @@ class StreamTable:
         stream = self.names[slot]
         del self.slots[stream]
         self.names[slot] = None
+        self.changes += 1
         self._warned.discard(stream)
         logger.info("stream %r released slot %d", stream, slot)
         return stream
