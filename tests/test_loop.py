@@ -101,6 +101,17 @@ def test_duration_bounds_the_ticks():
     assert ticks[-1] - ticks[0] < 50_000_000
 
 
+def test_the_spin_before_a_tick_keeps_the_loop_under_the_realtime_budget():
+    """Cycling plus spinning stays within 80% of the period, so a fast SCHED_FIFO loop never
+    reaches the kernel's 95% real-time budget (a 50 ms stall each second): at 4 kHz with
+    130 us cycles the default 125 us spin is cut to 70 us; at 1 kHz nothing is cut."""
+    fast = PeriodicLoop(250_000, spin_ns=125_000)
+    assert fast.spin_before_tick(0) == 125_000
+    assert fast.spin_before_tick(130_000) == 70_000
+    assert fast.spin_before_tick(250_000) == 0
+    assert PeriodicLoop(1_000_000, spin_ns=200_000).spin_before_tick(130_000) == 200_000
+
+
 def test_stop_from_another_thread_during_a_long_period():
     loop = PeriodicLoop(10_000_000_000)                  # 10 s period: stop must not wait for it
     threading.Timer(0.1, loop.stop).start()

@@ -610,6 +610,9 @@ class PeriodicLoop:
     Histograms: ``lateness`` (wake-up minus tick) and ``latency`` (outputs written minus tick).
     """
 
+    #: At most this share of each period is spent cycling and spinning (see ``_run``).
+    BUSY_MAX = 0.8
+
     def __init__(self, period_ns: int, deadline_ns: int | None = None, *, spin_ns: int = 200_000):
         if period_ns <= 0:
             raise ValueError(f"period must be positive, got {period_ns} ns")
@@ -625,6 +628,11 @@ class PeriodicLoop:
         self.cycle_errors = 0
         self.rt_applied: dict = {}
         self._stop = threading.Event()
+
+    def spin_before_tick(self, work_ns: int) -> int:
+        """How long to spin before a tick when cycles take ``work_ns``: ``spin_ns``, cut so that
+        cycling and spinning keep the thread busy at most ``BUSY_MAX`` of the period."""
+        return min(self.spin_ns, max(0, int(self.period_ns * self.BUSY_MAX) - work_ns))
 
     def stop(self) -> None:
         """Ask the loop to return after the current cycle, or at once if it has not started its
@@ -683,7 +691,7 @@ class PeriodicLoop:
                                                   "detail": f"{opts.switch_interval_s * 1e6:.0f} us"}
 
     def _run(self, cycle: Callable[[int, int], int], duration_s: float | None) -> None:
-        period, spin, deadline = self.period_ns, self.spin_ns, self.deadline_ns
+        period, deadline = self.period_ns, self.deadline_ns
         lateness, latency = self.lateness, self.latency
         t0 = monotonic_ns()
         gc.collect()
@@ -696,8 +704,14 @@ class PeriodicLoop:
         tick = monotonic_ns() + period
         end = tick + int(duration_s * 1e9) if duration_s is not None else None
         seq = 0
+        # The spin before a tick is cut so that a cycle (as long as recent ones) and the spin
+        # together keep the thread busy at most BUSY_MAX of the period: Linux stops SCHED_FIFO
+        # threads for the rest of each second once they used 95% of it (sched_rt_runtime_us),
+        # a 50 ms stall, which a 4 kHz loop spinning its default 125 us ran into once a second.
+        work = 0                                         # recent cycles' length, ns (moving average)
         while not self._stop.is_set() and (end is None or tick < end):
             now = monotonic_ns()
+            spin = self.spin_before_tick(work)
             while tick - now > spin:                     # sleep in chunks so stop() stays prompt
                 time.sleep(min(tick - now - spin, 50_000_000) / 1e9)
                 now = monotonic_ns()
@@ -714,6 +728,7 @@ class PeriodicLoop:
                     logger.exception("control cycle %d raised (%d so far): %s", seq, self.cycle_errors, exc)
                 t_out = monotonic_ns()
             latency.add_ns(t_out - tick)
+            work += (t_out - tick - work) // 16
             if t_out - tick > deadline:
                 self.deadline_misses += 1
             self.cycles += 1

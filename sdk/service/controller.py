@@ -574,7 +574,7 @@ class Controller:
 
     def _fill_frames(self, frames: Mapping[str, Mapping[str, Any]], now: int, strict: bool) -> None:
         """Each stream's inputs (see :meth:`_fill`); the streams that give every input as a plain
-        number (the usual case) go into the cycle's arrays in one block."""
+        number (the usual case) go into the cycle's arrays in one block when there are several."""
         cycle, names, plain, rows = self.cycle, self.input_names, self._plain, []
         plain.clear()
         for stream, values in frames.items():
@@ -588,7 +588,9 @@ class Controller:
                 plain.append(slot)
             else:
                 self._fill(slot, values, now)
-        if not plain:
+        if len(plain) < 2:                                # one row: _fill's own fast path is quicker
+            for slot in plain:
+                self._fill(slot, frames[self._slot_names[slot]], now)
             return
         block = self._block[:len(plain)]
         try:
