@@ -272,6 +272,9 @@ def test_packed_cycles_read_back_as_the_maps_they_stand_for(tmp_path, model, con
         streams = [sorted(r["streams"], key=lambda e: e["slot"]) for r in (want, have)]
         assert msgpack.packb(streams[0]) == msgpack.packb(streams[1])   # bitwise, NaN included
     assert any(e["why"] == "error" for e in got[20]["streams"])
+    later = recording_segments(rec)[2]                      # read from a later segment: its own slots record
+    assert len(recording_segments(later)) == len(recording_segments(rec)) - 2
+    assert all(e["s"] is not None for r in RecordingReader(later) if r["type"] == "cycle" for e in r["streams"])
     assert {why for r in got for e in r["streams"] for why in e.get("bad", {}).values()} == {"nan", "missing", "range"}
 
 
