@@ -101,6 +101,21 @@ def test_duration_bounds_the_ticks():
     assert ticks[-1] - ticks[0] < 50_000_000
 
 
+def test_the_gil_switch_interval_is_short_while_the_loop_runs_even_without_realtime():
+    """A busy thread in the same process must not hold the inference thread off the GIL for
+    Python's default 5 ms: the loop runs at 0.5 ms and puts the old value back."""
+    before, inside = sys.getswitchinterval(), []
+    loop = PeriodicLoop(1_000_000)
+
+    def cycle(seq, tick):
+        inside.append(sys.getswitchinterval())
+        loop.stop()
+        return monotonic_ns()
+    loop.run(cycle)
+    assert inside == [pytest.approx(0.0005)] and loop.rt_applied["switch_interval"]["applied"] is True
+    assert sys.getswitchinterval() == before
+
+
 def test_the_spin_before_a_tick_keeps_the_loop_under_the_realtime_budget():
     """Cycling plus spinning stays within 80% of the period, so a fast SCHED_FIFO loop never
     reaches the kernel's 95% real-time budget (a 50 ms stall each second): at 4 kHz with

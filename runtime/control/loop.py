@@ -664,7 +664,12 @@ class PeriodicLoop:
         memory is locked, and everything is restored on return. Always, before the first tick:
         one full collection, ``gc.freeze()`` and a disabled collector (a full pass costs ~100 ms
         with torch loaded: it must never fall inside the loop); young generations are collected
-        only between cycles, when there is slack before the next tick.
+        only between cycles, when there is slack before the next tick. Always too, the GIL's
+        switch interval is cut to ``realtime.switch_interval_s`` (0.5 ms without ``realtime``):
+        at Python's default 5 ms a busy thread in the same process (an operator's script
+        polling ``stats()``, a bridge under a flood) held the inference thread off the GIL long
+        enough to miss a 15 ms budget (``benchmarks/cycle_hops.py`` while it still waited in a
+        spinning loop: a timeout in about one run of three; none in 6 runs at 0.5 ms).
         """
         restores: list[Callable[[], None]] = []
         self.rt_applied = {}
@@ -673,6 +678,10 @@ class PeriodicLoop:
         try:
             if realtime is not None:
                 self._apply_realtime(realtime, helpers, restores)
+            switch = realtime.switch_interval_s if realtime is not None else RealtimeOptions.switch_interval_s
+            if switch:
+                sys.setswitchinterval(switch)
+                self.rt_applied["switch_interval"] = {"applied": True, "detail": f"{switch * 1e6:.0f} us"}
             self._run(cycle, duration_s)
         finally:
             self._stop.clear()
@@ -701,10 +710,6 @@ class PeriodicLoop:
             rep, unlock = lock_memory()
             restores.append(unlock)
             self.rt_applied["mlockall"] = rep
-        if opts.switch_interval_s:
-            sys.setswitchinterval(opts.switch_interval_s)
-            self.rt_applied["switch_interval"] = {"applied": True,
-                                                  "detail": f"{opts.switch_interval_s * 1e6:.0f} us"}
 
     def _run(self, cycle: Callable[[int, int], int], duration_s: float | None) -> None:
         period, deadline = self.period_ns, self.deadline_ns
