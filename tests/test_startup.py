@@ -47,19 +47,22 @@ def _cli(*args: str, stdin: str = "") -> tuple[str, dict]:
     ["--help"],
     ["plan", "deepseek-r1", "--json"],
     ["plan", "deepseek-r1", "--devices", "8", "--gpu-mem-gb", "141"],
+    ["plan", "examples/factory_loop/model", "--json"],
     ["keys", "{tmp}/keys"],
     ["opcua-user", "{tmp}/users.toml", "operator", "--password-stdin"],
     ["opcua-user", "--help"],
     ["opcua-cert", "{tmp}/pki"],
     ["modbus-cert", "{tmp}/mpki", "--server", "localhost", "--client", "scada=operator"],
-], ids=["help", "plan", "plan-devices", "keys", "opcua-user", "opcua-user-help", "opcua-cert", "modbus-cert"])
+], ids=["help", "plan", "plan-devices", "plan-package", "keys", "opcua-user", "opcua-user-help", "opcua-cert", "modbus-cert"])
 def test_commands_that_need_no_model_do_not_import_torch(args, tmp_path):
     out, info = _cli(*(a.format(tmp=tmp_path) for a in args), stdin="a long enough password\n")
     assert info["rc"] == 0, out
     assert info["heavy"] == [], f"r1edge {' '.join(args)} imported {info['heavy']}"
-    if args[0] == "plan" and "--json" in args:
+    if args[:2] == ["plan", "deepseek-r1"] and "--json" in args:
         report = json.loads(out)
         assert report["params_total"] > 600e9 and report["fits"] is False      # real R1 on one 80 GB GPU
+    if args[:2] == ["plan", "examples/factory_loop/model"]:
+        assert json.loads(out)["fits"] is True                                 # a package: its own config
     if args[0] == "keys":
         assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["server.key", "server.key_secret"]
     if args[:1] == ["opcua-user"] and "--help" not in args:

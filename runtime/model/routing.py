@@ -15,7 +15,8 @@ The rule, for one token with router logits ``l = x @ W.T`` (float32, E experts i
 
 Ties go to the lower index (group and expert). Chosen ids are returned ascending, and a
 token's expert outputs are summed in that order. :class:`RoutingRule` holds the rule's
-parameters, read from a ``ModelConfig``.
+parameters, read from a ``ModelConfig`` (it lives beside it in :mod:`runtime.model.config`, which
+needs neither torch nor Numba, and is re-exported here).
 
 Arithmetic, shared by both implementations: sigmoid is ``1 / (1 + exp(-l))`` with ``exp``
 taken in float64 and rounded to float32; softmax is ``exp(l - max l)`` the same way, over
@@ -45,56 +46,9 @@ import numpy as np
 import torch
 from numba import njit
 
-TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+from runtime.model.config import RoutingRule
+
 _KEY_BITS = 16  # room for an index in a torch routing key (E, n_group < 65536)
-
-
-class RoutingRule(NamedTuple):
-    """The parameters of the rule above (a NamedTuple, so Numba kernels take it as is).
-
-    ``softmax``: softmax scoring (else sigmoid); ``group_max``: a group scores its largest
-    choice (else the sum of its top two); ``biased``: the rule adds e_score_correction_bias.
-    ``greedy`` configs are stored as one group kept.
-    """
-
-    softmax: bool
-    group_max: bool
-    biased: bool
-    n_experts: int
-    n_group: int
-    topk_group: int
-    top_k: int
-    norm_topk_prob: bool
-    scaling: float
-
-    @classmethod
-    def from_config(cls, cfg, n_experts: int | None = None) -> "RoutingRule":
-        """The rule of a ``runtime.model.config.ModelConfig`` (``n_experts`` overrides the count)."""
-        method = cfg.topk_method
-        if method not in TOPK_METHODS:
-            raise ValueError(f"topk_method {method!r} is not supported (one of {', '.join(TOPK_METHODS)})")
-        greedy = method == "greedy"
-        rule = cls(softmax=cfg.scoring_func == "softmax", group_max=method == "group_limited_greedy",
-                   biased=method == "noaux_tc", n_experts=int(n_experts or cfg.n_routed_experts),
-                   n_group=1 if greedy else int(cfg.n_group), topk_group=1 if greedy else int(cfg.topk_group),
-                   top_k=int(cfg.num_experts_per_tok), norm_topk_prob=bool(cfg.norm_topk_prob),
-                   scaling=float(cfg.routed_scaling_factor))
-        rule.check()
-        return rule
-
-    def check(self) -> None:
-        """Raise ValueError, naming the field, if the parameters are inconsistent."""
-        E, G, KG, K = self.n_experts, self.n_group, self.topk_group, self.top_k
-        if G < 1 or E % G:
-            raise ValueError(f"n_group={G} must divide n_routed_experts={E}")
-        if G > 1 and not self.group_max and E // G < 2:
-            raise ValueError(f"n_routed_experts/n_group={E // G}: need at least 2 experts per group "
-                             "(a group scores the sum of its top two)")
-        if not 1 <= KG <= G:
-            raise ValueError(f"topk_group={KG} must be in [1, n_group={G}]")
-        if not 1 <= K <= KG * (E // G):
-            raise ValueError(f"num_experts_per_tok={K} must be in [1, topk_group * experts per group = "
-                             f"{KG * (E // G)}]")
 
 
 # ---------------------------------------------------------------------------------------
