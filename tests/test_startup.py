@@ -69,6 +69,13 @@ def test_commands_that_need_no_model_do_not_import_torch(args, tmp_path):
         assert 'operator' in (tmp_path / "users.toml").read_text()
 
 
+def test_plan_of_the_cpu_engine_needs_no_torch():
+    """Sizing the CPU engine reads its buffer shapes and int8 layout (Numba modules), never torch."""
+    out, info = _cli("plan", "examples/factory_loop/model", "--engine", "cpu", "--json")
+    assert info["rc"] == 0 and "torch" not in info["heavy"], info
+    assert json.loads(out)["fits"] is True
+
+
 def test_import_sdk_is_lazy_and_public_names_resolve():
     """``import sdk`` alone loads no torch; each public name still resolves to the real object."""
     code = ("import sys, sdk; before = 'torch' in sys.modules\n"

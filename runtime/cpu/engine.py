@@ -15,15 +15,13 @@ import torch
 from runtime.cpu.int8 import pack_blocked, padded16, padded_k
 from runtime.cpu.kernels import (BAD_COUNT, BAD_SLOTS, PREFILL_SENSOR, PREFILL_TOKENS, STEP_SENSOR, STEP_TOKENS,
                                  run_pass)
-from runtime.cpu.state import (F32, AdapterWeights, AttnWeights, Buffers, Dims, MlpWeights, MoeWeights, Weights,
-                               buffer_shapes, new_state)
+from runtime.cpu.state import (F32, PREFILL_ROWS, AdapterWeights, AttnWeights, Buffers, Dims, MlpWeights,
+                               MoeWeights, Weights, buffer_shapes, new_state)
 from runtime.model.config import LORA_NORM_EPS
 from runtime.model.packing import PackedMLP, pack_int8
 from runtime.model.quant import QWeight
 from runtime.model.routing import RouteBuffers, RoutingRule
 from runtime.model.transformer import Transformer
-
-PREFILL_ROWS = 256         # default rows of one prefill pass (an engine's rows: at least these)
 
 __all__ = ["Engine", "PREFILL_ROWS", "buffer_shapes"]
 

@@ -14,6 +14,7 @@ from numba.experimental import structref
 from runtime.cpu.int8 import padded16, padded_k
 
 F32 = np.float32
+PREFILL_ROWS = 256         # default rows of one prefill pass (an engine's rows: at least these)
 
 
 class Dims(NamedTuple):

@@ -40,13 +40,15 @@ the softmax denominator is summed in a different order.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 from numba import njit
 
 from runtime.model.config import RoutingRule
+
+if TYPE_CHECKING:                                        # torch is imported where the torch rule runs
+    import torch
 
 _KEY_BITS = 16  # room for an index in a torch routing key (E, n_group < 65536)
 
@@ -57,6 +59,8 @@ _KEY_BITS = 16  # room for an index in a torch routing key (E, n_group < 65536)
 
 def _order_key(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """int64 keys ordered like float32 ``x`` and, among equal values, higher for a lower index."""
+    import torch
+
     bits = (x + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
     return (ordered << _KEY_BITS) | ((1 << _KEY_BITS) - 1 - index)
@@ -64,6 +68,8 @@ def _order_key(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def scores_torch(logits: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
     """Routing scores ``s`` of float32 logits [T, E] (sigmoid or softmax, as the rule says)."""
+    import torch
+
     if rule.softmax:
         e = torch.exp((logits - logits.amax(-1, keepdim=True)).double()).float()
         return e / e.sum(-1, keepdim=True)
@@ -74,6 +80,8 @@ def route_torch(logits: torch.Tensor, bias: torch.Tensor | None,
                 rule: RoutingRule) -> tuple[torch.Tensor, torch.Tensor]:
     """The rule on float32 logits [T, E] -> (expert ids int64 [T, k] ascending, weights
     float32 [T, k]); static shapes, no host synchronisation, any device."""
+    import torch
+
     T, E = logits.shape
     scores = scores_torch(logits, rule)
     choice = scores + bias if rule.biased else scores
@@ -381,7 +389,7 @@ class Router:
 
     def __call__(self, x) -> DispatchPlan:
         """Route ``x`` float32 [T, H] (numpy, or a CPU tensor viewed without a copy)."""
-        if isinstance(x, torch.Tensor):
+        if hasattr(x, "detach"):                         # a torch tensor
             x = x.detach().numpy()
         if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"router input must be float32 [T, {self.hidden_size}], got {x.dtype} {x.shape}")
@@ -392,7 +400,7 @@ class Router:
 
     def route_logits(self, logits) -> DispatchPlan:
         """Route precomputed logits float32 [T, E]."""
-        if isinstance(logits, torch.Tensor):
+        if hasattr(logits, "detach"):                    # a torch tensor
             logits = logits.detach().to("cpu").numpy()
         E = self.rule.n_experts
         if logits.dtype != np.float32 or logits.ndim != 2 or logits.shape[1] != E:
@@ -413,6 +421,6 @@ class Router:
 
 
 def _as_numpy_f32(a) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if hasattr(a, "detach"):                             # a torch tensor
+        a = a.detach().float().cpu().numpy()
     return np.ascontiguousarray(a, dtype=np.float32)

@@ -269,11 +269,11 @@ def _cpu_engine_bytes(cfg: ModelConfig, keep: int, streams: int, window: int) ->
     """The CPU ``Engine``'s arrays by part: int8 weights blocked by 16 output channels (K padded
     to 4, with int32 row sums and float32 scales), float32 embeddings, W_UK/W_UV (padded to
     16-lane vectors), router and the latent cache in its two layouts, and every buffer of
-    ``runtime.cpu.engine.buffer_shapes`` at ``max(streams, PREFILL_ROWS)`` rows."""
+    ``runtime.cpu.state.buffer_shapes`` at ``max(streams, PREFILL_ROWS)`` rows."""
     import numpy as np
 
     from runtime.cpu.int8 import blocked_nbytes, padded16
-    from runtime.cpu.engine import PREFILL_ROWS, buffer_shapes
+    from runtime.cpu.state import PREFILL_ROWS, buffer_shapes
     from runtime.model.routing import RouteBuffers, RoutingRule
 
     H, V, L, Lm = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.n_moe_layers
@@ -443,7 +443,7 @@ def plan(source: str | Path | ModelConfig, *, keep_experts: int | None = None, q
     budget = int(round(gpu_mem_gb * 1e9))
     rows = max(streams, CUDA_MIN_ROWS) if quant == "int8" and engine == "device" else streams
     if quant == "int8" and engine == "cpu":
-        from runtime.cpu.engine import PREFILL_ROWS
+        from runtime.cpu.state import PREFILL_ROWS
         step_rows = max(streams, PREFILL_ROWS)      # the engine's rows: a prefill pass runs this many
     else:
         step_rows = rows
