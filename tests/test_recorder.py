@@ -163,3 +163,44 @@ def test_a_recording_in_a_newer_format_is_refused_naming_the_formats_read(tmp_pa
     with pytest.raises(ValueError, match=r"rec-x-0000.r1rec: flight recording format 3; this r1edge reads "
                                          r"formats 1, 2 \(a newer r1edge wrote it"):
         list(RecordingReader(path))
+
+
+def _packed(n_in: int, n_out: int, slots: list[int], layout: int = 1, extra: bytes = b"") -> bytes:
+    """A packed cycle payload of ``slots`` (everything else zero), as the writer lays it out."""
+    from runtime.control.recorder import packed_cycle_dtypes
+
+    head_t, row_t = packed_cycle_dtypes(n_in, n_out)
+    head, rows = np.zeros(1, head_t), np.zeros(len(slots), row_t)
+    head["tag"], head["layout"], head["n"] = 0xC1, layout, len(slots)
+    rows["slot"] = slots
+    return head.tobytes() + rows.tobytes() + extra
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload)) + payload + struct.pack("<I", zlib.crc32(payload))
+
+
+@pytest.mark.parametrize("records, reason", [
+    (["slots", "short"], "bad packed cycle: 8 bytes, shorter than the 56-byte head"),
+    (["slots", "long"], "bad packed cycle: 105 bytes; the head and 1 rows of this layout (2 inputs, 1 outputs) take 104"),
+    (["packed"], "bad packed cycle: slot 0 names no stream (no slots record before it names one)"),
+    (["slots", "layout9"], "bad packed cycle: layout 9 (this r1edge reads layout 1)"),
+    (["format1", "slots", "packed"], "bad packed cycle: the header has no packed_cycles layout"),
+], ids=["short", "long", "before-slots", "layout", "format-1"])
+def test_a_bad_packed_cycle_stops_the_reading_there_and_says_why(tmp_path, records, reason):
+    """A packed cycle that passed its CRC but does not fit the header's layout, names a slot no
+    slots record named, or sits in a format-1 recording stops the reading at its offset."""
+    header = {"type": "header", "format": 2, "segment": 0,
+              "packed_cycles": {"layout": 1, "inputs": ["a", "b"], "outputs": ["y"]}}
+    good = _packed(2, 1, [0])
+    parts = {"slots": encode_record({"type": "slots", "names": ["main"]}), "packed": _frame(good),
+             "short": _frame(good[:8]), "long": _frame(good + b"\0"), "layout9": _frame(_packed(2, 1, [0], 9))}
+    if records[0] == "format1":
+        header = {"type": "header", "format": 1, "segment": 0}
+        records = records[1:]
+    data = encode_record(header) + b"".join(parts[r] for r in records)
+    path = tmp_path / "rec-x-0000.r1rec"
+    path.write_bytes(data + _frame(good))                   # a good cycle after the bad one is not read
+    got, reader = records_of(path)
+    assert reader.stop.reason.startswith(reason) and reader.stop.offset == len(data) - len(parts[records[-1]])
+    assert [r["type"] for r in got] == ["header"] + ["slots"] * records.count("slots")

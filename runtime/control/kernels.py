@@ -287,7 +287,8 @@ def pack_cycle(b8, b16, b32, i64, f64, meta, layout, active, status, reason, mod
     CRC-32 after it; returns the frame's length (from byte 4), or -1 when an active stream
     failed with an inference error (its message needs the msgpack record).
 
-    ``meta``: seq, t_ns, heartbeat and the four timings; ``layout``: the head's size, the row's
+    ``meta``: seq, t_ns, heartbeat, the four timings, the tag and the layout version (the head's
+    fields at the offsets ``CyclePacker`` checks); ``layout``: the head's size, the row's
     size and the byte offsets in a row of filled, x, y, out, slot, status, reason, mode, flags
     and codes. Streams go in slot order."""
     head, row = layout[0], layout[1]
@@ -316,8 +317,8 @@ def pack_cycle(b8, b16, b32, i64, f64, meta, layout, active, status, reason, mod
             b8[at + layout[11] + j] = codes[i, j]
         k += 1
     size = head + k * row
-    b8[8] = 0xC1
-    b8[9] = 1
+    b8[8] = meta[7]
+    b8[9] = meta[8]
     b16[5] = k
     b32[3] = meta[2]
     i64[2] = meta[0]

@@ -39,7 +39,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import msgpack
 import numpy as np
@@ -90,7 +90,11 @@ class CyclePacker:
         head, row = packed_cycle_dtypes(len(self.inputs), len(self.outputs))
         size = 8 + head.itemsize + cycle.capacity * row.itemsize + 8
         self._buf = np.zeros(size // 8, np.int64).view(np.uint8)          # 8-byte aligned
-        self._meta = np.zeros(7, np.int64)
+        self._meta = np.zeros(9, np.int64)
+        self._meta[7], self._meta[8] = PACKED_TAG, PACKED_LAYOUT
+        offsets = [head.fields[k][1] for k in ("tag", "layout", "n", "hb", "seq", "t_ns", "timing")]
+        if offsets != [0, 1, 2, 4, 8, 16, 24]:                # where pack_cycle writes them
+            raise RuntimeError(f"packed head offsets {offsets} are not the ones pack_cycle writes")
         names = ("filled", "x", "y", "out", "slot", "status", "reason", "mode", "flags", "codes")
         layout = np.array([head.itemsize, row.itemsize] + [row.fields[n][1] for n in names], np.int64)
         table = np.array([_crc_entry(b) for b in range(256)], np.uint32)
@@ -127,14 +131,24 @@ def unpack_cycle(payload: bytes, layout: dict, slots: Sequence[str | None]) -> d
     ``"packed_cycles"``; ``slots``: the latest ``"slots"`` record's names)."""
     inputs, outputs = layout["inputs"], layout["outputs"]
     head_t, row_t = packed_cycle_dtypes(len(inputs), len(outputs))
+    if len(payload) < head_t.itemsize:
+        raise ValueError(f"{len(payload)} bytes, shorter than the {head_t.itemsize}-byte head")
     head = np.frombuffer(payload, head_t, count=1)[0]
     if head["layout"] != PACKED_LAYOUT:
-        raise ValueError(f"packed cycle layout {head['layout']} (this r1edge reads layout {PACKED_LAYOUT})")
+        raise ValueError(f"layout {head['layout']} (this r1edge reads layout {PACKED_LAYOUT})")
+    size = head_t.itemsize + int(head["n"]) * row_t.itemsize
+    if len(payload) != size:
+        raise ValueError(f"{len(payload)} bytes; the head and {head['n']} rows of this layout "
+                         f"({len(inputs)} inputs, {len(outputs)} outputs) take {size}")
     rows = np.frombuffer(payload, row_t, count=int(head["n"]), offset=head_t.itemsize)
     streams = []
     for r in rows:
         slot, reason, flags = int(r["slot"]), int(r["reason"]), int(r["flags"])
-        entry = {"s": slots[slot] if slot < len(slots) else None, "slot": slot, "x": r["x"].tolist(),
+        if slot >= len(slots) or slots[slot] is None:
+            raise ValueError(f"slot {slot} names no stream (no slots record before it names one)")
+        if not (reason < len(REASON_NAMES) and r["status"] < len(STATUS_NAMES) and r["mode"] < len(MODE_NAMES)):
+            raise ValueError(f"slot {slot}: status, reason or mode out of range")
+        entry = {"s": slots[slot], "slot": slot, "x": r["x"].tolist(),
                  "st": STATUS_NAMES[r["status"]], "why": REASON_NAMES[reason], "ran": bool(flags & _RAN),
                  "y": r["y"].tolist() if flags & _Y_GIVEN else None, "out": r["out"].tolist(),
                  "mode": MODE_NAMES[r["mode"]]}
@@ -272,7 +286,8 @@ def _segment_sort_key(path: Path):
 @dataclass
 class ReadStop:
     """Where and why reading stopped: ``reason`` is ``"end"`` for a clean end of the last
-    segment, else ``"truncated"``, ``"crc mismatch"``, ``"bad length"`` or ``"bad msgpack"``."""
+    segment, else ``"truncated"``, ``"crc mismatch"``, ``"bad length"``, ``"bad msgpack"``,
+    ``"bad packed cycle: ..."`` (with what is wrong) or ``"no header"``."""
 
     file: str
     offset: int
@@ -284,9 +299,13 @@ class ReadStop:
         return self.reason == "end"
 
 
-def iter_segment(path: str | Path) -> tuple[Iterator[dict | bytes], list]:
-    """Records of one segment file (msgpack maps as dicts, packed cycles as their payload
-    bytes: see :func:`unpack_cycle`), and a one-element list that receives its ``ReadStop``."""
+def iter_segment(path: str | Path, unpack: Callable[[bytes], dict] | None = None
+                 ) -> tuple[Iterator[dict | bytes], list]:
+    """Records of one segment file, and a one-element list that receives its ``ReadStop``.
+
+    Msgpack maps come out as dicts; packed cycles as ``unpack(payload)`` (a ``ValueError``
+    from it stops the reading there: "bad packed cycle: ..."), or as their payload bytes
+    without ``unpack`` (see :func:`unpack_cycle`)."""
     stop: list[ReadStop] = []
 
     def gen():
@@ -312,8 +331,16 @@ def iter_segment(path: str | Path) -> tuple[Iterator[dict | bytes], list]:
             if zlib.crc32(payload) != crc:
                 stop.append(ReadStop(str(path), pos, "crc mismatch"))
                 return
-            if payload[:1] == b"\xc1":                     # a packed cycle: the reader unpacks it
-                yield payload
+            if payload[0] == PACKED_TAG:
+                if unpack is None:
+                    yield payload
+                else:
+                    try:
+                        record = unpack(payload)
+                    except ValueError as exc:
+                        stop.append(ReadStop(str(path), pos, f"bad packed cycle: {exc}"))
+                        return
+                    yield record
                 pos = end
                 continue
             try:
@@ -389,11 +416,18 @@ class RecordingReader:
 
     def __iter__(self) -> Iterator[dict]:
         slots: list = []
+
+        def unpack(payload: bytes) -> dict:
+            header = self.header or {}
+            if header.get("format", 1) < 2 or not header.get("packed_cycles"):
+                raise ValueError("the header has no packed_cycles layout (a format-1 recording has no packed cycles)")
+            return unpack_cycle(payload, header["packed_cycles"], slots)
+
         for i, seg in enumerate(self.segments):
-            records, stop = iter_segment(seg)
+            records, stop = iter_segment(seg, unpack)
             for record in records:
                 if self.header is None:
-                    if not isinstance(record, dict) or record.get("type") != "header":
+                    if record.get("type") != "header":
                         self.stop = ReadStop(str(seg), 0, "no header")
                         return
                     if record.get("format") not in READS_FORMATS:
@@ -401,13 +435,7 @@ class RecordingReader:
                                          f"reads formats {', '.join(map(str, READS_FORMATS))} (a newer r1edge "
                                          "wrote it: read it with that one)")
                     self.header = record
-                if isinstance(record, bytes):
-                    layout = self.header.get("packed_cycles")
-                    if layout is None:
-                        self.stop = ReadStop(str(seg), 0, "packed cycle without a layout in the header")
-                        return
-                    record = unpack_cycle(record, layout, slots)
-                elif record.get("type") == "slots":
+                if record.get("type") == "slots":
                     slots = record["names"]
                 self.records += 1
                 yield record

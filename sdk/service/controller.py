@@ -679,8 +679,8 @@ class Controller:
         t0 = monotonic_ns()
         try:
             if self.streams.changes != self._slots_recorded:
-                self._slots_recorded = self.streams.changes
                 recorder.set_slots(self.streams.names)
+                self._slots_recorded = self.streams.changes
             frame = None if self._packer is None else self._packer.frame(seq, t_ns, timing)
             if frame is not None:
                 recorder.append_framed(frame)

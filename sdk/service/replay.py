@@ -73,7 +73,9 @@ def render_replay(report: dict) -> None:
               f"{adv['setpoint_cycles_compared']} cycles of setpoints compared")
     stop = report["stop"]
     if stop and stop["reason"] != "end":
-        print(f"stopped at {stop['file']}:{stop['offset']} ({stop['reason']}): the last record is incomplete")
+        print(f"stopped at {stop['file']}:{stop['offset']} ({stop['reason']}): "
+              + ("the last record is incomplete" if stop["reason"] == "truncated" else
+                 "the records from there on were not read"))
     if report["identical"]:
         print("IDENTICAL: every output is bitwise identical")
     else:
