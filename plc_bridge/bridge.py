@@ -75,7 +75,8 @@ def number_key(table: dict, key: str, default, lo, hi, where: str, *, integer: b
     value = table.get(key, default)
     kind = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not kind or not lo <= value <= hi:
-        what = f"an integer in {lo}..{hi}" if integer else f"a number of {unit} in {lo:g}..{hi:g}"
+        bound = [str(int(b)) if float(b).is_integer() else f"{b:g}" for b in (lo, hi)]
+        what = f"an integer in {lo}..{hi}" if integer else f"a number of {unit} in {bound[0]}..{bound[1]}"
         raise ValueError(f"{where}.{key}: {value!r} is not {what}")
     return value if integer else float(value)
 
@@ -110,7 +111,9 @@ class InputImage:
     read a cycle (:meth:`take`) copies the rows in use into the front buffer ``values``
     (float64) / ``stamps`` (int64 ``time.monotonic_ns()``, :data:`MISSING` where nothing was
     received) and returns those rows, so the loop never sees a half-written row. ``failsafe``
-    and ``failsafe_entries`` (per row) and ``running`` are set by the bridge at each take.
+    and ``failsafe_entries`` (per row) and ``running`` are set by the bridge at each read. (The
+    Modbus bridge, with its one stream, keeps its own receive arrays and copies them into the
+    front buffer in its ``read()``; its ``taken`` row is fixed.)
     """
 
     def __init__(self, columns: Sequence[str], rows: int, lock: threading.Lock | None = None):

@@ -79,17 +79,17 @@ class ModbusBridge(LoopThread):
     :meth:`write` or :meth:`publish`.
 
     Start: server mode serves every output register at its fail-safe value until the first
-    :meth:`publish`; client mode writes nothing to the PLC before the first publish it
-    accepts, so the plant keeps its own outputs until the controller has decided (a bumpless
+    :meth:`write` (or :meth:`publish`); client mode writes nothing to the PLC before the first
+    one it accepts, so the plant keeps its own outputs until the controller has decided (a bumpless
     start: the controller's first outputs may track the actuators).
 
     Fail-safe: with a heartbeat configured, when the PLC's heartbeat register has not changed
-    for ``timeout_ms`` (or has not moved yet) the bridge ignores :meth:`publish`; once it had
-    published, it writes every output's fail-safe value itself (server mode: into the served
-    registers; client mode: to the PLC, again after each reconnection) until the heartbeat
-    changes again; the next publish after that writes the controller's outputs.
-    :meth:`read` tells the controller (the image's ``failsafe`` row), so that its rate limits
-    start from what the plant got.
+    for ``timeout_ms`` (or has not moved yet) the bridge ignores :meth:`write` and :meth:`publish`;
+    once it had published, it writes every output's fail-safe value itself (server mode: into
+    the served registers; client mode: to the PLC, again after each reconnection) until the
+    heartbeat changes again; the next write after that puts out the controller's outputs.
+    :meth:`read` tells the controller (the stream's row flagged ``failsafe``, and the switches
+    counted in ``failsafe_entries``), so that its rate limits start from what the plant got.
 
     Stop: what was published last reaches the PLC before the connection closes. Client mode
     writes the outputs once more (when connected, within ``request_timeout_ms``); server mode

@@ -3,8 +3,9 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
 
 - ``PeriodicLoop`` wakes on absolute ticks of ``time.monotonic_ns()``: it sleeps until
   ``spin_ns`` before the tick, then spins (always sleeping part of the period, as pure
-  busy-waiting under SCHED_FIFO runs into RT throttling). Missed ticks are skipped, never
-  burst. Before its first tick it collects garbage once, freezes what survives
+  busy-waiting under SCHED_FIFO runs into RT throttling: the spin is cut so that recent cycles
+  plus the spin stay under ``BUSY_MAX``, 80%, of the period). Missed ticks are skipped, never
+  burst. While it runs, the GIL's switch interval is 0.5 ms. Before its first tick it collects garbage once, freezes what survives
   (``gc.freeze()``) and disables the automatic collector, so no cycle ever waits for a full
   collection; young generations are collected between cycles when there is slack. Where
   permitted it applies SCHED_FIFO, CPU affinity and ``mlockall`` (``runtime.control.realtime``,
@@ -138,7 +139,6 @@ class InferenceWorker:
         """Start ``job`` in the worker thread; False (and nothing started) while busy or closed."""
         if self.busy or self._closing:
             return False
-        self._drain()                                    # drop the wake-up of an abandoned job
         self._job = job
         self.error = None
         self.result = None
@@ -154,14 +154,11 @@ class InferenceWorker:
             if remaining <= 0:
                 return False
             if select.select((self._done_r,), (), (), remaining / 1e9)[0]:
-                self._drain()
+                try:                                     # every wake-up so far: an abandoned job's
+                    os.read(self._done_r, 4096)          # late one only makes this loop look again
+                except BlockingIOError:
+                    pass
         return True
-
-    def _drain(self) -> None:
-        try:
-            os.read(self._done_r, 4096)
-        except BlockingIOError:
-            pass
 
     def run_sync(self, job: Callable[[], object], timeout_s: float = 5.0) -> object:
         """Run ``job`` in the worker thread and return its result (raises what it raised)."""

@@ -97,8 +97,10 @@ def set_compute_threads(n: int) -> int:
 @dataclass
 class RealtimeOptions:
     """What ``PeriodicLoop.run`` attempts: SCHED_FIFO at ``priority`` (helpers one below), pinning
-    to ``cpu`` (None: the last allowed CPU), ``mlockall``, and a shorter GIL switch interval so
-    that the loop thread gets the interpreter back quickly from a busy helper thread."""
+    to ``cpu`` (None: the last allowed CPU) and ``mlockall``. ``switch_interval_s`` is the GIL
+    switch interval while the loop runs, so that the loop and inference threads get the
+    interpreter back quickly from a busy thread; the loop uses this default without realtime
+    settings too."""
 
     priority: int = 80
     cpu: int | None = None

@@ -11,14 +11,31 @@ msgpack never uses. The first record of every segment is a header map (``"type":
 signal names). The others are whatever the controller appends: maps (``"type": "cycle"``,
 ``"advice"``, ``"stop"``, ...) and packed cycles.
 
-A packed cycle (:func:`packed_cycle_dtypes`, written by one compiled call,
-:class:`CyclePacker`) is a fixed head (tag, layout version, stream count, heartbeat, seq,
-time, timings) and one fixed-size row per active stream in slot order (slot, status, reason,
-mode, flags, gap frames filled, inputs, model outputs, outputs, invalid-input codes); the
-header's ``"packed_cycles"`` names its inputs and outputs, and a ``"slots"`` map (written when
-the streams' slots change, and after each segment's header) names each slot's stream. The
-reader turns a packed cycle back into the very map a ``"cycle"`` record holds. Floats are
-float64 either way, so values read back are bitwise those written.
+A packed cycle (:func:`packed_cycle_dtypes`; written by one compiled call over the control
+cycle's arrays, :class:`CyclePacker`) is, little-endian, with every 8-byte field 8-aligned::
+
+    head (56 bytes)  u1 tag = 0xC1 | u1 layout = 1 | u2 n (streams) | u4 heartbeat |
+                     i8 seq | i8 t_ns (the tick, monotonic) | i8 timing[4] (read, infer,
+                     write, lateness; ns)
+    n rows, in slot order, each
+                     i8 filled | f8 x[n_in] | f8 y[n_out] | f8 out[n_out] | u2 slot |
+                     i1 status | i1 reason | i1 mode | u1 flags | i1 codes[n_in] |
+                     zero padding to a multiple of 8 bytes
+
+``x`` are the inputs as given (the header's ``packed_cycles["inputs"]``: the model's, then
+the tracking and mode inputs), ``y`` the model's outputs (NaN where it gave none), ``out`` the
+outputs sent; ``flags`` adds 1 if the frame ran, 2 if ``y`` is given, 4 if the frame began a
+warm-up (``pre``; else ``filled`` is the gap frames filled first); ``status``, ``reason``,
+``mode`` and ``codes`` (per input, 0 for valid) index ``STATUS_NAMES``, ``REASON_NAMES``,
+``MODE_NAMES`` and ``INVALID_NAMES`` of :mod:`runtime.control.safety`, so the order of those
+names is part of the format (a change to it needs a new ``PACKED_LAYOUT``). A ``"slots"`` map
+(``"names"``: each slot's stream or None), written whenever the slots change and after each
+segment's header, names the streams. The reader gives a packed cycle back as the map a
+``"cycle"`` record holds (``s``, ``slot``, ``x``, ``st``, ``why``, ``ran``, ``y``, ``out``,
+``mode``, ``pre`` or ``fill``, ``bad``), its streams in slot order. A controller with an
+advisor writes msgpack cycles only, and so does any cycle in which inference raised (the map
+carries the message). Floats are float64 either way, so values read back are bitwise those
+written.
 
 Format 1 (msgpack only) is read as before; a format this module does not know is refused,
 naming the formats it reads.

@@ -30,8 +30,9 @@ Fail-safe reasons set here: ``heartbeat`` while a bridge puts out a stream's fai
 itself (the Modbus bridge after a PLC heartbeat loss; the outputs then ramp back from what the
 plant actually got), and ``bridge`` while a bridge feeding the stream has a dead I/O task.
 
-With ``[recorder]`` every cycle is appended to a flight recording (``sdk.service.replay``
-writes and replays it bit for bit). ``[shadow]``: a candidate package on the same frames, never
+With ``[recorder]`` every cycle is appended to a flight recording
+(``runtime.control.recorder``: packed by ``CyclePacker``; ``sdk.service.replay`` gives the
+header and the msgpack records, and replays a recording bit for bit). ``[shadow]``: a candidate package on the same frames, never
 applied (``sdk.service.shadow``). ``[model] parallel``: the routed experts split across
 processes (``sdk.service.engines.ParallelRanks``; a dead rank stops the run). ``[advisor]``: a
 language model proposing setpoints through the PLC's switch (``sdk.service.advisor``).

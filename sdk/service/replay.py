@@ -128,7 +128,8 @@ def replay(recording: str | Path, *, package: str | Path | None = None, engine=N
     """Re-run a flight recording and compare every output bit for bit.
 
     The engine is rebuilt from the package named in the header (or ``package``; or the given
-    ``engine``). Each recorded cycle's inputs go in, in the recorded stream order and slots;
+    ``engine``). Each recorded cycle's inputs go in, in the recorded stream order (slot order for a
+packed cycle) and slots;
     the model's outputs are compared with the recorded ones wherever the model answered, and
     the final outputs are recomputed through the recorded output limits and statuses and
     compared too. With an advisor, each answer's prompt is re-rendered and its tokens and
