@@ -306,48 +306,6 @@ class ModeSwitch(Protocol):
         ...
 
 
-class SnapshotBridge:
-    """:meth:`Bridge.read`, :meth:`Bridge.write` and :meth:`Bridge.bound_streams` for a bridge
-    whose inputs are kept per signal behind ``snapshot(stream)`` (:meth:`read` copies them into
-    ``image``, an :class:`InputImage` over its wiring's inputs), which takes decisions through
-    ``publish(outputs, status, seq, latency_us, stream)`` and whose ``input_streams()`` are the
-    streams it is bound to; the image's ``running`` is the bridge's ``_running()`` (a
-    :class:`LoopThread`'s)."""
-
-    image: InputImage
-
-    def bound_streams(self) -> list[str]:
-        """The streams it has inputs for by configuration."""
-        return list(self.input_streams())
-
-    def write(self, decisions: DecisionImage) -> None:
-        """The cycle's one write: each served stream's row handed to ``publish``."""
-        d = decisions
-        for i in range(d.n):
-            if self.serves(d.names[i]):
-                self.publish(d.outputs(i), d.status[i], d.seq, d.latency_us, d.names[i])
-
-    def read(self) -> InputImage:
-        """Copy each stream's newest inputs into the image (see :meth:`Bridge.read`)."""
-        img = self.image
-        taken = img.taken
-        taken.clear()
-        for stream in self.input_streams():
-            r = img.row(stream)
-            if r is None:
-                continue
-            img.values[r] = np.nan
-            img.stamps[r] = MISSING
-            for name, (value, stamp) in self.snapshot(stream).items():
-                j = img.index.get(name)
-                if j is not None:
-                    img.values[r, j] = value
-                    img.stamps[r, j] = stamp
-            taken.append((stream, r))
-        img.running = self._running()
-        return img
-
-
 @runtime_checkable
 class Supervised(Protocol):
     """A bridge whose I/O tasks run supervised: the controller asks each cycle which are down."""

@@ -65,7 +65,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
 
-from .bridge import (InputImage, Inputs, LoopThread, ModeHandler, Provider, SnapshotBridge, Wiring, number_key,
+from .bridge import (DecisionImage, InputImage, Inputs, LoopThread, ModeHandler, Provider, Wiring, number_key,
                      refuse_unknown_keys, register)
 from .messages import MAX_NAME_LEN
 from .metrics import CollapsingLog, Counters, LatencyRing
@@ -142,7 +142,7 @@ class Signal(NamedTuple):
 
 # ---------------------------------------------------------------------------- the bridge
 
-class OpcUaBridge(SnapshotBridge, LoopThread):
+class OpcUaBridge(LoopThread):
     """An OPC UA server for the streams listed in ``[opcua] streams`` (default ``["main"]``).
 
     A :class:`~plc_bridge.bridge.Bridge` (inputs of its streams come from client writes; it
@@ -176,7 +176,11 @@ class OpcUaBridge(SnapshotBridge, LoopThread):
         self.io = LatencyRing()     # an input write, from its screening to stored
         self.lock = threading.Lock()
         self._streams = frozenset(self.streams)
-        self._values: dict[str, dict[str, tuple[float, int]]] = {s: {} for s in self.streams}
+        # What clients wrote, per stream a row over the inputs (the server thread puts, the
+        # controller's read() takes: see InputImage).
+        self.image = InputImage([sig.name for sig in self.inputs], len(self.streams), self.lock)
+        for stream in self.streams:
+            self.image.row(stream)
         self._pending: dict[str, tuple[dict[str, float], str]] = {}
         self._last: dict[str, tuple[dict[str, float], str]] = {}     # written again after a restart
         self._heartbeat: int | None = None
@@ -302,14 +306,32 @@ class OpcUaBridge(SnapshotBridge, LoopThread):
         client shows as missing inputs)."""
         return self.streams
 
+    bound_streams = input_streams
+
     def snapshot(self, stream: str = "main") -> Inputs:
         """``{input name: (value, write time time.monotonic_ns())}`` of every input written so
         far (refused values included, see the module docstring); ``{}`` for other streams."""
-        values = self._values.get(stream)
-        if values is None:
+        row = self.image.rows.get(stream)
+        if row is None:
             return {}
         with self.lock:
-            return dict(values)
+            return self.image.received(row)
+
+    def read(self) -> InputImage:
+        """The cycle's one read (see :meth:`~plc_bridge.bridge.Bridge.read`): every stream's
+        inputs as clients wrote them, copied; whether the server's thread and tasks live."""
+        img = self.image
+        img.take()
+        img.running = self._alive and not self._down
+        return img
+
+    def write(self, decisions: DecisionImage) -> None:
+        """The cycle's one write (see :meth:`~plc_bridge.bridge.Bridge.write`): each served
+        stream's row handed to :meth:`publish`."""
+        d = decisions
+        for i in range(d.n):
+            if d.names[i] in self._streams:
+                self.publish(d.outputs(i), d.status[i], d.seq, d.latency_us, d.names[i])
 
     def publish(self, outputs: dict[str, float], status: str = "ok", seq: int = 0, latency_us: float = 0.0,
                 stream: str = "main") -> None:
@@ -537,7 +559,7 @@ class OpcUaBridge(SnapshotBridge, LoopThread):
         if math.isfinite(value) and sig.min <= value <= sig.max:
             return None
         with self.lock:                                   # the controller sees it and fails safe
-            self._values[stream][sig.name] = (value, time.monotonic_ns())
+            self.image.put(self.image.rows[stream], self.image.index[sig.name], value, time.monotonic_ns())
         return self._refuse("out_of_range", ua.StatusCodes.BadOutOfRange)
 
     def _switch_mode(self, stream: str, wv: ua.WriteValue) -> ua.StatusCode:
@@ -565,7 +587,7 @@ class OpcUaBridge(SnapshotBridge, LoopThread):
         stream, sig = self._input_nodes[wv.NodeId]
         now = time.monotonic_ns()
         with self.lock:
-            self._values[stream][sig.name] = (float(wv.Value.Value.Value), now)
+            self.image.put(self.image.rows[stream], self.image.index[sig.name], float(wv.Value.Value.Value), now)
             self._n["writes"] += 1
         self.io.add(time.monotonic_ns() - t0)
 
@@ -643,7 +665,6 @@ def _from_deploy(table: dict, wiring: Wiring) -> OpcUaBridge:
     bridge = OpcUaBridge.from_config(
         table, wiring.base_dir, [Signal(s.name, s.min, s.max, s.unit) for s in wiring.inputs],
         [Signal(s.name, s.min, s.max, s.unit) for s in wiring.outputs if not s.name.startswith("_")])
-    bridge.image = InputImage([s.name for s in wiring.inputs], len(bridge.streams))
     return bridge
 
 
