@@ -329,8 +329,11 @@ def test_a_recording_cut_by_sigkill_replays_up_to_its_last_complete_record(tmp_p
     last = recording_segments(cut)[-1]
     records = list(RecordingReader(last))
     data, ends = last.read_bytes(), [0]                    # where each complete frame ends
-    while ends[-1] + 8 <= len(data) and ends[-1] + 8 + int.from_bytes(data[ends[-1]:ends[-1] + 4], "little") <= len(data):
-        ends.append(ends[-1] + 8 + int.from_bytes(data[ends[-1]:ends[-1] + 4], "little"))
+    while ends[-1] + 8 <= len(data):
+        nxt = ends[-1] + 8 + int.from_bytes(data[ends[-1]:ends[-1] + 4], "little")
+        if nxt > len(data):
+            break
+        ends.append(nxt)
     assert len(ends) - 1 == len(records)
     last.write_bytes(data[:(ends[-2] + ends[-1]) // 2])
     cut_report = replay(cut, engine=Engine(model, capacity=4, window=8))

@@ -182,7 +182,8 @@ def _frame(payload: bytes) -> bytes:
 
 @pytest.mark.parametrize("records, reason", [
     (["slots", "short"], "bad packed cycle: 8 bytes, shorter than the 56-byte head"),
-    (["slots", "long"], "bad packed cycle: 105 bytes; the head and 1 rows of this layout (2 inputs, 1 outputs) take 104"),
+    (["slots", "long"], "bad packed cycle: 105 bytes; the head and 1 rows of this layout "
+                        "(2 inputs, 1 outputs) take 104"),
     (["packed"], "bad packed cycle: slot 0 names no stream (no slots record before it names one)"),
     (["slots", "layout9"], "bad packed cycle: layout 9 (this r1edge reads layout 1)"),
     (["format1", "slots", "packed"], "bad packed cycle: the header has no packed_cycles layout"),

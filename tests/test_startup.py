@@ -53,7 +53,8 @@ def _cli(*args: str, stdin: str = "") -> tuple[str, dict]:
     ["opcua-user", "--help"],
     ["opcua-cert", "{tmp}/pki"],
     ["modbus-cert", "{tmp}/mpki", "--server", "localhost", "--client", "scada=operator"],
-], ids=["help", "plan", "plan-devices", "plan-package", "keys", "opcua-user", "opcua-user-help", "opcua-cert", "modbus-cert"])
+], ids=["help", "plan", "plan-devices", "plan-package", "keys", "opcua-user", "opcua-user-help", "opcua-cert",
+        "modbus-cert"])
 def test_commands_that_need_no_model_do_not_import_torch(args, tmp_path):
     out, info = _cli(*(a.format(tmp=tmp_path) for a in args), stdin="a long enough password\n")
     assert info["rc"] == 0, out

@@ -5,7 +5,8 @@ one control cycle over a set of stream slots. No networking: inputs and outputs 
   ``spin_ns`` before the tick, then spins (always sleeping part of the period, as pure
   busy-waiting under SCHED_FIFO runs into RT throttling: the spin is cut so that recent cycles
   plus the spin stay under ``BUSY_MAX``, 80%, of the period). Missed ticks are skipped, never
-  burst. While it runs, the GIL's switch interval is 0.5 ms. Before its first tick it collects garbage once, freezes what survives
+  burst. While it runs, the GIL's switch interval is 0.5 ms. Before its first tick it collects
+  garbage once, freezes what survives
   (``gc.freeze()``) and disables the automatic collector, so no cycle ever waits for a full
   collection; young generations are collected between cycles when there is slack. Where
   permitted it applies SCHED_FIFO, CPU affinity and ``mlockall`` (``runtime.control.realtime``,

@@ -32,8 +32,8 @@ plant actually got), and ``bridge`` while a bridge feeding the stream has a dead
 
 With ``[recorder]`` every cycle is appended to a flight recording
 (``runtime.control.recorder``: packed by ``CyclePacker``; ``sdk.service.replay`` gives the
-header and the msgpack records, and replays a recording bit for bit). ``[shadow]``: a candidate package on the same frames, never
-applied (``sdk.service.shadow``). ``[model] parallel``: the routed experts split across
+header and the msgpack records, and replays a recording bit for bit). ``[shadow]``: a
+candidate package on the same frames, never applied (``sdk.service.shadow``). ``[model] parallel``: the routed experts split across
 processes (``sdk.service.engines.ParallelRanks``; a dead rank stops the run). ``[advisor]``: a
 language model proposing setpoints through the PLC's switch (``sdk.service.advisor``).
 ``[loop] warmup_cycles`` and ``[mode] input``: bumpless start and transfer
