@@ -29,6 +29,7 @@ Usage: ``.venv/bin/python benchmarks/bench_flood.py [--seconds 20] [--floods mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -135,38 +136,50 @@ def modbus_flooder_process(port: int, seconds: float, counts) -> None:
     sock.close()
 
 
-def _run_modbus(max_request_rate: float, seconds: float, warmup_s: float, flood: bool) -> dict:
+@contextlib.contextmanager
+def _running(config: Path):
+    """``(controller, processes)``: the controller built from ``config`` runs its loop in a
+    thread; on exit every process started into the list is killed, the loop stopped and the
+    controller closed."""
     from sdk.service.controller import Controller
 
+    ctrl = Controller.from_config(config)
+    runner = threading.Thread(target=ctrl.run, daemon=True)
+    runner.start()
+    procs: list = []
+    try:
+        yield ctrl, procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join(10)
+        ctrl.stop()
+        runner.join(30)
+        ctrl.close()
+
+
+def _start(procs: list, ctx, target, *args) -> None:
+    """Start ``target(*args)`` in a daemon process of ``ctx`` kept in ``procs``."""
+    procs.append(ctx.Process(target=target, args=args, daemon=True))
+    procs[-1].start()
+
+
+def _run_modbus(max_request_rate: float, seconds: float, warmup_s: float, flood: bool) -> dict:
     ctx = multiprocessing.get_context("spawn")
-    procs = []
     with tempfile.TemporaryDirectory() as tmp:
-        ctrl = Controller.from_config(demo_server_config(Path(tmp), max_request_rate))
-        runner = threading.Thread(target=ctrl.run, daemon=True)
-        runner.start()
-        try:
+        with _running(demo_server_config(Path(tmp), max_request_rate)) as (ctrl, procs):
             bridge = ctrl.bridge("modbus")
             _wait(lambda: bridge.health()["running"] and bridge.port, "the Modbus server")
-            procs.append(ctx.Process(target=plc_process, args=(bridge.port, 3600.0), daemon=True))
-            procs[-1].start()
+            _start(procs, ctx, plc_process, bridge.port, 3600.0)
             _wait(lambda: bridge.health()["heartbeat_ok"], "the PLC's heartbeat")
             counts = ctx.Array("q", 1)
             if flood:
-                procs.append(ctx.Process(target=modbus_flooder_process, args=(bridge.port, 3600.0, counts),
-                                         daemon=True))
-                procs[-1].start()
+                _start(procs, ctx, modbus_flooder_process, bridge.port, 3600.0, counts)
                 _wait(lambda: counts[0] > 0, "the flood's first answers")
             time.sleep(warmup_s)
             before, answered = ctrl.stats(), counts[0]
             time.sleep(seconds)
             after, answered = ctrl.stats(), counts[0] - answered
-        finally:
-            for proc in procs:
-                proc.kill()
-                proc.join(10)
-            ctrl.stop()
-            runner.join(30)
-            ctrl.close()
     out = loop_delta(before, after)
     out["flood_answers_per_s"] = round(answered / seconds)
     out["bridge_throttled"] = after["bridges"]["modbus"]["throttled"] - before["bridges"]["modbus"]["throttled"]
@@ -249,36 +262,21 @@ def demo_zmq_config(folder: Path, max_frames_per_s: int) -> Path:
 
 
 def _run_zmq(max_frames_per_s: int, seconds: float, warmup_s: float, flood: bool) -> dict:
-    from sdk.service.controller import Controller
-
     ctx = multiprocessing.get_context("spawn")
-    procs = []
     with tempfile.TemporaryDirectory() as tmp:
-        ctrl = Controller.from_config(demo_zmq_config(Path(tmp), max_frames_per_s))
-        runner = threading.Thread(target=ctrl.run, daemon=True)
-        runner.start()
-        try:
+        with _running(demo_zmq_config(Path(tmp), max_frames_per_s)) as (ctrl, procs):
             bridge = ctrl.bridge("zmq")
             _wait(lambda: len(bridge.endpoints) == 3, "the ZeroMQ bridge")
             endpoint = bridge.endpoints["sensors"]
-            procs.append(ctx.Process(target=zmq_feeder_process, args=(endpoint, PERIOD_S), daemon=True))
-            procs[-1].start()
+            _start(procs, ctx, zmq_feeder_process, endpoint, PERIOD_S)
             _wait(lambda: "main" in ctrl.slots and ctrl.status()["status"] == "ok", "the stream main")
             if flood:
-                procs.append(ctx.Process(target=zmq_flooder_process, args=(endpoint,), daemon=True))
-                procs[-1].start()
+                _start(procs, ctx, zmq_flooder_process, endpoint)
                 _wait(lambda: sum(bridge.health()["bad"].values()) > 0, "the flood's first frames")
             time.sleep(warmup_s)
             before, h0 = ctrl.stats(), bridge.health()
             time.sleep(seconds)
             after, h1 = ctrl.stats(), bridge.health()
-        finally:
-            for proc in procs:
-                proc.kill()
-                proc.join(10)
-            ctrl.stop()
-            runner.join(30)
-            ctrl.close()
     out = loop_delta(before, after)
     out["flood_answers_per_s"] = round((sum(h1["bad"].values()) - sum(h0["bad"].values())) / seconds)
     out["good_frames"] = h1["frames"] - h0["frames"]

@@ -24,7 +24,8 @@ import numpy as np
 from numba import njit
 
 from runtime.control.safety import (AUTO, FAILSAFE, HOLD, MANUAL, MISSING_STAMP, OK, REASON_BRIDGE, REASON_BUSY,
-                                    REASON_ERROR, REASON_HEARTBEAT, REASON_INPUT, REASON_NONE, REASON_OUTPUT, WARMUP)
+                                    REASON_ERROR, REASON_HEARTBEAT, REASON_INPUT, REASON_KEEPS_OUTPUTS, REASON_NONE,
+                                    REASON_OUTPUT, WARMUP)
 
 # Invalid-input codes (runtime.control.safety.INVALID_NAMES).
 _NAN, _INF, _RANGE, _STALE, _MISSING = 1, 2, 3, 4, 5
@@ -303,8 +304,7 @@ def pack_cycle(b8, b16, b32, i64, f64, meta, layout, active, status, reason, mod
         i64[(at + layout[2]) // 8] = filled[i]
         for j in range(n_in):
             f64[(at + layout[3]) // 8 + j] = values[i, j]
-        given = ran[i] and (reason[i] == REASON_NONE or reason[i] == REASON_OUTPUT
-                            or reason[i] == REASON_HEARTBEAT or reason[i] == REASON_BRIDGE)
+        given = ran[i] and REASON_KEEPS_OUTPUTS[reason[i]]
         for o in range(n_out):
             f64[(at + layout[4]) // 8 + o] = raw[i, o] if given else np.nan
             f64[(at + layout[5]) // 8 + o] = out[i, o]

@@ -49,6 +49,10 @@ MODE_NAMES = ("manual", "auto", "warmup")
 (REASON_NONE, REASON_INPUT, REASON_TIMEOUT, REASON_ERROR, REASON_BUSY, REASON_OUTPUT,
  REASON_HEARTBEAT, REASON_BRIDGE) = range(8)
 REASON_NAMES = ("", "invalid_input", "timeout", "error", "busy", "bad_output", "heartbeat", "bridge")
+#: Per reason: whether a frame that ran under it has model outputs worth recording (the model
+#: answered; its outputs were then refused or overridden, or not at all).
+REASON_KEEPS_OUTPUTS = np.array([r in (REASON_NONE, REASON_OUTPUT, REASON_HEARTBEAT, REASON_BRIDGE)
+                                 for r in range(len(REASON_NAMES))])
 
 # Why an input value is invalid (codes in ``InputGuard.codes``; 0 = valid).
 INVALID_NAMES = ("", "nan", "inf", "range", "stale", "missing")

@@ -576,7 +576,7 @@ class Controller:
     def _fill_frames(self, frames: Mapping[str, Mapping[str, Any]], now: int, strict: bool) -> None:
         """Each stream's inputs (see :meth:`_fill`); the streams that give every input as a plain
         number (the usual case) go into the cycle's arrays in one block when there are several."""
-        cycle, names, plain, rows = self.cycle, self.input_names, self._plain, []
+        cycle, names, plain, given = self.cycle, self.input_names, self._plain, []
         plain.clear()
         for stream, values in frames.items():
             slot = self.slots.get(stream)
@@ -585,20 +585,20 @@ class Controller:
                     raise ValueError(f"stream {stream!r}: {self.streams.why_not(stream)} (raise [model] streams)")
                 continue
             if values.keys() == self._in_keys:
-                rows.append([values[n] for n in names])
+                given.append(values)
                 plain.append(slot)
             else:
                 self._fill(slot, values, now)
         if len(plain) < 2:                                # one row: _fill's own fast path is quicker
-            for slot in plain:
-                self._fill(slot, frames[self._slot_names[slot]], now)
+            for slot, values in zip(plain, given):
+                self._fill(slot, values, now)
             return
         block = self._block[:len(plain)]
         try:
-            block[:] = rows
+            block[:] = [[values[n] for n in names] for values in given]
         except (TypeError, ValueError):                   # a (value, t_ns) pair, None or a non-number
-            for slot in plain:
-                self._fill(slot, frames[self._slot_names[slot]], now)
+            for slot, values in zip(plain, given):
+                self._fill(slot, values, now)
             return
         cycle.values[plain] = block
         cycle.stamps[plain] = now

@@ -10,8 +10,8 @@ import numpy as np
 
 from runtime.control.loop import fill_gaps
 from runtime.control.recorder import RecordingReader
-from runtime.control.safety import (MODE_NAMES, REASON_BRIDGE, REASON_ERROR, REASON_HEARTBEAT, REASON_INPUT,
-                                    REASON_NAMES, REASON_NONE, REASON_OUTPUT, STATUS_NAMES, OutputLimit, OutputLimiter)
+from runtime.control.safety import (MODE_NAMES, REASON_ERROR, REASON_INPUT, REASON_KEEPS_OUTPUTS, REASON_NAMES,
+                                    STATUS_NAMES, OutputLimit, OutputLimiter)
 from sdk.service.engines import build_engine
 from sdk.tools.package import package_identity
 
@@ -41,8 +41,7 @@ def cycle_record(ctrl, seq: int, t_ns: int, timing: tuple[int, int, int, int]) -
         ran = bool(c.ran[slot])
         entry = {"s": names[slot], "slot": slot, "x": c.values[slot].tolist(),
                  "st": STATUS_NAMES[int(c.status[slot])], "why": REASON_NAMES[reason], "ran": ran,
-                 "y": c.raw[slot].tolist() if ran and reason in (REASON_NONE, REASON_OUTPUT, REASON_HEARTBEAT,
-                                                                REASON_BRIDGE) else None,
+                 "y": c.raw[slot].tolist() if ran and REASON_KEEPS_OUTPUTS[reason] else None,
                  "out": c.out[slot].tolist(), "mode": MODE_NAMES[int(c.mode[slot])]}
         if c.started[slot]:
             entry["pre"] = True                       # history reset and filled from this frame
