@@ -68,6 +68,21 @@ def refuse_unknown_keys(table: dict, allowed, where: str) -> None:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
+def new_file_paths(out_dir: Path, name: str, suffixes: Sequence[str], what: str,
+                   reserved: Sequence[str] = ()) -> list[Path]:
+    """``out_dir / (name + suffix)`` for files about to be written (keys, certificates):
+    ``ValueError`` naming ``what`` when ``name`` is not a plain file name (or is ``reserved``),
+    ``FileExistsError`` when one of them exists: a key or certificate is never overwritten."""
+    if not name or "/" in name or name.startswith(".") or name in reserved:
+        other = f" other than {', '.join(map(repr, reserved))}" if reserved else ""
+        raise ValueError(f"{what} name {name!r} must be a plain file name{other}")
+    paths = [Path(out_dir) / f"{name}{suffix}" for suffix in suffixes]
+    for path in paths:
+        if path.exists():
+            raise FileExistsError(f"{path} exists; not overwriting")
+    return paths
+
+
 def number_key(table: dict, key: str, default, lo, hi, where: str, *, integer: bool = False,
                unit: str = "") -> int | float:
     """``table[key]`` (``default`` when absent) if it is an integer (``integer``) or a number of

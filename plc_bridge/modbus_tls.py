@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .bridge import refuse_unknown_keys
+from .bridge import new_file_paths, refuse_unknown_keys
 
 ROLE_OID = "1.3.6.1.4.1.50316.802.1"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -138,10 +138,7 @@ def make_certificates(out_dir: str | os.PathLike, *, server_hosts: Sequence[str]
     written: list[Path] = []
     names = [n for n, _ in clients] + (["server"] if server_hosts else [])
     for name in names:
-        if not name or "/" in name or name.startswith(".") or name == "ca":
-            raise ValueError(f"certificate name {name!r} must be a plain file name other than 'ca'")
-        if (out / f"{name}.pem").exists():
-            raise FileExistsError(f"{out / f'{name}.pem'} exists; not overwriting")
+        new_file_paths(out, name, (".pem",), "certificate", reserved=("ca",))
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def save_key(path: Path, key) -> None:

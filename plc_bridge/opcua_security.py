@@ -52,6 +52,7 @@ from asyncua.ua.ua_binary import uatcp_to_binary
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from .bridge import new_file_paths
 from .metrics import CollapsingLog, Counters
 
 try:
@@ -254,12 +255,7 @@ def make_certificate(out_dir: str | os.PathLike, name: str = "server", *, uri: s
     IP addresses. A server certificate is for server and client authentication,
     ``client=True`` for client authentication only."""
     out = Path(out_dir)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"certificate name {name!r} must be a plain file name")
-    cert_file, key_file = out / f"{name}.der", out / f"{name}.pem"
-    for path in (cert_file, key_file):
-        if path.exists():
-            raise FileExistsError(f"{path} exists; not overwriting")
+    cert_file, key_file = new_file_paths(out, name, (".der", ".pem"), "certificate")
     uri = uri or f"urn:r1edge:{name}"
     alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
     for host in hosts:

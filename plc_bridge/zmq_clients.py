@@ -14,6 +14,7 @@ import zmq
 import zmq.auth
 
 from . import messages
+from .bridge import new_file_paths
 from .messages import MessageError
 from .metrics import Counters
 
@@ -47,12 +48,7 @@ def make_keys(out_dir: str | os.PathLike, name: str = "server") -> tuple[Path, P
     Returns (public file, secret file).
     """
     out = Path(out_dir)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"key name {name!r} must be a plain file name")
-    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
-    for path in (public, secret):
-        if path.exists():
-            raise FileExistsError(f"{path} exists; not overwriting a key")
+    new_file_paths(out, name, (".key", ".key_secret"), "key")
     out.mkdir(parents=True, exist_ok=True)
     pub_file, sec_file = zmq.auth.create_certificates(out, name)
     os.chmod(sec_file, 0o600)
