@@ -269,6 +269,19 @@ def attach_adapter(model: Transformer, inputs: Sequence[str], outputs: Sequence[
     return model.adapter
 
 
+def training_step(loss: torch.Tensor, opt, sched, balancer: "BiasBalancer", params, grad_clip: float) -> float:
+    """One optimiser step from ``loss``: its gradients (their norm clipped to ``grad_clip`` when
+    set), the optimiser, its schedule and the router biases' balancing, in that order; the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    balancer.step()
+    return float(loss.detach())
+
+
 class BiasBalancer:
     """DeepSeek-V3 auxiliary-loss-free load balancing of a model's ``noaux_tc`` routers.
 
@@ -459,14 +472,7 @@ def fit_model(model: Transformer, frames: np.ndarray, targets: np.ndarray, *, tr
             pred = model.forward_sensor(x, window=window)
             err = ((pred - y) / adapter.out_std).pow(2).mean(-1)
             loss = (err * mask).sum() / mask.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            sched.step()
-            balancer.step()
-            losses.append(float(loss.detach()))
+            losses.append(training_step(loss, opt, sched, balancer, params, grad_clip))
             done = step + 1
             if progress:
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)

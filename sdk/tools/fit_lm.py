@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.model.transformer import Transformer
-from sdk.tools.fit import BiasBalancer
+from sdk.tools.fit import BiasBalancer, training_step
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +123,7 @@ def fit_lm(model: Transformer, train: Mapping[str, Any], held_out: Mapping[str, 
     try:
         for step in range(start, end):
             rows = torch.cat([train[n][torch.from_numpy(rng.integers(0, len(train[n]), per))] for n in names])
-            loss = lm_loss(model, rows)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            sched.step()
-            balancer.step()
-            losses.append(float(loss.detach()))
+            losses.append(training_step(lm_loss(model, rows), opt, sched, balancer, params, grad_clip))
             done = step + 1
             if progress and done % 10 == 0:
                 log.info("step %d/%d loss %.4f (%.2f s/step)", done, steps, float(np.mean(losses[-10:])),
