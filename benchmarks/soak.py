@@ -336,8 +336,8 @@ class FaultProxy:
 
 
 def proxy_main(listen_port: int, plc_port: int, seed: int) -> int:
-    """``--role proxy``: serve, taking "mode NAME" and "stats" lines on stdin (stats: one
-    JSON line on stdout)."""
+    """``--role proxy``: serve, taking "mode NAME" and "stats" lines on stdin. Each is
+    answered with one JSON line on stdout once in force: the mode set, or the counts."""
     proxy = FaultProxy(listen_port, plc_port, seed)
 
     def commands() -> None:
@@ -345,6 +345,7 @@ def proxy_main(listen_port: int, plc_port: int, seed: int) -> int:
             word = line.split()
             if word[:1] == ["mode"] and len(word) == 2:
                 proxy.mode = word[1]
+                print(json.dumps({"mode": proxy.mode}), flush=True)
             elif word[:1] == ["stats"]:
                 print(json.dumps(proxy.counts), flush=True)
         os._exit(0)                                           # stdin closed: the soak is gone
@@ -407,13 +408,12 @@ class Child:
             return self.proc.stdout.readline() if sel.select(timeout_s) else ""
 
     def ask(self, line: str, timeout_s: float = 5.0) -> dict:
-        """Send a command; with "stats", the JSON answer ({} if none came)."""
+        """Send a command and wait for its JSON answer ({} if none came): a proxy answers a
+        "mode" line once the mode is in force, and "stats" with its counts."""
         try:
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):
-            return {}
-        if line != "stats":
             return {}
         try:
             return json.loads(self.readline(timeout_s) or "{}")
