@@ -19,7 +19,9 @@ Each loop part's JSON has ``rate_hz``, ``cycles``, ``deadline_misses``, ``skippe
 ``failsafe_cycles``, ``latency_us``, ``phases_us`` (read/infer/write/record, p50/p99 among
 others), ``engine_step_us`` (the same package's engine step for the part's batch, called
 directly in the same process right after the loop ran: the model's own cost beside the
-loop's) and the load average at its start and end.
+loop's), the load average at its start and end, and ``steal_ms``: CPU time a hypervisor took
+from this guest during the run (``/proc/stat``), on all CPUs and on the loop's, since on a
+virtual machine its stalls show as deadline misses that no code here can remove.
 
 Inputs come from a Python source (deterministic sine waves inside each input's range); no
 bridges, so the figures are the controller's own. ``--reference-cycle`` runs the cycle's
@@ -192,11 +194,27 @@ def engine_step_us(package: Path, io: dict, streams: int, steps: int = 3000) -> 
     return hist.summary()
 
 
+def steal_ticks() -> dict[str, int]:
+    """Each CPU's steal time so far (``/proc/stat``, in clock ticks): time a hypervisor ran
+    something else while this guest had work on that CPU. Empty where there is no such file."""
+    try:
+        with open("/proc/stat") as f:
+            return {w[0]: int(w[8]) for w in (line.split() for line in f) if w[0].startswith("cpu") and len(w) > 8}
+    except OSError:
+        return {}
+
+
 def loop_part(package: Path, io: dict, *, rate_hz: float, streams: int, seconds: float, **common) -> dict:
-    """One loop part as the JSON reports it: the loop's figures, then the engine step alone."""
-    load0 = os.getloadavg()
+    """One loop part as the JSON reports it: the loop's figures, then the engine step alone.
+    ``steal_ms``: CPU time the hypervisor took during the loop run, all CPUs and the loop's."""
+    load0, steal0 = os.getloadavg(), steal_ticks()
     r = bench_loop(package, io, period_ms=1000.0 / rate_hz, streams=streams, seconds=seconds, sample_rss=True,
                    **common)
+    steal1, ms = steal_ticks(), 1000 / os.sysconf("SC_CLK_TCK")
+    cpu = default_cpu()
+    loop_cpu = f"cpu{cpu}" if cpu is not None else "-"
+    r["steal_ms"] = {"all": (steal1.get("cpu", 0) - steal0.get("cpu", 0)) * ms,
+                     "loop_cpu": (steal1.get(loop_cpu, 0) - steal0.get(loop_cpu, 0)) * ms}
     r["rate_hz"] = rate_hz
     r["engine_step_us"] = engine_step_us(package, io, streams)
     r["load_avg"] = {"start": load0, "end": os.getloadavg()}
@@ -220,6 +238,10 @@ def print_loop(title: str, r: dict) -> None:
         e, lat = r["engine_step_us"], r["latency_us"]
         print("engine     " + _row(e) + f"   (latency / engine step: p50 {lat['p50'] / e['p50']:.1f}x, "
               f"p99 {lat['p99'] / e['p99']:.1f}x)")
+    if "steal_ms" in r:
+        st = r["steal_ms"]
+        print(f"steal      {st['all']:.0f} ms over all CPUs, {st['loop_cpu']:.0f} ms on the loop's "
+              "(time the hypervisor ran something else)")
     print("real-time  " + ", ".join(f"{k}={'yes' if v.get('applied') else 'no'}"
                                     for k, v in r["rt_applied"].items() if "applied" in v))
     if "rss" in r:

@@ -440,6 +440,8 @@ class ModbusBridge(LoopThread):
             handlers = [conn.task for conn in self._conns.values()]
             for writer in list(self._conns):
                 writer.transport.abort()
+            if handlers:            # they end on the lost connection (Python 3.11 logs a cancelled one)
+                await asyncio.wait(handlers, timeout=1.0)
             for task in handlers:
                 task.cancel()
             await asyncio.gather(*handlers, return_exceptions=True)

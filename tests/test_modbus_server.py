@@ -380,3 +380,19 @@ def test_every_served_function_with_pymodbus_as_the_independent_client():
             assert c.write_register(10, 1, device_id=1).isError()                              # an output
         finally:
             c.close()
+
+
+def test_stop_with_a_client_connected_ends_its_handler_quietly(caplog):
+    """Stopping ends a connected client's handler through the lost connection, not a
+    cancellation, which Python 3.11's asyncio streams log as an error with a traceback."""
+    b = make_bridge().start()
+    client = ModbusTcpClient("127.0.0.1", port=b.port, timeout=2.0, retries=0)
+    try:
+        assert client.connect()
+        assert not client.read_holding_registers(10, count=2, device_id=1).isError()
+        with caplog.at_level("ERROR", logger="asyncio"):
+            b.stop()
+        assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    finally:
+        client.close()
+        b.stop()
