@@ -156,6 +156,34 @@ def test_a_stream_is_identical_alone_and_among_63_others(tmp_path, model, contro
     assert crowd.stats()["watchdog"]["timeouts"] == 0
 
 
+def test_batched_frames_read_as_each_stream_alone_whatever_they_hold(tmp_path, model, controllers):
+    """``step_many`` reads plain frames of several streams in one block and falls back to one
+    stream at a time when any frame holds something else: either way each stream's inputs,
+    statuses and outputs are bitwise those of the same frame given alone."""
+    path = write_deploy(tmp_path, streams=4)
+    batched = controllers(path, Engine(model, capacity=4, window=8))
+    alone = controllers(path, Engine(model, capacity=4, window=8))
+    rng = np.random.default_rng(5)
+    names = ["s0", "s1", "s2", "s3"]
+    odd = [None, lambda f: {**f, "level": (f["level"], time.monotonic_ns())},
+           lambda f: {"levle": f["level"], "temp": f["temp"], "flow": f["flow"]},
+           lambda f: {**f, "flow": None}, lambda f: {**f, "temp": 10 ** 400}, lambda f: {**f, "level": "abc"},
+           lambda f: {**f, "flow": True}, lambda f: {**f, "temp": "55.5"}, lambda f: {"level": f["level"]}]
+    for t in range(3 * len(odd)):
+        frames = frames_for(rng, names, bad_fraction=0.1)
+        if odd[t % len(odd)] is not None:
+            frames["s2"] = odd[t % len(odd)](frames["s2"])
+        got = batched.step_many(frames)
+        for s in names:
+            want = alone.step_many({s: frames[s]})[s]
+            mine, theirs = batched.status(s), alone.status(s)
+            assert {**mine, "heartbeat": 0} == {**theirs, "heartbeat": 0}, (t, s)
+            assert np.array(list(got[s].values())).tobytes() == np.array(list(want.values())).tobytes(), (t, s)
+            a, b = alone.slots[s], batched.slots[s]
+            assert np.array_equal(alone.cycle.values[a], batched.cycle.values[b], equal_nan=True), (t, s)
+    assert batched.stats()["unknown_inputs"] == alone.stats()["unknown_inputs"] > 0
+
+
 def test_steady_state_cycle_allocates_no_tensors(tmp_path, model, controllers):
     """Over 150 cycles of the periodic loop with 8 streams: no torch function runs in either
     thread (so no tensor is made), no numpy buffer is left allocated, and every Numba

@@ -45,6 +45,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -145,6 +147,8 @@ class Controller:
         self.active: list[int] = []                      # slots active this cycle, in input order
         self._plain: list[int] = []                      # slots whose frame gave every input as a number
         self._block = np.zeros((capacity, len(self.input_names)))
+        self._row_of = itemgetter(*self.input_names) if len(self.input_names) > 1 else (
+            lambda values, name=self.input_names[0]: (values[name],))
         self.hist = {k: LatencyHistogram() for k in ("read", "infer", "write", "record", "latency")}
         self.counters = {"cycles": 0, "deadline_misses": 0, "failsafe_cycles": 0, "held_cycles": 0,
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "tracking_cycles": 0,
@@ -576,7 +580,7 @@ class Controller:
     def _fill_frames(self, frames: Mapping[str, Mapping[str, Any]], now: int, strict: bool) -> None:
         """Each stream's inputs (see :meth:`_fill`); the streams that give every input as a plain
         number (the usual case) go into the cycle's arrays in one block when there are several."""
-        cycle, names, plain, given = self.cycle, self.input_names, self._plain, []
+        cycle, n_in, plain, given = self.cycle, len(self.input_names), self._plain, []
         plain.clear()
         for stream, values in frames.items():
             slot = self.slots.get(stream)
@@ -584,7 +588,7 @@ class Controller:
                 if strict:
                     raise ValueError(f"stream {stream!r}: {self.streams.why_not(stream)} (raise [model] streams)")
                 continue
-            if values.keys() == self._in_keys:
+            if len(values) == n_in:                       # every input, unless a name is wrong
                 given.append(values)
                 plain.append(slot)
             else:
@@ -595,8 +599,12 @@ class Controller:
             return
         block = self._block[:len(plain)]
         try:
-            block[:] = [[values[n] for n in names] for values in given]
-        except (TypeError, ValueError):                   # a (value, t_ns) pair, None or a non-number
+            block.reshape(-1)[:] = np.fromiter(chain.from_iterable(map(self._row_of, given)), np.float64,
+                                               count=block.size)
+            plain_numbers = not np.isnan(block).any()     # NumPy reads None as NaN: it is missing
+        except (KeyError, TypeError, ValueError, OverflowError):   # a wrong name, a (value, t_ns) pair...
+            plain_numbers = False
+        if not plain_numbers:
             for slot, values in zip(plain, given):
                 self._fill(slot, values, now)
             return
@@ -617,7 +625,7 @@ class Controller:
             if None not in given:
                 try:
                     row[:] = given
-                except (TypeError, ValueError):           # a (value, t_ns) pair or a non-number
+                except (TypeError, ValueError, OverflowError):   # a (value, t_ns) pair or a non-number
                     pass
                 else:
                     stamps.fill(now)
