@@ -187,6 +187,9 @@ def test_demo_finds_its_example_and_cli_reports_a_bad_duration(capsys):
     assert find_example() == EXAMPLE
     assert cli.main(["demo", "--duration", "1", "--json"]) == 2
     assert "duration must be at least 2 s" in capsys.readouterr().err
+    # seed 0's first setpoint step comes at 5.5 s: a 5 s run has nothing to score
+    assert cli.main(["demo", "--duration", "5", "--json"]) == 2
+    assert "too short to score plant seed 0: its first setpoint step comes at 5.5 s" in capsys.readouterr().err
 
 
 def test_demo_says_what_is_missing(tmp_path):

@@ -179,6 +179,18 @@ def test_fit_refuses_a_quantized_package(tiny_checkpoint, fitted, tmp_path):
             progress=False)
 
 
+def test_fit_refuses_a_taken_out_before_it_trains(tiny_checkpoint, fitted, monkeypatch):
+    import sdk.tools.fit as fit_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("fit trained before refusing a taken --out")
+    monkeypatch.setattr(fit_module, "fit_model", no_training)
+    frames, targets = make_data(n=4, t=10)
+    with pytest.raises(FileExistsError, match="already exists .choose another --out, or pass --overwrite"):
+        fit(tiny_checkpoint[0], frames, targets, inputs=INPUTS, outputs=OUTPUTS, out=fitted[0], steps=1,
+            progress=False)
+
+
 def test_cli_fit_writes_a_package_from_an_npz(tiny_checkpoint, tmp_path, capsys):
     frames, targets = make_data(n=6, t=24)
     data = tmp_path / "data.npz"

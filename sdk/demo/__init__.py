@@ -40,6 +40,7 @@ so an installed wheel runs the demo with no source tree. In a clone,
 from __future__ import annotations
 
 import logging
+import math
 import selectors
 import signal
 import socket
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent     # plant.py, expert.py, deploy.toml, model/
 PLANT = EXAMPLE / "plant.py"
 TRACK_FROM_S = 0.0          # scored from the plant's start: the start-up counts
+SETTLE_S = 2.0              # a run must go on this long after the first setpoint step to be scored
 MAX_RATIO = 1.2             # policy / expert tracking error, scored from t = 0
 MAX_VS_NO_CONTROL = 0.5     # policy / no-control tracking error
 # At most 1% of cycles may fail safe or miss their deadline. A fail-safe cycle closes the
@@ -382,6 +384,11 @@ def run_demo(duration_s: float = 20.0, out: str | Path = "r1edge-demo", seed: in
 
     if not duration_s >= 2.0:
         raise ValueError(f"duration must be at least 2 s (the start-up alone takes about 1 s), got {duration_s}")
+    first_step = P.Scenario(seed).first_setpoint_step_s
+    if duration_s < first_step + SETTLE_S:
+        raise ValueError(f"duration {duration_s:g} s is too short to score plant seed {seed}: its first setpoint "
+                         f"step comes at {first_step:.1f} s, and the score compares how the controllers follow "
+                         f"it (at least {math.ceil(first_step + SETTLE_S)} s)")
     example = find_example()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

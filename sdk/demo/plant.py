@@ -166,6 +166,8 @@ class Scenario:
         leak_rng = np.random.default_rng(leak_seq)
         self._leak = _EventStream(leak_rng, (float(leak_rng.uniform(4.0, 10.0)), 0.0),
                                   leak_draw)
+        #: When the first setpoint step (level or temperature) comes, s.
+        self.first_setpoint_step_s = min(self._level_sp._next, self._temp_sp._next)
         self._noise_chunk = -1
         self._noise = np.zeros((self.NOISE_CHUNK, 3))
 

@@ -359,15 +359,22 @@ def verdict(ctrl) -> dict:
     if not c["valid_input_cycles"]:
         never = ctrl.cycle.guard.never_valid()
         return {"ok": False, "why": f"no valid input ever arrived in {cycles} cycles (never valid: "
-                                    f"{', '.join(never)}; invalid values by reason {invalid})"
+                                    f"{', '.join(never)}; invalid values by reason: {counts_text(invalid)})"
                                     + (f"; {links}" if links else "")}
     frac = fs / cycles
     reasons = {k: v for k, v in ctrl.failsafe_by_reason.items() if v}
     if frac > limit:
         return {"ok": False, "why": f"fail-safe in {fs} of {cycles} cycles ({frac:.1%}), above [loop] "
-                                    f"max_failsafe_fraction = {limit:g} (stream-cycles by reason {reasons}; "
-                                    f"invalid values by reason {invalid})" + (f"; {links}" if links else "")}
-    return {"ok": True, "why": f"{cycles} cycles, fail-safe in {fs} ({frac:.1%}, limit {limit:g})"}
+                                    f"max_failsafe_fraction = {limit:g} ({limit:.1%}; stream-cycles by reason: "
+                                    f"{counts_text(reasons)}; invalid values by reason: {counts_text(invalid)})"
+                                    + (f"; {links}" if links else "")}
+    return {"ok": True, "why": f"{cycles} cycles, fail-safe in {fs} ({frac:.1%}; the limit, [loop] "
+                               f"max_failsafe_fraction, is {limit:.1%})"}
+
+
+def counts_text(counts: dict) -> str:
+    """``{"timeout": 2, "busy": 1}`` as ``timeout 2, busy 1`` ("none" when empty)."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
 
 def render_stats(stats: dict) -> None:
@@ -381,11 +388,11 @@ def render_stats(stats: dict) -> None:
     for phase, h in stats["phases_us"].items():
         print(f"{phase + ' us':<16}" + _row(h))
     bad = {k: v for k, v in stats["invalid_inputs"].items() if v}
-    print(f"invalid inputs  {bad or 'none'}" + (f"  never valid: {', '.join(stats['never_valid_inputs'])}"
-                                                if stats["never_valid_inputs"] else ""))
+    print(f"invalid inputs  {counts_text(bad)}" + (" (input values, by reason)" if bad else "")
+          + (f"  never valid: {', '.join(stats['never_valid_inputs'])}" if stats["never_valid_inputs"] else ""))
     reasons = {k: v for k, v in stats["failsafe_cycles_by_reason"].items() if v}
     if reasons:
-        print(f"fail-safe by    {reasons} (stream-cycles)")
+        print(f"fail-safe by    {counts_text(reasons)} (stream-cycles, by reason)")
     wd = stats["watchdog"]
     print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
           f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))

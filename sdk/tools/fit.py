@@ -649,10 +649,12 @@ def fit(source: str | Path | None, frames: np.ndarray, targets: np.ndarray, *, i
     ``fit``), with ``package`` set to ``out``; a fit stopped by SIGINT has ``stopped_at``.
     """
     from sdk.tools.loading import load_model
-    from sdk.tools.package import is_package, read_manifest
+    from sdk.tools.package import check_out_dir, is_package, read_manifest
 
     if (source is None) == (init is None):
         raise ValueError("give a source checkpoint or package, or --init (a preset or a config.json), not both")
+    if not resume:
+        check_out_dir(out, overwrite)
     frames, targets = check_data(frames, targets, n_inputs=len(inputs), n_outputs=len(outputs))
     train_rows, _ = split_rows(frames.shape[0], held_out)
     old_threads = torch.get_num_threads()

@@ -154,6 +154,18 @@ class TensorFileWriter:
         return {"sha256": sha256_file(self.path), "bytes": self.bytes}
 
 
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` unless a package may be written to ``out_dir``: it is absent
+    or empty, or (with ``overwrite``) an r1edge package. Tools that work long before they
+    write call it first, so that a taken ``--out`` is refused before the work."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir}: already exists (choose another --out, or pass --overwrite)")
+        if not is_package(out_dir):
+            raise FileExistsError(f"{out_dir}: exists and is not an r1edge package; refusing to replace it")
+
+
 class PackageWriter:
     """Writes a package shard by shard, hashing each file, and commits it atomically.
 
@@ -168,12 +180,7 @@ class PackageWriter:
 
     def __init__(self, out_dir: str | Path, *, overwrite: bool = False, work_dir: str | Path | None = None):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
-            if not overwrite:
-                raise FileExistsError(f"{self.out_dir}: already exists (choose another --out, or overwrite)")
-            if not is_package(self.out_dir):
-                raise FileExistsError(f"{self.out_dir}: exists and is not an r1edge package; "
-                                      "refusing to replace it")
+        check_out_dir(self.out_dir, overwrite)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         if work_dir is None:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
@@ -267,7 +274,8 @@ class PackageWriter:
                 raise FileExistsError(f"{self.out_dir}: appeared while the package was being written")
             shutil.rmtree(self.out_dir)
         os.replace(self.tmp, self.out_dir)
-        log.info("wrote package %s (%d files, %.1f MB)", self.out_dir, len(self.files), self.bytes_written / 1e6)
+        log.info("wrote package %s (%d weight files and the manifest, %.1f MB)", self.out_dir, len(self.files),
+                 self.bytes_written / 1e6)
         return manifest
 
 
