@@ -1,6 +1,8 @@
 """Flight recorder: framing, bit-exact floats, rotation, and reading after a crash."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import struct
@@ -155,6 +157,74 @@ def test_sigkill_leaves_every_complete_record_readable(tmp_path):
     size = (tmp_path / "kill-0000.r1rec").stat().st_size
     assert reader.stop.reason in ("end", "truncated")
     assert (reader.stop.reason == "end") == (reader.stop.offset == size)
+
+
+FULL = r"""
+import json, resource, signal, sys
+from runtime.control.recorder import FlightRecorder
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit fails with EFBIG instead
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+fr = FlightRecorder(sys.argv[1], {"writer": "full"}, run_name="full", max_bytes=1 << 20)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))     # the disk fills at 4000 bytes
+failed = []
+for i in range(70):
+    if i == 50:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))   # room again
+    try:
+        fr.append({"type": "cycle", "seq": i, "x": [float(i)] * 12})
+    except OSError as exc:
+        failed.append([i, exc.errno])
+fr.close()
+print(json.dumps(failed))
+"""
+
+
+def test_a_full_disk_loses_the_records_it_refused_and_no_others(tmp_path):
+    """The kernel refuses a write part-way (here a file size limit; a full disk does the same):
+    the record is cut back out of the segment, so the records after the disk has room again
+    still read (a torn record would stop every reader there)."""
+    out = subprocess.run([sys.executable, "-c", FULL, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    failed = json.loads(out.stdout)
+    first = failed[0][0]
+    assert 10 < first < 50 and failed == [[i, errno.EFBIG] for i in range(first, 50)]
+    records, reader = records_of(tmp_path)
+    assert [r["seq"] for r in records[1:]] == list(range(first)) + list(range(50, 70))
+    assert reader.stop.reason == "end"
+
+
+def test_a_segment_whose_header_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """A full disk at rotation: the new segment's header fails, the record is refused, no
+    headerless segment stays, and the next record opens that segment again."""
+    import runtime.control.recorder as recorder_module
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    with FlightRecorder(tmp_path, {}, run_name="rot", max_bytes=4096) as fr:
+        for i in range(200):
+            full = fr._in_segment and fr._size + 60 > fr.max_bytes and i < 100
+            if full:                                       # the next record rotates: the disk is full
+                monkeypatch.setattr(recorder_module, "open", lambda *a, **k: FullDisk(open(*a, **k)),
+                                    raising=False)
+                with pytest.raises(OSError, match="No space"):
+                    fr.append({"type": "cycle", "seq": i, "x": [0.5] * 4})
+                monkeypatch.delattr(recorder_module, "open")
+                assert not fr.segment_path(fr.segment + 1).exists()
+                continue
+            fr.append({"type": "cycle", "seq": i, "x": [0.5] * 4})
+    records, reader = records_of(tmp_path)
+    seqs = [r["seq"] for r in records if r.get("type") == "cycle"]
+    assert reader.stop.reason == "end" and len(recording_segments(tmp_path)) > 2
+    assert len(seqs) < 200 and seqs == sorted(seqs) and seqs[-1] == 199
 
 
 def test_a_recording_in_a_newer_format_is_refused_naming_the_formats_read(tmp_path):

@@ -42,7 +42,10 @@ naming the formats it reads.
 
 Each record goes out in one ``write(2)`` (the file is unbuffered; no fsync per record; fsync on
 rotation and close), so a killed process leaves every complete record readable; the reader
-stops at the first incomplete or corrupt record and says where and why. Rotation starts a new
+stops at the first incomplete or corrupt record and says where and why. A record the kernel
+refuses part-way (a full disk) is cut back out of the segment and its ``append`` raises
+``OSError``, so the records written once there is room again still read; a new segment whose
+header cannot be written is removed and tried again with the next record. Rotation starts a new
 segment when the current one would exceed ``max_bytes``; the oldest segments in the directory
 beyond ``keep`` are deleted.
 """
@@ -211,6 +214,7 @@ class FlightRecorder:
         self._file = None
         self._size = 0
         self._in_segment = 0
+        self._torn = False
         self._open_segment(0)
 
     def _new_run_name(self) -> str:
@@ -236,8 +240,9 @@ class FlightRecorder:
         return self.append_framed(encode_record(record))
 
     def append_framed(self, data: bytes | memoryview) -> int:
-        """Append one record already framed (a :meth:`CyclePacker.frame`); returns its size."""
-        if self._in_segment and self._size + len(data) > self.max_bytes:
+        """Append one record already framed (a :meth:`CyclePacker.frame`); returns its size.
+        A record that could not be written whole raises ``OSError`` and is not in the segment."""
+        if self._torn or (self._in_segment and self._size + len(data) > self.max_bytes):
             self._open_segment(self.segment + 1)
         self._write(data)
         self._in_segment += 1
@@ -253,9 +258,11 @@ class FlightRecorder:
     def close(self) -> None:
         """Flush, fsync and close the current segment."""
         if self._file is not None:
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            try:
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> "FlightRecorder":
         return self
@@ -265,12 +272,29 @@ class FlightRecorder:
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        while view:                                       # a regular file takes it whole but for errors
-            view = view[self._file.write(view):]
+        try:
+            while view:                                   # a regular file takes it whole but for errors
+                view = view[self._file.write(view):]
+        except OSError:
+            self._cut_back()
+            raise
         self._size += len(data)
         self.bytes_written += len(data)
 
+    def _cut_back(self) -> None:
+        """After a failed write (a full disk, a file size limit): the segment back to its last
+        complete record, since a torn record would stop every reader there and hide the
+        records after it. If that fails too, the next record starts a new segment."""
+        try:
+            os.ftruncate(self._file.fileno(), self._size)
+            self._file.seek(self._size)
+        except (OSError, ValueError) as exc:
+            logger.error("flight recorder: could not cut %s back to its last complete record (%s); "
+                         "the next record starts a new segment", self.path, exc)
+            self._torn = True
+
     def _open_segment(self, index: int) -> None:
+        self._torn = True                                 # until the new segment has its header
         self.close()
         self.segment = index
         self._file = open(self.segment_path(index), "xb", buffering=0)   # one write(2) per record
@@ -278,9 +302,17 @@ class FlightRecorder:
         self._in_segment = 0
         header = {**self._header, "type": "header", "format": FORMAT_VERSION,
                   "run": self.run_name, "segment": index}
-        self._write(encode_record(header))
-        if self._slots is not None:
-            self._write(encode_record(self._slots))
+        try:
+            self._write(encode_record(header))
+            if self._slots is not None:
+                self._write(encode_record(self._slots))
+        except OSError:                                   # no segment without its header: the next
+            self._file.close()                            # record tries this index again
+            self._file = None
+            self.segment_path(index).unlink(missing_ok=True)
+            self.segment = index - 1
+            raise
+        self._torn = False
         if index:
             self._prune()
 
