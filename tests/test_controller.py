@@ -306,6 +306,36 @@ def test_packed_cycles_read_back_as_the_maps_they_stand_for(tmp_path, model, con
     assert {why for r in got for e in r["streams"] for why in e.get("bad", {}).values()} == {"nan", "missing", "range"}
 
 
+def test_a_full_disk_is_counted_said_and_costs_only_the_cycles_it_refused(tmp_path, model, controllers):
+    """The loop goes on while the disk is full; the cycles it could not record are counted, the
+    verdict says so, and every other cycle reads back (the refused ones leave nothing torn)."""
+    import errno
+
+    path = write_deploy(tmp_path, streams=4, recorder=tmp_path / "rec")
+    ctrl = controllers(path, Engine(model, capacity=4, window=8))
+    rng = np.random.default_rng(2)
+    real = ctrl.recorder._file
+
+    class FullDisk:
+        def write(self, data):
+            real.write(bytes(data)[:len(data) // 2])      # part of the record, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    for t in range(30):
+        ctrl.recorder._file = FullDisk() if 10 <= t < 15 else real
+        ctrl.step_many(frames_for(rng, ["a", "b"]))
+    assert ctrl.stats()["record_errors"] == 5
+    verdict = ctrl.verdict()
+    assert verdict["ok"] and "5 records could not be written to the flight recording" in verdict["why"]
+    ctrl.close()
+    reader = RecordingReader(tmp_path / "rec")
+    seqs = [r["seq"] for r in reader if r.get("type") == "cycle"]
+    assert seqs == [s for s in range(30) if not 10 <= s < 15] and reader.stop.reason == "end"
+
+
 def test_a_recording_made_before_packed_cycles_still_replays_bit_exactly():
     """A format-1 recording (msgpack cycles only) made by the factory-loop package before the
     packed layout existed: NaN and out-of-range inputs, a missing input, a manual period."""
