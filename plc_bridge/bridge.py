@@ -203,10 +203,6 @@ class DecisionImage:
         self.seq = 0
         self.latency_us = 0.0
 
-    def outputs(self, i: int) -> dict[str, float]:
-        """Row ``i`` as ``{output: value}`` (the columns given for that stream)."""
-        return {k: v for k, v in zip(self.columns, self.values[i].tolist()) if v == v}
-
 
 # ---------------------------------------------------------------------------- the registry
 

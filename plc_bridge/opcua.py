@@ -60,6 +60,8 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 from urllib.parse import urlparse
 
+import numpy as np
+
 from asyncua import Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
@@ -181,8 +183,19 @@ class OpcUaBridge(LoopThread):
         self.image = InputImage([sig.name for sig in self.inputs], len(self.streams), self.lock)
         for stream in self.streams:
             self.image.row(stream)
-        self._pending: dict[str, tuple[dict[str, float], str]] = {}
-        self._last: dict[str, tuple[dict[str, float], str]] = {}     # written again after a restart
+        # The newest decision of each stream, a row over the outputs then _heartbeat and _mode
+        # (NaN: not given): the loop's write() copies rows in, the server thread writes the
+        # nodes of the rows marked pending (all of the given ones again after a restart).
+        self._columns = [sig.name for sig in self.outputs] + ["_heartbeat", "_mode"]
+        self._column = {name: j for j, name in enumerate(self._columns)}
+        self._stream_row = {stream: k for k, stream in enumerate(self.streams)}
+        self._rows = np.full((len(self.streams), len(self._columns)), np.nan)
+        self._row_status = ["failsafe"] * len(self.streams)
+        self._given = [False] * len(self.streams)
+        self._pending: set[int] = set()
+        self._source_columns: list[str] | None = None    # the decision image's columns ...
+        self._take = np.zeros(len(self._columns), np.int64)   # ... where each of ours is in them
+        self._absent = np.zeros(len(self._columns), bool)      # ... or not
         self._heartbeat: int | None = None
         self._wake_pending = False
         self._n = {"writes": 0, "published": 0, "mode_requests": 0}
@@ -327,26 +340,61 @@ class OpcUaBridge(LoopThread):
 
     def write(self, decisions: DecisionImage) -> None:
         """The cycle's one write (see :meth:`~plc_bridge.bridge.Bridge.write`): each served
-        stream's row handed to :meth:`publish`."""
+        stream's row of the image copied into this bridge's rows, for the server thread."""
         d = decisions
-        for i in range(d.n):
-            if d.names[i] in self._streams:
-                self.publish(d.outputs(i), d.status[i], d.seq, d.latency_us, d.names[i])
+        if d.columns is not self._source_columns:
+            self._take[:] = [d.index.get(name, 0) for name in self._columns]
+            self._absent[:] = [name not in d.index for name in self._columns]
+            self._source_columns = d.columns
+        take, absent, rows = self._take, self._absent if self._absent.any() else None, self._rows
+        given = False
+        with self.lock:
+            for i in range(d.n):
+                k = self._stream_row.get(d.names[i])
+                if k is not None:
+                    np.take(d.values[i], take, out=rows[k])
+                    if absent is not None:
+                        rows[k, absent] = np.nan
+                    self._row_status[k] = d.status[i]
+                    self._mark_given_locked(k)
+                    given = True
+        if given:
+            self._wake_writer()
 
     def publish(self, outputs: dict[str, float], status: str = "ok", seq: int = 0, latency_us: float = 0.0,
                 stream: str = "main") -> None:
         """Hand one stream's decision to the server thread without blocking; its output,
         status and heartbeat nodes change as soon as that thread runs (only the newest
         decision per stream is written when it falls behind). ``_heartbeat`` in ``outputs``
-        goes to the ``heartbeat`` node; names that are not outputs are ignored."""
-        if stream not in self._streams:
+        goes to the ``heartbeat`` node; names that are not outputs are ignored, and so is a
+        value that is not a number (counted, ``errors["bad_value"]``)."""
+        k = self._stream_row.get(stream)
+        if k is None:
             raise ValueError(f"opcua bridge does not serve stream {stream!r} (it serves {self.streams})")
         with self.lock:
-            self._pending[stream] = self._last[stream] = (outputs, status)
-            hb = outputs.get("_heartbeat")
-            if hb is not None:
-                self._heartbeat = int(hb) & 0xFFFF
-            self._n["published"] += 1
+            row = self._rows[k]
+            row.fill(np.nan)
+            for name, value in outputs.items():
+                j = self._column.get(name)
+                if j is not None:
+                    try:
+                        row[j] = value
+                    except (TypeError, ValueError, OverflowError):
+                        self.errors.inc("bad_value")
+            self._row_status[k] = status
+            self._mark_given_locked(k)
+        self._wake_writer()
+
+    def _mark_given_locked(self, k: int) -> None:
+        hb = self._rows[k, -2]
+        if hb == hb:
+            self._heartbeat = int(hb) & 0xFFFF
+        self._given[k] = True
+        self._pending.add(k)
+        self._n["published"] += 1
+
+    def _wake_writer(self) -> None:
+        with self.lock:
             if self._wake_pending:
                 return
             self._wake_pending = True
@@ -486,26 +534,28 @@ class OpcUaBridge(LoopThread):
         server, wake = self._server, self._wake
         hb_node = ua.NodeId("heartbeat", self._ns)
         with self.lock:                                   # a restarted writer writes the newest decisions,
-            self._pending = dict(self._last)              # every node of them again
+            self._pending = {k for k, given in enumerate(self._given) if given}   # every node of them again
         self._written.clear()
         wake.set()
         while True:
             await wake.wait()
             wake.clear()
             with self.lock:
-                pending, self._pending = self._pending, {}
+                pending, self._pending = sorted(self._pending), set()
+                decided = [(self.streams[k], self._rows[k].tolist(), self._row_status[k]) for k in pending]
                 hb = self._heartbeat
                 self._wake_pending = False
             now = _dt.datetime.now(_dt.timezone.utc)
+            column = self._column
             try:
-                for stream, (outputs, status) in pending.items():
+                for stream, row, status in decided:
                     for name, node_id in self._output_nodes[stream]:
-                        value = outputs.get(name)
-                        if value is not None:
-                            await self._write(server, node_id, ua.Variant(float(value), ua.VariantType.Double), now)
+                        value = row[column[name]]
+                        if value == value:
+                            await self._write(server, node_id, ua.Variant(value, ua.VariantType.Double), now)
                     await self._write(server, self._status_nodes[stream], ua.Variant(status, ua.VariantType.String), now)
-                    mode = outputs.get("_mode")
-                    if mode is not None and 0 <= mode < len(MODE_NAMES):
+                    mode = row[-1]
+                    if 0 <= mode < len(MODE_NAMES):
                         await self._write(server, ua.NodeId(f"{stream}.mode", self._ns),
                                           ua.Variant(MODE_NAMES[int(mode)], ua.VariantType.String), now)
                 if hb is not None:

@@ -260,6 +260,8 @@ def test_security_none_only_when_listed(tmp_path):
         res = node_client(tmp_path, f"opc.tcp://127.0.0.1:{port}/r1edge",
                           [{"op": "read", "nodes": ["main.outputs.valve", "heartbeat"]}],
                           user=None, cert=None, mode="None", policy="None")
+        bridge.publish({"valve": "open", "other": 1.0}, "ok", 2, 10.0, "main")   # not a number; not an output
+        assert bridge.health()["errors"]["bad_value"] == 1
     assert res["ok"], res
     assert [r["value"] for r in res["results"][0]] == [0.25, 9]
 
