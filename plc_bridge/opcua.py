@@ -386,7 +386,7 @@ class OpcUaBridge(LoopThread):
         self._wake_writer()
 
     def _mark_given_locked(self, k: int) -> None:
-        hb = self._rows[k, -2]
+        hb = self._rows[k, self._column["_heartbeat"]]
         if hb == hb:
             self._heartbeat = int(hb) & 0xFFFF
         self._given[k] = True
@@ -554,7 +554,7 @@ class OpcUaBridge(LoopThread):
                         if value == value:
                             await self._write(server, node_id, ua.Variant(value, ua.VariantType.Double), now)
                     await self._write(server, self._status_nodes[stream], ua.Variant(status, ua.VariantType.String), now)
-                    mode = row[-1]
+                    mode = row[column["_mode"]]
                     if 0 <= mode < len(MODE_NAMES):
                         await self._write(server, ua.NodeId(f"{stream}.mode", self._ns),
                                           ua.Variant(MODE_NAMES[int(mode)], ua.VariantType.String), now)
