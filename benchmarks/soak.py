@@ -408,17 +408,30 @@ class Child:
             return self.proc.stdout.readline() if sel.select(timeout_s) else ""
 
     def ask(self, line: str, timeout_s: float = 5.0) -> dict:
-        """Send a command and wait for its JSON answer ({} if none came): a proxy answers a
-        "mode" line once the mode is in force, and "stats" with its counts."""
+        """Send a command and wait for its JSON answer ({} if none came within ``timeout_s``): a
+        proxy answers "mode NAME" with ``{"mode": NAME}`` once the mode is in force, and "stats"
+        with its counts. Answers to earlier commands that came too late are skipped."""
         try:
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):
             return {}
-        try:
-            return json.loads(self.readline(timeout_s) or "{}")
-        except json.JSONDecodeError:
-            return {}
+        word = line.split()
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                answer = json.loads(self.readline(left) or "null")
+            except json.JSONDecodeError:
+                continue
+            if answer is None:
+                return {}
+            if not isinstance(answer, dict):
+                continue
+            if word[:1] == ["mode"] and answer.get("mode") == word[-1]:
+                return answer
+            if word[:1] != ["mode"] and "mode" not in answer:
+                return answer
+        return {}
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Close its stdin, wait a little, then kill it."""

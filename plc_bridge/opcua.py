@@ -367,7 +367,8 @@ class OpcUaBridge(LoopThread):
         status and heartbeat nodes change as soon as that thread runs (only the newest
         decision per stream is written when it falls behind). ``_heartbeat`` in ``outputs``
         goes to the ``heartbeat`` node; names that are not outputs are ignored, and so is a
-        value that is not a number (counted, ``errors["bad_value"]``)."""
+        value that is not a number (counted, ``errors["bad_value"]``). NaN means "not given",
+        as in the decision image: that output's node keeps its value."""
         k = self._stream_row.get(stream)
         if k is None:
             raise ValueError(f"opcua bridge does not serve stream {stream!r} (it serves {self.streams})")

@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the factory loop over Modbus TCP with the bundled MoE policy")
     p.add_argument("--duration", type=float, default=20.0, metavar="S",
                    help="seconds of real time in the loop (default: %(default)s); at least 2 s after the "
-                        "seed's first setpoint step (3-8 s in), which the score needs")
+                        "seed's first setpoint step (3-7 s in), which the score needs")
     p.add_argument("--out", default="r1edge-demo", metavar="DIR",
                    help="plot, flight recording and plant log go here (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="plant seed: setpoints and disturbances (default: %(default)s)")

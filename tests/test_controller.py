@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import msgpack
@@ -168,7 +168,9 @@ def test_batched_frames_read_as_each_stream_alone_whatever_they_hold(tmp_path, m
     odd = [None, lambda f: {**f, "level": (f["level"], time.monotonic_ns())},
            lambda f: {"levle": f["level"], "temp": f["temp"], "flow": f["flow"]},
            lambda f: {**f, "flow": None}, lambda f: {**f, "temp": 10 ** 400}, lambda f: {**f, "level": "abc"},
-           lambda f: {**f, "flow": True}, lambda f: {**f, "temp": "55.5"}, lambda f: {"level": f["level"]}]
+           lambda f: {**f, "flow": True}, lambda f: {**f, "temp": "55.5"}, lambda f: {"level": f["level"]},
+           lambda f: defaultdict(float, {"level": f["level"], "temp": f["temp"], "flw": f["flow"]}),
+           lambda f: {**f, "level": np.array([1.0, 2.0])}]
     for t in range(3 * len(odd)):
         frames = frames_for(rng, names, bad_fraction=0.1)
         if odd[t % len(odd)] is not None:

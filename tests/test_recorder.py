@@ -194,9 +194,12 @@ def test_a_full_disk_loses_the_records_it_refused_and_no_others(tmp_path):
     assert reader.stop.reason == "end"
 
 
-def test_a_segment_whose_header_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
-    """A full disk at rotation: the new segment's header fails, the record is refused, no
-    headerless segment stays, and the next record opens that segment again."""
+def test_a_full_disk_at_rotation_leaves_no_gap_and_no_headerless_segment(tmp_path, monkeypatch):
+    """While the disk is full every record that needs a new segment is refused: first the new
+    segment cannot even be created, later its header cannot be written. Either way no segment
+    number is skipped (a reader stops at a missing one) and no headerless segment stays, so the
+    records written once there is room again all read."""
+    import builtins
     import runtime.control.recorder as recorder_module
 
     class FullDisk:
@@ -209,22 +212,33 @@ def test_a_segment_whose_header_cannot_be_written_is_not_left_behind(tmp_path, m
         def __getattr__(self, name):
             return getattr(self.f, name)
 
+    def no_file(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def no_header(*args, **kwargs):
+        return FullDisk(builtins.open(*args, **kwargs))
+
+    refused = {"open": [], "header": []}
     with FlightRecorder(tmp_path, {}, run_name="rot", max_bytes=4096) as fr:
-        for i in range(200):
-            full = fr._in_segment and fr._size + 60 > fr.max_bytes and i < 100
-            if full:                                       # the next record rotates: the disk is full
-                monkeypatch.setattr(recorder_module, "open", lambda *a, **k: FullDisk(open(*a, **k)),
+        for i in range(460):                              # about 70 records a segment
+            fault = "open" if 60 <= i < 200 else "header" if 260 <= i < 400 else None
+            if fault:
+                monkeypatch.setattr(recorder_module, "open", no_file if fault == "open" else no_header,
                                     raising=False)
-                with pytest.raises(OSError, match="No space"):
-                    fr.append({"type": "cycle", "seq": i, "x": [0.5] * 4})
-                monkeypatch.delattr(recorder_module, "open")
-                assert not fr.segment_path(fr.segment + 1).exists()
-                continue
-            fr.append({"type": "cycle", "seq": i, "x": [0.5] * 4})
-    records, reader = records_of(tmp_path)
-    seqs = [r["seq"] for r in records if r.get("type") == "cycle"]
-    assert reader.stop.reason == "end" and len(recording_segments(tmp_path)) > 2
-    assert len(seqs) < 200 and seqs == sorted(seqs) and seqs[-1] == 199
+            try:
+                fr.append({"type": "cycle", "seq": i, "x": [0.5] * 4})
+            except OSError:
+                refused[fault].append(i)
+            finally:
+                monkeypatch.delattr(recorder_module, "open", raising=False)
+    assert refused["open"] and refused["header"]          # both windows held a rotation
+    assert refused["open"][-1] == 199 and refused["header"][-1] == 399
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"rot-{k:04d}.r1rec" for k in range(len(names))]
+    reader = RecordingReader(tmp_path)
+    seqs = [r["seq"] for r in reader if r.get("type") == "cycle"]
+    assert reader.stop.reason == "end"
+    assert seqs == [i for i in range(460) if i not in refused["open"] + refused["header"]]
 
 
 def test_a_recording_in_a_newer_format_is_refused_naming_the_formats_read(tmp_path):

@@ -296,8 +296,8 @@ class FlightRecorder:
     def _open_segment(self, index: int) -> None:
         self._torn = True                                 # until the new segment has its header
         self.close()
-        self.segment = index
         self._file = open(self.segment_path(index), "xb", buffering=0)   # one write(2) per record
+        self.segment = index                              # (not before: a failed open leaves no gap)
         self._size = 0
         self._in_segment = 0
         header = {**self._header, "type": "header", "format": FORMAT_VERSION,

@@ -588,7 +588,7 @@ class Controller:
                 if strict:
                     raise ValueError(f"stream {stream!r}: {self.streams.why_not(stream)} (raise [model] streams)")
                 continue
-            if len(values) == n_in:                       # every input, unless a name is wrong
+            if type(values) is dict and len(values) == n_in:   # every input, unless a name is wrong
                 given.append(values)
                 plain.append(slot)
             else:
@@ -622,7 +622,7 @@ class Controller:
         row, stamps = self.cycle.values[slot], self.cycle.stamps[slot]
         if values.keys() == self._in_keys:                # the usual case: every input, plain values
             given = [values[n] for n in self.input_names]
-            if None not in given:
+            if not any(v is None for v in given):
                 try:
                     row[:] = given
                 except (TypeError, ValueError, OverflowError):   # a (value, t_ns) pair or a non-number

@@ -370,7 +370,7 @@ def verdict(ctrl) -> dict:
                                     + (f"; {links}" if links else "")}
     lost = c["record_errors"]
     return {"ok": True, "why": f"{cycles} cycles, fail-safe in {fs} ({frac:.1%}; the limit, [loop] "
-                               f"max_failsafe_fraction, is {limit:.1%})"
+                               f"max_failsafe_fraction = {limit:g}, is {limit:.1%})"
                                + (f"; {lost} records could not be written to the flight recording (a full "
                                   "disk? see the log)" if lost else "")}
 

@@ -653,8 +653,9 @@ def fit(source: str | Path | None, frames: np.ndarray, targets: np.ndarray, *, i
 
     if (source is None) == (init is None):
         raise ValueError("give a source checkpoint or package, or --init (a preset or a config.json), not both")
-    if not resume:
-        check_out_dir(out, overwrite)
+    ckpt = Path(checkpoint) if checkpoint is not None else Path(str(out) + ".ckpt")
+    if not resume and not (ckpt / "state.json").is_file():   # a stopped fit's checkpoint: fit_model says
+        check_out_dir(out, overwrite)                         # to resume it
     frames, targets = check_data(frames, targets, n_inputs=len(inputs), n_outputs=len(outputs))
     train_rows, _ = split_rows(frames.shape[0], held_out)
     old_threads = torch.get_num_threads()
@@ -678,7 +679,7 @@ def fit(source: str | Path | None, frames: np.ndarray, targets: np.ndarray, *, i
         window = window or preset_window or 32
         train = train or ("all" if init is not None else "adapter")
         attach_adapter(model, inputs, outputs, frames=frames[train_rows], targets=targets[train_rows], seed=seed)
-        checkpoint = Path(checkpoint) if checkpoint is not None else Path(str(out) + ".ckpt")
+        checkpoint = ckpt
         report = fit_model(model, frames, targets, train=train, window=window, steps=steps, lr=lr, batch=batch,
                            seq_len=seq_len, seed=seed, held_out=held_out, balance_rate=balance_rate,
                            progress=progress, eval_every=eval_every, keep_best=True, checkpoint=checkpoint,

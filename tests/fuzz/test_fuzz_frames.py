@@ -2,8 +2,9 @@
 
 Each input is a few cycles of frames for up to four streams, ``{stream: {input: value}}``, whose
 names may be wrong, missing or extra and whose values may be anything a caller could pass: NaN,
-infinities, integers too large for a float, strings, bytes, containers, ``(value, t_ns)`` pairs
-with hostile stamps, NumPy scalars. Every cycle must return every output of every stream given,
+infinities, integers too large for a float, strings, bytes, containers, arrays, ``(value, t_ns)``
+pairs with hostile stamps, NumPy scalars; some frames are mappings that make up a value for a
+missing name (``defaultdict``). Every cycle must return every output of every stream given,
 finite and within its configured range (the model's, limited, or the fail-safe or held value),
 with a status of ``ok``, ``failsafe`` or ``hold``; and a stream's inputs, statuses and outputs
 must be bitwise those of the same frames given one stream at a time (the batched read and the
@@ -12,6 +13,7 @@ one-stream read agree).
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -30,7 +32,8 @@ stamps = st.one_of(st.just("now"), st.sampled_from([0, 1, -1, 2**63 - 1, 2**64, 
 values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([None, 0, 1, -1, 10**400, -(10**400), 2**63, True, False, "1.5", "abc", "", b"\x00",
-                     np.float32("nan"), np.float64(0.5), np.int64(3), 1j, [], {}, (1.0,), (1.0, 2, 3)]),
+                     np.float32("nan"), np.float64(0.5), np.int64(3), 1j, [], {}, (1.0,), (1.0, 2, 3),
+                     np.array([1.0, 2.0]), np.array(0.5)]),
     st.tuples(st.floats(allow_nan=True, allow_infinity=True), stamps),
 )
 
@@ -51,6 +54,8 @@ def frame(draw):
             f[draw(st.sampled_from(NAMES))] = draw(values)
         elif name in f:
             f[draw(st.sampled_from(NAMES))] = f.pop(name)
+    if draw(st.integers(0, 7)) == 0:                      # a mapping that makes up missing inputs
+        return defaultdict(float, f)
     return f
 
 
