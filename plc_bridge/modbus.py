@@ -284,7 +284,7 @@ class ModbusBridge(LoopThread):
             img.stamps[0] = self._rx_stamps
             img.failsafe[0] = now > self._hb_fresh_until
             img.failsafe_entries[0] = self._failsafe_entries
-        img.running = self._alive and not self._down
+        img.running = self._running()
         return img
 
     def write(self, decisions: DecisionImage) -> None:

@@ -335,7 +335,7 @@ class OpcUaBridge(LoopThread):
         inputs as clients wrote them, copied; whether the server's thread and tasks live."""
         img = self.image
         img.take()
-        img.running = self._alive and not self._down
+        img.running = self._running()
         return img
 
     def write(self, decisions: DecisionImage) -> None:

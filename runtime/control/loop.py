@@ -131,10 +131,13 @@ class InferenceWorker:
         self._closing = False
         self.result: object = None
         self.error: BaseException | None = None
-        #: Whether the last submitted job is still running (set by ``submit``, cleared by the worker).
-        self.busy = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether the last submitted job is still running."""
+        return self._finished != self._submitted
 
     def submit(self, job: Callable[[], object]) -> bool:
         """Start ``job`` in the worker thread; False (and nothing started) while busy or closed."""
@@ -144,7 +147,6 @@ class InferenceWorker:
         self.error = None
         self.result = None
         self._submitted += 1
-        self.busy = True
         self._go.release()
         return True
 
@@ -194,7 +196,6 @@ class InferenceWorker:
             except BaseException as exc:                # reported to the loop, never fatal here
                 self.error = exc
             self._finished = self._submitted
-            self.busy = False
             os.write(self._done_w, b"\x01")
             if self._closing:
                 return

@@ -51,6 +51,7 @@ beyond ``keep`` are deleted.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -80,6 +81,7 @@ _SEGMENT_RE = re.compile(r"^(?P<run>.+)-(?P<seg>\d{4,})" + re.escape(SUFFIX) + "
 _U32 = struct.Struct("<I")
 
 
+@functools.lru_cache(maxsize=16)                        # the reader asks for every packed cycle
 def packed_cycle_dtypes(n_in: int, n_out: int) -> tuple[np.dtype, np.dtype]:
     """The packed cycle's head and per-stream row (little-endian, every 8-byte field 8-aligned)."""
     head = np.dtype([("tag", "u1"), ("layout", "u1"), ("n", "<u2"), ("hb", "<u4"), ("seq", "<i8"),

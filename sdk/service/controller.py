@@ -593,17 +593,14 @@ class Controller:
                 plain.append(slot)
             else:
                 self._fill(slot, values, now)
-        if len(plain) < 2:                                # one row: _fill's own fast path is quicker
-            for slot, values in zip(plain, given):
-                self._fill(slot, values, now)
-            return
-        block = self._block[:len(plain)]
-        try:
-            block.reshape(-1)[:] = np.fromiter(chain.from_iterable(map(self._row_of, given)), np.float64,
-                                               count=block.size)
-            plain_numbers = not np.isnan(block).any()     # NumPy reads None as NaN: it is missing
-        except (KeyError, TypeError, ValueError, OverflowError):   # a wrong name, a (value, t_ns) pair...
-            plain_numbers = False
+        block, plain_numbers = self._block[:len(plain)], False
+        if len(plain) > 1:                                # one row: _fill's own fast path is quicker
+            try:
+                block.reshape(-1)[:] = np.fromiter(chain.from_iterable(map(self._row_of, given)), np.float64,
+                                                   count=block.size)
+                plain_numbers = not np.isnan(block).any()     # NumPy reads None as NaN: it is missing
+            except (KeyError, TypeError, ValueError, OverflowError):   # a wrong name, a (value, t_ns) pair...
+                pass
         if not plain_numbers:
             for slot, values in zip(plain, given):
                 self._fill(slot, values, now)
