@@ -120,9 +120,10 @@ def test_gateway_scoring_by_hand():
         [dec(900, quiet), dec(990, quiet), dec(1010, quiet, "failsafe"), dec(1030, imb), dec(1100, quiet),
          dec(1300, imb), dec(1400, imb)],
         # b: healthy machine, one alarm lasting two decisions (counts once) and on across a
-        # fail-safe decision (no judgement: still the same alarm), then a second one
+        # fail-safe decision (no judgement: still the same alarm), chattering (off 40 ms: the
+        # same alarm), then a second one (off 190 ms)
         [dec(900, quiet), dec(950, bear), dec(955, quiet, "failsafe"), dec(960, bear), dec(970, quiet),
-         dec(980, imb)],
+         dec(1000, imb), dec(1010, quiet), dec(1200, imb)],
         # c: never alarms: missed
         [dec(900, quiet), dec(1500, quiet)],
     ]
@@ -132,11 +133,41 @@ def test_gateway_scoring_by_hand():
     assert a["failsafe"] == 1
     # scored: 900, 990 (healthy, no alarm: right), 1300, 1400 (faulty, alarm: right); 1030/1100 in grace
     assert a["accuracy"] == 1.0
-    assert b["false_alarms"] == 2 and b["failsafe"] == 1 and b["delay_ms"] is None and b["accuracy"] == 0.4
+    assert b["false_alarms"] == 2 and b["failsafe"] == 1 and b["delay_ms"] is None and b["accuracy"] == 0.4286
     assert c["delay_ms"] is None and c["diagnosed"] is None and c["accuracy"] == 0.5
     s = r["summary"]
     assert (s["faulted"], s["detected"], s["diagnosed_right"], s["false_alarms"]) == (2, 1, 1, 2)
     assert s["delay_ms"] == {"median": 30.0, "max": 30.0}
+
+
+def test_sensor_stream_scores_the_same_frames_without_timing():
+    """The live run's scores depend on which frames each 5 ms cycle happens to hold (a
+    loaded machine shifts them), so its false alarms vary from run to run. Here the same
+    fleet goes through the same deployment cycle by cycle, every second frame, with no
+    network and no clock: detection, diagnosis and false alarms are the model's alone."""
+    from examples.sensor_stream.run import load_config
+    from sdk.service.controller import Controller
+
+    streams, rate_hz, duration_s, seed = 16, 400.0, 5.0, 1
+    names = G.stream_names(streams)
+    kind, onset_s = M.demo_schedule(streams, duration_s, seed)
+    fleet = M.Fleet(kind, onset_s, rate_hz=rate_hz, seed=seed)
+    frame_ns = int(round(1e9 / rate_hz))
+    onset_frame = np.where(kind == M.HEALTHY, -1, np.ceil(onset_s * rate_hz - 1e-9)).astype(np.int64)
+    got: list[list[tuple]] = [[] for _ in names]
+    with Controller(load_config(), bridges=False) as ctrl:
+        for f in range(int(duration_s * rate_hz)):
+            values, _ = fleet.step()
+            if f % 2 == 1:                                   # the cycle holds the newest of two frames
+                out = ctrl.step_many({n: dict(zip(M.FEATURES, values[i].tolist())) for i, n in enumerate(names)})
+                for i, n in enumerate(names):
+                    got[i].append((f * frame_ns, ctrl.status(n)["status"], [out[n][k] for k in M.FAULTS]))
+    r = G.score(names, kind, np.where(onset_frame < 0, -1, onset_frame * frame_ns), got)
+    s = r["summary"]
+    assert (s["faulted"], s["detected"]) == (12, 12), r["streams"]
+    assert s["diagnosed_right"] == 12 and s["false_alarms"] == 0, r["streams"]
+    assert s["accuracy_min"] >= 0.99, r["streams"]
+    assert max(x["delay_ms"] for x in r["streams"] if x["fault"]) <= 500, r["streams"]
 
 
 def test_sensor_stream_detects_injected_faults():
@@ -147,7 +178,8 @@ def test_sensor_stream_detects_injected_faults():
     assert s["detected"] == 12, r["streams"]
     assert all(x["delay_ms"] <= 500 for x in faulted), faulted
     assert s["diagnosed_right"] >= 11, faulted
-    assert s["false_alarms"] <= 2, r["streams"]
+    # False alarms are judged on the same frames without timing (the test above): live,
+    # which frames a cycle holds moves with the machine's load (0-4 per run seen here).
     assert s["accuracy_mean"] >= 0.95 and s["accuracy_min"] >= 0.8, r["streams"]
     # The frames reached the controller (the loop stops as the last frame goes out, so the
     # last tick's frames may still be on the way), and decisions came back for all 16.

@@ -10,7 +10,8 @@ decisions per stream when the run ends:
   time, so it includes the network, the controller's wait for its next cycle, inference
   and the publication of the decision (gateway and controller read one clock: same host);
 - false alarms: decisions that switch the alarm on while the machine is healthy (before
-  the onset, or on a machine without fault); one alarm that stays on counts once;
+  the onset, or on a machine without fault); one alarm that stays on counts once, and so
+  does one that chatters (off for less than ``chatter_ms``, 100 ms, between two alarms);
 - accuracy: the share of decisions whose alarm state matches the truth, leaving out
   decisions within ``grace_ms`` after the onset (the detection window);
 - diagnosis: the fault kind with the highest mean score over the alarmed decisions.
@@ -118,8 +119,23 @@ def run_gateway(sensors: str, decisions: str, *, streams: int = 16, rate_hz: flo
         sub.close()
 
 
+def _alarm_starts(t: np.ndarray, ok: np.ndarray, alarm: np.ndarray, chatter_ms: float) -> np.ndarray:
+    """Where a new alarm starts: an alarming decision whose previous judged decision did not
+    alarm, unless the alarm was off for less than ``chatter_ms`` (a score hovering at the
+    threshold is one chattering alarm, not several). A fail-safe decision is no judgement:
+    an alarm on both sides of one is one alarm."""
+    starts = np.zeros(len(t), bool)
+    was_on, last_on_ns = False, None
+    for k in np.flatnonzero(ok):
+        if alarm[k]:
+            starts[k] = not was_on and (last_on_ns is None or t[k] - last_on_ns >= chatter_ms * 1e6)
+            last_on_ns = t[k]
+        was_on = bool(alarm[k])
+    return starts
+
+
 def score(names: list[str], kind: np.ndarray, onset_wall_ns: np.ndarray, decisions: list[list[tuple]], *,
-          threshold: float = 0.5, grace_ms: float = 200.0) -> dict:
+          threshold: float = 0.5, grace_ms: float = 200.0, chatter_ms: float = 100.0) -> dict:
     """Score each stream's decisions ``[(t_ns, status, [score per fault kind])]`` against
     its truth (``kind``, ``onset_wall_ns``; -1 for healthy). See the module docstring.
 
@@ -142,11 +158,7 @@ def score(names: list[str], kind: np.ndarray, onset_wall_ns: np.ndarray, decisio
         row["failsafe"] = int((~ok).sum())
         onset = onset_wall_ns[i]
         faulty = (t >= onset) if onset >= 0 else np.zeros(len(t), bool)
-        # A fail-safe decision is no judgement: an alarm on both sides of one is one alarm.
-        judged = alarm[ok]
-        rising = np.zeros(len(t), bool)
-        rising[ok] = judged & ~np.concatenate(([False], judged[:-1]))
-        row["false_alarms"] = int((rising & ~faulty).sum())
+        row["false_alarms"] = int((_alarm_starts(t, ok, alarm, chatter_ms) & ~faulty).sum())
         if onset >= 0:
             hits = np.flatnonzero(alarm & faulty)
             if len(hits):
@@ -168,7 +180,7 @@ def score(names: list[str], kind: np.ndarray, onset_wall_ns: np.ndarray, decisio
         "accuracy_min": min(acc) if acc else None,
         "decisions": sum(r["decisions"] for r in rows),
         "failsafe_decisions": sum(r["failsafe"] for r in rows),
-        "threshold": threshold, "grace_ms": grace_ms,
+        "threshold": threshold, "grace_ms": grace_ms, "chatter_ms": chatter_ms,
     }
     return {"streams": rows, "summary": summary}
 
