@@ -308,26 +308,31 @@ def test_packed_cycles_read_back_as_the_maps_they_stand_for(tmp_path, model, con
     assert {why for r in got for e in r["streams"] for why in e.get("bad", {}).values()} == {"nan", "missing", "range"}
 
 
-def test_a_full_disk_is_counted_said_and_costs_only_the_cycles_it_refused(tmp_path, model, controllers):
+def test_a_full_disk_is_counted_said_and_costs_only_the_cycles_it_refused(tmp_path, model, controllers, monkeypatch):
     """The loop goes on while the disk is full; the cycles it could not record are counted, the
     verdict says so, and every other cycle reads back (the refused ones leave nothing torn)."""
     import errno
 
+    import runtime.control.recorder as recorder_module
+
     path = write_deploy(tmp_path, streams=4, recorder=tmp_path / "rec")
     ctrl = controllers(path, Engine(model, capacity=4, window=8))
     rng = np.random.default_rng(2)
-    real = ctrl.recorder._file
+    full = [False]
 
-    class FullDisk:
-        def write(self, data):
-            real.write(bytes(data)[:len(data) // 2])      # part of the record, then the disk is full
+    class FullDiskOs:                                     # the os module, the disk full while full[0]
+        def write(self, fd, data):
+            if not full[0]:
+                return os.write(fd, data)
+            os.write(fd, bytes(data)[:len(data) // 2])    # part of the record, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
 
         def __getattr__(self, name):
-            return getattr(real, name)
+            return getattr(os, name)
 
+    monkeypatch.setattr(recorder_module, "os", FullDiskOs())
     for t in range(30):
-        ctrl.recorder._file = FullDisk() if 10 <= t < 15 else real
+        full[0] = 10 <= t < 15
         ctrl.step_many(frames_for(rng, ["a", "b"]))
     assert ctrl.stats()["record_errors"] == 5
     verdict = ctrl.verdict()

@@ -202,22 +202,26 @@ def test_a_full_disk_at_rotation_leaves_no_gap_and_no_headerless_segment(tmp_pat
     import builtins
     import runtime.control.recorder as recorder_module
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
+    full: set[int] = set()                               # files opened while the disk is full
 
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDiskOs:                                     # the os module, but writes to those fail
+        def write(self, fd, data):
+            if fd in full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.write(fd, data)
 
         def __getattr__(self, name):
-            return getattr(self.f, name)
+            return getattr(os, name)
 
     def no_file(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def no_header(*args, **kwargs):
-        return FullDisk(builtins.open(*args, **kwargs))
+        f = builtins.open(*args, **kwargs)
+        full.add(f.fileno())
+        return f
 
+    monkeypatch.setattr(recorder_module, "os", FullDiskOs())
     refused = {"open": [], "header": []}
     with FlightRecorder(tmp_path, {}, run_name="rot", max_bytes=4096) as fr:
         for i in range(460):                              # about 70 records a segment
@@ -231,6 +235,7 @@ def test_a_full_disk_at_rotation_leaves_no_gap_and_no_headerless_segment(tmp_pat
                 refused[fault].append(i)
             finally:
                 monkeypatch.delattr(recorder_module, "open", raising=False)
+                full.clear()
     assert refused["open"] and refused["header"]          # both windows held a rotation
     assert refused["open"][-1] == 199 and refused["header"][-1] == 399
     names = sorted(p.name for p in tmp_path.iterdir())

@@ -214,6 +214,7 @@ class FlightRecorder:
         self.records = 0
         self.bytes_written = 0
         self._file = None
+        self._fd = -1
         self._size = 0
         self._in_segment = 0
         self._torn = False
@@ -265,6 +266,7 @@ class FlightRecorder:
             finally:
                 self._file.close()
                 self._file = None
+                self._fd = -1
 
     def __enter__(self) -> "FlightRecorder":
         return self
@@ -273,23 +275,26 @@ class FlightRecorder:
         self.close()
 
     def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        try:
-            while view:                                   # a regular file takes it whole but for errors
-                view = view[self._file.write(view):]
+        n = len(data)
+        try:                                              # os.write: through the file object a record
+            done = os.write(self._fd, data)               # cost ~0.5 us more at 1 kHz
+            if done != n:                                 # a regular file takes it whole but for errors
+                view = memoryview(data)[done:]
+                while view:
+                    view = view[os.write(self._fd, view):]
         except OSError:
             self._cut_back()
             raise
-        self._size += len(data)
-        self.bytes_written += len(data)
+        self._size += n
+        self.bytes_written += n
 
     def _cut_back(self) -> None:
         """After a failed write (a full disk, a file size limit): the segment back to its last
         complete record, since a torn record would stop every reader there and hide the
         records after it. If that fails too, the next record starts a new segment."""
         try:
-            os.ftruncate(self._file.fileno(), self._size)
-            self._file.seek(self._size)
+            os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
         except (OSError, ValueError) as exc:
             logger.error("flight recorder: could not cut %s back to its last complete record (%s); "
                          "the next record starts a new segment", self.path, exc)
@@ -299,6 +304,7 @@ class FlightRecorder:
         self._torn = True                                 # until the new segment has its header
         self.close()
         self._file = open(self.segment_path(index), "xb", buffering=0)   # one write(2) per record
+        self._fd = self._file.fileno()
         self.segment = index                              # (not before: a failed open leaves no gap)
         self._size = 0
         self._in_segment = 0
@@ -311,6 +317,7 @@ class FlightRecorder:
         except OSError:                                   # no segment without its header: the next
             self._file.close()                            # record tries this index again
             self._file = None
+            self._fd = -1
             self.segment_path(index).unlink(missing_ok=True)
             self.segment = index - 1
             raise
