@@ -19,7 +19,8 @@ Each loop part's JSON has ``rate_hz``, ``cycles``, ``deadline_misses``, ``skippe
 ``failsafe_cycles``, ``latency_us``, ``phases_us`` (read/infer/write/record, p50/p99 among
 others), ``engine_step_us`` (the same package's engine step for the part's batch, called
 directly in the same process right after the loop ran: the model's own cost beside the
-loop's), the load average at its start and end, and ``steal_ms``: CPU time a hypervisor took
+loop's), ``engine_step_paced_us`` (the same step called once per period, as the loop calls it,
+which finds colder caches than back to back), the load average at its start and end, and ``steal_ms``: CPU time a hypervisor took
 from this guest during the run (``/proc/stat``), on all CPUs and on the loop's, since on a
 virtual machine its stalls show as deadline misses that no code here can remove.
 
@@ -178,20 +179,44 @@ def bench_loop(package: Path, io: dict, *, period_ms: float, streams: int, secon
     return out
 
 
-def engine_step_us(package: Path, io: dict, streams: int, steps: int = 3000) -> dict:
-    """p50/p99 (and the rest) of one engine step for ``streams`` streams, called directly."""
+def engine_step_us(package: Path, io: dict, streams: int, *, period_ns: int, realtime: bool,
+                   steps: int = 3000, paced_s: float = 2.0) -> tuple[dict, dict]:
+    """p50/p99 (and the rest) of one engine step for ``streams`` streams, called directly: back
+    to back (``steps`` times), and paced as the loop calls it, once per ``period_ns`` after
+    sleeping until shortly before the tick and spinning to it (200 us, at most a quarter of the
+    period; for ``paced_s`` seconds, at least 100 steps; SCHED_FIFO and the loop's CPU with
+    ``realtime``, where permitted). A step that waited for its tick finds colder caches than one
+    called back to back."""
     engine = build_engine(package, capacity=streams, window=32)
     set_compute_threads(1)
     slots = np.arange(streams, dtype=np.int64)
     feats = np.full((streams, len(io["inputs"])), 0.5, np.float32)
-    hist = LatencyHistogram()
+    hist, paced = LatencyHistogram(), LatencyHistogram()
     for _ in range(200):
         engine.step_sensor(slots, feats)
     for _ in range(steps):
         t0 = monotonic_ns()
         engine.step_sensor(slots, feats)
         hist.add_ns(monotonic_ns() - t0)
-    return hist.summary()
+    restore = None
+    if realtime:
+        _, restore = set_thread_realtime(80, [default_cpu()] if default_cpu() is not None else None)
+    spin = min(200_000, period_ns // 4)
+    try:
+        tick = monotonic_ns() + period_ns
+        for _ in range(max(100, int(paced_s * 1e9 / period_ns))):
+            if tick - monotonic_ns() > spin:
+                time.sleep((tick - monotonic_ns() - spin) / 1e9)
+            while monotonic_ns() < tick:
+                pass
+            t0 = monotonic_ns()
+            engine.step_sensor(slots, feats)
+            paced.add_ns(monotonic_ns() - t0)
+            tick += period_ns
+    finally:
+        if restore is not None:
+            restore()
+    return hist.summary(), paced.summary()
 
 
 def steal_ticks() -> dict[str, int]:
@@ -216,7 +241,8 @@ def loop_part(package: Path, io: dict, *, rate_hz: float, streams: int, seconds:
     r["steal_ms"] = {"all": (steal1.get("cpu", 0) - steal0.get("cpu", 0)) * ms,
                      "loop_cpu": (steal1.get(loop_cpu, 0) - steal0.get(loop_cpu, 0)) * ms}
     r["rate_hz"] = rate_hz
-    r["engine_step_us"] = engine_step_us(package, io, streams)
+    r["engine_step_us"], r["engine_step_paced_us"] = engine_step_us(
+        package, io, streams, period_ns=int(1e9 / rate_hz), realtime=common["realtime"])
     r["load_avg"] = {"start": load0, "end": os.getloadavg()}
     return r
 
@@ -238,6 +264,10 @@ def print_loop(title: str, r: dict) -> None:
         e, lat = r["engine_step_us"], r["latency_us"]
         print("engine     " + _row(e) + f"   (latency / engine step: p50 {lat['p50'] / e['p50']:.1f}x, "
               f"p99 {lat['p99'] / e['p99']:.1f}x)")
+    if "engine_step_paced_us" in r:
+        e, lat = r["engine_step_paced_us"], r["latency_us"]
+        print("paced      " + _row(e) + f"   (the step once per period, as the loop calls it: latency / it: "
+              f"p50 {lat['p50'] / e['p50']:.1f}x, p99 {lat['p99'] / e['p99']:.1f}x)")
     if "steal_ms" in r:
         st = r["steal_ms"]
         print(f"steal      {st['all']:.0f} ms over all CPUs, {st['loop_cpu']:.0f} ms on the loop's "
