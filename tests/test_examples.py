@@ -155,7 +155,9 @@ def test_sensor_stream_scores_the_same_frames_without_timing():
     frame_ns = int(round(1e9 / rate_hz))
     onset_frame = np.where(kind == M.HEALTHY, -1, np.ceil(onset_s * rate_hz - 1e-9)).astype(np.int64)
     got: list[list[tuple]] = [[] for _ in names]
-    with Controller(load_config(), bridges=False) as ctrl:
+    # A 40 ms budget: no inference times out on a loaded machine (a timed-out or busy
+    # cycle leaves its frame out of the policy's history, as a late cycle would).
+    with Controller(load_config(loop={"period_ms": 50, "deadline_ms": 50}), bridges=False) as ctrl:
         for f in range(int(duration_s * rate_hz)):
             values, _ = fleet.step()
             if f % 2 == 1:                                   # the cycle holds the newest of two frames

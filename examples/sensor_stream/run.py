@@ -45,9 +45,9 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def load_config(package: str | Path | None = None, ports: list[int] | None = None):
+def load_config(package: str | Path | None = None, ports: list[int] | None = None, loop: dict | None = None):
     """``deploy.toml`` with the ZeroMQ endpoints on ``ports`` (sensors, decisions, control;
-    default: free ones) and optionally another package."""
+    default: free ones), optionally another package and ``[loop]`` keys replaced."""
     try:
         import tomllib
     except ModuleNotFoundError:                               # Python 3.10
@@ -61,6 +61,7 @@ def load_config(package: str | Path | None = None, ports: list[int] | None = Non
         raw["zmq"][key] = f"tcp://127.0.0.1:{port}"
     if package is not None:
         raw["model"]["path"] = str(Path(package).resolve())
+    raw["loop"].update(loop or {})
     return DeployConfig.from_dict(raw, base_dir=HERE, source=path)
 
 
