@@ -294,3 +294,13 @@ def test_a_bad_packed_cycle_stops_the_reading_there_and_says_why(tmp_path, recor
     got, reader = records_of(path)
     assert reader.stop.reason.startswith(reason) and reader.stop.offset == len(data) - len(parts[records[-1]])
     assert [r["type"] for r in got] == ["header"] + ["slots"] * records.count("slots")
+
+
+def test_an_append_after_close_is_refused_and_starts_no_segment(tmp_path):
+    fr = FlightRecorder(tmp_path, {}, run_name="closed")
+    fr.append({"type": "cycle", "seq": 0})
+    fr.close()
+    with pytest.raises(ValueError, match="flight recording closed is closed"):
+        fr.append({"type": "cycle", "seq": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["closed-0000.r1rec"]
+    assert [r["seq"] for r in RecordingReader(tmp_path) if r.get("type") == "cycle"] == [0]

@@ -218,6 +218,7 @@ class FlightRecorder:
         self._size = 0
         self._in_segment = 0
         self._torn = False
+        self._closed = False
         self._open_segment(0)
 
     def _new_run_name(self) -> str:
@@ -245,6 +246,8 @@ class FlightRecorder:
     def append_framed(self, data: bytes | memoryview) -> int:
         """Append one record already framed (a :meth:`CyclePacker.frame`); returns its size.
         A record that could not be written whole raises ``OSError`` and is not in the segment."""
+        if self._closed:
+            raise ValueError(f"flight recording {self.run_name} is closed")
         if self._torn or (self._in_segment and self._size + len(data) > self.max_bytes):
             self._open_segment(self.segment + 1)
         self._write(data)
@@ -259,7 +262,11 @@ class FlightRecorder:
         self.append(self._slots)
 
     def close(self) -> None:
-        """Flush, fsync and close the current segment."""
+        """Flush, fsync and close the current segment; later appends raise ``ValueError``."""
+        self._closed = True
+        self._close_segment()
+
+    def _close_segment(self) -> None:
         if self._file is not None:
             try:
                 os.fsync(self._file.fileno())
@@ -302,7 +309,7 @@ class FlightRecorder:
 
     def _open_segment(self, index: int) -> None:
         self._torn = True                                 # until the new segment has its header
-        self.close()
+        self._close_segment()
         self._file = open(self.segment_path(index), "xb", buffering=0)   # one write(2) per record
         self._fd = self._file.fileno()
         self.segment = index                              # (not before: a failed open leaves no gap)
