@@ -19,10 +19,11 @@ Each loop part's JSON has ``rate_hz``, ``cycles``, ``deadline_misses``, ``skippe
 ``failsafe_cycles``, ``latency_us``, ``phases_us`` (read/infer/write/record, p50/p99 among
 others), ``engine_step_us`` (the same package's engine step for the part's batch, called
 directly in the same process right after the loop ran: the model's own cost beside the
-loop's), ``engine_step_paced_us`` (the same step called once per period, as the loop calls it,
-which finds colder caches than back to back), the load average at its start and end, and ``steal_ms``: CPU time a hypervisor took
-from this guest during the run (``/proc/stat``), on all CPUs and on the loop's, since on a
-virtual machine its stalls show as deadline misses that no code here can remove.
+loop's), ``engine_step_paced_us`` (the same step called once per period, as the loop calls
+it, which usually finds colder caches than back to back), the load average at its start and
+end, and ``steal_ms``: CPU time a hypervisor took from this guest during the run
+(``/proc/stat``), on all CPUs and on the loop's, since on a virtual machine its stalls show as
+deadline misses that no code here can remove.
 
 Inputs come from a Python source (deterministic sine waves inside each input's range); no
 bridges, so the figures are the controller's own. ``--reference-cycle`` runs the cycle's
@@ -185,8 +186,8 @@ def engine_step_us(package: Path, io: dict, streams: int, *, period_ns: int, rea
     to back (``steps`` times), and paced as the loop calls it, once per ``period_ns`` after
     sleeping until shortly before the tick and spinning to it (200 us, at most a quarter of the
     period; for ``paced_s`` seconds, at least 100 steps; SCHED_FIFO and the loop's CPU with
-    ``realtime``, where permitted). A step that waited for its tick finds colder caches than one
-    called back to back."""
+    ``realtime``, where permitted). A step that waited for its tick usually finds colder caches
+    than one called back to back."""
     engine = build_engine(package, capacity=streams, window=32)
     set_compute_threads(1)
     slots = np.arange(streams, dtype=np.int64)

@@ -120,8 +120,8 @@ def test_gateway_scoring_by_hand():
         [dec(900, quiet), dec(990, quiet), dec(1010, quiet, "failsafe"), dec(1030, imb), dec(1100, quiet),
          dec(1300, imb), dec(1400, imb)],
         # b: healthy machine, one alarm lasting two decisions (counts once) and on across a
-        # fail-safe decision (no judgement: still the same alarm), chattering (off 40 ms: the
-        # same alarm), then a second one (off 190 ms)
+        # fail-safe decision (no judgement: still the same alarm), chattering (on again 40 ms
+        # after the last alarming decision: the same alarm), then a second one (200 ms after)
         [dec(900, quiet), dec(950, bear), dec(955, quiet, "failsafe"), dec(960, bear), dec(970, quiet),
          dec(1000, imb), dec(1010, quiet), dec(1200, imb)],
         # c: never alarms: missed

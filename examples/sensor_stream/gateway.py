@@ -11,7 +11,8 @@ decisions per stream when the run ends:
   and the publication of the decision (gateway and controller read one clock: same host);
 - false alarms: decisions that switch the alarm on while the machine is healthy (before
   the onset, or on a machine without fault); one alarm that stays on counts once, and so
-  does one that chatters (off for less than ``chatter_ms``, 100 ms, between two alarms);
+  does one that chatters (an alarming decision less than ``chatter_ms``, 100 ms, after the
+  last alarming one continues that alarm);
 - accuracy: the share of decisions whose alarm state matches the truth, leaving out
   decisions within ``grace_ms`` after the onset (the detection window);
 - diagnosis: the fault kind with the highest mean score over the alarmed decisions.
@@ -121,9 +122,9 @@ def run_gateway(sensors: str, decisions: str, *, streams: int = 16, rate_hz: flo
 
 def _alarm_starts(t: np.ndarray, ok: np.ndarray, alarm: np.ndarray, chatter_ms: float) -> np.ndarray:
     """Where a new alarm starts: an alarming decision whose previous judged decision did not
-    alarm, unless the alarm was off for less than ``chatter_ms`` (a score hovering at the
-    threshold is one chattering alarm, not several). A fail-safe decision is no judgement:
-    an alarm on both sides of one is one alarm."""
+    alarm, unless it comes less than ``chatter_ms`` after the last alarming decision (a score
+    hovering at the threshold is one chattering alarm, not several). A fail-safe decision is
+    no judgement: an alarm on both sides of one is one alarm."""
     starts = np.zeros(len(t), bool)
     was_on, last_on_ns = False, None
     for k in np.flatnonzero(ok):
