@@ -190,6 +190,18 @@ def test_the_fail_safe_fraction_decides_the_verdict(tmp_path, package):
             assert "fail-safe in 15 of 20 cycles (75.0%), above [loop] max_failsafe_fraction = 0.5" in verdict["why"]
 
 
+def test_a_stream_failing_safe_and_recovering_is_logged_once_each_way(tmp_path, package, caplog):
+    deploy = write_deploy(tmp_path, package, 5020)
+    with Controller.from_config(deploy, bridges=False) as ctrl, caplog.at_level("INFO", "sdk.service.controller"):
+        for level in (1.0, 1.0, 99.0, 99.0, 99.0, 1.0, 1.0):       # out of range for three cycles
+            ctrl.step({"level": level, "temp": 50.0, "flow": 0.3})
+        assert ctrl.stats()["status_changes"] == 2
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "stream 'main'" in r.getMessage()
+            and "->" not in r.getMessage()]
+    assert said == [("WARNING", "stream 'main': failsafe (invalid_input: level range)"),
+                    ("INFO", "stream 'main': ok again after 3 cycles failsafe")], said
+
+
 def run_until(ctrl, plc, cond, what):
     """Run the controller in a thread until ``cond()``; returns (thread, result)."""
     result = {}

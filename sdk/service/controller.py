@@ -155,8 +155,13 @@ class Controller(CycleIO):
                          "failsafe_stream_cycles": 0, "held_stream_cycles": 0, "tracking_cycles": 0,
                          "tracking_stream_cycles": 0, "valid_input_cycles": 0,
                          "unknown_inputs": 0, "dropped_streams": 0, "read_errors": 0, "write_errors": 0,
-                         "sink_errors": 0, "record_errors": 0, "mode_changes": 0}
+                         "sink_errors": 0, "record_errors": 0, "mode_changes": 0, "status_changes": 0}
         self.logged_mode = np.full(capacity, -1, np.int16)       # each slot's mode as last logged
+        self.logged_status = np.full(capacity, -1, np.int32)     # status * 256 + reason, as last logged
+        self.status_key = np.zeros(capacity, np.int32)
+        self.status_since = np.zeros(capacity, np.int64)         # the cycle the logged status began
+        self.not_ok_logged = 0                                   # streams last logged not ok
+        self.status_lines = 0                                    # lines logged about them
         # status, reason and mode of the last finished cycle (status() never sees one half done)
         self.shown = np.stack([self.cycle.status, self.cycle.reason, self.cycle.mode]).astype(np.int16)
         self.mode_diff = np.zeros(capacity, bool)

@@ -92,6 +92,7 @@ class CycleIO:
         for slot, stream in enumerate(self._slot_names):
             if stream is not None and not given[slot] and stream not in self.streams.reserved:
                 self.modes.forget(self.streams.release(slot))
+                self.logged_status[slot] = -1
 
     def _write(self, seq: int, latency_us: float) -> None:
         """The cycle's outputs: to the ``sink`` per stream, and one write of the decision image
@@ -136,6 +137,7 @@ class CycleIO:
             self.counters["dropped_streams"] += 1
             return None
         self.logged_mode[slot] = -1
+        self.logged_status[slot] = -1
         self.modes.reset(slot)
         self._failsafe_seen[:, slot] = 0
         self.cycle.reset_slot(slot)

@@ -258,6 +258,8 @@ def account_cycle(ctrl, read_ns: int, infer_ns: int, write_ns: int, latency_ns: 
         c["tracking_stream_cycles"] += cycle.n_tracking
     if n_fs or n_hold:
         count_failures(ctrl)
+    if n_fs or n_hold or ctrl.not_ok_logged:
+        log_status_changes(ctrl)
     diff = ctrl.mode_diff
     np.not_equal(cycle.mode, ctrl.logged_mode, out=diff)
     np.logical_and(diff, cycle.active, out=diff)
@@ -279,6 +281,50 @@ def log_mode_change(ctrl, slot: int, mode: int) -> None:
         controller_log.info("stream %r: %s -> %s", ctrl.streams.names[slot], MODE_NAMES[before], MODE_NAMES[mode])
     if n == 1000:
         controller_log.warning("1,000 mode changes logged: further ones are counted in mode_changes only")
+
+
+def log_status_changes(ctrl) -> None:
+    """Log each stream's change of status or fail-safe reason: entering fail-safe or hold as a
+    WARNING (with the invalid inputs, for an input fault), back to ok as INFO (with the cycles
+    it lasted); streams that changed alike in one cycle share a line (a timeout fails every
+    stream of the batch). The first 1,000 lines of a run; every change is counted in
+    ``status_changes``. Runs only in cycles where some stream did not get the model's outputs,
+    or a stream was last logged not ok (``not_ok_logged``)."""
+    c = ctrl.cycle
+    key, changed = ctrl.status_key, ctrl.mode_diff
+    np.copyto(key, c.status)
+    np.multiply(key, 256, out=key)
+    np.add(key, c.reason, out=key)
+    np.not_equal(key, ctrl.logged_status, out=changed)
+    np.logical_and(changed, c.active, out=changed)
+    seq = ctrl.counters["cycles"]
+    lines: dict[tuple[int, str], list[str]] = {}
+    for slot in np.flatnonzero(changed).tolist():
+        before, now = int(ctrl.logged_status[slot]), int(key[slot])
+        ctrl.logged_status[slot] = now
+        if before < 0 and now < 256:                      # a new stream that starts ok: no news
+            continue
+        status, reason = divmod(now, 256)
+        since = ctrl.status_since[slot]
+        ctrl.status_since[slot] = seq
+        ctrl.counters["status_changes"] += 1
+        if status == OK:
+            line = (logging.INFO, f"ok again after {seq - since} cycles {STATUS_NAMES[before // 256]}")
+        else:
+            why = REASON_NAMES[reason]
+            if reason == REASON_INPUT:
+                why += ": " + ", ".join(f"{k} {v}" for k, v in c.guard.invalid_inputs(slot).items())
+            line = (logging.WARNING, f"{STATUS_NAMES[status]} ({why})")
+        lines.setdefault(line, []).append(ctrl.streams.names[slot])
+    for (level, text), names in lines.items():
+        ctrl.status_lines += 1
+        if ctrl.status_lines <= 1000:
+            who = f"stream {names[0]!r}" if len(names) == 1 else f"streams {', '.join(map(repr, names))}"
+            controller_log.log(level, "%s: %s", who, text)
+        if ctrl.status_lines == 1000:
+            controller_log.warning("1,000 lines of status changes logged: further changes are counted in "
+                                   "status_changes only")
+    ctrl.not_ok_logged = int(np.count_nonzero(ctrl.logged_status >= 256))
 
 
 def count_failures(ctrl) -> None:
@@ -353,7 +399,7 @@ def verdict(ctrl) -> dict:
         return {"ok": False, "why": f"the expert-parallel engine failed: {ctrl.engine.failure}"}
     if not cycles:
         return {"ok": False, "why": "no control cycle ran"}
-    links = "; ".join(f"{b.name} bridge {'connected' if b.health().get('connected') else 'not connected'}"
+    links = "; ".join(f"{b.name} bridge {'connected' if b.health().get('connected') else 'not connected'} at the end"
                       for b in ctrl.bridges)
     invalid = {k: v for k, v in ctrl.cycle.guard.counts_by_reason().items() if v}
     if not c["valid_input_cycles"]:
@@ -365,7 +411,7 @@ def verdict(ctrl) -> dict:
     reasons = {k: v for k, v in ctrl.failsafe_by_reason.items() if v}
     if frac > limit:
         return {"ok": False, "why": f"fail-safe in {fs} of {cycles} cycles ({frac:.1%}), above [loop] "
-                                    f"max_failsafe_fraction = {limit:g} ({limit:.1%}; stream-cycles by reason: "
+                                    f"max_failsafe_fraction = {limit:g} ({limit:.1%}; cycles by reason: "
                                     f"{counts_text(reasons)}; invalid values by reason: {counts_text(invalid)})"
                                     + (f"; {links}" if links else "")}
     lost = c["record_errors"]
@@ -395,7 +441,7 @@ def render_stats(stats: dict) -> None:
           + (f"  never valid: {', '.join(stats['never_valid_inputs'])}" if stats["never_valid_inputs"] else ""))
     reasons = {k: v for k, v in stats["failsafe_cycles_by_reason"].items() if v}
     if reasons:
-        print(f"fail-safe by    {counts_text(reasons)} (stream-cycles, by reason)")
+        print(f"fail-safe by    {counts_text(reasons)} (cycles in which a stream failed safe for it)")
     wd = stats["watchdog"]
     print(f"watchdog        timeouts {wd['timeouts']}  errors {wd['errors']}  busy cycles {wd['busy_cycles']}  "
           f"bad outputs {wd['bad_outputs']}" + (f"  last error: {wd['last_error']}" if wd["last_error"] else ""))
