@@ -388,12 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="show what a checkpoint or package contains")
+    def command(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        """A subcommand whose ``--help`` opens with its one-line help unless it has a description."""
+        return sub.add_parser(name, help=help, description=kw.pop("description", help[0].upper() + help[1:] + "."),
+                              **kw)
+
+    p = command("inspect", help="show what a checkpoint or package contains")
     p.add_argument("path", help="HF checkpoint directory or r1edge package")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("run", help="run the controller loop of a deployment config with its bridges",
+    p = command("run", help="run the controller loop of a deployment config with its bridges",
                        description="Run the controller's periodic loop with the bridges of DEPLOY.toml. Before the "
                        "first cycle it builds the engine (a first run compiles its Numba kernels, about 50 s on 2 cores), warms "
                        "it up and collects garbage, logging each stage. On stop (--duration, SIGINT, SIGTERM) the "
@@ -412,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final stats as JSON")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("replay", help="re-run a flight recording and check every output bit for bit")
+    p = command("replay", help="re-run a flight recording and check every output bit for bit")
     p.add_argument("recording", metavar="RECORDING",
                    help="recording directory (its latest run) or the run's first .r1rec segment")
     p.add_argument("--package", metavar="PKG", help="package to replay with (default: the one recorded)")
@@ -421,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("bench", help="decode-step latency per batch size, beside the reference")
+    p = command("bench", help="decode-step latency per batch size, beside the reference")
     p.add_argument("path", help="HF checkpoint directory or r1edge package")
     p.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -433,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_file", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("generate", help="generate text (or a JSON decision) from a prompt on the stream engine")
+    p = command("generate", help="generate text (or a JSON decision) from a prompt on the stream engine")
     p.add_argument("path", help="checkpoint directory or r1edge package with tokenizer.json")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message with the chat template")
@@ -451,26 +456,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (text, tokens, decision, think_tokens, tokens_per_s, ...)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("keys", help="write a CURVE key pair for the ZeroMQ bridge")
+    p = command("keys", help="write a CURVE key pair for the ZeroMQ bridge")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.key and NAME.key_secret")
     p.add_argument("--name", default=None, help="key file name (default: server, or signing with --signing)")
     p.add_argument("--signing", action="store_true",
                    help="an Ed25519 key pair for signing packages instead: NAME.pem (private) and NAME.pub")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("sign", help="sign a package with an Ed25519 private key (writes PKG/signature.json)")
+    p = command("sign", help="sign a package with an Ed25519 private key (writes PKG/signature.json)")
     p.add_argument("package", metavar="PKG", help="package directory")
     p.add_argument("--key", required=True, metavar="PRIVATE", help="PEM private key (r1edge keys OUT --signing)")
     p.add_argument("--identity", default=None, metavar="TEXT", help="who signs, e.g. 'ML team <ml@example.com>'")
     p.set_defaults(func=cmd_sign)
 
-    p = sub.add_parser("verify", help="check a package's signature and files: exit 0 valid, 1 invalid")
+    p = command("verify", help="check a package's signature and files: exit 0 valid, 1 invalid")
     p.add_argument("package", metavar="PKG", help="package directory")
     p.add_argument("--key", required=True, action="append", metavar="PUBLIC",
                    help="trusted PEM public key (repeat for several)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("opcua-user", help="add, replace or remove a user of the OPC UA server's users file")
+    p = command("opcua-user", help="add, replace or remove a user of the OPC UA server's users file")
     p.add_argument("users", metavar="USERS.toml", help="users file ([opcua] users); created if absent")
     p.add_argument("name", metavar="NAME", help="user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
@@ -485,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete", action="store_true", help="remove the user")
     p.set_defaults(func=cmd_opcua_user)
 
-    p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key")
+    p = command("opcua-cert", help="write a self-signed OPC UA application certificate and key")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory for NAME.der (certificate) and NAME.pem (key)")
     p.add_argument("--name", default="server", help="file name and common name (default: %(default)s)")
     p.add_argument("--uri", default=None,
@@ -497,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
     p.set_defaults(func=cmd_opcua_cert)
 
-    p = sub.add_parser("modbus-cert", help="write a CA and Modbus/TCP Security certificates (server, clients with a role)")
+    p = command("modbus-cert", help="write a CA and Modbus/TCP Security certificates (server, clients with a role)")
     p.add_argument("out_dir", metavar="OUT_DIR",
                    help="directory for ca.pem/ca.key (made once, reused), server.pem/.key, NAME.pem/.key")
     p.add_argument("--server", metavar="HOSTS", help="make server.pem for these comma-separated DNS names and IP addresses")
@@ -507,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_modbus_cert)
 
     from sdk.tools import plan as _plan
-    p = sub.add_parser("plan", help="memory footprint by part and whether it fits a GPU")
+    p = command("plan", help="memory footprint by part and whether it fits a GPU")
     p.add_argument("source", metavar="CONFIG_OR_PATH",
                    help="config.json, checkpoint directory, package, or 'deepseek-r1'")
     p.add_argument("--keep-experts", type=int, default=None, metavar="N",
@@ -538,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("compress", help="calibrate, prune experts, quantize and write a package")
+    p = command("compress", help="calibrate, prune experts, quantize and write a package")
     p.add_argument("src", metavar="SRC", help="HF checkpoint directory (or an unquantized package)")
     p.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
     p.add_argument("--calib", required=True, metavar="FILE",
@@ -566,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stderr (no bar)")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("fit", help="fit a sensor-mode policy on recorded frames: from a checkpoint or from nothing",
+    p = command("fit", help="fit a sensor-mode policy on recorded frames: from a checkpoint or from nothing",
                        description="Fit a sensor-mode policy on recorded frames and targets and write it as an "
                        "unquantized package for r1edge compress. Start from a checkpoint or unquantized package "
                        "(SRC: a fresh I/O adapter, fitted alone by default) or from nothing (--init: a seeded random "
@@ -606,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("eval", help="judge a sensor-mode package on recorded rows, per output in its own units",
+    p = command("eval", help="judge a sensor-mode package on recorded rows, per output in its own units",
                        description="Run a sensor-mode package open loop over the rows of a fitting .npz, each "
                        "from its first frame as a controller would (an int8 package on the stream engine, bit for "
                        "bit what the controller computes; an unquantized one on the float model), and report per "
@@ -627,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the factory loop over Modbus TCP with the bundled MoE policy")
+    p = command("demo", help="the factory loop over Modbus TCP with the bundled MoE policy")
     p.add_argument("--duration", type=float, default=20.0, metavar="S",
                    help="seconds of real time in the loop (default: %(default)s); at least 2 s after the "
                         "seed's first setpoint step (3-7 s in), which the score needs")

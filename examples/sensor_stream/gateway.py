@@ -192,15 +192,16 @@ def _print_sent(frames: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the gateway against a controller and print its report as JSON."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.sensor_stream.gateway", description=__doc__.split("\n\n")[0])
     p.add_argument("--sensors", required=True, help="the controller's sensors endpoint (we connect)")
     p.add_argument("--decisions", required=True, help="the controller's decisions endpoint (we subscribe)")
-    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--streams", type=int, default=16, help="machines, one stream each (default 16)")
     p.add_argument("--rate", type=float, default=400.0, help="frames per second per stream")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of frames")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--grace-ms", type=float, default=200.0)
+    p.add_argument("--seed", type=int, default=0, help="machines, faults and onsets (default 0)")
+    p.add_argument("--threshold", type=float, default=0.5, help="a fault score at least this alarms (default 0.5)")
+    p.add_argument("--grace-ms", type=float, default=200.0,
+                   help="decisions this long after a fault's onset are not scored for accuracy (default 200)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     report = run_gateway(args.sensors, args.decisions, streams=args.streams, rate_hz=args.rate,

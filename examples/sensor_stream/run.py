@@ -150,15 +150,15 @@ def render(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the example and print its figures (``--json`` for the raw report)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.sensor_stream.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds of sensor data")
     p.add_argument("--seed", type=int, default=0, help="machines, faults and onsets")
     p.add_argument("--rate", type=float, default=400.0, help="sensor frames per second per machine")
     p.add_argument("--package", type=Path, default=None, help="another package than the bundled one")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5, help="a fault score at least this alarms (default 0.5)")
     p.add_argument("--engine-threads", type=int, default=1,
                    help="Numba threads for the engine (default 1: the gateway needs the other core)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the gateway's report and the controller's figures as JSON")
     args = p.parse_args(argv)
     os.environ["NUMBA_NUM_THREADS"] = str(args.engine_threads)   # read when numba is first imported
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
