@@ -199,12 +199,20 @@ def test_a_full_disk_at_rotation_leaves_no_gap_and_no_headerless_segment(tmp_pat
     segment cannot even be created, later its header cannot be written. Either way no segment
     number is skipped (a reader stops at a missing one) and no headerless segment stays, so the
     records written once there is room again all read."""
-    import builtins
     import runtime.control.recorder as recorder_module
 
-    full: set[int] = set()                               # files opened while the disk is full
+    fault = [None]                                        # "open", "header" or None: the disk's state
+    full: set[int] = set()                                # files opened while the disk is full
 
-    class FullDiskOs:                                     # the os module, but writes to those fail
+    class FullDiskOs:                                     # the os module, with a disk full by fault[0]
+        def open(self, *args, **kwargs):
+            if fault[0] == "open":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            fd = os.open(*args, **kwargs)
+            if fault[0] == "header":
+                full.add(fd)
+            return fd
+
         def write(self, fd, data):
             if fd in full:
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -213,28 +221,17 @@ def test_a_full_disk_at_rotation_leaves_no_gap_and_no_headerless_segment(tmp_pat
         def __getattr__(self, name):
             return getattr(os, name)
 
-    def no_file(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def no_header(*args, **kwargs):
-        f = builtins.open(*args, **kwargs)
-        full.add(f.fileno())
-        return f
-
     monkeypatch.setattr(recorder_module, "os", FullDiskOs())
     refused = {"open": [], "header": []}
     with FlightRecorder(tmp_path, {}, run_name="rot", max_bytes=4096) as fr:
         for i in range(460):                              # about 70 records a segment
-            fault = "open" if 60 <= i < 200 else "header" if 260 <= i < 400 else None
-            if fault:
-                monkeypatch.setattr(recorder_module, "open", no_file if fault == "open" else no_header,
-                                    raising=False)
+            fault[0] = "open" if 60 <= i < 200 else "header" if 260 <= i < 400 else None
             try:
                 fr.append({"type": "cycle", "seq": i, "x": [0.5] * 4})
             except OSError:
-                refused[fault].append(i)
+                refused[fault[0]].append(i)
             finally:
-                monkeypatch.delattr(recorder_module, "open", raising=False)
+                fault[0] = None
                 full.clear()
     assert refused["open"] and refused["header"]          # both windows held a rotation
     assert refused["open"][-1] == 199 and refused["header"][-1] == 399
