@@ -199,9 +199,9 @@ def engine_step_us(package: Path, io: dict, streams: int, *, period_ns: int, rea
         t0 = monotonic_ns()
         engine.step_sensor(slots, feats)
         hist.add_ns(monotonic_ns() - t0)
-    restore = None
+    restore, cpu = None, default_cpu()
     if realtime:
-        _, restore = set_thread_realtime(80, [default_cpu()] if default_cpu() is not None else None)
+        _, restore = set_thread_realtime(80, [cpu] if cpu is not None else None)
     spin = min(200_000, period_ns // 4)
     try:
         tick = monotonic_ns() + period_ns
